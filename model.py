@@ -1,0 +1,602 @@
+"""
+A hand-written SmolLM2 (Llama architecture) that loads the official Hugging Face checkpoints
+as published and gives the same logits as transformers' LlamaForCausalLM.
+
+    model, tok = load("HuggingFaceTB/SmolLM2-1.7B-Instruct")   # or a local directory
+    print(generate(model, tok, [tok.chat([{"role": "user", "content": "Hi"}])], 64)[0])
+
+Module names equal the checkpoint keys (model.layers.3.self_attn.q_proj, ...) and RoPE is the
+rotate-half kind, so loading is one load_state_dict with no mapping table. This file knows
+nothing of adapters, tasks or benchmarks. Shapes: B batch, T time, C hidden, nh query heads,
+nkv key/value heads, hd head dim, V vocab.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, fields, asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-1.7B-Instruct"
+
+# -----------------------------------------------------------------------------
+# config
+
+@dataclass
+class SmolLM2Config:
+    vocab_size: int = 49152
+    hidden_size: int = 2048
+    intermediate_size: int = 8192
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int = 64
+    max_position_embeddings: int = 8192
+    rope_theta: float = 130000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 2
+
+    @classmethod
+    def from_json(cls, path):
+        """Read a Hugging Face config.json strictly: a missing number is an error, never a default."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: config.json not found") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        arch = d.get("architectures") or []
+        if d.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
+            raise ValueError(f"{path}: not a Llama architecture (model_type={d.get('model_type')!r}, "
+                             f"architectures={arch}); this loader only reads Llama-style SmolLM2 checkpoints")
+        # rope_theta is top-level in the official files (transformers 4.4x) and under
+        # rope_parameters in files written by transformers 5. A silent 10000 would be 13x wrong.
+        theta = d.get("rope_theta")
+        if theta is None:
+            theta = (d.get("rope_parameters") or {}).get("rope_theta")
+        if theta is None:
+            raise ValueError(f"{path}: missing field 'rope_theta' (neither top-level nor under 'rope_parameters')")
+        scaling = d.get("rope_scaling") or (d.get("rope_parameters") or {}).get("rope_type", "default")
+        if scaling not in (None, "default"):
+            raise ValueError(f"{path}: RoPE scaling {scaling!r} is not supported (SmolLM2 has none)")
+        for k, want in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
+            if d.get(k, want) != want:
+                raise ValueError(f"{path}: field '{k}' is {d[k]!r}, expected {want!r}")
+        kw = {}
+        for f in fields(cls):
+            if f.name == "rope_theta":
+                kw[f.name] = float(theta)
+            elif f.name == "head_dim":  # written for 135M/360M, absent for 1.7B
+                kw[f.name] = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
+            elif f.name in ("tie_word_embeddings",):
+                kw[f.name] = bool(d.get(f.name, True))
+            elif f.name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                v = d.get(f.name)
+                kw[f.name] = v[0] if isinstance(v, list) else v
+            elif f.name not in d:
+                raise ValueError(f"{path}: missing field '{f.name}'")
+            else:
+                kw[f.name] = f.type(d[f.name]) if f.type in (int, float) else d[f.name]
+        return cls(**kw)
+
+# numbers from the official config.json files (see ../shared/reference/smollm2.md section 1)
+PRESETS = {
+    "SmolLM2-135M-Instruct": SmolLM2Config(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                           num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0),
+    "SmolLM2-360M-Instruct": SmolLM2Config(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                                           num_attention_heads=15, num_key_value_heads=5, rope_theta=100000.0),
+    "SmolLM2-1.7B-Instruct": SmolLM2Config(),
+}
+
+# -----------------------------------------------------------------------------
+# the network
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # transformers' order: normalize in float32, cast back, THEN multiply by the weight.
+        # (F.rms_norm multiplies in float32 and differs by one bf16 rounding in ~26% of elements.)
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x):
+    # split-halves RoPE: dimension j pairs with j + hd/2 (the HF layout SmolLM2 was trained in)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache:
+    """Static per-layer key/value buffers in KV-head space, written at position `pos`."""
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.mask = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)  # real keys
+        self.pos = 0  # number of positions written so far (same for every row: left padding)
+
+    def keep(self, rows):
+        """Drop finished rows of a batch (rows: LongTensor of rows to keep)."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+        self.mask = self.mask.index_select(0, rows)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        C = cfg.hidden_size
+        self.q_proj = nn.Linear(C, self.nh * self.hd, bias=False)
+        self.k_proj = nn.Linear(C, self.nkv * self.hd, bias=False)
+        self.v_proj = nn.Linear(C, self.nkv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.nh * self.hd, C, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        B, T, C = x.shape
+        # rows h*hd:(h+1)*hd of q_proj belong to head h, so a plain view splits the heads
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)    # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)   # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)   # (B, nkv, T, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            p = cache.pos
+            cache.k[layer][:, :, p:p + T] = k
+            cache.v[layer][:, :, p:p + T] = v
+            k, v = cache.k[layer][:, :, :p + T], cache.v[layer][:, :, :p + T]  # (B, nkv, p+T, hd)
+        if self.nkv != self.nh:  # GQA: kv head j serves query heads j*g .. j*g+g-1
+            k = k.repeat_interleave(self.nh // self.nkv, dim=1)
+            v = v.repeat_interleave(self.nh // self.nkv, dim=1)
+        if mask is None:  # no padding, no past: the fast causal kernel
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):  # exists only so that keys read "model.layers.3...."
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Model(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # RoPE frequencies, computed on the CPU in float32 exactly as transformers does
+        hd = cfg.head_dim
+        self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd))
+
+    def forward(self, input_ids, attention_mask=None, hidden_only=False, cache=None):
+        """input_ids (B, T); attention_mask (B, T) with 1 for real tokens, 0 for padding (left or
+        right). Returns logits (B, T, V), or the final-normed hidden states (B, T, C)."""
+        B, T = input_ids.shape
+        dev = input_ids.device
+        real = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
+        p = 0
+        if cache is not None:
+            p = cache.pos
+            cache.mask[:, p:p + T] = real
+            real = cache.mask[:, :p + T]                                       # (B, p+T) real keys
+        # per-row positions count real tokens only (transformers' cumsum - 1 convention), so a
+        # padded row sees the same positions, hence the same logits, as the row alone
+        pos = (real.long().cumsum(-1) - 1).clamp(min=0)[:, p:]                 # (B, T)
+        freqs = pos[..., None].float() * self.inv_freq.to(dev)                 # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)                                # (B, T, hd)
+        x = self.model.embed_tokens(input_ids)                                 # (B, T, C)
+        cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]  # (B, 1, T, hd)
+        if cache is None and attention_mask is None:
+            mask = None
+        else:
+            # causal over the whole past, AND the key is real; every query also sees itself so
+            # that a pad query never gets an all-masked row (NaN on some kernels)
+            S = p + T
+            causal = torch.ones(T, S, dtype=torch.bool, device=dev).tril(diagonal=p)
+            mask = causal[None] & real[:, None, :]                              # (B, T, S)
+            mask[:, torch.arange(T, device=dev), torch.arange(p, S, device=dev)] = True
+            mask = mask[:, None]                                                # (B, 1, T, S)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.pos += T
+        x = self.model.norm(x)
+        return x if hidden_only else self.lm_head(x)
+
+# -----------------------------------------------------------------------------
+# tokenizer and chat format
+
+DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+class Tokenizer:
+    """tokenizer.json through the `tokenizers` library (not transformers: transformers 5 drops
+    SmolLM2's digit-splitting pre-tokenizer, see ../shared/reference/evals-protocol.md section 9)."""
+    def __init__(self, path, eos_token=None, bos_token=None, pad_token=None, system_prompt=DEFAULT_SYSTEM):
+        from tokenizers import Tokenizer as _Tok
+        self.path = str(path)
+        try:
+            self.tok = _Tok.from_file(self.path)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot read tokenizer ({e})") from None
+        self.vocab_size = self.tok.get_vocab_size()
+        self.special_ids = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+        self.eos_id = self._id(eos_token or "<|im_end|>")
+        self.bos_id = self._id(bos_token or "<|im_start|>")
+        self.pad_id = self._id(pad_token) if pad_token else self.eos_id
+        self.system_prompt = system_prompt
+
+    def _id(self, token):
+        i = self.tok.token_to_id(token)
+        if i is None:
+            raise ValueError(f"{self.path}: token {token!r} not in the vocabulary")
+        return i
+
+    def encode(self, text):
+        # no BOS: SmolLM2's post-processor adds none, and lm-eval encodes it the same way
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens=False):
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def chat(self, messages, add_generation_prompt=True):
+        """ChatML exactly as SmolLM2-Instruct's chat template renders it, including the default
+        system prompt it injects when the first message is not a system message."""
+        out = ""
+        if messages and messages[0]["role"] != "system":
+            out += f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n"
+        for m in messages:
+            out += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+        if add_generation_prompt:
+            out += "<|im_start|>assistant\n"
+        return out
+
+
+def load_tokenizer(path):
+    """Tokenizer from a checkpoint directory; special tokens and the default system prompt come
+    from tokenizer_config.json when it is there."""
+    path = Path(path)
+    if not (path / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{path / 'tokenizer.json'}: tokenizer file not found")
+    kw = {}
+    tc = path / "tokenizer_config.json"
+    if tc.exists():
+        d = json.loads(tc.read_text())
+        for k in ("eos_token", "bos_token", "pad_token"):
+            v = d.get(k)
+            kw[k] = v.get("content") if isinstance(v, dict) else v
+        m = re.search(r"<\|im_start\|>system\\n(.*?)<\|im_end\|>", d.get("chat_template") or "")
+        if m:
+            kw["system_prompt"] = m.group(1)
+    return Tokenizer(path / "tokenizer.json", **kw)
+
+# -----------------------------------------------------------------------------
+# loading checkpoints
+
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "*.safetensors", "model.safetensors.index.json"]
+
+
+def resolve(name_or_path, revision=None):
+    """A local directory as is, or a hub repo id downloaded (only config, tokenizer and weights)."""
+    if os.path.isdir(name_or_path):
+        return Path(name_or_path)
+    if os.path.exists(name_or_path) or name_or_path.startswith((".", "/")) or name_or_path.count("/") != 1:
+        raise FileNotFoundError(f"{name_or_path}: no such model directory (and not a hub id like 'org/name')")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=HUB_FILES))
+    except Exception as e:
+        raise RuntimeError(f"{name_or_path}: cannot download from the Hugging Face hub and nothing is cached "
+                           f"({type(e).__name__}); pass a local directory with config.json, tokenizer.json "
+                           f"and model.safetensors") from None
+
+
+def read_safetensors(path):
+    """All tensors of a checkpoint directory: one model.safetensors, or the shards of an index."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    state = {}
+    for f in files:
+        if not (path / f).exists():
+            raise FileNotFoundError(f"{path / f}: checkpoint file not found")
+        try:
+            state.update({k: (v, f) for k, v in load_file(path / f).items()})
+        except Exception as e:
+            raise ValueError(f"{path / f}: corrupt or truncated safetensors file ({e})") from None
+    return state
+
+
+def load(name_or_path=DEFAULT_MODEL, device=None, dtype=None, revision=None):
+    """-> (model, tokenizer). Default dtype: bfloat16 on CUDA, float32 on CPU."""
+    path = resolve(name_or_path, revision)
+    cfg = SmolLM2Config.from_json(path / "config.json")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tensors = read_safetensors(path)
+    tensors.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
+    tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}  # old files
+    with torch.device("meta"):
+        model = Model(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    for k, shape in expected.items():
+        if k not in tensors:
+            raise ValueError(f"{path}: tensor '{k}' missing from the checkpoint")
+        t, f = tensors[k]
+        if t.shape != shape:
+            raise ValueError(f"{path / f}: tensor '{k}' has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    for k, (t, f) in tensors.items():
+        if k not in expected:
+            raise ValueError(f"{path / f}: unexpected tensor '{k}' (not a SmolLM2/Llama weight)")
+    model.load_state_dict({k: t for k, (t, f) in tensors.items()}, strict=False, assign=True)
+    if cfg.tie_word_embeddings:  # assign=True gives two Parameters; make them one again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.to(device=device, dtype=dtype)
+    assert not cfg.tie_word_embeddings or model.lm_head.weight is model.model.embed_tokens.weight
+    model.eval().requires_grad_(False)
+    return model, load_tokenizer(path)
+
+# -----------------------------------------------------------------------------
+# generation
+
+class progress:
+    """A small progress bar on stderr with rate and ETA: progress(items, desc, unit) or
+    progress(total=N) with .update(n), .set_postfix(**kw) and .close()."""
+    def __init__(self, iterable=None, desc="", unit="it", total=None, enabled=True):
+        self.iterable, self.desc, self.unit = iterable, desc, unit
+        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+        self.n, self.t0, self.last, self.post = 0, time.time(), 0.0, ""
+        self.enabled = enabled and os.environ.get("RIGSA_NO_PROGRESS") is None
+
+    def __iter__(self):
+        for x in self.iterable:
+            yield x
+            self.update(1)
+        self.close()
+
+    def set_postfix(self, **kw):
+        self.post = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kw.items())
+
+    def update(self, n=1):
+        self.n += n
+        if self.enabled and (time.time() - self.last > 0.5 or self.n == self.total):
+            self.last = time.time()
+            self._draw()
+
+    def _draw(self, end=""):
+        dt = max(time.time() - self.t0, 1e-9)
+        rate = self.n / dt
+        if self.total:
+            eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+            frac = self.n / self.total
+            bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
+            s = f"{self.desc} |{bar}| {self.n}/{self.total} [{dt:.0f}s<{eta:.0f}s, {rate:.2f} {self.unit}/s]"
+        else:
+            s = f"{self.desc} {self.n} [{dt:.0f}s, {rate:.2f} {self.unit}/s]"
+        print(f"\r{s} {self.post}".ljust(100), end=end, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.enabled:
+            self._draw(end="\n")
+
+
+@torch.inference_mode()
+def generate_ids(model, prompts, max_new_tokens, eos_id, stop_fn=None):
+    """Greedy decoding of a batch of token-id lists, left-padded, with a static KV cache.
+    Each row stops on its own at eos_id or when stop_fn(row_index, new_ids) is true; finished
+    rows leave the batch. Returns the new ids of each row (eos not included)."""
+    dev = model.lm_head.weight.device
+    B, L = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(B, L, dtype=torch.long)  # pad id is irrelevant: masked out
+    am = torch.zeros(B, L, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(p)
+        am[i, L - len(p):] = 1
+    cache = KVCache(model.config, B, L + max_new_tokens, dev, model.lm_head.weight.dtype)
+    h = model(ids.to(dev), am.to(dev), hidden_only=True, cache=cache)        # prefill (B, L, C)
+    nxt = model.lm_head(h[:, -1]).argmax(-1)                                  # (B,)
+    out = [[] for _ in range(B)]
+    alive = list(range(B))                                                    # batch row -> prompt
+    for step in range(max_new_tokens):
+        toks = nxt.tolist()
+        keep = []
+        for j, (i, t) in enumerate(zip(alive, toks)):
+            if t == eos_id:
+                continue
+            out[i].append(t)
+            if not (stop_fn and stop_fn(i, out[i])) and step + 1 < max_new_tokens:
+                keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(alive):
+            rows = torch.tensor(keep, device=dev)
+            cache.keep(rows)
+            nxt = nxt.index_select(0, rows)
+            alive = [alive[j] for j in keep]
+        h = model(nxt[:, None], torch.ones(len(alive), 1, dtype=torch.long, device=dev), hidden_only=True, cache=cache)
+        nxt = model.lm_head(h[:, -1]).argmax(-1)
+    return out
+
+
+def generate(model, tokenizer, prompts, max_new_tokens=256, stop=(), batch_size=16, progress_bar=True, stats=None):
+    """Batched greedy generation for text prompts. Returns, per prompt, the decoded new text
+    (special tokens skipped) cut at the first occurrence of each stop string in list order,
+    as lm-evaluation-harness does. Prompts are batched by length to keep padding small."""
+    enc = [tokenizer.encode(p) for p in prompts]
+    order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
+    texts, n_new, t0 = [None] * len(enc), 0, time.time()
+    bar = progress(total=len(enc), desc="generate", unit="seq", enabled=progress_bar)
+
+    def cut(s):
+        for st in stop:
+            s = s.split(st)[0]
+        return s
+
+    def stop_fn(i, new):  # decoding the whole continuation is cheap next to a forward pass
+        return bool(stop) and any(st in tokenizer.decode(new, skip_special_tokens=True) for st in stop)
+
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        outs = generate_ids(model, [enc[i] for i in idx], max_new_tokens, tokenizer.eos_id, stop_fn)
+        for i, o in zip(idx, outs):
+            texts[i] = cut(tokenizer.decode(o, skip_special_tokens=True))
+            n_new += len(o)
+        bar.set_postfix(tok_s=n_new / (time.time() - t0))
+        bar.update(len(idx))
+    bar.close()
+    if stats is not None:
+        stats.update(new_tokens=n_new, seconds=time.time() - t0, tokens_per_s=n_new / max(time.time() - t0, 1e-9))
+    return texts
+
+# -----------------------------------------------------------------------------
+# tiny checkpoints in the official layout, for tests and the offline demo
+
+TINY_SHAPES = {
+    # GQA like 135M/360M (head_dim written in the config), MHA like 1.7B (head_dim absent)
+    "gqa": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "mha": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
+}
+CHAT_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM + "<|im_end|>\\n' }}{% endif %}"
+                 "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+TINY_CORPUS = ["Below is a digit as text. Which digit is it?", "The digit is", "Question: How do I",
+               "Answer: The answer is", "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+               "system user assistant", "the of and to in is that for it with as on was"]
+
+
+def write_tiny_tokenizer(path, vocab_size=512):
+    """A byte-level BPE with SmolLM2's structure: digits split one per token, ChatML specials at 0, 1, 2."""
+    from tokenizers import Tokenizer as _Tok, models, pre_tokenizers, decoders, trainers, processors
+    tok = _Tok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TINY_CORPUS * 4, trainer)
+    tok.save(str(Path(path) / "tokenizer.json"))
+    (Path(path) / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>", "tokenizer_class": "GPT2Tokenizer", "chat_template": CHAT_TEMPLATE,
+        "model_max_length": 8192}, indent=2))
+    return tok.get_vocab_size()
+
+
+def write_checkpoint(path, cfg, state_dict, head_dim_in_config=True):
+    """Write config.json + model.safetensors (bf16, no lm_head when tied) as save_pretrained does."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    d = asdict(cfg)
+    if not head_dim_in_config:
+        d.pop("head_dim")
+    d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", attention_bias=False,
+             mlp_bias=False, attention_dropout=0.0, rope_scaling=None, initializer_range=0.02,
+             torch_dtype="bfloat16", use_cache=True, pretraining_tp=1)
+    (path / "config.json").write_text(json.dumps(d, indent=2))
+    (path / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}))
+    sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in state_dict.items()
+          if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    save_file(sd, str(path / "model.safetensors.tmp"), metadata={"format": "pt"})
+    os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
+    return path
+
+
+def write_tiny_checkpoint(path, shape="gqa", seed=0, num_hidden_layers=None):
+    """A random SmolLM2-shaped model with a SmolLM2-structured tokenizer, in the official layout."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    V = write_tiny_tokenizer(path)
+    kw = dict(TINY_SHAPES[shape])
+    if num_hidden_layers:
+        kw["num_hidden_layers"] = num_hidden_layers
+    cfg = SmolLM2Config(vocab_size=V, head_dim=kw["hidden_size"] // kw["num_attention_heads"],
+                        max_position_embeddings=2048, **kw)
+    torch.manual_seed(seed)
+    m = Model(cfg)
+    with torch.no_grad():
+        for n, p in m.named_parameters():  # larger than the usual 0.02 so that logits are not flat
+            p.copy_(1.0 + 0.1 * torch.randn_like(p) if n.endswith("norm.weight") else 0.08 * torch.randn_like(p))
+    return write_checkpoint(path, cfg, m.state_dict(), head_dim_in_config=(shape == "gqa"))
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Chat with a SmolLM2 checkpoint (one user message, greedy).")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local directory (default {DEFAULT_MODEL})")
+    ap.add_argument("--prompt", required=True, help="the user message")
+    ap.add_argument("--system", default=None, help="system prompt (default: the model's own default)")
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="default 256")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="default bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--revision", default=None, help="pin a hub revision (commit or tag)")
+    a = ap.parse_args(argv)
+    try:
+        model, tok = load(a.model, a.device, getattr(torch, a.dtype) if a.dtype else None, a.revision)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
+    stats = {}
+    print(generate(model, tok, [tok.chat(msgs)], a.max_new_tokens, stop=["<|im_end|>"], progress_bar=False, stats=stats)[0])
+    print(f"[{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

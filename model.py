@@ -162,13 +162,12 @@ class Attention(nn.Module):
             cache.k[layer][:, :, p:p + T] = k
             cache.v[layer][:, :, p:p + T] = v
             k, v = cache.k[layer][:, :, :p + T], cache.v[layer][:, :, :p + T]  # (B, nkv, p+T, hd)
-        if self.nkv != self.nh:  # GQA: kv head j serves query heads j*g .. j*g+g-1
-            k = k.repeat_interleave(self.nh // self.nkv, dim=1)
-            v = v.repeat_interleave(self.nh // self.nkv, dim=1)
-        if mask is None:  # no padding, no past: the fast causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # GQA: kv head j serves query heads j*g .. j*g+g-1 (= repeat_interleave, without the copy)
+        gqa = self.nkv != self.nh
+        if isinstance(mask, str):  # "causal": no padding, no past; the fast causal kernel
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:  # a boolean mask (B, 1, T, S), or None: every key visible (one new token, no padding)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -235,7 +234,9 @@ class Model(nn.Module):
         x = self.model.embed_tokens(input_ids)                                 # (B, T, C)
         cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]  # (B, 1, T, hd)
         if cache is None and attention_mask is None:
-            mask = None
+            mask = "causal"
+        elif T == 1:  # one new token per row (decoding): it may see every real key so far
+            mask = None if bool(real.all()) else real[:, None, None, :]      # (B, 1, 1, S)
         else:
             # causal over the whole past, AND the key is real; every query also sees itself so
             # that a pad query never gets an all-masked row (NaN on some kernels)

@@ -190,3 +190,317 @@ def test_sharded_checkpoint_loads_like_single(tiny_dir, tmp_path):
     b, _ = M.load(d)
     ids = torch.tensor([tok.encode("Question: 12")])
     assert torch.equal(a(ids), b(ids))
+
+
+# ---- rigsa.py: method and training ----
+# Textual MNIST, the gated sparse adapter, IMP, the training loop, resume, merge (paper §3.2, §4.2, §4.4).
+import contextlib
+import math
+
+import torch.nn as nn
+
+import rigsa
+
+
+@contextlib.contextmanager
+def one_thread():
+    # tiny models are dominated by per-op overhead, which extra threads only add to
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def tiny_cfg(tiny_dir, tmp, **kw):
+    base = dict(model=str(tiny_dir), out=str(tmp / "run"), data_dir=str(tmp / "mnist"), device="cpu",
+                iters=2, steps=4, warmup=2, lr=2e-2, batch_size=4, micro_batch=2, val_frac=0.1,
+                eval_max=8, log_every=1, save_every=0, download=False)
+    base.update(kw)
+    return rigsa.Config(**base)
+
+
+def test_get_lr_endpoints():
+    lr = lambda s: rigsa.get_lr(s, 100, 10, 2e-3)
+    assert lr(0) == pytest.approx(2e-4) and lr(9) == pytest.approx(2e-3) and lr(10) == pytest.approx(2e-3)
+    assert lr(99) == pytest.approx(2e-3 / 90) and lr(100) == 0.0 and lr(1000) == 0.0
+    assert all(lr(s) >= lr(s + 1) for s in range(10, 100))
+
+
+def test_quantizer_idx_and_split(tmp_path):
+    img = torch.tensor([[0, 25, 26, 255], [128, 127, 230, 231]], dtype=torch.uint8)
+    assert rigsa.to_text(img) == "0019\n5489"  # floor(p * 10 / 256)
+    d = rigsa.write_synthetic_mnist(tmp_path / "m", n_train=100, n_test=10, size=8)
+    x, y = rigsa.load_mnist(d, "train")
+    xv, yv = rigsa.load_mnist(d, "val")
+    xt, _ = rigsa.load_mnist(d, "test")
+    assert x.shape == (99, 8, 8) and xv.shape == (1, 8, 8) and xt.shape == (10, 8, 8) and x.dtype == torch.uint8
+    assert rigsa.load_mnist(d, "val")[0].equal(xv)  # deterministic by seed
+    assert rigsa.read_idx(d / "train-images-idx3-ubyte.gz", 2051).shape == (100, 8, 8)
+    with pytest.raises(ValueError, match="magic"):
+        rigsa.read_idx(d / "train-labels-idx1-ubyte.gz", 2051)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.gz.*data|put them"):
+        rigsa.load_mnist(tmp_path / "empty", "train", download=False)
+
+
+def test_digit_after_prefix_is_one_token(tiny_dir):
+    _, tok = M.load(tiny_dir)
+    ids = rigsa.digit_ids(tok)
+    assert len(set(ids)) == 10
+    img = torch.zeros(8, 8, dtype=torch.uint8)
+    p = tok.encode(rigsa.prompt(tok, img))
+    for d in range(10):
+        assert tok.encode(rigsa.prompt(tok, img) + str(d)) == p + [ids[d]]
+    text = rigsa.prompt(tok, img, shots=[(img, 3)])
+    assert text.count("<|im_start|>user") == 2 and "The digit is 3<|im_end|>" in text and text.endswith("The digit is ")
+
+
+def test_gate_at_init(tiny_dir):
+    m, tok = M.load(tiny_dir)
+    x = torch.tensor([tok.encode("The digit is 7")])
+    base = m(x)
+    layers = rigsa.install_adapters(m, rigsa.Config())
+    assert len(layers) == 14 and "lm_head" not in layers and isinstance(m.lm_head, nn.Linear)
+    n_train = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert n_train == sum(L.weight.numel() + 1 for L in layers.values())  # dW full-rank + one alpha each
+    L = layers["model.layers.0.self_attn.q_proj"]
+    bound = 1 / math.sqrt(L.in_features)
+    assert L.delta.abs().max() <= bound and L.delta.abs().max() > 0.9 * bound and L.alpha.item() == pytest.approx(1e-6)
+    out = m(x)
+    assert not out.equal(base) and (out - base).abs().max() < 1e-3   # only the alpha term differs
+    for L in layers.values():
+        L.alpha.data.zero_()
+    assert m(x).equal(base)                                           # alpha = 0: exactly the base model
+    h = torch.randn(3, L.in_features)
+    L.alpha.data.fill_(0.5)
+    torch.testing.assert_close(L(h), h @ L.weight.T + 0.5 * h @ L.delta.T)
+
+
+def hand_layers(shapes=((2, 4), (2, 4))):
+    """Layers whose dW is set by hand relative to their regenerated dW0."""
+    layers = {}
+    for i, (o, n) in enumerate(shapes):
+        layers[f"l{i}"] = rigsa.GatedSparseLinear(nn.Linear(n, o, bias=False), init_seed=i)
+    return layers
+
+
+def test_prune_sign_flips_counts_rewind_and_scope():
+    for scope in ("global", "layer"):
+        layers = hand_layers()
+        d0 = {n: L.init_delta() for n, L in layers.items()}
+        # layer 0: large final magnitudes, two entries flipped; layer 1: small magnitudes, one flipped
+        s0 = torch.tensor([[10., 9, 8, 7], [6, 5, -4, -3]])
+        s1 = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, -0.8]])
+        for (n, L), s in zip(layers.items(), (s0, s1)):
+            L.delta.data = d0[n].sign() * s   # |dW| = s, sign flipped where s < 0
+        st = rigsa.prune(layers, keep=0.5, scope=scope)
+        m0, m1 = layers["l0"].mask, layers["l1"].mask
+        assert st["eligible"] == 13 and st["sign_flip"] == pytest.approx(3 / 16)
+        if scope == "global":  # round(0.5 * 13) = 6 largest of all: 10, 9, 8, 7, 6, 5
+            assert m0.tolist() == [[True] * 4, [True, True, False, False]] and not m1.any()
+        else:                  # per layer: round(0.5 * 6) = 3 and round(0.5 * 7) = 4
+            assert m0.tolist() == [[True, True, True, False], [False] * 4]
+            assert m1.tolist() == [[False, False, False, True], [True, True, True, False]]
+        assert st["kept"] == int(m0.sum() + m1.sum())
+        for n, L in layers.items():  # kept entries rewound to dW0 exactly, the rest exactly zero
+            assert L.delta.data.equal(d0[n] * L.mask)
+
+
+def test_prune_ties_exact_count_and_only_free_entries():
+    layers = hand_layers(((3, 5), (2, 5)))
+    L, L1 = layers["l0"], layers["l1"]
+    for X in (L, L1):
+        X.delta.data = X.init_delta().sign() * 1.0   # every magnitude tied
+    L.mask[0, :] = False                    # already pruned entries are never revived
+    L.delta.data[0, :] = 0
+    rigsa.prune(layers, keep=0.4, scope="global")
+    # round(0.4 * 20) = 8 kept, ties broken by layer, then row-major index
+    assert int(L.mask.sum()) == 8 and not L.mask[0].any() and not L1.mask.any()
+    assert L.mask.flatten().nonzero().flatten().tolist() == list(range(5, 13))
+
+
+def test_accumulation_gives_the_gradient_of_the_batch_mean(tiny_dir):
+    m, tok = M.load(tiny_dir)
+    layers = rigsa.install_adapters(m, rigsa.Config())
+    rows = [(tok.encode("The digit is " + "7" * n), [n + 2, n + 3]) for n in (1, 4, 2)]
+    rows[1] = (rows[1][0], [6])              # a row with another number of supervised tokens
+    grads = []
+    for mb in (1, 3):
+        m.zero_grad()
+        loss = rigsa.accumulate(m, rows, mb, tok.pad_id, "cpu")
+        grads.append(torch.cat([L.delta.grad.flatten() for L in layers.values()]))
+    m.zero_grad()
+    ce = torch.cat([torch.nn.functional.cross_entropy(m(torch.tensor([r]))[0, torch.tensor(p) - 1],
+                                                      torch.tensor(r)[p], reduction="none") for r, p in rows])
+    ce.mean().backward()                     # the mean over the 5 supervised tokens of the batch
+    ref = torch.cat([L.delta.grad.flatten() for L in layers.values()])
+    assert loss == pytest.approx(ce.mean().item(), rel=1e-5)
+    torch.testing.assert_close(grads[0], ref, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(grads[1], ref, rtol=1e-4, atol=1e-9)
+
+
+def test_kth_largest_matches_sort():
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.rand(1000, generator=g), torch.rand(10, generator=g).round(), torch.zeros(0), torch.rand(77, generator=g)]
+    allv = torch.cat(chunks).sort(descending=True).values
+    for k in (1, 5, 500, 1087):
+        assert rigsa.kth_largest(lambda: iter(chunks), k) == allv[k - 1].item()
+
+
+def test_pruned_entries_stay_zero_and_weight_decay_is_exact():
+    torch.manual_seed(0)
+    layers = hand_layers(((4, 6), (3, 4)))
+    net = nn.Sequential(layers["l0"], nn.Tanh(), layers["l1"])
+    for L in layers.values():
+        L.delta.data = L.init_delta() * torch.randn(L.delta.shape).sign()
+    rigsa.prune(layers, keep=0.5)
+    before = {n: L.delta.detach().clone() for n, L in layers.items()}
+    gate = {n: L.alpha.item() for n, L in layers.items()}
+    cfg = rigsa.Config(weight_decay=1.0)
+    opt = rigsa.make_optimizer(net, cfg)
+    lr = 2e-3
+    for grp in opt.param_groups:
+        grp["lr"] = lr
+    # one step with zero gradient: every free dW shrinks by exactly (1 - lr * wd), the gate not at all
+    for L in layers.values():
+        L.delta.grad, L.alpha.grad = torch.zeros_like(L.delta), torch.zeros_like(L.alpha)
+    opt.step()
+    for n, L in layers.items():
+        assert L.delta.data.equal(before[n] * (1 - lr * 1.0)) and L.alpha.item() == gate[n]
+    # real gradients with wd = 1.0: pruned entries get no gradient and stay exactly zero
+    for _ in range(5):
+        opt.zero_grad()
+        net(torch.randn(8, 6)).pow(2).sum().backward()
+        for L in layers.values():
+            assert (L.delta.grad[~L.mask] == 0).all()
+        opt.step()
+    for L in layers.values():
+        assert (L.delta.data[~L.mask] == 0).all() and (L.delta.data[L.mask] != 0).all()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_dir, tmp_path_factory):
+    """A tiny two-iteration RIGSA run, uninterrupted and halted + resumed."""
+    tmp = tmp_path_factory.mktemp("rigsa_run")
+    rigsa.write_synthetic_mnist(tmp / "mnist", n_train=40, n_test=8, size=8)
+    with one_thread():
+        full = rigsa.train(tiny_cfg(tiny_dir, tmp))
+        assert rigsa.train(tiny_cfg(tiny_dir, tmp, out=str(tmp / "halted"), halt_after=3)) is None
+        assert (tmp / "halted" / "resume.pt").exists()
+        resumed = rigsa.train(tiny_cfg(tiny_dir, tmp, out=str(tmp / "halted"), resume=True))
+    return tmp, full, resumed
+
+
+def test_resume_gives_the_same_result(tiny_run):
+    tmp, full, resumed = tiny_run
+    assert [r.get("loss") for r in full] == [r.get("loss") for r in resumed]
+    for k in (1, 2):
+        a, meta_a, _ = rigsa.read_adapter(tmp / "run" / f"iter{k}")
+        b, meta_b, _ = rigsa.read_adapter(tmp / "halted" / f"iter{k}")
+        assert a.keys() == b.keys() and all(a[n].equal(b[n]) for n in a)
+        assert meta_a["val_acc"] == meta_b["val_acc"]
+    lines = (tmp / "halted" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(full) and not (tmp / "halted" / "resume.pt").exists()
+    saved = json.loads((tmp / "run" / "config.json").read_text())
+    assert saved["config"]["lr"] == 2e-2 and saved["torch"] == torch.__version__ and "git_commit" in saved
+    prune = [r for r in full if r.get("event") == "prune"][0]
+    assert 0 < prune["density"] < 1 and 0 <= prune["sign_flip"] < 1 and len(prune["layer_density"]) == 14
+
+
+def test_adapter_roundtrip_merge_and_random_mask(tiny_run, tiny_dir, tmp_path):
+    tmp, full, _ = tiny_run
+    m, tok = M.load(tiny_dir)
+    cfg = rigsa.load_adapter(m, tmp / "run" / "iter2")
+    assert cfg.method == "rigsa"
+    x = torch.tensor([tok.encode("The digit is 7")])
+    y = m(x)
+    it2 = [r for r in full if r.get("event") == "iteration"][-1]
+    assert rigsa.density_report(rigsa.adapters(m))[0] == pytest.approx(it2["density"])
+    out = rigsa.merge(tmp / "run" / "iter2", tmp_path / "merged", dtype="float32")
+    merged, _ = M.load(out)
+    torch.testing.assert_close(merged(x), y, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hf_model(out)(x).logits, y, rtol=1e-4, atol=1e-4)  # transformers reads it too
+    # random-mask: the per-layer counts of the RIGSA mask, at other positions; or a uniform density
+    counts = rigsa.mask_counts(tmp / "run" / "iter2")
+    m2, _ = M.load(tiny_dir)
+    layers = rigsa.install_adapters(m2, rigsa.Config(method="random-mask", density=0.25))
+    rigsa.random_masks(layers, counts, seed=5)
+    assert {n: int(L.mask.sum()) for n, L in layers.items()} == counts
+    assert any(not L.mask.equal(rigsa.adapters(m)[n].mask) for n, L in layers.items())
+    assert all((L.delta.data[~L.mask] == 0).all() for L in layers.values())
+    rigsa.random_masks(layers, {n: round(0.25 * L.mask.numel()) for n, L in layers.items()}, seed=5)
+    assert all(int(L.mask.sum()) == round(0.25 * L.mask.numel()) for L in layers.values())
+    # and through the training loop: --method random-mask --mask-like RUN/iter2
+    cfg = tiny_cfg(tiny_dir, tmp, out=str(tmp_path / "rm"), method="random-mask", mask_like=str(tmp / "run" / "iter2"), steps=2)
+    with one_thread():
+        log = rigsa.train(cfg)
+    assert rigsa.mask_counts(tmp_path / "rm" / "iter1") == counts and len([r for r in log if r.get("event")]) == 1
+
+
+def test_learns_tiny_textual_digits(tiny_dir, tmp_path):
+    # the whole method (gate, IMP-ready adapters, AdamW loop) on a task small enough for CPU:
+    # 32 synthetic 8x8 digits, learnt by a random tiny model through --method rigsa
+    rigsa.write_synthetic_mnist(tmp_path / "mnist", n_train=32, n_test=8, size=8, noise=0.05)
+    cfg = tiny_cfg(tiny_dir, tmp_path, iters=1, steps=160, epochs=100.0, lr=3e-2, weight_decay=0.0,
+                   warmup=5, batch_size=16, micro_batch=16, val_frac=0.0, eval_test=False, log_every=20)
+    with one_thread():
+        rigsa.train(cfg)
+        m, tok = M.load(tiny_dir)
+        rigsa.load_adapter(m, tmp_path / "run" / "iter1")
+        x, y = rigsa.load_mnist(tmp_path / "mnist", "train", val_frac=0.0)
+        acc, preds = rigsa.mnist_accuracy(m, tok, x, y, progress=False)
+    assert acc >= 0.9, acc
+
+
+def test_cli_help_and_bad_flags(capsys):
+    with pytest.raises(SystemExit):
+        rigsa.main(["train", "--help"])
+    h = capsys.readouterr().out
+    for flag in ("--keep", "--prune-scope", "--alpha-init", "--mask-like", "--micro-batch", "--lora-lr", "--resume"):
+        assert flag in h
+    assert "[default: 0.8]" in h and "§4.4" in h
+    with pytest.raises(SystemExit, match="error: config: --method 'foo'"):
+        rigsa.main(["train", "--method", "foo"])
+
+
+def test_qlora_wiring(tiny_dir, tmp_path):
+    # --method qlora through rigsa's loop, saved and re-installed by load_adapter (§5.3, Table 4)
+    qlora = pytest.importorskip("qlora")
+    rigsa.write_synthetic_mnist(tmp_path / "mnist", n_train=12, n_test=4, size=8)
+    cfg = tiny_cfg(tiny_dir, tmp_path, method="qlora", rank=2, steps=2, lora_lr=1e-2, warmup=1)
+    with one_thread():
+        log = rigsa.train(cfg)
+    assert [r["iter"] for r in log if r.get("event") == "iteration"] == [1]   # no pruning
+    assert (tmp_path / "run" / "iter1-peft" / "adapter_model.safetensors").exists()
+    m, tok = M.load(tiny_dir)
+    assert rigsa.load_adapter(m, tmp_path / "run" / "iter1").method == "qlora"
+    q = m.model.layers[0].self_attn.q_proj
+    assert isinstance(q, qlora.LoRALinear) and q.lora_B.weight.abs().sum() > 0       # trained B was loaded
+
+
+# ---- reproduce.py: the plan and the tables ----
+
+def test_reproduce_plan_and_tables(tmp_path):
+    import reproduce
+    a = reproduce.main.__globals__["argparse"].Namespace(model="M", out=str(tmp_path), limit=3, steps=2,
+                                                          data_dir="", mnist_dir="")
+    steps = reproduce.plan(a)
+    # 2 x (2 MNIST + 3 source) base evals; rigsa 1 + 5x3; random mask 1 + 3; 4 QLoRA ranks x (1 + 3)
+    assert len(steps) == 10 + 16 + 4 + 16
+    cmds = [" ".join(c) for _, c in steps]
+    assert any("--method random-mask --mask-like " + str(tmp_path / "rigsa" / "iter5") in c for c in cmds)
+    assert sum("--method qlora --rank" in c for c in cmds) == 4
+    assert all("--limit 3" in c for c in cmds if "evals/run.py" in c)
+    ev = tmp_path / "evals"
+    ev.mkdir()
+    (ev / "base-piqa.json").write_text(json.dumps({"metrics": {"acc": 0.754}}))
+    (ev / "base-nf4-gsm8k.json").write_text(json.dumps({"metrics": {"exact_match_strict": 0.199}}))
+    (tmp_path / "rigsa").mkdir()
+    (tmp_path / "rigsa" / "metrics.jsonl").write_text(
+        json.dumps({"event": "iteration", "iter": 1, "test_acc": 0.9905, "density": 1.0, "trainable": 10}) + "\n")
+    text = reproduce.tables(tmp_path)
+    assert "| PIQA | 75.40 | - |" in text and "| GSM8k (5-shot) | - | 19.90 |" in text
+    assert "| RIGSA iteration 1 | 100.00% | 99.05 |" in text
+    assert (tmp_path / "TABLES.md").read_text() == text

@@ -1,0 +1,1019 @@
+"""
+rigsa.py: Random Initialization of Gated Sparse Adapters (arXiv 2511.01794), from scratch.
+
+  Textual MNIST (paper §4.2)    IDX files -> 28 lines of 28 digits -> a ChatML prompt
+  gated sparse adapter (§3.2)   y = x W0^T + alpha * x (m * dW)^T, dW full-rank random, alpha = 1e-6
+  training (§4.4)               AdamW, wd 1.0, lr 2e-3 with 1000 warmup steps, effective batch 16
+  IMP (§3.2, §4.4)              keep 80% of the sign-preserving free entries, rewind, retrain, x5
+  baselines                     random-mask (§4.4), lt-sft (§6), dense, lora/qlora (§5.3, qlora.py)
+
+  python rigsa.py train --iters 5          the paper, on SmolLM2-1.7B-Instruct
+  python rigsa.py demo                     the whole pipeline offline on a tiny model (< 2 min, CPU)
+  python rigsa.py show --index 0           one image as the model sees it
+  python rigsa.py eval --shots 5           Textual MNIST accuracy of a base model or an adapter
+  python rigsa.py merge --adapter runs/x/iter5 --out merged/
+"""
+import argparse
+import contextlib
+import dataclasses
+import gzip
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import model as M
+
+# -----------------------------------------------------------------------------
+# config: every hyperparameter in one place, printed at start and saved with the run
+
+def _f(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # what to train
+    model: str = _f(M.DEFAULT_MODEL, "base model: hub id or local directory (§4.1)")
+    method: str = _f("rigsa", "rigsa | random-mask | lt-sft | dense | lora | qlora (§3.2, §4.4, §5.3; lt-sft: §6)")
+    out: str = _f("runs/rigsa", "run directory: config.json, metrics.jsonl, iterK.safetensors")
+    data_dir: str = _f("data/mnist", "folder of the four MNIST IDX files (§4.2)")
+    seed: int = _f(1234, "seed of dW's init (per layer), of the random mask and of the data order")
+    # the gated adapter (§3.2)
+    alpha_init: float = _f(1e-6, "initial gate alpha, one per layer (§3.2)")
+    init: str = _f("uniform", "dW init: uniform = nn.Linear's U(+-1/sqrt(fan_in)) | normal (std --init-std) (silent in §3.2)")
+    init_std: float = _f(0.02, "std of dW's init when --init normal")
+    decay_gate: bool = _f(False, "weight-decay the gate alpha too (silent in §4.4: off)")
+    reset_alpha: bool = _f(True, "reset alpha to --alpha-init at every IMP rewind (silent in §3.2: on)")
+    # iterative magnitude pruning (§3.2, §4.4)
+    iters: int = _f(5, "IMP iterations, each one training run (§4.4); 1 for dense/random-mask/lora")
+    keep: float = _f(0.8, "fraction of the sign-preserving free entries kept at each pruning (§4.4)")
+    prune_scope: str = _f("global", "global | layer: where the magnitude threshold is taken (silent in §4.4)")
+    mask_like: str = _f("", "random-mask: copy the per-layer counts of this adapter, RUN/iterK (§4.4)")
+    density: float = _f(0.0, "random-mask: uniform density instead of --mask-like")
+    # optimisation (§4.4)
+    lr: float = _f(2e-3, "peak learning rate (§4.4)")
+    warmup: int = _f(1000, "linear warmup steps, then linear decay to 0 at the end of the iteration (§4.4)")
+    weight_decay: float = _f(1.0, "AdamW decoupled weight decay on dW (§4.4)")
+    beta1: float = _f(0.9, "AdamW beta1 (silent in §4.4: torch default)")
+    beta2: float = _f(0.999, "AdamW beta2 (silent in §4.4: torch default)")
+    eps: float = _f(1e-8, "AdamW eps (silent in §4.4: torch default)")
+    batch_size: int = _f(16, "effective batch, by gradient accumulation (§4.4)")
+    micro_batch: int = _f(1, "sequences per forward pass (§4.4: one fits a 24 GB GPU)")
+    epochs: float = _f(1.0, "epochs of the training split per IMP iteration (§4.4)")
+    steps: int = _f(0, "cap on optimizer steps per iteration, for quick runs (0 = no cap)")
+    grad_clip: float = _f(0.0, "max gradient norm (0 = off; silent in §4.4)")
+    # LoRA / QLoRA baseline (§5.3, Table 4); used when --method lora or qlora
+    rank: int = _f(16, "LoRA rank (Table 4: 1/4/8/16)")
+    lora_alpha: float = _f(32.0, "LoRA alpha (Table 4)")
+    lora_dropout: float = _f(0.0, "LoRA dropout (Table 4)")
+    lora_lr: float = _f(2e-4, "LoRA peak learning rate, linear schedule, --warmup warmup (Table 4)")
+    lora_weight_decay: float = _f(0.1, "LoRA weight decay (Table 4)")
+    lora_epochs: float = _f(4.0, "LoRA epochs (Table 4)")
+    # data and evaluation (§4.2)
+    val_frac: float = _f(0.01, "fraction of the training images held out for validation (§4.2)")
+    split_seed: int = _f(0, "seed of the validation split")
+    eval_max: int = _f(0, "evaluate on at most this many val/test images (0 = all)")
+    eval_batch: int = _f(16, "batch size of the accuracy evaluation")
+    eval_test: bool = _f(True, "also evaluate the test split after every iteration (§5.1, Figure 2a)")
+    # machinery
+    device: str = _f("auto", "cpu | cuda | auto")
+    dtype: str = _f("auto", "base weights: auto (bfloat16 autocast on CUDA, float32 on CPU) | float32 | bfloat16")
+    log_every: int = _f(10, "optimizer steps between metrics.jsonl lines")
+    save_every: int = _f(500, "optimizer steps between resume checkpoints (0 = only at iteration ends)")
+    halt_after: int = _f(0, "stop (resumably) after this many optimizer steps in this process (0 = never)")
+    resume: bool = _f(False, "continue the run in --out where it stopped (its saved config is used)")
+    download: bool = _f(True, "download missing MNIST files from the pinned mirror")
+
+
+LORA_METHODS = ("lora", "qlora")
+METHODS = ("rigsa", "random-mask", "lt-sft", "dense") + LORA_METHODS
+
+
+def check_config(cfg):
+    def bad(msg):
+        raise ValueError(f"config: {msg}")
+    if cfg.method not in METHODS:
+        bad(f"--method {cfg.method!r} is not one of {', '.join(METHODS)}")
+    if cfg.init not in ("uniform", "normal"):
+        bad(f"--init {cfg.init!r} is not uniform or normal")
+    if cfg.prune_scope not in ("global", "layer"):
+        bad(f"--prune-scope {cfg.prune_scope!r} is not global or layer")
+    if not 0.0 < cfg.keep <= 1.0:
+        bad(f"--keep {cfg.keep} is not in (0, 1]")
+    if cfg.method == "random-mask" and bool(cfg.mask_like) == (cfg.density > 0):
+        bad("--method random-mask needs exactly one of --mask-like RUN/iterK or --density D")
+    if cfg.density and not 0.0 < cfg.density <= 1.0:
+        bad(f"--density {cfg.density} is not in (0, 1]")
+    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        bad(f"--dtype {cfg.dtype!r} is not auto, float32, bfloat16 or float16")
+    if cfg.batch_size < 1 or cfg.micro_batch < 1 or cfg.iters < 1:
+        bad("--batch-size, --micro-batch and --iters must be >= 1")
+    return cfg
+
+
+def n_iters(cfg):
+    return cfg.iters if cfg.method in ("rigsa", "lt-sft") else 1   # the others do not prune
+
+# -----------------------------------------------------------------------------
+# Textual MNIST (paper §4.2)
+
+MNIST_FILES = {  # name: (bytes, md5) of LeCun's originals; md5s as in ../shared/data/SOURCES.md
+    "train-images-idx3-ubyte.gz": (9912422, "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+    "train-labels-idx1-ubyte.gz": (28881, "d53e105ee54ea40749a09fcbcd1e9432"),
+    "t10k-images-idx3-ubyte.gz": (1648877, "9fb629c4189551a2d022fa330f9573f3"),
+    "t10k-labels-idx1-ubyte.gz": (4542, "ec29112dd5afa0611ce80d1b7f02629c"),
+}
+MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"  # torchvision's mirror of the originals
+MNIST_COUNTS = {"train": 60000, "test": 10000}
+SYNTHETIC_MARK = "SYNTHETIC"  # a data dir holding this file has stand-in digits (demo, tests): no checksums
+QUESTION = "Below is a digit as text. Which digit is it?\n"  # Figure 5
+PREFIX = "The digit is "  # §4.2: appended to the assistant turn, the answer is the next token
+
+
+def _md5(path):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def ensure_mnist(data_dir, download=True, names=tuple(MNIST_FILES)):
+    """Make sure the IDX files are in data_dir (checksums pinned), downloading what is missing."""
+    data_dir = Path(data_dir)
+    if (data_dir / SYNTHETIC_MARK).exists():
+        return data_dir
+    missing, why = [], ""
+    for name in names:
+        size, md5 = MNIST_FILES[name]
+        path = data_dir / name
+        if path.exists():
+            if path.stat().st_size != size or _md5(path) != md5:
+                raise ValueError(f"{path}: not the original MNIST file (expected {size} bytes, md5 {md5}); "
+                                 f"delete it to download it again")
+            continue
+        if download:
+            tmp = path.with_suffix(".tmp")
+            try:
+                data_dir.mkdir(parents=True, exist_ok=True)
+                with urllib.request.urlopen(MNIST_MIRROR + name, timeout=60) as r, open(tmp, "wb") as f:
+                    shutil.copyfileobj(r, f)
+                if tmp.stat().st_size != size or _md5(tmp) != md5:
+                    tmp.unlink()
+                    raise ValueError("checksum mismatch")
+                os.replace(tmp, path)
+                continue
+            except Exception as e:
+                tmp.unlink(missing_ok=True)
+                why = f"; download failed: {e}"
+        missing.append(name)
+    if missing:
+        raise FileNotFoundError(f"MNIST files missing: {', '.join(missing)}; put them in {data_dir}/ "
+                                f"(from {MNIST_MIRROR} or http://yann.lecun.com/exdb/mnist/){why}")
+    return data_dir
+
+
+def read_idx(path, magic):
+    """One IDX file -> uint8 array, shape from its header. 2051 = images (N, H, W), 2049 = labels (N,)."""
+    try:
+        opener = gzip.open if str(path).endswith(".gz") else open
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: unreadable IDX file ({e})") from None
+    if len(data) < 8 or struct.unpack(">I", data[:4])[0] != magic:
+        raise ValueError(f"{path}: bad magic number (expected {magic}, an IDX "
+                         f"{'image' if magic == 2051 else 'label'} file)")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    if len(data) != 4 + 4 * ndim + math.prod(dims):
+        raise ValueError(f"{path}: {len(data)} bytes do not match the header shape {dims} (truncated?)")
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def write_idx(path, array):
+    """uint8 array -> gzipped IDX file (magic 2051 for 3-D images, 2049 for 1-D labels), atomically."""
+    a = np.ascontiguousarray(array, dtype=np.uint8)
+    head = struct.pack(">I", 0x800 + a.ndim) + struct.pack(f">{a.ndim}I", *a.shape)
+    tmp = f"{path}.tmp"
+    with gzip.open(tmp, "wb") as f:
+        f.write(head + a.tobytes())
+    os.replace(tmp, path)
+
+
+def load_mnist(data_dir, split, val_frac=0.01, seed=0, download=False):
+    """-> (images uint8 (N, H, W), labels long (N,)) for split train | val | test. Val is the
+    fraction val_frac of the 60k training images, chosen by a seeded permutation (§4.2)."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split {split!r} is not train, val or test")
+    stem = "t10k" if split == "test" else "train"
+    names = [f"{stem}-{k}-idx{d}-ubyte.gz" for k, d in (("images", 3), ("labels", 1))]
+    data_dir = ensure_mnist(data_dir, download, names)
+    files = [Path(data_dir) / n for n in names]
+    for p in files:
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: MNIST file missing")
+    x, y = read_idx(files[0], 2051), read_idx(files[1], 2049)
+    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+        raise ValueError(f"{files[0]}: {x.shape} images do not match {y.shape} labels in {files[1].name}")
+    if y.max() > 9:
+        raise ValueError(f"{files[1]}: label {y.max()} is not a digit")
+    if not (Path(data_dir) / SYNTHETIC_MARK).exists() and (len(x) != MNIST_COUNTS[stem.replace("t10k", "test")]
+                                                         or x.shape[1:] != (28, 28)):
+        raise ValueError(f"{files[0]}: {x.shape} is not MNIST's {MNIST_COUNTS} x 28 x 28")
+    x, y = torch.from_numpy(x.copy()), torch.from_numpy(y.astype(np.int64))
+    if split == "test":
+        return x, y
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_val = round(val_frac * len(x))
+    idx = perm[:n_val] if split == "val" else perm[n_val:]
+    idx = idx.sort().values  # original order; training shuffles on its own
+    return x[idx], y[idx]
+
+
+def to_text(image):
+    """(H, W) uint8 -> H lines of W digits: pixel p becomes floor(p * 10 / 256) in 0..9 (§4.2, Figure 1)."""
+    q = (np.asarray(image, dtype=np.int32) * 10 // 256).astype(np.uint8) + ord("0")
+    return "\n".join(row.tobytes().decode() for row in q)
+
+
+def prompt(tok, image, shots=()):
+    """Figure 5: ChatML with the default system prompt; earlier turns are the few-shot examples."""
+    msgs = []
+    for img, lab in shots:
+        msgs += [{"role": "user", "content": QUESTION + to_text(img)},
+                 {"role": "assistant", "content": PREFIX + str(int(lab))}]
+    msgs.append({"role": "user", "content": QUESTION + to_text(image)})
+    return tok.chat(msgs, add_generation_prompt=True) + PREFIX
+
+
+def digit_ids(tok):
+    """Token ids of '0'..'9'. Checks that each digit after the prefix is exactly one token, so the
+    answer is one greedy step and the loss covers exactly that token (§4.2)."""
+    ids = []
+    text = tok.chat([{"role": "user", "content": QUESTION + "0"}]) + PREFIX
+    head = tok.encode(text)
+    for d in range(10):
+        one = tok.encode(str(d))
+        if len(one) != 1 or tok.encode(text + str(d)) != head + one:
+            raise ValueError(f"tokenizer {tok.path}: digit {d} after {PREFIX!r} is not a single token")
+        ids.append(one[0])
+    return ids
+
+
+def end_id(tok):
+    ids = tok.encode("<|im_end|>")
+    if len(ids) != 1:
+        raise ValueError(f"tokenizer {tok.path}: <|im_end|> is not a special token")
+    return ids[0]
+
+
+def synthetic_digits(n, size=28, seed=0, noise=0.1, shift=True):
+    """Stand-in digits for the demo and the tests: a 5x7 font, scaled and shifted at random, with
+    pixel noise. -> (images uint8 (n, size, size), labels uint8 (n,))."""
+    font = ["01110100011001110101110011000101110", "00100011000010000100001000010001110",
+            "01110100010000100010001000100011111", "11111000100010000010000011000101110",
+            "00010001100101010010111110001000010", "11111100001111000001000011000101110",
+            "00110010001000011110100011000101110", "11111000010001000100010000100001000",
+            "01110100011000101110100011000101110", "01110100011000101111000010001001100"]
+    if size < 7:
+        raise ValueError(f"synthetic digits need a grid of at least 7x7 (the font is 5x7), got {size}")
+    glyphs = torch.tensor([[int(c) for c in g] for g in font], dtype=torch.float32).view(10, 7, 5)
+    g = torch.Generator().manual_seed(seed)
+    s = max(1, (size - 2) // 7)                                    # scale so the glyph fits
+    labels = torch.randint(0, 10, (n,), generator=g)
+    big = glyphs.repeat_interleave(s, 1).repeat_interleave(s, 2)  # (10, 7s, 5s)
+    H, W = big.shape[1:]
+    img = torch.zeros(n, size, size)
+    dy = torch.randint(0, size - H + 1, (n,), generator=g) if shift else torch.full((n,), (size - H) // 2)
+    dx = torch.randint(0, size - W + 1, (n,), generator=g) if shift else torch.full((n,), (size - W) // 2)
+    ink = 150 + 105 * torch.rand(n, 1, 1, generator=g)
+    for i in range(n):
+        img[i, dy[i]:dy[i] + H, dx[i]:dx[i] + W] = big[labels[i]] * ink[i]
+    flip = torch.rand(n, size, size, generator=g) < noise           # a few pixels lit or cleared
+    img = torch.where(flip, 255 * torch.rand(n, size, size, generator=g), img)
+    return img.round().clamp(0, 255).to(torch.uint8), labels.to(torch.uint8)
+
+
+def write_synthetic_mnist(data_dir, n_train=2000, n_test=200, size=28, seed=0, noise=0.1, shift=True):
+    """Synthetic digits in MNIST's four IDX files, marked as synthetic (no checksums)."""
+    d = Path(data_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    for stem, n, s in (("train", n_train, seed), ("t10k", n_test, seed + 1)):
+        x, y = synthetic_digits(n, size, s, noise, shift)
+        write_idx(d / f"{stem}-images-idx3-ubyte.gz", x.numpy())
+        write_idx(d / f"{stem}-labels-idx1-ubyte.gz", y.numpy())
+    (d / SYNTHETIC_MARK).write_text("synthetic digits written by rigsa.py, not MNIST\n")
+    return d
+
+
+@torch.no_grad()
+def mnist_accuracy(model, tok, images, labels, shots=0, batch_size=16, seed=1234, progress=True,
+                   shot_pool=None, data_dir="data/mnist"):
+    """-> (accuracy, predictions (N,) long, -1 = not a digit). The prediction is the greedy next
+    token after the prefix; a non-digit token counts as wrong (§4.2). shots > 0: each image gets
+    its own `shots` training examples, drawn without replacement by one generator seeded with
+    `seed` (from shot_pool = (images, labels), default the train split of data_dir)."""
+    was_training = model.training
+    model.eval()
+    dev = model.lm_head.weight.device
+    ids = torch.tensor(digit_ids(tok))
+    if shots:
+        pool_x, pool_y = shot_pool if shot_pool is not None else load_mnist(data_dir, "train")
+        g = torch.Generator().manual_seed(seed)
+        draws = [torch.randperm(len(pool_x), generator=g)[:shots].tolist() for _ in range(len(images))]
+    preds = []
+    bar = M.progress(total=len(images), desc=f"mnist {shots}-shot", unit="img", enabled=progress)
+    for b in range(0, len(images), batch_size):
+        rows = []
+        for i in range(b, min(b + batch_size, len(images))):
+            ex = [(pool_x[j], pool_y[j]) for j in draws[i]] if shots else ()
+            rows.append(tok.encode(prompt(tok, images[i], ex)))
+        L = max(map(len, rows))                                 # left padding: the last position is the prefix's end
+        x = torch.tensor([[tok.pad_id] * (L - len(r)) + r for r in rows], device=dev)
+        am = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], device=dev)
+        h = model(x, am, hidden_only=True)[:, -1]               # (B, C)
+        nxt = model.lm_head(h).argmax(-1).cpu()                 # (B,) over the whole vocabulary
+        hit = nxt[:, None] == ids[None]                         # (B, 10)
+        preds.append(torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(nxt, -1)))
+        bar.update(len(rows))
+    bar.close()
+    model.train(was_training)
+    preds = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    return (preds == labels.long()).float().mean().item() if len(preds) else float("nan"), preds
+
+# -----------------------------------------------------------------------------
+# the gated sparse adapter (paper §3.2)
+
+def layer_seed(seed, name):
+    """A per-layer seed from the run seed and the module's name (independent of traversal order)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+class GatedSparseLinear(nn.Module):
+    """Drop-in for nn.Linear: y = x (W0 + alpha (m * dW))^T (§3.2). `weight` is the frozen base
+    tensor (so checkpoints load unchanged); `delta` (dW) is a float32 master copy even when W0 is
+    bfloat16, so that weight decay's per-step factor (1 - 2e-3) is not rounded away; `alpha` is one
+    scalar gate; `mask` is boolean. dW0 is not stored: it is regenerated from `init_seed`."""
+    def __init__(self, base, init_seed, init="uniform", init_std=0.02, alpha_init=1e-6, gated=True):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.init_seed, self.init, self.init_std, self.gated = init_seed, init, init_std, gated
+        dev = self.weight.device
+        self.delta = nn.Parameter(self.init_delta().to(dev))
+        self.alpha = nn.Parameter(torch.tensor(alpha_init if gated else 1.0, device=dev), requires_grad=gated)
+        self.register_buffer("mask", torch.ones(self.out_features, self.in_features, dtype=torch.bool, device=dev))
+
+    def init_delta(self):
+        """dW0, (out, in) float32 on the CPU, from a CPU generator: bitwise reproducible, so rewinding
+        needs no stored copy (1.6B values would be 6.4 GB). lt-sft starts from zero (§6)."""
+        if not self.gated:
+            return torch.zeros(self.out_features, self.in_features)
+        g = torch.Generator().manual_seed(self.init_seed)
+        t = torch.empty(self.out_features, self.in_features)
+        if self.init == "normal":
+            return t.normal_(0.0, self.init_std, generator=g)
+        bound = 1.0 / math.sqrt(self.in_features)  # nn.Linear's own init distribution
+        return t.uniform_(-bound, bound, generator=g)
+
+    def forward(self, x):  # x (B, T, in) -> (B, T, out)
+        md = self.delta * self.mask  # pruned entries are exactly 0 and get exactly 0 gradient
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+            # float32: one GEMM on the merged weight is exact to fp32 and costs what full
+            # fine-tuning costs (bench/bench_train.py)
+            return F.linear(x, self.weight + self.alpha * md)
+        # low precision: keep the delta on its own path; W0 + alpha*dW formed in bfloat16 would
+        # round away deltas under half an ulp of W0 (peers.md §3.7)
+        return F.linear(x, self.weight) + self.alpha.to(x.dtype) * F.linear(x, md.to(x.dtype))
+
+    def extra_repr(self):
+        density = self.mask.float().mean().item()
+        return f"in={self.in_features}, out={self.out_features}, gated={self.gated}, density={density:.4f}"
+
+
+def install_adapters(model, cfg):
+    """Replace every nn.Linear except lm_head by a GatedSparseLinear, in place (§3.2: all linear
+    layers except the language modelling head). -> {name: layer}."""
+    model.requires_grad_(False)
+    layers = {}
+    for pname, parent in list(model.named_modules()):
+        for cname, child in list(parent.named_children()):
+            name = f"{pname}.{cname}" if pname else cname
+            if isinstance(child, nn.Linear) and name != "lm_head":
+                layer = GatedSparseLinear(child, layer_seed(cfg.seed, name), cfg.init, cfg.init_std,
+                                          cfg.alpha_init, gated=cfg.method != "lt-sft")
+                setattr(parent, cname, layer)
+                layers[name] = layer
+    return layers
+
+
+def adapters(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, GatedSparseLinear)}
+
+# -----------------------------------------------------------------------------
+# iterative magnitude pruning (paper §3.2, §4.4)
+
+def kth_largest(chunks, k):
+    """The k-th largest value of non-negative float32 tensors (a callable yielding them, so that
+    nothing is concatenated): two histogram passes over the bit patterns, whose integer order is
+    the float order for x >= 0. Exact, memory O(largest chunk), any number of elements."""
+    hist = torch.zeros(1 << 16, dtype=torch.long)
+    for x in chunks():
+        hist += torch.bincount((x.view(torch.int32) >> 16).long(), minlength=1 << 16).cpu()
+    at_least = hist.flip(0).cumsum(0).flip(0)               # [b] = count with high bits >= b
+    hi = int((at_least >= k).nonzero().max())
+    above = int(at_least[hi + 1]) if hi + 1 < (1 << 16) else 0
+    hist = torch.zeros(1 << 16, dtype=torch.long)
+    for x in chunks():
+        bits = x.view(torch.int32)
+        hist += torch.bincount((bits[(bits >> 16) == hi] & 0xFFFF).long(), minlength=1 << 16).cpu()
+    at_least = hist.flip(0).cumsum(0).flip(0) + above
+    lo = int((at_least >= k).nonzero().max())
+    return torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32).item()
+
+
+@torch.no_grad()
+def prune(layers, keep=0.8, scope="global", sign=True):
+    """One IMP step (§3.2, §4.4). Among free entries whose sign equals that of their initial value,
+    keep the fraction `keep` with the largest |dW| (exactly round(keep * n_eligible), ties broken by
+    layer then row-major index), rewind them to dW0, zero and freeze every other entry.
+    sign=False (lt-sft, init 0): all free entries are eligible. -> statistics."""
+    names = list(layers)
+    elig, stats = {}, {"layers": {}}
+    for n in names:
+        L = layers[n]
+        e = L.mask.clone()
+        if sign:  # a flipped (or exactly zero) entry is not eligible (§3.2: "didn't change sign")
+            e &= torch.sign(L.delta) == torch.sign(L.init_delta().to(L.delta.device))
+        elig[n] = e
+        free = int(L.mask.count_nonzero())
+        stats["layers"][n] = {"free": free, "eligible": int(e.count_nonzero()), "numel": L.mask.numel()}
+    groups = [names] if scope == "global" else [[n] for n in names]
+    for group in groups:
+        n_elig = sum(stats["layers"][n]["eligible"] for n in group)
+        k = round(keep * n_elig)
+        thr = kth_largest(lambda: (layers[n].delta.abs()[elig[n]] for n in group), k) if k else math.inf
+        quota = k - sum(int(((layers[n].delta.abs() > thr) & elig[n]).count_nonzero()) for n in group)
+        for n in group:
+            L = layers[n]
+            mag = L.delta.abs()
+            new = elig[n] & (mag > thr)
+            if quota > 0:  # ties at the threshold: the first ones in row-major order
+                tie = (elig[n] & (mag == thr)).flatten().nonzero().flatten()[:quota]
+                new.view(-1)[tie] = True
+                quota -= len(tie)
+            L.mask.copy_(new)
+            L.delta.copy_(L.init_delta().to(L.delta.device) * new)  # rewind kept, zero the rest
+            stats["layers"][n]["kept"] = int(new.count_nonzero())
+    tot = lambda key: sum(s[key] for s in stats["layers"].values())
+    stats.update(free=tot("free"), eligible=tot("eligible"), kept=tot("kept"), numel=tot("numel"))
+    stats["sign_flip"] = 1 - stats["eligible"] / max(stats["free"], 1)
+    stats["density"] = stats["kept"] / stats["numel"]
+    return stats
+
+
+@torch.no_grad()
+def random_masks(layers, counts, seed):
+    """The random-mask baseline (§4.4): exactly counts[name] free entries per layer at random
+    positions (open_lth's layerwise random pruning), the others zeroed and frozen."""
+    for n, L in layers.items():
+        g = torch.Generator().manual_seed(layer_seed(seed, n + "/mask"))
+        idx = torch.randperm(L.mask.numel(), generator=g)[:counts[n]]
+        m = torch.zeros(L.mask.numel(), dtype=torch.bool)
+        m[idx] = True
+        L.mask.copy_(m.view_as(L.mask))
+        L.delta.mul_(L.mask)
+
+
+def density_report(layers):
+    per = {n: L.mask.float().mean().item() for n, L in layers.items()}
+    total = sum(int(L.mask.sum()) for L in layers.values()) / max(sum(L.mask.numel() for L in layers.values()), 1)
+    return total, per
+
+# -----------------------------------------------------------------------------
+# adapter files: mask bit-packed, dW values in mask order, alpha, init seed (safetensors)
+
+def _atomic_save(tensors, path, metadata):
+    tmp = f"{path}.tmp"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def save_adapter(model, path, cfg, extra=None):
+    """Write the trained adapter: per layer `{name}.mask` (uint8, np.packbits of the row-major
+    mask), `{name}.delta` (float32 values where the mask is set), `{name}.alpha`, `{name}.init_seed`
+    and `{name}.init_check` (dW0's first 16 values: guards regeneration on another platform)."""
+    meta = {"format": "rigsa-adapter", "config": json.dumps(dataclasses.asdict(cfg)), **(extra or {})}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    if cfg.method in LORA_METHODS:
+        import qlora
+        tensors = {k: v.detach().cpu().contiguous() for k, v in qlora.lora_state_dict(model).items()}
+        return _atomic_save(tensors, path, meta)
+    tensors = {}
+    for n, L in adapters(model).items():
+        m = L.mask.cpu()
+        tensors[f"{n}.mask"] = torch.from_numpy(np.packbits(m.numpy().reshape(-1)))
+        tensors[f"{n}.delta"] = L.delta.detach().cpu()[m].contiguous()
+        tensors[f"{n}.alpha"] = L.alpha.detach().cpu().float().reshape(1)
+        tensors[f"{n}.init_seed"] = torch.tensor([L.init_seed], dtype=torch.int64)
+        tensors[f"{n}.init_check"] = L.init_delta().reshape(-1)[:16].clone()
+    _atomic_save(tensors, path, meta)
+
+
+def adapter_path(spec):
+    p = Path(spec)
+    if p.suffix != ".safetensors":
+        p = p.with_name(p.name + ".safetensors")
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: adapter file not found")
+    return p
+
+
+def read_adapter(spec):
+    p = adapter_path(spec)
+    try:
+        with safe_open(str(p), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(p))
+    except Exception as e:
+        raise ValueError(f"{p}: not a readable safetensors file ({e})") from None
+    if meta.get("format") != "rigsa-adapter":
+        raise ValueError(f"{p}: not a rigsa adapter file (no format=rigsa-adapter metadata)")
+    return tensors, meta, Config(**json.loads(meta["config"]))
+
+
+def mask_counts(spec):
+    """Per-layer free-entry counts of a saved adapter (for --mask-like)."""
+    tensors, _, _ = read_adapter(spec)
+    return {k[:-len(".delta")]: v.numel() for k, v in tensors.items() if k.endswith(".delta")}
+
+
+@torch.no_grad()
+def load_adapter(model, path):
+    """Install a saved adapter (any method) into a loaded base model, in place. -> its Config."""
+    tensors, meta, cfg = read_adapter(path)
+    if cfg.method in LORA_METHODS:
+        import qlora
+        if cfg.method == "qlora" and not is_quantized(model):
+            qlora.quantize_model(model)
+        qlora.load_lora(model, tensors, cfg.rank, cfg.lora_alpha)
+        return cfg
+    layers = install_adapters(model, cfg)
+    for n, L in layers.items():
+        if f"{n}.mask" not in tensors:
+            raise ValueError(f"{path}: no adapter for layer {n} (another base model?)")
+        if not torch.equal(tensors[f"{n}.init_check"], L.init_delta().reshape(-1)[:16]):
+            raise ValueError(f"{path}: dW0 of {n} does not regenerate identically on this platform")
+        bits = np.unpackbits(tensors[f"{n}.mask"].numpy())[:L.mask.numel()]
+        m = torch.from_numpy(bits.astype(bool)).view_as(L.mask)
+        d = torch.zeros(L.delta.shape)
+        d[m] = tensors[f"{n}.delta"]
+        L.mask.copy_(m)
+        L.delta.copy_(d)
+        L.alpha.fill_(float(tensors[f"{n}.alpha"]))
+    return cfg
+
+# -----------------------------------------------------------------------------
+# training (paper §4.4)
+
+def get_lr(step, total, warmup, peak):
+    """Piecewise linear (§4.4): step 0 .. warmup-1 rise to `peak`, then linear decay reaching 0 at
+    `total` (the end of the IMP iteration). Step 0 already trains (HF's schedule wastes it)."""
+    if step < warmup:                       # 1) linear warmup
+        return peak * (step + 1) / warmup
+    if step >= total:                       # 2) past the end
+        return 0.0
+    return peak * (total - step) / max(total - warmup, 1)  # 3) linear decay to 0
+
+
+def encode_example(tok, image, label, digits, eos):
+    """-> token ids and the supervised positions: the answer digit and <|im_end|> after the prefix."""
+    ids = tok.encode(prompt(tok, image)) + [digits[int(label)], eos]
+    return ids, [len(ids) - 2, len(ids) - 1]
+
+
+def batch_loss(model, rows, pad_id, device):
+    """Summed cross-entropy over the supervised tokens of a micro-batch of (ids, positions), right
+    padded. Only the supervised positions go through lm_head (no (T, V) logits). -> (sum, count)."""
+    L = max(len(r) for r, _ in rows)
+    x = torch.tensor([r + [pad_id] * (L - len(r)) for r, _ in rows], device=device)
+    am = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r, _ in rows], device=device)
+    b = torch.tensor([i for i, (_, p) in enumerate(rows) for _ in p], device=device)
+    t = torch.tensor([q for _, p in rows for q in p], device=device)
+    h = model(x, am, hidden_only=True)                    # (B, T, C)
+    logits = model.lm_head(h[b, t - 1]).float()           # (n_sup, V): position t-1 predicts token t
+    return F.cross_entropy(logits, x[b, t], reduction="sum"), len(t)
+
+
+def accumulate(model, rows, micro_batch, pad_id, device, amp=contextlib.nullcontext()):
+    """Forward and backward over micro-batches of one effective batch (§4.4: batch 16 by gradient
+    accumulation). Each micro-batch's summed loss is divided by the supervised-token count of the
+    whole effective batch, so the gradient is that of the batch mean. -> the mean loss (float)."""
+    n_sup = sum(len(p) for _, p in rows)
+    total = 0.0
+    for mb in range(0, len(rows), micro_batch):
+        with amp:
+            s, _ = batch_loss(model, rows[mb:mb + micro_batch], pad_id, device)
+        (s / n_sup).backward()
+        total += s.item()
+    return total / n_sup
+
+
+def make_optimizer(model, cfg):
+    """AdamW (§4.4) on the trainable tensors: dW decayed by --weight-decay, the gate not (unless
+    --decay-gate); LoRA: every LoRA matrix decayed by --lora-weight-decay (Table 4)."""
+    if cfg.method in LORA_METHODS:
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": params, "weight_decay": cfg.lora_weight_decay}]
+    else:
+        layers = adapters(model)
+        deltas = [L.delta for L in layers.values()]
+        gates = [L.alpha for L in layers.values() if L.alpha.requires_grad]
+        groups = [{"params": deltas, "weight_decay": cfg.weight_decay},
+                  {"params": gates, "weight_decay": cfg.weight_decay if cfg.decay_gate else 0.0}]
+        groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def git_commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+        return (sha.stdout.strip() or "none") + ("-dirty" if dirty.stdout.strip() else "")
+    except Exception:
+        return "unknown"
+
+
+def _write_json(path, obj):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _trainable_state(model):
+    # .cpu() copies GPU tensors (no second 6.4 GB on the GPU); CPU tensors are saved as they are
+    state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    state.update({n: b.cpu() for n, b in model.named_buffers() if n.endswith(".mask")})
+    return state
+
+
+def _load_trainable_state(model, state):
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        for n, t in state.items():
+            own[n].copy_(t)
+
+
+def save_resume(out, model, opt, it, step, log):
+    tmp = out / "resume.pt.tmp"
+    torch.save({"iteration": it, "step": step, "state": _trainable_state(model),
+                "optimizer": opt.state_dict() if opt is not None else None, "rng": torch.get_rng_state(),
+                "log": log}, tmp)
+    os.replace(tmp, out / "resume.pt")
+
+
+def load_base(cfg):
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    if cfg.method == "qlora":  # also reads pre-quantized bnb-4bit checkpoints (§5.3: Unsloth's)
+        import qlora
+        model, tok = qlora.load_model(cfg.model, device, dtype)
+    else:
+        model, tok = M.load(cfg.model, device, dtype)
+    return model, tok, device
+
+
+def is_quantized(model):
+    import qlora
+    return any(isinstance(m, qlora.Linear4bit) for m in model.modules())
+
+
+def train(cfg):
+    """The whole run: IMP iterations of training, evaluation, saving and pruning (§3.2, §4.4)."""
+    out = Path(cfg.out)
+    resume = None
+    if cfg.resume:
+        if not (out / "config.json").exists():
+            raise FileNotFoundError(f"{out / 'config.json'}: nothing to resume")
+        saved = json.loads((out / "config.json").read_text())["config"]
+        cfg = Config(**{**saved, "resume": True, "halt_after": cfg.halt_after})
+        if (out / "resume.pt").exists():
+            resume = torch.load(out / "resume.pt", weights_only=True)
+        elif (out / f"iter{n_iters(cfg)}.safetensors").exists():
+            print(f"{out}: the run is complete (iter{n_iters(cfg)}.safetensors is there)")
+            return [json.loads(line) for line in open(out / "metrics.jsonl")]
+    elif (out / "config.json").exists():
+        raise FileExistsError(f"{out}: a run is already there; use --resume or another --out")
+    check_config(cfg)
+    lora = cfg.method in LORA_METHODS
+    print("config:", json.dumps(dataclasses.asdict(cfg)))
+    torch.manual_seed(cfg.seed)
+
+    # data (§4.2): encoded on the fly, 16 prompts per step cost nothing next to the model
+    train_x, train_y = load_mnist(cfg.data_dir, "train", cfg.val_frac, cfg.split_seed, cfg.download)
+    val_x, val_y = load_mnist(cfg.data_dir, "val", cfg.val_frac, cfg.split_seed)
+    test_x, test_y = load_mnist(cfg.data_dir, "test") if cfg.eval_test else (None, None)
+    if cfg.eval_max:
+        val_x, val_y = val_x[:cfg.eval_max], val_y[:cfg.eval_max]
+        test_x, test_y = (test_x[:cfg.eval_max], test_y[:cfg.eval_max]) if cfg.eval_test else (None, None)
+
+    model, tok, device = load_base(cfg)
+    digits, eos = digit_ids(tok), end_id(tok)
+    amp = (torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and model.lm_head.weight.dtype == torch.bfloat16
+           else contextlib.nullcontext())
+    if lora:
+        import qlora  # lazily: the baseline lives in its own file (§5.3)
+        if cfg.method == "qlora" and not is_quantized(model):
+            qlora.quantize_model(model)
+        torch.manual_seed(cfg.seed)  # LoRA's A init
+        qlora.apply_lora(model, cfg.rank, cfg.lora_alpha, cfg.lora_dropout)
+        layers = {}
+    else:
+        layers = install_adapters(model, cfg)
+        if cfg.method == "random-mask":
+            counts = (mask_counts(cfg.mask_like) if cfg.mask_like else
+                      {n: round(cfg.density * L.mask.numel()) for n, L in layers.items()})
+            if set(counts) != set(layers):
+                raise ValueError(f"--mask-like {cfg.mask_like}: its layers are not this model's layers")
+            random_masks(layers, counts, cfg.seed)
+    # the run directory is written once the data and the model have loaded
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "git_commit": git_commit(),
+                                      "torch": torch.__version__, "python": sys.version.split()[0]})
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{cfg.method}: {len(layers) or 'LoRA on the'} adapted layers, {n_trainable:,} trainable tensor entries")
+
+    lr_peak = cfg.lora_lr if lora else cfg.lr
+    epochs = cfg.lora_epochs if lora else cfg.epochs
+    steps_per_iter = math.ceil(len(train_x) * epochs / cfg.batch_size)
+    if cfg.steps:
+        steps_per_iter = min(steps_per_iter, cfg.steps)
+    if steps_per_iter <= cfg.warmup:
+        print(f"note: {steps_per_iter} steps per iteration <= warmup {cfg.warmup}: the lr never reaches "
+              f"its peak and does not decay to 0", file=sys.stderr)
+    start_it, start_step, log = 1, 0, []
+    if resume is not None:
+        start_it, start_step, log = resume["iteration"], resume["step"], resume["log"]
+        _load_trainable_state(model, resume["state"])
+        torch.set_rng_state(resume["rng"])
+    # metrics.jsonl holds what the checkpoint holds: lines written after it are dropped
+    with open(out / "metrics.jsonl.tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in log)
+    os.replace(out / "metrics.jsonl.tmp", out / "metrics.jsonl")
+
+    def record(r):
+        log.append(r)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(r) + "\n")
+
+    done_steps = 0
+    for it in range(start_it, n_iters(cfg) + 1):
+        model.train()
+        opt = make_optimizer(model, cfg)  # fresh AdamW and schedule every iteration (§3.2 IMP)
+        step = start_step if it == start_it else 0
+        if resume is not None and it == start_it and resume["optimizer"] is not None:
+            opt.load_state_dict(resume["optimizer"])
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + it)
+        order = torch.cat([torch.randperm(len(train_x), generator=g) for _ in range(math.ceil(epochs))])
+        params = [p for grp in opt.param_groups for p in grp["params"]]
+        bar = M.progress(total=steps_per_iter, desc=f"iter {it}/{n_iters(cfg)}", unit="step")
+        bar.update(step)
+        t0, tokens = time.time(), 0
+        while step < steps_per_iter:
+            lr = get_lr(step, steps_per_iter, cfg.warmup, lr_peak)
+            for grp in opt.param_groups:
+                grp["lr"] = lr
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size].tolist()
+            rows = [encode_example(tok, train_x[i], train_y[i], digits, eos) for i in idx]
+            loss = accumulate(model, rows, cfg.micro_batch, tok.pad_id, device, amp)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            done_steps += 1
+            tokens += sum(len(r) for r, _ in rows)
+            bar.set_postfix(loss=loss, lr=lr, tok_s=tokens / (time.time() - t0))
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == steps_per_iter:
+                r = {"iter": it, "step": step, "loss": loss, "lr": lr,
+                     "tok_s": tokens / (time.time() - t0)}
+                if layers:
+                    a = torch.stack([L.alpha.detach().float() for L in layers.values()])
+                    r.update(alpha_mean=a.mean().item(), alpha_min=a.min().item(), alpha_max=a.max().item())
+                record(r)
+            halt = cfg.halt_after and done_steps >= cfg.halt_after and step < steps_per_iter
+            if halt or (cfg.save_every and step % cfg.save_every == 0 and step < steps_per_iter):
+                save_resume(out, model, opt, it, step, log)
+            if halt:
+                bar.close()
+                print(f"halted after {done_steps} steps; continue with --resume --out {out}")
+                return None
+        bar.close()
+
+        # evaluate and save the trained adapter of this iteration (§5.1, Figure 2a: before pruning)
+        res = {"event": "iteration", "iter": it}
+        # trainable parameters for Figure 4: free dW entries plus the gates, or the LoRA matrices
+        res["trainable"] = (sum(int(L.mask.count_nonzero()) + int(L.gated) for L in layers.values()) if layers
+                            else sum(p.numel() for p in model.parameters() if p.requires_grad))
+        res["val_acc"], _ = mnist_accuracy(model, tok, val_x, val_y, batch_size=cfg.eval_batch)
+        if cfg.eval_test:
+            res["test_acc"], _ = mnist_accuracy(model, tok, test_x, test_y, batch_size=cfg.eval_batch)
+        if layers:
+            res["density"], res["layer_density"] = density_report(layers)
+            res["alpha"] = {n: L.alpha.item() for n, L in layers.items()}
+        save_adapter(model, out / f"iter{it}.safetensors", cfg,
+                     {k: v for k, v in res.items() if k in ("iter", "val_acc", "test_acc", "density", "trainable")})
+        if lora:
+            import qlora
+            qlora.save_peft(model, out / f"iter{it}-peft", cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.model)
+        record(res)
+        print(f"iter {it}: val {res['val_acc']:.4f}" + (f" test {res['test_acc']:.4f}" if cfg.eval_test else "")
+              + (f" density {res['density']:.4%}" if layers else ""))
+
+        if it < n_iters(cfg):  # prune, rewind, reset the gate (§3.2, §4.4)
+            st = prune(layers, cfg.keep, cfg.prune_scope, sign=cfg.method != "lt-sft")
+            if cfg.reset_alpha:
+                for L in layers.values():
+                    L.alpha.data.fill_(cfg.alpha_init if L.gated else 1.0)
+            record({"event": "prune", "iter": it, "sign_flip": st["sign_flip"], "density": st["density"],
+                    "kept": st["kept"], "eligible": st["eligible"], "free": st["free"],
+                    "layer_sign_flip": {n: 1 - s["eligible"] / max(s["free"], 1) for n, s in st["layers"].items()},
+                    "layer_density": {n: s["kept"] / s["numel"] for n, s in st["layers"].items()}})
+            print(f"pruned after iter {it}: sign flips {st['sign_flip']:.2%} of free entries, "
+                  f"density now {st['density']:.4%}")
+            save_resume(out, model, None, it + 1, 0, log)
+    if (out / "resume.pt").exists():
+        (out / "resume.pt").unlink()  # the run is complete; its adapters are the iterK files
+    print_summary(log)
+    return log
+
+
+def print_summary(log):
+    """The density report: one row per IMP iteration (the paper reports 3.46% after 5, §4.4)."""
+    flips = {r["iter"]: r["sign_flip"] for r in log if r.get("event") == "prune"}
+    pct = lambda v, p=1: "-" if v is None or v != v else f"{v:.{p}%}"
+    print("\n| iteration | density | sign flips at its end | val acc | test acc |\n|---|---|---|---|---|")
+    for r in log:
+        if r.get("event") == "iteration":
+            print(f"| {r['iter']} | {pct(r.get('density'), 2)} | {pct(flips.get(r['iter']))} | "
+                  f"{pct(r.get('val_acc'))} | {pct(r.get('test_acc'))} |")
+
+# -----------------------------------------------------------------------------
+# merge: a checkpoint in the official layout, loadable by model.load and transformers
+
+@torch.no_grad()
+def merge(adapter, out, base=None, dtype=None):
+    _, meta, cfg = read_adapter(adapter)
+    if cfg.method in LORA_METHODS:
+        raise ValueError(f"{adapter}: merge handles rigsa-family adapters; a {cfg.method} adapter is in iterK-peft/")
+    src = M.resolve(base or cfg.model)
+    model, _ = M.load(src, "cpu", torch.float32)   # merge in float32, then cast
+    load_adapter(model, adapter)
+    dtype = dtype or json.loads((src / "config.json").read_text()).get("torch_dtype", "bfloat16")
+    lost, total = 0.0, 0.0
+    for pname, parent in list(model.named_modules()):
+        for cname, child in list(parent.named_children()):
+            if isinstance(child, GatedSparseLinear):
+                d = child.alpha * (child.delta * child.mask)
+                w = child.weight + d
+                lost += ((w.to(getattr(torch, dtype)).float() - child.weight) - d).abs().sum().item()
+                total += d.abs().sum().item()
+                lin = nn.Linear(child.in_features, child.out_features, bias=False)
+                lin.weight = nn.Parameter(w, requires_grad=False)
+                setattr(parent, cname, lin)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in os.listdir(src):
+        if not f.endswith(".safetensors") and f != "model.safetensors.index.json" and os.path.isfile(src / f):
+            shutil.copy(src / f, out / f)
+    conf = json.loads((out / "config.json").read_text())
+    _write_json(out / "config.json", {**conf, "torch_dtype": dtype})
+    sd = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()
+          if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+    _atomic_save(sd, out / "model.safetensors", {"format": "pt"})
+    print(f"merged {adapter} into {out} ({dtype}); the cast lost {lost / max(total, 1e-30):.2%} of sum|alpha*m*dW|")
+    return out
+
+# -----------------------------------------------------------------------------
+# demo: the whole pipeline offline on a tiny random model (make demo)
+
+def demo(out="runs/demo"):
+    """A tiny random model with SmolLM2's architecture and tokenizer structure learns synthetic 8x8
+    digits (a 5x7 font with 5% of the pixels noise) through two IMP iterations. The lr is higher and
+    the weight decay lower than the paper's (§4.4): 2 x 300 steps instead of 2 x 3,713."""
+    t0 = time.time()
+    torch.set_num_threads(1)  # a tiny model is all per-op overhead: threads only add to it
+    out = Path(out)
+    if out.exists():
+        if not (out / "DEMO").exists():
+            raise FileExistsError(f"{out}: exists and is not a demo directory")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / "DEMO").write_text("written by rigsa.py demo\n")
+    M.write_tiny_checkpoint(out / "tiny-model", shape="gqa", seed=0)
+    write_synthetic_mnist(out / "mnist", n_train=400, n_test=100, size=8, seed=0, noise=0.05, shift=False)
+    cfg = Config(model=str(out / "tiny-model"), out=str(out / "run"), data_dir=str(out / "mnist"),
+                 device="cpu", iters=2, steps=300, epochs=100.0, warmup=10, lr=1e-2, weight_decay=0.1,
+                 val_frac=0.05, micro_batch=16, log_every=10, save_every=0, download=False)
+    print("demo: tiny SmolLM2-shaped random model, 380 synthetic 8x8 training digits, 2 IMP iterations")
+    log = train(cfg)
+    model, tok = M.load(cfg.model, "cpu")
+    x, y = load_mnist(cfg.data_dir, "test")
+    base_acc, _ = mnist_accuracy(model, tok, x, y, progress=False)
+    print(f"base model (no adapter) test acc {base_acc:.1%}; chance is 10%")
+    print(f"demo done in {time.time() - t0:.0f} s; adapters in {cfg.out}/iterK.safetensors")
+
+# -----------------------------------------------------------------------------
+# CLI
+
+def config_parser(ap):
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        h = f"{f.metadata['help']} [default: {f.default}]"
+        if f.type in (bool, "bool"):
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
+        else:
+            ap.add_argument(flag, type=type(f.default), default=f.default, help=h)
+    return ap
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    config_parser(sub.add_parser("train", help="train adapters with IMP (§3.2, §4.4)"))
+    p = sub.add_parser("show", help="print one image as Textual MNIST (§4.2, Figure 1)")
+    p.add_argument("--index", type=int, default=0, help="image index [default: 0]")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"], help="[default: train]")
+    p.add_argument("--data-dir", default="data/mnist", help="[default: data/mnist]")
+    p = sub.add_parser("eval", help="Textual MNIST accuracy, 0- or 5-shot (§4.2, Table 2)")
+    p.add_argument("--model", default=M.DEFAULT_MODEL, help=f"[default: {M.DEFAULT_MODEL}]")
+    p.add_argument("--adapter", default="", help="RUN/iterK adapter file to install [default: none]")
+    p.add_argument("--shots", type=int, default=0, help="examples as earlier turns (Table 2: 0 or 5) [default: 0]")
+    p.add_argument("--split", default="test", choices=["val", "test"], help="[default: test]")
+    p.add_argument("--max", type=int, default=0, help="at most this many images (0 = all) [default: 0]")
+    p.add_argument("--data-dir", default="data/mnist", help="[default: data/mnist]")
+    p.add_argument("--batch-size", type=int, default=16, help="[default: 16]")
+    p = sub.add_parser("merge", help="merge an adapter into its base model, official layout")
+    p.add_argument("--adapter", required=True, help="RUN/iterK")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--model", default=None, help="base model [default: the one the adapter was trained on]")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="[default: the base checkpoint's]")
+    p = sub.add_parser("demo", help="the whole pipeline offline on a tiny model (< 2 min on 2 CPU cores)")
+    p.add_argument("--out", default="runs/demo", help="[default: runs/demo]")
+    a = ap.parse_args(argv)
+    try:
+        if a.cmd == "train":
+            train(Config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Config)}))
+        elif a.cmd == "show":
+            x, y = load_mnist(a.data_dir, a.split, download=True)
+            if not 0 <= a.index < len(x):
+                raise ValueError(f"--index {a.index} is outside the {a.split} split (0..{len(x) - 1})")
+            print(to_text(x[a.index]))
+            print(f"label: {int(y[a.index])}")
+        elif a.cmd == "eval":
+            try:  # qlora.load_model also reads bnb-4bit checkpoints; the baseline file is optional
+                import qlora
+                model, tok = qlora.load_model(a.model)
+            except ImportError:
+                model, tok = M.load(a.model)
+            if a.adapter:
+                load_adapter(model, a.adapter)
+            x, y = load_mnist(a.data_dir, a.split, download=True)
+            if a.max:
+                x, y = x[:a.max], y[:a.max]
+            acc, preds = mnist_accuracy(model, tok, x, y, shots=a.shots, batch_size=a.batch_size, data_dir=a.data_dir)
+            print(f"Textual MNIST {a.split} {a.shots}-shot accuracy: {acc:.4f} ({len(x)} images, "
+                  f"{(preds < 0).float().mean().item():.2%} non-digit answers)")
+        elif a.cmd == "merge":
+            merge(a.adapter, a.out, a.model, a.dtype)
+        elif a.cmd == "demo":
+            demo(a.out)
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, ImportError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

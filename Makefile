@@ -1,10 +1,17 @@
-# rigsa: the index of entry points. Variables: MODEL (hub id or directory), ITERS, TASK.
-PY     := .venv/bin/python
-MODEL  ?= HuggingFaceTB/SmolLM2-1.7B-Instruct
-ITERS  ?= 5
-TASK   ?= all
+# rigsa: the index of entry points. `make help` lists them.
+# Variables: MODEL (hub id or local directory), ITERS (IMP iterations), TASK (eval task),
+#            ADAPTER (RUN/iterK to evaluate), OUT (run directory).
+PY      := .venv/bin/python
+MODEL   ?= HuggingFaceTB/SmolLM2-1.7B-Instruct
+ITERS   ?= 5
+TASK    ?= all
+ADAPTER ?=
+OUT     ?= runs/rigsa
 
-.PHONY: test bench demo train eval chat
+.PHONY: help test demo train eval paper chat bench bench-model bench-train bench-evals bench-qlora
+
+help:            ## this list
+	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
 
 # the environment: .venv with the pinned runtime and test requirements (re-made when they change)
 .venv/.installed: requirements.txt requirements-dev.txt
@@ -12,14 +19,39 @@ TASK   ?= all
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	touch $@
 
-# make test: create the environment if needed, then run every test (CPU, offline, about a minute)
-test: .venv/.installed
+# benchmark-only peers (lm-evaluation-harness), kept out of the test environment's requirements
+.venv/.bench-installed: .venv/.installed requirements-bench.txt
+	$(PY) -m pip install -q -r requirements-bench.txt
+	touch $@
+
+test: .venv/.installed          ## create the environment if needed, run every test (CPU, offline)
 	$(PY) -m pytest -q
 
-# make bench: speed against the peers, measured side by side in one run (see BENCHMARKS.md)
-bench: .venv/.installed
+demo: .venv/.installed          ## the whole RIGSA pipeline on a tiny model, offline, < 2 min on a CPU
+	$(PY) rigsa.py demo
+
+train: .venv/.installed         ## the paper's run: RIGSA, ITERS IMP iterations on MODEL, into OUT
+	$(PY) rigsa.py train --model $(MODEL) --iters $(ITERS) --out $(OUT)
+
+eval: .venv/.installed          ## evaluate MODEL (with ADAPTER if set) on TASK, lm-eval's protocol
+	$(PY) evals/run.py --task $(TASK) --model $(MODEL) $(if $(ADAPTER),--adapter $(ADAPTER))
+
+paper: .venv/.installed         ## from a fresh clone to the paper's tables (runs/paper/TABLES.md; days on one GPU)
+	$(PY) reproduce.py --model $(MODEL)
+
+chat: .venv/.installed          ## one chat message to MODEL (the paper's Figure 6)
+	$(PY) model.py --model $(MODEL) --prompt "What is the capital of France?"
+
+bench: bench-model bench-train bench-evals bench-qlora   ## every benchmark, side by side with the peers
+
+bench-model: .venv/.installed   ## prefill and batched decode against transformers (135M shape, CPU)
 	$(PY) bench/bench_model.py
 
-# make chat: one chat message to the model (the paper's Figure 6 experience)
-chat: .venv/.installed
-	$(PY) model.py --model $(MODEL) --prompt "What is the capital of France?"
+bench-train: .venv/.installed   ## RIGSA step vs full fine-tuning vs transformers (135M shape, CPU)
+	$(PY) bench/bench_train.py
+
+bench-evals: .venv/.bench-installed  ## evals/ against lm-eval's HF backend (needs data/ files)
+	$(PY) bench/bench_evals.py --data-dir data
+
+bench-qlora: .venv/.installed   ## NF4 bytes per parameter, QLoRA step and forward (135M shape, CPU)
+	$(PY) bench/bench_qlora.py

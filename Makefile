@@ -21,7 +21,7 @@ help:            ## this list
 
 # benchmark-only peers (lm-evaluation-harness), kept out of the test environment's requirements
 .venv/.bench-installed: .venv/.installed requirements-bench.txt
-	$(PY) -m pip install -q -r requirements-bench.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-bench.txt
 	touch $@
 
 test: .venv/.installed          ## create the environment if needed, run every test (CPU, offline)
@@ -51,7 +51,7 @@ bench-train: .venv/.installed   ## RIGSA step vs full fine-tuning vs transformer
 	$(PY) bench/bench_train.py
 
 bench-evals: .venv/.bench-installed  ## evals/ against lm-eval's HF backend (needs data/ files)
-	$(PY) bench/bench_evals.py --data-dir data
+	$(PY) bench/bench_evals.py --data-dir data --limit-gsm8k 16 --limit-gsm8k-lm-eval 4
 
 bench-qlora: .venv/.installed   ## NF4 bytes per parameter, QLoRA step and forward (135M shape, CPU)
 	$(PY) bench/bench_qlora.py

@@ -1,0 +1,279 @@
+"""
+evals/ against lm-evaluation-harness' HF backend, same model, same documents, same machine, same run:
+throughput (docs/s) and parity (log-likelihoods, predictions, generations, extracted answers).
+
+    python bench/bench_evals.py [--data-dir data] [--limit-piqa 40] [--limit-hellaswag 20]
+                                [--limit-gsm8k 4] [--lm-eval-batch-size 1] [--batch-size 16]
+
+The model is SmolLM2-135M-shaped with random weights (std 0.02), written once in the official
+layout, float32 on CPU for both. The tokenizer is a byte-level BPE with SmolLM2's pipeline (Digits
+then ByteLevel, ChatML specials 0/1/2) trained here on the evaluation text (the real tokenizer.json
+is not available offline); lm-eval gets it as a PreTrainedTokenizerFast so that transformers 5 keeps
+the digit splitting (protocol §9). lm-eval reads local json through custom task yamls made from its
+own installed piqa/hellaswag/gsm8k yamls (only the dataset lines change); it never touches the hub.
+PIQA and GSM8k need their files under --data-dir; HellaSwag uses hellaswag_val.jsonl there when
+present, otherwise HellaSwag-shaped documents synthesised from GSM8k text (marked in the output).
+--check-requests only compares, on every document, the requests lm-eval's own task objects build
+(plain and --apply_chat_template) with evals/tasks.py; no model runs.
+Needs `pip install -r requirements-bench.txt` (lm-eval 0.4.13, accelerate).
+"""
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+import model as M  # noqa: E402
+from evals import run as R  # noqa: E402
+from evals import tasks as T  # noqa: E402
+
+
+def synth_hellaswag(test, n, seed=0):
+    # HellaSwag-shaped documents from GSM8k sentences: label, ctx_a, a lower-case ctx_b fragment,
+    # four sentence endings, some with WikiHow tags, so that lengths and preprocessing are exercised
+    rnd = random.Random(seed)
+    sents = [s.strip() for d in test for s in re.split(r"(?<=[.?!])\s+", d["question"]) if len(s) > 20]
+    docs = []
+    for i in range(n):
+        a, b = rnd.sample(sents, 2)
+        words = b.split()
+        ctx_b = rnd.choice([" ".join(words[:4]).lower()] * 4 + ["", "THE man", "he [title] x", "a  b"])
+        docs.append({"ind": i, "activity_label": "Word problems", "ctx_a": a, "ctx_b": ctx_b,
+                     "endings": [rnd.choice(["", "", "", "[step] ", "[header] a [title] ", "  "]) +
+                                 " ".join(rnd.choice(sents).split()[:18]) for _ in range(4)],
+                     "label": rnd.randrange(4), "split": "val"})
+    return docs
+
+
+def make_tokenizer(path, texts, vocab_size):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+                   "unk_token": "<|endoftext|>", "chat_template": M.CHAT_TEMPLATE, "model_max_length": 8192}, f)
+    return tok.get_vocab_size()
+
+
+def make_task_dir(tmp, task, files):
+    """A copy of lm-eval's own task yaml with the dataset read from local json files."""
+    import lm_eval
+    src = os.path.join(os.path.dirname(lm_eval.__file__), "tasks", task)
+    y = open(os.path.join(src, f"{task}.yaml")).read()
+    y = re.sub(r"(?m)^tag:\n(  - .*\n)+", "", y)
+    y = re.sub(r"(?m)^task: .*$", f"task: bench_{task}", y)
+    y = re.sub(r"(?m)^dataset_path: .*$", "dataset_path: json", y)
+    y = re.sub(r"(?m)^dataset_name: .*$", "dataset_name: null", y)
+    if "train" not in files:
+        y = re.sub(r"(?m)^training_split: .*$", "training_split: null", y)
+    y += "dataset_kwargs:\n  data_files:\n" + "".join(f"    {k}: {v}\n" for k, v in files.items())
+    d = os.path.join(tmp, "tasks", task)
+    os.makedirs(d)
+    open(os.path.join(d, f"{task}.yaml"), "w").write(y)
+    if os.path.exists(os.path.join(src, "utils.py")):  # hellaswag's process_docs, used as installed
+        shutil.copy(os.path.join(src, "utils.py"), d)
+
+
+def write_jsonl(path, docs):
+    with open(path, "w") as f:
+        for d in docs:
+            f.write(json.dumps(d) + "\n")
+
+
+def check_requests(tmp, tok, train, test, piqa, hs):
+    """lm-eval's own ConfigurableTask requests (plain and --apply_chat_template with multi-turn
+    few-shot) against evals/tasks.py, on every document: contexts, continuations, targets."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+    from transformers import PreTrainedTokenizerFast
+    hf = PreTrainedTokenizerFast(tokenizer_file=tok.path, bos_token="<|im_start|>", eos_token="<|im_end|>")
+    hf.chat_template = M.CHAT_TEMPLATE
+    lm_chat = lambda msgs, add_generation_prompt=True: hf.apply_chat_template(  # noqa: E731
+        msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+    my_chat = lambda msgs: tok.chat(msgs, add_generation_prompt=True)  # noqa: E731
+    tm = TaskManager(include_path=os.path.join(tmp, "tasks"))
+    ok = True
+    for chat in (False, True):
+        for name, task in get_task_dict(["bench_piqa", "bench_hellaswag", "bench_gsm8k"], tm).items():
+            task.set_fewshot_seed(seed=1234)
+            task.build_all_requests(apply_chat_template=chat, fewshot_as_multiturn=chat,
+                                    chat_template=lm_chat if chat else None)
+            theirs = [tuple(i.arguments) for i in sorted(task.instances, key=lambda i: (i.doc_id, i.idx))]
+            if name == "bench_gsm8k":
+                shots = T.gsm8k_fewshot_indices(len(test), len(train))
+                mine = [T.gsm8k_prompt(train, d, sh, my_chat if chat else None) for d, sh in zip(test, shots)]
+                same = mine == [t[0] for t in theirs] and all(t[1]["until"] == T.GSM8K_UNTIL for t in theirs)
+            else:
+                mc = T.mc_docs(name[6:], piqa if name == "bench_piqa" else hs, my_chat if chat else None)
+                same = [(d["context"], c) for d in mc for c in d["continuations"]] == theirs and \
+                    [d["target"] for d in mc] == [task.doc_to_target(x) for x in task.eval_docs]
+            print(f"requests {name[6:]:<9} {'chat ' if chat else 'plain'} {len(theirs):>5} equal to lm-eval's: {same}")
+            ok &= same
+    return ok
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data-dir", default=os.path.join(REPO, "data"))
+    ap.add_argument("--limit-piqa", type=int, default=40)
+    ap.add_argument("--limit-hellaswag", type=int, default=20)
+    ap.add_argument("--limit-gsm8k", type=int, default=4)
+    ap.add_argument("--limit-gsm8k-lm-eval", type=int, default=None,
+                    help="lm-eval on only the first M of those docs (default: all): at batch 1 it handles "
+                         "documents one by one, so its docs/s does not depend on how many it gets")
+    ap.add_argument("--batch-size", default="auto", help="ours")
+    ap.add_argument("--lm-eval-batch-size", default="1", help="lm-eval's (its default is 1)")
+    ap.add_argument("--tasks", default="piqa,hellaswag,gsm8k")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for both sides")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the fastest counts")
+    ap.add_argument("--output", default=None, help="write the numbers as JSON")
+    ap.add_argument("--check-requests", action="store_true",
+                    help="only compare every document's requests with lm-eval's own (no model runs)")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    except ImportError as e:
+        raise SystemExit(f"bench_evals needs lm-eval: pip install -r requirements-bench.txt ({e})")
+    tasks = a.tasks.split(",")
+    tmp = tempfile.mkdtemp(prefix="bench_evals_")
+    try:
+        # ---- data: local json for both sides
+        train, test = T.load_gsm8k(T.ensure_files("gsm8k", a.data_dir))
+        piqa = T.load_piqa(T.ensure_files("piqa", a.data_dir))
+        hs_path = os.path.join(a.data_dir, "hellaswag", "hellaswag_val.jsonl")
+        hs_real = os.path.exists(hs_path)
+        hs = T.load_hellaswag(T.ensure_files("hellaswag", a.data_dir)) if hs_real \
+            else synth_hellaswag(test, max(a.limit_hellaswag, 50))
+        ddir = os.path.join(tmp, "data")
+        for t in ("piqa", "hellaswag", "gsm8k"):
+            os.makedirs(os.path.join(ddir, t))
+        write_jsonl(os.path.join(ddir, "piqa", "valid.jsonl"), [{k: d[k] for k in ("goal", "sol1", "sol2")} for d in piqa])
+        open(os.path.join(ddir, "piqa", "valid-labels.lst"), "w").write("".join(f"{d['label']}\n" for d in piqa))
+        write_jsonl(os.path.join(ddir, "piqa", "lm_eval.jsonl"), piqa)
+        write_jsonl(os.path.join(ddir, "hellaswag", "hellaswag_val.jsonl"), hs)
+        shutil.copy(os.path.join(a.data_dir, "gsm8k", "train.jsonl"), os.path.join(ddir, "gsm8k"))
+        shutil.copy(os.path.join(a.data_dir, "gsm8k", "test.jsonl"), os.path.join(ddir, "gsm8k"))
+        make_task_dir(tmp, "piqa", {"validation": os.path.join(ddir, "piqa", "lm_eval.jsonl")})
+        make_task_dir(tmp, "hellaswag", {"validation": os.path.join(ddir, "hellaswag", "hellaswag_val.jsonl")})
+        make_task_dir(tmp, "gsm8k", {"train": os.path.join(ddir, "gsm8k", "train.jsonl"),
+                                     "test": os.path.join(ddir, "gsm8k", "test.jsonl")})
+
+        if a.check_requests:
+            tdir = M.write_tiny_checkpoint(os.path.join(tmp, "tiny"))  # only its tokenizer's chat() is used
+            _, ttok = M.load(str(tdir))
+            hs_all = T.load_hellaswag({"hellaswag_val.jsonl": os.path.join(ddir, "hellaswag", "hellaswag_val.jsonl")})
+            raise SystemExit(0 if check_requests(tmp, ttok, train, test, piqa, hs_all) else 1)
+
+        # ---- model: 135M-shaped, random, official layout; a BPE trained on the evaluation text
+        mdir = os.path.join(tmp, "model")
+        os.makedirs(mdir)
+        cfg = M.PRESETS["SmolLM2-135M-Instruct"]
+        texts = [d["question"] + "\n" + d["answer"] for d in train + test] + \
+                [d["goal"] + " " + d["sol1"] + " " + d["sol2"] for d in piqa]
+        V = make_tokenizer(mdir, texts, cfg.vocab_size)
+        torch.manual_seed(0)
+        m = M.Model(cfg)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                p.copy_(torch.ones_like(p) if n.endswith("norm.weight") else 0.02 * torch.randn_like(p))
+        M.write_checkpoint(mdir, cfg, m.state_dict())
+        del m
+        ours, tok = M.load(mdir, device="cpu", dtype=torch.float32)
+        hf = LlamaForCausalLM.from_pretrained(mdir, dtype=torch.float32).eval()
+        hf_tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(mdir, "tokenizer.json"), bos_token="<|im_start|>",
+                                         eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>")
+        lm = HFLM(pretrained=hf, tokenizer=hf_tok, batch_size=a.lm_eval_batch_size, device="cpu")
+        from lm_eval.tasks import TaskManager
+        tm = TaskManager(include_path=os.path.join(tmp, "tasks"))
+        print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+              f"{torch.__version__}, lm_eval {lm_eval.__version__}; tokenizer vocab {V}, model vocab {cfg.vocab_size}; "
+              f"hellaswag {'real' if hs_real else 'SYNTHETIC'}", flush=True)
+
+        def our_args(limit):
+            return SimpleNamespace(limit=limit, chat=False, no_verify=True, offline=True, batch_size=a.batch_size, seed=None,
+                                   model=mdir, adapter=None, quantize=None, num_fewshot=None, data_dir=ddir)
+
+        # warm-up of both sides (first-call allocations and thread pools cost seconds on CPU)
+        R.run_task("piqa", ours, tok, our_args(2), "float32")
+        lm_eval.simple_evaluate(model=lm, tasks=["bench_piqa"], task_manager=tm, limit=1, bootstrap_iters=0)
+        rows = []
+        for task in tasks:
+            limit = getattr(a, f"limit_{task}")
+            ref_limit = a.limit_gsm8k_lm_eval if task == "gsm8k" and a.limit_gsm8k_lm_eval else limit
+            # alternate the two sides `repeats` times and keep each one's fastest: other processes on
+            # a shared machine then slow both alike instead of whichever ran at the wrong moment
+            t_ours, t_ref = [], []
+            for _ in range(a.repeats):
+                mine = R.run_task(task, ours, tok, our_args(limit), "float32")
+                t_ours.append(mine["seconds"])
+                t0 = time.time()
+                res = lm_eval.simple_evaluate(model=lm, tasks=[f"bench_{task}"], task_manager=tm, limit=ref_limit,
+                                              log_samples=True, bootstrap_iters=0)
+                t_ref.append(time.time() - t0)
+            ref = sorted(res["samples"][f"bench_{task}"], key=lambda s: s["doc_id"])
+            mine["seconds"], t_ref = min(t_ours), min(t_ref)
+            ours_rate, ref_rate = limit / mine["seconds"], ref_limit / t_ref
+            row = {"task": task, "docs": limit, "lm_eval_docs": ref_limit, "ours_s": mine["seconds"],
+                   "lm_eval_s": round(t_ref, 3), "ours_docs_per_s": round(ours_rate, 4),
+                   "lm_eval_docs_per_s": round(ref_rate, 4), "speedup": round(ours_rate / ref_rate, 2),
+                   "ours_batch": mine["batch_size"], "lm_eval_batch": a.lm_eval_batch_size}
+            if task in ("piqa", "hellaswag"):
+                diffs, same = [], 0
+                for s, r in zip(mine["samples"], ref):
+                    lls = [x[0] for x in r["filtered_resps"]]
+                    diffs += [abs(x - y) for x, y in zip(s["loglikelihoods"], lls)]
+                    same += (s["acc"] == r["acc"]) and (s["acc_norm"] == r["acc_norm"])
+                row.update(max_abs_ll_diff=max(diffs), same_predictions=f"{same}/{len(ref)}",
+                           acc=[mine["metrics"]["acc"], res["results"][f"bench_{task}"]["acc,none"]])
+            else:
+                by = {}
+                for r in ref:
+                    by.setdefault(r["doc_id"], {})[r["filter"]] = r
+                same_gen = same_ext = 0
+                for s in mine["samples"][:ref_limit]:
+                    r = by[s["doc_id"]]
+                    same_gen += s["generation"] == r["strict-match"]["resps"][0][0]
+                    same_ext += (s["strict"] == r["strict-match"]["filtered_resps"][0]) and \
+                                (s["flexible"] == r["flexible-extract"]["filtered_resps"][0])
+                row.update(same_generations=f"{same_gen}/{len(ref) // 2}", same_extracted=f"{same_ext}/{len(ref) // 2}")
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        print(f"\n{'task':<10} {'docs':>9} {'ours s':>8} {'lm-eval s':>10} {'ours doc/s':>11} {'lm-eval doc/s':>14} "
+              f"{'speedup':>8}  parity")
+        for r in rows:
+            par = (f"max|dll|={r['max_abs_ll_diff']:.2e} same={r['same_predictions']}" if "max_abs_ll_diff" in r
+                   else f"generations={r['same_generations']} extracted={r['same_extracted']}")
+            print(f"{r['task']:<10} {r['docs']:>4}/{r['lm_eval_docs']:<4} {r['ours_s']:>8.1f} {r['lm_eval_s']:>10.1f} "
+                  f"{r['ours_docs_per_s']:>11.3f} {r['lm_eval_docs_per_s']:>14.3f} {r['speedup']:>7.2f}x  {par}")
+        if a.output:
+            R.write_json(a.output, rows)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

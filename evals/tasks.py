@@ -1,0 +1,250 @@
+"""
+Data files, prompts, filters and metrics of the four evaluations, following lm-evaluation-harness
+0.4.x to the character (../shared/reference/evals-protocol.md, cited below as "protocol §N").
+
+Nothing here touches a model: every function maps documents to strings, or strings to numbers,
+so each piece can be checked against lm-eval's own outputs on its own.
+  piqa       0-shot multiple choice, "Question: {goal}\nAnswer:" + " " + sol     (protocol §2)
+  hellaswag  0-shot multiple choice, preprocessed "{label}: {ctx}" + " " + ending (protocol §3)
+  gsm8k      5-shot generation, shots drawn by one random.Random(1234) over the train split (§4)
+  mnist      Textual MNIST (paper §4.2); its files, prompt and scoring live in rigsa.py
+"""
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import urllib.request
+
+# -----------------------------------------------------------------------------
+# data files: (path under data/<task>/, url, hash kind, hash)
+# sha256 values are those of ../shared/data/SOURCES.md (checked on the real files) unless noted.
+
+_GSM = "https://raw.githubusercontent.com/openai/grade-school-math/3101c7d5072418e28b9008a6636bde82a006892c/grade_school_math/data/"
+_PIQA = "https://raw.githubusercontent.com/ybisk/ybisk.github.io/21edab439af693b961be2f069e8690a88d3b4e37/piqa/data/"
+_HSWAG = "https://raw.githubusercontent.com/rowanz/hellaswag/a29ff8e9a04bba4bd6588223785ce105328adc57/data/"
+FILES = {
+    "gsm8k": [
+        ("train.jsonl", _GSM + "train.jsonl", "sha256", "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465"),
+        ("test.jsonl", _GSM + "test.jsonl", "sha256", "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"),
+    ],
+    "piqa": [
+        ("valid.jsonl", _PIQA + "valid.jsonl", "sha256", "93503cc97c679e459b065c3d13e848282e44b2a25213985bed3e5d458abef72d"),
+        ("valid-labels.lst", _PIQA + "valid-labels.lst", "sha256", "b4192dc3a2a0363d9d60ccf79800cbbe2f32ebb17726efdde6970e0b8131bceb"),
+    ],
+    # The file could not be obtained here, so no sha256 of it could be checked. What is known is its
+    # git blob id in rowanz/hellaswag @ a29ff8e9 (SOURCES.md), and a git blob id is a checksum of
+    # the content: sha1(b"blob <size>\0" + bytes). We pin that.
+    "hellaswag": [
+        ("hellaswag_val.jsonl", _HSWAG + "hellaswag_val.jsonl", "gitsha1", "0f5ee25d72216f12317d5d8a7b92deafa423d81e"),
+    ],
+    # mnist: rigsa.py owns its four files (ensure_mnist: sizes and md5s pinned, same mirror)
+}
+
+
+def file_hash(path, kind):
+    with open(path, "rb") as f:
+        data = f.read()
+    if kind == "gitsha1":
+        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    return hashlib.sha256(data).hexdigest()
+
+
+def ensure_files(task, data_dir, download=True, verify=True, names=None):
+    """Return {name: path} of the task's files under data_dir/<task>/, downloading missing ones.
+    A file that is there but has another checksum is an error (it is not the pinned data);
+    verify=False skips the check (tests write tiny stand-in files); names: only these files."""
+    folder = os.path.join(data_dir, task)
+    paths, missing = {}, []
+    for name, url, kind, digest in FILES[task]:
+        if names is not None and name not in names:
+            continue
+        path = os.path.join(folder, name)
+        paths[name] = path
+        if not os.path.exists(path):
+            missing.append((name, url, kind, digest, path))
+        elif verify and file_hash(path, kind) != digest:
+            raise SystemExit(f"{path}: {kind} is {file_hash(path, kind)}, expected {digest} (pinned file {url})")
+    failed = []
+    for name, url, kind, digest, path in missing:
+        if download:
+            try:
+                os.makedirs(folder, exist_ok=True)
+                tmp = path + ".tmp"
+                with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                    f.write(r.read())
+                got = file_hash(tmp, kind)
+                if got != digest:
+                    os.remove(tmp)
+                    raise SystemExit(f"{url}: downloaded {kind} {got} != pinned {digest}")
+                os.replace(tmp, path)  # atomic: a half download never looks like data
+                continue
+            except OSError:  # offline: listed below, all at once
+                pass
+        failed.append(f"{path} <- {url}")
+    if failed:
+        raise SystemExit(f"{task}: missing data files (offline?); put them at: " + "; ".join(failed))
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# reading, with file:line errors
+
+def read_jsonl(path, keys):
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{i}: malformed JSON ({e.msg})")
+            if not isinstance(doc, dict) or any(k not in doc for k in keys):
+                raise SystemExit(f"{path}:{i}: expected a JSON object with keys {list(keys)}")
+            docs.append(doc)
+    return docs
+
+
+def load_piqa(paths):
+    # protocol §2: {goal, sol1, sol2} from valid.jsonl, label = int(line) of valid-labels.lst
+    docs = read_jsonl(paths["valid.jsonl"], ("goal", "sol1", "sol2"))
+    with open(paths["valid-labels.lst"], encoding="utf-8") as f:
+        labels = f.read().split("\n")
+    if labels and labels[-1] == "":
+        labels.pop()
+    if len(labels) != len(docs):
+        raise SystemExit(f"{paths['valid-labels.lst']}: {len(labels)} labels for {len(docs)} questions in valid.jsonl")
+    for i, (doc, lab) in enumerate(zip(docs, labels), 1):
+        if lab.strip() not in ("0", "1"):
+            raise SystemExit(f"{paths['valid-labels.lst']}:{i}: label {lab!r} is not 0 or 1")
+        doc["label"] = int(lab)
+    return docs
+
+
+def load_hellaswag(paths):
+    path = paths["hellaswag_val.jsonl"]
+    docs = read_jsonl(path, ("activity_label", "ctx_a", "ctx_b", "endings", "label"))
+    for i, doc in enumerate(docs):
+        if len(doc["endings"]) != 4 or str(doc["label"]) not in ("0", "1", "2", "3"):
+            raise SystemExit(f"{path}: document {i}: expected 4 endings and a label in 0..3")
+    return docs
+
+
+def load_gsm8k(paths):
+    return (read_jsonl(paths["train.jsonl"], ("question", "answer")),
+            read_jsonl(paths["test.jsonl"], ("question", "answer")))
+
+
+# -----------------------------------------------------------------------------
+# multiple choice: (context, continuations, gold, choices) per document
+
+def hellaswag_preprocess(text):
+    # protocol §3 (lm_eval/tasks/hellaswag/utils.py), in this order; the strip comes BEFORE the tag
+    # removal, so "[step] Get ..." keeps a leading space, and "  " -> " " is a single pass.
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    text = text.replace("  ", " ")
+    return text
+
+
+def hellaswag_doc(doc):
+    ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()  # str.capitalize lowers the rest, as lm-eval
+    return {"query": hellaswag_preprocess(doc["activity_label"] + ": " + ctx),
+            "choices": [hellaswag_preprocess(e) for e in doc["endings"]],
+            "label": int(doc["label"])}
+
+
+def mc_docs(task, docs, chat=None):
+    """-> list of dict(context, continuations, target, choices). chat: None for plain text (lm-eval's
+    default), or a function messages -> rendered ChatML string for --chat (protocol §8)."""
+    out = []
+    for doc in docs:
+        if task == "piqa":
+            text, choices, target = f"Question: {doc['goal']}\nAnswer:", [doc["sol1"], doc["sol2"]], doc["label"]
+        else:
+            d = hellaswag_doc(doc)
+            text, choices, target = d["query"], d["choices"], d["label"]
+        if chat is None:
+            ctx, delim = text, " "  # target_delimiter " " (protocol §1); choices NOT stripped (§2)
+        else:
+            ctx, delim = chat([{"role": "user", "content": text}]), ""  # §8: delimiter becomes ""
+        out.append({"context": ctx, "continuations": [delim + c for c in choices],
+                    "target": target, "choices": choices})
+    return out
+
+
+# -----------------------------------------------------------------------------
+# GSM8k (protocol §4)
+
+GSM8K_SEED = 1234  # lm-eval fewshot_random_seed
+GSM8K_SHOTS = 5    # gsm8k.yaml num_fewshot
+GSM8K_UNTIL = ["Question:", "</s>", "<|im_end|>"]
+GSM8K_MAX_NEW = 256  # no max_gen_toks in the yaml -> HFLM default
+
+
+def gsm8k_fewshot_indices(n_docs, n_train, k=GSM8K_SHOTS, seed=GSM8K_SEED):
+    # ONE Random(1234) consumed in document order: doc i gets the (i+1)-th draw. The current doc is
+    # not excluded (fewshot_split != test_split). --limit N gives the first N draws of a full run.
+    rnd = random.Random(seed)
+    return [rnd.sample(range(n_train), k) for _ in range(n_docs)]
+
+
+def gsm8k_prompt(train, doc, shots, chat=None):
+    q = lambda d: f"Question: {d['question']}\nAnswer:"
+    if chat is None:  # plain text: shot + " " + full answer + "\n\n", then the question
+        return "".join(q(train[j]) + " " + train[j]["answer"] + "\n\n" for j in shots) + q(doc)
+    # --chat: lm-eval >= 0.4.10 with --apply_chat_template turns fewshot_as_multiturn on (§8)
+    msgs = []
+    for j in shots:
+        msgs += [{"role": "user", "content": q(train[j])}, {"role": "assistant", "content": train[j]["answer"]}]
+    return chat(msgs + [{"role": "user", "content": q(doc)}])
+
+
+def strict_extract(s):
+    m = re.findall(r"#### (\-?[0-9\.\,]+)", s)  # first match
+    return m[0].strip() if m else "[invalid]"
+
+
+def flexible_extract(s):
+    m = re.findall(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", s)
+    if not m:
+        return "[invalid]"
+    groups = [g for g in m[-1] if g]  # last match, first non-empty group
+    return groups[0].strip() if groups else "[invalid]"
+
+
+_EM_IGNORE = [",", "\\$", "(?s).*#### ", "\\.$"]  # gsm8k.yaml regexes_to_ignore, applied in order
+
+
+def exact_match(pred, ref):
+    for rx in _EM_IGNORE:
+        pred, ref = re.sub(rx, "", pred), re.sub(rx, "", ref)
+    return int(pred.lower() == ref.lower())  # ignore_case: true, ignore_punctuation: false
+
+
+# -----------------------------------------------------------------------------
+# metrics (protocol §6)
+
+def mc_scores(lls, choices, target):
+    # np.argmax semantics: the first maximum wins ties. acc_norm divides by the character length
+    # of the choice as doc_to_choice returns it (no delimiter, inner/outer whitespace counted).
+    acc = int(max(range(len(lls)), key=lambda i: (lls[i], -i)) == target)
+    norm = [ll / float(len(c)) for ll, c in zip(lls, choices)]
+    acc_norm = int(max(range(len(norm)), key=lambda i: (norm[i], -i)) == target)
+    return acc, acc_norm
+
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def mean_stderr(xs):
+    # sample stddev (ddof=1) / sqrt(n); lm-eval reports "N/A" for n < 2, we write null
+    if len(xs) < 2:
+        return None
+    mu = mean(xs)
+    return math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1)) / math.sqrt(len(xs))

@@ -195,13 +195,7 @@ def main():
         texts = [d["question"] + "\n" + d["answer"] for d in train + test] + \
                 [d["goal"] + " " + d["sol1"] + " " + d["sol2"] for d in piqa]
         V = make_tokenizer(mdir, texts, cfg.vocab_size)
-        torch.manual_seed(0)
-        m = M.Model(cfg)
-        with torch.no_grad():
-            for n, p in m.named_parameters():
-                p.copy_(torch.ones_like(p) if n.endswith("norm.weight") else 0.02 * torch.randn_like(p))
-        M.write_checkpoint(mdir, cfg, m.state_dict())
-        del m
+        M.write_checkpoint(mdir, cfg, M.random_state_dict(cfg, seed=0))
         ours, tok = M.load(mdir, device="cpu", dtype=torch.float32)
         hf = LlamaForCausalLM.from_pretrained(mdir, dtype=torch.float32).eval()
         hf_tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(mdir, "tokenizer.json"), bos_token="<|im_start|>",

@@ -43,14 +43,8 @@ def main():
     from transformers import LlamaForCausalLM
     dtype, dev = getattr(torch, a.dtype), torch.device(a.device)
     cfg = M.PRESETS[a.preset]
-    torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
-        m = M.Model(cfg)
-        with torch.no_grad():
-            for n, p in m.named_parameters():
-                p.copy_(torch.ones_like(p) if n.endswith("norm.weight") else 0.02 * torch.randn_like(p))
-        M.write_checkpoint(d, cfg, m.state_dict())
-        del m
+        M.write_checkpoint(d, cfg, M.random_state_dict(cfg, seed=0))
         M.write_tiny_tokenizer(d)  # load() wants a tokenizer; the benchmark feeds ids directly
         ours, _ = M.load(d, device=dev, dtype=dtype)
         ref = LlamaForCausalLM.from_pretrained(d, dtype=dtype).to(dev).eval()

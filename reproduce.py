@@ -34,9 +34,9 @@ def plan(a):
     """[(output file, command)] in the order they must run."""
     py, out = [os.path.relpath(sys.executable, REPO)], Path(a.out)  # commands run in the repo root
     ev = py + ["evals/run.py", "--model", a.model] + (["--limit", str(a.limit)] if a.limit else []) \
-        + (["--data-dir", a.data_dir] if a.data_dir else [])
+        + (["--data-dir", a.data_dir] if a.data_dir else []) + (["--no-verify"] if a.no_verify else [])
     tr = py + ["rigsa.py", "train", "--model", a.model] + (["--steps", str(a.steps)] if a.steps else []) \
-        + (["--eval-max", str(a.limit)] if a.limit else []) + (["--data-dir", a.mnist_dir] if a.mnist_dir else [])
+        + (["--eval-max", str(a.limit)] if a.limit else []) + (["--data-dir", os.path.join(a.data_dir, "mnist")] if a.data_dir else [])
     steps = []
     for q in ("", "nf4"):  # Tables 2 and 3: the base model, full precision and 4-bit
         qa = ["--quantize", q] if q else []
@@ -136,8 +136,9 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/paper", help="where runs, evals/*.json and TABLES.md go [default: runs/paper]")
     ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N documents/images (0 = all) [default: 0]")
     ap.add_argument("--steps", type=int, default=0, help="cap optimizer steps per training iteration (0 = the paper's epochs)")
-    ap.add_argument("--data-dir", default="", help="evals data root (data/<task>/) [default: evals/run.py's]")
-    ap.add_argument("--mnist-dir", default="", help="MNIST IDX folder for training [default: rigsa.py's]")
+    ap.add_argument("--data-dir", default="", help="data root holding <task>/ folders, mnist/ included, for training and "
+                    "evaluation [default: data]")
+    ap.add_argument("--no-verify", action="store_true", help="skip the evals' data checksums (stand-in data files)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     ap.add_argument("--tables-only", action="store_true", help="only (re)write TABLES.md from what exists")
     a = ap.parse_args(argv)

@@ -484,8 +484,7 @@ def test_qlora_wiring(tiny_dir, tmp_path):
 
 def test_reproduce_plan_and_tables(tmp_path):
     import reproduce
-    a = reproduce.main.__globals__["argparse"].Namespace(model="M", out=str(tmp_path), limit=3, steps=2,
-                                                          data_dir="", mnist_dir="")
+    a = reproduce.main.__globals__["argparse"].Namespace(model="M", out=str(tmp_path), limit=3, steps=2, data_dir="", no_verify=False)
     steps = reproduce.plan(a)
     # 2 x (2 MNIST + 3 source) base evals; rigsa 1 + 5x3; random mask 1 + 3; 4 QLoRA ranks x (1 + 3)
     assert len(steps) == 10 + 16 + 4 + 16

@@ -419,9 +419,11 @@ class progress:
 
     def update(self, n=1):
         self.n += n
-        if self.enabled and (time.time() - self.last > 0.5 or self.n == self.total):
+        # redraw in place twice a second on a terminal; in a log file, one line every 30 s
+        tty = sys.stderr.isatty()
+        if self.enabled and time.time() - self.last > (0.5 if tty else 30.0):
             self.last = time.time()
-            self._draw()
+            self._draw(end="" if tty else "\n")
 
     def _draw(self, end=""):
         dt = max(time.time() - self.t0, 1e-9)
@@ -433,7 +435,8 @@ class progress:
             s = f"{self.desc} |{bar}| {self.n}/{self.total} [{dt:.0f}s<{eta:.0f}s, {rate:.2f} {self.unit}/s]"
         else:
             s = f"{self.desc} {self.n} [{dt:.0f}s, {rate:.2f} {self.unit}/s]"
-        print(f"\r{s} {self.post}".ljust(100), end=end, file=sys.stderr, flush=True)
+        print(f"\r{s} {self.post}".ljust(100) if sys.stderr.isatty() else f"{s} {self.post}", end=end,
+              file=sys.stderr, flush=True)
 
     def close(self):
         if self.enabled:

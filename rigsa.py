@@ -887,17 +887,23 @@ def print_summary(log):
 @torch.no_grad()
 def merge(adapter, out, base=None, dtype=None):
     _, meta, cfg = read_adapter(adapter)
-    if cfg.method in LORA_METHODS:
-        raise ValueError(f"{adapter}: merge handles rigsa-family adapters; a {cfg.method} adapter is in iterK-peft/")
+    if cfg.method == "qlora":
+        raise ValueError(f"{adapter}: a QLoRA adapter sits on a 4-bit base, and merging would re-quantize it "
+                         f"(lossy); use it unmerged (evals/run.py --adapter) or its PEFT copy in iterK-peft/")
     src = M.resolve(base or cfg.model)
     model, _ = M.load(src, "cpu", torch.float32)   # merge in float32, then cast
     load_adapter(model, adapter)
     dtype = dtype or json.loads((src / "config.json").read_text()).get("torch_dtype", "bfloat16")
+    kinds = (GatedSparseLinear,)
+    if cfg.method == "lora":
+        import qlora
+        kinds = (qlora.LoRALinear,)
     lost, total = 0.0, 0.0
     for pname, parent in list(model.named_modules()):
         for cname, child in list(parent.named_children()):
-            if isinstance(child, GatedSparseLinear):
-                d = child.alpha * (child.delta * child.mask)
+            if isinstance(child, kinds):
+                d = (child.alpha * (child.delta * child.mask) if isinstance(child, GatedSparseLinear) else
+                     (child.lora_B.weight.float() @ child.lora_A.weight.float()) * child.scaling)  # LoRA: B A alpha/r
                 w = child.weight + d
                 lost += ((w.to(getattr(torch, dtype)).float() - child.weight) - d).abs().sum().item()
                 total += d.abs().sum().item()

@@ -480,6 +480,29 @@ def test_qlora_wiring(tiny_dir, tmp_path):
     assert isinstance(q, qlora.LoRALinear) and q.lora_B.weight.abs().sum() > 0       # trained B was loaded
 
 
+def test_lora_merge(tiny_dir, tmp_path):
+    # --method lora (the unquantized baseline) merges like RIGSA: float32 merge, official layout
+    pytest.importorskip("qlora")
+    rigsa.write_synthetic_mnist(tmp_path / "mnist", n_train=12, n_test=4, size=8)
+    cfg = tiny_cfg(tiny_dir, tmp_path, method="lora", rank=2, steps=2, lora_lr=5e-2, warmup=1)
+    with one_thread():
+        rigsa.train(cfg)
+    m, tok = M.load(tiny_dir)
+    rigsa.load_adapter(m, tmp_path / "run" / "iter1")
+    x = torch.tensor([tok.encode("The digit is 7")])
+    y = m(x)
+    assert (y - M.load(tiny_dir)[0](x)).abs().max() > 1e-4          # the adapter does something
+    out = rigsa.merge(tmp_path / "run" / "iter1", tmp_path / "merged", dtype="float32")
+    torch.testing.assert_close(M.load(out)[0](x), y, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hf_model(out)(x).logits, y, rtol=1e-4, atol=1e-4)
+    q = tmp_path / "q"
+    rigsa.write_synthetic_mnist(q / "mnist", n_train=12, n_test=4, size=8)
+    with one_thread():
+        rigsa.train(tiny_cfg(tiny_dir, q, method="qlora", rank=2, steps=1, warmup=1))
+    with pytest.raises(ValueError, match="4-bit base"):
+        rigsa.merge(q / "run" / "iter1", tmp_path / "merged-q")
+
+
 # ---- reproduce.py: the plan and the tables ----
 
 def test_reproduce_plan_and_tables(tmp_path):

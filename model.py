@@ -130,7 +130,7 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.mask = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)  # real keys
-        self.pos = 0  # number of positions written so far (same for every row: left padding)
+        self.pos = 0  # number of positions written so far, the same for every row
 
     def keep(self, rows):
         """Drop finished rows of a batch (rows: LongTensor of rows to keep)."""
@@ -240,7 +240,9 @@ class Model(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)                                # (B, T, hd)
         x = self.model.embed_tokens(input_ids)                                 # (B, T, C)
         cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]  # (B, 1, T, hd)
-        if cache is None and attention_mask is None:
+        if p == 0 and T > 1 and (attention_mask is None or bool((real[:, 1:] <= real[:, :-1]).all())):
+            # no past and no left padding (right padding at most): the causal kernel is exact for
+            # every real query, and skips the upper triangle an explicit mask would compute
             mask = "causal"
         elif T == 1:  # one new token per row (decoding): it may see every real key so far
             mask = None if bool(real.all()) else real[:, None, None, :]      # (B, 1, 1, S)
@@ -445,19 +447,22 @@ class progress:
 
 @torch.inference_mode()
 def generate_ids(model, prompts, max_new_tokens, eos_id, stop_fn=None):
-    """Greedy decoding of a batch of token-id lists, left-padded, with a static KV cache.
-    Each row stops on its own at eos_id or when stop_fn(row_index, new_ids) is true; finished
-    rows leave the batch. Returns the new ids of each row (eos not included)."""
+    """Greedy decoding of a batch of token-id lists with a static KV cache. Prompts are right
+    padded, so the prefill runs the causal kernel; new tokens are then written at the same cache
+    position for every row, and the pad slots in between stay masked (per-row positions count
+    real tokens only). Each row stops on its own at eos_id or when stop_fn(row_index, new_ids) is
+    true; finished rows leave the batch. Returns the new ids of each row (eos not included)."""
     dev = model.lm_head.weight.device
     B, L = len(prompts), max(len(p) for p in prompts)
     ids = torch.zeros(B, L, dtype=torch.long)  # pad id is irrelevant: masked out
     am = torch.zeros(B, L, dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, L - len(p):] = torch.tensor(p)
-        am[i, L - len(p):] = 1
+        ids[i, :len(p)] = torch.tensor(p)
+        am[i, :len(p)] = 1
     cache = KVCache(model.config, B, L + max_new_tokens, dev, model.lm_head.weight.dtype)
     h = model(ids.to(dev), am.to(dev), hidden_only=True, cache=cache)        # prefill (B, L, C)
-    nxt = model.lm_head(h[:, -1]).argmax(-1)                                  # (B,)
+    last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
+    nxt = model.lm_head(h[torch.arange(B, device=dev), last]).argmax(-1)      # (B,)
     out = [[] for _ in range(B)]
     alive = list(range(B))                                                    # batch row -> prompt
     for step in range(max_new_tokens):

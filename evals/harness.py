@@ -118,8 +118,9 @@ def _chunks(order, lens, budget):
 def score_shared(model, docs, batch_size=16, bar=None):
     """docs: list of (ctx_ids, [cont_ids per choice]). Returns [[(loglikelihood, is_greedy) per
     choice]] in input order. Per batch of documents:
-      1. context + the continuations' common prefix P, left padded, into a KVCache: (D, Lp). Its
-         last |P|+1 positions predict P and the first token of every continuation's remainder.
+      1. context + the continuations' common prefix P, right padded (so the prefill runs the
+         causal kernel), into a KVCache: (D, Lp). The last |P|+1 real positions of a row predict
+         P and the first token of every continuation's remainder; its pad slots stay masked.
       2. the remainders (minus their last token), sorted by length and cut into little-padded
          chunks, right padded, on top of a copy of their documents' cache rows: (n, Lk)
     Per-row positions (model.py: cumsum of the real-token mask) make this equal to scoring each
@@ -127,7 +128,7 @@ def score_shared(model, docs, batch_size=16, bar=None):
     dev = model.lm_head.weight.device
     dtype = model.lm_head.weight.dtype
     shared = [_common_prefix(cs) for _, cs in docs]
-    order = sorted(range(len(docs)), key=lambda i: -(len(docs[i][0]) + shared[i]))   # little left padding
+    order = sorted(range(len(docs)), key=lambda i: -(len(docs[i][0]) + shared[i]))   # little padding
     res = [None] * len(docs)
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
@@ -135,17 +136,18 @@ def score_shared(model, docs, batch_size=16, bar=None):
         rem = [(r, c[shared[i]:]) for r, i in enumerate(idx) for c in docs[i][1]]    # (document row, ids)
         D, Lp = len(idx), max(len(p) for p in pre)
         cache = KVCache(model.config, D, Lp + max(len(c) for _, c in rem) - 1, dev, dtype)
-        h = _forward_rows(model, pre, cache, left=True)                              # (D, Lp, C)
-        # P: positions Lp-1-n .. Lp-2 of row r predict its n shared tokens, once for all choices
+        h = _forward_rows(model, pre, cache)                                         # (D, Lp, C)
+        # P: positions |pre|-1-n .. |pre|-2 of row r predict its n shared tokens, once for all choices
         n = [shared[i] for i in idx]
         ri = torch.tensor([r for r in range(D) for _ in range(n[r])], dtype=torch.long)
-        pi = torch.tensor([Lp - 1 - n[r] + t for r in range(D) for t in range(n[r])], dtype=torch.long)
+        pi = torch.tensor([len(pre[r]) - 1 - n[r] + t for r in range(D) for t in range(n[r])], dtype=torch.long)
         lpP, gP = _cont_scores(model, h[ri.to(dev), pi.to(dev)],
                                torch.tensor([t for r, i in enumerate(idx) for t in docs[i][1][0][:n[r]]], device=dev))
         lpP, gP = lpP.split(n), gP.split(n)
         # the first token of every remainder is predicted by the last prefix position
         rows = torch.tensor([r for r, _ in rem], device=dev)
-        lp0, g0 = _cont_scores(model, h[:, -1][rows], torch.tensor([c[0] for _, c in rem], device=dev))
+        h_last = h[torch.arange(D, device=dev), torch.tensor([len(p) - 1 for p in pre], device=dev)]   # (D, C)
+        lp0, g0 = _cont_scores(model, h_last[rows], torch.tensor([c[0] for _, c in rem], device=dev))
         rest = {}  # remainder j -> (log-probs, greedy) of its tokens 1..
         lens = [len(c) - 1 for _, c in rem]
         todo = sorted((j for j in range(len(rem)) if lens[j] > 0), key=lambda j: -lens[j])

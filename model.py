@@ -501,7 +501,10 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, stop=(), batch_size=
         return s
 
     def stop_fn(i, new):  # decoding the whole continuation is cheap next to a forward pass
-        return bool(stop) and any(st in tokenizer.decode(new, skip_special_tokens=True) for st in stop)
+        if not stop:
+            return False
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        return any(st in text for st in stop)
 
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]

@@ -628,13 +628,13 @@ def accumulate(model, rows, micro_batch, pad_id, device, amp=contextlib.nullcont
     accumulation). Each micro-batch's summed loss is divided by the supervised-token count of the
     whole effective batch, so the gradient is that of the batch mean. -> the mean loss (float)."""
     n_sup = sum(len(p) for _, p in rows)
-    total = 0.0
+    total = torch.zeros((), device=device)
     for mb in range(0, len(rows), micro_batch):
         with amp:
             s, _ = batch_loss(model, rows[mb:mb + micro_batch], pad_id, device)
         (s / n_sup).backward()
-        total += s.item()
-    return total / n_sup
+        total += s.detach().float()  # summed on the device: one host sync per step, not per micro-batch
+    return total.item() / n_sup
 
 
 def make_optimizer(model, cfg):

@@ -51,7 +51,7 @@ bench-train: .venv/.installed   ## RIGSA step vs full fine-tuning vs transformer
 	$(PY) bench/bench_train.py
 
 bench-evals: .venv/.bench-installed  ## evals/ against lm-eval's HF backend (needs data/ files)
-	$(PY) bench/bench_evals.py --data-dir data --limit-gsm8k 16 --limit-gsm8k-lm-eval 4
+	$(PY) bench/bench_evals.py --data-dir data --limit-gsm8k 64 --limit-gsm8k-lm-eval 8
 
 bench-qlora: .venv/.installed   ## NF4 bytes per parameter, QLoRA step and forward (135M shape, CPU)
 	$(PY) bench/bench_qlora.py

@@ -76,6 +76,43 @@ def test_cached_greedy_equals_full_forward(tiny_dir):
         assert got == ids[len(p):]
 
 
+def test_packed_rows_equal_rows_alone(tiny_dir):
+    # a | b c1 | c2 in one row: sequence a, then b followed by two alternative continuations that
+    # both start at position len(b) and do not see each other. A (B, T, T) mask and explicit
+    # positions make each part equal to its own row alone (harness.score_shared's layout)
+    m, tok = M.load(tiny_dir)
+    a, b = tok.encode("the of and to 5"), tok.encode("Question: How do I 1 2")
+    c1, c2 = tok.encode(" 7 8 9"), tok.encode(" the digit")
+    n, k = len(a), len(b)
+    ids = torch.tensor([a + b + c1 + c2])
+    pos = torch.tensor([list(range(n)) + list(range(k)) + list(range(k, k + len(c1))) + list(range(k, k + len(c2)))])
+    seg = torch.tensor([0] * n + [1] * (k + len(c1) + len(c2)))
+    br = torch.tensor([0] * (n + k) + [1] * len(c1) + [2] * len(c2))
+    ar = torch.arange(len(seg))
+    mask = (seg[:, None] == seg[None]) & (ar[:, None] >= ar[None]) & ((br[None] == 0) | (br[:, None] == br[None]))
+    with torch.no_grad():
+        out = m(ids, mask[None], position_ids=pos)[0]
+        assert (out[:n] - m(torch.tensor([a]))[0]).abs().max() < 1e-5
+        assert (out[n:n + k + len(c1)] - m(torch.tensor([b + c1]))[0]).abs().max() < 1e-5
+        assert (out[n + k + len(c1):] - m(torch.tensor([b + c2]))[0, k:]).abs().max() < 1e-5
+        with pytest.raises(ValueError, match="position_ids"):
+            m(ids, mask[None])
+
+
+def test_ragged_cache_decode_equals_rows_alone(tiny_dir, monkeypatch):
+    # prompts of five lengths decode side by side, each at its own next slot, in groups of 2 rows
+    # that each read only their own longest row's slots; every row equals its greedy run alone
+    monkeypatch.setattr(M, "DECODE_GROUP", 2)
+    m, tok = M.load(tiny_dir)
+    prompts = [tok.encode(s) for s in ["Question: How do I 1 2 3 4 5 6", "The digit is", "Answer: 7",
+                                       "the of and to in is that for it", "5"]]
+    got = M.generate_ids(m, prompts, 6, eos_id=-1)
+    assert got == [M.generate_ids(m, [p], 6, eos_id=-1)[0] for p in prompts]
+    cache = M.KVCache(m.config, 2, 8, "cpu", torch.float32)
+    with pytest.raises(ValueError, match="padding"):
+        m(torch.tensor([[5, 6], [7, 8]]), torch.tensor([[1, 1], [0, 1]]), cache=cache)
+
+
 def test_generate_stops_each_row_independently(tiny_dir):
     m, tok = M.load(tiny_dir)
     prompts = ["The digit is", "Answer: The answer is 42 and"]

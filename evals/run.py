@@ -30,9 +30,9 @@ TASKS = ["piqa", "hellaswag", "gsm8k", "mnist"]
 DEFAULT_SHOTS = {"piqa": 0, "hellaswag": 0, "gsm8k": T.GSM8K_SHOTS, "mnist": 0}  # Table 2 also has 5-shot MNIST
 
 
-def batch_size_for(args, model, longest, rows_per_item):
+def batch_size_for(args, model, longest, rows_per_item, generate=False):
     if args.batch_size == "auto":
-        return H.auto_batch_size(model, longest, rows_per_item)
+        return H.auto_batch_size(model, longest, rows_per_item, generate=generate)
     return int(args.batch_size)
 
 
@@ -78,7 +78,7 @@ def eval_gsm8k(model, tok, args, data_dir, k):
     if eos not in until:
         until.append(eos)
     longest = len(tok.encode(max(prompts, key=len))) + T.GSM8K_MAX_NEW
-    bs = batch_size_for(args, model, longest, 1)
+    bs = batch_size_for(args, model, longest, 1, generate=True)
     gens = M.generate(model, tok, prompts, max_new_tokens=T.GSM8K_MAX_NEW, stop=until, batch_size=bs,
                       progress_bar=True)
     samples, strict, flex = [], [], []

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import random
 import sys
 
 import pytest
@@ -194,11 +195,22 @@ def test_shared_context_equals_separate(tiny_dir, tiny_mha_dir):
         docs = _requests(tok)
         assert [H._common_prefix(cs) for _, cs in docs[-2:]] == [1, len(docs[-1][1][0]) - 1]   # tiny tokenizer
         sep = H.score_separate(model, [(c, x) for c, xs in docs for x in xs], batch_size=3)
-        for bs in (1, 3):
-            shared = [s for doc in H.score_shared(model, docs, batch_size=bs) for s in doc]
+        for bs, row_tokens in ((1, 256), (3, 1), (3, 256)):   # one row per document / all in one row
+            shared = [s for doc in H.score_shared(model, docs, batch_size=bs, row_tokens=row_tokens) for s in doc]
             assert len(shared) == len(sep)
             for (a, ga), (b, gb) in zip(shared, sep):
                 assert abs(a - b) < 1e-4 and ga == gb
+
+
+def test_pack_partitions_segments_with_little_padding():
+    rnd = random.Random(0)
+    for n in (1, 2, 7, 40):
+        lens = [rnd.randint(5, 120) for _ in range(n)]
+        rows = H._pack(lens, 256)
+        assert sorted(j for r in rows for j in r) == list(range(n)) and all(rows)
+        width = max(sum(lens[j] for j in r) for r in rows)
+        assert width <= max(256, max(lens)) and len(rows) * width < sum(lens) + 256 + max(lens)
+    assert H._pack([300, 10], 256) in ([[0], [1]], [[0, 1]])   # a segment longer than the budget
 
 
 def test_auto_batch_size(tiny_dir):

@@ -990,6 +990,7 @@ def main(argv=None):
     p = sub.add_parser("demo", help="the whole pipeline offline on a tiny model (< 2 min on 2 CPU cores)")
     p.add_argument("--out", default="runs/demo", help="[default: runs/demo]")
     a = ap.parse_args(argv)
+    M.keep_freed_memory()
     try:
         if a.cmd == "train":
             train(Config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Config)}))

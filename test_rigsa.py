@@ -1,6 +1,7 @@
 """Tests for rigsa: CPU only, no network, tiny checkpoints written by the tests (conftest.py).
 Correctness is parity with transformers (a test-only reference) plus invariants."""
 import json
+import platform
 import shutil
 
 import pytest
@@ -111,6 +112,14 @@ def test_ragged_cache_decode_equals_rows_alone(tiny_dir, monkeypatch):
     cache = M.KVCache(m.config, 2, 8, "cpu", torch.float32)
     with pytest.raises(ValueError, match="padding"):
         m(torch.tensor([[5, 6], [7, 8]]), torch.tensor([[1, 1], [0, 1]]), cache=cache)
+
+
+def test_keep_freed_memory_settings_take_on_glibc():
+    # both mallopt options must be accepted (a wrong option number or value returns 0); the speed
+    # it buys (no page faults per forward pass) is measured by bench/bench_evals.py, not here
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("libc is not glibc")
+    assert M.keep_freed_memory()
 
 
 def test_generate_stops_each_row_independently(tiny_dir):

@@ -5,8 +5,14 @@ throughput (docs/s) and parity (log-likelihoods, predictions, generations, extra
     python bench/bench_evals.py [--data-dir data] [--limit-piqa 40] [--limit-hellaswag 20]
                                 [--limit-gsm8k 64] [--limit-gsm8k-lm-eval 8] [--repeats 3]
 
-The model is SmolLM2-135M-shaped with random weights (std 0.02), written once in the official
-layout, float32 on CPU for both. The tokenizer is a byte-level BPE with SmolLM2's pipeline (Digits
+The model is SmolLM2-135M-shaped (--preset) with random weights (std 0.02), written once in the
+official layout, float32 on CPU for both (bfloat16 with --device cuda). A random model never emits
+a stop string, so every GSM8k generation runs the full 256 tokens: the worst case for both sides.
+The GPU target of issue 4, the full three-task evaluation of a 1.7B-shaped model:
+
+    python bench/bench_evals.py --preset SmolLM2-1.7B-Instruct --device cuda --ours-only \
+        --limit-piqa 0 --limit-hellaswag 0 --limit-gsm8k 0
+ The tokenizer is a byte-level BPE with SmolLM2's pipeline (Digits
 then ByteLevel, ChatML specials 0/1/2) trained here on the evaluation text (the real tokenizer.json
 is not available offline); lm-eval gets it as a PreTrainedTokenizerFast so that transformers 5 keeps
 the digit splitting (protocol §9). lm-eval reads local json through custom task yamls made from its
@@ -135,12 +141,17 @@ def check_requests(tmp, tok, train, test, piqa, hs):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-dir", default=os.path.join(REPO, "data"))
-    ap.add_argument("--limit-piqa", type=int, default=40)
-    ap.add_argument("--limit-hellaswag", type=int, default=20)
-    ap.add_argument("--limit-gsm8k", type=int, default=4)
-    ap.add_argument("--limit-gsm8k-lm-eval", type=int, default=None,
-                    help="lm-eval on only the first M of those docs (default: all): at batch 1 it handles "
+    ap.add_argument("--limit-piqa", type=int, default=40, help="0: every document")
+    ap.add_argument("--limit-hellaswag", type=int, default=20, help="0: every document")
+    ap.add_argument("--limit-gsm8k", type=int, default=64, help="0: every document")
+    ap.add_argument("--limit-gsm8k-lm-eval", type=int, default=8,
+                    help="lm-eval on only the first M of those docs (0: all): at batch 1 it handles "
                          "documents one by one, so its docs/s does not depend on how many it gets")
+    ap.add_argument("--preset", default="SmolLM2-135M-Instruct", choices=list(M.PRESETS), help="model shape")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda, for both sides")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--ours-only", action="store_true",
+                    help="time evals/ alone (no lm-eval), e.g. the full three-task run on a GPU")
     ap.add_argument("--batch-size", default="auto", help="ours")
     ap.add_argument("--lm-eval-batch-size", default="1", help="lm-eval's (its default is 1)")
     ap.add_argument("--tasks", default="piqa,hellaswag,gsm8k")
@@ -151,14 +162,18 @@ def main():
     ap.add_argument("--check-requests", action="store_true",
                     help="only compare every document's requests with lm-eval's own (no model runs)")
     a = ap.parse_args()
+    M.keep_freed_memory()  # both sides: they share this process
     if a.threads:
         torch.set_num_threads(a.threads)
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-    except ImportError as e:
-        raise SystemExit(f"bench_evals needs lm-eval: pip install -r requirements-bench.txt ({e})")
+    dtype_name = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
+    dtype = getattr(torch, dtype_name)
+    if not a.ours_only:
+        try:
+            import lm_eval
+            from lm_eval.models.huggingface import HFLM
+            from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+        except ImportError as e:
+            raise SystemExit(f"bench_evals needs lm-eval: pip install -r requirements-bench.txt ({e})")
     tasks = a.tasks.split(",")
     tmp = tempfile.mkdtemp(prefix="bench_evals_")
     try:
@@ -168,7 +183,7 @@ def main():
         hs_path = os.path.join(a.data_dir, "hellaswag", "hellaswag_val.jsonl")
         hs_real = os.path.exists(hs_path)
         hs = T.load_hellaswag(T.ensure_files("hellaswag", a.data_dir)) if hs_real \
-            else synth_hellaswag(test, max(a.limit_hellaswag, 50))
+            else synth_hellaswag(test, a.limit_hellaswag or 10042)   # the real file's 10042 documents
         ddir = os.path.join(tmp, "data")
         for t in ("piqa", "hellaswag", "gsm8k"):
             os.makedirs(os.path.join(ddir, t))
@@ -178,10 +193,11 @@ def main():
         write_jsonl(os.path.join(ddir, "hellaswag", "hellaswag_val.jsonl"), hs)
         shutil.copy(os.path.join(a.data_dir, "gsm8k", "train.jsonl"), os.path.join(ddir, "gsm8k"))
         shutil.copy(os.path.join(a.data_dir, "gsm8k", "test.jsonl"), os.path.join(ddir, "gsm8k"))
-        make_task_dir(tmp, "piqa", {"validation": os.path.join(ddir, "piqa", "lm_eval.jsonl")})
-        make_task_dir(tmp, "hellaswag", {"validation": os.path.join(ddir, "hellaswag", "hellaswag_val.jsonl")})
-        make_task_dir(tmp, "gsm8k", {"train": os.path.join(ddir, "gsm8k", "train.jsonl"),
-                                     "test": os.path.join(ddir, "gsm8k", "test.jsonl")})
+        if not a.ours_only:
+            make_task_dir(tmp, "piqa", {"validation": os.path.join(ddir, "piqa", "lm_eval.jsonl")})
+            make_task_dir(tmp, "hellaswag", {"validation": os.path.join(ddir, "hellaswag", "hellaswag_val.jsonl")})
+            make_task_dir(tmp, "gsm8k", {"train": os.path.join(ddir, "gsm8k", "train.jsonl"),
+                                         "test": os.path.join(ddir, "gsm8k", "test.jsonl")})
 
         if a.check_requests:
             tdir = M.write_tiny_checkpoint(os.path.join(tmp, "tiny"))  # only its tokenizer's chat() is used
@@ -189,50 +205,70 @@ def main():
             hs_all = T.load_hellaswag({"hellaswag_val.jsonl": os.path.join(ddir, "hellaswag", "hellaswag_val.jsonl")})
             raise SystemExit(0 if check_requests(tmp, ttok, train, test, piqa, hs_all) else 1)
 
-        # ---- model: 135M-shaped, random, official layout; a BPE trained on the evaluation text
+        # ---- model: SmolLM2-shaped, random, official layout; a BPE trained on the evaluation text
         mdir = os.path.join(tmp, "model")
         os.makedirs(mdir)
-        cfg = M.PRESETS["SmolLM2-135M-Instruct"]
+        cfg = M.PRESETS[a.preset]
         texts = [d["question"] + "\n" + d["answer"] for d in train + test] + \
                 [d["goal"] + " " + d["sol1"] + " " + d["sol2"] for d in piqa]
         V = make_tokenizer(mdir, texts, cfg.vocab_size)
         M.write_checkpoint(mdir, cfg, M.random_state_dict(cfg, seed=0))
-        ours, tok = M.load(mdir, device="cpu", dtype=torch.float32)
-        hf = LlamaForCausalLM.from_pretrained(mdir, dtype=torch.float32).eval()
-        hf_tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(mdir, "tokenizer.json"), bos_token="<|im_start|>",
-                                         eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>")
-        lm = HFLM(pretrained=hf, tokenizer=hf_tok, batch_size=a.lm_eval_batch_size, device="cpu")
-        from lm_eval.tasks import TaskManager
-        tm = TaskManager(include_path=os.path.join(tmp, "tasks"))
-        print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-              f"{torch.__version__}, lm_eval {lm_eval.__version__}; tokenizer vocab {V}, model vocab {cfg.vocab_size}; "
-              f"hellaswag {'real' if hs_real else 'SYNTHETIC'}", flush=True)
+        ours, tok = M.load(mdir, device=a.device, dtype=dtype)
+        sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
+        if not a.ours_only:
+            hf = LlamaForCausalLM.from_pretrained(mdir, dtype=dtype).to(a.device).eval()
+            hf_tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(mdir, "tokenizer.json"), bos_token="<|im_start|>",
+                                             eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>")
+            lm = HFLM(pretrained=hf, tokenizer=hf_tok, batch_size=a.lm_eval_batch_size, device=a.device)
+            from lm_eval.tasks import TaskManager
+            tm = TaskManager(include_path=os.path.join(tmp, "tasks"))
+        dev_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else (platform.processor() or platform.machine())
+        print(f"# {a.preset}-shaped random model, {dtype_name}, {a.device} ({dev_name}), {torch.get_num_threads()} threads, "
+              f"torch {torch.__version__}" + ("" if a.ours_only else f", lm_eval {lm_eval.__version__}") +
+              f"; tokenizer vocab {V}, model vocab {cfg.vocab_size}; hellaswag {'real' if hs_real else 'SYNTHETIC'}", flush=True)
 
         def our_args(limit):
             return SimpleNamespace(limit=limit, chat=False, no_verify=True, offline=True, batch_size=a.batch_size, seed=None,
                                    model=mdir, adapter=None, quantize=None, num_fewshot=None, data_dir=ddir)
 
+        def ours_run(task, limit):
+            sync()
+            r = R.run_task(task, ours, tok, our_args(limit), dtype_name)
+            sync()
+            return r
+
         # warm-up of both sides (first-call allocations and thread pools cost seconds on CPU)
-        R.run_task("piqa", ours, tok, our_args(2), "float32")
-        lm_eval.simple_evaluate(model=lm, tasks=["bench_piqa"], task_manager=tm, limit=1, bootstrap_iters=0)
+        ours_run("piqa", 2)
+        if not a.ours_only:
+            lm_eval.simple_evaluate(model=lm, tasks=["bench_piqa"], task_manager=tm, limit=1, bootstrap_iters=0)
         rows = []
         for task in tasks:
-            limit = getattr(a, f"limit_{task}")
-            ref_limit = a.limit_gsm8k_lm_eval if task == "gsm8k" and a.limit_gsm8k_lm_eval else limit
+            limit = getattr(a, f"limit_{task}") or None
+            if a.ours_only:
+                mine = ours_run(task, limit)
+                row = {"task": task, "docs": mine["docs"], "ours_s": mine["seconds"],
+                       "ours_docs_per_s": round(mine["docs_per_s"], 4), "ours_batch": mine["batch_size"]}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                continue
+            ref_limit = (a.limit_gsm8k_lm_eval or limit) if task == "gsm8k" else limit
             # alternate the two sides `repeats` times and keep each one's fastest: other processes on
             # a shared machine then slow both alike instead of whichever ran at the wrong moment
             t_ours, t_ref = [], []
             for _ in range(a.repeats_gsm8k if task == "gsm8k" else a.repeats):
-                mine = R.run_task(task, ours, tok, our_args(limit), "float32")
+                mine = ours_run(task, limit)
                 t_ours.append(mine["seconds"])
+                sync()
                 t0 = time.time()
                 res = lm_eval.simple_evaluate(model=lm, tasks=[f"bench_{task}"], task_manager=tm, limit=ref_limit,
                                               log_samples=True, bootstrap_iters=0)
+                sync()
                 t_ref.append(time.time() - t0)
             ref = sorted(res["samples"][f"bench_{task}"], key=lambda s: s["doc_id"])
+            n_ours, n_ref = mine["docs"], len({r["doc_id"] for r in ref})
             mine["seconds"], t_refs, t_ref = min(t_ours), t_ref, min(t_ref)
-            ours_rate, ref_rate = limit / mine["seconds"], ref_limit / t_ref
-            row = {"task": task, "docs": limit, "lm_eval_docs": ref_limit, "ours_s": mine["seconds"],
+            ours_rate, ref_rate = n_ours / mine["seconds"], n_ref / t_ref
+            row = {"task": task, "docs": n_ours, "lm_eval_docs": n_ref, "ours_s": mine["seconds"],
                    "lm_eval_s": round(t_ref, 3), "ours_docs_per_s": round(ours_rate, 4),
                    "lm_eval_docs_per_s": round(ref_rate, 4), "speedup": round(ours_rate / ref_rate, 2),
                    "ours_batch": mine["batch_size"], "lm_eval_batch": a.lm_eval_batch_size,
@@ -250,21 +286,27 @@ def main():
                 for r in ref:
                     by.setdefault(r["doc_id"], {})[r["filter"]] = r
                 same_gen = same_ext = 0
-                for s in mine["samples"][:ref_limit]:
+                for s in mine["samples"][:n_ref]:
                     r = by[s["doc_id"]]
                     same_gen += s["generation"] == r["strict-match"]["resps"][0][0]
                     same_ext += (s["strict"] == r["strict-match"]["filtered_resps"][0]) and \
                                 (s["flexible"] == r["flexible-extract"]["filtered_resps"][0])
-                row.update(same_generations=f"{same_gen}/{len(ref) // 2}", same_extracted=f"{same_ext}/{len(ref) // 2}")
+                row.update(same_generations=f"{same_gen}/{n_ref}", same_extracted=f"{same_ext}/{n_ref}")
             print(json.dumps(row), flush=True)
             rows.append(row)
-        print(f"\n{'task':<10} {'docs':>9} {'ours s':>8} {'lm-eval s':>10} {'ours doc/s':>11} {'lm-eval doc/s':>14} "
-              f"{'speedup':>8}  parity")
-        for r in rows:
-            par = (f"max|dll|={r['max_abs_ll_diff']:.2e} same={r['same_predictions']}" if "max_abs_ll_diff" in r
-                   else f"generations={r['same_generations']} extracted={r['same_extracted']}")
-            print(f"{r['task']:<10} {r['docs']:>4}/{r['lm_eval_docs']:<4} {r['ours_s']:>8.1f} {r['lm_eval_s']:>10.1f} "
-                  f"{r['ours_docs_per_s']:>11.3f} {r['lm_eval_docs_per_s']:>14.3f} {r['speedup']:>7.2f}x  {par}")
+        if a.ours_only:
+            print(f"\n{'task':<10} {'docs':>6} {'seconds':>9} {'docs/s':>8}")
+            for r in rows:
+                print(f"{r['task']:<10} {r['docs']:>6} {r['ours_s']:>9.1f} {r['ours_docs_per_s']:>8.2f}")
+            print(f"{'total':<10} {sum(r['docs'] for r in rows):>6} {sum(r['ours_s'] for r in rows):>9.1f}")
+        else:
+            print(f"\n{'task':<10} {'docs':>9} {'ours s':>8} {'lm-eval s':>10} {'ours doc/s':>11} {'lm-eval doc/s':>14} "
+                  f"{'speedup':>8}  parity")
+            for r in rows:
+                par = (f"max|dll|={r['max_abs_ll_diff']:.2e} same={r['same_predictions']}" if "max_abs_ll_diff" in r
+                       else f"generations={r['same_generations']} extracted={r['same_extracted']}")
+                print(f"{r['task']:<10} {r['docs']:>4}/{r['lm_eval_docs']:<4} {r['ours_s']:>8.1f} {r['lm_eval_s']:>10.1f} "
+                      f"{r['ours_docs_per_s']:>11.3f} {r['lm_eval_docs_per_s']:>14.3f} {r['speedup']:>7.2f}x  {par}")
         if a.output:
             R.write_json(a.output, rows)
     finally:

@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--batches", default="1,8")
     a = ap.parse_args()
+    M.keep_freed_memory()  # both sides: they share this process
     from transformers import LlamaForCausalLM
     dtype, dev = getattr(torch, a.dtype), torch.device(a.device)
     cfg = M.PRESETS[a.preset]

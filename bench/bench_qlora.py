@@ -75,6 +75,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     a = ap.parse_args()
+    M.keep_freed_memory()
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype, dev = getattr(torch, a.dtype), torch.device(a.device)

@@ -106,6 +106,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: one variant per process
     a = ap.parse_args()
+    M.keep_freed_memory()  # both sides: they share this process
     if a.variant:
         return run_memory(a)
     res = {}

@@ -171,6 +171,7 @@ def main(argv=None):
     ap.add_argument("--no-verify", action="store_true", help="skip checksums of files already present")
     ap.add_argument("--offline", action="store_true", help="never download: missing data files are an error")
     args = ap.parse_args(argv)
+    M.keep_freed_memory()
     if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size) > 0):
         raise SystemExit(f"--batch-size {args.batch_size!r}: expected a positive integer or 'auto'")
     if args.limit is not None and args.limit <= 0:

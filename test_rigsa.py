@@ -100,15 +100,25 @@ def test_packed_rows_equal_rows_alone(tiny_dir):
             m(ids, mask[None])
 
 
-def test_ragged_cache_decode_equals_rows_alone(tiny_dir, monkeypatch):
+def test_ragged_cache_decode_equals_rows_alone(tiny_dir, tiny_mha_dir, monkeypatch):
     # prompts of five lengths decode side by side, each at its own next slot, in groups of 2 rows
-    # that each read only their own longest row's slots; every row equals its greedy run alone
+    # that each read only their own longest row's slots; every row equals its greedy run alone,
+    # and its cached logits equal a full forward pass (GQA like 135M/360M, MHA like 1.7B)
     monkeypatch.setattr(M, "DECODE_GROUP", 2)
-    m, tok = M.load(tiny_dir)
-    prompts = [tok.encode(s) for s in ["Question: How do I 1 2 3 4 5 6", "The digit is", "Answer: 7",
-                                       "the of and to in is that for it", "5"]]
-    got = M.generate_ids(m, prompts, 6, eos_id=-1)
-    assert got == [M.generate_ids(m, [p], 6, eos_id=-1)[0] for p in prompts]
+    for d in (tiny_dir, tiny_mha_dir):
+        m, tok = M.load(d)
+        prompts = [tok.encode(s) for s in ["Question: How do I 1 2 3 4 5 6", "The digit is", "Answer: 7",
+                                           "the of and to in is that for it", "5"]]
+        got = M.generate_ids(m, prompts, 6, eos_id=-1)
+        assert got == [M.generate_ids(m, [p], 6, eos_id=-1)[0] for p in prompts]
+        cache = M.KVCache(m.config, len(prompts), 40, "cpu", torch.float32)
+        with torch.no_grad():
+            for i, p in enumerate(prompts):
+                m(torch.tensor([p]), cache=cache.row(i))
+            step = m(torch.tensor([[g[0]] for g in got]), cache=cache)[:, 0]           # (B, V)
+            for p, g, row in zip(prompts, got, step):
+                assert (row - m(torch.tensor([p + g[:1]]))[0, -1]).abs().max() < 1e-5
+        assert cache.len.tolist() == [len(p) + 1 for p in prompts]
     cache = M.KVCache(m.config, 2, 8, "cpu", torch.float32)
     with pytest.raises(ValueError, match="padding"):
         m(torch.tensor([[5, 6], [7, 8]]), torch.tensor([[1, 1], [0, 1]]), cache=cache)

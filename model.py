@@ -134,7 +134,6 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.len = torch.zeros(batch_size, dtype=torch.long, device=device)  # filled slots per row
-        self.start = None  # during a forward: where this step writes (an int, or (B,) when decoding)
 
     def row(self, i):
         """Row i as a batch-1 cache on the same buffers: prefilling it fills the batch's row in place."""
@@ -172,14 +171,13 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         gqa = self.nkv != self.nh
         if cache is not None:
-            K, V, start = cache.k[layer], cache.v[layer], cache.start           # (B, nkv, Smax, hd)
-            if isinstance(start, int):                                           # every row at the same slot
-                K[:, :, start:start + T], V[:, :, start:start + T] = k, v
-            else:                                                                # one new token per row, own slot
+            K, V = cache.k[layer], cache.v[layer]                                # (B, nkv, Smax, hd)
+            if T > 1:  # prefill of empty rows (Model._cached): store, then attend to k, v themselves
+                K[:, :, :T], V[:, :, :T] = k, v
+            else:      # decoding: each row's new token at its own next slot, cache.len
                 rows = torch.arange(B, device=x.device)
-                K[rows, :, start], V[rows, :, start] = k[:, :, 0], v[:, :, 0]
-            if isinstance(mask, list):
-                # decoding, rows grouped by length (Model.forward): a group reads only the slots
+                K[rows, :, cache.len], V[rows, :, cache.len] = k[:, :, 0], v[:, :, 0]
+                # rows grouped by length (Model._cached): a group reads only the slots
                 # its longest row has filled, not the batch's longest. The g query heads of KV
                 # group j become g query rows of that group, so SDPA sees plain attention over
                 # nkv heads: no K/V expansion, and 3x faster on CPU than enable_gqa with a mask
@@ -188,8 +186,6 @@ class Attention(nn.Module):
                 y = torch.cat([F.scaled_dot_product_attention(qg[a:b], K[a:b, :, :S], V[a:b, :, :S], attn_mask=m)
                                for a, b, S, m in mask])                          # (B, nkv, g, hd)
                 return self.o_proj(y.reshape(B, self.nh * self.hd)[:, None])     # (B, 1, C)
-            S = mask.shape[-1] if torch.is_tensor(mask) else start + T
-            k, v = K[:, :, :S], V[:, :, :S]                                      # (B, nkv, S, hd)
         # GQA: kv head j serves query heads j*g .. j*g+g-1 (= repeat_interleave, without the copy)
         if isinstance(mask, str):  # "causal": no padding, no past; the fast causal kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -275,8 +271,8 @@ class Model(nn.Module):
         return self._run(input_ids, pos, mask, None, hidden_only)
 
     def _cached(self, input_ids, attention_mask, cache, hidden_only):
-        """Append input_ids (B, T), all real, to each row's filled slots. T > 1: rows at the same
-        start (a prompt's prefill, generate_ids does them one by one); T == 1: any starts."""
+        """Append input_ids (B, T), all real, to each row's filled slots. T > 1: a prefill of empty
+        rows (generate_ids does one prompt at a time); T == 1: one token per row, any lengths."""
         B, T = input_ids.shape
         dev = input_ids.device
         if attention_mask is not None and not bool(attention_mask.bool().all()):
@@ -284,13 +280,9 @@ class Model(nn.Module):
         start = cache.len                                                      # (B,)
         pos = start[:, None] + torch.arange(T, device=dev)                     # (B, T) slot = position
         if T > 1:
-            p = int(start[0])
-            if bool((start != p).any()):
-                raise ValueError("a multi-token input to a KV cache needs every row at the same length")
-            S = p + T
-            mask = "causal" if p == 0 else \
-                torch.ones(T, S, dtype=torch.bool, device=dev).tril(diagonal=p)[None, None].expand(B, 1, T, S)
-            cache.start = p
+            if bool(start.any()):
+                raise ValueError("a multi-token input to a KV cache must fill empty rows (a prompt's prefill)")
+            mask = "causal"
         else:
             # decoding: rows (sorted by length in generate) attend in groups of DECODE_GROUP, each over
             # the slots its longest row has filled (mask (b, 1, 1, S)); one host sync per step
@@ -302,10 +294,8 @@ class Model(nn.Module):
                 m = None if min(ends[a:b]) == S else \
                     (torch.arange(S, device=dev) < (start[a:b, None] + 1))[:, None, None, :]
                 mask.append((a, b, S, m))
-            cache.start = start
         x = self._run(input_ids, pos, mask, cache, hidden_only)
-        cache.len += T
-        cache.start = None
+        cache.len += T   # after the layers: during them, cache.len is where this step writes
         return x
 
     def _run(self, input_ids, pos, mask, cache, hidden_only):

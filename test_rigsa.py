@@ -119,6 +119,8 @@ def test_ragged_cache_decode_equals_rows_alone(tiny_dir, tiny_mha_dir, monkeypat
             for p, g, row in zip(prompts, got, step):
                 assert (row - m(torch.tensor([p + g[:1]]))[0, -1]).abs().max() < 1e-5
         assert cache.len.tolist() == [len(p) + 1 for p in prompts]
+        with pytest.raises(ValueError, match="empty rows"):   # a second multi-token input
+            m(torch.tensor([[5, 6]] * len(prompts)), cache=cache)
     cache = M.KVCache(m.config, 2, 8, "cpu", torch.float32)
     with pytest.raises(ValueError, match="padding"):
         m(torch.tensor([[5, 6], [7, 8]]), torch.tensor([[1, 1], [0, 1]]), cache=cache)

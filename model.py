@@ -467,7 +467,8 @@ class progress:
     def __init__(self, iterable=None, desc="", unit="it", total=None, enabled=True):
         self.iterable, self.desc, self.unit = iterable, desc, unit
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
-        self.n, self.t0, self.last, self.post = 0, time.time(), 0.0, ""
+        self.n, self.t0, self.post = 0, time.time(), ""
+        self.last = self.t0  # first line after one interval: a short job prints only its close
         self.enabled = enabled and os.environ.get("RIGSA_NO_PROGRESS") is None
 
     def __iter__(self):

@@ -134,6 +134,18 @@ def test_keep_freed_memory_settings_take_on_glibc():
     assert M.keep_freed_memory()
 
 
+def test_progress_bar_in_a_log_prints_a_short_job_once(monkeypatch, capsys):
+    # stderr captured = not a terminal: one line per 30 s, and the close; a job shorter than that
+    # prints its close only (it used to print the same final line twice)
+    monkeypatch.delenv("RIGSA_NO_PROGRESS", raising=False)
+    bar = M.progress(total=3, desc="docs", unit="doc")
+    bar.update(2)
+    bar.update(1)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "docs" in lines[0] and "3/3" in lines[0] and "doc/s" in lines[0]
+
+
 def test_generate_stops_each_row_independently(tiny_dir):
     m, tok = M.load(tiny_dir)
     prompts = ["The digit is", "Answer: The answer is 42 and"]

@@ -469,6 +469,7 @@ class progress:
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
         self.n, self.t0, self.post = 0, time.time(), ""
         self.last = self.t0  # first line after one interval: a short job prints only its close
+        self.drawn = None    # self.n when a line was last drawn
         self.enabled = enabled and os.environ.get("RIGSA_NO_PROGRESS") is None
 
     def __iter__(self):
@@ -489,6 +490,7 @@ class progress:
             self._draw(end="" if tty else "\n")
 
     def _draw(self, end=""):
+        self.drawn = self.n
         dt = max(time.time() - self.t0, 1e-9)
         rate = self.n / dt
         if self.total:
@@ -502,7 +504,8 @@ class progress:
               file=sys.stderr, flush=True)
 
     def close(self):
-        if self.enabled:
+        # on a terminal, end the line; in a log, add a line unless the last one already said it all
+        if self.enabled and (sys.stderr.isatty() or self.drawn != self.n):
             self._draw(end="\n")
 
 

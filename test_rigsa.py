@@ -134,7 +134,7 @@ def test_keep_freed_memory_settings_take_on_glibc():
     assert M.keep_freed_memory()
 
 
-def test_progress_bar_in_a_log_prints_a_short_job_once(monkeypatch, capsys):
+def test_progress_bar_in_a_log_prints_the_final_line_once(monkeypatch, capsys):
     # stderr captured = not a terminal: one line per 30 s, and the close; a job shorter than that
     # prints its close only (it used to print the same final line twice)
     monkeypatch.delenv("RIGSA_NO_PROGRESS", raising=False)
@@ -144,6 +144,14 @@ def test_progress_bar_in_a_log_prints_a_short_job_once(monkeypatch, capsys):
     bar.close()
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and "docs" in lines[0] and "3/3" in lines[0] and "doc/s" in lines[0]
+    # a line drawn at the end (an update after 30 s) is not repeated by close()
+    bar = M.progress(total=2, desc="gen", unit="seq")
+    bar.update(1)
+    bar.last = 0.0   # as if 30 s had passed
+    bar.update(1)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "2/2" in lines[0]
 
 
 def test_generate_stops_each_row_independently(tiny_dir):

@@ -35,18 +35,25 @@ def encode_pair(tok, context, continuation):
     return ctx, whole[len(ctx):]
 
 
-def _cont_scores(model, h, targets):
-    """h: (N, C) hidden states at the positions that predict targets (N,). Returns per-position
-    log-probs (N,) in the logits' dtype and whether each target is the argmax (N,). log_softmax runs
-    in the logits' dtype, as lm-eval does with softmax_dtype=None (protocol §5)."""
-    lps = [torch.zeros(0, dtype=model.lm_head.weight.dtype, device=h.device)]
-    greedy = [torch.zeros(0, dtype=torch.bool, device=h.device)]
-    for s in range(0, h.shape[0], 128):  # a (128, V) logits block stays in cache: 1.15x faster than 1024
-        logits = model.lm_head(h[s:s + 128])                                   # (n, V)
-        t = targets[s:s + 128]
-        lps.append(F.log_softmax(logits, dim=-1).gather(1, t[:, None])[:, 0])
-        greedy.append(logits.max(-1).indices == t)  # = argmax (first maximum), 4x faster on CPU
-    return torch.cat(lps), torch.cat(greedy)
+LOGITS_BLOCK = 512  # positions per lm_head block: (512, V) logits, 100 MB in float32; 3% faster on PIQA than 128 or 1024
+
+
+def _cont_scores(model, h, at, targets):
+    """h: (U, C) hidden states at distinct predicting positions; target k (N targets) is scored
+    from row at[k] of h (choices that share a prefix share those rows, and lm_head runs once per
+    row). Returns per-target log-probs (N,) in the logits' dtype and whether each target is the
+    argmax (N,). log_softmax runs in the logits' dtype, as lm-eval does with softmax_dtype=None
+    (protocol §5)."""
+    lp = torch.empty(len(targets), dtype=model.lm_head.weight.dtype, device=h.device)
+    greedy = torch.empty(len(targets), dtype=torch.bool, device=h.device)
+    n = LOGITS_BLOCK
+    for s in range(0, h.shape[0], n):
+        logits = model.lm_head(h[s:s + n])                                     # (n, V)
+        k = ((at >= s) & (at < s + n)).nonzero()[:, 0]                        # targets scored here
+        u, t = at[k] - s, targets[k]
+        lp[k] = F.log_softmax(logits, dim=-1)[u, t]
+        greedy[k] = logits.max(-1).indices[u] == t  # = argmax (first maximum), 4x faster on CPU
+    return lp, greedy
 
 
 def _collect(lp, greedy, counts):
@@ -85,7 +92,7 @@ def score_separate(model, reqs, batch_size=16):
             tg += cont
             counts.append(len(cont))
         lp, g = _cont_scores(model, h[torch.tensor(ri, device=dev), torch.tensor(pi, device=dev)],
-                             torch.tensor(tg, device=dev))
+                             torch.arange(len(tg), device=dev), torch.tensor(tg, device=dev))
         for i, r in zip(idx, _collect(lp, g, counts)):
             res[i] = r
     return res
@@ -170,7 +177,7 @@ def score_shared(model, docs, batch_size=16, bar=None, row_tokens=256):
         pos = torch.zeros(R, T, dtype=torch.long)
         seg = torch.full((R, T), -1, dtype=torch.long)  # padding: a segment of its own
         br = torch.zeros(R, T, dtype=torch.long)
-        ri, pi, tg, counts = [], [], [], []
+        ri, pi, at, tg, counts = [], [], [], [], []  # distinct predicting (row, index); per target: which
         for r, row in enumerate(rows):
             o = 0
             for j in row:
@@ -179,9 +186,13 @@ def score_shared(model, docs, batch_size=16, bar=None, row_tokens=256):
                 sl = slice(o, o + len(t_ids))
                 ids[r, sl], pos[r, sl], br[r, sl] = torch.tensor(t_ids), torch.tensor(t_pos), torch.tensor(t_br)
                 seg[r, sl] = j
+                # the shared prefix's tokens are predicted from the same positions for every choice:
+                # one lm_head row each (19% fewer on PIQA)
+                where = {q: len(pi) + u for u, q in enumerate(sorted({q for p in preds for q in p}))}
+                ri += [r] * len(where)
+                pi += [o + q for q in where]
                 for p, c in zip(preds, docs[i][1]):
-                    ri += [r] * len(p)
-                    pi += [o + q for q in p]
+                    at += [where[q] for q in p]
                     tg += c
                     counts.append(len(c))
                 o += len(t_ids)
@@ -191,7 +202,7 @@ def score_shared(model, docs, batch_size=16, bar=None, row_tokens=256):
                 ((br[:, None, :] == 0) | (br[:, :, None] == br[:, None, :])))         # key in P or own branch
         h = model(ids.to(dev), mask, hidden_only=True, position_ids=pos.to(dev))       # (R, T, C)
         lp, g = _cont_scores(model, h[torch.tensor(ri, device=dev), torch.tensor(pi, device=dev)],
-                             torch.tensor(tg, device=dev))
+                             torch.tensor(at, device=dev), torch.tensor(tg, device=dev))
         flat = iter(_collect(lp, g, counts))
         for row in rows:        # the same order as counts was built in
             for j in row:

@@ -189,7 +189,9 @@ def test_batched_equals_unbatched_and_naive(tiny_dir):
         assert abs(a - b) < 1e-4 and abs(a - ref) < 1e-4 and ga == gb == gref
 
 
-def test_shared_context_equals_separate(tiny_dir, tiny_mha_dir):
+@pytest.mark.parametrize("block", [512, 3])   # 3: lm_head blocks end inside shared prefixes
+def test_shared_context_equals_separate(tiny_dir, tiny_mha_dir, monkeypatch, block):
+    monkeypatch.setattr(H, "LOGITS_BLOCK", block)
     for d in (tiny_dir, tiny_mha_dir):
         model, tok = M.load(str(d))
         docs = _requests(tok)
@@ -200,6 +202,21 @@ def test_shared_context_equals_separate(tiny_dir, tiny_mha_dir):
             assert len(shared) == len(sep)
             for (a, ga), (b, gb) in zip(shared, sep):
                 assert abs(a - b) < 1e-4 and ga == gb
+
+
+def test_is_greedy_on_the_models_own_continuation(tiny_dir):
+    # is_greedy is True only where every token is the argmax: the model's own greedy tokens, and
+    # not the same tokens with the last one changed (the two share a 3-token prefix, scored once)
+    model, tok = M.load(str(tiny_dir))
+    ctx = tok.encode("Question: How do I\nAnswer:")
+    g = M.generate_ids(model, [ctx], 4, eos_id=-1)[0]
+    other = [g[:3] + [(g[3] + 1) % tok.vocab_size]]
+    docs = [(ctx, [g] + other), (ctx, other + [g])]
+    shared = [s for doc in H.score_shared(model, docs, batch_size=2) for s in doc]
+    assert [s[1] for s in shared] == [True, False, False, True]
+    for (a, ga), (c, x) in zip(shared, [(c, x) for c, xs in docs for x in xs]):
+        ref, gref = _naive(model, c, x)
+        assert abs(a - ref) < 1e-4 and ga == gref
 
 
 def test_pack_partitions_segments_with_little_padding():

@@ -2,7 +2,7 @@
 evals/ against lm-evaluation-harness' HF backend, same model, same documents, same machine, same run:
 throughput (docs/s) and parity (log-likelihoods, predictions, generations, extracted answers).
 
-    python bench/bench_evals.py [--data-dir data] [--limit-piqa 40] [--limit-hellaswag 20]
+    python bench/bench_evals.py [--data-dir data] [--limit-piqa 200] [--limit-hellaswag 20]
                                 [--limit-gsm8k 64] [--limit-gsm8k-lm-eval 8] [--repeats 3]
 
 The model is SmolLM2-135M-shaped (--preset) with random weights (std 0.02), written once in the
@@ -141,7 +141,7 @@ def check_requests(tmp, tok, train, test, piqa, hs):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-dir", default=os.path.join(REPO, "data"))
-    ap.add_argument("--limit-piqa", type=int, default=40, help="0: every document")
+    ap.add_argument("--limit-piqa", type=int, default=200, help="0: every document")
     ap.add_argument("--limit-hellaswag", type=int, default=20, help="0: every document")
     ap.add_argument("--limit-gsm8k", type=int, default=64, help="0: every document")
     ap.add_argument("--limit-gsm8k-lm-eval", type=int, default=8,

@@ -8,10 +8,10 @@ TASK    ?= all
 ADAPTER ?=
 OUT     ?= runs/rigsa
 
-.PHONY: help test demo train eval paper chat bench bench-model bench-train bench-evals bench-qlora
+.PHONY: help test demo train eval paper chat bench bench-model bench-train bench-evals bench-qlora parity-gsm8k
 
 help:            ## this list
-	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
+	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed 's/:.*## /\t/'
 
 # the environment: .venv with the pinned runtime and test requirements (re-made when they change)
 .venv/.installed: requirements.txt requirements-dev.txt
@@ -52,6 +52,13 @@ bench-train: .venv/.installed   ## RIGSA step vs full fine-tuning vs transformer
 
 bench-evals: .venv/.bench-installed  ## evals/ against lm-eval's HF backend (needs data/ files)
 	$(PY) bench/bench_evals.py --data-dir data --limit-gsm8k 64 --limit-gsm8k-lm-eval 8
+
+# a small model trained on GSM8k's training set (~10 min on 2 CPU cores), whose generations are text
+runs/text-model/model.safetensors: bench/train_text_model.py | .venv/.installed
+	$(PY) bench/train_text_model.py --data-dir data --out runs/text-model
+
+parity-gsm8k: .venv/.bench-installed runs/text-model/model.safetensors  ## GSM8k generations vs lm-eval's on all 1,319 documents, on a trained model (needs data/gsm8k)
+	$(PY) bench/bench_evals.py --data-dir data --model runs/text-model --tasks gsm8k --limit-gsm8k 0 --limit-gsm8k-lm-eval 0
 
 bench-qlora: .venv/.installed   ## NF4 bytes per parameter, QLoRA step and forward (135M shape, CPU)
 	$(PY) bench/bench_qlora.py

@@ -8,13 +8,15 @@ throughput (docs/s) and parity (log-likelihoods, predictions, generations, extra
 The model is SmolLM2-135M-shaped (--preset) with random weights (std 0.02), written once in the
 official layout, float32 on CPU for both (bfloat16 with --device cuda). A random model never emits
 a stop string, so every GSM8k generation runs the full 256 tokens: the worst case for both sides.
+--model DIR takes a trained checkpoint instead (bench/train_text_model.py makes one whose generations
+are text: numbers, "####" answers, stops at "Question:"), for generation parity beyond the first token.
 The GPU target of issue 4, the full three-task evaluation of a 1.7B-shaped model:
 
     python bench/bench_evals.py --preset SmolLM2-1.7B-Instruct --device cuda --ours-only \
         --limit-piqa 0 --limit-hellaswag 0 --limit-gsm8k 0
- The tokenizer is a byte-level BPE with SmolLM2's pipeline (Digits
-then ByteLevel, ChatML specials 0/1/2) trained here on the evaluation text (the real tokenizer.json
-is not available offline); lm-eval gets it as a PreTrainedTokenizerFast so that transformers 5 keeps
+
+The tokenizer is a byte-level BPE with SmolLM2's pipeline (Digits then ByteLevel, ChatML specials
+0/1/2) trained here on the evaluation text (the real tokenizer.json is not available offline); lm-eval gets it as a PreTrainedTokenizerFast so that transformers 5 keeps
 the digit splitting (protocol §9). lm-eval reads local json through custom task yamls made from its
 own installed piqa/hellaswag/gsm8k yamls (only the dataset lines change); it never touches the hub.
 PIQA and GSM8k need their files under --data-dir; HellaSwag uses hellaswag_val.jsonl there when
@@ -148,6 +150,9 @@ def main():
                     help="lm-eval on only the first M of those docs (0: all): at batch 1 it handles "
                          "documents one by one, so its docs/s does not depend on how many it gets")
     ap.add_argument("--preset", default="SmolLM2-135M-Instruct", choices=list(M.PRESETS), help="model shape")
+    ap.add_argument("--model", default=None,
+                    help="a checkpoint directory with its tokenizer.json instead of the random --preset model, "
+                         "e.g. bench/train_text_model.py's, whose generations are text")
     ap.add_argument("--device", default="cpu", help="cpu or cuda, for both sides")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--ours-only", action="store_true",
@@ -209,14 +214,20 @@ def main():
             raise SystemExit(0 if check_requests(tmp, ttok, train, test, piqa, hs_all) else 1)
 
         # ---- model: SmolLM2-shaped, random, official layout; a BPE trained on the evaluation text
-        mdir = os.path.join(tmp, "model")
-        os.makedirs(mdir)
-        cfg = M.PRESETS[a.preset]
-        texts = [d["question"] + "\n" + d["answer"] for d in train + test] + \
-                [d["goal"] + " " + d["sol1"] + " " + d["sol2"] for d in piqa]
-        V = make_tokenizer(mdir, texts, cfg.vocab_size)
-        M.write_checkpoint(mdir, cfg, M.random_state_dict(cfg, seed=0))
+        if a.model:
+            mdir = a.model
+        else:
+            mdir = os.path.join(tmp, "model")
+            os.makedirs(mdir)
+            cfg = M.PRESETS[a.preset]
+            texts = [d["question"] + "\n" + d["answer"] for d in train + test] + \
+                    [d["goal"] + " " + d["sol1"] + " " + d["sol2"] for d in piqa]
+            make_tokenizer(mdir, texts, cfg.vocab_size)
+            M.write_checkpoint(mdir, cfg, M.random_state_dict(cfg, seed=0))
         ours, tok = M.load(mdir, device=a.device, dtype=dtype)
+        cfg = ours.config
+        what = f"{mdir} ({cfg.hidden_size} wide, {cfg.num_hidden_layers} layers)" if a.model else \
+            f"{a.preset}-shaped random model"
         sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
         if not a.ours_only:
             hf = LlamaForCausalLM.from_pretrained(mdir, dtype=dtype).to(a.device).eval()
@@ -226,9 +237,9 @@ def main():
             from lm_eval.tasks import TaskManager
             tm = TaskManager(include_path=os.path.join(tmp, "tasks"))
         dev_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else (platform.processor() or platform.machine())
-        print(f"# {a.preset}-shaped random model, {dtype_name}, {a.device} ({dev_name}), {torch.get_num_threads()} threads, "
+        print(f"# {what}, {dtype_name}, {a.device} ({dev_name}), {torch.get_num_threads()} threads, "
               f"torch {torch.__version__}" + ("" if a.ours_only else f", lm_eval {lm_eval.__version__}") +
-              f"; tokenizer vocab {V}, model vocab {cfg.vocab_size}; hellaswag {'real' if hs_real else 'SYNTHETIC'}"
+              f"; tokenizer vocab {tok.vocab_size}, model vocab {cfg.vocab_size}; hellaswag {'real' if hs_real else 'SYNTHETIC'}"
               + ("; data checksums NOT verified (--no-verify)" if a.no_verify else ""), flush=True)
 
         def our_args(limit):
@@ -295,7 +306,13 @@ def main():
                     same_gen += s["generation"] == r["strict-match"]["resps"][0][0]
                     same_ext += (s["strict"] == r["strict-match"]["filtered_resps"][0]) and \
                                 (s["flexible"] == r["flexible-extract"]["filtered_resps"][0])
-                row.update(same_generations=f"{same_gen}/{n_ref}", same_extracted=f"{same_ext}/{n_ref}")
+                # what the generations exercised: a random model repeats one token, so nothing is found
+                gens = [s["generation"] for s in mine["samples"][:n_ref]]
+                row.update(same_generations=f"{same_gen}/{n_ref}", same_extracted=f"{same_ext}/{n_ref}",
+                           distinct_generations=len(set(gens)),
+                           strict_found=sum(s["strict"] != "[invalid]" for s in mine["samples"][:n_ref]),
+                           exact_match_strict=[mine["metrics"]["exact_match_strict"],
+                                               res["results"]["bench_gsm8k"]["exact_match,strict-match"]])
             print(json.dumps(row), flush=True)
             rows.append(row)
         if a.ours_only:

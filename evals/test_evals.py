@@ -348,3 +348,27 @@ def test_cli_adapter_in_memory(tiny_dir, tmp_path):
     got, base = runs["adapted"]["samples"][0]["loglikelihoods"], runs["base"]["samples"][0]["loglikelihoods"]
     assert all(abs(a - b) < 1e-4 for a, b in zip(got, want)) and all(abs(a - b) > 1e-3 for a, b in zip(got, base))
     assert (tiny_dir / "model.safetensors").read_bytes() == before
+
+
+def test_text_model_trainer(tmp_path):
+    # bench/train_text_model.py, the checkpoint behind the generation parity check: it learns (the
+    # loss falls well below its start) and writes a checkpoint and tokenizer that load() reads back
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import train_text_model
+    d = tmp_path / "gsm8k"
+    d.mkdir()
+    rows = [{"question": f"Tom has {a} apples and buys {b} more. How many now?",
+             "answer": f"Tom has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
+            for a in range(1, 9) for b in range(1, 5)]
+    for name in ("train.jsonl", "test.jsonl"):
+        (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "lm"
+    train_text_model.main(["--data-dir", str(tmp_path), "--out", str(out), "--no-verify", "--steps", "40",
+                           "--vocab-size", "300", "--hidden-size", "32", "--intermediate-size", "64",
+                           "--num-hidden-layers", "1", "--num-attention-heads", "2", "--num-key-value-heads", "1",
+                           "--batch-size", "4", "--seq-len", "64", "--warmup", "2", "--lr", "1e-2"])
+    run = json.loads((out / "train_config.json").read_text())
+    assert run["final_loss"] < run["first_loss"] - 2.0, run
+    model, tok = M.load(str(out))
+    assert model.config.hidden_size == 32 and model.config.num_key_value_heads == 1
+    assert tok.decode(tok.encode("Question: 12")) == "Question: 12"

@@ -1,0 +1,123 @@
+"""
+A small SmolLM2-shaped model trained for a few minutes on GSM8k's training set, written in the
+official layout with its tokenizer, for generation parity with lm-eval on text:
+
+    python bench/train_text_model.py --data-dir data --out runs/text-model
+    python bench/bench_evals.py --data-dir data --model runs/text-model --tasks gsm8k \
+        --limit-gsm8k 256 --limit-gsm8k-lm-eval 256
+
+Why: the random 135M-shaped model of bench_evals.py greedily repeats one token for all 256 new
+tokens, so "identical generations" there only checks each document's first argmax: no stop string,
+no number to extract, no row leaving the batch early. This model has learnt lm-eval's few-shot
+format ("Question: ...\nAnswer: ... #### 42\n\n"), so its generations carry numbers and "####"
+answers and most stop at "Question:" at different lengths. It is a test instrument, not a method
+of the paper; nothing in rigsa.py or evals/ imports it. Plain PyTorch: AdamW on random windows of
+the concatenated training text, cosine learning rate, a few minutes on 2 CPU cores by default.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import model as M  # noqa: E402
+from bench_evals import make_tokenizer  # noqa: E402
+from evals import tasks as T  # noqa: E402
+
+
+@dataclass
+class TextModelConfig:
+    vocab_size: int = 4096          # a BPE trained on GSM8k's text: small, so the embedding trains fast
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4    # GQA, as SmolLM2-135M (head_dim 64)
+    num_key_value_heads: int = 2
+    steps: int = 400
+    batch_size: int = 16            # windows per step
+    seq_len: int = 512              # tokens per window: a few whole Q/A pairs
+    lr: float = 3e-3
+    warmup: int = 20
+    weight_decay: float = 0.1
+    seed: int = 0
+
+
+def get_lr(step, c):
+    if step < c.warmup:
+        return c.lr * (step + 1) / c.warmup
+    return c.lr * 0.5 * (1 + math.cos(math.pi * (step - c.warmup) / max(1, c.steps - c.warmup)))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-dir", default=os.path.join(REPO, "data"), help="holds gsm8k/train.jsonl")
+    ap.add_argument("--out", required=True, help="the checkpoint directory to write")
+    ap.add_argument("--no-verify", action="store_true", help="skip the GSM8k files' checksums")
+    for k, v in asdict(TextModelConfig()).items():
+        ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    a = ap.parse_args(argv)
+    c = TextModelConfig(**{k: getattr(a, k) for k in asdict(TextModelConfig())})
+    print(json.dumps(asdict(c)))
+    torch.manual_seed(c.seed)
+    train, test = T.load_gsm8k(T.ensure_files("gsm8k", a.data_dir, verify=not a.no_verify))
+
+    # the tokenizer: SmolLM2's pipeline (digits split, byte-level), trained on GSM8k's text
+    os.makedirs(a.out, exist_ok=True)
+    make_tokenizer(a.out, [d["question"] + "\n" + d["answer"] for d in train + test], c.vocab_size)
+    tok = M.load_tokenizer(a.out)
+    # the training text in lm-eval's few-shot format, shots joined by "\n\n" (evals/tasks.py)
+    text = "".join(f"Question: {d['question']}\nAnswer: {d['answer']}\n\n" for d in train)
+    ids = torch.tensor(tok.encode(text), dtype=torch.long)
+    print(f"{len(ids):,} training tokens, {c.steps * c.batch_size * c.seq_len / len(ids):.1f} epochs")
+
+    cfg = M.SmolLM2Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                          num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                          num_key_value_heads=c.num_key_value_heads, head_dim=c.hidden_size // c.num_attention_heads,
+                          bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)
+    model = M.Model(cfg)
+    model.load_state_dict(M.random_state_dict(cfg, seed=c.seed))
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=c.lr, betas=(0.9, 0.95))
+    bar = M.progress(total=c.steps, desc="train", unit="step")
+    t0, losses = time.time(), []
+    for step in range(c.steps):
+        starts = torch.randint(0, len(ids) - c.seq_len - 1, (c.batch_size,))
+        x = torch.stack([ids[s:s + c.seq_len + 1] for s in starts])           # (B, T+1)
+        logits = model(x[:, :-1])                                              # (B, T, V)
+        loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), x[:, 1:].reshape(-1))
+        for g in opt.param_groups:
+            g["lr"] = get_lr(step, c)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.update()
+    bar.close()
+    M.write_checkpoint(a.out, cfg, model.state_dict())   # bfloat16, as SmolLM2's own checkpoints
+    tmp = os.path.join(a.out, "train_config.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump({**asdict(c), "first_loss": losses[0], "final_loss": losses[-1],
+                   "seconds": round(time.time() - t0, 1)}, f, indent=2)
+    os.replace(tmp, os.path.join(a.out, "train_config.json"))
+    # a look at what the written checkpoint generates: the first test question with lm-eval's 5 shots
+    model, tok = M.load(a.out, device="cpu", dtype=torch.float32)
+    shots = T.gsm8k_fewshot_indices(1, len(train))[0]
+    out = M.generate(model, tok, [T.gsm8k_prompt(train, test[0], shots)], stop=T.GSM8K_UNTIL, progress_bar=False)[0]
+    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; test document 0 generates {out!r}")
+
+
+if __name__ == "__main__":
+    main()

@@ -224,7 +224,10 @@ def main():
                     [d["goal"] + " " + d["sol1"] + " " + d["sol2"] for d in piqa]
             make_tokenizer(mdir, texts, cfg.vocab_size)
             M.write_checkpoint(mdir, cfg, M.random_state_dict(cfg, seed=0))
-        ours, tok = M.load(mdir, device=a.device, dtype=dtype)
+        try:
+            ours, tok = M.load(mdir, device=a.device, dtype=dtype)
+        except (FileNotFoundError, ValueError, RuntimeError) as e:
+            raise SystemExit(f"--model: {e}")
         cfg = ours.config
         what = f"{mdir} ({cfg.hidden_size} wide, {cfg.num_hidden_layers} layers)" if a.model else \
             f"{a.preset}-shaped random model"

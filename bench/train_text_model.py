@@ -85,8 +85,8 @@ def main(argv=None):
                           bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)
     model = M.Model(cfg)
     model.load_state_dict(M.random_state_dict(cfg, seed=c.seed))
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
+    decay = [p for p in model.parameters() if p.dim() >= 2]   # matrices decay; norm gains do not
+    rest = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                             lr=c.lr, betas=(0.9, 0.95))
     bar = M.progress(total=c.steps, desc="train", unit="step")

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def encode_pair(tok, context, continuation):
     """lm-eval TemplateLM._encode_pair (protocol §5): trailing whitespace of the context moves to the
     continuation; the whole string and the context are encoded separately and the continuation is

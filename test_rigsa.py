@@ -126,6 +126,34 @@ def test_ragged_cache_decode_equals_rows_alone(tiny_dir, tiny_mha_dir, monkeypat
         m(torch.tensor([[5, 6], [7, 8]]), torch.tensor([[1, 1], [0, 1]]), cache=cache)
 
 
+def test_rows_that_stop_leave_the_batch_without_disturbing_the_rest(tiny_dir, monkeypatch):
+    # rows stop at different steps (a stop function, or the end token) and leave the batch: a
+    # block's last live row moves into each place that opens before it (KVCache.drop). Every row
+    # still equals its greedy run alone, cut where it stopped
+    monkeypatch.setattr(M, "DECODE_GROUP", 3)
+    m, tok = M.load(tiny_dir)
+    prompts = [tok.encode(s) for s in ["Question: How do I 1 2 3 4 5 6", "The digit is", "Answer: 7",
+                                       "the of and to in is that for it", "5", "Question: 9 8", "The"]]
+    alone = [M.generate_ids(m, [p], 7, eos_id=-1)[0] for p in prompts]
+    stop_after = [2, 7, 1, 5, 3, 7, 4]
+    got = M.generate_ids(m, prompts, 7, eos_id=-1, stop_fn=lambda i, new: len(new) >= stop_after[i])
+    assert got == [a[:k] for a, k in zip(alone, stop_after)]
+    eos = alone[0][3]   # a token some row emits: rows stop before its first occurrence
+    got = M.generate_ids(m, prompts, 7, eos_id=eos)
+    assert got == [a[:a.index(eos)] if eos in a else a for a in alone]
+    # the move itself: blocks [0, 3) and [3, 5); rows 0 and 4 leave, row 2 takes row 0's place
+    cache = M.KVCache(m.config, 5, 8, "cpu", torch.float32)
+    for r in range(5):
+        cache.len[r] = r + 1
+        for buf in cache.k + cache.v:
+            buf[r, :, :r + 1] = r
+    assert cache.drop([0, 4]) == {2: 0}
+    assert cache.live() == [0, 1, 3] and cache.blocks == [[0, 2], [3, 1]]
+    assert cache.len[0] == 3 and all(bool((buf[0, :, :3] == 2).all()) for buf in cache.k + cache.v)
+    with pytest.raises(ValueError, match="live rows"):
+        m(torch.tensor([[5]] * 5), cache=cache)
+
+
 def test_keep_freed_memory_settings_take_on_glibc():
     # both mallopt options must be accepted (a wrong option number or value returns 0); the speed
     # it buys (no page faults per forward pass) is measured by bench/bench_evals.py, not here

@@ -51,7 +51,7 @@ bench-train: .venv/.installed   ## RIGSA step vs full fine-tuning vs transformer
 	$(PY) bench/bench_train.py
 
 bench-evals: .venv/.bench-installed  ## evals/ against lm-eval's HF backend (needs data/ files)
-	$(PY) bench/bench_evals.py --data-dir data --limit-gsm8k 64 --limit-gsm8k-lm-eval 8
+	$(PY) bench/bench_evals.py --data-dir data --limit-gsm8k 128 --limit-gsm8k-lm-eval 8
 
 # a small model trained on GSM8k's training set (~10 min on 2 CPU cores), whose generations are text
 runs/text-model/model.safetensors: bench/train_text_model.py | .venv/.installed

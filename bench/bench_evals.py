@@ -3,7 +3,7 @@ evals/ against lm-evaluation-harness' HF backend, same model, same documents, sa
 throughput (docs/s) and parity (log-likelihoods, predictions, generations, extracted answers).
 
     python bench/bench_evals.py [--data-dir data] [--limit-piqa 200] [--limit-hellaswag 20]
-                                [--limit-gsm8k 64] [--limit-gsm8k-lm-eval 8] [--repeats 3]
+                                [--limit-gsm8k 128] [--limit-gsm8k-lm-eval 8] [--repeats 3]
 
 The model is SmolLM2-135M-shaped (--preset) with random weights (std 0.02), written once in the
 official layout, float32 on CPU for both (bfloat16 with --device cuda). A random model never emits
@@ -145,7 +145,7 @@ def main():
     ap.add_argument("--data-dir", default=os.path.join(REPO, "data"))
     ap.add_argument("--limit-piqa", type=int, default=200, help="0: every document")
     ap.add_argument("--limit-hellaswag", type=int, default=20, help="0: every document")
-    ap.add_argument("--limit-gsm8k", type=int, default=64, help="0: every document")
+    ap.add_argument("--limit-gsm8k", type=int, default=128, help="0: every document (128: one full batch on CPU)")
     ap.add_argument("--limit-gsm8k-lm-eval", type=int, default=8,
                     help="lm-eval on only the first M of those docs (0: all): at batch 1 it handles "
                          "documents one by one, so its docs/s does not depend on how many it gets")

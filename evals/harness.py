@@ -225,7 +225,9 @@ def auto_batch_size(model, longest_tokens, rows_per_item=1, cap=None, generate=F
         cap = cap or 512
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        cap = cap or 64  # CPU: beyond this the matmuls are already efficient; ETA granularity suffers
+        # CPU: scoring's matmuls are already efficient at 64; GSM8k decoding on 2 cores cost 5.1 ms
+        # a row-step at 128 rows against 5.8 at 64. Beyond that, ETA granularity suffers
+        cap = cap or (128 if generate else 64)
     if generate:
         free -= 2 * act * longest_tokens
         per_item = kv * longest_tokens

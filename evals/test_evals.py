@@ -234,6 +234,7 @@ def test_auto_batch_size(tiny_dir):
     model, _ = M.load(str(tiny_dir))
     a, b = H.auto_batch_size(model, 100, 4), H.auto_batch_size(model, 100, 4, cap=3)
     assert 1 <= a <= 64 and b == 3 and H.auto_batch_size(model, 10 ** 6, 4) == 1   # huge rows: one at a time
+    assert H.auto_batch_size(model, 100, generate=True) == 128   # CPU generation: the cap binds on a tiny model
 
 
 def test_score_shared_bf16_close(tiny_dir):

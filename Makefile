@@ -8,7 +8,7 @@ TASK    ?= all
 ADAPTER ?=
 OUT     ?= runs/rigsa
 
-.PHONY: help test demo train eval paper chat bench bench-model bench-train bench-evals bench-qlora parity-gsm8k
+.PHONY: help test demo train eval paper chat bench bench-model bench-train bench-evals bench-generate bench-qlora parity-gsm8k
 
 help:            ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -42,7 +42,7 @@ paper: .venv/.installed         ## from a fresh clone to the paper's tables (run
 chat: .venv/.installed          ## one chat message to MODEL (the paper's Figure 6)
 	$(PY) model.py --model $(MODEL) --prompt "What is the capital of France?"
 
-bench: bench-model bench-train bench-evals bench-qlora   ## every benchmark, side by side with the peers
+bench: bench-model bench-train bench-evals bench-generate bench-qlora   ## every benchmark, side by side with the peers
 
 bench-model: .venv/.installed   ## prefill and batched decode against transformers (135M shape, CPU)
 	$(PY) bench/bench_model.py
@@ -52,6 +52,9 @@ bench-train: .venv/.installed   ## RIGSA step vs full fine-tuning vs transformer
 
 bench-evals: .venv/.bench-installed  ## evals/ against lm-eval's HF backend (needs data/ files)
 	$(PY) bench/bench_evals.py --data-dir data --limit-gsm8k 128 --limit-gsm8k-lm-eval 8
+
+bench-generate: .venv/.installed  ## GSM8k-shaped generation alone, rows stopping at different steps (needs data/gsm8k)
+	$(PY) bench/bench_generate.py --data-dir data --docs 64 --stop-after 60,200
 
 # a small model trained on GSM8k's training set (~35 min on 2 CPU cores), whose generations are text;
 # 1500 steps rather than the script's 400: half of its generations end in "#### N" and 10% stop early

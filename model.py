@@ -156,7 +156,7 @@ class KVCache:
     def drop(self, rows):
         """Rows (cache row indices) leave the batch. A block's last live row takes each place that
         opens before it, so one row's filled slots are copied per finished row, where compacting
-        the whole batch copied every row's (10% of a 64-row GSM8k batch whose rows stop at different
+        the whole batch copied every row's (8% of a 64-row GSM8k batch whose rows stop at different
         steps, and twice the cache's memory while it ran). Returns {old row: new row} for the moved rows."""
         gone, moved = set(rows), {}
         for blk in self.blocks:

@@ -8,7 +8,7 @@ TASK    ?= all
 ADAPTER ?=
 OUT     ?= runs/rigsa
 
-.PHONY: help test demo train eval paper chat bench bench-model bench-train bench-evals bench-generate bench-qlora parity-gsm8k
+.PHONY: help test demo train eval paper chat bench bench-model bench-train bench-evals bench-generate bench-attention bench-qlora parity-gsm8k
 
 help:            ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -42,7 +42,7 @@ paper: .venv/.installed         ## from a fresh clone to the paper's tables (run
 chat: .venv/.installed          ## one chat message to MODEL (the paper's Figure 6)
 	$(PY) model.py --model $(MODEL) --prompt "What is the capital of France?"
 
-bench: bench-model bench-train bench-evals bench-generate bench-qlora   ## every benchmark, side by side with the peers
+bench: bench-model bench-train bench-evals bench-generate bench-attention bench-qlora   ## every benchmark, side by side with the peers
 
 bench-model: .venv/.installed   ## prefill and batched decode against transformers (135M shape, CPU)
 	$(PY) bench/bench_model.py
@@ -55,6 +55,9 @@ bench-evals: .venv/.bench-installed  ## evals/ against lm-eval's HF backend (nee
 
 bench-generate: .venv/.installed  ## GSM8k-shaped generation alone, rows stopping at different steps (needs data/gsm8k)
 	$(PY) bench/bench_generate.py --data-dir data --docs 64 --stop-after 60,200
+
+bench-attention: .venv/.installed  ## a GSM8k decode step's split, and its attention's read rate against a plain read (CPU)
+	$(PY) bench/bench_attention.py
 
 # a small model trained on GSM8k's training set (~35 min on 2 CPU cores), whose generations are text;
 # 1500 steps rather than the script's 400: half of its generations end in "#### N" and 10% stop early

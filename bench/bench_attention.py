@@ -1,0 +1,121 @@
+"""
+Where a GSM8k decode step spends its time, and how fast its attention reads the KV cache against
+a plain read of the same memory: the measurement behind "GSM8k's CPU decode is bound by attention
+per core" in BENCHMARKS.md. No lm-eval, no data files: a random SmolLM2-shaped model and a KV
+cache of random keys and values whose rows have GSM8k-like lengths.
+
+    python bench/bench_attention.py [--rows 128] [--lengths 839,1548] [--threads 2,1]
+
+1. A decode step of model.py (one new token for every row, lm_head and argmax included), timed,
+   and split by torch.profiler into attention (SDPA), matmuls and the rest.
+2. One step's attention alone (30 layers, the step's blocks of DECODE_GROUP rows, each over its
+   own longest row) written three ways, in GB/s of keys and values read: a plain sum over the same
+   slices (the memory's streaming rate), SDPA as model.py calls it, and q @ K^T, softmax, @ V as
+   batched matmuls; with 2 and 1 threads, which tells a per-core limit from a memory-bus one.
+"""
+import argparse
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import model as M  # noqa: E402
+
+
+def best_of(fn, repeats):
+    fn()  # warm-up
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return min(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="SmolLM2-135M-Instruct", choices=list(M.PRESETS))
+    ap.add_argument("--rows", type=int, default=128, help="decode batch (evals' CPU default for GSM8k)")
+    ap.add_argument("--lengths", default="839,1548",
+                    help="LO,HI filled slots, spread evenly over the rows (default: the first 128 GSM8k 5-shot "
+                         "prompts, 711-1420 tokens with bench_evals' tokenizer, 128 tokens into their generation)")
+    ap.add_argument("--threads", default="2,1", help="thread counts for part 2")
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    try:
+        lo, hi = (int(x) for x in a.lengths.split(","))
+        threads = [int(x) for x in a.threads.split(",")]
+        if not (1 <= lo <= hi and a.rows > 0 and all(t > 0 for t in threads)):
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"--lengths {a.lengths!r} / --threads {a.threads!r} / --rows {a.rows}: "
+                         "expected LO,HI with 1 <= LO <= HI, positive thread counts and rows")
+    M.keep_freed_memory()
+    cfg, B = M.PRESETS[a.preset], a.rows
+    torch.manual_seed(0)
+    model = M.Model(cfg).eval().requires_grad_(False)
+    model.load_state_dict(M.random_state_dict(cfg, seed=0))
+    lens = torch.linspace(hi, lo, B).round().long()     # longest first, as generate_ids orders rows
+    cache = M.KVCache(cfg, B, hi + 1, "cpu", torch.float32)
+    for buf in cache.k + cache.v:
+        buf.normal_()
+    kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * int(lens.sum())
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}; "
+          f"{a.preset}, {B} rows, {lo}-{hi} filled slots, {kv_bytes / 1e9:.2f} GB of keys and values a step")
+
+    # 1. the real decode step, and its split
+    nxt = torch.randint(0, cfg.vocab_size, (B, 1))
+
+    @torch.inference_mode()
+    def step():
+        cache.len[:] = lens   # the step appends one slot; start from the same lengths each time
+        h = model(nxt, hidden_only=True, cache=cache)
+        return model.lm_head(h[:, -1]).max(-1).indices
+
+    t = best_of(step, a.repeats)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(self_us.values())
+    attn = sum(v for k, v in self_us.items() if "scaled_dot_product" in k)
+    mm = sum(v for k, v in self_us.items() if k in ("aten::mm", "aten::addmm", "aten::bmm"))
+    print(f"decode step: {t * 1000:.0f} ms, {t / B * 1000:.2f} ms a row; attention {attn / total:.0%}, "
+          f"matmuls {mm / total:.0%}, the rest {(total - attn - mm) / total:.0%} (profiler, self time)")
+
+    # 2. one step's attention alone, three ways
+    g, hd = cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
+    q = torch.randn(B, cfg.num_key_value_heads, g, hd)
+    blocks = []
+    for s in range(0, B, M.DECODE_GROUP):
+        n = min(M.DECODE_GROUP, B - s)
+        S = int(lens[s:s + n].max())
+        m = (torch.arange(S) < lens[s:s + n, None])[:, None, None, :]           # (n, 1, 1, S)
+        blocks.append((s, n, S, m, torch.zeros(m.shape).masked_fill(~m, float("-inf"))))
+
+    def read(l, s, n, S, m, fm):
+        return cache.k[l][s:s + n, :, :S].sum() + cache.v[l][s:s + n, :, :S].sum()
+
+    def sdpa(l, s, n, S, m, fm):  # model.Attention's decode call
+        return F.scaled_dot_product_attention(q[s:s + n], cache.k[l][s:s + n, :, :S], cache.v[l][s:s + n, :, :S], attn_mask=m)
+
+    def bmm(l, s, n, S, m, fm):
+        w = torch.softmax(q[s:s + n] * hd ** -0.5 @ cache.k[l][s:s + n, :, :S].transpose(-1, -2) + fm, -1)
+        return w @ cache.v[l][s:s + n, :, :S]
+
+    for th in threads:
+        torch.set_num_threads(th)
+        row = []
+        for name, f in (("plain read", read), ("SDPA (model.py)", sdpa), ("batched matmuls", bmm)):
+            with torch.inference_mode():
+                t = best_of(lambda: [f(l, *blk) for l in range(cfg.num_hidden_layers) for blk in blocks], a.repeats)
+            row.append(f"{name} {kv_bytes / t / 1e9:.1f} GB/s ({t * 1000:.0f} ms)")
+        print(f"attention of one step, {th} thread{'s' if th > 1 else ''}: " + ", ".join(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -17,23 +17,14 @@ import argparse
 import os
 import platform
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import model as M  # noqa: E402
-
-
-def best_of(fn, repeats):
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts)
+from bench_model import timeit  # noqa: E402  (the median of `repeats` runs after a warm-up)
 
 
 def main():
@@ -76,7 +67,7 @@ def main():
         h = model(nxt, hidden_only=True, cache=cache)
         return model.lm_head(h[:, -1]).max(-1).indices
 
-    t = best_of(step, a.repeats)
+    t = timeit(step, a.repeats)
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
@@ -112,7 +103,7 @@ def main():
         row = []
         for name, f in (("plain read", read), ("SDPA (model.py)", sdpa), ("batched matmuls", bmm)):
             with torch.inference_mode():
-                t = best_of(lambda: [f(l, *blk) for l in range(cfg.num_hidden_layers) for blk in blocks], a.repeats)
+                t = timeit(lambda: [f(l, *blk) for l in range(cfg.num_hidden_layers) for blk in blocks], a.repeats)
             row.append(f"{name} {kv_bytes / t / 1e9:.1f} GB/s ({t * 1000:.0f} ms)")
         print(f"attention of one step, {th} thread{'s' if th > 1 else ''}: " + ", ".join(row))
 

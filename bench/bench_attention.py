@@ -92,7 +92,8 @@ def main():
         return cache.k[l][s:s + n, :, :S].sum() + cache.v[l][s:s + n, :, :S].sum()
 
     def sdpa(l, s, n, S, m, fm):  # model.Attention's decode call
-        return F.scaled_dot_product_attention(q[s:s + n], cache.k[l][s:s + n, :, :S], cache.v[l][s:s + n, :, :S], attn_mask=m)
+        k, v = cache.k[l][s:s + n, :, :S], cache.v[l][s:s + n, :, :S]
+        return F.scaled_dot_product_attention(q[s:s + n], k, v, attn_mask=m)
 
     def bmm(l, s, n, S, m, fm):
         w = torch.softmax(q[s:s + n] * hd ** -0.5 @ cache.k[l][s:s + n, :, :S].transpose(-1, -2) + fm, -1)

@@ -12,9 +12,7 @@ nkv key/value heads, hd head dim, V vocab.
 """
 import argparse
 import copy
-import ctypes
 import json
-import math
 import os
 import re
 import sys
@@ -25,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import util
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-1.7B-Instruct"
 
@@ -129,12 +129,14 @@ DECODE_GROUP = 16  # decoding rows attend in blocks of this many, each over its 
 
 
 class KVCache:
-    """Static per-layer key/value buffers in KV-head space. Row b holds its own tokens in slots
-    0 .. len[b]-1, with no padding in between: prompts of different lengths are prefilled one by
-    one and then decode side by side, each new token written at its row's own next slot.
-    Decoding rows attend in blocks of DECODE_GROUP rows (filled in order of length, a block reads
-    few slots beyond its own rows'). `blocks` lists each block's first row and how many of its
-    rows are live, always its first ones; the live rows, block after block, are the batch."""
+    """Static per-layer key/value buffers in KV-head space, (B, nkv, Smax, hd). Row b holds its
+    own tokens in slots 0 .. len[b]-1, with no padding in between: prompts of different lengths
+    are prefilled one by one (row(i)) and then decode side by side, each new token written at its
+    row's own next slot. Decoding rows attend in blocks of DECODE_GROUP rows (filled in order of
+    length, so a block reads few slots beyond its own rows'). `blocks` lists each block's first
+    row and how many of its rows are live, always its first ones; the live rows, block after
+    block, are the batch. A forward pass calls prepare() before the layers, attend() in each
+    layer and advance() after them."""
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
@@ -156,8 +158,8 @@ class KVCache:
     def drop(self, rows):
         """Rows (cache row indices) leave the batch. A block's last live row takes each place that
         opens before it, so one row's filled slots are copied per finished row, where compacting
-        the whole batch copied every row's (8% of a 64-row GSM8k batch whose rows stop at different
-        steps, and twice the cache's memory while it ran). Returns {old row: new row} for the moved rows."""
+        the whole batch would copy every row's (and hold the cache twice while it ran; BENCHMARKS.md,
+        make bench-generate). Returns {old row: new row} for the moved rows."""
         gone, moved = set(rows), {}
         for blk in self.blocks:
             a, n = blk
@@ -173,6 +175,52 @@ class KVCache:
         self.blocks = [blk for blk in self.blocks if blk[1]]
         return moved
 
+    def prepare(self, B, T):
+        """Before the layers: place an input of B rows x T tokens, all real. T > 1 is a prompt's
+        prefill into empty rows (generate_ids does one at a time); T == 1 is one token for each
+        of the batch's rows (live(), any lengths). -> the tokens' positions (B, T), = their slots."""
+        live = self.live()
+        if len(live) != B:
+            raise ValueError(f"the cache has {len(live)} live rows, the input {B}")
+        dev = self.len.device
+        self.rows = torch.tensor(live, device=dev)                              # (B,) cache rows
+        self.start = self.len[self.rows]                                        # (B,) first free slot
+        if T > 1 and bool(self.start.any()):
+            raise ValueError("a multi-token input to a KV cache must fill empty rows (a prompt's prefill)")
+        if T == 1:
+            # each block of rows attends over the slots its longest row has filled; a
+            # (n, 1, 1, S) mask hides the rest from shorter rows. One host sync per step
+            ends, self.plan, i = self.len.tolist(), [], 0
+            for a, n in self.blocks:
+                S = max(ends[a:a + n]) + 1
+                m = None if min(ends[a:a + n]) + 1 == S else \
+                    (torch.arange(S, device=dev) <= self.len[a:a + n, None])[:, None, None, :]
+                self.plan.append((i, a, n, S, m))
+                i += n
+        return self.start[:, None] + torch.arange(T, device=dev)
+
+    def attend(self, layer, q, k, v):
+        """Store this layer's new keys and values, then attend. q (B, nh, T, hd), k, v (B, nkv, T, hd)
+        -> (B, nh, T, hd)."""
+        K, V = self.k[layer], self.v[layer]                                     # (B, nkv, Smax, hd)
+        B, nh, T, hd = q.shape
+        nkv = K.shape[1]
+        if T > 1:  # prefill of empty rows: store, then attend to its own k, v (the causal kernel)
+            K[:, :, :T], V[:, :, :T] = k, v
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nkv != nh)
+        K[self.rows, :, self.start], V[self.rows, :, self.start] = k[:, :, 0], v[:, :, 0]
+        # a block of rows reads only the slots its longest row has filled, not the batch's longest.
+        # The g query heads of KV group j become g query rows of that group, so SDPA sees plain
+        # attention over nkv heads: no K/V expansion, and faster on CPU than enable_gqa with a mask
+        qg = q.reshape(B, nkv, nh // nkv, hd)                                   # (B, nkv, g, hd)
+        y = torch.cat([F.scaled_dot_product_attention(qg[i:i + n], K[a:a + n, :, :S], V[a:a + n, :, :S], attn_mask=m)
+                       for i, a, n, S, m in self.plan])                        # (B, nkv, g, hd)
+        return y.reshape(B, nh, 1, hd)
+
+    def advance(self, T):
+        """After the layers: the T tokens now fill their slots."""
+        self.len[self.rows] += T
+
 
 class Attention(nn.Module):
     def __init__(self, cfg):
@@ -184,7 +232,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, self.nkv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.nh * self.hd, C, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
+        """mask: None (causal, no padding) or boolean (B, 1, T, S), query t sees key s.
+        cache: a KVCache to store into and attend over; `layer` is this layer's index in it."""
         B, T, C = x.shape
         # rows h*hd:(h+1)*hd of q_proj belong to head h, so a plain view splits the heads
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)    # (B, nh, T, hd)
@@ -192,28 +242,13 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)   # (B, nkv, T, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        # GQA: kv head j serves query heads j*g .. j*g+g-1 (= repeat_interleave, without the copy)
         gqa = self.nkv != self.nh
         if cache is not None:
-            K, V = cache.k[layer], cache.v[layer]                                # (B, nkv, Smax, hd)
-            if T > 1:  # prefill of empty rows (Model._cached): store, then attend to k, v themselves
-                K[:, :, :T], V[:, :, :T] = k, v
-            else:      # decoding: batch row i is cache row rows[i]; its new token goes to slot start[i]
-                rows, start, blocks = mask                                       # (Model._cached)
-                K[rows, :, start], V[rows, :, start] = k[:, :, 0], v[:, :, 0]
-                # a block of rows reads only the slots its longest row has filled, not the batch's
-                # longest. The g query heads of KV group j become g query rows of that group, so
-                # SDPA sees plain attention over nkv heads: no K/V expansion, and 3x faster on
-                # CPU than enable_gqa with a mask
-                g = self.nh // self.nkv
-                qg = q.reshape(B, self.nkv, g, self.hd)                          # (B, nkv, g, hd)
-                y = torch.cat([F.scaled_dot_product_attention(qg[i:i + n], K[a:a + n, :, :S], V[a:a + n, :, :S],
-                                                              attn_mask=m)
-                               for i, a, n, S, m in blocks])                    # (B, nkv, g, hd)
-                return self.o_proj(y.reshape(B, self.nh * self.hd)[:, None])     # (B, 1, C)
-        # GQA: kv head j serves query heads j*g .. j*g+g-1 (= repeat_interleave, without the copy)
-        if isinstance(mask, str):  # "causal": no padding, no past; the fast causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:  # a boolean mask (B, 1, T, S), or None: every key visible
+            y = cache.attend(layer, q, k, v)                                    # (B, nh, T, hd)
+        elif mask is None:  # no padding, no past: the fast causal kernel (a single token sees itself)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
@@ -237,7 +272,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -267,65 +302,35 @@ class Model(nn.Module):
         right). Returns logits (B, T, V), or the final-normed hidden states (B, T, C).
         For packed rows (several sequences, or a tree of continuations sharing one context, in one
         row), attention_mask may instead be boolean (B, T, T), query t sees key s, with every query
-        seeing itself, together with position_ids (B, T); no cache then."""
+        seeing itself, together with position_ids (B, T); no cache then.
+        With a KVCache, every input token is real and is appended to the cache (KVCache.prepare)."""
         B, T = input_ids.shape
         dev = input_ids.device
-        if attention_mask is not None and attention_mask.dim() == 3:
-            if cache is not None or position_ids is None:
-                raise ValueError("a (B, T, T) attention_mask needs position_ids and no cache")
-            return self._run(input_ids, position_ids, attention_mask[:, None], None, hidden_only)
         if cache is not None:
-            return self._cached(input_ids, attention_mask, cache, hidden_only)
+            if attention_mask is not None and not bool(attention_mask.bool().all()) or position_ids is not None:
+                raise ValueError("with a KV cache every input token must be real (no padding), at its slot's position")
+            pos = cache.prepare(B, T)                                          # (B, T) slot = position
+            x = self._run(input_ids, pos, None, cache, hidden_only)
+            cache.advance(T)
+            return x
+        if attention_mask is not None and attention_mask.dim() == 3:
+            if position_ids is None:
+                raise ValueError("a (B, T, T) attention_mask needs position_ids")
+            return self._run(input_ids, position_ids, attention_mask[:, None], None, hidden_only)
         real = torch.ones(B, T, dtype=torch.bool, device=dev) if attention_mask is None else attention_mask.bool()
         # per-row positions count real tokens only (transformers' cumsum - 1 convention), so a
         # padded row sees the same positions, hence the same logits, as the row alone
         pos = (real.long().cumsum(-1) - 1).clamp(min=0) if position_ids is None else position_ids  # (B, T)
-        if T > 1 and (attention_mask is None or bool((real[:, 1:] <= real[:, :-1]).all())):
-            # no left padding (right padding at most): the causal kernel is exact for every real
-            # query, and skips the upper triangle an explicit mask would compute
-            mask = "causal"
-        elif T == 1:
-            mask = None
-        else:
-            # causal AND the key is real; every query also sees itself so that a pad query never
-            # gets an all-masked row (NaN on some kernels)
+        mask = None
+        if T > 1 and attention_mask is not None and not bool((real[:, 1:] <= real[:, :-1]).all()):
+            # left padding: causal AND the key is real; every query also sees itself so that a pad
+            # query never gets an all-masked row (NaN on some kernels). Without left padding (right
+            # padding at most) the causal kernel is exact for every real query, and skips the upper
+            # triangle an explicit mask would compute
             mask = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None] & real[:, None, :]  # (B, T, T)
             mask[:, torch.arange(T, device=dev), torch.arange(T, device=dev)] = True
             mask = mask[:, None]                                                # (B, 1, T, T)
         return self._run(input_ids, pos, mask, None, hidden_only)
-
-    def _cached(self, input_ids, attention_mask, cache, hidden_only):
-        """Append input_ids (B, T), all real, to the cache. T > 1: a prefill of empty rows
-        (generate_ids does one prompt at a time); T == 1: one token for each of the batch's
-        rows (cache.live(), any lengths)."""
-        B, T = input_ids.shape
-        dev = input_ids.device
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            raise ValueError("with a KV cache every input token must be real (no padding)")
-        live = cache.live()
-        if len(live) != B:
-            raise ValueError(f"the cache has {len(live)} live rows, the input {B}")
-        rows = torch.tensor(live, device=dev)                                   # (B,) cache rows
-        start = cache.len[rows]                                                 # (B,)
-        pos = start[:, None] + torch.arange(T, device=dev)                     # (B, T) slot = position
-        if T > 1:
-            if bool(start.any()):
-                raise ValueError("a multi-token input to a KV cache must fill empty rows (a prompt's prefill)")
-            mask = "causal"
-        else:
-            # decoding: each block of rows attends over the slots its longest row has filled (a
-            # (n, 1, 1, S) mask hides the rest from shorter rows); one host sync per step
-            ends, blocks, i = cache.len.tolist(), [], 0
-            for a, n in cache.blocks:
-                S = max(ends[a:a + n]) + 1
-                m = None if min(ends[a:a + n]) + 1 == S else \
-                    (torch.arange(S, device=dev) <= cache.len[a:a + n, None])[:, None, None, :]
-                blocks.append((i, a, n, S, m))
-                i += n
-            mask = (rows, start, blocks)
-        x = self._run(input_ids, pos, mask, cache, hidden_only)
-        cache.len[rows] += T   # after the layers: during them, start is where this step writes
-        return x
 
     def _run(self, input_ids, pos, mask, cache, hidden_only):
         freqs = pos[..., None].float() * self.inv_freq.to(pos.device)          # (B, T, hd/2)
@@ -447,8 +452,8 @@ def load(name_or_path=DEFAULT_MODEL, device=None, dtype=None, revision=None):
     """-> (model, tokenizer). Default dtype: bfloat16 on CUDA, float32 on CPU."""
     path = resolve(name_or_path, revision)
     cfg = SmolLM2Config.from_json(path / "config.json")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device = util.pick_device(device)
+    dtype = dtype or default_dtype(device)
     tensors = read_safetensors(path)
     tensors.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
     tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}  # old files
@@ -474,76 +479,44 @@ def load(name_or_path=DEFAULT_MODEL, device=None, dtype=None, revision=None):
     model.eval().requires_grad_(False)
     return model, load_tokenizer(path)
 
+def default_dtype(device):
+    """bfloat16 on CUDA (the checkpoints' own dtype), float32 on CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def hf_config(cfg, head_dim_in_config=True):
+    """The config.json dict transformers writes for cfg (the inverse of SmolLM2Config.from_json)."""
+    d = asdict(cfg)
+    if not head_dim_in_config:
+        d.pop("head_dim")
+    d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", attention_bias=False,
+             mlp_bias=False, attention_dropout=0.0, rope_scaling=None, initializer_range=0.02,
+             torch_dtype="bfloat16", use_cache=True, pretraining_tp=1)
+    return d
+
+
+def save_checkpoint(path, config, state_dict, dtype=torch.bfloat16):
+    """Write config.json (a dict, e.g. hf_config(cfg)) and model.safetensors as save_pretrained
+    does: the weights cast to dtype, no lm_head.weight when the embeddings are tied. Each file is
+    written whole or not at all. -> path."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    util.write_json(path / "config.json", {**config, "torch_dtype": str(dtype).replace("torch.", "")})
+    tied = config.get("tie_word_embeddings", True)
+    sd = {k: v.detach().to(dtype).contiguous() for k, v in state_dict.items() if not (tied and k == "lm_head.weight")}
+    util.atomic_write(path / "model.safetensors", lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    return path
+
 # -----------------------------------------------------------------------------
 # generation
-
-def keep_freed_memory():
-    """CPU runs: glibc hands big freed blocks back to the OS (mmap above a threshold, heap trim),
-    so every forward pass page-faults its activations afresh: ~200k minor faults and 20-30% of a
-    PIQA evaluation on 2 cores (bench/bench_evals.py). Keep freed memory for reuse instead, as
-    tcmalloc/jemalloc would. The CLIs call this at start; a no-op where libc is not glibc.
-    Returns whether both settings took."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, 1 << 30) and libc.mallopt(-1, 1 << 31))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
-class progress:
-    """A small progress bar on stderr with rate and ETA: progress(items, desc, unit) or
-    progress(total=N) with .update(n), .set_postfix(**kw) and .close()."""
-    def __init__(self, iterable=None, desc="", unit="it", total=None, enabled=True):
-        self.iterable, self.desc, self.unit = iterable, desc, unit
-        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
-        self.n, self.t0, self.post = 0, time.time(), ""
-        self.last = self.t0  # first line after one interval: a short job prints only its close
-        self.drawn = None    # self.n when a line was last drawn
-        self.enabled = enabled and os.environ.get("RIGSA_NO_PROGRESS") is None
-
-    def __iter__(self):
-        for x in self.iterable:
-            yield x
-            self.update(1)
-        self.close()
-
-    def set_postfix(self, **kw):
-        self.post = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kw.items())
-
-    def update(self, n=1):
-        self.n += n
-        # redraw in place twice a second on a terminal; in a log file, one line every 30 s
-        tty = sys.stderr.isatty()
-        if self.enabled and time.time() - self.last > (0.5 if tty else 30.0):
-            self.last = time.time()
-            self._draw(end="" if tty else "\n")
-
-    def _draw(self, end=""):
-        self.drawn = self.n
-        dt = max(time.time() - self.t0, 1e-9)
-        rate = self.n / dt
-        if self.total:
-            eta = (self.total - self.n) / rate if rate > 0 else float("inf")
-            frac = self.n / self.total
-            bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
-            s = f"{self.desc} |{bar}| {self.n}/{self.total} [{dt:.0f}s<{eta:.0f}s, {rate:.2f} {self.unit}/s]"
-        else:
-            s = f"{self.desc} {self.n} [{dt:.0f}s, {rate:.2f} {self.unit}/s]"
-        print(f"\r{s} {self.post}".ljust(100) if sys.stderr.isatty() else f"{s} {self.post}", end=end,
-              file=sys.stderr, flush=True)
-
-    def close(self):
-        # on a terminal, end the line; in a log, add a line unless the last one already said it all
-        if self.enabled and (sys.stderr.isatty() or self.drawn != self.n):
-            self._draw(end="\n")
-
 
 @torch.inference_mode()
 def generate_ids(model, prompts, max_new_tokens, eos_id, stop_fn=None):
     """Greedy decoding of a batch of token-id lists with a static KV cache. Each prompt is
-    prefilled alone into its row of the cache (causal kernel, no padding: a right-padded batch
-    cost 1.8x as much per prompt on CPU for GSM8k's 0.8-1.4k-token prompts, and one ~1k-token
-    row already fills the matmuls). Then all rows decode together, each new token at its row's
+    prefilled alone into its row of the cache (causal kernel, no padding: one ~1k-token GSM8k
+    prompt already fills the matmuls, and padding costs more than it batches; BENCHMARKS.md,
+    make bench-generate). Then all rows decode together, each new token at its row's
     own next slot (KVCache); pass prompts sorted by length so that the attention blocks
     (DECODE_GROUP) read few empty slots. Each row stops on its own at eos_id or when
     stop_fn(row_index, new_ids) is true; finished rows leave the batch (KVCache.drop). Returns
@@ -555,7 +528,7 @@ def generate_ids(model, prompts, max_new_tokens, eos_id, stop_fn=None):
     for i, p in enumerate(prompts):
         h = model(torch.tensor([p], device=dev), hidden_only=True, cache=cache.row(i))   # (1, len, C)
         last.append(h[0, -1])
-    # greedy token: max().indices is argmax (the first maximum) and 4x faster on CPU for V = 49152
+    # greedy token: max().indices is argmax (the first maximum), and faster than argmax on CPU
     nxt = model.lm_head(torch.stack(last)).max(-1).indices                    # (B,)
     out = [[] for _ in range(B)]
     who = list(range(B))                                                      # cache row -> prompt
@@ -582,11 +555,12 @@ def generate_ids(model, prompts, max_new_tokens, eos_id, stop_fn=None):
 def generate(model, tokenizer, prompts, max_new_tokens=256, stop=(), batch_size=16, progress_bar=True, stats=None):
     """Batched greedy generation for text prompts. Returns, per prompt, the decoded new text
     (special tokens skipped) cut at the first occurrence of each stop string in list order,
-    as lm-evaluation-harness does. Prompts are batched by length to keep padding small."""
+    as lm-evaluation-harness does. Prompts go longest first, so that a batch's rows have similar
+    lengths and the decode blocks read few empty cache slots (generate_ids)."""
     enc = [tokenizer.encode(p) for p in prompts]
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
     texts, n_new, t0 = [None] * len(enc), 0, time.time()
-    bar = progress(total=len(enc), desc="generate", unit="seq", enabled=progress_bar)
+    bar = util.progress(total=len(enc), desc="generate", unit="seq", enabled=progress_bar)
 
     def cut(s):
         for st in stop:
@@ -605,94 +579,12 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, stop=(), batch_size=
         for i, o in zip(idx, outs):
             texts[i] = cut(tokenizer.decode(o, skip_special_tokens=True))
             n_new += len(o)
-        bar.set_postfix(tok_s=n_new / (time.time() - t0))
+        bar.set_postfix(tok_s=n_new / (time.time() - t0), refresh=False)
         bar.update(len(idx))
     bar.close()
     if stats is not None:
         stats.update(new_tokens=n_new, seconds=time.time() - t0, tokens_per_s=n_new / max(time.time() - t0, 1e-9))
     return texts
-
-# -----------------------------------------------------------------------------
-# tiny checkpoints in the official layout, for tests and the offline demo
-
-TINY_SHAPES = {
-    # GQA like 135M/360M (head_dim written in the config), MHA like 1.7B (head_dim absent)
-    "gqa": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "mha": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
-}
-CHAT_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-                 "{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM + "<|im_end|>\\n' }}{% endif %}"
-                 "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-TINY_CORPUS = ["Below is a digit as text. Which digit is it?", "The digit is", "Question: How do I",
-               "Answer: The answer is", "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
-               "system user assistant", "the of and to in is that for it with as on was"]
-
-
-def write_tiny_tokenizer(path, vocab_size=512):
-    """A byte-level BPE with SmolLM2's structure: digits split one per token, ChatML specials at 0, 1, 2."""
-    from tokenizers import Tokenizer as _Tok, models, pre_tokenizers, decoders, trainers, processors
-    tok = _Tok(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TINY_CORPUS * 4, trainer)
-    tok.save(str(Path(path) / "tokenizer.json"))
-    (Path(path) / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
-        "unk_token": "<|endoftext|>", "tokenizer_class": "GPT2Tokenizer", "chat_template": CHAT_TEMPLATE,
-        "model_max_length": 8192}, indent=2))
-    return tok.get_vocab_size()
-
-
-def write_checkpoint(path, cfg, state_dict, head_dim_in_config=True):
-    """Write config.json + model.safetensors (bf16, no lm_head when tied) as save_pretrained does."""
-    from safetensors.torch import save_file
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    d = asdict(cfg)
-    if not head_dim_in_config:
-        d.pop("head_dim")
-    d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", attention_bias=False,
-             mlp_bias=False, attention_dropout=0.0, rope_scaling=None, initializer_range=0.02,
-             torch_dtype="bfloat16", use_cache=True, pretraining_tp=1)
-    (path / "config.json").write_text(json.dumps(d, indent=2))
-    (path / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}))
-    sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in state_dict.items()
-          if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-    save_file(sd, str(path / "model.safetensors.tmp"), metadata={"format": "pt"})
-    os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
-    return path
-
-
-def write_tiny_checkpoint(path, shape="gqa", seed=0, num_hidden_layers=None):
-    """A random SmolLM2-shaped model with a SmolLM2-structured tokenizer, in the official layout."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    V = write_tiny_tokenizer(path)
-    kw = dict(TINY_SHAPES[shape])
-    if num_hidden_layers:
-        kw["num_hidden_layers"] = num_hidden_layers
-    cfg = SmolLM2Config(vocab_size=V, head_dim=kw["hidden_size"] // kw["num_attention_heads"],
-                        max_position_embeddings=2048, **kw)
-    # weights larger than the usual 0.02 and jittered norms, so that logits are not flat
-    sd = random_state_dict(cfg, seed, std=0.08, norm_jitter=0.1)
-    return write_checkpoint(path, cfg, sd, head_dim_in_config=(shape == "gqa"))
-
-
-def random_state_dict(cfg, seed=0, std=0.02, norm_jitter=0.0):
-    """Random weights for a config (tests, demo, benchmarks): N(0, std) matrices, norms 1 + jitter."""
-    torch.manual_seed(seed)
-    m = Model(cfg)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            p.copy_(1.0 + norm_jitter * torch.randn_like(p) if n.endswith("norm.weight") else std * torch.randn_like(p))
-    return m.state_dict()
 
 # -----------------------------------------------------------------------------
 
@@ -707,7 +599,7 @@ def main(argv=None):
                     help="default bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--revision", default=None, help="pin a hub revision (commit or tag)")
     a = ap.parse_args(argv)
-    keep_freed_memory()
+    util.keep_freed_memory()
     try:
         model, tok = load(a.model, a.device, getattr(torch, a.dtype) if a.dtype else None, a.revision)
     except (FileNotFoundError, ValueError, RuntimeError) as e:

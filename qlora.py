@@ -3,7 +3,7 @@ The paper's baseline: QLoRA (a 4-bit NF4 base plus LoRA adapters) and plain LoRA
 bfloat16 base, written from scratch in PyTorch (no bitsandbytes, no PEFT).
 
     quantize_model(model)                      # 7 projections of every layer -> NF4 (+ double quant)
-    params = apply_lora(model, rank=16, alpha=32, dropout=0.0)
+    params = apply_lora(model, rank=16, alpha=32, dropout=0.0)   # the paper's values: rigsa.TABLE4
     ... train params ...
     save_peft(model, "out/peft", 16, 32, 0.0, "HuggingFaceTB/SmolLM2-1.7B-Instruct")
 
@@ -22,13 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import model as M
+import util
 
 # the seven projections of every decoder layer (Unsloth's default target_modules, peers.md 2.3)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-# paper §5.3, Table 4: the QLoRA hyperparameters (AdamW); rigsa.py's --method qlora|lora defaults
-TABLE4 = dict(ranks=(1, 4, 8, 16), alpha=32, dropout=0.0, lr=2e-4, schedule="linear", weight_decay=0.1,
-              batch_size=16, warmup_steps=1000, epochs=4)
 
 # -----------------------------------------------------------------------------
 # NF4 and the 8-bit dynamic code (peers.md 1.1-1.4)
@@ -254,6 +251,10 @@ class LoRALinear(nn.Module):
         # fp32 sum, then back to the base dtype (PEFT: result + lora * scaling, result.to(dtype))
         return (y + self.lora_B(self.lora_A(a)) * self.scaling).to(y.dtype)
 
+    def delta_weight(self):
+        """B @ A * alpha/r, (out, in) float32: what the adapter adds to the base weight (rigsa.merge_adapters)."""
+        return (self.lora_B.weight.detach().float() @ self.lora_A.weight.detach().float()) * self.scaling
+
     def extra_repr(self):
         return f"in={self.in_features}, out={self.out_features}, r={self.rank}, alpha={self.alpha}, nf4={self.quantized}"
 
@@ -277,12 +278,12 @@ def quantize_model(model, double_quant=True, blocksize=64, compute_dtype=None):
     todo = _targets(model, nn.Linear)
     if not todo and not _targets(model, Linear4bit):
         raise ValueError(f"quantize_model: no {'/'.join(TARGETS)} nn.Linear found")
-    for parent, child, _ in M.progress(todo, desc="nf4", unit="layer"):
+    for parent, child, _ in util.progress(todo, desc="nf4", unit="layer"):
         setattr(parent, child, Linear4bit.from_linear(getattr(parent, child), double_quant, blocksize, compute_dtype))
     return model
 
 
-def apply_lora(model, rank, alpha=TABLE4["alpha"], dropout=TABLE4["dropout"]):
+def apply_lora(model, rank, alpha, dropout=0.0):
     """Freeze everything and put a LoRA adapter on the 7 projections of every layer (quantized or
     not). Seed torch before calling for reproducible A. Returns the trainable parameters, in module
     order (lora_A, lora_B of each projection)."""
@@ -353,34 +354,8 @@ def load_lora(model, tensors, rank, alpha, dropout=0.0):
     return params
 
 
-def merge_lora(model):
-    """Fold B @ A * alpha/r into the base weight in float32, cast back to the weight's dtype, and put
-    plain nn.Linear layers back (the bfloat16 LoRA only: merging into NF4 would re-quantize,
-    lossily; peers.md 2.4). Returns the model."""
-    todo = _targets(model, LoRALinear)
-    if not todo:
-        raise ValueError("merge_lora: the model has no LoRA adapters")
-    if any(getattr(p, c).quantized for p, c, _ in todo):
-        raise ValueError("merge_lora: the base is 4-bit (QLoRA); merging would re-quantize it. "
-                         "Merge only LoRA on an unquantized base")
-    with torch.no_grad():
-        for parent, child, _ in todo:
-            lora = getattr(parent, child)
-            W = lora.weight
-            delta = (lora.lora_B.weight.float() @ lora.lora_A.weight.float()) * lora.scaling   # (out, in)
-            lin = nn.Linear(lora.in_features, lora.out_features, bias=False, device="meta")   # no init work
-            lin.weight = nn.Parameter((W.float() + delta).to(W.dtype), requires_grad=False)
-            setattr(parent, child, lin)
-    return model
-
 # -----------------------------------------------------------------------------
 # PEFT's on-disk format (peers.md 2.5)
-
-def _atomic(path, write):
-    tmp = f"{path}.tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
 
 def save_peft(model, out_dir, rank, alpha, dropout, base_model_name):
     """Write adapter_model.safetensors (PEFT key names, float32) and adapter_config.json so the adapter
@@ -391,7 +366,7 @@ def save_peft(model, out_dir, rank, alpha, dropout, base_model_name):
         raise ValueError("save_peft: the model has no LoRA adapters")
     os.makedirs(out_dir, exist_ok=True)
     tensors = {PEFT_PREFIX + k: v.detach().float().contiguous().cpu() for k, v in sd.items()}
-    _atomic(os.path.join(out_dir, "adapter_model.safetensors"),
+    util.atomic_write(os.path.join(out_dir, "adapter_model.safetensors"),
             lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     targets = sorted({k.split(".")[-3] for k in sd})
     cfg = {
@@ -402,7 +377,7 @@ def save_peft(model, out_dir, rank, alpha, dropout, base_model_name):
         "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
         "revision": None,
     }
-    _atomic(os.path.join(out_dir, "adapter_config.json"),
+    util.atomic_write(os.path.join(out_dir, "adapter_config.json"),
             lambda p: Path(p).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n"))
     return out_dir
 
@@ -536,7 +511,7 @@ def load_model(name_or_path, device=None, dtype=None, revision=None):
     if qc.get("bnb_4bit_quant_type", "nf4") != "nf4":
         raise ValueError(f"{path}: 4-bit quant type {qc.get('bnb_4bit_quant_type')!r} is not supported (only nf4)")
     cfg = M.SmolLM2Config.from_json(path / "config.json")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = util.pick_device(device)
     dtype = dtype or _DTYPES.get(qc.get("bnb_4bit_compute_dtype"), torch.bfloat16)
     with torch.device("meta"):               # no random init of 1.7 B weights that are overwritten anyway
         model = M.Model(cfg)

@@ -24,10 +24,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import rigsa
+import util
+
 REPO = Path(__file__).resolve().parent
 SOURCE_TASKS = ["piqa", "hellaswag", "gsm8k"]      # paper §4.3
-QLORA_RANKS = [1, 4, 8, 16]                         # paper Table 4
-IMP_ITERS = 5                                       # paper §4.4
+QLORA_RANKS = list(rigsa.TABLE4["ranks"])           # paper Table 4
+IMP_ITERS = rigsa.Config.iters                      # paper §4.4
 
 
 def plan(a):
@@ -124,9 +127,7 @@ def tables(out):
           "| Adapter | trainable parameters | test accuracy |", "|---|---:|---:|"]
     L += [f"| {n} | {'-' if c is None else f'{c:,}'} | {pct(a)} |" for n, c, a in fig4]
     text = "\n".join(L) + "\n"
-    tmp = out / "TABLES.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out / "TABLES.md")
+    util.atomic_write(out / "TABLES.md", lambda tmp: Path(tmp).write_text(text))
     return text
 
 

@@ -1,17 +1,21 @@
 """
 rigsa.py: Random Initialization of Gated Sparse Adapters (arXiv 2511.01794), from scratch.
 
-  Textual MNIST (paper §4.2)    IDX files -> 28 lines of 28 digits -> a ChatML prompt
-  gated sparse adapter (§3.2)   y = x W0^T + alpha * x (m * dW)^T, dW full-rank random, alpha = 1e-6
-  training (§4.4)               AdamW, wd 1.0, lr 2e-3 with 1000 warmup steps, effective batch 16
-  IMP (§3.2, §4.4)              keep 80% of the sign-preserving free entries, rewind, retrain, x5
+  config                        Config: every hyperparameter, the paper's numbers as defaults; TABLE4
+  the gated sparse adapter      GatedSparseLinear (§3.2): y = x W0^T + alpha * x (m * dW)^T, dW full-rank
+                                random, alpha = 1e-6; install_adapters swaps it in for every nn.Linear
+  the IMP rule                  prune (§3.2, §4.4): keep 80% of the sign-preserving free entries, rewind
+  training                      get_lr, accumulate, train_iteration (§4.4: AdamW, wd 1.0, lr 2e-3 with
+                                1000 warmup steps, effective batch 16); train: the IMP loop, x5
+  Textual MNIST (§4.2)          IDX files -> to_text (28 lines of 28 digits) -> prompt (ChatML); mnist_accuracy
+  adapter files, merge          save_adapter / load_adapter (any method), merge into the official layout
   baselines                     random-mask (§4.4), lt-sft (§6), dense, lora/qlora (§5.3, qlora.py)
 
   python rigsa.py train --iters 5          the paper, on SmolLM2-1.7B-Instruct
   python rigsa.py demo                     the whole pipeline offline on a tiny model (< 2 min, CPU)
   python rigsa.py show --index 0           one image as the model sees it
-  python rigsa.py eval --shots 5           Textual MNIST accuracy of a base model or an adapter
   python rigsa.py merge --adapter runs/x/iter5 --out merged/
+  (Textual MNIST accuracy of a base model or an adapter: python evals/run.py --task mnist)
 """
 import argparse
 import contextlib
@@ -26,7 +30,6 @@ import struct
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,9 +41,19 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import model as M
+import qlora
+import tiny
+import util
 
 # -----------------------------------------------------------------------------
 # config: every hyperparameter in one place, printed at start and saved with the run
+
+# paper §5.3, Table 4: the QLoRA baseline's hyperparameters (AdamW, linear schedule), the defaults of
+# --method qlora (and of --method lora, the same on the unquantized base). Batch 16 and 1000 warmup
+# steps are §4.4's --batch-size and --warmup, shared with RIGSA.
+TABLE4 = dict(ranks=(1, 4, 8, 16), alpha=32.0, dropout=0.0, lr=2e-4, weight_decay=0.1, epochs=4.0,
+              batch_size=16, warmup=1000)
+
 
 def _f(default, help):
     return field(default=default, metadata={"help": help})
@@ -79,12 +92,12 @@ class Config:
     steps: int = _f(0, "cap on optimizer steps per iteration, for quick runs (0 = no cap)")
     grad_clip: float = _f(0.0, "max gradient norm (0 = off; silent in §4.4)")
     # LoRA / QLoRA baseline (§5.3, Table 4); used when --method lora or qlora
-    rank: int = _f(16, "LoRA rank (Table 4: 1/4/8/16)")
-    lora_alpha: float = _f(32.0, "LoRA alpha (Table 4)")
-    lora_dropout: float = _f(0.0, "LoRA dropout (Table 4)")
-    lora_lr: float = _f(2e-4, "LoRA peak learning rate, linear schedule, --warmup warmup (Table 4)")
-    lora_weight_decay: float = _f(0.1, "LoRA weight decay (Table 4)")
-    lora_epochs: float = _f(4.0, "LoRA epochs (Table 4)")
+    rank: int = _f(TABLE4["ranks"][-1], "LoRA rank (Table 4: 1/4/8/16)")
+    lora_alpha: float = _f(TABLE4["alpha"], "LoRA alpha (Table 4)")
+    lora_dropout: float = _f(TABLE4["dropout"], "LoRA dropout (Table 4)")
+    lora_lr: float = _f(TABLE4["lr"], "LoRA peak learning rate, linear schedule, --warmup warmup (Table 4)")
+    lora_weight_decay: float = _f(TABLE4["weight_decay"], "LoRA weight decay (Table 4)")
+    lora_epochs: float = _f(TABLE4["epochs"], "LoRA epochs (Table 4)")
     # data and evaluation (§4.2)
     val_frac: float = _f(0.01, "fraction of the training images held out for validation (§4.2)")
     split_seed: int = _f(0, "seed of the validation split")
@@ -131,6 +144,505 @@ def n_iters(cfg):
     return cfg.iters if cfg.method in ("rigsa", "lt-sft") else 1   # the others do not prune
 
 # -----------------------------------------------------------------------------
+# the gated sparse adapter (paper §3.2)
+
+def layer_seed(seed, name):
+    """A per-layer seed from the run seed and the module's name (independent of traversal order)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+class GatedSparseLinear(nn.Module):
+    """Drop-in for nn.Linear: y = x (W0 + alpha (m * dW))^T (§3.2). `weight` is the frozen base
+    tensor (so checkpoints load unchanged); `delta` (dW) is a float32 master copy even when W0 is
+    bfloat16, so that weight decay's per-step factor (1 - 2e-3) is not rounded away; `alpha` is one
+    scalar gate; `mask` is boolean. dW0 is not stored: it is regenerated from `init_seed`."""
+    def __init__(self, base, init_seed, init="uniform", init_std=0.02, alpha_init=1e-6, gated=True):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.init_seed, self.init, self.init_std, self.gated = init_seed, init, init_std, gated
+        dev = self.weight.device
+        self.delta = nn.Parameter(self.init_delta().to(dev))
+        self.alpha = nn.Parameter(torch.tensor(alpha_init if gated else 1.0, device=dev), requires_grad=gated)
+        self.register_buffer("mask", torch.ones(self.out_features, self.in_features, dtype=torch.bool, device=dev))
+
+    def init_delta(self):
+        """dW0, (out, in) float32 on the CPU, from a CPU generator: bitwise reproducible, so rewinding
+        needs no stored copy (1.6B values would be 6.4 GB). lt-sft starts from zero (§6)."""
+        if not self.gated:
+            return torch.zeros(self.out_features, self.in_features)
+        g = torch.Generator().manual_seed(self.init_seed)
+        t = torch.empty(self.out_features, self.in_features)
+        if self.init == "normal":
+            return t.normal_(0.0, self.init_std, generator=g)
+        bound = 1.0 / math.sqrt(self.in_features)  # nn.Linear's own init distribution
+        return t.uniform_(-bound, bound, generator=g)
+
+    def forward(self, x):  # x (B, T, in) -> (B, T, out)
+        md = self.delta * self.mask  # pruned entries are exactly 0 and get exactly 0 gradient
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
+            # float32: one GEMM on the merged weight is exact to fp32 and costs what full
+            # fine-tuning costs (bench/bench_train.py)
+            return F.linear(x, self.weight + self.alpha * md)
+        # low precision: keep the delta on its own path; W0 + alpha*dW formed in bfloat16 would
+        # round away deltas under half an ulp of W0 (peers.md §3.7)
+        return F.linear(x, self.weight) + self.alpha.to(x.dtype) * F.linear(x, md.to(x.dtype))
+
+    def delta_weight(self):
+        """alpha * (m * dW), (out, in) float32: what the adapter adds to W0 (merge_adapters)."""
+        return self.alpha.detach().float() * (self.delta * self.mask)
+
+    def extra_repr(self):
+        density = self.mask.float().mean().item()
+        return f"in={self.in_features}, out={self.out_features}, gated={self.gated}, density={density:.4f}"
+
+
+def install_adapters(model, cfg):
+    """Replace every nn.Linear except lm_head by a GatedSparseLinear, in place (§3.2: all linear
+    layers except the language modelling head). -> {name: layer}."""
+    model.requires_grad_(False)
+    layers = {}
+    for pname, parent in list(model.named_modules()):
+        for cname, child in list(parent.named_children()):
+            name = f"{pname}.{cname}" if pname else cname
+            if isinstance(child, nn.Linear) and name != "lm_head":
+                layer = GatedSparseLinear(child, layer_seed(cfg.seed, name), cfg.init, cfg.init_std,
+                                          cfg.alpha_init, gated=cfg.method != "lt-sft")
+                setattr(parent, cname, layer)
+                layers[name] = layer
+    return layers
+
+
+def adapters(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, GatedSparseLinear)}
+
+# -----------------------------------------------------------------------------
+# iterative magnitude pruning (paper §3.2, §4.4)
+
+def kth_largest(chunks, k):
+    """The k-th largest value of non-negative float32 tensors (a callable yielding them, so that
+    nothing is concatenated): two histogram passes over the bit patterns, whose integer order is
+    the float order for x >= 0. Exact, memory O(largest chunk), any number of elements."""
+    hist = torch.zeros(1 << 16, dtype=torch.long)
+    for x in chunks():
+        hist += torch.bincount((x.view(torch.int32) >> 16).long(), minlength=1 << 16).cpu()
+    at_least = hist.flip(0).cumsum(0).flip(0)               # [b] = count with high bits >= b
+    hi = int((at_least >= k).nonzero().max())
+    above = int(at_least[hi + 1]) if hi + 1 < (1 << 16) else 0
+    hist = torch.zeros(1 << 16, dtype=torch.long)
+    for x in chunks():
+        bits = x.view(torch.int32)
+        hist += torch.bincount((bits[(bits >> 16) == hi] & 0xFFFF).long(), minlength=1 << 16).cpu()
+    at_least = hist.flip(0).cumsum(0).flip(0) + above
+    lo = int((at_least >= k).nonzero().max())
+    return torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32).item()
+
+
+@torch.no_grad()
+def prune(layers, keep=0.8, scope="global", sign=True):
+    """One IMP step (§3.2, §4.4). Among free entries whose sign equals that of their initial value,
+    keep the fraction `keep` with the largest |dW| (exactly round(keep * n_eligible), ties broken by
+    layer then row-major index), rewind them to dW0, zero and freeze every other entry.
+    sign=False (lt-sft, init 0): all free entries are eligible. -> statistics."""
+    names = list(layers)
+    elig, stats = {}, {"layers": {}}
+    for n in names:
+        L = layers[n]
+        e = L.mask.clone()
+        if sign:  # a flipped (or exactly zero) entry is not eligible (§3.2: "didn't change sign")
+            e &= torch.sign(L.delta) == torch.sign(L.init_delta().to(L.delta.device))
+        elig[n] = e
+        free = int(L.mask.count_nonzero())
+        stats["layers"][n] = {"free": free, "eligible": int(e.count_nonzero()), "numel": L.mask.numel()}
+    groups = [names] if scope == "global" else [[n] for n in names]
+    for group in groups:
+        n_elig = sum(stats["layers"][n]["eligible"] for n in group)
+        k = round(keep * n_elig)
+        thr = kth_largest(lambda: (layers[n].delta.abs()[elig[n]] for n in group), k) if k else math.inf
+        quota = k - sum(int(((layers[n].delta.abs() > thr) & elig[n]).count_nonzero()) for n in group)
+        for n in group:
+            L = layers[n]
+            mag = L.delta.abs()
+            new = elig[n] & (mag > thr)
+            if quota > 0:  # ties at the threshold: the first ones in row-major order
+                tie = (elig[n] & (mag == thr)).flatten().nonzero().flatten()[:quota]
+                new.view(-1)[tie] = True
+                quota -= len(tie)
+            L.mask.copy_(new)
+            L.delta.copy_(L.init_delta().to(L.delta.device) * new)  # rewind kept, zero the rest
+            stats["layers"][n]["kept"] = int(new.count_nonzero())
+    tot = lambda key: sum(s[key] for s in stats["layers"].values())
+    stats.update(free=tot("free"), eligible=tot("eligible"), kept=tot("kept"), numel=tot("numel"))
+    stats["sign_flip"] = 1 - stats["eligible"] / max(stats["free"], 1)
+    stats["density"] = stats["kept"] / stats["numel"]
+    return stats
+
+
+@torch.no_grad()
+def random_masks(layers, counts, seed):
+    """The random-mask baseline (§4.4): exactly counts[name] free entries per layer at random
+    positions (open_lth's layerwise random pruning), the others zeroed and frozen."""
+    for n, L in layers.items():
+        g = torch.Generator().manual_seed(layer_seed(seed, n + "/mask"))
+        idx = torch.randperm(L.mask.numel(), generator=g)[:counts[n]]
+        m = torch.zeros(L.mask.numel(), dtype=torch.bool)
+        m[idx] = True
+        L.mask.copy_(m.view_as(L.mask))
+        L.delta.mul_(L.mask)
+
+
+def density_report(layers):
+    per = {n: L.mask.float().mean().item() for n, L in layers.items()}
+    total = sum(int(L.mask.sum()) for L in layers.values()) / max(sum(L.mask.numel() for L in layers.values()), 1)
+    return total, per
+
+# -----------------------------------------------------------------------------
+# training (paper §4.4): the schedule, one optimizer step, one IMP iteration, the IMP loop
+
+def get_lr(step, total, warmup, peak):
+    """Piecewise linear (§4.4): step 0 .. warmup-1 rise to `peak`, then linear decay reaching 0 at
+    `total` (the end of the IMP iteration). Step 0 already trains (HF's schedule wastes it)."""
+    if step < warmup:                       # 1) linear warmup
+        return peak * (step + 1) / warmup
+    if step >= total:                       # 2) past the end
+        return 0.0
+    return peak * (total - step) / max(total - warmup, 1)  # 3) linear decay to 0
+
+
+def encode_example(tok, image, label, digits, eos):
+    """-> token ids and the supervised positions: the answer digit and <|im_end|> after the prefix."""
+    ids = tok.encode(prompt(tok, image)) + [digits[int(label)], eos]
+    return ids, [len(ids) - 2, len(ids) - 1]
+
+
+def batch_loss(model, rows, pad_id, device):
+    """Summed cross-entropy over the supervised tokens of a micro-batch of (ids, positions), right
+    padded. Only the supervised positions go through lm_head (no (T, V) logits). -> (sum, count)."""
+    L = max(len(r) for r, _ in rows)
+    x = torch.tensor([r + [pad_id] * (L - len(r)) for r, _ in rows], device=device)
+    am = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r, _ in rows], device=device)
+    b = torch.tensor([i for i, (_, p) in enumerate(rows) for _ in p], device=device)
+    t = torch.tensor([q for _, p in rows for q in p], device=device)
+    h = model(x, am, hidden_only=True)                    # (B, T, C)
+    logits = model.lm_head(h[b, t - 1]).float()           # (n_sup, V): position t-1 predicts token t
+    return F.cross_entropy(logits, x[b, t], reduction="sum"), len(t)
+
+
+def accumulate(model, rows, micro_batch, pad_id, device, amp=contextlib.nullcontext()):
+    """Forward and backward over micro-batches of one effective batch (§4.4: batch 16 by gradient
+    accumulation). Each micro-batch's summed loss is divided by the supervised-token count of the
+    whole effective batch, so the gradient is that of the batch mean. -> the mean loss (float)."""
+    n_sup = sum(len(p) for _, p in rows)
+    total = torch.zeros((), device=device)
+    for mb in range(0, len(rows), micro_batch):
+        with amp:
+            s, _ = batch_loss(model, rows[mb:mb + micro_batch], pad_id, device)
+        (s / n_sup).backward()
+        total += s.detach().float()  # summed on the device: one host sync per step, not per micro-batch
+    return total.item() / n_sup
+
+
+def make_optimizer(model, cfg):
+    """AdamW (§4.4) on the trainable tensors: dW decayed by --weight-decay, the gate not (unless
+    --decay-gate); LoRA: every LoRA matrix decayed by --lora-weight-decay (Table 4)."""
+    if cfg.method in LORA_METHODS:
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": params, "weight_decay": cfg.lora_weight_decay}]
+    else:
+        layers = adapters(model)
+        deltas = [L.delta for L in layers.values()]
+        gates = [L.alpha for L in layers.values() if L.alpha.requires_grad]
+        groups = [{"params": deltas, "weight_decay": cfg.weight_decay},
+                  {"params": gates, "weight_decay": cfg.weight_decay if cfg.decay_gate else 0.0}]
+        groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def train_step(run, opt, rows, lr):
+    """One optimizer step on one effective batch of encoded rows. -> the batch's mean loss."""
+    for grp in opt.param_groups:
+        grp["lr"] = lr
+    loss = accumulate(run.model, rows, run.cfg.micro_batch, run.tok.pad_id, run.device, run.amp)
+    if run.cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], run.cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+@dataclass
+class Run:
+    """What a training run holds between its phases: set up once by setup(), read and updated by
+    the IMP loop's steps."""
+    cfg: Config
+    out: Path
+    model: nn.Module
+    tok: M.Tokenizer
+    device: torch.device
+    amp: object                 # bfloat16 autocast on CUDA, else a null context
+    layers: dict                # {name: GatedSparseLinear}; empty for LoRA/QLoRA
+    data: dict                  # split -> (images, labels)
+    digits: list                # token ids of '0'..'9'
+    eos: int
+    steps: int                  # optimizer steps per IMP iteration
+    lr: float                   # peak learning rate
+    epochs: float
+    log: list                   # every metrics.jsonl record so far
+    start_iter: int = 1         # where this process starts (a resumed run: where it stopped)
+    start_step: int = 0
+    resume: dict = None         # resume.pt's content, until the iteration it belongs to has started
+    done_steps: int = 0         # optimizer steps taken by this process (--halt-after)
+    done: bool = False          # --resume of a finished run: nothing to do
+
+    def record(self, r):
+        self.log.append(r)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(r) + "\n")
+
+
+def setup(cfg):
+    """Everything before the first step: the saved config (--resume), the data (§4.2), the base
+    model and its adapters (§3.2; LoRA: §5.3), the run directory and the schedule's length."""
+    out = Path(cfg.out)
+    resume = None
+    if cfg.resume:
+        if not (out / "config.json").exists():
+            raise FileNotFoundError(f"{out / 'config.json'}: nothing to resume")
+        saved = json.loads((out / "config.json").read_text())["config"]
+        cfg = Config(**{**saved, "resume": True, "halt_after": cfg.halt_after})
+        if (out / "resume.pt").exists():
+            resume = torch.load(out / "resume.pt", weights_only=True)
+        elif (out / f"iter{n_iters(cfg)}.safetensors").exists():
+            print(f"{out}: the run is complete (iter{n_iters(cfg)}.safetensors is there)")
+            log = [json.loads(line) for line in open(out / "metrics.jsonl")]
+            return Run(cfg, out, None, None, None, None, {}, {}, [], 0, 0, 0.0, 0.0, log, done=True)
+    elif (out / "config.json").exists():
+        raise FileExistsError(f"{out}: a run is already there; use --resume or another --out")
+    check_config(cfg)
+    lora = cfg.method in LORA_METHODS
+    print("config:", json.dumps(dataclasses.asdict(cfg)))
+    torch.manual_seed(cfg.seed)
+
+    # data (§4.2): encoded on the fly, 16 prompts per step cost nothing next to the model
+    data = {"train": load_mnist(cfg.data_dir, "train", cfg.val_frac, cfg.split_seed, cfg.download),
+            "val": load_mnist(cfg.data_dir, "val", cfg.val_frac, cfg.split_seed)}
+    if cfg.eval_test:
+        data["test"] = load_mnist(cfg.data_dir, "test")
+    if cfg.eval_max:
+        data.update({k: (x[:cfg.eval_max], y[:cfg.eval_max]) for k, (x, y) in data.items() if k != "train"})
+
+    model, tok, device = load_base(cfg)
+    amp = (torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and model.lm_head.weight.dtype == torch.bfloat16
+           else contextlib.nullcontext())
+    if lora:  # the baseline lives in its own file (§5.3)
+        if cfg.method == "qlora" and not is_quantized(model):
+            qlora.quantize_model(model)
+        torch.manual_seed(cfg.seed)  # LoRA's A init
+        qlora.apply_lora(model, cfg.rank, cfg.lora_alpha, cfg.lora_dropout)
+        layers = {}
+    else:
+        layers = install_adapters(model, cfg)
+        if cfg.method == "random-mask":
+            counts = (mask_counts(cfg.mask_like) if cfg.mask_like else
+                      {n: round(cfg.density * L.mask.numel()) for n, L in layers.items()})
+            if set(counts) != set(layers):
+                raise ValueError(f"--mask-like {cfg.mask_like}: its layers are not this model's layers")
+            random_masks(layers, counts, cfg.seed)
+    # the run directory is written once the data and the model have loaded
+    out.mkdir(parents=True, exist_ok=True)
+    util.write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "git_commit": git_commit(),
+                                          "torch": torch.__version__, "python": sys.version.split()[0]})
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{cfg.method}: {len(layers) or 'LoRA on the'} adapted layers, {n_trainable:,} trainable tensor entries")
+
+    epochs = cfg.lora_epochs if lora else cfg.epochs
+    steps = math.ceil(len(data["train"][0]) * epochs / cfg.batch_size)
+    if cfg.steps:
+        steps = min(steps, cfg.steps)
+    if steps <= cfg.warmup:
+        print(f"note: {steps} steps per iteration <= warmup {cfg.warmup}: the lr never reaches "
+              f"its peak and does not decay to 0", file=sys.stderr)
+    run = Run(cfg, out, model, tok, device, amp, layers, data, digit_ids(tok), end_id(tok), steps,
+              cfg.lora_lr if lora else cfg.lr, epochs, [])
+    if resume is not None:
+        run.start_iter, run.start_step, run.log, run.resume = resume["iteration"], resume["step"], resume["log"], resume
+        load_trainable_state(model, resume["state"])
+        torch.set_rng_state(resume["rng"])
+    # metrics.jsonl holds what the checkpoint holds: lines written after it are dropped
+    util.atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in run.log)))
+    return run
+
+
+def train_iteration(run, it):
+    """Train IMP iteration `it` (§4.4): a fresh AdamW and schedule (§3.2), the training split in a
+    seeded order, one optimizer step per effective batch. Continues a resumed iteration where it
+    stopped, writes resume checkpoints every --save-every steps. -> False if halted (--halt-after)."""
+    cfg, model, layers = run.cfg, run.model, run.layers
+    model.train()
+    opt = make_optimizer(model, cfg)
+    step = 0
+    if run.resume is not None and it == run.start_iter:
+        step = run.start_step
+        if run.resume["optimizer"] is not None:
+            opt.load_state_dict(run.resume["optimizer"])
+    x, y = run.data["train"]
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + it)
+    order = torch.cat([torch.randperm(len(x), generator=g) for _ in range(math.ceil(run.epochs))])
+    bar = util.progress(total=run.steps, desc=f"iter {it}/{n_iters(cfg)}", unit="step")
+    bar.update(step)
+    t0, tokens = time.time(), 0
+    while step < run.steps:
+        lr = get_lr(step, run.steps, cfg.warmup, run.lr)
+        idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size].tolist()
+        rows = [encode_example(run.tok, x[i], y[i], run.digits, run.eos) for i in idx]
+        loss = train_step(run, opt, rows, lr)
+        step += 1
+        run.done_steps += 1
+        tokens += sum(len(r) for r, _ in rows)
+        bar.set_postfix(loss=loss, lr=lr, tok_s=tokens / (time.time() - t0), refresh=False)
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == run.steps:
+            r = {"iter": it, "step": step, "loss": loss, "lr": lr, "tok_s": tokens / (time.time() - t0)}
+            if layers:
+                a = torch.stack([L.alpha.detach().float() for L in layers.values()])
+                r.update(alpha_mean=a.mean().item(), alpha_min=a.min().item(), alpha_max=a.max().item())
+            run.record(r)
+        halt = cfg.halt_after and run.done_steps >= cfg.halt_after and step < run.steps
+        if halt or (cfg.save_every and step % cfg.save_every == 0 and step < run.steps):
+            save_resume(run, opt, it, step)
+        if halt:
+            bar.close()
+            print(f"halted after {run.done_steps} steps; continue with --resume --out {run.out}")
+            return False
+    bar.close()
+    run.resume = None
+    return True
+
+
+def evaluate(run, it):
+    """Iteration `it`'s record: validation and test accuracy (§5.1, Figure 2a: before pruning),
+    density, per-layer alpha, and the trainable count of Figure 4 (free dW entries plus the gates,
+    or the LoRA matrices)."""
+    cfg, model, layers = run.cfg, run.model, run.layers
+    res = {"event": "iteration", "iter": it}
+    res["trainable"] = (sum(int(L.mask.count_nonzero()) + int(L.gated) for L in layers.values()) if layers
+                        else sum(p.numel() for p in model.parameters() if p.requires_grad))
+    for split in ("val", "test") if cfg.eval_test else ("val",):
+        res[f"{split}_acc"], _ = mnist_accuracy(model, run.tok, *run.data[split], batch_size=cfg.eval_batch)
+    if layers:
+        res["density"], res["layer_density"] = density_report(layers)
+        res["alpha"] = {n: L.alpha.item() for n, L in layers.items()}
+    return res
+
+
+def save_iteration(run, it, res):
+    """Write iteration `it`'s adapter (and for LoRA its PEFT copy) and record its evaluation."""
+    cfg = run.cfg
+    save_adapter(run.model, run.out / f"iter{it}.safetensors", cfg,
+                 {k: v for k, v in res.items() if k in ("iter", "val_acc", "test_acc", "density", "trainable")})
+    if cfg.method in LORA_METHODS:
+        qlora.save_peft(run.model, run.out / f"iter{it}-peft", cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.model)
+    run.record(res)
+    print(f"iter {it}: val {res['val_acc']:.4f}" + (f" test {res['test_acc']:.4f}" if cfg.eval_test else "")
+          + (f" density {res['density']:.4%}" if run.layers else ""))
+
+
+def prune_and_rewind(run, it):
+    """After iteration `it` (§3.2, §4.4): prune, rewind the kept entries to dW0, reset the gate,
+    and checkpoint, so that a resumed run starts iteration it + 1 from here."""
+    cfg, layers = run.cfg, run.layers
+    st = prune(layers, cfg.keep, cfg.prune_scope, sign=cfg.method != "lt-sft")
+    if cfg.reset_alpha:
+        for L in layers.values():
+            L.alpha.data.fill_(cfg.alpha_init if L.gated else 1.0)
+    run.record({"event": "prune", "iter": it, "sign_flip": st["sign_flip"], "density": st["density"],
+                "kept": st["kept"], "eligible": st["eligible"], "free": st["free"],
+                "layer_sign_flip": {n: 1 - s["eligible"] / max(s["free"], 1) for n, s in st["layers"].items()},
+                "layer_density": {n: s["kept"] / s["numel"] for n, s in st["layers"].items()}})
+    print(f"pruned after iter {it}: sign flips {st['sign_flip']:.2%} of free entries, "
+          f"density now {st['density']:.4%}")
+    save_resume(run, None, it + 1, 0)
+
+
+def train(cfg):
+    """The IMP loop (§3.2, §4.4): each iteration trains with a fresh AdamW and schedule, evaluates
+    and saves its adapter, and all but the last prune, rewind to dW0 and reset the gate. `--iters 5`
+    is 5 trainings and 4 prunings. -> the metrics log, or None if halted (--halt-after)."""
+    run = setup(cfg)
+    if run.done:                                  # --resume of a finished run
+        return run.log
+    for it in range(run.start_iter, n_iters(run.cfg) + 1):
+        if not train_iteration(run, it):
+            return None                           # halted: continue with --resume
+        res = evaluate(run, it)                   # Figure 2a: each iteration before its pruning
+        save_iteration(run, it, res)
+        if it < n_iters(run.cfg):
+            prune_and_rewind(run, it)
+    (run.out / "resume.pt").unlink(missing_ok=True)   # complete: its adapters are the iterK files
+    print_summary(run.log)
+    return run.log
+
+
+def print_summary(log):
+    """The density report: one row per IMP iteration (the paper reports 3.46% after 5, §4.4)."""
+    flips = {r["iter"]: r["sign_flip"] for r in log if r.get("event") == "prune"}
+    pct = lambda v, p=1: "-" if v is None or v != v else f"{v:.{p}%}"
+    print("\n| iteration | density | sign flips at its end | val acc | test acc |\n|---|---|---|---|---|")
+    for r in log:
+        if r.get("event") == "iteration":
+            print(f"| {r['iter']} | {pct(r.get('density'), 2)} | {pct(flips.get(r['iter']))} | "
+                  f"{pct(r.get('val_acc'))} | {pct(r.get('test_acc'))} |")
+
+# -----------------------------------------------------------------------------
+# the run's machinery: base model, resume checkpoints, provenance
+
+def load_base(cfg):
+    device = util.pick_device(cfg.device)
+    dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    if cfg.method == "qlora":  # also reads pre-quantized bnb-4bit checkpoints (§5.3: Unsloth's)
+        model, tok = qlora.load_model(cfg.model, device, dtype)
+    else:
+        model, tok = M.load(cfg.model, device, dtype)
+    return model, tok, device
+
+
+def is_quantized(model):
+    return any(isinstance(m, qlora.Linear4bit) for m in model.modules())
+
+
+def git_commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+        return (sha.stdout.strip() or "none") + ("-dirty" if dirty.stdout.strip() else "")
+    except Exception:
+        return "unknown"
+
+
+def trainable_state(model):
+    # .cpu() copies GPU tensors (no second 6.4 GB on the GPU); CPU tensors are saved as they are
+    state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    state.update({n: b.cpu() for n, b in model.named_buffers() if n.endswith(".mask")})
+    return state
+
+
+def load_trainable_state(model, state):
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        for n, t in state.items():
+            own[n].copy_(t)
+
+
+def save_resume(run, opt, it, step):
+    """resume.pt: the trainable state, the optimizer, where the run is, the RNG and the log."""
+    state = {"iteration": it, "step": step, "state": trainable_state(run.model),
+             "optimizer": opt.state_dict() if opt is not None else None, "rng": torch.get_rng_state(), "log": run.log}
+    util.atomic_write(run.out / "resume.pt", lambda tmp: torch.save(state, tmp))
+
+# -----------------------------------------------------------------------------
 # Textual MNIST (paper §4.2)
 
 MNIST_FILES = {  # name: (bytes, md5) of LeCun's originals; md5s as in ../shared/data/SOURCES.md
@@ -155,32 +667,31 @@ def _md5(path):
 
 
 def ensure_mnist(data_dir, download=True, names=tuple(MNIST_FILES)):
-    """Make sure the IDX files are in data_dir (checksums pinned), downloading what is missing."""
+    """Make sure the IDX files are in data_dir (sizes and md5s pinned), downloading what is missing."""
     data_dir = Path(data_dir)
     if (data_dir / SYNTHETIC_MARK).exists():
         return data_dir
+
+    def check(name):
+        size, md5 = MNIST_FILES[name]
+        def ok(path):
+            if Path(path).stat().st_size != size or _md5(path) != md5:
+                raise ValueError(f"{data_dir / name}: not the original MNIST file (expected {size} bytes, md5 {md5})")
+        return ok
     missing, why = [], ""
     for name in names:
-        size, md5 = MNIST_FILES[name]
         path = data_dir / name
         if path.exists():
-            if path.stat().st_size != size or _md5(path) != md5:
-                raise ValueError(f"{path}: not the original MNIST file (expected {size} bytes, md5 {md5}); "
-                                 f"delete it to download it again")
+            try:
+                check(name)(path)
+            except ValueError as e:
+                raise ValueError(f"{e}; delete it to download it again") from None
             continue
         if download:
-            tmp = path.with_suffix(".tmp")
             try:
-                data_dir.mkdir(parents=True, exist_ok=True)
-                with urllib.request.urlopen(MNIST_MIRROR + name, timeout=60) as r, open(tmp, "wb") as f:
-                    shutil.copyfileobj(r, f)
-                if tmp.stat().st_size != size or _md5(tmp) != md5:
-                    tmp.unlink()
-                    raise ValueError("checksum mismatch")
-                os.replace(tmp, path)
+                util.download(util.data_url(MNIST_MIRROR + name, f"mnist/{name}"), path, check(name))
                 continue
-            except Exception as e:
-                tmp.unlink(missing_ok=True)
+            except (OSError, ValueError) as e:
                 why = f"; download failed: {e}"
         missing.append(name)
     if missing:
@@ -211,10 +722,11 @@ def write_idx(path, array):
     """uint8 array -> gzipped IDX file (magic 2051 for 3-D images, 2049 for 1-D labels), atomically."""
     a = np.ascontiguousarray(array, dtype=np.uint8)
     head = struct.pack(">I", 0x800 + a.ndim) + struct.pack(f">{a.ndim}I", *a.shape)
-    tmp = f"{path}.tmp"
-    with gzip.open(tmp, "wb") as f:
-        f.write(head + a.tobytes())
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with gzip.open(tmp, "wb") as f:
+            f.write(head + a.tobytes())
+    util.atomic_write(path, write)
 
 
 def load_mnist(data_dir, split, val_frac=0.01, seed=0, download=False):
@@ -339,7 +851,7 @@ def mnist_accuracy(model, tok, images, labels, shots=0, batch_size=16, seed=1234
         g = torch.Generator().manual_seed(seed)
         draws = [torch.randperm(len(pool_x), generator=g)[:shots].tolist() for _ in range(len(images))]
     preds = []
-    bar = M.progress(total=len(images), desc=f"mnist {shots}-shot", unit="img", enabled=progress)
+    bar = util.progress(total=len(images), desc=f"mnist {shots}-shot", unit="img", enabled=progress)
     for b in range(0, len(images), batch_size):
         rows = []
         for i in range(b, min(b + batch_size, len(images))):
@@ -359,163 +871,7 @@ def mnist_accuracy(model, tok, images, labels, shots=0, batch_size=16, seed=1234
     return (preds == labels.long()).float().mean().item() if len(preds) else float("nan"), preds
 
 # -----------------------------------------------------------------------------
-# the gated sparse adapter (paper §3.2)
-
-def layer_seed(seed, name):
-    """A per-layer seed from the run seed and the module's name (independent of traversal order)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
-
-
-class GatedSparseLinear(nn.Module):
-    """Drop-in for nn.Linear: y = x (W0 + alpha (m * dW))^T (§3.2). `weight` is the frozen base
-    tensor (so checkpoints load unchanged); `delta` (dW) is a float32 master copy even when W0 is
-    bfloat16, so that weight decay's per-step factor (1 - 2e-3) is not rounded away; `alpha` is one
-    scalar gate; `mask` is boolean. dW0 is not stored: it is regenerated from `init_seed`."""
-    def __init__(self, base, init_seed, init="uniform", init_std=0.02, alpha_init=1e-6, gated=True):
-        super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
-        self.init_seed, self.init, self.init_std, self.gated = init_seed, init, init_std, gated
-        dev = self.weight.device
-        self.delta = nn.Parameter(self.init_delta().to(dev))
-        self.alpha = nn.Parameter(torch.tensor(alpha_init if gated else 1.0, device=dev), requires_grad=gated)
-        self.register_buffer("mask", torch.ones(self.out_features, self.in_features, dtype=torch.bool, device=dev))
-
-    def init_delta(self):
-        """dW0, (out, in) float32 on the CPU, from a CPU generator: bitwise reproducible, so rewinding
-        needs no stored copy (1.6B values would be 6.4 GB). lt-sft starts from zero (§6)."""
-        if not self.gated:
-            return torch.zeros(self.out_features, self.in_features)
-        g = torch.Generator().manual_seed(self.init_seed)
-        t = torch.empty(self.out_features, self.in_features)
-        if self.init == "normal":
-            return t.normal_(0.0, self.init_std, generator=g)
-        bound = 1.0 / math.sqrt(self.in_features)  # nn.Linear's own init distribution
-        return t.uniform_(-bound, bound, generator=g)
-
-    def forward(self, x):  # x (B, T, in) -> (B, T, out)
-        md = self.delta * self.mask  # pruned entries are exactly 0 and get exactly 0 gradient
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
-            # float32: one GEMM on the merged weight is exact to fp32 and costs what full
-            # fine-tuning costs (bench/bench_train.py)
-            return F.linear(x, self.weight + self.alpha * md)
-        # low precision: keep the delta on its own path; W0 + alpha*dW formed in bfloat16 would
-        # round away deltas under half an ulp of W0 (peers.md §3.7)
-        return F.linear(x, self.weight) + self.alpha.to(x.dtype) * F.linear(x, md.to(x.dtype))
-
-    def extra_repr(self):
-        density = self.mask.float().mean().item()
-        return f"in={self.in_features}, out={self.out_features}, gated={self.gated}, density={density:.4f}"
-
-
-def install_adapters(model, cfg):
-    """Replace every nn.Linear except lm_head by a GatedSparseLinear, in place (§3.2: all linear
-    layers except the language modelling head). -> {name: layer}."""
-    model.requires_grad_(False)
-    layers = {}
-    for pname, parent in list(model.named_modules()):
-        for cname, child in list(parent.named_children()):
-            name = f"{pname}.{cname}" if pname else cname
-            if isinstance(child, nn.Linear) and name != "lm_head":
-                layer = GatedSparseLinear(child, layer_seed(cfg.seed, name), cfg.init, cfg.init_std,
-                                          cfg.alpha_init, gated=cfg.method != "lt-sft")
-                setattr(parent, cname, layer)
-                layers[name] = layer
-    return layers
-
-
-def adapters(model):
-    return {n: m for n, m in model.named_modules() if isinstance(m, GatedSparseLinear)}
-
-# -----------------------------------------------------------------------------
-# iterative magnitude pruning (paper §3.2, §4.4)
-
-def kth_largest(chunks, k):
-    """The k-th largest value of non-negative float32 tensors (a callable yielding them, so that
-    nothing is concatenated): two histogram passes over the bit patterns, whose integer order is
-    the float order for x >= 0. Exact, memory O(largest chunk), any number of elements."""
-    hist = torch.zeros(1 << 16, dtype=torch.long)
-    for x in chunks():
-        hist += torch.bincount((x.view(torch.int32) >> 16).long(), minlength=1 << 16).cpu()
-    at_least = hist.flip(0).cumsum(0).flip(0)               # [b] = count with high bits >= b
-    hi = int((at_least >= k).nonzero().max())
-    above = int(at_least[hi + 1]) if hi + 1 < (1 << 16) else 0
-    hist = torch.zeros(1 << 16, dtype=torch.long)
-    for x in chunks():
-        bits = x.view(torch.int32)
-        hist += torch.bincount((bits[(bits >> 16) == hi] & 0xFFFF).long(), minlength=1 << 16).cpu()
-    at_least = hist.flip(0).cumsum(0).flip(0) + above
-    lo = int((at_least >= k).nonzero().max())
-    return torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32).item()
-
-
-@torch.no_grad()
-def prune(layers, keep=0.8, scope="global", sign=True):
-    """One IMP step (§3.2, §4.4). Among free entries whose sign equals that of their initial value,
-    keep the fraction `keep` with the largest |dW| (exactly round(keep * n_eligible), ties broken by
-    layer then row-major index), rewind them to dW0, zero and freeze every other entry.
-    sign=False (lt-sft, init 0): all free entries are eligible. -> statistics."""
-    names = list(layers)
-    elig, stats = {}, {"layers": {}}
-    for n in names:
-        L = layers[n]
-        e = L.mask.clone()
-        if sign:  # a flipped (or exactly zero) entry is not eligible (§3.2: "didn't change sign")
-            e &= torch.sign(L.delta) == torch.sign(L.init_delta().to(L.delta.device))
-        elig[n] = e
-        free = int(L.mask.count_nonzero())
-        stats["layers"][n] = {"free": free, "eligible": int(e.count_nonzero()), "numel": L.mask.numel()}
-    groups = [names] if scope == "global" else [[n] for n in names]
-    for group in groups:
-        n_elig = sum(stats["layers"][n]["eligible"] for n in group)
-        k = round(keep * n_elig)
-        thr = kth_largest(lambda: (layers[n].delta.abs()[elig[n]] for n in group), k) if k else math.inf
-        quota = k - sum(int(((layers[n].delta.abs() > thr) & elig[n]).count_nonzero()) for n in group)
-        for n in group:
-            L = layers[n]
-            mag = L.delta.abs()
-            new = elig[n] & (mag > thr)
-            if quota > 0:  # ties at the threshold: the first ones in row-major order
-                tie = (elig[n] & (mag == thr)).flatten().nonzero().flatten()[:quota]
-                new.view(-1)[tie] = True
-                quota -= len(tie)
-            L.mask.copy_(new)
-            L.delta.copy_(L.init_delta().to(L.delta.device) * new)  # rewind kept, zero the rest
-            stats["layers"][n]["kept"] = int(new.count_nonzero())
-    tot = lambda key: sum(s[key] for s in stats["layers"].values())
-    stats.update(free=tot("free"), eligible=tot("eligible"), kept=tot("kept"), numel=tot("numel"))
-    stats["sign_flip"] = 1 - stats["eligible"] / max(stats["free"], 1)
-    stats["density"] = stats["kept"] / stats["numel"]
-    return stats
-
-
-@torch.no_grad()
-def random_masks(layers, counts, seed):
-    """The random-mask baseline (§4.4): exactly counts[name] free entries per layer at random
-    positions (open_lth's layerwise random pruning), the others zeroed and frozen."""
-    for n, L in layers.items():
-        g = torch.Generator().manual_seed(layer_seed(seed, n + "/mask"))
-        idx = torch.randperm(L.mask.numel(), generator=g)[:counts[n]]
-        m = torch.zeros(L.mask.numel(), dtype=torch.bool)
-        m[idx] = True
-        L.mask.copy_(m.view_as(L.mask))
-        L.delta.mul_(L.mask)
-
-
-def density_report(layers):
-    per = {n: L.mask.float().mean().item() for n, L in layers.items()}
-    total = sum(int(L.mask.sum()) for L in layers.values()) / max(sum(L.mask.numel() for L in layers.values()), 1)
-    return total, per
-
-# -----------------------------------------------------------------------------
 # adapter files: mask bit-packed, dW values in mask order, alpha, init seed (safetensors)
-
-def _atomic_save(tensors, path, metadata):
-    tmp = f"{path}.tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
-
 
 def save_adapter(model, path, cfg, extra=None):
     """Write the trained adapter: per layer `{name}.mask` (uint8, np.packbits of the row-major
@@ -524,10 +880,9 @@ def save_adapter(model, path, cfg, extra=None):
     meta = {"format": "rigsa-adapter", "config": json.dumps(dataclasses.asdict(cfg)), **(extra or {})}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
     if cfg.method in LORA_METHODS:
-        import qlora
         tensors = {k: v.detach().cpu().contiguous() for k, v in qlora.lora_state_dict(model).items()}
-        return _atomic_save(tensors, path, meta)
-    tensors = {}
+    else:
+        tensors = {}
     for n, L in adapters(model).items():
         m = L.mask.cpu()
         tensors[f"{n}.mask"] = torch.from_numpy(np.packbits(m.numpy().reshape(-1)))
@@ -535,7 +890,7 @@ def save_adapter(model, path, cfg, extra=None):
         tensors[f"{n}.alpha"] = L.alpha.detach().cpu().float().reshape(1)
         tensors[f"{n}.init_seed"] = torch.tensor([L.init_seed], dtype=torch.int64)
         tensors[f"{n}.init_check"] = L.init_delta().reshape(-1)[:16].clone()
-    _atomic_save(tensors, path, meta)
+    util.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def adapter_path(spec):
@@ -571,7 +926,6 @@ def load_adapter(model, path):
     """Install a saved adapter (any method) into a loaded base model, in place. -> its Config."""
     tensors, meta, cfg = read_adapter(path)
     if cfg.method in LORA_METHODS:
-        import qlora
         if cfg.method == "qlora" and not is_quantized(model):
             qlora.quantize_model(model)
         qlora.load_lora(model, tensors, cfg.rank, cfg.lora_alpha)
@@ -592,300 +946,36 @@ def load_adapter(model, path):
     return cfg
 
 # -----------------------------------------------------------------------------
-# training (paper §4.4)
-
-def get_lr(step, total, warmup, peak):
-    """Piecewise linear (§4.4): step 0 .. warmup-1 rise to `peak`, then linear decay reaching 0 at
-    `total` (the end of the IMP iteration). Step 0 already trains (HF's schedule wastes it)."""
-    if step < warmup:                       # 1) linear warmup
-        return peak * (step + 1) / warmup
-    if step >= total:                       # 2) past the end
-        return 0.0
-    return peak * (total - step) / max(total - warmup, 1)  # 3) linear decay to 0
-
-
-def encode_example(tok, image, label, digits, eos):
-    """-> token ids and the supervised positions: the answer digit and <|im_end|> after the prefix."""
-    ids = tok.encode(prompt(tok, image)) + [digits[int(label)], eos]
-    return ids, [len(ids) - 2, len(ids) - 1]
-
-
-def batch_loss(model, rows, pad_id, device):
-    """Summed cross-entropy over the supervised tokens of a micro-batch of (ids, positions), right
-    padded. Only the supervised positions go through lm_head (no (T, V) logits). -> (sum, count)."""
-    L = max(len(r) for r, _ in rows)
-    x = torch.tensor([r + [pad_id] * (L - len(r)) for r, _ in rows], device=device)
-    am = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r, _ in rows], device=device)
-    b = torch.tensor([i for i, (_, p) in enumerate(rows) for _ in p], device=device)
-    t = torch.tensor([q for _, p in rows for q in p], device=device)
-    h = model(x, am, hidden_only=True)                    # (B, T, C)
-    logits = model.lm_head(h[b, t - 1]).float()           # (n_sup, V): position t-1 predicts token t
-    return F.cross_entropy(logits, x[b, t], reduction="sum"), len(t)
-
-
-def accumulate(model, rows, micro_batch, pad_id, device, amp=contextlib.nullcontext()):
-    """Forward and backward over micro-batches of one effective batch (§4.4: batch 16 by gradient
-    accumulation). Each micro-batch's summed loss is divided by the supervised-token count of the
-    whole effective batch, so the gradient is that of the batch mean. -> the mean loss (float)."""
-    n_sup = sum(len(p) for _, p in rows)
-    total = torch.zeros((), device=device)
-    for mb in range(0, len(rows), micro_batch):
-        with amp:
-            s, _ = batch_loss(model, rows[mb:mb + micro_batch], pad_id, device)
-        (s / n_sup).backward()
-        total += s.detach().float()  # summed on the device: one host sync per step, not per micro-batch
-    return total.item() / n_sup
-
-
-def make_optimizer(model, cfg):
-    """AdamW (§4.4) on the trainable tensors: dW decayed by --weight-decay, the gate not (unless
-    --decay-gate); LoRA: every LoRA matrix decayed by --lora-weight-decay (Table 4)."""
-    if cfg.method in LORA_METHODS:
-        params = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"params": params, "weight_decay": cfg.lora_weight_decay}]
-    else:
-        layers = adapters(model)
-        deltas = [L.delta for L in layers.values()]
-        gates = [L.alpha for L in layers.values() if L.alpha.requires_grad]
-        groups = [{"params": deltas, "weight_decay": cfg.weight_decay},
-                  {"params": gates, "weight_decay": cfg.weight_decay if cfg.decay_gate else 0.0}]
-        groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-
-
-def git_commit():
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
-        return (sha.stdout.strip() or "none") + ("-dirty" if dirty.stdout.strip() else "")
-    except Exception:
-        return "unknown"
-
-
-def _write_json(path, obj):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _trainable_state(model):
-    # .cpu() copies GPU tensors (no second 6.4 GB on the GPU); CPU tensors are saved as they are
-    state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    state.update({n: b.cpu() for n, b in model.named_buffers() if n.endswith(".mask")})
-    return state
-
-
-def _load_trainable_state(model, state):
-    own = dict(model.named_parameters()) | dict(model.named_buffers())
-    with torch.no_grad():
-        for n, t in state.items():
-            own[n].copy_(t)
-
-
-def save_resume(out, model, opt, it, step, log):
-    tmp = out / "resume.pt.tmp"
-    torch.save({"iteration": it, "step": step, "state": _trainable_state(model),
-                "optimizer": opt.state_dict() if opt is not None else None, "rng": torch.get_rng_state(),
-                "log": log}, tmp)
-    os.replace(tmp, out / "resume.pt")
-
-
-def load_base(cfg):
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
-    dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-    if cfg.method == "qlora":  # also reads pre-quantized bnb-4bit checkpoints (§5.3: Unsloth's)
-        import qlora
-        model, tok = qlora.load_model(cfg.model, device, dtype)
-    else:
-        model, tok = M.load(cfg.model, device, dtype)
-    return model, tok, device
-
-
-def is_quantized(model):
-    import qlora
-    return any(isinstance(m, qlora.Linear4bit) for m in model.modules())
-
-
-def train(cfg):
-    """The whole run: IMP iterations of training, evaluation, saving and pruning (§3.2, §4.4)."""
-    out = Path(cfg.out)
-    resume = None
-    if cfg.resume:
-        if not (out / "config.json").exists():
-            raise FileNotFoundError(f"{out / 'config.json'}: nothing to resume")
-        saved = json.loads((out / "config.json").read_text())["config"]
-        cfg = Config(**{**saved, "resume": True, "halt_after": cfg.halt_after})
-        if (out / "resume.pt").exists():
-            resume = torch.load(out / "resume.pt", weights_only=True)
-        elif (out / f"iter{n_iters(cfg)}.safetensors").exists():
-            print(f"{out}: the run is complete (iter{n_iters(cfg)}.safetensors is there)")
-            return [json.loads(line) for line in open(out / "metrics.jsonl")]
-    elif (out / "config.json").exists():
-        raise FileExistsError(f"{out}: a run is already there; use --resume or another --out")
-    check_config(cfg)
-    lora = cfg.method in LORA_METHODS
-    print("config:", json.dumps(dataclasses.asdict(cfg)))
-    torch.manual_seed(cfg.seed)
-
-    # data (§4.2): encoded on the fly, 16 prompts per step cost nothing next to the model
-    train_x, train_y = load_mnist(cfg.data_dir, "train", cfg.val_frac, cfg.split_seed, cfg.download)
-    val_x, val_y = load_mnist(cfg.data_dir, "val", cfg.val_frac, cfg.split_seed)
-    test_x, test_y = load_mnist(cfg.data_dir, "test") if cfg.eval_test else (None, None)
-    if cfg.eval_max:
-        val_x, val_y = val_x[:cfg.eval_max], val_y[:cfg.eval_max]
-        test_x, test_y = (test_x[:cfg.eval_max], test_y[:cfg.eval_max]) if cfg.eval_test else (None, None)
-
-    model, tok, device = load_base(cfg)
-    digits, eos = digit_ids(tok), end_id(tok)
-    amp = (torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and model.lm_head.weight.dtype == torch.bfloat16
-           else contextlib.nullcontext())
-    if lora:
-        import qlora  # lazily: the baseline lives in its own file (§5.3)
-        if cfg.method == "qlora" and not is_quantized(model):
-            qlora.quantize_model(model)
-        torch.manual_seed(cfg.seed)  # LoRA's A init
-        qlora.apply_lora(model, cfg.rank, cfg.lora_alpha, cfg.lora_dropout)
-        layers = {}
-    else:
-        layers = install_adapters(model, cfg)
-        if cfg.method == "random-mask":
-            counts = (mask_counts(cfg.mask_like) if cfg.mask_like else
-                      {n: round(cfg.density * L.mask.numel()) for n, L in layers.items()})
-            if set(counts) != set(layers):
-                raise ValueError(f"--mask-like {cfg.mask_like}: its layers are not this model's layers")
-            random_masks(layers, counts, cfg.seed)
-    # the run directory is written once the data and the model have loaded
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "git_commit": git_commit(),
-                                      "torch": torch.__version__, "python": sys.version.split()[0]})
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{cfg.method}: {len(layers) or 'LoRA on the'} adapted layers, {n_trainable:,} trainable tensor entries")
-
-    lr_peak = cfg.lora_lr if lora else cfg.lr
-    epochs = cfg.lora_epochs if lora else cfg.epochs
-    steps_per_iter = math.ceil(len(train_x) * epochs / cfg.batch_size)
-    if cfg.steps:
-        steps_per_iter = min(steps_per_iter, cfg.steps)
-    if steps_per_iter <= cfg.warmup:
-        print(f"note: {steps_per_iter} steps per iteration <= warmup {cfg.warmup}: the lr never reaches "
-              f"its peak and does not decay to 0", file=sys.stderr)
-    start_it, start_step, log = 1, 0, []
-    if resume is not None:
-        start_it, start_step, log = resume["iteration"], resume["step"], resume["log"]
-        _load_trainable_state(model, resume["state"])
-        torch.set_rng_state(resume["rng"])
-    # metrics.jsonl holds what the checkpoint holds: lines written after it are dropped
-    with open(out / "metrics.jsonl.tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in log)
-    os.replace(out / "metrics.jsonl.tmp", out / "metrics.jsonl")
-
-    def record(r):
-        log.append(r)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(r) + "\n")
-
-    done_steps = 0
-    for it in range(start_it, n_iters(cfg) + 1):
-        model.train()
-        opt = make_optimizer(model, cfg)  # fresh AdamW and schedule every iteration (§3.2 IMP)
-        step = start_step if it == start_it else 0
-        if resume is not None and it == start_it and resume["optimizer"] is not None:
-            opt.load_state_dict(resume["optimizer"])
-        g = torch.Generator().manual_seed(cfg.seed * 1000 + it)
-        order = torch.cat([torch.randperm(len(train_x), generator=g) for _ in range(math.ceil(epochs))])
-        params = [p for grp in opt.param_groups for p in grp["params"]]
-        bar = M.progress(total=steps_per_iter, desc=f"iter {it}/{n_iters(cfg)}", unit="step")
-        bar.update(step)
-        t0, tokens = time.time(), 0
-        while step < steps_per_iter:
-            lr = get_lr(step, steps_per_iter, cfg.warmup, lr_peak)
-            for grp in opt.param_groups:
-                grp["lr"] = lr
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size].tolist()
-            rows = [encode_example(tok, train_x[i], train_y[i], digits, eos) for i in idx]
-            loss = accumulate(model, rows, cfg.micro_batch, tok.pad_id, device, amp)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            done_steps += 1
-            tokens += sum(len(r) for r, _ in rows)
-            bar.set_postfix(loss=loss, lr=lr, tok_s=tokens / (time.time() - t0))
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == steps_per_iter:
-                r = {"iter": it, "step": step, "loss": loss, "lr": lr,
-                     "tok_s": tokens / (time.time() - t0)}
-                if layers:
-                    a = torch.stack([L.alpha.detach().float() for L in layers.values()])
-                    r.update(alpha_mean=a.mean().item(), alpha_min=a.min().item(), alpha_max=a.max().item())
-                record(r)
-            halt = cfg.halt_after and done_steps >= cfg.halt_after and step < steps_per_iter
-            if halt or (cfg.save_every and step % cfg.save_every == 0 and step < steps_per_iter):
-                save_resume(out, model, opt, it, step, log)
-            if halt:
-                bar.close()
-                print(f"halted after {done_steps} steps; continue with --resume --out {out}")
-                return None
-        bar.close()
-
-        # evaluate and save the trained adapter of this iteration (§5.1, Figure 2a: before pruning)
-        res = {"event": "iteration", "iter": it}
-        # trainable parameters for Figure 4: free dW entries plus the gates, or the LoRA matrices
-        res["trainable"] = (sum(int(L.mask.count_nonzero()) + int(L.gated) for L in layers.values()) if layers
-                            else sum(p.numel() for p in model.parameters() if p.requires_grad))
-        res["val_acc"], _ = mnist_accuracy(model, tok, val_x, val_y, batch_size=cfg.eval_batch)
-        if cfg.eval_test:
-            res["test_acc"], _ = mnist_accuracy(model, tok, test_x, test_y, batch_size=cfg.eval_batch)
-        if layers:
-            res["density"], res["layer_density"] = density_report(layers)
-            res["alpha"] = {n: L.alpha.item() for n, L in layers.items()}
-        save_adapter(model, out / f"iter{it}.safetensors", cfg,
-                     {k: v for k, v in res.items() if k in ("iter", "val_acc", "test_acc", "density", "trainable")})
-        if lora:
-            import qlora
-            qlora.save_peft(model, out / f"iter{it}-peft", cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.model)
-        record(res)
-        print(f"iter {it}: val {res['val_acc']:.4f}" + (f" test {res['test_acc']:.4f}" if cfg.eval_test else "")
-              + (f" density {res['density']:.4%}" if layers else ""))
-
-        if it < n_iters(cfg):  # prune, rewind, reset the gate (§3.2, §4.4)
-            st = prune(layers, cfg.keep, cfg.prune_scope, sign=cfg.method != "lt-sft")
-            if cfg.reset_alpha:
-                for L in layers.values():
-                    L.alpha.data.fill_(cfg.alpha_init if L.gated else 1.0)
-            record({"event": "prune", "iter": it, "sign_flip": st["sign_flip"], "density": st["density"],
-                    "kept": st["kept"], "eligible": st["eligible"], "free": st["free"],
-                    "layer_sign_flip": {n: 1 - s["eligible"] / max(s["free"], 1) for n, s in st["layers"].items()},
-                    "layer_density": {n: s["kept"] / s["numel"] for n, s in st["layers"].items()}})
-            print(f"pruned after iter {it}: sign flips {st['sign_flip']:.2%} of free entries, "
-                  f"density now {st['density']:.4%}")
-            save_resume(out, model, None, it + 1, 0, log)
-    if (out / "resume.pt").exists():
-        (out / "resume.pt").unlink()  # the run is complete; its adapters are the iterK files
-    print_summary(log)
-    return log
-
-
-def print_summary(log):
-    """The density report: one row per IMP iteration (the paper reports 3.46% after 5, §4.4)."""
-    flips = {r["iter"]: r["sign_flip"] for r in log if r.get("event") == "prune"}
-    pct = lambda v, p=1: "-" if v is None or v != v else f"{v:.{p}%}"
-    print("\n| iteration | density | sign flips at its end | val acc | test acc |\n|---|---|---|---|---|")
-    for r in log:
-        if r.get("event") == "iteration":
-            print(f"| {r['iter']} | {pct(r.get('density'), 2)} | {pct(flips.get(r['iter']))} | "
-                  f"{pct(r.get('val_acc'))} | {pct(r.get('test_acc'))} |")
-
-# -----------------------------------------------------------------------------
 # merge: a checkpoint in the official layout, loadable by model.load and transformers
 
 @torch.no_grad()
+def merge_adapters(model, dtype=None):
+    """Fold every adapter (RIGSA family or LoRA) into its base weight, in place: W0 + delta in
+    float32, cast to `dtype` (default: the weight's own), as plain nn.Linear layers. A 4-bit base
+    is refused: merging into it would re-quantize it (lossy). -> (sum |what the cast lost|,
+    sum |delta|), to report how much of the adapter survived the cast."""
+    todo = [(parent, cname, child) for _, parent in list(model.named_modules())
+            for cname, child in list(parent.named_children())
+            if isinstance(child, (GatedSparseLinear, qlora.LoRALinear))]
+    if any(getattr(child, "quantized", False) for _, _, child in todo):
+        raise ValueError("the base is 4-bit (QLoRA): merging would re-quantize it; merge only adapters on an "
+                         "unquantized base, or use the adapter unmerged")
+    lost, total = 0.0, 0.0
+    for parent, cname, child in todo:
+        d = child.delta_weight()                               # (out, in) float32
+        w0 = child.weight.float()
+        w = (w0 + d).to(dtype or child.weight.dtype)
+        lost += ((w.float() - w0) - d).abs().sum().item()
+        total += d.abs().sum().item()
+        lin = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")   # no init work
+        lin.weight = nn.Parameter(w, requires_grad=False)
+        setattr(parent, cname, lin)
+    return lost, total
+
+
 def merge(adapter, out, base=None, dtype=None):
+    """`rigsa.py merge`: base + adapter, merged in float32 and cast once, written as a checkpoint in
+    the official layout (the base's other files copied)."""
     _, meta, cfg = read_adapter(adapter)
     if cfg.method == "qlora":
         raise ValueError(f"{adapter}: a QLoRA adapter sits on a 4-bit base, and merging would re-quantize it "
@@ -893,33 +983,15 @@ def merge(adapter, out, base=None, dtype=None):
     src = M.resolve(base or cfg.model)
     model, _ = M.load(src, "cpu", torch.float32)   # merge in float32, then cast
     load_adapter(model, adapter)
-    dtype = dtype or json.loads((src / "config.json").read_text()).get("torch_dtype", "bfloat16")
-    kinds = (GatedSparseLinear,)
-    if cfg.method == "lora":
-        import qlora
-        kinds = (qlora.LoRALinear,)
-    lost, total = 0.0, 0.0
-    for pname, parent in list(model.named_modules()):
-        for cname, child in list(parent.named_children()):
-            if isinstance(child, kinds):
-                d = (child.alpha * (child.delta * child.mask) if isinstance(child, GatedSparseLinear) else
-                     (child.lora_B.weight.float() @ child.lora_A.weight.float()) * child.scaling)  # LoRA: B A alpha/r
-                w = child.weight + d
-                lost += ((w.to(getattr(torch, dtype)).float() - child.weight) - d).abs().sum().item()
-                total += d.abs().sum().item()
-                lin = nn.Linear(child.in_features, child.out_features, bias=False)
-                lin.weight = nn.Parameter(w, requires_grad=False)
-                setattr(parent, cname, lin)
+    conf = json.loads((src / "config.json").read_text())
+    dtype = dtype or conf.get("torch_dtype", "bfloat16")
+    lost, total = merge_adapters(model, getattr(torch, dtype))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for f in os.listdir(src):
         if not f.endswith(".safetensors") and f != "model.safetensors.index.json" and os.path.isfile(src / f):
             shutil.copy(src / f, out / f)
-    conf = json.loads((out / "config.json").read_text())
-    _write_json(out / "config.json", {**conf, "torch_dtype": dtype})
-    sd = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()
-          if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
-    _atomic_save(sd, out / "model.safetensors", {"format": "pt"})
+    M.save_checkpoint(out, conf, model.state_dict(), getattr(torch, dtype))
     print(f"merged {adapter} into {out} ({dtype}); the cast lost {lost / max(total, 1e-30):.2%} of sum|alpha*m*dW|")
     return out
 
@@ -939,13 +1011,13 @@ def demo(out="runs/demo"):
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / "DEMO").write_text("written by rigsa.py demo\n")
-    M.write_tiny_checkpoint(out / "tiny-model", shape="gqa", seed=0)
+    tiny.write_tiny_checkpoint(out / "tiny-model", shape="gqa", seed=0)
     write_synthetic_mnist(out / "mnist", n_train=400, n_test=100, size=8, seed=0, noise=0.05, shift=False)
     cfg = Config(model=str(out / "tiny-model"), out=str(out / "run"), data_dir=str(out / "mnist"),
                  device="cpu", iters=2, steps=300, epochs=100.0, warmup=10, lr=1e-2, weight_decay=0.1,
                  val_frac=0.05, micro_batch=16, log_every=10, save_every=0, download=False)
     print("demo: tiny SmolLM2-shaped random model, 380 synthetic 8x8 training digits, 2 IMP iterations")
-    log = train(cfg)
+    train(cfg)
     model, tok = M.load(cfg.model, "cpu")
     x, y = load_mnist(cfg.data_dir, "test")
     base_acc, _ = mnist_accuracy(model, tok, x, y, progress=False)
@@ -966,6 +1038,24 @@ def config_parser(ap):
     return ap
 
 
+def eval_alias(a):
+    """`rigsa.py eval` (deprecated): Textual MNIST accuracy has one command, evals/run.py --task
+    mnist; this translates the old flags and runs it (a process boundary: rigsa.py imports no evals/)."""
+    if a.split != "test":
+        raise ValueError("--split val: the validation accuracy of a run is in RUN/metrics.jsonl; "
+                         "evals/run.py --task mnist scores the test split")
+    data = Path(a.data_dir)
+    if data.name != "mnist":
+        raise ValueError(f"--data-dir {a.data_dir}: evals/run.py reads MNIST from <root>/mnist/; "
+                         f"put the IDX files in a folder named mnist and pass its parent as --data-dir")
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "evals" / "run.py"), "--task", "mnist",
+           "--model", a.model, "--num-fewshot", str(a.shots), "--data-dir", str(data.parent),
+           "--batch-size", str(a.batch_size)] + (["--adapter", a.adapter] if a.adapter else []) \
+        + (["--limit", str(a.max)] if a.max else [])
+    print("rigsa.py eval is deprecated and will be removed: it runs " + " ".join(cmd[1:]), file=sys.stderr)
+    sys.exit(subprocess.run(cmd).returncode)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -974,7 +1064,7 @@ def main(argv=None):
     p.add_argument("--index", type=int, default=0, help="image index [default: 0]")
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="[default: train]")
     p.add_argument("--data-dir", default="data/mnist", help="[default: data/mnist]")
-    p = sub.add_parser("eval", help="Textual MNIST accuracy, 0- or 5-shot (§4.2, Table 2)")
+    p = sub.add_parser("eval", help="deprecated: runs evals/run.py --task mnist (Textual MNIST accuracy, Table 2)")
     p.add_argument("--model", default=M.DEFAULT_MODEL, help=f"[default: {M.DEFAULT_MODEL}]")
     p.add_argument("--adapter", default="", help="RUN/iterK adapter file to install [default: none]")
     p.add_argument("--shots", type=int, default=0, help="examples as earlier turns (Table 2: 0 or 5) [default: 0]")
@@ -990,7 +1080,7 @@ def main(argv=None):
     p = sub.add_parser("demo", help="the whole pipeline offline on a tiny model (< 2 min on 2 CPU cores)")
     p.add_argument("--out", default="runs/demo", help="[default: runs/demo]")
     a = ap.parse_args(argv)
-    M.keep_freed_memory()
+    util.keep_freed_memory()
     try:
         if a.cmd == "train":
             train(Config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Config)}))
@@ -1001,19 +1091,7 @@ def main(argv=None):
             print(to_text(x[a.index]))
             print(f"label: {int(y[a.index])}")
         elif a.cmd == "eval":
-            try:  # qlora.load_model also reads bnb-4bit checkpoints; the baseline file is optional
-                import qlora
-                model, tok = qlora.load_model(a.model)
-            except ImportError:
-                model, tok = M.load(a.model)
-            if a.adapter:
-                load_adapter(model, a.adapter)
-            x, y = load_mnist(a.data_dir, a.split, download=True)
-            if a.max:
-                x, y = x[:a.max], y[:a.max]
-            acc, preds = mnist_accuracy(model, tok, x, y, shots=a.shots, batch_size=a.batch_size, data_dir=a.data_dir)
-            print(f"Textual MNIST {a.split} {a.shots}-shot accuracy: {acc:.4f} ({len(x)} images, "
-                  f"{(preds < 0).float().mean().item():.2%} non-digit answers)")
+            eval_alias(a)
         elif a.cmd == "merge":
             merge(a.adapter, a.out, a.model, a.dtype)
         elif a.cmd == "demo":

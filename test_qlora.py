@@ -220,7 +220,6 @@ def test_lora_exactly_zero_at_init(tiny, quant):
 
 
 def test_trainable_parameter_counts(tiny):
-    m = tiny()
     for r in (1, 4):
         mm = tiny()
         params = Q.apply_lora(mm, rank=r, alpha=32)
@@ -310,7 +309,7 @@ def test_peft_format_and_reload(tiny, tmp_path):
         Q.read_peft(tmp_path / "peft")
 
 
-def test_lora_state_dict_roundtrip_and_merge(tiny):
+def test_lora_state_dict_roundtrip(tiny):
     m = tiny(torch.bfloat16)
     torch.manual_seed(0)
     Q.apply_lora(m, rank=2, alpha=32)
@@ -325,16 +324,8 @@ def test_lora_state_dict_roundtrip_and_merge(tiny):
     m2 = tiny(torch.bfloat16)
     Q.load_lora(m2, sd, 2, 32)
     assert torch.equal(m2(x).float(), want)
-    Q.merge_lora(m2)
-    assert not Q._targets(m2, Q.LoRALinear) and len(Q._targets(m2, nn.Linear)) == 7 * m.config.num_hidden_layers
-    l0 = m.model.layers[0].self_attn.q_proj
-    W = (l0.weight.float() + (l0.lora_B.weight @ l0.lora_A.weight) * 16.0).bfloat16()
-    assert torch.equal(m2.model.layers[0].self_attn.q_proj.weight, W)
-    assert (m2(x).float() - want).abs().max() < 0.05 * want.abs().max()   # bf16 rounding of W only
-    q = Q.quantize_model(tiny())
-    Q.apply_lora(q, 2, 32)
-    with pytest.raises(ValueError, match="4-bit"):
-        Q.merge_lora(q)
+    l0 = m2.model.layers[0].self_attn.q_proj   # what a merge adds to W0 (rigsa.merge_adapters; test_rigsa.py)
+    assert torch.equal(l0.delta_weight(), (l0.lora_B.weight.float() @ l0.lora_A.weight.float()) * 16.0)
 
 
 def test_prequantized_unsloth_layout(tiny, tiny_dir, tmp_path):

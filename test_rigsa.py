@@ -1,322 +1,16 @@
-"""Tests for rigsa: CPU only, no network, tiny checkpoints written by the tests (conftest.py).
-Correctness is parity with transformers (a test-only reference) plus invariants."""
+"""Tests for rigsa.py: Textual MNIST, the gated sparse adapter, IMP, the training loop, resume,
+merge (paper §3.2, §4.2, §4.4). CPU only, no network, tiny checkpoints and synthetic digits
+written by the tests. Correctness is invariants plus parity with a plain reference."""
 import json
-import platform
-import shutil
+import math
 
 import pytest
 import torch
-
-import model as M
-
-# ---- model.py: parity with transformers, cache and padding invariants, loader errors ----
-
-def hf_model(path):
-    transformers = pytest.importorskip("transformers")
-    return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def left_pad(rows, pad_id):
-    L = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (L - len(r)) + r for r in rows])
-    am = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows])
-    return ids, am
-
-
-@pytest.mark.parametrize("fixture", ["tiny_dir", "tiny_mha_dir"])
-def test_logits_match_transformers(fixture, request):
-    path = request.getfixturevalue(fixture)
-    ref = hf_model(path)
-    m, tok = M.load(path)
-    assert m.lm_head.weight is m.model.embed_tokens.weight
-    rows = [tok.encode("The digit is 7. Question: How do I"), tok.encode("Answer: 12 34")]
-    ids, am = left_pad(rows, tok.pad_id)
-    with torch.no_grad():
-        ours = m(ids, am)
-        pos = (am.cumsum(-1) - 1).clamp(min=0)
-        theirs = ref(input_ids=ids, attention_mask=am, position_ids=pos).logits
-        single = ref(input_ids=torch.tensor([rows[0]])).logits
-    real = am.bool()
-    assert (ours - theirs)[real].abs().max() <= 1e-4
-    assert (m(torch.tensor([rows[0]])) - single).abs().max() <= 1e-4
-
-
-def test_bf16_logits_match_transformers_bitwise(tiny_dir):
-    transformers = pytest.importorskip("transformers")
-    ref = transformers.LlamaForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).eval()
-    m, tok = M.load(tiny_dir, dtype=torch.bfloat16)
-    ids = torch.tensor([tok.encode("Below is a digit as text. Which digit is it? 0123")])
-    with torch.no_grad():
-        assert torch.equal(m(ids), ref(input_ids=ids).logits)
-
-
-def test_padded_row_equals_row_alone(tiny_dir):
-    m, tok = M.load(tiny_dir)
-    a, b = tok.encode("the of and to 5"), tok.encode("Question: How do I 1 2 3 4 5 6 7")
-    ids, am = left_pad([a, b], tok.pad_id)
-    with torch.no_grad():
-        batch = m(ids, am)
-        alone = m(torch.tensor([a]))
-    assert (batch[0, -len(a):] - alone[0]).abs().max() < 1e-5
-    # right padding too: positions are per row
-    ids_r = torch.tensor([a + [tok.pad_id] * (len(b) - len(a)), b])
-    am_r = torch.tensor([[1] * len(a) + [0] * (len(b) - len(a)), [1] * len(b)])
-    with torch.no_grad():
-        assert (m(ids_r, am_r)[0, :len(a)] - alone[0]).abs().max() < 1e-5
-
-
-def test_cached_greedy_equals_full_forward(tiny_dir):
-    m, tok = M.load(tiny_dir)
-    prompts = [tok.encode("The digit is"), tok.encode("Question: How do I 3 4")]
-    cached = M.generate_ids(m, prompts, 12, eos_id=-1)
-    for p, got in zip(prompts, cached):
-        ids = list(p)
-        with torch.no_grad():
-            for _ in range(12):
-                ids.append(int(m(torch.tensor([ids]))[0, -1].argmax()))
-        assert got == ids[len(p):]
-
-
-def test_packed_rows_equal_rows_alone(tiny_dir):
-    # a | b c1 | c2 in one row: sequence a, then b followed by two alternative continuations that
-    # both start at position len(b) and do not see each other. A (B, T, T) mask and explicit
-    # positions make each part equal to its own row alone (harness.score_shared's layout)
-    m, tok = M.load(tiny_dir)
-    a, b = tok.encode("the of and to 5"), tok.encode("Question: How do I 1 2")
-    c1, c2 = tok.encode(" 7 8 9"), tok.encode(" the digit")
-    n, k = len(a), len(b)
-    ids = torch.tensor([a + b + c1 + c2])
-    pos = torch.tensor([list(range(n)) + list(range(k)) + list(range(k, k + len(c1))) + list(range(k, k + len(c2)))])
-    seg = torch.tensor([0] * n + [1] * (k + len(c1) + len(c2)))
-    br = torch.tensor([0] * (n + k) + [1] * len(c1) + [2] * len(c2))
-    ar = torch.arange(len(seg))
-    mask = (seg[:, None] == seg[None]) & (ar[:, None] >= ar[None]) & ((br[None] == 0) | (br[:, None] == br[None]))
-    with torch.no_grad():
-        out = m(ids, mask[None], position_ids=pos)[0]
-        assert (out[:n] - m(torch.tensor([a]))[0]).abs().max() < 1e-5
-        assert (out[n:n + k + len(c1)] - m(torch.tensor([b + c1]))[0]).abs().max() < 1e-5
-        assert (out[n + k + len(c1):] - m(torch.tensor([b + c2]))[0, k:]).abs().max() < 1e-5
-        with pytest.raises(ValueError, match="position_ids"):
-            m(ids, mask[None])
-
-
-def test_ragged_cache_decode_equals_rows_alone(tiny_dir, tiny_mha_dir, monkeypatch):
-    # prompts of five lengths decode side by side, each at its own next slot, in groups of 2 rows
-    # that each read only their own longest row's slots; every row equals its greedy run alone,
-    # and its cached logits equal a full forward pass (GQA like 135M/360M, MHA like 1.7B)
-    monkeypatch.setattr(M, "DECODE_GROUP", 2)
-    for d in (tiny_dir, tiny_mha_dir):
-        m, tok = M.load(d)
-        prompts = [tok.encode(s) for s in ["Question: How do I 1 2 3 4 5 6", "The digit is", "Answer: 7",
-                                           "the of and to in is that for it", "5"]]
-        got = M.generate_ids(m, prompts, 6, eos_id=-1)
-        assert got == [M.generate_ids(m, [p], 6, eos_id=-1)[0] for p in prompts]
-        cache = M.KVCache(m.config, len(prompts), 40, "cpu", torch.float32)
-        with torch.no_grad():
-            for i, p in enumerate(prompts):
-                m(torch.tensor([p]), cache=cache.row(i))
-            step = m(torch.tensor([[g[0]] for g in got]), cache=cache)[:, 0]           # (B, V)
-            for p, g, row in zip(prompts, got, step):
-                assert (row - m(torch.tensor([p + g[:1]]))[0, -1]).abs().max() < 1e-5
-        assert cache.len.tolist() == [len(p) + 1 for p in prompts]
-        with pytest.raises(ValueError, match="empty rows"):   # a second multi-token input
-            m(torch.tensor([[5, 6]] * len(prompts)), cache=cache)
-    cache = M.KVCache(m.config, 2, 8, "cpu", torch.float32)
-    with pytest.raises(ValueError, match="padding"):
-        m(torch.tensor([[5, 6], [7, 8]]), torch.tensor([[1, 1], [0, 1]]), cache=cache)
-
-
-def test_rows_that_stop_leave_the_batch_without_disturbing_the_rest(tiny_dir, monkeypatch):
-    # rows stop at different steps (a stop function, or the end token) and leave the batch: a
-    # block's last live row moves into each place that opens before it (KVCache.drop). Every row
-    # still equals its greedy run alone, cut where it stopped
-    monkeypatch.setattr(M, "DECODE_GROUP", 3)
-    m, tok = M.load(tiny_dir)
-    prompts = [tok.encode(s) for s in ["Question: How do I 1 2 3 4 5 6", "The digit is", "Answer: 7",
-                                       "the of and to in is that for it", "5", "Question: 9 8", "The"]]
-    alone = [M.generate_ids(m, [p], 7, eos_id=-1)[0] for p in prompts]
-    stop_after = [2, 7, 1, 5, 3, 7, 4]
-    got = M.generate_ids(m, prompts, 7, eos_id=-1, stop_fn=lambda i, new: len(new) >= stop_after[i])
-    assert got == [a[:k] for a, k in zip(alone, stop_after)]
-    eos = alone[0][3]   # a token some row emits: rows stop before its first occurrence
-    got = M.generate_ids(m, prompts, 7, eos_id=eos)
-    assert got == [a[:a.index(eos)] if eos in a else a for a in alone]
-    # the move itself: blocks [0, 3) and [3, 5); rows 0 and 4 leave, row 2 takes row 0's place
-    cache = M.KVCache(m.config, 5, 8, "cpu", torch.float32)
-    for r in range(5):
-        cache.len[r] = r + 1
-        for buf in cache.k + cache.v:
-            buf[r, :, :r + 1] = r
-    assert cache.drop([0, 4]) == {2: 0}
-    assert cache.live() == [0, 1, 3] and cache.blocks == [[0, 2], [3, 1]]
-    assert cache.len[0] == 3 and all(bool((buf[0, :, :3] == 2).all()) for buf in cache.k + cache.v)
-    with pytest.raises(ValueError, match="live rows"):
-        m(torch.tensor([[5]] * 5), cache=cache)
-
-
-def test_keep_freed_memory_settings_take_on_glibc():
-    # both mallopt options must be accepted (a wrong option number or value returns 0); the speed
-    # it buys (no page faults per forward pass) is measured by bench/bench_evals.py, not here
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("libc is not glibc")
-    assert M.keep_freed_memory()
-
-
-def test_progress_bar_in_a_log_prints_the_final_line_once(monkeypatch, capsys):
-    # stderr captured = not a terminal: one line per 30 s, and the close; a job shorter than that
-    # prints its close only (it used to print the same final line twice)
-    monkeypatch.delenv("RIGSA_NO_PROGRESS", raising=False)
-    bar = M.progress(total=3, desc="docs", unit="doc")
-    bar.update(2)
-    bar.update(1)
-    bar.close()
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and "docs" in lines[0] and "3/3" in lines[0] and "doc/s" in lines[0]
-    # a line drawn at the end (an update after 30 s) is not repeated by close()
-    bar = M.progress(total=2, desc="gen", unit="seq")
-    bar.update(1)
-    bar.last = 0.0   # as if 30 s had passed
-    bar.update(1)
-    bar.close()
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and "2/2" in lines[0]
-
-
-def test_generate_stops_each_row_independently(tiny_dir):
-    m, tok = M.load(tiny_dir)
-    prompts = ["The digit is", "Answer: The answer is 42 and"]
-    free = M.generate(m, tok, prompts, 16, progress_bar=False)
-    stop = free[0][3:6]  # a stop string that occurs in row 0's continuation
-    assert stop and stop in free[0]
-    got = M.generate(m, tok, prompts, 16, stop=[stop], batch_size=2, progress_bar=False)
-    assert got[0] == free[0].split(stop)[0]
-    assert got[1] == free[1].split(stop)[0]
-    assert got == [M.generate(m, tok, [p], 16, stop=[stop], progress_bar=False)[0] for p in prompts]
-
-
-def test_tokenizer_matches_file_pipeline(tiny_dir):
-    transformers = pytest.importorskip("transformers")
-    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tiny_dir / "tokenizer.json"))
-    tok = M.load_tokenizer(tiny_dir)
-    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2)
-    for s in ["a\n\n5", "0  1", "The digit is 7", "<|im_start|>user\nHi<|im_end|>\n", "12345 héllo  wörld"]:
-        assert tok.encode(s) == ref.encode(s, add_special_tokens=False), s
-        assert tok.decode(tok.encode(s)) == s
-    # digits are single tokens, also after several whitespace characters
-    assert len(tok.encode("0123456789")) == 10
-    assert tok.encode("a  5")[-1] == tok.encode("5")[0]
-
-
-def test_chat_renders_smollm2_template(tiny_dir):
-    tok = M.load_tokenizer(tiny_dir)
-    sys_ = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-    assert tok.chat([{"role": "user", "content": "Hello"}]) == \
-        sys_ + "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
-    assert tok.chat([{"role": "system", "content": "SYS"}, {"role": "user", "content": "Hello"}]) == \
-        "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
-    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
-    transformers = pytest.importorskip("transformers")
-    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tiny_dir / "tokenizer.json"))
-    ref.chat_template = M.CHAT_TEMPLATE
-    for add in (True, False):
-        assert tok.chat(msgs, add) == ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add)
-
-
-def test_config_rope_theta_locations(tiny_dir, tmp_path):
-    d = json.loads((tiny_dir / "config.json").read_text())
-    theta = d.pop("rope_theta")
-    (tmp_path / "config.json").write_text(json.dumps({**d, "rope_parameters": {"rope_theta": theta, "rope_type": "default"}}))
-    assert M.SmolLM2Config.from_json(tmp_path / "config.json").rope_theta == theta
-    (tmp_path / "config.json").write_text(json.dumps(d))
-    with pytest.raises(ValueError, match="rope_theta"):
-        M.SmolLM2Config.from_json(tmp_path / "config.json")
-
-
-def test_presets_count_parameters():
-    with torch.device("meta"):
-        n = {k: sum(p.numel() for p in M.Model(c).parameters()) for k, c in M.PRESETS.items()}
-    assert n == {"SmolLM2-135M-Instruct": 134_515_008, "SmolLM2-360M-Instruct": 361_821_120,
-                 "SmolLM2-1.7B-Instruct": 1_711_376_384}
-
-
-def broken_copy(src, dst, edit):
-    shutil.copytree(src, dst)
-    edit(dst)
-    return dst
-
-
-def _edit_tensors(fn):
-    def edit(d):
-        from safetensors.torch import load_file, save_file
-        sd = load_file(d / "model.safetensors")
-        fn(sd)
-        save_file(sd, str(d / "model.safetensors"))
-    return edit
-
-
-@pytest.mark.parametrize("edit,msg", [
-    (_edit_tensors(lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight")), "'model.layers.1.mlp.up_proj.weight' missing"),
-    (_edit_tensors(lambda sd: sd.update(extra=torch.zeros(2))), "unexpected tensor 'extra'"),
-    (_edit_tensors(lambda sd: sd.update({"model.norm.weight": torch.ones(3)})), r"model.safetensors: tensor 'model.norm.weight' has shape \(3,\)"),
-    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-100]), "model.safetensors: corrupt or truncated"),
-    (lambda d: (d / "model.safetensors").unlink(), "model.safetensors: checkpoint file not found"),
-    (lambda d: (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()),
-                                                          "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})),
-     "not a Llama architecture"),
-    (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json: tokenizer file not found"),
-])
-def test_loader_errors_name_the_thing(tiny_dir, tmp_path, edit, msg):
-    d = broken_copy(tiny_dir, tmp_path / "ckpt", edit)
-    with pytest.raises((ValueError, FileNotFoundError), match=msg):
-        M.load(d)
-
-
-def test_hub_unreachable_is_one_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))  # empty cache
-    import huggingface_hub.constants as c
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True, raising=False)
-    with pytest.raises(RuntimeError, match="no-such-org/no-such-model: cannot download"):
-        M.load("no-such-org/no-such-model")
-    with pytest.raises(FileNotFoundError, match="no such model directory"):
-        M.load(str(tmp_path / "missing"))
-
-
-def test_sharded_checkpoint_loads_like_single(tiny_dir, tmp_path):
-    from safetensors.torch import load_file, save_file
-    d = broken_copy(tiny_dir, tmp_path / "sharded", lambda d: None)
-    sd = load_file(d / "model.safetensors")
-    keys = sorted(sd)
-    shards = {"model-00001-of-00002.safetensors": keys[:5], "model-00002-of-00002.safetensors": keys[5:]}
-    for f, ks in shards.items():
-        save_file({k: sd[k] for k in ks}, str(d / f))
-    (d / "model.safetensors").unlink()
-    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
-    a, tok = M.load(tiny_dir)
-    b, _ = M.load(d)
-    ids = torch.tensor([tok.encode("Question: 12")])
-    assert torch.equal(a(ids), b(ids))
-
-
-# ---- rigsa.py: method and training ----
-# Textual MNIST, the gated sparse adapter, IMP, the training loop, resume, merge (paper §3.2, §4.2, §4.4).
-import contextlib
-import math
-
 import torch.nn as nn
 
+import model as M
 import rigsa
-
-
-@contextlib.contextmanager
-def one_thread():
-    # tiny models are dominated by per-op overhead, which extra threads only add to
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+from conftest import hf_model, one_thread
 
 
 def tiny_cfg(tiny_dir, tmp, **kw):
@@ -609,26 +303,34 @@ def test_lora_merge(tiny_dir, tmp_path):
         rigsa.merge(q / "run" / "iter1", tmp_path / "merged-q")
 
 
-# ---- reproduce.py: the plan and the tables ----
+def test_merge_adapters_folds_lora_in_float32_and_refuses_4bit(tiny_dir):
+    # one merge for every adapter kind: W0 + delta in float32, cast to the weight's dtype
+    import qlora
+    m, tok = M.load(tiny_dir, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    for p in qlora.apply_lora(m, rank=2, alpha=32):
+        p.data.normal_(0, 0.02)                     # B != 0, so that the merge changes W
+    x = torch.tensor([tok.encode("The digit is 7")])
+    want = m(x).float()
+    l0 = m.model.layers[0].self_attn.q_proj
+    W = (l0.weight.float() + (l0.lora_B.weight @ l0.lora_A.weight) * 16.0).bfloat16()
+    lost, total = rigsa.merge_adapters(m)
+    assert not rigsa.adapters(m) and all(type(mod) is nn.Linear for n, mod in m.named_modules() if n.endswith("_proj"))
+    assert torch.equal(m.model.layers[0].self_attn.q_proj.weight, W) and 0 < lost < total
+    assert (m(x).float() - want).abs().max() < 0.05 * want.abs().max()   # bf16 rounding of W only
+    q = qlora.quantize_model(M.load(tiny_dir)[0])
+    qlora.apply_lora(q, 2, 32)
+    with pytest.raises(ValueError, match="4-bit"):
+        rigsa.merge_adapters(q)
 
-def test_reproduce_plan_and_tables(tmp_path):
-    import reproduce
-    a = reproduce.main.__globals__["argparse"].Namespace(model="M", out=str(tmp_path), limit=3, steps=2, data_dir="", no_verify=False)
-    steps = reproduce.plan(a)
-    # 2 x (2 MNIST + 3 source) base evals; rigsa 1 + 5x3; random mask 1 + 3; 4 QLoRA ranks x (1 + 3)
-    assert len(steps) == 10 + 16 + 4 + 16
-    cmds = [" ".join(c) for _, c in steps]
-    assert any("--method random-mask --mask-like " + str(tmp_path / "rigsa" / "iter5") in c for c in cmds)
-    assert sum("--method qlora --rank" in c for c in cmds) == 4
-    assert all("--limit 3" in c for c in cmds if "evals/run.py" in c)
-    ev = tmp_path / "evals"
-    ev.mkdir()
-    (ev / "base-piqa.json").write_text(json.dumps({"metrics": {"acc": 0.754}}))
-    (ev / "base-nf4-gsm8k.json").write_text(json.dumps({"metrics": {"exact_match_strict": 0.199}}))
-    (tmp_path / "rigsa").mkdir()
-    (tmp_path / "rigsa" / "metrics.jsonl").write_text(
-        json.dumps({"event": "iteration", "iter": 1, "test_acc": 0.9905, "density": 1.0, "trainable": 10}) + "\n")
-    text = reproduce.tables(tmp_path)
-    assert "| PIQA | 75.40 | - |" in text and "| GSM8k (5-shot) | - | 19.90 |" in text
-    assert "| RIGSA iteration 1 | 100.00% | 99.05 |" in text
-    assert (tmp_path / "TABLES.md").read_text() == text
+
+def test_eval_alias_runs_the_one_mnist_command(tiny_dir, tmp_path, capfd):
+    # `rigsa.py eval` (deprecated) translates its flags and runs evals/run.py --task mnist
+    rigsa.write_synthetic_mnist(tmp_path / "mnist", n_train=12, n_test=3, size=8)
+    with pytest.raises(SystemExit) as e:
+        rigsa.main(["eval", "--model", str(tiny_dir), "--data-dir", str(tmp_path / "mnist"), "--max", "2"])
+    out = capfd.readouterr()
+    assert e.value.code == 0 and "deprecated" in out.err and "--task mnist" in out.err
+    assert "mnist" in out.out and "acc" in out.out and " 2 " in out.out     # evals' table, 2 documents
+    with pytest.raises(SystemExit, match="--split val"):
+        rigsa.main(["eval", "--model", str(tiny_dir), "--data-dir", str(tmp_path / "mnist"), "--split", "val"])

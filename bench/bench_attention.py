@@ -24,6 +24,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import model as M  # noqa: E402
+import tiny  # noqa: E402
+import util  # noqa: E402
 from bench_model import timeit  # noqa: E402  (the median of `repeats` runs after a warm-up)
 
 
@@ -45,11 +47,11 @@ def main():
     except ValueError:
         raise SystemExit(f"--lengths {a.lengths!r} / --threads {a.threads!r} / --rows {a.rows}: "
                          "expected LO,HI with 1 <= LO <= HI, positive thread counts and rows")
-    M.keep_freed_memory()
+    util.keep_freed_memory()
     cfg, B = M.PRESETS[a.preset], a.rows
     torch.manual_seed(0)
     model = M.Model(cfg).eval().requires_grad_(False)
-    model.load_state_dict(M.random_state_dict(cfg, seed=0))
+    model.load_state_dict(tiny.random_state_dict(cfg, seed=0))
     lens = torch.linspace(hi, lo, B).round().long()     # longest first, as generate_ids orders rows
     cache = M.KVCache(cfg, B, hi + 1, "cpu", torch.float32)
     for buf in cache.k + cache.v:

@@ -46,6 +46,8 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 
 import model as M  # noqa: E402
+import tiny  # noqa: E402
+import util  # noqa: E402
 from evals import run as R  # noqa: E402
 from evals import tasks as T  # noqa: E402
 
@@ -65,23 +67,6 @@ def synth_hellaswag(test, n, seed=0):
                                  " ".join(rnd.choice(sents).split()[:18]) for _ in range(4)],
                      "label": rnd.randrange(4), "split": "val"})
     return docs
-
-
-def make_tokenizer(path, texts, vocab_size):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, show_progress=False, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(os.path.join(path, "tokenizer.json"))
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
-                   "unk_token": "<|endoftext|>", "chat_template": M.CHAT_TEMPLATE, "model_max_length": 8192}, f)
-    return tok.get_vocab_size()
 
 
 def make_task_dir(tmp, task, files):
@@ -115,7 +100,7 @@ def check_requests(tmp, tok, train, test, piqa, hs):
     from lm_eval.tasks import TaskManager, get_task_dict
     from transformers import PreTrainedTokenizerFast
     hf = PreTrainedTokenizerFast(tokenizer_file=tok.path, bos_token="<|im_start|>", eos_token="<|im_end|>")
-    hf.chat_template = M.CHAT_TEMPLATE
+    hf.chat_template = tiny.CHAT_TEMPLATE
     lm_chat = lambda msgs, add_generation_prompt=True: hf.apply_chat_template(  # noqa: E731
         msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
     my_chat = lambda msgs: tok.chat(msgs, add_generation_prompt=True)  # noqa: E731
@@ -169,7 +154,7 @@ def main():
     ap.add_argument("--check-requests", action="store_true",
                     help="only compare every document's requests with lm-eval's own (no model runs)")
     a = ap.parse_args()
-    M.keep_freed_memory()  # both sides: they share this process
+    util.keep_freed_memory()  # both sides: they share this process
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype_name = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
@@ -208,7 +193,7 @@ def main():
                                          "test": os.path.join(ddir, "gsm8k", "test.jsonl")})
 
         if a.check_requests:
-            tdir = M.write_tiny_checkpoint(os.path.join(tmp, "tiny"))  # only its tokenizer's chat() is used
+            tdir = tiny.write_tiny_checkpoint(os.path.join(tmp, "tiny"))  # only its tokenizer's chat() is used
             _, ttok = M.load(str(tdir))
             hs_all = T.load_hellaswag({"hellaswag_val.jsonl": os.path.join(ddir, "hellaswag", "hellaswag_val.jsonl")})
             raise SystemExit(0 if check_requests(tmp, ttok, train, test, piqa, hs_all) else 1)
@@ -222,8 +207,8 @@ def main():
             cfg = M.PRESETS[a.preset]
             texts = [d["question"] + "\n" + d["answer"] for d in train + test] + \
                     [d["goal"] + " " + d["sol1"] + " " + d["sol2"] for d in piqa]
-            make_tokenizer(mdir, texts, cfg.vocab_size)
-            M.write_checkpoint(mdir, cfg, M.random_state_dict(cfg, seed=0))
+            tiny.write_tokenizer(mdir, cfg.vocab_size, texts)
+            tiny.write_random_checkpoint(mdir, cfg, seed=0)
         try:
             ours, tok = M.load(mdir, device=a.device, dtype=dtype)
         except (FileNotFoundError, ValueError, RuntimeError) as e:

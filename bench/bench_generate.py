@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import model as M  # noqa: E402
-from bench_evals import make_tokenizer  # noqa: E402
+import tiny  # noqa: E402
+import util  # noqa: E402
 from evals import tasks as T  # noqa: E402
 
 
@@ -46,11 +47,11 @@ def main():
         rnd = random.Random(0)
         stop = [rnd.randint(lo, hi) for _ in range(a.docs)]
     train, test = T.load_gsm8k(T.ensure_files("gsm8k", a.data_dir, download=False, verify=not a.no_verify))
-    M.keep_freed_memory()
+    util.keep_freed_memory()
     with tempfile.TemporaryDirectory() as mdir:
         cfg = M.PRESETS[a.preset]
-        make_tokenizer(mdir, [d["question"] + "\n" + d["answer"] for d in train + test], cfg.vocab_size)
-        M.write_checkpoint(mdir, cfg, M.random_state_dict(cfg, seed=0))
+        tiny.write_tokenizer(mdir, cfg.vocab_size, [d["question"] + "\n" + d["answer"] for d in train + test])
+        tiny.write_random_checkpoint(mdir, cfg, seed=0)
         model, tok = M.load(mdir, device="cpu", dtype=torch.float32)
     shots = T.gsm8k_fewshot_indices(len(test), len(train))
     prompts = [tok.encode(T.gsm8k_prompt(train, d, s, None)) for d, s in zip(test[:a.docs], shots)]

@@ -19,6 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import model as M  # noqa: E402
+import tiny  # noqa: E402
+import util  # noqa: E402
 
 
 def timeit(fn, repeats):
@@ -40,13 +42,13 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--batches", default="1,8")
     a = ap.parse_args()
-    M.keep_freed_memory()  # both sides: they share this process
+    util.keep_freed_memory()  # both sides: they share this process
     from transformers import LlamaForCausalLM
     dtype, dev = getattr(torch, a.dtype), torch.device(a.device)
     cfg = M.PRESETS[a.preset]
     with tempfile.TemporaryDirectory() as d:
-        M.write_checkpoint(d, cfg, M.random_state_dict(cfg, seed=0))
-        M.write_tiny_tokenizer(d)  # load() wants a tokenizer; the benchmark feeds ids directly
+        tiny.write_random_checkpoint(d, cfg, seed=0)
+        tiny.write_tokenizer(d)  # load() wants a tokenizer; the benchmark feeds ids directly
         ours, _ = M.load(d, device=dev, dtype=dtype)
         ref = LlamaForCausalLM.from_pretrained(d, dtype=dtype).to(dev).eval()
     g = torch.Generator().manual_seed(1)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import model as M  # noqa: E402
 import qlora as Q  # noqa: E402
+import util  # noqa: E402
 
 
 def timeit(fn, repeats, sync):
@@ -75,7 +76,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     a = ap.parse_args()
-    M.keep_freed_memory()
+    util.keep_freed_memory()
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype, dev = getattr(torch, a.dtype), torch.device(a.device)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import model as M  # noqa: E402
 import rigsa  # noqa: E402
+import util  # noqa: E402
 
 
 def build(variant, cfg, dtype, dev):
@@ -106,7 +107,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: one variant per process
     a = ap.parse_args()
-    M.keep_freed_memory()  # both sides: they share this process
+    util.keep_freed_memory()  # both sides: they share this process
     if a.variant:
         return run_memory(a)
     res = {}

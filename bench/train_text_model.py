@@ -30,7 +30,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import model as M  # noqa: E402
-from bench_evals import make_tokenizer  # noqa: E402
+import tiny  # noqa: E402
+import util  # noqa: E402
 from evals import tasks as T  # noqa: E402
 
 
@@ -72,7 +73,7 @@ def main(argv=None):
 
     # the tokenizer: SmolLM2's pipeline (digits split, byte-level), trained on GSM8k's text
     os.makedirs(a.out, exist_ok=True)
-    make_tokenizer(a.out, [d["question"] + "\n" + d["answer"] for d in train + test], c.vocab_size)
+    tiny.write_tokenizer(a.out, c.vocab_size, [d["question"] + "\n" + d["answer"] for d in train + test])
     tok = M.load_tokenizer(a.out)
     # the training text in lm-eval's few-shot format, shots joined by "\n\n" (evals/tasks.py)
     text = "".join(f"Question: {d['question']}\nAnswer: {d['answer']}\n\n" for d in train)
@@ -84,12 +85,12 @@ def main(argv=None):
                           num_key_value_heads=c.num_key_value_heads, head_dim=c.hidden_size // c.num_attention_heads,
                           bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)
     model = M.Model(cfg)
-    model.load_state_dict(M.random_state_dict(cfg, seed=c.seed))
+    model.load_state_dict(tiny.random_state_dict(cfg, seed=c.seed))
     decay = [p for p in model.parameters() if p.dim() >= 2]   # matrices decay; norm gains do not
     rest = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                             lr=c.lr, betas=(0.9, 0.95))
-    bar = M.progress(total=c.steps, desc="train", unit="step")
+    bar = util.progress(total=c.steps, desc="train", unit="step")
     t0, losses = time.time(), []
     for step in range(c.steps):
         starts = torch.randint(0, len(ids) - c.seq_len - 1, (c.batch_size,))
@@ -103,15 +104,12 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         bar.update()
     bar.close()
-    M.write_checkpoint(a.out, cfg, model.state_dict())   # bfloat16, as SmolLM2's own checkpoints
-    tmp = os.path.join(a.out, "train_config.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump({**asdict(c), "first_loss": losses[0], "final_loss": losses[-1],
-                   "seconds": round(time.time() - t0, 1)}, f, indent=2)
-    os.replace(tmp, os.path.join(a.out, "train_config.json"))
+    M.save_checkpoint(a.out, M.hf_config(cfg), model.state_dict())   # bfloat16, as SmolLM2's own checkpoints
+    util.write_json(os.path.join(a.out, "train_config.json"),
+                    {**asdict(c), "first_loss": losses[0], "final_loss": losses[-1], "seconds": round(time.time() - t0, 1)})
     # a look at what the written checkpoint generates: the first test question with lm-eval's 5 shots
     model, tok = M.load(a.out, device="cpu", dtype=torch.float32)
     shots = T.gsm8k_fewshot_indices(1, len(train))[0]

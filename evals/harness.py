@@ -34,7 +34,7 @@ def encode_pair(tok, context, continuation):
     return ctx, whole[len(ctx):]
 
 
-LOGITS_BLOCK = 512  # positions per lm_head block: (512, V) logits, 100 MB in float32; 3% faster on PIQA than 128 or 1024
+LOGITS_BLOCK = 512  # positions per lm_head block: (512, V) logits, 100 MB in float32 (chosen by make bench-evals)
 
 
 def _cont_scores(model, h, at, targets):
@@ -51,7 +51,7 @@ def _cont_scores(model, h, at, targets):
         k = ((at >= s) & (at < s + n)).nonzero()[:, 0]                        # targets scored here
         u, t = at[k] - s, targets[k]
         lp[k] = F.log_softmax(logits, dim=-1)[u, t]
-        greedy[k] = logits.max(-1).indices[u] == t  # = argmax (first maximum), 4x faster on CPU
+        greedy[k] = logits.max(-1).indices[u] == t  # = argmax (the first maximum), and faster on CPU
     return lp, greedy
 
 
@@ -132,7 +132,7 @@ def _pack(lens, budget):
     """Segment lengths -> rows (lists of segment indices) for one (R, T) batch with little padding.
     Two greedy packings, longest segment first, and the one with fewer slots R*T wins: first fit
     into rows of max(budget, longest) tokens, and each segment into the emptiest of as many rows
-    as the budget needs (balanced rows; on 40 PIQA documents 1.2% padding against 8.5%)."""
+    as the budget needs (balanced rows: less padding; BENCHMARKS.md, make bench-evals)."""
     order = sorted(range(len(lens)), key=lambda j: -lens[j])
     cap = max(budget, max(lens))
     first, room = [], []
@@ -186,7 +186,7 @@ def score_shared(model, docs, batch_size=16, bar=None, row_tokens=256):
                 ids[r, sl], pos[r, sl], br[r, sl] = torch.tensor(t_ids), torch.tensor(t_pos), torch.tensor(t_br)
                 seg[r, sl] = j
                 # the shared prefix's tokens are predicted from the same positions for every choice:
-                # one lm_head row each (19% fewer on PIQA)
+                # one lm_head row each
                 where = {q: len(pi) + u for u, q in enumerate(sorted({q for p in preds for q in p}))}
                 ri += [r] * len(where)
                 pi += [o + q for q in where]
@@ -225,8 +225,8 @@ def auto_batch_size(model, longest_tokens, rows_per_item=1, cap=None, generate=F
         cap = cap or 512
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        # CPU: scoring's matmuls are already efficient at 64; GSM8k decoding on 2 cores cost 5.1 ms
-        # a row-step at 128 rows against 5.8 at 64. Beyond that, ETA granularity suffers
+        # CPU: scoring's matmuls are already efficient at 64; GSM8k decoding gains a little up to
+        # 128 rows (BENCHMARKS.md, make bench-evals). Beyond that, ETA granularity suffers
         cap = cap or (128 if generate else 64)
     if generate:
         free -= 2 * act * longest_tokens

@@ -11,7 +11,6 @@ Harness (paper §5.2) and mentions no chat template; lm-eval's default is plain 
 --chat reproduces lm-eval's --apply_chat_template (multi-turn few-shot, its default since 0.4.10).
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,6 +22,9 @@ if REPO not in sys.path:  # run as a script: make model.py, rigsa.py, qlora.py a
 import torch  # noqa: E402
 
 import model as M  # noqa: E402
+import qlora  # noqa: E402
+import rigsa  # noqa: E402
+import util  # noqa: E402
 from evals import harness as H  # noqa: E402
 from evals import tasks as T  # noqa: E402
 
@@ -49,7 +51,7 @@ def eval_mc(task, model, tok, args, data_dir):
         enc.append((pairs[0][0], [p[1] for p in pairs]))
     longest = max(len(c) + max(len(x) for x in xs) for c, xs in enc)
     bs = batch_size_for(args, model, longest, max(len(xs) for _, xs in enc))
-    bar = M.progress(total=len(enc), desc=task, unit="doc")
+    bar = util.progress(total=len(enc), desc=task, unit="doc")
     scores = H.score_shared(model, enc, batch_size=bs, bar=bar)
     bar.close()
     samples, accs, norms = [], [], []
@@ -95,12 +97,8 @@ def eval_gsm8k(model, tok, args, data_dir, k):
 
 
 def eval_mnist(model, tok, args, data_dir, k):
-    import rigsa  # lazily: only this task needs the training code, which owns MNIST's files and prompt
-    folder = os.path.join(data_dir, "mnist")
-    try:
-        images, labels = rigsa.load_mnist(folder, "test", download=not args.offline)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"mnist: {e}")
+    folder = os.path.join(data_dir, "mnist")  # rigsa.py owns MNIST's files, prompt and scoring (§4.2)
+    images, labels = rigsa.load_mnist(folder, "test", download=not args.offline)
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
     longest = len(tok.encode(rigsa.prompt(tok, images[0], [(images[0], 0)] * k)))  # all prompts ~ equal length
@@ -117,7 +115,7 @@ def eval_mnist(model, tok, args, data_dir, k):
 def run_task(task, model, tok, args, dtype_name):
     k = DEFAULT_SHOTS[task] if args.num_fewshot is None else args.num_fewshot
     if task in ("piqa", "hellaswag") and k != 0:
-        raise SystemExit(f"--num-fewshot {k}: {task} is 0-shot here (paper §4.3; its train split is not among the pinned files)")
+        raise ValueError(f"--num-fewshot {k}: {task} is 0-shot here (paper §4.3; its train split is not among the pinned files)")
     t0 = time.time()
     if task in ("piqa", "hellaswag"):
         metrics, samples, bs = eval_mc(task, model, tok, args, args.data_dir)
@@ -146,10 +144,7 @@ def print_table(results):
 
 def write_json(path, obj):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)  # atomic
+    util.write_json(path, obj, indent=1)
 
 
 def main(argv=None):
@@ -171,26 +166,22 @@ def main(argv=None):
     ap.add_argument("--no-verify", action="store_true", help="skip checksums of files already present")
     ap.add_argument("--offline", action="store_true", help="never download: missing data files are an error")
     args = ap.parse_args(argv)
-    M.keep_freed_memory()
     if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size) > 0):
-        raise SystemExit(f"--batch-size {args.batch_size!r}: expected a positive integer or 'auto'")
+        ap.error(f"--batch-size {args.batch_size!r}: expected a positive integer or 'auto'")
     if args.limit is not None and args.limit <= 0:
-        raise SystemExit(f"--limit {args.limit}: expected a positive integer")
-
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+        ap.error(f"--limit {args.limit}: expected a positive integer")
+    util.keep_freed_memory()
     try:
-        model, tok = M.load(args.model, args.device, dtype)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}")
-    method = None
-    if args.adapter:
-        import rigsa  # lazily: only --adapter and --task mnist need the training code
-        try:
-            method = rigsa.read_adapter(args.adapter)[2].method
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"--adapter: {e}")
+        return evaluate(args)
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
+def evaluate(args):
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model, tok = M.load(args.model, args.device, dtype)
+    method = rigsa.read_adapter(args.adapter)[2].method if args.adapter else None
     if args.quantize and method != "qlora":  # a qlora adapter quantizes its base itself
-        import qlora
         qlora.quantize_model(model)
     if args.adapter:
         rigsa.load_adapter(model, args.adapter)  # in memory only: nothing is merged on disk

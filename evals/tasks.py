@@ -16,7 +16,8 @@ import math
 import os
 import random
 import re
-import urllib.request
+
+import util
 
 # -----------------------------------------------------------------------------
 # data files: (path under data/<task>/, url, hash kind, hash)
@@ -53,39 +54,40 @@ def file_hash(path, kind):
 
 
 def ensure_files(task, data_dir, download=True, verify=True, names=None):
-    """Return {name: path} of the task's files under data_dir/<task>/, downloading missing ones.
+    """Return {name: path} of the task's files under data_dir/<task>/, downloading missing ones
+    (util.download: resumable, checked, renamed into place; RIGSA_DATA_MIRROR for a mirror).
     A file that is there but has another checksum is an error (it is not the pinned data);
     verify=False skips the check (tests write tiny stand-in files); names: only these files."""
     folder = os.path.join(data_dir, task)
-    paths, missing = {}, []
+    paths, failed = {}, []
     for name, url, kind, digest in FILES[task]:
         if names is not None and name not in names:
             continue
         path = os.path.join(folder, name)
         paths[name] = path
-        if not os.path.exists(path):
-            missing.append((name, url, kind, digest, path))
-        elif verify and file_hash(path, kind) != digest:
-            raise SystemExit(f"{path}: {kind} is {file_hash(path, kind)}, expected {digest} (pinned file {url})")
-    failed = []
-    for name, url, kind, digest, path in missing:
+
+        def check(p, kind=kind, digest=digest, url=url):
+            got = file_hash(p, kind)
+            if got != digest:
+                raise ValueError(f"{path}: {kind} is {got}, expected {digest} (pinned file {url})")
+        if os.path.exists(path):
+            if verify:
+                try:
+                    check(path)
+                except ValueError as e:
+                    raise ValueError(f"{e}; delete it to download it again") from None
+            continue
+        why = ""
         if download:
             try:
-                os.makedirs(folder, exist_ok=True)
-                tmp = path + ".tmp"
-                with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-                    f.write(r.read())
-                got = file_hash(tmp, kind)
-                if got != digest:
-                    os.remove(tmp)
-                    raise SystemExit(f"{url}: downloaded {kind} {got} != pinned {digest}")
-                os.replace(tmp, path)  # atomic: a half download never looks like data
+                util.download(util.data_url(url, f"{task}/{name}"), path, check)
                 continue
-            except OSError:  # offline: listed below, all at once
-                pass
-        failed.append(f"{path} <- {url}")
+            except OSError as e:  # offline or unreachable: listed below, all at once
+                why = f" ({e})"
+        failed.append(f"{path} <- {url}{why}")
     if failed:
-        raise SystemExit(f"{task}: missing data files (offline?); put them at: " + "; ".join(failed))
+        raise FileNotFoundError(f"{task}: missing data files{'' if download else ' (offline)'}; put them at: "
+                                + "; ".join(failed))
     return paths
 
 
@@ -101,9 +103,9 @@ def read_jsonl(path, keys):
             try:
                 doc = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{i}: malformed JSON ({e.msg})")
+                raise ValueError(f"{path}:{i}: malformed JSON ({e.msg})") from None
             if not isinstance(doc, dict) or any(k not in doc for k in keys):
-                raise SystemExit(f"{path}:{i}: expected a JSON object with keys {list(keys)}")
+                raise ValueError(f"{path}:{i}: expected a JSON object with keys {list(keys)}")
             docs.append(doc)
     return docs
 
@@ -116,10 +118,10 @@ def load_piqa(paths):
     if labels and labels[-1] == "":
         labels.pop()
     if len(labels) != len(docs):
-        raise SystemExit(f"{paths['valid-labels.lst']}: {len(labels)} labels for {len(docs)} questions in valid.jsonl")
+        raise ValueError(f"{paths['valid-labels.lst']}: {len(labels)} labels for {len(docs)} questions in valid.jsonl")
     for i, (doc, lab) in enumerate(zip(docs, labels), 1):
         if lab.strip() not in ("0", "1"):
-            raise SystemExit(f"{paths['valid-labels.lst']}:{i}: label {lab!r} is not 0 or 1")
+            raise ValueError(f"{paths['valid-labels.lst']}:{i}: label {lab!r} is not 0 or 1")
         doc["label"] = int(lab)
     return docs
 
@@ -129,7 +131,7 @@ def load_hellaswag(paths):
     docs = read_jsonl(path, ("activity_label", "ctx_a", "ctx_b", "endings", "label"))
     for i, doc in enumerate(docs):
         if len(doc["endings"]) != 4 or str(doc["label"]) not in ("0", "1", "2", "3"):
-            raise SystemExit(f"{path}: document {i}: expected 4 endings and a label in 0..3")
+            raise ValueError(f"{path}: document {i}: expected 4 endings and a label in 0..3")
     return docs
 
 

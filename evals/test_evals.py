@@ -61,15 +61,15 @@ def test_piqa_whitespace_kept_and_files(tmp_path):
     assert len(mc[0]["choices"][1]) == 34
     # labels out of line with questions, a malformed line: one error naming file (and line)
     (d / "valid-labels.lst").write_text("1\n")
-    with pytest.raises(SystemExit, match="1 labels for 2 questions"):
+    with pytest.raises(ValueError, match="1 labels for 2 questions"):
         T.load_piqa(T.ensure_files("piqa", str(tmp_path), download=False, verify=False))
     (d / "valid.jsonl").write_text(json.dumps(rows[0]) + "\n{oops\n")
-    with pytest.raises(SystemExit, match=r"valid.jsonl:2: malformed JSON"):
+    with pytest.raises(ValueError, match=r"valid.jsonl:2: malformed JSON"):
         T.load_piqa(T.ensure_files("piqa", str(tmp_path), download=False, verify=False))
 
 
 def test_missing_files_one_error(tmp_path):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(FileNotFoundError) as e:
         T.ensure_files("gsm8k", str(tmp_path), download=False)
     msg = str(e.value)
     assert "train.jsonl" in msg and "test.jsonl" in msg and "raw.githubusercontent.com/openai" in msg
@@ -77,7 +77,7 @@ def test_missing_files_one_error(tmp_path):
     # a present file with the wrong checksum is not the pinned data
     (tmp_path / "gsm8k").mkdir(exist_ok=True)
     (tmp_path / "gsm8k" / "train.jsonl").write_text("{}\n")
-    with pytest.raises(SystemExit, match="sha256"):
+    with pytest.raises(ValueError, match="sha256"):
         T.ensure_files("gsm8k", str(tmp_path), download=False)
 
 
@@ -309,18 +309,21 @@ def test_cli_end_to_end(task, tiny_dir, tmp_path):
         assert all(t["acc"] == int(t["prediction"] == t["target"]) for t in r["samples"])
 
 
-def test_cli_all_and_bad_flags(tiny_dir, tmp_path):
+def test_cli_all_and_bad_flags(tiny_dir, tmp_path, capsys):
     _write_data(tmp_path)
     out = tmp_path / "all.json"
     R.main(["--task", "all", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-verify", "--offline",
             "--limit", "2", "--output", str(out)])
     r = json.loads(out.read_text())
     assert sorted(r) == ["gsm8k", "hellaswag", "mnist", "piqa"] and all(len(v["samples"]) == 2 for v in r.values())
-    for bad, msg in ((["--batch-size", "0"], "--batch-size"), (["--limit", "0"], "--limit"),
-                     (["--num-fewshot", "3"], "0-shot")):
-        with pytest.raises(SystemExit, match=msg):
+    for bad, msg in ((["--batch-size", "0"], "--batch-size"), (["--limit", "0"], "--limit")):
+        with pytest.raises(SystemExit) as e:    # usage errors: exit 2, the message on stderr
             R.main(["--task", "piqa", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-verify",
                     "--offline"] + bad)
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="error: --num-fewshot 3: piqa is 0-shot"):
+        R.main(["--task", "piqa", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-verify",
+                "--offline", "--num-fewshot", "3"])
     with pytest.raises(SystemExit, match="missing data files"):
         R.main(["--task", "piqa", "--model", str(tiny_dir), "--data-dir", str(tmp_path / "none"), "--offline"])
 

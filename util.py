@@ -1,0 +1,157 @@
+"""
+util.py: the chores every entry point shares, each written once. It knows nothing of models,
+tasks or the method; model.py, qlora.py, rigsa.py, evals/ and the scripts import it.
+
+  atomic_write, write_json   a file appears whole or not at all (write a temporary, then rename)
+  download                   a data file: streamed, resumable, checked, renamed; RIGSA_DATA_MIRROR
+  progress                   tqdm with a rate and ETA; in a log file one line per interval
+  pick_device                "auto" -> cuda if available; "cuda" without CUDA is an error
+  keep_freed_memory          CPU runs: glibc keeps freed blocks for reuse
+"""
+import ctypes
+import http.client
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# files: written whole or not at all
+
+def atomic_write(path, write):
+    """write(tmp) writes the file's content to the temporary path `path.tmp`, which then replaces
+    `path` in one rename: a reader never sees half a file, and an interrupted write leaves only
+    the .tmp (which the next write of the same file replaces)."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def write_json(path, obj, indent=2):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+            f.write("\n")
+    return atomic_write(path, write)
+
+# -----------------------------------------------------------------------------
+# downloads of data files (MNIST, GSM8k, PIQA, HellaSwag)
+
+DATA_MIRROR = "RIGSA_DATA_MIRROR"  # env: a base URL laid out like data/ (<task>/<file>), used instead of the origins
+
+
+def data_url(url, rel):
+    """The URL to fetch data file `rel` (e.g. 'gsm8k/test.jsonl') from: its origin, or the mirror."""
+    mirror = os.environ.get(DATA_MIRROR)
+    return f"{mirror.rstrip('/')}/{rel}" if mirror else url
+
+
+def download(url, dest, check=None, timeout=60):
+    """Fetch url into dest, whole or not at all: the bytes stream into dest.tmp (resumed with an
+    HTTP Range request when an interrupted download left one; restarted if the server ignores
+    the range), check(tmp) raises ValueError if they are not the expected file (the .tmp is then
+    deleted), and only then is dest renamed into place. Network faults raise OSError naming the
+    URL; the .tmp stays for the next try to resume."""
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    have = tmp.stat().st_size if tmp.exists() else 0
+    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            if have and getattr(r, "status", None) != 206:
+                have = 0                                   # the range was ignored: from the start
+            size = r.headers.get("Content-Length")
+            with open(tmp, "ab" if have else "wb") as f, \
+                    progress(total=int(size) + have if size else None, desc=dest.name, unit="B") as bar:
+                bar.update(have)
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except urllib.error.HTTPError as e:
+        if not (e.code == 416 and have):                  # 416 with a .tmp: it is already whole
+            raise OSError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        why = getattr(e, "reason", None) or e.__class__.__name__ + (f" {e}" if str(e) else "")
+        raise OSError(f"{url}: download failed ({why}); run again to resume {tmp.name}") from None
+    if check is not None:
+        try:
+            check(tmp)
+        except ValueError:
+            tmp.unlink()
+            raise
+    os.replace(tmp, dest)
+    return dest
+
+# -----------------------------------------------------------------------------
+# progress: tqdm on a terminal; in a log file, one whole line per interval
+
+class _LogLines:
+    """A file for tqdm when stderr is not a terminal: each redraw ('\\r' + status) becomes one
+    line, the empty first draw (n = 0) and exact repeats are dropped."""
+    def __init__(self, f):
+        self.f, self.last, self.first = f, None, True
+
+    def write(self, s):
+        s = s.lstrip("\r").rstrip()
+        if not s:
+            return
+        if self.first or s == self.last:
+            self.first = False
+            return
+        self.last = s
+        self.f.write(s + "\n")
+
+    def flush(self):
+        self.f.flush()
+
+
+def progress(iterable=None, total=None, desc="", unit="it", enabled=True):
+    """tqdm with a rate and ETA on stderr. On a terminal it redraws in place at the terminal's
+    width; in a log it writes one line every 30 s and a last line at close. TQDM_DISABLE=1 (or
+    enabled=False) turns it off. Use set_postfix(..., refresh=False) so a postfix does not
+    force a line."""
+    tty = sys.stderr.isatty()
+    off = not enabled or os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false")
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=off,
+                file=sys.stderr if tty else _LogLines(sys.stderr), dynamic_ncols=tty, ascii=not tty,
+                mininterval=0.5 if tty else 30.0)
+
+# -----------------------------------------------------------------------------
+# the device, and CPU memory
+
+def pick_device(name=None):
+    """None or "auto" -> cuda if available, else cpu; "cuda" (or "cuda:1") without CUDA is an error."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a device (cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def keep_freed_memory():
+    """CPU runs: glibc hands big freed blocks back to the OS (mmap above a threshold, heap trim),
+    so every forward pass page-faults its activations afresh (BENCHMARKS.md, make bench-evals).
+    Keep freed memory for reuse instead, as tcmalloc/jemalloc would. The CLIs call this at start;
+    a no-op where libc is not glibc. Returns whether both settings took."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 30) and libc.mallopt(-1, 1 << 31))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False

@@ -39,7 +39,8 @@ def plan(a):
     ev = py + ["evals/run.py", "--model", a.model] + (["--limit", str(a.limit)] if a.limit else []) \
         + (["--data-dir", a.data_dir] if a.data_dir else []) + (["--no-verify"] if a.no_verify else [])
     tr = py + ["rigsa.py", "train", "--model", a.model] + (["--steps", str(a.steps)] if a.steps else []) \
-        + (["--eval-max", str(a.limit)] if a.limit else []) + (["--data-dir", os.path.join(a.data_dir, "mnist")] if a.data_dir else [])
+        + (["--limit", str(a.limit)] if a.limit else []) + (["--data-dir", a.data_dir] if a.data_dir else []) \
+        + (["--no-verify"] if a.no_verify else [])
     steps = []
     for q in ("", "nf4"):  # Tables 2 and 3: the base model, full precision and 4-bit
         qa = ["--quantize", q] if q else []

@@ -65,7 +65,7 @@ class Config:
     model: str = _f(M.DEFAULT_MODEL, "base model: hub id or local directory (§4.1)")
     method: str = _f("rigsa", "rigsa | random-mask | lt-sft | dense | lora | qlora (§3.2, §4.4, §5.3; lt-sft: §6)")
     out: str = _f("runs/rigsa", "run directory: config.json, metrics.jsonl, iterK.safetensors")
-    data_dir: str = _f("data/mnist", "folder of the four MNIST IDX files (§4.2)")
+    data_dir: str = _f("data", "data root: the four MNIST IDX files are in <root>/mnist/ (§4.2)")
     seed: int = _f(1234, "seed of dW's init (per layer), of the random mask and of the data order")
     # the gated adapter (§3.2)
     alpha_init: float = _f(1e-6, "initial gate alpha, one per layer (§3.2)")
@@ -101,7 +101,7 @@ class Config:
     # data and evaluation (§4.2)
     val_frac: float = _f(0.01, "fraction of the training images held out for validation (§4.2)")
     split_seed: int = _f(0, "seed of the validation split")
-    eval_max: int = _f(0, "evaluate on at most this many val/test images (0 = all)")
+    limit: int = _f(0, "evaluate on the first N val/test images only (0 = all)")
     eval_batch: int = _f(16, "batch size of the accuracy evaluation")
     eval_test: bool = _f(True, "also evaluate the test split after every iteration (§5.1, Figure 2a)")
     # machinery
@@ -111,7 +111,8 @@ class Config:
     save_every: int = _f(500, "optimizer steps between resume checkpoints (0 = only at iteration ends)")
     halt_after: int = _f(0, "stop (resumably) after this many optimizer steps in this process (0 = never)")
     resume: bool = _f(False, "continue the run in --out where it stopped (its saved config is used)")
-    download: bool = _f(True, "download missing MNIST files from the pinned mirror")
+    offline: bool = _f(False, "never download: a missing MNIST file is an error")
+    verify: bool = _f(True, "check the MNIST files' pinned sizes and md5s (--no-verify: stand-in data)")
 
 
 LORA_METHODS = ("lora", "qlora")
@@ -409,7 +410,7 @@ def setup(cfg):
     if cfg.resume:
         if not (out / "config.json").exists():
             raise FileNotFoundError(f"{out / 'config.json'}: nothing to resume")
-        saved = json.loads((out / "config.json").read_text())["config"]
+        saved = upgrade_config(json.loads((out / "config.json").read_text())["config"])
         cfg = Config(**{**saved, "resume": True, "halt_after": cfg.halt_after})
         if (out / "resume.pt").exists():
             resume = torch.load(out / "resume.pt", weights_only=True)
@@ -425,12 +426,11 @@ def setup(cfg):
     torch.manual_seed(cfg.seed)
 
     # data (§4.2): encoded on the fly, 16 prompts per step cost nothing next to the model
-    data = {"train": load_mnist(cfg.data_dir, "train", cfg.val_frac, cfg.split_seed, cfg.download),
-            "val": load_mnist(cfg.data_dir, "val", cfg.val_frac, cfg.split_seed)}
-    if cfg.eval_test:
-        data["test"] = load_mnist(cfg.data_dir, "test")
-    if cfg.eval_max:
-        data.update({k: (x[:cfg.eval_max], y[:cfg.eval_max]) for k, (x, y) in data.items() if k != "train"})
+    folder = mnist_dir(cfg.data_dir)
+    kw = dict(val_frac=cfg.val_frac, seed=cfg.split_seed, download=not cfg.offline, verify=cfg.verify)
+    data = {split: load_mnist(folder, split, **kw) for split in ("train", "val", "test")[:3 if cfg.eval_test else 2]}
+    if cfg.limit:
+        data.update({k: (x[:cfg.limit], y[:cfg.limit]) for k, (x, y) in data.items() if k != "train"})
 
     model, tok, device = load_base(cfg)
     amp = (torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and model.lm_head.weight.dtype == torch.bfloat16
@@ -653,7 +653,6 @@ MNIST_FILES = {  # name: (bytes, md5) of LeCun's originals; md5s as in ../shared
 }
 MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"  # torchvision's mirror of the originals
 MNIST_COUNTS = {"train": 60000, "test": 10000}
-SYNTHETIC_MARK = "SYNTHETIC"  # a data dir holding this file has stand-in digits (demo, tests): no checksums
 QUESTION = "Below is a digit as text. Which digit is it?\n"  # Figure 5
 PREFIX = "The digit is "  # §4.2: appended to the assistant turn, the answer is the next token
 
@@ -666,11 +665,22 @@ def _md5(path):
     return h.hexdigest()
 
 
-def ensure_mnist(data_dir, download=True, names=tuple(MNIST_FILES)):
-    """Make sure the IDX files are in data_dir (sizes and md5s pinned), downloading what is missing."""
+def mnist_dir(root):
+    """--data-dir is the data root, and MNIST lives in <root>/mnist/. A folder that holds the IDX
+    files itself (what rigsa.py's --data-dir meant before) is still read, with a deprecation line."""
+    root = Path(root)
+    if not (root / "mnist").is_dir() and any((root / n).exists() for n in MNIST_FILES):
+        print(f"warning: --data-dir {root} holds the MNIST files itself; --data-dir now names the data root "
+              f"(MNIST in <root>/mnist/), so pass --data-dir {root.parent} (the old meaning goes in the next "
+              f"release)", file=sys.stderr)
+        return root
+    return root / "mnist"
+
+
+def ensure_mnist(data_dir, download=True, verify=True, names=tuple(MNIST_FILES)):
+    """Make sure the IDX files are in data_dir, downloading what is missing. Sizes and md5s are
+    pinned; verify=False accepts files that are there as they are (stand-in data: demo, tests)."""
     data_dir = Path(data_dir)
-    if (data_dir / SYNTHETIC_MARK).exists():
-        return data_dir
 
     def check(name):
         size, md5 = MNIST_FILES[name]
@@ -683,7 +693,8 @@ def ensure_mnist(data_dir, download=True, names=tuple(MNIST_FILES)):
         path = data_dir / name
         if path.exists():
             try:
-                check(name)(path)
+                if verify:
+                    check(name)(path)
             except ValueError as e:
                 raise ValueError(f"{e}; delete it to download it again") from None
             continue
@@ -729,14 +740,14 @@ def write_idx(path, array):
     util.atomic_write(path, write)
 
 
-def load_mnist(data_dir, split, val_frac=0.01, seed=0, download=False):
+def load_mnist(data_dir, split, val_frac=0.01, seed=0, download=False, verify=True):
     """-> (images uint8 (N, H, W), labels long (N,)) for split train | val | test. Val is the
     fraction val_frac of the 60k training images, chosen by a seeded permutation (§4.2)."""
     if split not in ("train", "val", "test"):
         raise ValueError(f"split {split!r} is not train, val or test")
     stem = "t10k" if split == "test" else "train"
     names = [f"{stem}-{k}-idx{d}-ubyte.gz" for k, d in (("images", 3), ("labels", 1))]
-    data_dir = ensure_mnist(data_dir, download, names)
+    data_dir = ensure_mnist(data_dir, download, verify, names)
     files = [Path(data_dir) / n for n in names]
     for p in files:
         if not p.exists():
@@ -746,9 +757,8 @@ def load_mnist(data_dir, split, val_frac=0.01, seed=0, download=False):
         raise ValueError(f"{files[0]}: {x.shape} images do not match {y.shape} labels in {files[1].name}")
     if y.max() > 9:
         raise ValueError(f"{files[1]}: label {y.max()} is not a digit")
-    if not (Path(data_dir) / SYNTHETIC_MARK).exists() and (len(x) != MNIST_COUNTS[stem.replace("t10k", "test")]
-                                                         or x.shape[1:] != (28, 28)):
-        raise ValueError(f"{files[0]}: {x.shape} is not MNIST's {MNIST_COUNTS} x 28 x 28")
+    if verify and (len(x) != MNIST_COUNTS[stem.replace("t10k", "test")] or x.shape[1:] != (28, 28)):
+        raise ValueError(f"{files[0]}: {x.shape} is not MNIST's {MNIST_COUNTS} x 28 x 28; --no-verify for stand-in data")
     x, y = torch.from_numpy(x.copy()), torch.from_numpy(y.astype(np.int64))
     if split == "test":
         return x, y
@@ -824,30 +834,30 @@ def synthetic_digits(n, size=28, seed=0, noise=0.1, shift=True):
 
 
 def write_synthetic_mnist(data_dir, n_train=2000, n_test=200, size=28, seed=0, noise=0.1, shift=True):
-    """Synthetic digits in MNIST's four IDX files, marked as synthetic (no checksums)."""
+    """Synthetic digits in MNIST's four IDX files (read them with verify=False, --no-verify)."""
     d = Path(data_dir)
     d.mkdir(parents=True, exist_ok=True)
     for stem, n, s in (("train", n_train, seed), ("t10k", n_test, seed + 1)):
         x, y = synthetic_digits(n, size, s, noise, shift)
         write_idx(d / f"{stem}-images-idx3-ubyte.gz", x.numpy())
         write_idx(d / f"{stem}-labels-idx1-ubyte.gz", y.numpy())
-    (d / SYNTHETIC_MARK).write_text("synthetic digits written by rigsa.py, not MNIST\n")
     return d
 
 
 @torch.no_grad()
-def mnist_accuracy(model, tok, images, labels, shots=0, batch_size=16, seed=1234, progress=True,
-                   shot_pool=None, data_dir="data/mnist"):
+def mnist_accuracy(model, tok, images, labels, shots=0, batch_size=16, seed=1234, progress=True, shot_pool=None):
     """-> (accuracy, predictions (N,) long, -1 = not a digit). The prediction is the greedy next
     token after the prefix; a non-digit token counts as wrong (§4.2). shots > 0: each image gets
     its own `shots` training examples, drawn without replacement by one generator seeded with
-    `seed` (from shot_pool = (images, labels), default the train split of data_dir)."""
+    `seed` from shot_pool = (images, labels), the train split (Table 2)."""
     was_training = model.training
     model.eval()
     dev = model.lm_head.weight.device
     ids = torch.tensor(digit_ids(tok))
     if shots:
-        pool_x, pool_y = shot_pool if shot_pool is not None else load_mnist(data_dir, "train")
+        if shot_pool is None:
+            raise ValueError("few-shot Textual MNIST needs the shot pool (the train split's images, labels)")
+        pool_x, pool_y = shot_pool
         g = torch.Generator().manual_seed(seed)
         draws = [torch.randperm(len(pool_x), generator=g)[:shots].tolist() for _ in range(len(images))]
     preds = []
@@ -1013,19 +1023,45 @@ def demo(out="runs/demo"):
     (out / "DEMO").write_text("written by rigsa.py demo\n")
     tiny.write_tiny_checkpoint(out / "tiny-model", shape="gqa", seed=0)
     write_synthetic_mnist(out / "mnist", n_train=400, n_test=100, size=8, seed=0, noise=0.05, shift=False)
-    cfg = Config(model=str(out / "tiny-model"), out=str(out / "run"), data_dir=str(out / "mnist"),
-                 device="cpu", iters=2, steps=300, epochs=100.0, warmup=10, lr=1e-2, weight_decay=0.1,
-                 val_frac=0.05, micro_batch=16, log_every=10, save_every=0, download=False)
+    cfg = Config(model=str(out / "tiny-model"), out=str(out / "run"), data_dir=str(out), device="cpu", iters=2,
+                 steps=300, epochs=100.0, warmup=10, lr=1e-2, weight_decay=0.1, val_frac=0.05, micro_batch=16,
+                 log_every=10, save_every=0, offline=True, verify=False)
     print("demo: tiny SmolLM2-shaped random model, 380 synthetic 8x8 training digits, 2 IMP iterations")
     train(cfg)
     model, tok = M.load(cfg.model, "cpu")
-    x, y = load_mnist(cfg.data_dir, "test")
+    x, y = load_mnist(out / "mnist", "test", verify=False)
     base_acc, _ = mnist_accuracy(model, tok, x, y, progress=False)
     print(f"base model (no adapter) test acc {base_acc:.1%}; chance is 10%")
     print(f"demo done in {time.time() - t0:.0f} s; adapters in {cfg.out}/iterK.safetensors")
 
 # -----------------------------------------------------------------------------
 # CLI
+
+# old spellings, accepted for one release with a deprecation line (README: the flag table)
+RENAMED = {"--eval-max": "--limit", "--no-download": "--offline", "--download": "--no-offline"}
+
+
+def renamed_flags(argv):
+    """argv with the RENAMED flags replaced by today's, each with one warning line on stderr."""
+    out = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if flag in RENAMED:
+            print(f"warning: {flag} is deprecated; use {RENAMED[flag]}", file=sys.stderr)
+            arg = RENAMED[flag] + eq + value
+        out.append(arg)
+    return out
+
+
+def upgrade_config(saved):
+    """A run's saved config written before the flags were renamed (--resume of an older run)."""
+    saved = dict(saved)
+    if "eval_max" in saved:
+        saved["limit"] = saved.pop("eval_max")
+    if "download" in saved:
+        saved["offline"] = not saved.pop("download")
+    return saved
+
 
 def config_parser(ap):
     for f in dataclasses.fields(Config):
@@ -1044,14 +1080,10 @@ def eval_alias(a):
     if a.split != "test":
         raise ValueError("--split val: the validation accuracy of a run is in RUN/metrics.jsonl; "
                          "evals/run.py --task mnist scores the test split")
-    data = Path(a.data_dir)
-    if data.name != "mnist":
-        raise ValueError(f"--data-dir {a.data_dir}: evals/run.py reads MNIST from <root>/mnist/; "
-                         f"put the IDX files in a folder named mnist and pass its parent as --data-dir")
     cmd = [sys.executable, str(Path(__file__).resolve().parent / "evals" / "run.py"), "--task", "mnist",
-           "--model", a.model, "--num-fewshot", str(a.shots), "--data-dir", str(data.parent),
+           "--model", a.model, "--num-fewshot", str(a.shots), "--data-dir", a.data_dir,
            "--batch-size", str(a.batch_size)] + (["--adapter", a.adapter] if a.adapter else []) \
-        + (["--limit", str(a.max)] if a.max else [])
+        + (["--limit", str(a.max)] if a.max else []) + ["--offline"] * a.offline + ["--no-verify"] * a.no_verify
     print("rigsa.py eval is deprecated and will be removed: it runs " + " ".join(cmd[1:]), file=sys.stderr)
     sys.exit(subprocess.run(cmd).returncode)
 
@@ -1063,15 +1095,19 @@ def main(argv=None):
     p = sub.add_parser("show", help="print one image as Textual MNIST (§4.2, Figure 1)")
     p.add_argument("--index", type=int, default=0, help="image index [default: 0]")
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="[default: train]")
-    p.add_argument("--data-dir", default="data/mnist", help="[default: data/mnist]")
+    p.add_argument("--data-dir", default="data", help="data root, MNIST in <root>/mnist/ [default: data]")
+    p.add_argument("--offline", action="store_true", help="never download: a missing MNIST file is an error")
+    p.add_argument("--no-verify", action="store_true", help="skip the MNIST checksums (stand-in data)")
     p = sub.add_parser("eval", help="deprecated: runs evals/run.py --task mnist (Textual MNIST accuracy, Table 2)")
     p.add_argument("--model", default=M.DEFAULT_MODEL, help=f"[default: {M.DEFAULT_MODEL}]")
     p.add_argument("--adapter", default="", help="RUN/iterK adapter file to install [default: none]")
     p.add_argument("--shots", type=int, default=0, help="examples as earlier turns (Table 2: 0 or 5) [default: 0]")
     p.add_argument("--split", default="test", choices=["val", "test"], help="[default: test]")
     p.add_argument("--max", type=int, default=0, help="at most this many images (0 = all) [default: 0]")
-    p.add_argument("--data-dir", default="data/mnist", help="[default: data/mnist]")
+    p.add_argument("--data-dir", default="data", help="data root, MNIST in <root>/mnist/ [default: data]")
     p.add_argument("--batch-size", type=int, default=16, help="[default: 16]")
+    p.add_argument("--offline", action="store_true", help="never download: a missing MNIST file is an error")
+    p.add_argument("--no-verify", action="store_true", help="skip the MNIST checksums (stand-in data)")
     p = sub.add_parser("merge", help="merge an adapter into its base model, official layout")
     p.add_argument("--adapter", required=True, help="RUN/iterK")
     p.add_argument("--out", required=True, help="output directory")
@@ -1079,13 +1115,13 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="[default: the base checkpoint's]")
     p = sub.add_parser("demo", help="the whole pipeline offline on a tiny model (< 2 min on 2 CPU cores)")
     p.add_argument("--out", default="runs/demo", help="[default: runs/demo]")
-    a = ap.parse_args(argv)
+    a = ap.parse_args(renamed_flags(sys.argv[1:] if argv is None else argv))
     util.keep_freed_memory()
     try:
         if a.cmd == "train":
             train(Config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Config)}))
         elif a.cmd == "show":
-            x, y = load_mnist(a.data_dir, a.split, download=True)
+            x, y = load_mnist(mnist_dir(a.data_dir), a.split, download=not a.offline, verify=not a.no_verify)
             if not 0 <= a.index < len(x):
                 raise ValueError(f"--index {a.index} is outside the {a.split} split (0..{len(x) - 1})")
             print(to_text(x[a.index]))

@@ -14,9 +14,9 @@ from conftest import hf_model, one_thread
 
 
 def tiny_cfg(tiny_dir, tmp, **kw):
-    base = dict(model=str(tiny_dir), out=str(tmp / "run"), data_dir=str(tmp / "mnist"), device="cpu",
+    base = dict(model=str(tiny_dir), out=str(tmp / "run"), data_dir=str(tmp), device="cpu",
                 iters=2, steps=4, warmup=2, lr=2e-2, batch_size=4, micro_batch=2, val_frac=0.1,
-                eval_max=8, log_every=1, save_every=0, download=False)
+                limit=8, log_every=1, save_every=0, offline=True, verify=False)
     base.update(kw)
     return rigsa.Config(**base)
 
@@ -32,11 +32,13 @@ def test_quantizer_idx_and_split(tmp_path):
     img = torch.tensor([[0, 25, 26, 255], [128, 127, 230, 231]], dtype=torch.uint8)
     assert rigsa.to_text(img) == "0019\n5489"  # floor(p * 10 / 256)
     d = rigsa.write_synthetic_mnist(tmp_path / "m", n_train=100, n_test=10, size=8)
-    x, y = rigsa.load_mnist(d, "train")
-    xv, yv = rigsa.load_mnist(d, "val")
-    xt, _ = rigsa.load_mnist(d, "test")
+    x, y = rigsa.load_mnist(d, "train", verify=False)
+    xv, yv = rigsa.load_mnist(d, "val", verify=False)
+    xt, _ = rigsa.load_mnist(d, "test", verify=False)
     assert x.shape == (99, 8, 8) and xv.shape == (1, 8, 8) and xt.shape == (10, 8, 8) and x.dtype == torch.uint8
-    assert rigsa.load_mnist(d, "val")[0].equal(xv)  # deterministic by seed
+    assert rigsa.load_mnist(d, "val", verify=False)[0].equal(xv)  # deterministic by seed
+    with pytest.raises(ValueError, match="not the original MNIST file"):   # stand-in data needs --no-verify
+        rigsa.load_mnist(d, "train")
     assert rigsa.read_idx(d / "train-images-idx3-ubyte.gz", 2051).shape == (100, 8, 8)
     with pytest.raises(ValueError, match="magic"):
         rigsa.read_idx(d / "train-labels-idx1-ubyte.gz", 2051)
@@ -249,7 +251,7 @@ def test_learns_tiny_textual_digits(tiny_dir, tmp_path):
         rigsa.train(cfg)
         m, tok = M.load(tiny_dir)
         rigsa.load_adapter(m, tmp_path / "run" / "iter1")
-        x, y = rigsa.load_mnist(tmp_path / "mnist", "train", val_frac=0.0)
+        x, y = rigsa.load_mnist(tmp_path / "mnist", "train", val_frac=0.0, verify=False)
         acc, preds = rigsa.mnist_accuracy(m, tok, x, y, progress=False)
     assert acc >= 0.9, acc
 
@@ -328,7 +330,7 @@ def test_eval_alias_runs_the_one_mnist_command(tiny_dir, tmp_path, capfd):
     # `rigsa.py eval` (deprecated) translates its flags and runs evals/run.py --task mnist
     rigsa.write_synthetic_mnist(tmp_path / "mnist", n_train=12, n_test=3, size=8)
     with pytest.raises(SystemExit) as e:
-        rigsa.main(["eval", "--model", str(tiny_dir), "--data-dir", str(tmp_path / "mnist"), "--max", "2"])
+        rigsa.main(["eval", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--max", "2", "--no-verify"])
     out = capfd.readouterr()
     assert e.value.code == 0 and "deprecated" in out.err and "--task mnist" in out.err
     assert "mnist" in out.out and "acc" in out.out and " 2 " in out.out     # evals' table, 2 documents

@@ -97,14 +97,16 @@ def eval_gsm8k(model, tok, args, data_dir, k):
 
 
 def eval_mnist(model, tok, args, data_dir, k):
-    folder = os.path.join(data_dir, "mnist")  # rigsa.py owns MNIST's files, prompt and scoring (§4.2)
-    images, labels = rigsa.load_mnist(folder, "test", download=not args.offline)
+    folder = rigsa.mnist_dir(data_dir)  # rigsa.py owns MNIST's files, prompt and scoring (§4.2)
+    kw = dict(download=not args.offline, verify=not args.no_verify)
+    images, labels = rigsa.load_mnist(folder, "test", **kw)
+    pool = rigsa.load_mnist(folder, "train", **kw) if k else None   # the shots come from the train split
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
     longest = len(tok.encode(rigsa.prompt(tok, images[0], [(images[0], 0)] * k)))  # all prompts ~ equal length
     bs = batch_size_for(args, model, longest, 1)
-    kw = {} if args.seed is None else {"seed": args.seed}  # default: rigsa's shot-draw seed
-    _, preds = rigsa.mnist_accuracy(model, tok, images, labels, shots=k, batch_size=bs, data_dir=folder, **kw)
+    seed = {} if args.seed is None else {"seed": args.seed}  # default: rigsa's shot-draw seed
+    _, preds = rigsa.mnist_accuracy(model, tok, images, labels, shots=k, batch_size=bs, shot_pool=pool, **seed)
     samples, accs = [], []
     for i, (y, p) in enumerate(zip(labels.tolist(), preds.tolist())):
         accs.append(int(p == y))  # p = -1: the next token was not a digit, counted wrong (paper §4.2)

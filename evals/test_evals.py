@@ -264,7 +264,7 @@ def _write_data(root, n=5):
             for i in range(m):
                 f.write(json.dumps({"question": f"What is {i} and {i}?", "answer": f"{i} and {i}\n#### {2 * i}"}) + "\n")
     import rigsa
-    rigsa.write_synthetic_mnist(root / "mnist", n_train=20, n_test=n)   # marked synthetic: no checksums
+    rigsa.write_synthetic_mnist(root / "mnist", n_train=20, n_test=n)   # stand-in data: read with --no-verify
 
 
 @pytest.mark.parametrize("task", ["piqa", "hellaswag", "gsm8k", "mnist", "mnist5"])
@@ -304,7 +304,7 @@ def test_cli_end_to_end(task, tiny_dir, tmp_path):
         import rigsa
         assert set(r["metrics"]) == {"acc", "acc_stderr"} and r["num_fewshot"] == (5 if shots else 0)
         assert set(s) == {"doc_id", "target", "prediction", "acc"}
-        x, y = rigsa.load_mnist(tmp_path / "mnist", "test")
+        x, y = rigsa.load_mnist(tmp_path / "mnist", "test", verify=False)
         assert [t["target"] for t in r["samples"]] == y[:4].tolist()
         assert all(t["acc"] == int(t["prediction"] == t["target"]) for t in r["samples"])
 

@@ -63,6 +63,7 @@ def _f(default, help):
 class Config:
     # what to train
     model: str = _f(M.DEFAULT_MODEL, "base model: hub id or local directory (§4.1)")
+    revision: str = _f("", "hub revision of --model (commit, branch or tag; default: the latest); the run records the commit it resolved to")
     method: str = _f("rigsa", "rigsa | random-mask | lt-sft | dense | lora | qlora (§3.2, §4.4, §5.3; lt-sft: §6)")
     out: str = _f("runs/rigsa", "run directory: config.json, metrics.jsonl, iterK.safetensors")
     data_dir: str = _f("data", "data root: the four MNIST IDX files are in <root>/mnist/ (§4.2)")

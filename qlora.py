@@ -56,17 +56,6 @@ def dynamic_map():
 
 
 DYNAMIC_CODE = dynamic_map()
-_consts = {}
-
-
-def _on(t, device):
-    """A small constant table on `device`, copied once per device (not once per forward)."""
-    key = (id(t), str(device))
-    if key not in _consts:
-        _consts[key] = t.to(device)
-    return _consts[key]
-
-
 def quantize_blockwise_8bit(x, code, blocksize=256):
     """bitsandbytes' quantize_blockwise on float32 input (its CPU kernel): per block absmax, x / absmax,
     binary search for the code value to the left, then step right only if strictly closer (a tie
@@ -100,7 +89,7 @@ def quantize_nf4(w, blocksize=64, double_quant=False):
     s = (blocks * (1.0 / absmax)[:, None]).clamp(-1, 1).nan_to_num(nan=-1.0)
     # nearest code; right=False sends a value exactly on a midpoint to the LOWER code, which is
     # bnb's tie rule (CUDA: chains of `x > threshold`; torch backend: argmin keeps the first)
-    codes = torch.bucketize(s, _on(NF4_MIDPOINTS, s.device), right=False)   # (nb, 64) int64 in 0..15
+    codes = torch.bucketize(s, util.on_device(NF4_MIDPOINTS, s.device), right=False)   # (nb, 64) int64 in 0..15
     codes = codes.reshape(-1)[: n + n % 2]                                  # an odd N keeps one zero pad
     # two codes per byte, the FIRST element in the HIGH nibble (peers.md 1.3)
     packed = ((codes[0::2] << 4) | codes[1::2]).to(torch.uint8).view(-1, 1)  # (ceil(N/2), 1)
@@ -109,14 +98,14 @@ def quantize_nf4(w, blocksize=64, double_quant=False):
     if double_quant:
         # QLoRA's double quantization: subtract the mean, 8-bit dynamic code in blocks of 256
         offset = absmax.mean()
-        q["absmax"], q["nested_absmax"] = quantize_blockwise_8bit(absmax - offset, _on(DYNAMIC_CODE, x.device), 256)
+        q["absmax"], q["nested_absmax"] = quantize_blockwise_8bit(absmax - offset, util.on_device(DYNAMIC_CODE, x.device), 256)
         q["offset"] = offset
     return q
 
 
 def dequantize_absmax(absmax, nested_absmax, offset, nested_code=None, nested_blocksize=256):
     """uint8 absmax codes -> float32: code[u8] * nested_absmax[i // 256], then + offset (fp32, bnb's order)."""
-    code = _on(DYNAMIC_CODE, absmax.device) if nested_code is None else nested_code
+    code = util.on_device(DYNAMIC_CODE, absmax.device) if nested_code is None else nested_code
     n = absmax.numel()
     a = code.index_select(0, absmax.reshape(-1).int())                      # (nb,)
     a = F.pad(a, (0, -n % nested_blocksize)).view(-1, nested_blocksize) * nested_absmax[:, None]
@@ -134,7 +123,7 @@ def dequantize_nf4(packed, absmax, shape, dtype=torch.float32, blocksize=64, nes
     n = math.prod(shape)
     if nested_absmax is not None:
         absmax = dequantize_absmax(absmax, nested_absmax, offset, nested_code)
-    vals = _on(NF4_PAIRS, packed.device).index_select(0, packed.reshape(-1).int()).reshape(-1)  # (2*ceil(N/2),)
+    vals = util.on_device(NF4_PAIRS, packed.device).index_select(0, packed.reshape(-1).int()).reshape(-1)  # (2*ceil(N/2),)
     nb = absmax.numel()
     if vals.numel() != nb * blocksize:                                       # tail block (never in SmolLM2)
         vals = F.pad(vals, (0, nb * blocksize - vals.numel()))

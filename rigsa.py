@@ -153,11 +153,73 @@ def layer_seed(seed, name):
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
 
 
+# byte -> its 8 bits, most significant first (np.packbits' order, the adapter file's)
+_BITS = ((torch.arange(256)[:, None] >> torch.arange(7, -1, -1)) & 1).bool()   # (256, 8)
+
+
+def pack_bits(index, n, device):
+    """Sorted flat positions (k,) of n entries -> the packed mask, uint8 (ceil(n/8),)."""
+    bits = torch.zeros(-(-n // 8) * 8, dtype=torch.bool, device=device)
+    bits[index] = True
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=device)
+    return (bits.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed, n):
+    """The packed mask -> bool (n,)."""
+    return util.on_device(_BITS, packed.device).index_select(0, packed.int()).view(-1)[:n]
+
+
+class GatedDelta(torch.autograd.Function):
+    """y = x (W0 + alpha (m * dW))^T for a GatedSparseLinear, saving for backward only what the
+    backward needs: x (shared by the projections that read the same input) and the free entries'
+    positions; the parameters by reference. m * dW is rebuilt in each pass from the compact
+    storage, one layer at a time, so no weight-sized copy outlives its layer (memory.md D1).
+    float32 (CPU): the ops of a plain autograd graph over W0 + alpha * (dW * mask), so gradients
+    are bitwise those of the dense layer. Low precision (bfloat16 on CUDA): the delta keeps its
+    own path, x W0^T + alpha x (m dW)^T, as W0 + alpha dW formed in bfloat16 would round away
+    deltas under half an ulp of W0 (peers.md §0.6)."""
+    @staticmethod
+    def forward(ctx, x, delta, alpha, layer):                  # x (B, T, in) -> (B, T, out)
+        index = layer.free_index()                             # (k,) or None (every entry free)
+        md = layer.dense(delta, index)                         # (out, in) float32, pruned entries 0
+        ctx.layer = layer
+        ctx.save_for_backward(x, delta, alpha, index)
+        if layer.exact(x):
+            return F.linear(x, layer.weight + alpha * md)
+        return F.linear(x, layer.weight) + alpha.to(x.dtype) * F.linear(x, md.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, delta, alpha, index = ctx.saved_tensors
+        L = ctx.layer
+        md = L.dense(delta, index)                             # (out, in)
+        gy2, x2 = gy.reshape(-1, L.out_features), x.reshape(-1, L.in_features)   # (B*T, out), (B*T, in)
+        gx = None
+        if L.exact(x):
+            w = L.weight + alpha * md
+            if ctx.needs_input_grad[0]:
+                gx = gy2.mm(w).view_as(x)
+            gw = gy2.t().mm(x2)                                # (out, in): the gradient of W0 + alpha md
+        else:
+            a = alpha.to(x.dtype)
+            if ctx.needs_input_grad[0]:
+                gx = (gy2.mm(L.weight) + (gy2 * a).mm(md.to(x.dtype))).view_as(x)
+            gw = gy2.t().mm(x2).float()                        # one weight-gradient GEMM, fp32 from here
+        g_alpha = (gw * md).sum() if ctx.needs_input_grad[2] else None
+        g = gw.view(-1) if index is None else gw.view(-1).index_select(0, index)
+        return gx, g * alpha, g_alpha, None                    # dW's gradient only at the free entries
+
+
 class GatedSparseLinear(nn.Module):
     """Drop-in for nn.Linear: y = x (W0 + alpha (m * dW))^T (§3.2). `weight` is the frozen base
-    tensor (so checkpoints load unchanged); `delta` (dW) is a float32 master copy even when W0 is
-    bfloat16, so that weight decay's per-step factor (1 - 2e-3) is not rounded away; `alpha` is one
-    scalar gate; `mask` is boolean. dW0 is not stored: it is regenerated from `init_seed`."""
+    tensor (so checkpoints load unchanged); `alpha` is one scalar gate. dW is stored for the free
+    entries only: `delta` (k,) float32 holds their values in row-major order (a float32 master
+    copy even when W0 is bfloat16, so that weight decay's per-step factor 1 - 2e-3 is not rounded
+    away), and `mask` (ceil(out*in/8),) uint8 is the mask bit-packed as in the adapter files, or
+    None while every entry is free (the first IMP iteration). Memory is thus 16 bytes per free
+    entry with AdamW's state plus one bit per entry (memory.md §5.2). dW0 is not stored: it is
+    regenerated from `init_seed`."""
     def __init__(self, base, init_seed, init="uniform", init_std=0.02, alpha_init=1e-6, gated=True):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -165,9 +227,9 @@ class GatedSparseLinear(nn.Module):
         self.weight.requires_grad_(False)
         self.init_seed, self.init, self.init_std, self.gated = init_seed, init, init_std, gated
         dev = self.weight.device
-        self.delta = nn.Parameter(self.init_delta().to(dev))
+        self.delta = nn.Parameter(self.init_delta().view(-1).to(dev))
         self.alpha = nn.Parameter(torch.tensor(alpha_init if gated else 1.0, device=dev), requires_grad=gated)
-        self.register_buffer("mask", torch.ones(self.out_features, self.in_features, dtype=torch.bool, device=dev))
+        self.register_buffer("mask", None)
 
     def init_delta(self):
         """dW0, (out, in) float32 on the CPU, from a CPU generator: bitwise reproducible, so rewinding
@@ -181,23 +243,47 @@ class GatedSparseLinear(nn.Module):
         bound = 1.0 / math.sqrt(self.in_features)  # nn.Linear's own init distribution
         return t.uniform_(-bound, bound, generator=g)
 
+    def numel(self):
+        return self.in_features * self.out_features
+
+    def free_index(self):
+        """Flat row-major positions (k,) of the free entries, in `delta`'s order; None if all are."""
+        return None if self.mask is None else unpack_bits(self.mask, self.numel()).nonzero().view(-1)
+
+    def set_free(self, index, values):
+        """Make the entries at sorted flat positions `index` the free ones, with dW = values."""
+        dev = self.weight.device
+        dense = len(index) == self.numel()
+        self.mask = None if dense else pack_bits(index.to(dev), self.numel(), dev)
+        self.delta = nn.Parameter(values.to(dev, torch.float32).contiguous(), requires_grad=True)
+
+    def dense(self, delta=None, index=None):
+        """m * dW as a dense (out, in) float32 tensor, the pruned entries exactly 0."""
+        delta = self.delta if delta is None else delta
+        if self.mask is None:
+            return delta.view(self.out_features, self.in_features)
+        index = self.free_index() if index is None else index
+        md = torch.zeros(self.numel(), dtype=torch.float32, device=delta.device)
+        return md.index_copy_(0, index, delta).view(self.out_features, self.in_features)
+
+    def exact(self, x):
+        """float32 weights and input without autocast: one GEMM on the merged weight is exact."""
+        return x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+
     def forward(self, x):  # x (B, T, in) -> (B, T, out)
-        md = self.delta * self.mask  # pruned entries are exactly 0 and get exactly 0 gradient
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
-            # float32: one GEMM on the merged weight is exact to fp32 and costs what full
-            # fine-tuning costs (bench/bench_train.py)
-            return F.linear(x, self.weight + self.alpha * md)
-        # low precision: keep the delta on its own path; W0 + alpha*dW formed in bfloat16 would
-        # round away deltas under half an ulp of W0 (peers.md §3.7)
-        return F.linear(x, self.weight) + self.alpha.to(x.dtype) * F.linear(x, md.to(x.dtype))
+        if torch.is_autocast_enabled(x.device.type):  # autocast's dtype, but the layer casts itself
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+            with torch.autocast(x.device.type, enabled=False):
+                return GatedDelta.apply(x, self.delta, self.alpha, self)
+        return GatedDelta.apply(x, self.delta, self.alpha, self)
 
     def delta_weight(self):
         """alpha * (m * dW), (out, in) float32: what the adapter adds to W0 (merge_adapters)."""
-        return self.alpha.detach().float() * (self.delta * self.mask)
+        return self.alpha.detach().float() * self.dense().detach()
 
     def extra_repr(self):
-        density = self.mask.float().mean().item()
-        return f"in={self.in_features}, out={self.out_features}, gated={self.gated}, density={density:.4f}"
+        return (f"in={self.in_features}, out={self.out_features}, gated={self.gated}, "
+                f"density={self.delta.numel() / self.numel():.4f}")
 
 
 def install_adapters(model, cfg):
@@ -246,34 +332,35 @@ def prune(layers, keep=0.8, scope="global", sign=True):
     """One IMP step (§3.2, §4.4). Among free entries whose sign equals that of their initial value,
     keep the fraction `keep` with the largest |dW| (exactly round(keep * n_eligible), ties broken by
     layer then row-major index), rewind them to dW0, zero and freeze every other entry.
-    sign=False (lt-sft, init 0): all free entries are eligible. -> statistics."""
+    sign=False (lt-sft, init 0): all free entries are eligible. Works on the free entries only:
+    its working set is one bool per free entry plus one layer's dW0 at a time. -> statistics."""
     names = list(layers)
     elig, stats = {}, {"layers": {}}
-    for n in names:
+    for n in names:  # 1) which free entries kept their sign (a flipped or exactly zero one did not)
         L = layers[n]
-        e = L.mask.clone()
-        if sign:  # a flipped (or exactly zero) entry is not eligible (§3.2: "didn't change sign")
-            e &= torch.sign(L.delta) == torch.sign(L.init_delta().to(L.delta.device))
+        e = torch.ones_like(L.delta, dtype=torch.bool)
+        if sign:     # §3.2: "didn't change sign"; dW0 regenerated, read at the free positions
+            d0 = L.init_delta().view(-1).to(L.delta.device)
+            e = torch.sign(L.delta) == torch.sign(d0 if L.mask is None else d0[L.free_index()])
         elig[n] = e
-        free = int(L.mask.count_nonzero())
-        stats["layers"][n] = {"free": free, "eligible": int(e.count_nonzero()), "numel": L.mask.numel()}
+        stats["layers"][n] = {"free": L.delta.numel(), "eligible": int(e.count_nonzero()), "numel": L.numel()}
     groups = [names] if scope == "global" else [[n] for n in names]
-    for group in groups:
+    for group in groups:  # 2) the magnitude threshold, exact, over the group's eligible entries
         n_elig = sum(stats["layers"][n]["eligible"] for n in group)
         k = round(keep * n_elig)
         thr = kth_largest(lambda: (layers[n].delta.abs()[elig[n]] for n in group), k) if k else math.inf
         quota = k - sum(int(((layers[n].delta.abs() > thr) & elig[n]).count_nonzero()) for n in group)
-        for n in group:
+        for n in group:  # 3) the new free entries, rewound to dW0 (§3.2)
             L = layers[n]
             mag = L.delta.abs()
             new = elig[n] & (mag > thr)
-            if quota > 0:  # ties at the threshold: the first ones in row-major order
-                tie = (elig[n] & (mag == thr)).flatten().nonzero().flatten()[:quota]
-                new.view(-1)[tie] = True
+            if quota > 0:  # ties at the threshold: the first ones in row-major (= delta's) order
+                tie = (elig[n] & (mag == thr)).nonzero().view(-1)[:quota]
+                new[tie] = True
                 quota -= len(tie)
-            L.mask.copy_(new)
-            L.delta.copy_(L.init_delta().to(L.delta.device) * new)  # rewind kept, zero the rest
-            stats["layers"][n]["kept"] = int(new.count_nonzero())
+            index = (torch.arange(L.numel(), device=new.device) if L.mask is None else L.free_index())[new]
+            L.set_free(index, L.init_delta().view(-1)[index.cpu()])
+            stats["layers"][n]["kept"] = len(index)
     tot = lambda key: sum(s[key] for s in stats["layers"].values())
     stats.update(free=tot("free"), eligible=tot("eligible"), kept=tot("kept"), numel=tot("numel"))
     stats["sign_flip"] = 1 - stats["eligible"] / max(stats["free"], 1)
@@ -287,16 +374,13 @@ def random_masks(layers, counts, seed):
     positions (open_lth's layerwise random pruning), the others zeroed and frozen."""
     for n, L in layers.items():
         g = torch.Generator().manual_seed(layer_seed(seed, n + "/mask"))
-        idx = torch.randperm(L.mask.numel(), generator=g)[:counts[n]]
-        m = torch.zeros(L.mask.numel(), dtype=torch.bool)
-        m[idx] = True
-        L.mask.copy_(m.view_as(L.mask))
-        L.delta.mul_(L.mask)
+        index = torch.randperm(L.numel(), generator=g)[:counts[n]].sort().values
+        L.set_free(index, L.dense().reshape(-1)[index.to(L.delta.device)])
 
 
 def density_report(layers):
-    per = {n: L.mask.float().mean().item() for n, L in layers.items()}
-    total = sum(int(L.mask.sum()) for L in layers.values()) / max(sum(L.mask.numel() for L in layers.values()), 1)
+    per = {n: L.delta.numel() / L.numel() for n, L in layers.items()}
+    total = sum(L.delta.numel() for L in layers.values()) / max(sum(L.numel() for L in layers.values()), 1)
     return total, per
 
 # -----------------------------------------------------------------------------
@@ -358,7 +442,10 @@ def make_optimizer(model, cfg):
         groups = [{"params": deltas, "weight_decay": cfg.weight_decay},
                   {"params": gates, "weight_decay": cfg.weight_decay if cfg.decay_gate else 0.0}]
         groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    # foreach=False: the per-tensor update, with temporaries the size of one tensor, not of the model
+    # (foreach's _foreach_sqrt would allocate 4 bytes per parameter at once; memory.md D3). It is
+    # what the CPU runs by default, so the numbers are those of torch.optim.AdamW there
+    return torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False)
 
 
 def train_step(run, opt, rows, lr):
@@ -446,7 +533,7 @@ def setup(cfg):
         layers = install_adapters(model, cfg)
         if cfg.method == "random-mask":
             counts = (mask_counts(cfg.mask_like) if cfg.mask_like else
-                      {n: round(cfg.density * L.mask.numel()) for n, L in layers.items()})
+                      {n: round(cfg.density * L.numel()) for n, L in layers.items()})
             if set(counts) != set(layers):
                 raise ValueError(f"--mask-like {cfg.mask_like}: its layers are not this model's layers")
             random_masks(layers, counts, cfg.seed)
@@ -527,7 +614,7 @@ def evaluate(run, it):
     or the LoRA matrices)."""
     cfg, model, layers = run.cfg, run.model, run.layers
     res = {"event": "iteration", "iter": it}
-    res["trainable"] = (sum(int(L.mask.count_nonzero()) + int(L.gated) for L in layers.values()) if layers
+    res["trainable"] = (sum(L.delta.numel() + int(L.gated) for L in layers.values()) if layers
                         else sum(p.numel() for p in model.parameters() if p.requires_grad))
     for split in ("val", "test") if cfg.eval_test else ("val",):
         res[f"{split}_acc"], _ = mnist_accuracy(model, run.tok, *run.data[split], batch_size=cfg.eval_batch)
@@ -623,15 +710,11 @@ def git_commit():
         return "unknown"
 
 
-def trainable_state(model):
-    # .cpu() copies GPU tensors (no second 6.4 GB on the GPU); CPU tensors are saved as they are
-    state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    state.update({n: b.cpu() for n, b in model.named_buffers() if n.endswith(".mask")})
-    return state
-
-
 def load_trainable_state(model, state):
-    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    """Resume: the adapters' tensors as adapter_tensors saved them (each layer's compact storage)."""
+    if adapters(model):
+        return set_adapter_tensors(adapters(model), state, "resume.pt")
+    own = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in state.items():
             own[n].copy_(t)
@@ -639,7 +722,7 @@ def load_trainable_state(model, state):
 
 def save_resume(run, opt, it, step):
     """resume.pt: the trainable state, the optimizer, where the run is, the RNG and the log."""
-    state = {"iteration": it, "step": step, "state": trainable_state(run.model),
+    state = {"iteration": it, "step": step, "state": adapter_tensors(run.model),
              "optimizer": opt.state_dict() if opt is not None else None, "rng": torch.get_rng_state(), "log": run.log}
     util.atomic_write(run.out / "resume.pt", lambda tmp: torch.save(state, tmp))
 
@@ -884,23 +967,45 @@ def mnist_accuracy(model, tok, images, labels, shots=0, batch_size=16, seed=1234
 # -----------------------------------------------------------------------------
 # adapter files: mask bit-packed, dW values in mask order, alpha, init seed (safetensors)
 
-def save_adapter(model, path, cfg, extra=None):
-    """Write the trained adapter: per layer `{name}.mask` (uint8, np.packbits of the row-major
-    mask), `{name}.delta` (float32 values where the mask is set), `{name}.alpha`, `{name}.init_seed`
-    and `{name}.init_check` (dW0's first 16 values: guards regeneration on another platform)."""
-    meta = {"format": "rigsa-adapter", "config": json.dumps(dataclasses.asdict(cfg)), **(extra or {})}
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    if cfg.method in LORA_METHODS:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in qlora.lora_state_dict(model).items()}
-    else:
-        tensors = {}
+def adapter_tensors(model):
+    """The trained adapter as the adapter files hold it. RIGSA family, per layer: `{name}.mask`
+    (uint8, the row-major mask bit-packed as np.packbits does), `{name}.delta` (float32, dW at the
+    free entries in row-major order), `{name}.alpha`, `{name}.init_seed` and `{name}.init_check`
+    (dW0's first 16 values: guards regeneration on another platform). LoRA: its matrices."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in qlora.lora_state_dict(model).items()}
     for n, L in adapters(model).items():
-        m = L.mask.cpu()
-        tensors[f"{n}.mask"] = torch.from_numpy(np.packbits(m.numpy().reshape(-1)))
-        tensors[f"{n}.delta"] = L.delta.detach().cpu()[m].contiguous()
+        dense = pack_bits(torch.arange(L.numel()), L.numel(), "cpu") if L.mask is None else None
+        tensors[f"{n}.mask"] = L.mask.cpu() if dense is None else dense
+        tensors[f"{n}.delta"] = L.delta.detach().cpu()
         tensors[f"{n}.alpha"] = L.alpha.detach().cpu().float().reshape(1)
         tensors[f"{n}.init_seed"] = torch.tensor([L.init_seed], dtype=torch.int64)
         tensors[f"{n}.init_check"] = L.init_delta().reshape(-1)[:16].clone()
+    return tensors
+
+
+@torch.no_grad()
+def set_adapter_tensors(layers, tensors, source):
+    """Give installed GatedSparseLinear layers the masks, dW values and gates of adapter_tensors'
+    dict (an adapter file, or resume.pt); `source` names it in errors."""
+    for n, L in layers.items():
+        if f"{n}.mask" not in tensors:
+            raise ValueError(f"{source}: no adapter for layer {n} (another base model?)")
+        if f"{n}.init_check" in tensors and not torch.equal(tensors[f"{n}.init_check"], L.init_delta().reshape(-1)[:16]):
+            raise ValueError(f"{source}: dW0 of {n} does not regenerate identically on this platform")
+        m, d = tensors[f"{n}.mask"], tensors[f"{n}.delta"]
+        index = unpack_bits(m, L.numel()).nonzero().view(-1)
+        if len(index) != d.numel():
+            raise ValueError(f"{source}: layer {n} has {d.numel()} dW values for {len(index)} free entries "
+                             f"(of {L.numel()}: another base model?)")
+        L.set_free(index, d)
+        L.alpha.fill_(float(tensors[f"{n}.alpha"]))
+
+
+def save_adapter(model, path, cfg, extra=None):
+    """Write the trained adapter (adapter_tensors) and, as metadata, its config and `extra`."""
+    meta = {"format": "rigsa-adapter", "config": json.dumps(dataclasses.asdict(cfg)), **(extra or {})}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    tensors = adapter_tensors(model)
     util.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -941,19 +1046,7 @@ def load_adapter(model, path):
             qlora.quantize_model(model)
         qlora.load_lora(model, tensors, cfg.rank, cfg.lora_alpha)
         return cfg
-    layers = install_adapters(model, cfg)
-    for n, L in layers.items():
-        if f"{n}.mask" not in tensors:
-            raise ValueError(f"{path}: no adapter for layer {n} (another base model?)")
-        if not torch.equal(tensors[f"{n}.init_check"], L.init_delta().reshape(-1)[:16]):
-            raise ValueError(f"{path}: dW0 of {n} does not regenerate identically on this platform")
-        bits = np.unpackbits(tensors[f"{n}.mask"].numpy())[:L.mask.numel()]
-        m = torch.from_numpy(bits.astype(bool)).view_as(L.mask)
-        d = torch.zeros(L.delta.shape)
-        d[m] = tensors[f"{n}.delta"]
-        L.mask.copy_(m)
-        L.delta.copy_(d)
-        L.alpha.fill_(float(tensors[f"{n}.alpha"]))
+    set_adapter_tensors(install_adapters(model, cfg), tensors, path)
     return cfg
 
 # -----------------------------------------------------------------------------

@@ -70,6 +70,7 @@ def test_gate_at_init(tiny_dir):
     L = layers["model.layers.0.self_attn.q_proj"]
     bound = 1 / math.sqrt(L.in_features)
     assert L.delta.abs().max() <= bound and L.delta.abs().max() > 0.9 * bound and L.alpha.item() == pytest.approx(1e-6)
+    assert L.mask is None and L.delta.shape == (L.weight.numel(),)    # every entry free: no mask stored
     out = m(x)
     assert not out.equal(base) and (out - base).abs().max() < 1e-3   # only the alpha term differs
     for L in layers.values():
@@ -77,7 +78,7 @@ def test_gate_at_init(tiny_dir):
     assert m(x).equal(base)                                           # alpha = 0: exactly the base model
     h = torch.randn(3, L.in_features)
     L.alpha.data.fill_(0.5)
-    torch.testing.assert_close(L(h), h @ L.weight.T + 0.5 * h @ L.delta.T)
+    torch.testing.assert_close(L(h), h @ L.weight.T + 0.5 * h @ L.dense().T)
 
 
 def hand_layers(shapes=((2, 4), (2, 4))):
@@ -88,6 +89,19 @@ def hand_layers(shapes=((2, 4), (2, 4))):
     return layers
 
 
+def set_dense(L, d, free=None):
+    """dW = d (out, in) by hand; the entries where `free` (bool (out, in)) is False pruned."""
+    index = torch.arange(L.numel()) if free is None else free.reshape(-1).nonzero().view(-1)
+    L.set_free(index, d.reshape(-1)[index])
+
+
+def mask_of(L):
+    """A layer's mask as a bool (out, in) tensor."""
+    m = torch.zeros(L.numel(), dtype=torch.bool)
+    m[slice(None) if L.mask is None else L.free_index()] = True
+    return m.view(L.out_features, L.in_features)
+
+
 def test_prune_sign_flips_counts_rewind_and_scope():
     for scope in ("global", "layer"):
         layers = hand_layers()
@@ -96,9 +110,9 @@ def test_prune_sign_flips_counts_rewind_and_scope():
         s0 = torch.tensor([[10., 9, 8, 7], [6, 5, -4, -3]])
         s1 = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, -0.8]])
         for (n, L), s in zip(layers.items(), (s0, s1)):
-            L.delta.data = d0[n].sign() * s   # |dW| = s, sign flipped where s < 0
+            set_dense(L, d0[n].sign() * s)    # |dW| = s, sign flipped where s < 0
         st = rigsa.prune(layers, keep=0.5, scope=scope)
-        m0, m1 = layers["l0"].mask, layers["l1"].mask
+        m0, m1 = mask_of(layers["l0"]), mask_of(layers["l1"])
         assert st["eligible"] == 13 and st["sign_flip"] == pytest.approx(3 / 16)
         if scope == "global":  # round(0.5 * 13) = 6 largest of all: 10, 9, 8, 7, 6, 5
             assert m0.tolist() == [[True] * 4, [True, True, False, False]] and not m1.any()
@@ -107,20 +121,21 @@ def test_prune_sign_flips_counts_rewind_and_scope():
             assert m1.tolist() == [[False, False, False, True], [True, True, True, False]]
         assert st["kept"] == int(m0.sum() + m1.sum())
         for n, L in layers.items():  # kept entries rewound to dW0 exactly, the rest exactly zero
-            assert L.delta.data.equal(d0[n] * L.mask)
+            assert L.dense().equal(d0[n] * mask_of(L)) and L.delta.numel() == int(mask_of(L).sum())
 
 
 def test_prune_ties_exact_count_and_only_free_entries():
     layers = hand_layers(((3, 5), (2, 5)))
     L, L1 = layers["l0"], layers["l1"]
-    for X in (L, L1):
-        X.delta.data = X.init_delta().sign() * 1.0   # every magnitude tied
-    L.mask[0, :] = False                    # already pruned entries are never revived
-    L.delta.data[0, :] = 0
+    free = torch.ones(3, 5, dtype=torch.bool)
+    free[0, :] = False                      # already pruned entries are never revived
+    set_dense(L, L.init_delta().sign() * 1.0, free)   # every magnitude tied
+    set_dense(L1, L1.init_delta().sign() * 1.0)
     rigsa.prune(layers, keep=0.4, scope="global")
     # round(0.4 * 20) = 8 kept, ties broken by layer, then row-major index
-    assert int(L.mask.sum()) == 8 and not L.mask[0].any() and not L1.mask.any()
-    assert L.mask.flatten().nonzero().flatten().tolist() == list(range(5, 13))
+    m, m1 = mask_of(L), mask_of(L1)
+    assert int(m.sum()) == 8 and not m[0].any() and not m1.any()
+    assert m.flatten().nonzero().flatten().tolist() == list(range(5, 13))
 
 
 def test_accumulation_gives_the_gradient_of_the_batch_mean(tiny_dir):
@@ -156,7 +171,7 @@ def test_pruned_entries_stay_zero_and_weight_decay_is_exact():
     layers = hand_layers(((4, 6), (3, 4)))
     net = nn.Sequential(layers["l0"], nn.Tanh(), layers["l1"])
     for L in layers.values():
-        L.delta.data = L.init_delta() * torch.randn(L.delta.shape).sign()
+        set_dense(L, L.init_delta() * torch.randn(L.out_features, L.in_features).sign())
     rigsa.prune(layers, keep=0.5)
     before = {n: L.delta.detach().clone() for n, L in layers.items()}
     gate = {n: L.alpha.item() for n, L in layers.items()}
@@ -171,15 +186,18 @@ def test_pruned_entries_stay_zero_and_weight_decay_is_exact():
     opt.step()
     for n, L in layers.items():
         assert L.delta.data.equal(before[n] * (1 - lr * 1.0)) and L.alpha.item() == gate[n]
-    # real gradients with wd = 1.0: pruned entries get no gradient and stay exactly zero
+    # real gradients with wd = 1.0: only free entries have a gradient and an AdamW state; pruned
+    # entries stay exactly zero in the layer's output
     for _ in range(5):
         opt.zero_grad()
         net(torch.randn(8, 6)).pow(2).sum().backward()
         for L in layers.values():
-            assert (L.delta.grad[~L.mask] == 0).all()
+            assert L.delta.grad.shape == L.delta.shape == (int(mask_of(L).sum()),)
         opt.step()
     for L in layers.values():
-        assert (L.delta.data[~L.mask] == 0).all() and (L.delta.data[L.mask] != 0).all()
+        assert opt.state[L.delta]["exp_avg"].shape == L.delta.shape
+        m = mask_of(L)
+        assert (L.dense()[~m] == 0).all() and (L.dense()[m] != 0).all()
 
 
 @pytest.fixture(scope="module")
@@ -229,11 +247,13 @@ def test_adapter_roundtrip_merge_and_random_mask(tiny_run, tiny_dir, tmp_path):
     m2, _ = M.load(tiny_dir)
     layers = rigsa.install_adapters(m2, rigsa.Config(method="random-mask", density=0.25))
     rigsa.random_masks(layers, counts, seed=5)
-    assert {n: int(L.mask.sum()) for n, L in layers.items()} == counts
-    assert any(not L.mask.equal(rigsa.adapters(m)[n].mask) for n, L in layers.items())
-    assert all((L.delta.data[~L.mask] == 0).all() for L in layers.values())
-    rigsa.random_masks(layers, {n: round(0.25 * L.mask.numel()) for n, L in layers.items()}, seed=5)
-    assert all(int(L.mask.sum()) == round(0.25 * L.mask.numel()) for L in layers.values())
+    assert {n: L.delta.numel() for n, L in layers.items()} == counts
+    assert any(not mask_of(L).equal(mask_of(rigsa.adapters(m)[n])) for n, L in layers.items())
+    d0 = {n: L.init_delta() for n, L in layers.items()}
+    assert all(L.dense().equal(d0[n] * mask_of(L)) for n, L in layers.items())   # dW0 where free, 0 elsewhere
+    layers = rigsa.install_adapters(M.load(tiny_dir)[0], rigsa.Config(method="random-mask", density=0.25))
+    rigsa.random_masks(layers, {n: round(0.25 * L.numel()) for n, L in layers.items()}, seed=5)
+    assert all(L.delta.numel() == round(0.25 * L.numel()) for L in layers.values())
     # and through the training loop: --method random-mask --mask-like RUN/iter2
     cfg = tiny_cfg(tiny_dir, tmp, out=str(tmp_path / "rm"), method="random-mask", mask_like=str(tmp / "run" / "iter2"), steps=2)
     with one_thread():
@@ -336,3 +356,107 @@ def test_eval_alias_runs_the_one_mnist_command(tiny_dir, tmp_path, capfd):
     assert "mnist" in out.out and "acc" in out.out and " 2 " in out.out     # evals' table, 2 documents
     with pytest.raises(SystemExit, match="--split val"):
         rigsa.main(["eval", "--model", str(tiny_dir), "--data-dir", str(tmp_path / "mnist"), "--split", "val"])
+
+
+# ---- the compact layer against today's dense one (issue #15: nothing changes numerically) ----
+
+class DenseGatedLinear(nn.Module):
+    """The reference: the gated layer as it was before its storage became compact, a plain
+    autograd graph over a dense dW and a bool mask: y = x (W0 + alpha (dW * mask))^T (float32)."""
+    def __init__(self, base, init_seed, init="uniform", init_std=0.02, alpha_init=1e-6, gated=True):
+        super().__init__()
+        self.weight = base.weight
+        self.gated, self.twin = gated, rigsa.GatedSparseLinear(base, init_seed, init, init_std, alpha_init, gated)
+        self.delta = nn.Parameter(self.twin.init_delta())
+        self.alpha = nn.Parameter(torch.tensor(alpha_init if gated else 1.0), requires_grad=gated)
+        self.register_buffer("mask", torch.ones_like(self.delta, dtype=torch.bool))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight + self.alpha * (self.delta * self.mask))
+
+
+@torch.no_grad()
+def dense_prune(layers, keep, scope, sign):
+    """The IMP rule on dense tensors, as rigsa.prune was written before it became compact."""
+    elig = {n: L.mask & (torch.sign(L.delta) == torch.sign(L.twin.init_delta())) if sign else L.mask.clone()
+            for n, L in layers.items()}
+    for group in ([list(layers)] if scope == "global" else [[n] for n in layers]):
+        k = round(keep * sum(int(elig[n].sum()) for n in group))
+        thr = rigsa.kth_largest(lambda: (layers[n].delta.abs()[elig[n]] for n in group), k) if k else math.inf
+        quota = k - sum(int(((layers[n].delta.abs() > thr) & elig[n]).sum()) for n in group)
+        for n in group:
+            L = layers[n]
+            new = elig[n] & (L.delta.abs() > thr)
+            tie = (elig[n] & (L.delta.abs() == thr)).flatten().nonzero().flatten()[:max(quota, 0)]
+            new.view(-1)[tie] = True
+            quota -= len(tie)
+            L.mask.copy_(new)
+            L.delta.copy_(L.twin.init_delta() * new)
+
+
+def dense_reference_run(tiny_dir, cfg):
+    """rigsa.train's IMP loop (schedule, data order, accumulation, AdamW, prune, rewind, gate
+    reset) written out over DenseGatedLinear. -> per iteration {layer: (m * dW, alpha)}."""
+    model, tok = M.load(tiny_dir)
+    model.requires_grad_(False)
+    layers = {}
+    for prefix, mod in list(model.named_modules()):
+        for c, child in list(mod.named_children()):
+            name = f"{prefix}.{c}" if prefix else c
+            if isinstance(child, nn.Linear) and name != "lm_head":
+                layers[name] = DenseGatedLinear(child, rigsa.layer_seed(cfg.seed, name), cfg.init, cfg.init_std,
+                                                cfg.alpha_init, cfg.method != "lt-sft")
+                setattr(mod, c, layers[name])
+    if cfg.method == "random-mask":
+        for n, L in layers.items():
+            g = torch.Generator().manual_seed(rigsa.layer_seed(cfg.seed, n + "/mask"))
+            L.mask.view(-1)[torch.randperm(L.mask.numel(), generator=g)[:round(cfg.density * L.mask.numel())]] = False
+            L.mask.logical_not_()
+            L.delta.data.mul_(L.mask)
+    x, y = rigsa.load_mnist(tmp_mnist(cfg), "train", cfg.val_frac, cfg.split_seed, verify=False)
+    digits, eos = rigsa.digit_ids(tok), rigsa.end_id(tok)
+    steps = min(math.ceil(len(x) * cfg.epochs / cfg.batch_size), cfg.steps)
+    out = []
+    for it in range(1, rigsa.n_iters(cfg) + 1):
+        gates = [L.alpha for L in layers.values() if L.alpha.requires_grad]
+        groups = [{"params": [L.delta for L in layers.values()], "weight_decay": cfg.weight_decay}] + \
+                 ([{"params": gates, "weight_decay": 0.0}] if gates else [])
+        opt = torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + it)
+        order = torch.cat([torch.randperm(len(x), generator=g) for _ in range(math.ceil(cfg.epochs))])
+        for step in range(steps):
+            for grp in opt.param_groups:
+                grp["lr"] = rigsa.get_lr(step, steps, cfg.warmup, cfg.lr)
+            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size].tolist()
+            rows = [rigsa.encode_example(tok, x[i], y[i], digits, eos) for i in idx]
+            rigsa.accumulate(model, rows, cfg.micro_batch, tok.pad_id, "cpu")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        out.append({n: (L.delta.detach() * L.mask, L.alpha.detach().clone()) for n, L in layers.items()})
+        if it < rigsa.n_iters(cfg):
+            dense_prune(layers, cfg.keep, cfg.prune_scope, sign=cfg.method != "lt-sft")
+            for L in layers.values():
+                L.alpha.data.fill_(cfg.alpha_init if L.gated else 1.0)
+    return out
+
+
+def tmp_mnist(cfg):
+    return rigsa.mnist_dir(cfg.data_dir)
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(prune_scope="layer", iters=3, keep=0.6),
+                                     dict(method="lt-sft"), dict(method="random-mask", density=0.3, micro_batch=1)])
+def test_compact_layer_trains_the_dense_layers_adapters_bitwise(tiny_dir, tmp_path, variant):
+    # float32 on the CPU, IMP iterations with gradient accumulation (batch 4 of micro-batches 2),
+    # pruning, rewind and gate reset: rigsa.train on the compact layer and the dense reference loop
+    # give the same adapters, bit for bit (m * dW and alpha of every layer, every iteration)
+    rigsa.write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=8, size=8)
+    cfg = tiny_cfg(tiny_dir, tmp_path, eval_test=False, limit=2, **variant)
+    with one_thread():
+        rigsa.train(cfg)
+        want = dense_reference_run(tiny_dir, cfg)
+    for it, ref in enumerate(want, 1):
+        m, _ = M.load(tiny_dir)
+        rigsa.load_adapter(m, tmp_path / "run" / f"iter{it}")
+        for n, L in rigsa.adapters(m).items():
+            assert torch.equal(L.dense(), ref[n][0]) and torch.equal(L.alpha.detach(), ref[n][1]), (it, n)

@@ -5,7 +5,7 @@ tasks or the method; model.py, qlora.py, rigsa.py, evals/ and the scripts import
   atomic_write, write_json   a file appears whole or not at all (write a temporary, then rename)
   download                   a data file: streamed, resumable, checked, renamed; RIGSA_DATA_MIRROR
   progress                   tqdm with a rate and ETA; in a log file one line per interval
-  pick_device                "auto" -> cuda if available; "cuda" without CUDA is an error
+  pick_device, on_device     "auto" -> cuda if available ("cuda" without CUDA is an error); constants per device
   keep_freed_memory          CPU runs: glibc keeps freed blocks for reuse
 """
 import ctypes
@@ -143,6 +143,17 @@ def pick_device(name=None):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return dev
+
+
+_on_device = {}
+
+
+def on_device(t, device):
+    """A small constant table (a module-level tensor) on `device`, copied there once, not per call."""
+    key = (id(t), str(device))
+    if key not in _on_device:
+        _on_device[key] = t.to(device)
+    return _on_device[key]
 
 
 def keep_freed_memory():

@@ -363,7 +363,7 @@ class Tokenizer:
         self.eos_id = self._id(eos_token or "<|im_end|>")
         self.bos_id = self._id(bos_token or "<|im_start|>")
         self.pad_id = self._id(pad_token) if pad_token else self.eos_id
-        self.system_prompt = system_prompt
+        self.system_prompt = system_prompt  # None: the template injects no system turn
 
     def _id(self, token):
         i = self.tok.token_to_id(token)
@@ -382,7 +382,7 @@ class Tokenizer:
         """ChatML exactly as SmolLM2-Instruct's chat template renders it, including the default
         system prompt it injects when the first message is not a system message."""
         out = ""
-        if messages and messages[0]["role"] != "system":
+        if messages and messages[0]["role"] != "system" and self.system_prompt is not None:
             out += f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n"
         for m in messages:
             out += f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
@@ -391,52 +391,253 @@ class Tokenizer:
         return out
 
 
+def render_chat_template(template, messages, add_generation_prompt=False, **special_tokens):
+    """A Hugging Face chat_template rendered as transformers renders it: Jinja in an immutable
+    sandbox (a template comes from the hub, so it is untrusted code), trim_blocks and lstrip_blocks,
+    loop controls, raise_exception and a tojson that does not escape HTML."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            **special_tokens)
+
+
+def template_system_prompt(template, **special_tokens):
+    """The system prompt a chat template injects before a lone user message, or None if it injects
+    none: render one user message and read the turn in front of it. Rendering, not a regex over
+    the template's source, so that any spelling works (the official tokenizer_config.json decodes
+    to real newlines inside the Jinja strings, tiny.CHAT_TEMPLATE has \\n escapes). ValueError if
+    the output is not ChatML as Tokenizer.chat writes it."""
+    probe = "\x00probe\x00"  # content no template text can be confused with
+    out = render_chat_template(template, [{"role": "user", "content": probe}], **special_tokens)
+    user = re.escape(f"<|im_start|>user\n{probe}<|im_end|>\n")
+    m = re.fullmatch(r"(?:<\|im_start\|>system\n(.*)<\|im_end\|>\n)?" + user, out, re.S)
+    if not m:
+        raise ValueError(f"one user message renders as {out[:120]!r}, not SmolLM2's ChatML")
+    return m.group(1)
+
+
 def load_tokenizer(path):
-    """Tokenizer from a checkpoint directory; special tokens and the default system prompt come
-    from tokenizer_config.json when it is there."""
+    """Tokenizer from a checkpoint directory; special tokens come from tokenizer_config.json, and the
+    default system prompt from rendering its chat_template (or chat_template.jinja, which
+    transformers prefers). Without a template: DEFAULT_SYSTEM. With one that does not render as
+    ChatML: DEFAULT_SYSTEM, and a warning on stderr (chat() then differs from the template)."""
     path = Path(path)
     if not (path / "tokenizer.json").exists():
         raise FileNotFoundError(f"{path / 'tokenizer.json'}: tokenizer file not found")
-    kw = {}
-    tc = path / "tokenizer_config.json"
+    kw, template, tc = {}, None, path / "tokenizer_config.json"
     if tc.exists():
-        d = json.loads(tc.read_text())
+        try:
+            d = json.loads(tc.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{tc}: not valid JSON ({e})") from None
         for k in ("eos_token", "bos_token", "pad_token"):
             v = d.get(k)
             kw[k] = v.get("content") if isinstance(v, dict) else v
-        m = re.search(r"<\|im_start\|>system\\n(.*?)<\|im_end\|>", d.get("chat_template") or "")
-        if m:
-            kw["system_prompt"] = m.group(1)
+        template = d.get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if (path / "chat_template.jinja").exists():
+        tc, template = path / "chat_template.jinja", (path / "chat_template.jinja").read_text()
+    if template:
+        try:
+            kw["system_prompt"] = template_system_prompt(template, **{k: v for k, v in kw.items() if v})
+        except Exception as e:  # a template is code from the hub: any failure means "cannot tell"
+            print(f"warning: {tc}: chat_template not understood ({type(e).__name__}: {' '.join(str(e).split())}); "
+                  f"chat() writes ChatML with SmolLM2's default system prompt", file=sys.stderr)
     return Tokenizer(path / "tokenizer.json", **kw)
 
 # -----------------------------------------------------------------------------
 # loading checkpoints
 
-HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
              "special_tokens_map.json", "*.safetensors", "model.safetensors.index.json"]
+COMMIT = re.compile(r"[0-9a-f]{40}")
+LOCAL_DIR = "pass a local directory with config.json, tokenizer.json and model.safetensors instead"
 
 
-def resolve(name_or_path, revision=None):
-    """A local directory as is, or a hub repo id downloaded (only config, tokenizer and weights)."""
+def hub_commit(path):
+    """The commit of a huggingface_hub cache snapshot (.../models--org--name/snapshots/<sha>/), or
+    None for any other directory. Runs record it and pass it back as resolve(repo, revision=sha),
+    which a cache then answers with no network at all (a commit never changes)."""
+    p = Path(path).absolute()
+    ok = COMMIT.fullmatch(p.name) and p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--")
+    return p.name if ok else None
+
+
+def resolve(name_or_path, revision=None, verify=False):
+    """A local directory as is, or a hub repo id -> its snapshot directory in the huggingface_hub cache
+    (HUB_FILES only). A commit sha already cached needs no hub at all: runs record hub_commit(path)
+    and pass it back. Otherwise one model_info call says which commit `revision` (default main) is
+    and each file's size and checksum; it, and a HEAD before each missing file, time out after
+    HF_HUB_ETAG_TIMEOUT (10 s), a download's reads after HF_HUB_DOWNLOAD_TIMEOUT (10 s; huggingface_hub
+    retries a stalled body 5 times). If the hub cannot be asked (offline, refused, timeout, 5xx), a
+    cached snapshot is used, with a one-line warning on stderr; with none cached, or a 404:
+    RuntimeError, one line "<repo>: <what is wrong, in the hub's own words>; <what to do>".
+    Cached files are checked against the hub's sizes whenever it answers (a truncated file);
+    verify=True also hashes them against its sha256 (LFS) or git blob id, or offline against the
+    ETags the cache names its blobs by: only that finds a byte changed inside the tensor data,
+    which safetensors cannot see. A bad file: ValueError naming it and the blob to delete."""
     if os.path.isdir(name_or_path):
-        return Path(name_or_path)
+        path = Path(name_or_path)
+        # a snapshot passed as a path: its blob names are the hub's checksums (_cached_checksums)
+        return _checked(path, _cached_checksums(path), name_or_path, verify) if verify else path
     if os.path.exists(name_or_path) or name_or_path.startswith((".", "/")) or name_or_path.count("/") != 1:
         raise FileNotFoundError(f"{name_or_path}: no such model directory (and not a hub id like 'org/name')")
+    from huggingface_hub import (HfApi, constants, get_hf_file_metadata, hf_hub_download, hf_hub_url,
+                                 try_to_load_from_cache)
+    from huggingface_hub.utils import filter_repo_objects
+    repo, revision, timeout = name_or_path, revision or None, constants.HF_HUB_ETAG_TIMEOUT  # "" is the default too
+    if constants.is_offline_mode() or (revision and COMMIT.fullmatch(revision) and not verify):
+        path = _cached(repo, revision)
+        if path is not None:
+            return _checked(path, _cached_checksums(path), repo, verify)
+        if constants.is_offline_mode():
+            raise RuntimeError(f"{repo}: offline (HF_HUB_OFFLINE=1) and revision {revision or 'main'} is not in the "
+                               f"cache {constants.HF_HUB_CACHE}; unset HF_HUB_OFFLINE to download it, or {LOCAL_DIR}")
+    try:
+        info = HfApi().model_info(repo, revision=revision, files_metadata=True, timeout=timeout)
+    except Exception as e:
+        path = None if _hub_status(e) in (401, 404) else _cached(repo, revision)
+        if path is None:
+            raise RuntimeError(_hub_error(repo, revision, e, timeout)) from None
+        print(f"warning: {repo}: no answer from the hub ({_said(e)}); using the cached snapshot {path}", file=sys.stderr)
+        return _checked(path, _cached_checksums(path), repo, verify)
+    want = {s.rfilename: s for s in info.siblings or []}
+    files = list(filter_repo_objects(want, allow_patterns=HUB_FILES))
+    if "config.json" not in files:
+        raise RuntimeError(f"{repo}: revision {revision or 'main'} ({info.sha}) has no config.json; "
+                           f"check the id and --revision")
+    for f in files:  # pinned to the commit: a cached file returns at once, with no request
+        try:
+            if not isinstance(try_to_load_from_cache(repo, f, revision=info.sha), str):
+                # one HEAD with our timeout first: hf_hub_download retries a silent one for minutes (60 s x 6)
+                get_hf_file_metadata(hf_hub_url(repo, f, revision=info.sha), timeout=timeout)
+            path = Path(hf_hub_download(repo, f, revision=info.sha, etag_timeout=timeout)).parents[f.count("/")]
+        except Exception as e:
+            raise RuntimeError(_hub_error(repo, revision, e, timeout, f)) from None
+    if (revision or "main") != info.sha:  # so that offline runs find this commit under its branch or tag
+        ref = path.parent.parent / "refs" / (revision or "main")
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        util.atomic_write(ref, lambda tmp: Path(tmp).write_text(info.sha))
+    sums = {f: (want[f].size, *(("sha256", want[f].lfs.sha256) if want[f].lfs else ("git", want[f].blob_id)))
+            for f in files}
+    return _checked(path, sums, repo, verify, "the hub's")
+
+
+def _cached(repo, revision):
+    """The cached snapshot of repo at revision if every file the loader needs is there, else None."""
     from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(name_or_path, revision=revision, allow_patterns=HUB_FILES))
-    except Exception as e:
-        raise RuntimeError(f"{name_or_path}: cannot download from the Hugging Face hub and nothing is cached "
-                           f"({type(e).__name__}); pass a local directory with config.json, tokenizer.json "
-                           f"and model.safetensors") from None
+        path = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES, local_files_only=True))
+        index = path / "model.safetensors.index.json"
+        need = set(json.loads(index.read_text())["weight_map"].values()) if index.exists() else {"model.safetensors"}
+    except Exception:  # not cached, partly cached, or an unreadable index: the hub is needed
+        return None
+    return path if all((path / f).exists() for f in need | {"config.json", "tokenizer.json"}) else None
+
+
+def _cached_checksums(path):
+    """{file: (None, kind, checksum)} of a cache snapshot, read from the cache's own layout: each
+    file links to blobs/<ETag>, and the hub's ETag is an LFS file's sha256, another's git blob id.
+    (No sizes: the cache does not keep them.) Empty for a plain directory."""
+    out = {}
+    for f in sorted(Path(path).rglob("*")):
+        name = Path(os.path.realpath(f)).name
+        if f.is_file() and re.fullmatch(r"[0-9a-f]{64}|[0-9a-f]{40}", name):
+            out[f.relative_to(path).as_posix()] = (None, "sha256" if len(name) == 64 else "git", name)
+    return out
+
+
+def _checked(path, sums, repo, verify, source="the hub's (as the cache recorded them)"):
+    """path, once each file of sums {file: (size or None, kind, checksum)} has the size the hub lists
+    and, with verify, its checksum (a pass over every byte). ValueError names the first that does not."""
+    import hashlib
+    if verify and not sums:
+        raise ValueError(f"{path}: --verify-model needs the hub's checksums, and this is not a hub download; drop --verify-model")
+    for f, (size, kind, want) in sums.items():
+        p = Path(path) / f
+        if not p.exists():
+            continue  # not downloaded (not in HUB_FILES): the loader says if it needs it
+        have, bad = p.stat().st_size, None
+        if size is not None and have != size:
+            bad = f"{have} bytes where the hub has {size}"
+        elif verify:
+            h = hashlib.sha256() if kind == "sha256" else hashlib.sha1(f"blob {have}\0".encode())  # git's blob id
+            with open(p, "rb") as fh:
+                while chunk := fh.read(1 << 24):
+                    h.update(chunk)
+            bad = None if h.hexdigest() == want else f"{kind} {h.hexdigest()[:12]}... where the hub has {want[:12]}..."
+        if bad:
+            raise ValueError(f"{p}: corrupt cached file of {repo} ({bad}); {_redownload(p)}")
+    if verify:
+        print(f"{repo}: {len(sums)} files match {source} checksums", file=sys.stderr)
+    return path
+
+
+def _redownload(file):
+    """What to do about a bad file: a hub download is fetched afresh once its cached blob is gone."""
+    if hub_commit(Path(file).parent):
+        return f"delete {os.path.realpath(file)} (its blob in the hub cache) and run again to download it afresh"
+    return "replace it with a good copy"
+
+
+def _hub_status(e):
+    """The HTTP status of a huggingface_hub error, or None (no answer at all)."""
+    return getattr(getattr(e, "response", None), "status_code", None)
+
+
+def _said(e):
+    """huggingface_hub's (or httpx's) own message, with its status and URL, on one line and without
+    its advice paragraphs."""
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    said = " ".join(s for s in lines if not s.startswith(("Please", "If you", "For more", "This is usually")))
+    said = said if type(e).__name__ in said else f"{type(e).__name__}: {said}".rstrip(": ")
+    try:  # an httpx error knows its request but does not say its URL ("timed out")
+        return said if str(e.request.url) in said else f"{said} for url: {e.request.url}"
+    except (AttributeError, RuntimeError):
+        return said
+
+
+def _hub_error(repo, revision, e, timeout, file=None):
+    """One line for a hub failure: what went wrong, in the hub's (or the network's) own words, and what to do."""
+    from huggingface_hub import constants, errors
+    cause = e.__cause__ if isinstance(e, errors.LocalEntryNotFoundError) and e.__cause__ else e
+    status, said, during = _hub_status(cause), _said(cause), f" while downloading {file}" if file else ""
+    if isinstance(cause, errors.RevisionNotFoundError):
+        return f"{repo}: revision {revision!r} not found on the hub ({said}); check --revision"
+    if isinstance(cause, errors.RepositoryNotFoundError) or (status in (401, 404) and not file):
+        return (f"{repo}: repository not found on the hub ({said}); check the id, or log in (hf auth login) "
+                f"if it is private or gated")
+    if status is not None and status >= 500:
+        return (f"{repo}: the hub answered with a server error{during} ({said}) and nothing is cached; "
+                f"try again later, or {LOCAL_DIR}")
+    if "Timeout" in type(cause).__name__:
+        return (f"{repo}: no answer from the hub at {constants.ENDPOINT}{during} within {timeout:g} s ({said}) and "
+                f"nothing is cached; try again, raise HF_HUB_ETAG_TIMEOUT (HF_HUB_DOWNLOAD_TIMEOUT for files), "
+                f"or {LOCAL_DIR}")
+    if "Connect" in type(cause).__name__ or isinstance(cause, errors.OfflineModeIsEnabled):
+        return (f"{repo}: cannot connect to the hub at {constants.ENDPOINT}{during} ({said}): offline, and nothing "
+                f"is cached; check the network (or HF_ENDPOINT), or {LOCAL_DIR}")
+    return f"{repo}: {f'downloading {file}' if file else 'asking the hub'} failed ({said}); run again, or {LOCAL_DIR}"
 
 
 def read_safetensors(path):
-    """All tensors of a checkpoint directory: one model.safetensors, or the shards of an index."""
+    """All tensors of a checkpoint directory: one model.safetensors, or the shards of an index.
+    safetensors itself finds a truncated, extended or header-damaged file; a byte changed inside
+    the tensor data loads silently (only resolve(..., verify=True) finds that)."""
     from safetensors.torch import load_file
     path = Path(path)
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    except (json.JSONDecodeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e}); {_redownload(index)}") from None
     state = {}
     for f in files:
         if not (path / f).exists():
@@ -444,13 +645,15 @@ def read_safetensors(path):
         try:
             state.update({k: (v, f) for k, v in load_file(path / f).items()})
         except Exception as e:
-            raise ValueError(f"{path / f}: corrupt or truncated safetensors file ({e})") from None
+            raise ValueError(f"{path / f}: corrupt or truncated safetensors file ({e}); "
+                             f"{_redownload(path / f)}") from None
     return state
 
 
-def load(name_or_path=DEFAULT_MODEL, device=None, dtype=None, revision=None):
-    """-> (model, tokenizer). Default dtype: bfloat16 on CUDA, float32 on CPU."""
-    path = resolve(name_or_path, revision)
+def load(name_or_path=DEFAULT_MODEL, device=None, dtype=None, revision=None, verify=False):
+    """-> (model, tokenizer). Default dtype: bfloat16 on CUDA, float32 on CPU. hub_commit(resolve(...))
+    is the commit loaded; verify: see resolve."""
+    path = resolve(name_or_path, revision, verify)
     cfg = SmolLM2Config.from_json(path / "config.json")
     device = util.pick_device(device)
     dtype = dtype or default_dtype(device)
@@ -588,22 +791,30 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, stop=(), batch_size=
 
 # -----------------------------------------------------------------------------
 
+def _positive_int(s):
+    if not s.strip().isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a positive integer")
+    return int(s)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Chat with a SmolLM2 checkpoint (one user message, greedy).")
     ap.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local directory (default {DEFAULT_MODEL})")
     ap.add_argument("--prompt", required=True, help="the user message")
     ap.add_argument("--system", default=None, help="system prompt (default: the model's own default)")
-    ap.add_argument("--max-new-tokens", type=int, default=256, help="default 256")
+    ap.add_argument("--max-new-tokens", type=_positive_int, default=256, help="default 256")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--revision", default=None, help="pin a hub revision (commit or tag)")
+    ap.add_argument("--revision", default=None, help="pin a hub revision: commit, branch or tag (default main)")
+    ap.add_argument("--verify-model", action="store_true",
+                    help="hash the cached files against the hub's checksums (finds a corrupted byte; slow for 1.7B)")
     a = ap.parse_args(argv)
     util.keep_freed_memory()
     try:
-        model, tok = load(a.model, a.device, getattr(torch, a.dtype) if a.dtype else None, a.revision)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+        model, tok = load(a.model, a.device, getattr(torch, a.dtype) if a.dtype else None, a.revision, a.verify_model)
+    except (OSError, ValueError, RuntimeError) as e:  # the library's errors are one line each: no traceback
+        sys.exit(f"error: {str(e).replace(chr(10), ' ')}")
     msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
     stats = {}
     print(generate(model, tok, [tok.chat(msgs)], a.max_new_tokens, stop=["<|im_end|>"], progress_bar=False, stats=stats)[0])

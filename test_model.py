@@ -189,6 +189,66 @@ def test_chat_renders_smollm2_template(tiny_dir):
         assert tok.chat(msgs, add) == ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add)
 
 
+# SmolLM2's template in both spellings, one with another system prompt, one that injects none
+ESCAPED = tiny.CHAT_TEMPLATE                       # \n escapes inside the Jinja strings
+REAL_NEWLINES = tiny.CHAT_TEMPLATE.replace("\\n", "\n")  # what the official tokenizer_config.json decodes to
+OTHER_SYSTEM = REAL_NEWLINES.replace(M.DEFAULT_SYSTEM, "You are terse.\nAnswer in one word.")
+NO_SYSTEM = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+             "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CONVERSATIONS = [[{"role": "user", "content": "Hello"}],
+                 [{"role": "system", "content": "SYS"}, {"role": "user", "content": "Hello"}],
+                 [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                  {"role": "user", "content": "c\nd"}]]
+
+
+def tokenizer_dir(tiny_dir, path, template=None, jinja_file=None):
+    """tiny_dir's tokenizer with `template` in tokenizer_config.json (None: no chat_template), and
+    optionally a chat_template.jinja file."""
+    path.mkdir()
+    shutil.copy(tiny_dir / "tokenizer.json", path)
+    cfg = json.loads((tiny_dir / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template")
+    (path / "tokenizer_config.json").write_text(json.dumps({**cfg, **({"chat_template": template} if template else {})}))
+    if jinja_file:
+        (path / "chat_template.jinja").write_text(jinja_file)
+    return path
+
+
+@pytest.mark.parametrize("template,system", [(ESCAPED, M.DEFAULT_SYSTEM), (REAL_NEWLINES, M.DEFAULT_SYSTEM),
+                                             (OTHER_SYSTEM, "You are terse.\nAnswer in one word."), (NO_SYSTEM, None)])
+def test_chat_equals_the_rendered_template(tiny_dir, tmp_path, capsys, template, system):
+    assert ("\n" in template) != ("\\n" in template)  # one spelling or the other
+    tok = M.load_tokenizer(tokenizer_dir(tiny_dir, tmp_path / "tok", template))
+    assert tok.system_prompt == system and capsys.readouterr().err == ""
+    cases = [(msgs, add) for msgs in CONVERSATIONS for add in (True, False)]
+    rendered = [M.render_chat_template(template, m, add, bos_token="<|im_start|>", eos_token="<|im_end|>") for m, add in cases]
+    assert [tok.chat(m, add) for m, add in cases] == rendered
+    transformers = pytest.importorskip("transformers")  # and our rendering is transformers'
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tok" / "tokenizer.json"))
+    ref.chat_template = template
+    assert [ref.apply_chat_template(m, tokenize=False, add_generation_prompt=add) for m, add in cases] == rendered
+
+
+@pytest.mark.parametrize("template", [
+    "{% for m in messages %}{{ m['content'] }",                            # not Jinja
+    "{{ raise_exception('this template needs tools') }}",                  # raises
+    "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}",  # not ChatML
+    "{{ messages.__class__.__mro__[1].__subclasses__() }}",                # the sandbox refuses
+])
+def test_a_template_not_understood_warns_once_and_falls_back(tiny_dir, tmp_path, capsys, template):
+    tok = M.load_tokenizer(tokenizer_dir(tiny_dir, tmp_path / "tok", template))
+    assert tok.system_prompt == M.DEFAULT_SYSTEM
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: {tmp_path / 'tok' / 'tokenizer_config.json'}: chat_template")
+
+
+def test_template_sources(tiny_dir, tmp_path, capsys):
+    # no template: SmolLM2's default, silently; chat_template.jinja wins over tokenizer_config.json, as in transformers
+    assert M.load_tokenizer(tokenizer_dir(tiny_dir, tmp_path / "none")).system_prompt == M.DEFAULT_SYSTEM
+    tok = M.load_tokenizer(tokenizer_dir(tiny_dir, tmp_path / "jinja", ESCAPED, jinja_file=OTHER_SYSTEM))
+    assert tok.system_prompt == "You are terse.\nAnswer in one word." and capsys.readouterr().err == ""
+
+
 def test_config_rope_theta_locations(tiny_dir, tmp_path):
     d = json.loads((tiny_dir / "config.json").read_text())
     theta = d.pop("rope_theta")
@@ -231,6 +291,10 @@ def _edit_tensors(fn):
                                                           "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})),
      "not a Llama architecture"),
     (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json: tokenizer file not found"),
+    (lambda d: (d / "tokenizer_config.json").write_text("{"), "tokenizer_config.json: not valid JSON"),
+    # a changed byte in the header is safetensors' to find (one in the tensor data is not: test_hub.py, --verify-model)
+    (lambda d: (d / "model.safetensors").write_bytes(_flip((d / "model.safetensors").read_bytes(), 10)),
+     "model.safetensors: corrupt or truncated safetensors file .*; replace it with a good copy"),
 ])
 def test_loader_errors_name_the_thing(tiny_dir, tmp_path, edit, msg):
     d = broken_copy(tiny_dir, tmp_path / "ckpt", edit)
@@ -238,15 +302,34 @@ def test_loader_errors_name_the_thing(tiny_dir, tmp_path, edit, msg):
         M.load(d)
 
 
+def _flip(data, i):
+    data = bytearray(data)
+    data[i] ^= 0x20
+    return bytes(data)
+
+
 def test_hub_unreachable_is_one_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))  # empty cache
+    # offline (conftest.py) with an empty cache; the hub's own answers are in test_hub.py
     import huggingface_hub.constants as c
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True, raising=False)
-    with pytest.raises(RuntimeError, match="no-such-org/no-such-model: cannot download"):
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(RuntimeError, match=r"^no-such-org/no-such-model: offline \(HF_HUB_OFFLINE=1\) and revision "
+                                           r"main is not in the cache .*; unset HF_HUB_OFFLINE .* local directory"):
         M.load("no-such-org/no-such-model")
     with pytest.raises(FileNotFoundError, match="no such model directory"):
         M.load(str(tmp_path / "missing"))
+
+
+def test_cli_errors_are_one_line(tiny_dir, tmp_path, capsys):
+    for model, msg in [(tmp_path / "missing", "no such model directory"),
+                       (broken_copy(tiny_dir, tmp_path / "bad", lambda d: (d / "model.safetensors").write_bytes(b"x")),
+                        "model.safetensors: corrupt or truncated safetensors file")]:
+        with pytest.raises(SystemExit) as e:
+            M.main(["--model", str(model), "--prompt", "hi"])
+        assert e.value.code.startswith(f"error: {model}") and msg in e.value.code and "\n" not in e.value.code
+    with pytest.raises(SystemExit) as e:  # a usage error: argparse's exit 2
+        M.main(["--model", str(tiny_dir), "--prompt", "hi", "--max-new-tokens", "0"])
+    assert e.value.code == 2 and "--max-new-tokens: '0' is not a positive integer" in capsys.readouterr().err
 
 
 def test_sharded_checkpoint_loads_like_single(tiny_dir, tmp_path):

@@ -42,16 +42,17 @@ NF4_CODE = torch.tensor([
 NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
 
 
-def dynamic_map():
-    """bitsandbytes' signed 8-bit 'dynamic' code, create_dynamic_map(signed=True, max_exponent_bits=7,
-    total_bits=8): for decade 10^(i-6), i = 0..6, the 2^i midpoints of linspace(0.1, 1, 2^i + 1),
-    with both signs, plus 0 and 1. 127 + 127 + 2 = 256 sorted float32 values in [-0.993, 1]."""
+def dynamic_map(signed=True):
+    """bitsandbytes' 8-bit 'dynamic' code, create_dynamic_map(signed, max_exponent_bits=7, total_bits=8):
+    for decade 10^(i-6), i = 0..6, the midpoints of linspace(0.1, 1, 2^i + 1) with both signs
+    (signed: 127 + 127 + 0 and 1 = 256 sorted float32 values in [-0.993, 1]), or of
+    linspace(0.1, 1, 2^(i+1) + 1) positive only (unsigned: 254 + 0 and 1, for AdamW's second moment)."""
     vals = [torch.tensor([0.0, 1.0])]
     for i in range(7):
-        edges = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
+        edges = torch.linspace(0.1, 1, 2 ** (i + (not signed)) + 1, dtype=torch.float32)
         mids = (edges[:-1] + edges[1:]) / 2.0
         scale = 10 ** (i - 6)                    # the same Python scalar bnb multiplies by, float32 product
-        vals += [scale * mids, -scale * mids]
+        vals += [scale * mids, -scale * mids] if signed else [scale * mids]
     return torch.cat(vals).sort().values
 
 
@@ -116,19 +117,28 @@ def dequantize_absmax(absmax, nested_absmax, offset, nested_code=None, nested_bl
 NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=-1)   # (256, 2)
 
 
+DEQUANT_CHUNK = 1 << 22  # entries dequantized at a time: float32 temporaries of a chunk, not of the layer
+
+
 def dequantize_nf4(packed, absmax, shape, dtype=torch.float32, blocksize=64, nested_absmax=None, offset=None,
                    nested_code=None):
     """Inverse of quantize_nf4 (accepts its dict as **kwargs): NF4[code] * absmax in float32, then cast to
-    `dtype` (bnb casts to quant_state.dtype, the original weight dtype; peers.md 1.5)."""
+    `dtype` (bnb casts to quant_state.dtype, the original weight dtype; peers.md 1.5). Chunk by chunk
+    into the output, so that the int32 codes and float32 values (10 bytes per entry) exist for
+    DEQUANT_CHUNK entries at a time, not for the whole layer (memory.md §6)."""
     n = math.prod(shape)
     if nested_absmax is not None:
         absmax = dequantize_absmax(absmax, nested_absmax, offset, nested_code)
-    vals = util.on_device(NF4_PAIRS, packed.device).index_select(0, packed.reshape(-1).int()).reshape(-1)  # (2*ceil(N/2),)
-    nb = absmax.numel()
-    if vals.numel() != nb * blocksize:                                       # tail block (never in SmolLM2)
-        vals = F.pad(vals, (0, nb * blocksize - vals.numel()))
-    vals = vals.view(nb, blocksize) * absmax[:, None]                       # (nb, 64) float32
-    return vals.reshape(-1)[:n].view(shape).to(dtype)
+    pairs, flat = util.on_device(NF4_PAIRS, packed.device), packed.reshape(-1)
+    total = absmax.numel() * blocksize                                      # n rounded up to whole blocks
+    out = torch.empty(total, dtype=dtype, device=packed.device)
+    step = max(DEQUANT_CHUNK // blocksize, 1) * blocksize                   # whole blocks, an even count
+    for s in range(0, total, step):
+        e = min(s + step, total)
+        vals = pairs.index_select(0, flat[s // 2:(e + 1) // 2].int()).reshape(-1)   # (<= e - s,) float32
+        vals = F.pad(vals, (0, e - s - vals.numel()))                       # a tail block (never in SmolLM2)
+        out[s:e] = (vals.view(-1, blocksize) * absmax[s // blocksize:e // blocksize, None]).reshape(-1)
+    return out[:n].view(shape)
 
 
 def nf4_bytes(module):
@@ -236,7 +246,12 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):                     # x (B, T, in) -> (B, T, out)
         y = nf4_linear(x, self) if self.quantized else F.linear(x, self.weight)
-        a = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        # float32 adapters; but under autocast lora_A's GEMM runs in the autocast dtype anyway (as
+        # PEFT's do), and casting x up first would only make autograd keep a float32 copy of x per
+        # projection instead of sharing the layer's input (memory.md §6): the same numbers without
+        # it. With dropout (0 in Table 4) the cast stays, so that the mask is drawn as before
+        keep = torch.is_autocast_enabled(x.device.type) and isinstance(self.lora_dropout, nn.Identity)
+        a = self.lora_dropout(x if keep else x.to(self.lora_A.weight.dtype))
         # fp32 sum, then back to the base dtype (PEFT: result + lora * scaling, result.to(dtype))
         return (y + self.lora_B(self.lora_A(a)) * self.scaling).to(y.dtype)
 
@@ -426,10 +441,12 @@ def to_bnb_state_dict(model):
     return sd
 
 
-def load_prequantized(state_dict, model, compute_dtype=None):
+def load_prequantized(state_dict, model, compute_dtype=None, device=None):
     """Load a bitsandbytes 4-bit state dict (Unsloth's unsloth/SmolLM2-1.7B-Instruct-bnb-4bit layout)
     into a freshly built Model, in place: a projection is quantized iff its
-    'weight.quant_state.bitsandbytes__nf4' entry exists; all other tensors load as usual."""
+    'weight.quant_state.bitsandbytes__nf4' entry exists; all other tensors load as usual. A model
+    built on the meta device gets its tensors assigned (on `device`, the others in compute_dtype),
+    so that no bfloat16 copy of the projections is ever allocated."""
     sd = dict(state_dict)
     own = model.state_dict()
     for parent, child, name in _targets(model, nn.Linear):
@@ -466,7 +483,7 @@ def load_prequantized(state_dict, model, compute_dtype=None):
         n = math.prod(shape)
         if q["packed"].numel() != (n + 1) // 2 or q["absmax"].numel() != -(-n // q["blocksize"]):
             raise ValueError(f"{name}.weight: packed/absmax sizes do not match shape {shape}")
-        dev = lin.weight.device
+        dev = device if lin.weight.is_meta else lin.weight.device
         q = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in q.items()}
         setattr(parent, child, Linear4bit(q, compute_dtype))
     quant = {n for _, _, n in _targets(model, Linear4bit)}
@@ -477,12 +494,18 @@ def load_prequantized(state_dict, model, compute_dtype=None):
     for k in own:
         if k not in sd and k.rsplit(".", 1)[0] not in quant and not (tied and k == "lm_head.weight"):
             raise ValueError(f"load_prequantized: tensor '{k}' missing from the checkpoint")
-    with torch.no_grad():
-        params = dict(model.named_parameters(remove_duplicate=False))
-        for k, v in sd.items():
-            if v.shape != own[k].shape:
-                raise ValueError(f"load_prequantized: tensor '{k}' has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
-            params[k].copy_(v)
+    for k, v in sd.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"load_prequantized: tensor '{k}' has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+    if any(p.is_meta for p in model.parameters()):    # embeddings and norms, straight into place
+        model.load_state_dict({k: v.to(device, compute_dtype) for k, v in sd.items()}, strict=False, assign=True)
+        if tied:                                      # assign=True gave lm_head a Parameter of its own
+            model.lm_head.weight = model.model.embed_tokens.weight
+    else:
+        with torch.no_grad():
+            params = dict(model.named_parameters(remove_duplicate=False))
+            for k, v in sd.items():
+                params[k].copy_(v)
     model.eval().requires_grad_(False)
     return model
 
@@ -502,12 +525,9 @@ def load_model(name_or_path, device=None, dtype=None, revision=None):
     cfg = M.SmolLM2Config.from_json(path / "config.json")
     device = util.pick_device(device)
     dtype = dtype or _DTYPES.get(qc.get("bnb_4bit_compute_dtype"), torch.bfloat16)
-    with torch.device("meta"):               # no random init of 1.7 B weights that are overwritten anyway
+    with torch.device("meta"):               # nothing allocated until the file's own tensors are assigned
         model = M.Model(cfg)
-    model.to_empty(device=device).to(dtype)
-    if cfg.tie_word_embeddings:              # to_empty made two Parameters of the tied one; re-tie
-        model.lm_head.weight = model.model.embed_tokens.weight
     sd = {k: v for k, (v, _) in M.read_safetensors(path).items()}
     sd.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
-    load_prequantized(sd, model, compute_dtype=dtype)
+    load_prequantized(sd, model, compute_dtype=dtype, device=device)
     return model, M.load_tokenizer(path)

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.optim.adam import adam as adam_update  # the per-tensor function torch.optim.AdamW runs
 
 import model as M
 import qlora
@@ -92,6 +93,8 @@ class Config:
     epochs: float = _f(1.0, "epochs of the training split per IMP iteration (§4.4)")
     steps: int = _f(0, "cap on optimizer steps per iteration, for quick runs (0 = no cap)")
     grad_clip: float = _f(0.0, "max gradient norm (0 = off; silent in §4.4)")
+    moments: str = _f("auto", "where AdamW's moments live: device | host (pinned, streamed per tensor: exact, slower) | "
+                              "8bit (approximate) | auto: device if the step fits, else host (memory.md)")
     # LoRA / QLoRA baseline (§5.3, Table 4); used when --method lora or qlora
     rank: int = _f(TABLE4["ranks"][-1], "LoRA rank (Table 4: 1/4/8/16)")
     lora_alpha: float = _f(TABLE4["alpha"], "LoRA alpha (Table 4)")
@@ -135,6 +138,8 @@ def check_config(cfg):
         bad("--method random-mask needs exactly one of --mask-like RUN/iterK or --density D")
     if cfg.density and not 0.0 < cfg.density <= 1.0:
         bad(f"--density {cfg.density} is not in (0, 1]")
+    if cfg.moments not in ("auto",) + tuple(MOMENT_BYTES):
+        bad(f"--moments {cfg.moments!r} is not auto, device, host or 8bit")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         bad(f"--dtype {cfg.dtype!r} is not auto, float32, bfloat16 or float16")
     if cfg.batch_size < 1 or cfg.micro_batch < 1 or cfg.iters < 1:
@@ -429,9 +434,10 @@ def accumulate(model, rows, micro_batch, pad_id, device, amp=contextlib.nullcont
     return total.item() / n_sup
 
 
-def make_optimizer(model, cfg):
+def make_optimizer(model, cfg, moments="device"):
     """AdamW (§4.4) on the trainable tensors: dW decayed by --weight-decay, the gate not (unless
-    --decay-gate); LoRA: every LoRA matrix decayed by --lora-weight-decay (Table 4)."""
+    --decay-gate); LoRA: every LoRA matrix decayed by --lora-weight-decay (Table 4). Its moments
+    live where `moments` says (adamw_step)."""
     if cfg.method in LORA_METHODS:
         params = [p for p in model.parameters() if p.requires_grad]
         groups = [{"params": params, "weight_decay": cfg.lora_weight_decay}]
@@ -445,7 +451,96 @@ def make_optimizer(model, cfg):
     # foreach=False: the per-tensor update, with temporaries the size of one tensor, not of the model
     # (foreach's _foreach_sqrt would allocate 4 bytes per parameter at once; memory.md D3). It is
     # what the CPU runs by default, so the numbers are those of torch.optim.AdamW there
-    return torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False)
+    opt = torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False)
+    opt.moments = moments
+    return opt
+
+
+# 8-bit moments: bitsandbytes' dynamic codes, signed for the first moment, unsigned for the second
+CODES = {"exp_avg": qlora.DYNAMIC_CODE, "exp_avg_sq": qlora.dynamic_map(signed=False)}
+
+
+def quantize_8bit(x, code):
+    """x float32 -> (uint8 codes, float32 absmax per block of 256): the nearest code of x / absmax."""
+    n = x.numel()
+    blocks = F.pad(x.reshape(-1), (0, -n % 256)).view(-1, 256)                 # (nb, 256)
+    absmax = blocks.abs().amax(1)
+    scaled = (blocks / absmax.clamp(min=1e-38)[:, None]).view(-1)[:n]          # an all-zero block stays 0
+    code = util.on_device(code, x.device)
+    return torch.bucketize(scaled, (code[1:] + code[:-1]) / 2, out_int32=True).to(torch.uint8), absmax
+
+
+def dequantize_8bit(codes, absmax, code, out):
+    """Into out (float32, codes' shape): code[codes] * absmax of their block."""
+    scaled = util.on_device(code, codes.device).index_select(0, codes.reshape(-1).int())
+    blocks = F.pad(scaled, (0, -scaled.numel() % 256)).view(-1, 256) * absmax[:, None]
+    return out.copy_(blocks.view(-1)[:scaled.numel()].view_as(out))
+
+
+@torch.no_grad()
+def adamw_step(opt):
+    """opt.step(), with AdamW's two moments where opt.moments puts them (memory.md D4 and §3):
+      device  torch's own step (per tensor)
+      host    in host memory (pinned on CUDA); each tensor's pair is copied to the device, updated by
+              the per-tensor function torch.optim.AdamW(foreach=False) calls, and copied back: the
+              same numbers, 8 bytes less per trainable parameter on the device, and transfer time
+      8bit    8-bit codes and a float32 scale per 256 entries (bitsandbytes' and torchao's 8-bit
+              AdamW): the update runs in float32 on the decoded moments, which are then rounded to
+              the nearest code. 2.03 bytes per parameter instead of 8; not the same numbers."""
+    if opt.moments == "device":
+        return opt.step()
+    host = opt.moments == "host"
+    for group in opt.param_groups:
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            st = opt.state[p]
+            if not st:  # as torch's lazy init: the step count on the CPU, the moments zero
+                st["step"] = torch.tensor(0.0)
+                for k in CODES:
+                    zero = torch.zeros_like(p)
+                    if host:
+                        st[k] = zero.cpu().pin_memory() if p.is_cuda else zero
+                    else:
+                        st[k], st[k + "_absmax"] = quantize_8bit(zero, CODES[k])
+            m, v = _staging(opt, p)
+            for k, buf in zip(CODES, (m, v)):
+                buf.copy_(st[k], non_blocking=True) if host else dequantize_8bit(st[k], st[k + "_absmax"], CODES[k], buf)
+            adam_update([p], [p.grad], [m], [v], [], [st["step"]], foreach=False, decoupled_weight_decay=True,
+                        amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                        weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+            for k, buf in zip(CODES, (m, v)):
+                if host:
+                    st[k].copy_(buf, non_blocking=True)  # in stream order: the next copy into buf waits for it
+                else:
+                    st[k], st[k + "_absmax"] = quantize_8bit(buf, CODES[k])
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the host copies are complete before anything reads them (a save)
+
+
+def _staging(opt, p):
+    """Two float32 buffers on p's device, the size of the largest trainable tensor, reused by every
+    tensor's moments in turn. -> views of them shaped like p."""
+    n = max(q.numel() for g in opt.param_groups for q in g["params"])
+    if getattr(opt, "staging", None) is None or opt.staging.device != p.device or opt.staging.shape[1] < n:
+        opt.staging = torch.empty(2, n, device=p.device)
+    return opt.staging[0, :p.numel()].view_as(p), opt.staging[1, :p.numel()].view_as(p)
+
+
+def load_optimizer_state(opt, state):
+    """opt.load_state_dict(state), but the moments go where opt.moments puts them: torch's own load
+    would first copy every one to the device, which is what host moments exist to avoid."""
+    if opt.moments == "device":
+        return opt.load_state_dict(state)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for g, saved in zip(opt.param_groups, state["param_groups"]):
+        g.update({k: v for k, v in saved.items() if k != "params"})
+    for i, st in state["state"].items():
+        p = params[i]
+        opt.state[p] = {k: (v.pin_memory() if opt.moments == "host" and p.is_cuda and k in CODES
+                            else v if opt.moments == "host" or k == "step" else v.to(p.device))
+                        for k, v in st.items()}
 
 
 def train_step(run, opt, rows, lr):
@@ -455,7 +550,7 @@ def train_step(run, opt, rows, lr):
     loss = accumulate(run.model, rows, run.cfg.micro_batch, run.tok.pad_id, run.device, run.amp)
     if run.cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], run.cfg.grad_clip)
-    opt.step()
+    adamw_step(opt)
     opt.zero_grad(set_to_none=True)
     return loss
 
@@ -477,6 +572,7 @@ class Run:
     steps: int                  # optimizer steps per IMP iteration
     lr: float                   # peak learning rate
     epochs: float
+    moments: str                # where AdamW's moments live (choose_moments)
     log: list                   # every metrics.jsonl record so far
     start_iter: int = 1         # where this process starts (a resumed run: where it stopped)
     start_step: int = 0
@@ -501,11 +597,11 @@ def setup(cfg):
         saved = upgrade_config(json.loads((out / "config.json").read_text())["config"])
         cfg = Config(**{**saved, "resume": True, "halt_after": cfg.halt_after})
         if (out / "resume.pt").exists():
-            resume = torch.load(out / "resume.pt", weights_only=True)
+            resume = torch.load(out / "resume.pt", map_location="cpu", weights_only=True)
         elif (out / f"iter{n_iters(cfg)}.safetensors").exists():
             print(f"{out}: the run is complete (iter{n_iters(cfg)}.safetensors is there)")
             log = [json.loads(line) for line in open(out / "metrics.jsonl")]
-            return Run(cfg, out, None, None, None, None, {}, {}, [], 0, 0, 0.0, 0.0, log, done=True)
+            return Run(cfg, out, None, None, None, None, {}, {}, [], 0, 0, 0.0, 0.0, "", log, done=True)
     elif (out / "config.json").exists():
         raise FileExistsError(f"{out}: a run is already there; use --resume or another --out")
     check_config(cfg)
@@ -537,7 +633,11 @@ def setup(cfg):
             if set(counts) != set(layers):
                 raise ValueError(f"--mask-like {cfg.mask_like}: its layers are not this model's layers")
             random_masks(layers, counts, cfg.seed)
-    # the run directory is written once the data and the model have loaded
+    if resume is not None:   # the adapters as they were (a later iteration is smaller), for the estimate
+        load_trainable_state(model, resume["state"])
+    tokens = cfg.micro_batch * len(encode_example(tok, data["train"][0][0], 0, digit_ids(tok), end_id(tok))[0])
+    moments = choose_moments(memory_plan(model, cfg, device, amp, tokens), device, cfg.moments)
+    # the run directory is written once the data and the model have loaded, and the step fits
     out.mkdir(parents=True, exist_ok=True)
     util.write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "git_commit": git_commit(),
                                           "torch": torch.__version__, "python": sys.version.split()[0]})
@@ -552,10 +652,9 @@ def setup(cfg):
         print(f"note: {steps} steps per iteration <= warmup {cfg.warmup}: the lr never reaches "
               f"its peak and does not decay to 0", file=sys.stderr)
     run = Run(cfg, out, model, tok, device, amp, layers, data, digit_ids(tok), end_id(tok), steps,
-              cfg.lora_lr if lora else cfg.lr, epochs, [])
+              cfg.lora_lr if lora else cfg.lr, epochs, moments, [])
     if resume is not None:
         run.start_iter, run.start_step, run.log, run.resume = resume["iteration"], resume["step"], resume["log"], resume
-        load_trainable_state(model, resume["state"])
         torch.set_rng_state(resume["rng"])
     # metrics.jsonl holds what the checkpoint holds: lines written after it are dropped
     util.atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in run.log)))
@@ -568,12 +667,12 @@ def train_iteration(run, it):
     stopped, writes resume checkpoints every --save-every steps. -> False if halted (--halt-after)."""
     cfg, model, layers = run.cfg, run.model, run.layers
     model.train()
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg, run.moments)
     step = 0
     if run.resume is not None and it == run.start_iter:
         step = run.start_step
         if run.resume["optimizer"] is not None:
-            opt.load_state_dict(run.resume["optimizer"])
+            load_optimizer_state(opt, run.resume["optimizer"])
     x, y = run.data["train"]
     g = torch.Generator().manual_seed(cfg.seed * 1000 + it)
     order = torch.cat([torch.randperm(len(x), generator=g) for _ in range(math.ceil(run.epochs))])
@@ -681,6 +780,80 @@ def print_summary(log):
         if r.get("event") == "iteration":
             print(f"| {r['iter']} | {pct(r.get('density'), 2)} | {pct(flips.get(r['iter']))} | "
                   f"{pct(r.get('val_acc'))} | {pct(r.get('test_acc'))} |")
+
+# -----------------------------------------------------------------------------
+# memory: what a step needs on the device, printed (and checked) before training (memory.md)
+
+GB = 1e9
+MOMENT_BYTES = {"device": 8.0, "host": 0.0, "8bit": 2 * (1 + 4 / 256)}  # per trainable entry, on the device
+
+
+@torch.no_grad()
+def saved_bytes(model, n_tokens, device, amp):
+    """Bytes autograd saves for backward in one forward of n_tokens random tokens (parameters and
+    buffers not counted; a storage saved twice counted once)."""
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in own:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+    g = torch.Generator().manual_seed(0)  # not the global generator: the run's RNG stays as it was
+    ids = torch.randint(3, model.config.vocab_size, (1, n_tokens), generator=g).to(device)
+    with torch.enable_grad(), amp, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        h = model(ids, hidden_only=True)
+        model.lm_head(h[0, -2:]).float().sum()    # the supervised positions only, as batch_loss
+    return sum(seen.values())
+
+
+def memory_plan(model, cfg, device, amp, tokens):
+    """What one training step needs on `device` for each placement of AdamW's moments, by part:
+    {moments: {part: bytes}}. make bench-memory compares it with measured peaks.
+      base         every tensor of the model that does not train, as loaded (bfloat16, NF4, ...)
+      adapters     per trainable entry its value and gradient (4 + 4 bytes) and AdamW's moments
+                   (MOMENT_BYTES), plus the packed masks
+      activations  what one micro-batch of `tokens` tokens saves for backward: measured on two short
+                   forwards (a + b * tokens: the saved free-entry positions do not grow with tokens)
+      transients   one layer at a time: its dense m * dW, their copies and gradient, the optimizer's
+                   per-tensor buffers: 32 bytes per entry of the largest adapted layer (bench-memory)"""
+    train = [p for p in model.parameters() if p.requires_grad]
+    base = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+               if not t.requires_grad)
+    n = sum(p.numel() for p in train)
+    s1, s2 = saved_bytes(model, 16, device, amp), saved_bytes(model, 32, device, amp)
+    acts = s1 + (s2 - s1) / 16 * (tokens - 16)
+    largest = max([L.numel() for L in adapters(model).values()] + [p.numel() for p in train])
+    return {m: {"base": base, "adapters": n * (8 + b), "activations": acts, "transients": 32 * largest}
+            for m, b in MOMENT_BYTES.items()}
+
+
+def capacity(device):
+    """Bytes the device can give this run: CUDA's free memory plus what this process already holds;
+    on the CPU, the available RAM plus this process's resident set."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
+    rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") if os.path.exists("/proc/self/statm") else 0
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") + rss
+
+
+def choose_moments(plan, device, want):
+    """--moments auto: on the device if the step fits there, else in host memory (exact, slower), else
+    8-bit. Prints the estimate; a run that cannot fit is refused in one line, not by an OOM."""
+    have = capacity(device)
+    total = {m: sum(parts.values()) for m, parts in plan.items()}
+    moments = want if want != "auto" else ("device" if device.type != "cuda" or total["device"] <= 0.95 * have else
+                                           "host" if total["host"] <= 0.95 * have else "8bit")
+    parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in plan[moments].items())
+    print(f"memory: ~{total[moments] / GB:.1f} GB on {device} with AdamW's moments {moments} ({parts}); "
+          f"{have / GB:.1f} GB available")
+    if total[moments] > have:
+        fix = [f"--moments {m} (~{total[m] / GB:.1f} GB)" for m in ("host", "8bit") if total[m] < total[moments]]
+        raise ValueError(f"memory: the run needs ~{total[moments] / GB:.1f} GB on {device}, which has "
+                         f"{have / GB:.1f} GB; try {' or '.join(fix + ['a smaller --micro-batch'])}")
+    return moments
+
 
 # -----------------------------------------------------------------------------
 # the run's machinery: base model, resume checkpoints, provenance

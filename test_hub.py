@@ -304,7 +304,7 @@ def test_a_corrupted_byte_is_found_by_verify_only(hub, capsys):
 
 @pytest.mark.parametrize("damage", ["truncate", "header"])
 def test_a_damaged_cached_file_names_the_blob_to_delete(hub, damage):
-    s = hub("ok")
+    hub("ok")
     path = M.resolve(REPO)
     blob = Path(os.path.realpath(path / "model.safetensors"))
     data = bytearray(blob.read_bytes())

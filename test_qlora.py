@@ -366,3 +366,69 @@ def test_prequantized_unsloth_layout(tiny, tiny_dir, tmp_path):
     bad.pop(f"{p}.weight.absmax")
     with pytest.raises(ValueError, match="absmax"):
         Q.load_prequantized(bad, M.Model(cfg).bfloat16())
+
+
+def test_lora_under_autocast_saves_no_float32_copy_and_gives_the_same_numbers(tiny):
+    # under autocast the adapters' GEMMs run in bfloat16 anyway: x is no longer cast up to float32
+    # first (autocast cast it back, and autograd kept that copy per projection), same numbers
+    m = tiny(torch.bfloat16)
+    Q.quantize_model(m)
+    torch.manual_seed(0)
+    for p in Q.apply_lora(m, rank=4, alpha=32):
+        p.data.normal_(0, 0.05)
+    lora = m.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, lora.in_features, dtype=torch.bfloat16, requires_grad=True)
+    outs = []
+    for cast in (False, True):   # today's forward, and the one that cast x to float32 first
+        saved = []
+        with torch.autocast("cpu", torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t) or t, lambda t: t):
+            y = nf4_then_lora(lora, x, cast)
+        y.float().sum().backward()
+        outs.append((y.detach(), x.grad.clone(), lora.lora_A.weight.grad.clone()))
+        x.grad, lora.lora_A.weight.grad, lora.lora_B.weight.grad = None, None, None
+        copies = [t for t in saved if t.numel() == x.numel() and t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()]
+        assert bool(copies) == cast        # lora_A's saved input is x itself, not a re-cast copy of it
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def nf4_then_lora(lora, x, cast):
+    """LoRALinear.forward, or (cast=True) the same with x cast to float32 before the adapters, as it was."""
+    if not cast:
+        return lora(x)
+    y = Q.nf4_linear(x, lora)
+    return (y + lora.lora_B(lora.lora_A(x.to(torch.float32))) * lora.scaling).to(y.dtype)
+
+
+def test_dequantize_in_chunks_is_the_same_and_prequantized_loads_no_bf16_projection(tiny, tiny_dir, tmp_path, monkeypatch):
+    m = Q.quantize_model(tiny(torch.bfloat16), double_quant=True)
+    layer = m.model.layers[0].mlp.down_proj
+    whole = Q._dequantize(layer)
+    monkeypatch.setattr(Q, "DEQUANT_CHUNK", 3 * 64)   # many chunks, the last one partial
+    assert torch.equal(Q._dequantize(layer), whole)
+    # a bnb-4bit checkpoint: the projections arrive as NF4, never as bfloat16 (out, in) tensors
+    save_file({k: v.contiguous() for k, v in Q.to_bnb_state_dict(m).items()}, str(tmp_path / "model.safetensors"),
+              metadata={"format": "pt"})
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_dir / f, tmp_path / f)
+    c = json.loads((tiny_dir / "config.json").read_text())
+    c["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    shapes = {tuple(getattr(p, ch).shape) for p, ch, _ in Q._targets(m, Q.Linear4bit)}
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Watch(TorchDispatchMode):
+        made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if torch.is_tensor(t) and t.is_floating_point() and tuple(t.shape) in shapes and not t.is_meta:
+                    Watch.made.append(tuple(t.shape))
+            return out
+    with Watch():
+        loaded, _ = Q.load_model(str(tmp_path), device="cpu")
+    assert not Watch.made and not any(p.is_meta for p in loaded.parameters())
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    x = batch(m.config)
+    assert torch.equal(loaded(x), m(x))

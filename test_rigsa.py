@@ -460,3 +460,105 @@ def test_compact_layer_trains_the_dense_layers_adapters_bitwise(tiny_dir, tmp_pa
         rigsa.load_adapter(m, tmp_path / "run" / f"iter{it}")
         for n, L in rigsa.adapters(m).items():
             assert torch.equal(L.dense(), ref[n][0]) and torch.equal(L.alpha.detach(), ref[n][1]), (it, n)
+
+
+# ---- memory (issue #15): state proportional to the free entries, x alone saved, AdamW's moments ----
+
+def state_bytes(model, opt):
+    """Bytes of every parameter, gradient, buffer and optimizer state tensor, storages counted once."""
+    seen = {}
+    tensors = list(model.parameters()) + [p.grad for p in model.parameters() if p.grad is not None] + list(model.buffers())
+    tensors += [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    for t in tensors:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("density", [1.0, 0.52, 0.07])
+def test_state_bytes_are_16_per_free_entry_plus_a_bit_per_entry(tiny_dir, density):
+    # during accumulation (gradients present, AdamW's state created): the base, then per layer
+    # 16 bytes per free entry (dW, gradient, m, v) plus the packed mask (none at density 1), plus
+    # each gate's value, gradient and moments (4 x 4 bytes) and AdamW's step counters (4 bytes each)
+    m, tok = M.load(tiny_dir)
+    base = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+    layers = rigsa.install_adapters(m, rigsa.Config())
+    if density < 1:
+        rigsa.random_masks(layers, {n: round(density * L.numel()) for n, L in layers.items()}, seed=0)
+    opt = rigsa.make_optimizer(m, rigsa.Config())
+    rigsa.accumulate(m, [(tok.encode("The digit is 7"), [3, 4])], 1, tok.pad_id, "cpu")
+    rigsa.adamw_step(opt)
+    rigsa.accumulate(m, [(tok.encode("The digit is 7"), [3, 4])], 1, tok.pad_id, "cpu")
+    k = {n: L.delta.numel() for n, L in layers.items()}
+    want = base + sum(16 * k[n] + (0 if density == 1 else -(-L.numel() // 8)) for n, L in layers.items()) \
+        + len(layers) * (16 + 2 * 4)       # gates: value, gradient, m, v; a step counter per tensor
+    assert state_bytes(m, opt) == want
+    assert all(abs(k[n] / L.numel() - density) < 0.01 for n, L in layers.items())
+
+
+def test_only_the_input_is_saved_for_backward(tiny_dir):
+    # no weight-shaped tensor (m * dW, W0 + alpha m dW, their transposes) outlives its layer's
+    # forward: autograd keeps x and the free entries' positions, the parameters by reference
+    m, tok = M.load(tiny_dir)
+    layers = rigsa.install_adapters(m, rigsa.Config())
+    rigsa.random_masks(layers, {n: L.numel() // 2 for n, L in layers.items()}, seed=0)
+    shapes = {tuple(L.weight.shape) for L in layers.values()} | {tuple(L.weight.shape[::-1]) for L in layers.values()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        m(torch.tensor([tok.encode("The digit is 7 and 8")]), hidden_only=True).sum()
+    params = {p.data_ptr() for p in m.parameters()}
+    assert saved and not [t.shape for t in saved if tuple(t.shape) in shapes and t.data_ptr() not in params]
+
+
+def adamw_run(moments, steps=6, seed=0):
+    """A few AdamW steps on two tensors (one decayed, one not) with random gradients."""
+    torch.manual_seed(seed)
+    w, a = nn.Parameter(torch.randn(300)), nn.Parameter(torch.randn(()))
+    opt = torch.optim.AdamW([{"params": [w], "weight_decay": 1.0}, {"params": [a], "weight_decay": 0.0}],
+                            lr=2e-3, foreach=False)
+    opt.moments = moments
+    for _ in range(steps):
+        w.grad, a.grad = torch.randn(300), torch.randn(())
+        rigsa.adamw_step(opt)
+    return w.detach(), a.detach(), opt
+
+
+def test_host_moments_are_torchs_adamw_bitwise_and_8bit_is_close():
+    want_w, want_a, ref = adamw_run("device")
+    host_w, host_a, opt = adamw_run("host")
+    assert torch.equal(host_w, want_w) and torch.equal(host_a, want_a)
+    st = ref.state[ref.param_groups[0]["params"][0]]
+    assert torch.equal(opt.state[opt.param_groups[0]["params"][0]]["exp_avg_sq"], st["exp_avg_sq"])
+    q_w, _, q = adamw_run("8bit")
+    assert not torch.equal(q_w, want_w) and (q_w - want_w).abs().max() < 0.05 * (want_w - adamw_run("device", 0)[0]).abs().max()
+    assert q.state[q.param_groups[0]["params"][0]]["exp_avg"].dtype == torch.uint8
+    # a zero gradient: decay is exact in every placement (the moments stay 0 in 8 bits too)
+    for moments in ("host", "8bit"):
+        w, _, opt = adamw_run(moments, steps=0)
+        before = w.clone()
+        opt.param_groups[0]["params"][0].grad = torch.zeros(300)
+        rigsa.adamw_step(opt)
+        assert torch.equal(opt.param_groups[0]["params"][0].detach(), before * (1 - 2e-3 * 1.0))
+    # resume: the saved state loads back where the moments live, and continues identically
+    w1, _, opt = adamw_run("host", steps=3)
+    p = opt.param_groups[0]["params"][0]
+    fresh = torch.optim.AdamW([{"params": [p], "weight_decay": 1.0}], lr=2e-3, foreach=False)
+    fresh.moments = "host"
+    rigsa.load_optimizer_state(fresh, {"state": {0: opt.state_dict()["state"][0]},
+                                       "param_groups": [opt.state_dict()["param_groups"][0]]})
+    assert torch.equal(fresh.state[p]["exp_avg"], opt.state[p]["exp_avg"]) and fresh.param_groups[0]["lr"] == 2e-3
+
+
+def test_the_memory_estimate_chooses_and_refuses_in_one_line(monkeypatch, capsys):
+    GB = rigsa.GB
+    plan = {m: {"base": 3 * GB, "adapters": n * GB, "activations": 2 * GB, "transients": 0}
+            for m, n in (("device", 16), ("host", 8), ("8bit", 10))}
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(rigsa, "capacity", lambda device: 20 * GB)
+    assert rigsa.choose_moments(plan, cuda, "auto") == "host"                # 21 GB do not fit in 20; 13 do
+    assert "memory: ~13.0 GB on cuda with AdamW's moments host" in capsys.readouterr().out
+    monkeypatch.setattr(rigsa, "capacity", lambda device: 40 * GB)
+    assert rigsa.choose_moments(plan, cuda, "auto") == "device"
+    monkeypatch.setattr(rigsa, "capacity", lambda device: 12 * GB)
+    with pytest.raises(ValueError, match=r"memory: the run needs ~21.0 GB on cuda, which has 12.0 GB; "
+                                         r"try --moments host \(~13.0 GB\) or --moments 8bit \(~15.0 GB\)"):
+        rigsa.choose_moments(plan, cuda, "device")

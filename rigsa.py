@@ -869,7 +869,8 @@ def load_base(cfg):
 
 
 def is_quantized(model):
-    return any(isinstance(m, qlora.Linear4bit) for m in model.modules())
+    """Whether the base is 4-bit: bare NF4 layers, or LoRA layers holding the NF4 state themselves."""
+    return any(isinstance(m, qlora.Linear4bit) or getattr(m, "quantized", False) is True for m in model.modules())
 
 
 def git_commit():
@@ -1101,8 +1102,17 @@ def write_synthetic_mnist(data_dir, n_train=2000, n_test=200, size=28, seed=0, n
     return d
 
 
+SHOT_SEED = 1234  # the few-shot draw's seed (Table 2's 5-shot column; the paper does not give one)
+
+
+def shot_draws(n, pool_size, shots, seed=SHOT_SEED):
+    """Each of n images' `shots` training examples: one generator seeded `seed`, one randperm per image."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randperm(pool_size, generator=g)[:shots].tolist() for _ in range(n)]
+
+
 @torch.no_grad()
-def mnist_accuracy(model, tok, images, labels, shots=0, batch_size=16, seed=1234, progress=True, shot_pool=None):
+def mnist_accuracy(model, tok, images, labels, shots=0, batch_size=16, seed=SHOT_SEED, progress=True, shot_pool=None):
     """-> (accuracy, predictions (N,) long, -1 = not a digit). The prediction is the greedy next
     token after the prefix; a non-digit token counts as wrong (§4.2). shots > 0: each image gets
     its own `shots` training examples, drawn without replacement by one generator seeded with
@@ -1115,8 +1125,7 @@ def mnist_accuracy(model, tok, images, labels, shots=0, batch_size=16, seed=1234
         if shot_pool is None:
             raise ValueError("few-shot Textual MNIST needs the shot pool (the train split's images, labels)")
         pool_x, pool_y = shot_pool
-        g = torch.Generator().manual_seed(seed)
-        draws = [torch.randperm(len(pool_x), generator=g)[:shots].tolist() for _ in range(len(images))]
+        draws = shot_draws(len(images), len(pool_x), shots, seed)
     preds = []
     bar = util.progress(total=len(images), desc=f"mnist {shots}-shot", unit="img", enabled=progress)
     for b in range(0, len(images), batch_size):

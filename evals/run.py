@@ -5,15 +5,25 @@ MNIST; paper §4.2, Table 2), giving the numbers lm-evaluation-harness 0.4.x wou
 
     python evals/run.py --task piqa --model HuggingFaceTB/SmolLM2-1.7B-Instruct --limit 100
     python evals/run.py --task all --adapter runs/rigsa/iter3 --output results.json
+    python evals/run.py --task gsm8k --output_path lm-eval-out --log_samples   # lm-eval's own files
 
 Plain-text prompts are the default and match the paper, which says it used the LM Evaluation
 Harness (paper §5.2) and mentions no chat template; lm-eval's default is plain text too.
 --chat reproduces lm-eval's --apply_chat_template (multi-turn few-shot, its default since 0.4.10).
+
+Everything that can be wrong with the flags, the output paths, the adapter file, the device and
+the data files is found before the model loads, and said in one line:
+`error: <thing>: <what is wrong>; <what to do>` (exit 1; argparse's usage errors exit 2).
 """
 import argparse
+import datetime
+import hashlib
+import json
 import os
+import re
 import sys
 import time
+from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run as a script: make model.py, rigsa.py, qlora.py and evals/ importable
@@ -38,12 +48,15 @@ def batch_size_for(args, model, longest, rows_per_item, generate=False):
     return int(args.batch_size)
 
 
-def eval_mc(task, model, tok, args, data_dir):
-    paths = T.ensure_files(task, data_dir, download=not args.offline, verify=not args.no_verify)
-    docs = T.load_piqa(paths) if task == "piqa" else T.load_hellaswag(paths)
+def chat_fn(tok, args):
+    return (lambda msgs: tok.chat(msgs, add_generation_prompt=True)) if args.chat else None
+
+# -----------------------------------------------------------------------------
+# the tasks: documents in (read before the model loads, load_data), metrics and samples out
+
+def eval_mc(task, docs, model, tok, args):
     docs = docs[:args.limit] if args.limit else docs
-    chat = (lambda msgs: tok.chat(msgs, add_generation_prompt=True)) if args.chat else None
-    mc = T.mc_docs(task, docs, chat)
+    mc = T.mc_docs(task, docs, chat_fn(tok, args))
     enc = []
     for d in mc:
         pairs = [H.encode_pair(tok, d["context"], c) for c in d["continuations"]]
@@ -54,7 +67,7 @@ def eval_mc(task, model, tok, args, data_dir):
     bar = util.progress(total=len(enc), desc=task, unit="doc")
     scores = H.score_shared(model, enc, batch_size=bs, bar=bar)
     bar.close()
-    samples, accs, norms = [], [], []
+    samples, logged, accs, norms = [], [], [], []
     for i, (d, sc) in enumerate(zip(mc, scores)):
         lls = [s[0] for s in sc]
         acc, acc_norm = T.mc_scores(lls, d["choices"], d["target"])
@@ -62,18 +75,20 @@ def eval_mc(task, model, tok, args, data_dir):
         norms.append(acc_norm)
         samples.append({"doc_id": i, "target": d["target"], "loglikelihoods": lls,
                         "is_greedy": [s[1] for s in sc], "acc": acc, "acc_norm": acc_norm})
+        # lm-eval: one loglikelihood request (context, " " + choice) per choice, answered (ll, is_greedy)
+        logged.append(lm_sample(i, d["doc"], d["target"], [(d["context"], c) for c in d["continuations"]],
+                                [[list(s)] for s in sc], [list(s) for s in sc], "none",
+                                {"acc": acc, "acc_norm": acc_norm}))
     metrics = {"acc": T.mean(accs), "acc_stderr": T.mean_stderr(accs),
                "acc_norm": T.mean(norms), "acc_norm_stderr": T.mean_stderr(norms)}
-    return metrics, samples, bs
+    return metrics, samples, bs, logged
 
 
-def eval_gsm8k(model, tok, args, data_dir, k):
-    paths = T.ensure_files("gsm8k", data_dir, download=not args.offline, verify=not args.no_verify)
-    train, test = T.load_gsm8k(paths)
+def eval_gsm8k(data, model, tok, args, k):
+    train, test = data
     test = test[:args.limit] if args.limit else test
-    chat = (lambda msgs: tok.chat(msgs, add_generation_prompt=True)) if args.chat else None
     shots = T.gsm8k_fewshot_indices(len(test), len(train), k)
-    prompts = [T.gsm8k_prompt(train, d, s, chat) for d, s in zip(test, shots)]
+    prompts = [T.gsm8k_prompt(train, d, s, chat_fn(tok, args)) for d, s in zip(test, shots)]
     # lm-eval adds the decoded EOS to `until` when missing (<|im_end|> for the Instruct models)
     until = list(T.GSM8K_UNTIL)
     eos = tok.decode([tok.eos_id])
@@ -91,46 +106,61 @@ def eval_gsm8k(model, tok, args, data_dir, k):
         flex.append(ef)
         samples.append({"doc_id": i, "generation": g, "target": d["answer"], "strict": s, "flexible": f,
                         "exact_match_strict": es, "exact_match_flexible": ef, "fewshot_ids": shots[i]})
+    # lm-eval logs each document once per filter, all of the first filter's lines first
+    logged = [lm_sample(i, d, d["answer"], [(p, T.GSM8K_GEN_KWARGS)], [[s["generation"]]], [s[key]], name,
+                        {"exact_match": s["exact_match_" + key]})
+              for name, key in (("strict-match", "strict"), ("flexible-extract", "flexible"))
+              for i, (d, p, s) in enumerate(zip(test, prompts, samples))]
     metrics = {"exact_match_strict": T.mean(strict), "exact_match_strict_stderr": T.mean_stderr(strict),
                "exact_match_flexible": T.mean(flex), "exact_match_flexible_stderr": T.mean_stderr(flex)}
-    return metrics, samples, bs
+    return metrics, samples, bs, logged
 
 
-def eval_mnist(model, tok, args, data_dir, k):
-    folder = rigsa.mnist_dir(data_dir)  # rigsa.py owns MNIST's files, prompt and scoring (§4.2)
-    kw = dict(download=not args.offline, verify=not args.no_verify)
-    images, labels = rigsa.load_mnist(folder, "test", **kw)
-    pool = rigsa.load_mnist(folder, "train", **kw) if k else None   # the shots come from the train split
+def eval_mnist(data, model, tok, args, k):
+    (images, labels), pool = data
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
     longest = len(tok.encode(rigsa.prompt(tok, images[0], [(images[0], 0)] * k)))  # all prompts ~ equal length
     bs = batch_size_for(args, model, longest, 1)
-    seed = {} if args.seed is None else {"seed": args.seed}  # default: rigsa's shot-draw seed
-    _, preds = rigsa.mnist_accuracy(model, tok, images, labels, shots=k, batch_size=bs, shot_pool=pool, **seed)
+    seed = rigsa.SHOT_SEED if args.seed is None else args.seed
+    _, preds = rigsa.mnist_accuracy(model, tok, images, labels, shots=k, batch_size=bs, shot_pool=pool, seed=seed)
     samples, accs = [], []
     for i, (y, p) in enumerate(zip(labels.tolist(), preds.tolist())):
         accs.append(int(p == y))  # p = -1: the next token was not a digit, counted wrong (paper §4.2)
         samples.append({"doc_id": i, "target": y, "prediction": p, "acc": accs[-1]})
-    return {"acc": T.mean(accs), "acc_stderr": T.mean_stderr(accs)}, samples, bs
+    logged = []
+    if args.log_samples:  # the prompts are long (a 5-shot one is ~4,000 digits): only when asked for
+        draws = rigsa.shot_draws(len(images), len(pool[0]), k, seed) if k else [[]] * len(images)   # rigsa's own draw
+        for i, s in enumerate(samples):
+            text = rigsa.prompt(tok, images[i], [(pool[0][j], pool[1][j]) for j in draws[i]])
+            answer = str(s["prediction"]) if s["prediction"] >= 0 else "[not a digit]"
+            logged.append(lm_sample(i, {"index": i, "label": s["target"]}, s["target"],
+                                    [(text, {"max_gen_toks": 1, "do_sample": False})], [[answer]], [answer], "none",
+                                    {"acc": s["acc"]}))
+    return {"acc": T.mean(accs), "acc_stderr": T.mean_stderr(accs)}, samples, bs, logged
 
 
-def run_task(task, model, tok, args, dtype_name):
-    k = DEFAULT_SHOTS[task] if args.num_fewshot is None else args.num_fewshot
-    if task in ("piqa", "hellaswag") and k != 0:
-        raise ValueError(f"--num-fewshot {k}: {task} is 0-shot here (paper §4.3; its train split is not among the pinned files)")
+def run_task(task, data, model, tok, args, info):
+    """-> (the --output result, what lm-eval's files need: its metrics, document count and samples)."""
+    k = shots_for(task, args)
     t0 = time.time()
     if task in ("piqa", "hellaswag"):
-        metrics, samples, bs = eval_mc(task, model, tok, args, args.data_dir)
+        metrics, samples, bs, logged = eval_mc(task, data, model, tok, args)
+        n_all = len(data)
     elif task == "gsm8k":
-        metrics, samples, bs = eval_gsm8k(model, tok, args, args.data_dir, k)
+        metrics, samples, bs, logged = eval_gsm8k(data, model, tok, args, k)
+        n_all = len(data[1])
     else:
-        metrics, samples, bs = eval_mnist(model, tok, args, args.data_dir, k)
+        metrics, samples, bs, logged = eval_mnist(data, model, tok, args, k)
+        n_all = len(data[0][1])
     dt = time.time() - t0
-    return {"task": task, "model": args.model, "adapter": args.adapter, "dtype": dtype_name, "num_fewshot": k,
-            "limit": args.limit, "seconds": round(dt, 3), "metrics": metrics, "samples": samples,
-            "docs": len(samples), "docs_per_s": len(samples) / max(dt, 1e-9), "batch_size": bs,
-            "chat": args.chat, "quantize": args.quantize, "device": str(next(model.parameters()).device),
-            "protocol": "lm-evaluation-harness 0.4.x, " + ("--apply_chat_template" if args.chat else "plain text")}
+    result = {"task": task, "model": info["model"], "adapter": args.adapter, "dtype": info["dtype"],
+              "num_fewshot": k, "limit": args.limit, "seconds": round(dt, 3), "metrics": metrics, "samples": samples,
+              "docs": len(samples), "docs_per_s": len(samples) / max(dt, 1e-9), "batch_size": bs,
+              "chat": args.chat, "quantize": info["quantize"], "device": str(next(model.parameters()).device),
+              "protocol": "lm-evaluation-harness 0.4.x, " + ("--apply_chat_template" if args.chat else "plain text")}
+    return result, {"task": task, "k": k, "n_all": n_all, "samples": logged, "batch_size": bs,
+                    "results": {"name": task, "alias": task, "sample_len": len(samples), **lm_metrics(metrics)}}
 
 
 def print_table(results):
@@ -143,58 +173,335 @@ def print_table(results):
             print(f"{r['task']:<10} {name:<22} {v:>8.4f} {'N/A' if se is None else f'{se:.4f}':>8} "
                   f"{r['docs']:>6} {r['seconds']:>9.1f} {r['docs_per_s']:>8.2f}")
 
+# -----------------------------------------------------------------------------
+# lm-eval 0.4.13's files (--output_path, --log_samples), read by its tools (lm_eval.utils.make_table)
 
-def write_json(path, obj):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    util.write_json(path, obj, indent=1)
+LM_KEYS = {"acc": ("acc", "none"), "acc_norm": ("acc_norm", "none"),   # ours -> (lm-eval metric, filter)
+           "exact_match_strict": ("exact_match", "strict-match"),
+           "exact_match_flexible": ("exact_match", "flexible-extract")}
 
 
-def main(argv=None):
+def lm_metrics(metrics):
+    # protocol §6, evaluator_utils._compute_task_aggregations: "metric,filter" then "metric_stderr,filter",
+    # and "N/A" where lm-eval cannot compute a stderr (one document)
+    out = {}
+    for ours, (m, f) in LM_KEYS.items():
+        if ours in metrics:
+            se = metrics[ours + "_stderr"]
+            out[f"{m},{f}"], out[f"{m}_stderr,{f}"] = metrics[ours], "N/A" if se is None else se
+    return out
+
+
+def sha256(s):
+    return hashlib.sha256(s.encode("utf-8")).hexdigest()  # lm_eval.utils.hash_string
+
+
+def _strings(x):
+    # lm_eval.utils.sanitize_list: every leaf of the responses written as str
+    return [_strings(v) for v in x] if isinstance(x, (list, tuple)) else str(x)
+
+
+def lm_sample(doc_id, doc, target, arguments, resps, filtered, filter_name, metrics):
+    """One line of lm-eval's samples_<task>_<date>.jsonl: the record evaluator.evaluate logs, as
+    EvaluationTracker.save_results_samples writes it (arguments as {gen_args_i: {arg_j}}, responses
+    and the target as strings). The hashes are sha256 of the document's json.dumps(indent=2,
+    ensure_ascii=False), of the first request's context (the prompt) and of str(target)."""
+    return {"doc_id": doc_id, "doc": doc, "target": str(target),
+            "arguments": {f"gen_args_{i}": {f"arg_{j}": a for j, a in enumerate(arg)}
+                          for i, arg in enumerate(arguments)},
+            "resps": _strings(resps), "filtered_resps": _strings(filtered), "filter": filter_name,
+            "metrics": list(metrics), "doc_hash": sha256(json.dumps(doc, indent=2, ensure_ascii=False)),
+            "prompt_hash": sha256(arguments[0][0]), "target_hash": sha256(str(target)),
+            **{k: float(v) for k, v in metrics.items()}}
+
+
+def task_hash(samples):
+    # EvaluationTracker.save_results_aggregated: one hash over every logged sample's three, in order
+    return sha256("".join(s["doc_hash"] + s["prompt_hash"] + s["target_hash"] for s in samples))
+
+
+def lm_eval_name(model, adapter):
+    # GeneralConfigTracker._get_model_name: a PEFT adapter names the run before its base does
+    name = adapter or model
+    return name, re.sub(r"[\"<>:/|\\?*\[\]]+", "__", name)   # lm_eval.utils.sanitize_model_name
+
+
+def lm_eval_paths(output_path, sanitized, date):
+    """EvaluationTracker's layout: DIR/<model name, sanitized>/results_<date>.json with the samples
+    beside it, or, for a path ending in .json, <stem>_<date>.json with the samples in its folder."""
+    p = Path(output_path)
+    if p.suffix == ".json":
+        return p.with_name(f"{p.stem}_{date}.json"), p.parent
+    return p / sanitized / f"results_{date}.json", p / sanitized
+
+
+def lm_eval_results(done, info, args):
+    """results_<date>.json as lm-eval 0.4.13 writes it: evaluator.evaluate's keys (EvalAcc.
+    _to_eval_results), simple_evaluate's config, and EvaluationTracker's task hashes and model
+    fields. make_table reads results (alias, "metric,filter"), versions, n-shot, higher_is_better."""
+    cfgs = {d["task"]: {**T.LM_EVAL_CONFIGS[d["task"]], "num_fewshot": d["k"]} for d in done}
+    name, sanitized = lm_eval_name(info["model"], args.adapter)
+    return {
+        "results": {d["task"]: d["results"] for d in done},    # in evaluation order, the rest sorted
+        "group_subtasks": {},
+        "configs": dict(sorted(cfgs.items())),
+        "versions": {t: cfgs[t]["metadata"]["version"] for t in sorted(cfgs)},
+        "n-shot": {t: cfgs[t]["num_fewshot"] for t in sorted(cfgs)},
+        "higher_is_better": {t: T.lm_eval_higher_is_better(t) for t in sorted(cfgs)},
+        "n-samples": {d["task"]: {"original": d["n_all"], "effective": d["results"]["sample_len"]} for d in done},
+        "config": {**info["config"], "batch_sizes": [d["batch_size"] for d in done]},
+        "git_hash": info["git_hash"], "date": info["start"],
+        **info["tokenizer"],
+        "task_hashes": {d["task"]: task_hash(d["samples"]) for d in done} if args.log_samples else {},
+        "model_source": "rigsa", "model_name": name, "model_name_sanitized": sanitized,
+        "system_instruction": None, "system_instruction_sha": None, "fewshot_as_multiturn": args.chat,
+        "chat_template": None, "chat_template_sha": None,
+        "total_evaluation_time_seconds": str(time.time() - info["start"]),
+    }
+
+
+def run_info(args, model, tok, name, revision, quantize, device):
+    """What every output records about the run (lm-eval's config / tokenizer fields where they exist)."""
+    dtype = str(model.lm_head.weight.dtype).replace("torch.", "")
+    model_args = ",".join(f"{k}={v}" for k, v in (("pretrained", name), ("peft", args.adapter),
+                                                  ("revision", revision), ("dtype", dtype)) if v)
+    tokens = {f"tokenizer_{w}_token": [tok.decode([i]), str(i)]
+              for w, i in (("pad", tok.pad_id), ("eos", tok.eos_id), ("bos", tok.bos_id))}
+    return {"model": name, "dtype": dtype, "quantize": quantize, "start": time.time(), "git_hash": rigsa.git_commit(),
+            "date_id": datetime.datetime.now().isoformat().replace(":", "-"),   # EvaluationTracker's file stamp
+            "tokenizer": {**tokens, "eot_token_id": tok.eos_id, "max_length": model.config.max_position_embeddings},
+            "config": {"model": name, "model_args": model_args, "adapter": args.adapter, "quantize": quantize,
+                       "chat": args.chat, "model_num_parameters": sum(p.numel() for p in model.parameters()),
+                       "model_dtype": f"torch.{dtype}", "model_revision": revision or "main",
+                       "batch_size": str(args.batch_size), "device": str(device), "limit": args.limit,
+                       "bootstrap_iters": 100000,   # lm-eval's default; means get the closed form (protocol §6)
+                       "gen_kwargs": None, "fewshot_seed": T.GSM8K_SEED,
+                       "mnist_seed": rigsa.SHOT_SEED if args.seed is None else args.seed}}
+
+
+def write_file(flag, path, write):
+    """Atomic (util.atomic_write: no half file, no .tmp left), and a failure named as the flag's."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        util.atomic_write(path, write)
+    except OSError as e:
+        raise OSError(f"{flag} {path}: cannot write ({e.strerror or e}); free space or choose another path") from None
+
+
+def write_json(flag, path, obj, indent=1):
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent, ensure_ascii=False)
+            f.write("\n")
+    write_file(flag, path, write)
+
+
+def write_outputs(args, results, done, info):
+    """After each finished task: --output (one result, or for --task all the {task: result} dict so
+    far) and --output_path (results_<date>.json so far; the finished task's samples)."""
+    if args.output:
+        write_json("--output", args.output, results[0] if args.task != "all" else {r["task"]: r for r in results})
+    if args.output_path:
+        res_path, folder = lm_eval_paths(args.output_path, lm_eval_name(info["model"], args.adapter)[1],
+                                         info["date_id"])
+        if args.log_samples:
+            d = done[-1]
+            lines = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in d["samples"])
+            write_file("--output_path", folder / f"samples_{d['task']}_{info['date_id']}.jsonl",
+                       lambda tmp: Path(tmp).write_text(lines, encoding="utf-8"))
+        write_json("--output_path", res_path, lm_eval_results(done, info, args), indent=2)
+
+# -----------------------------------------------------------------------------
+# flags, each checked where it is parsed; then everything else before the model loads (issue #14)
+
+def int_flag(lo=None, hi=None, auto=False):
+    """argparse type: an integer in [lo, hi] (None: no bound), or 'auto' if allowed. argparse names
+    the flag in its message and exits 2."""
+    want = ("an integer" if lo is None else "a positive integer" if lo == 1 else f"an integer >= {lo}") + \
+        (" or 'auto'" if auto else "")
+
+    def parse(s):
+        if auto and s == "auto":
+            return s
+        try:
+            n = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not {want}") from None
+        if (lo is not None and n < lo) or (hi is not None and n > hi):
+            raise argparse.ArgumentTypeError(f"{n} is out of range: expected {want}" +
+                                             (f" up to {hi}" if hi is not None else ""))
+        return n
+    return parse
+
+
+def parse_args(argv):
     ap = argparse.ArgumentParser(description="PIQA / HellaSwag / GSM8k (lm-eval protocol) and Textual MNIST.")
     ap.add_argument("--task", required=True, choices=TASKS + ["all"])
-    ap.add_argument("--model", default=M.DEFAULT_MODEL, help=f"hub id or local directory (default {M.DEFAULT_MODEL})")
+    ap.add_argument("--model", default=None,
+                    help=f"hub id or local directory (default: the adapter's recorded base, else {M.DEFAULT_MODEL})")
+    ap.add_argument("--revision", default=None,
+                    help="hub revision of --model (default: the adapter's recorded one for its base, else the latest)")
     ap.add_argument("--adapter", default=None, help="adapter saved by rigsa.py/qlora.py (RUN/iterK), installed in memory")
     ap.add_argument("--quantize", default=None, choices=["nf4"], help="NF4 base weights (the QLoRA baseline)")
-    ap.add_argument("--limit", type=int, default=None, help="first N documents, as lm-eval --limit N")
-    ap.add_argument("--batch-size", default="auto", help="documents per batch, or 'auto' (default)")
-    ap.add_argument("--num-fewshot", type=int, default=None, help="default: gsm8k 5, others 0")
+    ap.add_argument("--limit", type=int_flag(1), default=None, help="first N documents, as lm-eval --limit N")
+    ap.add_argument("--batch-size", type=int_flag(1, auto=True), default="auto",
+                    help="documents per batch, or 'auto' (default)")
+    ap.add_argument("--num-fewshot", type=int_flag(0), default=None, help="default: gsm8k 5, others 0")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--data-dir", default=os.path.join(REPO, "data"), help="holds <task>/ folders (default data/)")
     ap.add_argument("--output", default=None, help="write results JSON here")
+    ap.add_argument("--output_path", "--output-path", dest="output_path", default=None,
+                    help="lm-eval's layout: DIR/<model>/results_<date>.json (and samples with --log_samples)")
+    ap.add_argument("--log_samples", "--log-samples", dest="log_samples", action="store_true",
+                    help="with --output_path: lm-eval's samples_<task>_<date>.jsonl, one line per document")
     ap.add_argument("--chat", action="store_true", help="lm-eval --apply_chat_template mode (the paper used plain)")
-    ap.add_argument("--seed", type=int, default=None, help="Textual MNIST few-shot draw (default: rigsa's)")
+    # torch.Generator.manual_seed's range
+    ap.add_argument("--seed", type=int_flag(-2 ** 63, 2 ** 64 - 1), default=None,
+                    help="Textual MNIST few-shot draw (default: rigsa's)")
     ap.add_argument("--no-verify", action="store_true", help="skip checksums of files already present")
     ap.add_argument("--offline", action="store_true", help="never download: missing data files are an error")
     args = ap.parse_args(argv)
-    if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size) > 0):
-        ap.error(f"--batch-size {args.batch_size!r}: expected a positive integer or 'auto'")
-    if args.limit is not None and args.limit <= 0:
-        ap.error(f"--limit {args.limit}: expected a positive integer")
+    if args.log_samples and not args.output_path:
+        ap.error("--log_samples: needs --output_path, where lm-eval's samples files go")
+    return args
+
+
+def shots_for(task, args):
+    k = DEFAULT_SHOTS[task] if args.num_fewshot is None else args.num_fewshot
+    if task in ("piqa", "hellaswag") and k != 0:
+        raise ValueError(f"--num-fewshot {k}: {task} is 0-shot here (paper §4.3; its train split is not among the "
+                         f"pinned files); drop --num-fewshot, or use it with --task gsm8k or mnist")
+    return k
+
+
+def check_output(flag, path, folder):
+    """Before any work: the path is not of the wrong kind, and its nearest existing parent is a
+    writable directory (nothing is created until there is something to write)."""
+    p = os.path.abspath(path)
+    if folder and os.path.isfile(p):
+        raise ValueError(f"{flag} {path}: is a file, not a directory; pass a folder (lm-eval's layout goes in it)")
+    if not folder and os.path.isdir(p):
+        raise ValueError(f"{flag} {path}: is a directory; pass a file name, e.g. {os.path.join(path, 'results.json')}")
+    parent = p if folder else os.path.dirname(p)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path}: {parent} is a file, not a directory; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {parent} is not writable; choose another path")
+
+
+def load_data(task, args):
+    """Every file the task reads: present (downloaded if missing), checksummed and parsed, so that
+    a missing or corrupt one stops the run before the model loads."""
+    kw = dict(download=not args.offline, verify=not args.no_verify)
+    k = shots_for(task, args)
+    if task == "mnist":
+        folder = rigsa.mnist_dir(args.data_dir)  # rigsa.py owns MNIST's files, prompt and scoring (§4.2)
+        test = rigsa.load_mnist(folder, "test", **kw)
+        pool = rigsa.load_mnist(folder, "train", **kw) if k else None   # the shots come from the train split
+        n_pool = len(pool[0]) if k else 0
+        data = (test, pool)
+    else:
+        paths = T.ensure_files(task, args.data_dir, **kw)
+        data = T.load_piqa(paths) if task == "piqa" else T.load_hellaswag(paths) if task == "hellaswag" \
+            else T.load_gsm8k(paths)
+        n_pool = len(data[0]) if task == "gsm8k" else 0
+    if k > n_pool and task in ("gsm8k", "mnist"):
+        raise ValueError(f"--num-fewshot {k}: {task}'s training split has only {n_pool} examples to draw from; "
+                         f"use at most {n_pool}")
+    return data
+
+
+def base_model(args, acfg):
+    """--model, else the adapter's recorded base, else the default; --revision, else the adapter's
+    recorded revision when the base is the one it was trained on."""
+    name = args.model or (acfg.model if acfg else M.DEFAULT_MODEL)
+    revision = args.revision
+    if revision is None and acfg is not None and name == acfg.model:
+        revision = acfg.revision or None
+    return name, revision
+
+
+def install_adapter(model, spec, base):
+    try:
+        rigsa.load_adapter(model, spec)  # in memory only: nothing is merged on disk
+    except (ValueError, RuntimeError) as e:  # another base's adapter: layer names, shapes or dW0 differ
+        why = " ".join(str(e).split())
+        raise ValueError(f"--adapter {spec}: does not fit the base model {base} ({why}); evaluate it on the model "
+                         f"it was trained on (without --model, its recorded base is used)") from None
+
+
+def task_error(task, e):
+    msg = " ".join(str(e).split())   # one line
+    return msg if msg.startswith(task + ":") else f"{task}: {msg}"
+
+
+def main(argv=None):
+    args = parse_args(argv)
     util.keep_freed_memory()
     try:
         return evaluate(args)
-    except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError) as e:   # OSError includes FileNotFoundError
         sys.exit(f"error: {e}")
 
 
 def evaluate(args):
+    tasks = TASKS if args.task == "all" else [args.task]
+    for t in tasks:
+        shots_for(t, args)
+    if args.output:
+        check_output("--output", args.output, folder=False)
+    if args.output_path:
+        check_output("--output_path", args.output_path, folder=not args.output_path.endswith(".json"))
+    device = util.pick_device(args.device)
+    try:
+        acfg = rigsa.read_adapter(args.adapter)[2] if args.adapter else None
+    except (ValueError, OSError) as e:
+        raise ValueError(f"--adapter: {e}") from None
+    name, revision = base_model(args, acfg)
+    data, failed = {}, []
+    for t in tasks:
+        try:
+            data[t] = load_data(t, args)
+        except (ValueError, OSError) as e:
+            if args.task != "all":
+                raise
+            failed.append(t)
+            print(f"error: {task_error(t, e)}", file=sys.stderr)   # --task all: said now, the others still run
+    if not data:
+        raise ValueError("--task all: no task has its data (each said why above); fix those, then run again")
+
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model, tok = M.load(args.model, args.device, dtype)
-    method = rigsa.read_adapter(args.adapter)[2].method if args.adapter else None
-    if args.quantize and method != "qlora":  # a qlora adapter quantizes its base itself
+    model, tok = M.load(name, str(device), dtype, revision=revision)
+    if args.quantize and (acfg is None or acfg.method != "qlora"):  # a qlora adapter quantizes its base itself
         qlora.quantize_model(model)
     if args.adapter:
-        rigsa.load_adapter(model, args.adapter)  # in memory only: nothing is merged on disk
-    dtype_name = str(model.lm_head.weight.dtype).replace("torch.", "")
-    print(f"model {args.model} adapter {args.adapter} dtype {dtype_name} device "
-          f"{model.lm_head.weight.device} chat {args.chat} quantize {args.quantize}", file=sys.stderr)
+        install_adapter(model, args.adapter, name)
+    quantize = "nf4" if rigsa.is_quantized(model) else None   # --quantize, a QLoRA adapter or a 4-bit checkpoint
+    info = run_info(args, model, tok, name, revision, quantize, device)
+    print(f"model {name} adapter {args.adapter} dtype {info['dtype']} device {model.lm_head.weight.device} "
+          f"chat {args.chat} quantize {quantize}", file=sys.stderr)
 
-    results = [run_task(t, model, tok, args, dtype_name) for t in (TASKS if args.task == "all" else [args.task])]
+    results, done = [], []
+    for t in data:
+        try:
+            r, lm = run_task(t, data[t], model, tok, args, info)
+        except (ValueError, RuntimeError, OSError) as e:   # e.g. out of memory: the finished tasks are kept
+            if args.task != "all":
+                raise
+            failed.append(t)
+            print(f"error: {task_error(t, e)}", file=sys.stderr)
+            continue
+        results.append(r)
+        done.append(lm)
+        write_outputs(args, results, done, info)   # each task as it finishes: nothing is lost to a later one
     print_table(results)
-    if args.output:
-        write_json(args.output, results[0] if args.task != "all" else {r["task"]: r for r in results})
+    if failed:
+        sys.exit(f"error: --task all: {len(failed)} of {len(tasks)} tasks failed ({', '.join(failed)}; each said why "
+                 f"above) and the others finished; fix those, then run each with --task")
     return results
 
 

@@ -107,6 +107,9 @@ def read_jsonl(path, keys):
             if not isinstance(doc, dict) or any(k not in doc for k in keys):
                 raise ValueError(f"{path}:{i}: expected a JSON object with keys {list(keys)}")
             docs.append(doc)
+    if not docs:  # an empty (or truncated-to-nothing) file would fail later as an unnamed max() of nothing
+        raise ValueError(f"{path}: no documents (the file is empty); delete it to download it again, "
+                         f"or put the real file there")
     return docs
 
 
@@ -175,8 +178,18 @@ def mc_docs(task, docs, chat=None):
         else:
             ctx, delim = chat([{"role": "user", "content": text}]), ""  # §8: delimiter becomes ""
         out.append({"context": ctx, "continuations": [delim + c for c in choices],
-                    "target": target, "choices": choices})
+                    "target": target, "choices": choices, "doc": lm_eval_doc(task, doc)})
     return out
+
+
+def lm_eval_doc(task, doc):
+    """The document as lm-eval's task holds it, which its samples log and its doc_hash hashes:
+    the data file's row (PIQA: valid.jsonl's keys and the label) and, for HellaSwag, process_docs'
+    three columns after the row's own (datasets' map appends them)."""
+    if task != "hellaswag":
+        return doc
+    d = hellaswag_doc(doc)
+    return {**doc, "query": d["query"], "choices": d["choices"], "gold": d["label"]}
 
 
 # -----------------------------------------------------------------------------
@@ -186,6 +199,7 @@ GSM8K_SEED = 1234  # lm-eval fewshot_random_seed
 GSM8K_SHOTS = 5    # gsm8k.yaml num_fewshot
 GSM8K_UNTIL = ["Question:", "</s>", "<|im_end|>"]
 GSM8K_MAX_NEW = 256  # no max_gen_toks in the yaml -> HFLM default
+GSM8K_GEN_KWARGS = {"until": GSM8K_UNTIL, "do_sample": False, "temperature": 0.0}  # the yaml's, in each request
 
 
 def gsm8k_fewshot_indices(n_docs, n_train, k=GSM8K_SHOTS, seed=GSM8K_SEED):
@@ -206,13 +220,17 @@ def gsm8k_prompt(train, doc, shots, chat=None):
     return chat(msgs + [{"role": "user", "content": q(doc)}])
 
 
+STRICT_RX = r"#### (\-?[0-9\.\,]+)"            # gsm8k.yaml filter_list "strict-match", then take_first
+FLEX_RX = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"         # "flexible-extract": group_select -1, then take_first
+
+
 def strict_extract(s):
-    m = re.findall(r"#### (\-?[0-9\.\,]+)", s)  # first match
+    m = re.findall(STRICT_RX, s)  # first match
     return m[0].strip() if m else "[invalid]"
 
 
 def flexible_extract(s):
-    m = re.findall(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", s)
+    m = re.findall(FLEX_RX, s)
     if not m:
         return "[invalid]"
     groups = [g for g in m[-1] if g]  # last match, first non-empty group
@@ -226,6 +244,49 @@ def exact_match(pred, ref):
     for rx in _EM_IGNORE:
         pred, ref = re.sub(rx, "", pred), re.sub(rx, "", ref)
     return int(pred.lower() == ref.lower())  # ignore_case: true, ignore_punctuation: false
+
+
+# -----------------------------------------------------------------------------
+# lm-eval 0.4.13's own description of each task, as its results file carries it: the `configs`
+# entries (TaskConfig.to_dict of lm_eval/tasks/<task>/<task>.yaml; the keys that say how a number
+# was made, without process_docs' source, fewshot_config and dataset_kwargs), `versions`
+# (metadata.version) and `higher_is_better`. bench/check_lm_eval.py compares them with lm-eval's.
+
+_MC_METRICS = [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")]
+_COMMON = {"description": "", "target_delimiter": " ", "fewshot_delimiter": "\n\n", "repeats": 1}  # protocol §1
+LM_EVAL_CONFIGS = {
+    "piqa": {"task": "piqa", "dataset_path": "baber/piqa", "training_split": "train", "validation_split": "validation",
+             "doc_to_text": "Question: {{goal}}\nAnswer:", "doc_to_target": "label", "doc_to_choice": "{{[sol1, sol2]}}",
+             **_COMMON, "num_fewshot": 0, "metric_list": _MC_METRICS, "output_type": "multiple_choice",
+             "should_decontaminate": True, "doc_to_decontamination_query": "goal", "metadata": {"version": 1.0}},
+    "hellaswag": {"task": "hellaswag", "tag": ["multiple_choice"], "dataset_path": "Rowan/hellaswag",
+                  "training_split": "train", "validation_split": "validation", "doc_to_text": "{{query}}",
+                  "doc_to_target": "{{label}}", "doc_to_choice": "choices", **_COMMON, "num_fewshot": 0,
+                  "metric_list": _MC_METRICS, "output_type": "multiple_choice", "should_decontaminate": False,
+                  "metadata": {"version": 1.0}},
+    "gsm8k": {"task": "gsm8k", "tag": ["math_word_problems"], "dataset_path": "openai/gsm8k", "dataset_name": "main",
+              "training_split": "train", "test_split": "test", "fewshot_split": "train",
+              "doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_target": "{{answer}}", **_COMMON,
+              "num_fewshot": GSM8K_SHOTS,
+              "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
+                               "ignore_case": True, "ignore_punctuation": False, "regexes_to_ignore": _EM_IGNORE}],
+              "output_type": "generate_until", "generation_kwargs": GSM8K_GEN_KWARGS,
+              "filter_list": [{"name": "strict-match", "filter": [{"function": "regex", "regex_pattern": STRICT_RX},
+                                                                  {"function": "take_first"}]},
+                              {"name": "flexible-extract", "filter": [{"function": "regex", "group_select": -1,
+                                                                       "regex_pattern": FLEX_RX},
+                                                                      {"function": "take_first"}]}],
+              "should_decontaminate": False, "metadata": {"version": 3.0}},
+    # not an lm-eval task: the same shape, for the paper's target task (§4.2; its files are rigsa.py's)
+    "mnist": {"task": "mnist", "dataset_path": "mnist (IDX files; rigsa.load_mnist)", "test_split": "test",
+              "fewshot_split": "train", "num_fewshot": 0, "output_type": "generate_until",
+              "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+              "metadata": {"version": 1.0}},
+}
+
+
+def lm_eval_higher_is_better(task):
+    return {m["metric"]: m["higher_is_better"] for m in LM_EVAL_CONFIGS[task]["metric_list"]}
 
 
 # -----------------------------------------------------------------------------

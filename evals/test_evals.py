@@ -1,9 +1,12 @@
 # evals/: the lm-eval protocol pieces on hand-made cases, the scoring paths against each other and
-# against a naive full-logits reference, and one CLI run per task on tiny files written here.
+# against a naive full-logits reference, one CLI run per task on tiny files (bench/check_lm_eval.py's)
+# with lm-eval's file layout and hashes as recorded from lm-eval itself (issue #17), and the CLI's
+# bad-input matrix (issue #14). lm-eval is not needed: bench/check_lm_eval.py is the live check.
 import json
 import math
 import os
 import random
+import re
 import sys
 
 import pytest
@@ -12,6 +15,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
+import rigsa  # noqa: E402
 from evals import harness as H  # noqa: E402
 from evals import run as R  # noqa: E402
 from evals import tasks as T  # noqa: E402
@@ -247,45 +251,103 @@ def test_score_shared_bf16_close(tiny_dir):
 
 # ----------------------------------------------------------------------------- end to end
 
-def _write_data(root, n=5):
-    os.makedirs(root / "piqa")
-    with open(root / "piqa" / "valid.jsonl", "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"goal": f"How do I {i}?", "sol1": f"The answer is {i} ", "sol2": "the of and"}) + "\n")
-    (root / "piqa" / "valid-labels.lst").write_text("".join(f"{i % 2}\n" for i in range(n)))
-    os.makedirs(root / "hellaswag")
-    with open(root / "hellaswag" / "hellaswag_val.jsonl", "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"ind": i, "activity_label": "Digits", "ctx_a": "The digit is", "ctx_b": "a",
-                                "endings": [f"[step] {i}", "x [title] y", "is  is", "the"], "label": i % 4}) + "\n")
-    os.makedirs(root / "gsm8k")
-    for split, m in (("train", 8), ("test", n)):
-        with open(root / "gsm8k" / f"{split}.jsonl", "w") as f:
-            for i in range(m):
-                f.write(json.dumps({"question": f"What is {i} and {i}?", "answer": f"{i} and {i}\n#### {2 * i}"}) + "\n")
-    import rigsa
-    rigsa.write_synthetic_mnist(root / "mnist", n_train=20, n_test=n)   # stand-in data: read with --no-verify
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+
+# lm-eval 0.4.13's task hashes (EvaluationTracker.save_results_aggregated: sha256 over every logged
+# sample's doc_hash + prompt_hash + target_hash, in order) of the first 4 documents of
+# bench/check_lm_eval.py's write_data files, as `python bench/check_lm_eval.py` printed them from
+# lm-eval's own task objects (lm_eval/tasks/<task>/<task>.yaml on those files) on 2026-12-01
+LM_EVAL_TASK_HASHES = {"piqa": "04d2c4215e5114105afd20b0a82b63dd149e702f715534ec4142a536d3a378c1",
+                       "hellaswag": "e5d527e85e1c853c79a787fd4892b32f6bf07e2efdb80d42f8e448ca159ce1a3",
+                       "gsm8k": "4e169f401f005a02677ca89326a47eb6ec6606aa94680b1b39ecacb780b78423"}
+# the layout of lm-eval 0.4.13's files, read off the ones its evaluator and EvaluationTracker wrote
+LM_EVAL_TOP = ["results", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples",
+               "config", "git_hash", "date", "task_hashes", "model_source", "model_name", "model_name_sanitized",
+               "system_instruction", "system_instruction_sha", "fewshot_as_multiturn", "chat_template",
+               "chat_template_sha", "total_evaluation_time_seconds"]
+LM_EVAL_SAMPLE = ["doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "filter", "metrics", "doc_hash",
+                  "prompt_hash", "target_hash"]   # then the metrics' values
+LM_EVAL_RESULTS = {"mc": ["name", "alias", "sample_len", "acc,none", "acc_stderr,none", "acc_norm,none",
+                          "acc_norm_stderr,none"],
+                   "gsm8k": ["name", "alias", "sample_len", "exact_match,strict-match", "exact_match_stderr,strict-match",
+                             "exact_match,flexible-extract", "exact_match_stderr,flexible-extract"],
+                   "mnist": ["name", "alias", "sample_len", "acc,none", "acc_stderr,none"]}
+
+
+def _write_data(root):
+    # the files bench/check_lm_eval.py gives lm-eval (5 documents each, GSM8k 8 train lines), and MNIST
+    sys.path.insert(0, BENCH)
+    import check_lm_eval
+    check_lm_eval.write_data(root)
+    rigsa.write_synthetic_mnist(root / "mnist", n_train=20, n_test=5)   # stand-in data: read with --no-verify
+
+
+def _lm_eval_files(out, task):
+    res, = out.glob("*/results_*.json")
+    lines = [json.loads(x) for x in next(out.glob(f"*/samples_{task}_*.jsonl")).read_text().splitlines()]
+    return json.loads(res.read_text()), lines
+
+
+def _make_table_reads(res):
+    # what lm_eval.utils.make_table reads, without lm-eval: results[k] with an alias and "metric,filter"
+    # keys each with its "metric_stderr,filter" (a float or "N/A"), versions[k], n-shot, higher_is_better
+    for k, r in res["results"].items():
+        assert r["alias"] == k and k in res["versions"] and k in res["n-shot"] and k in res["higher_is_better"]
+        for mf, v in r.items():
+            m, _, f = mf.partition(",")
+            if f and not m.endswith("_stderr"):
+                se = r[f"{m}_stderr,{f}"]
+                assert isinstance(v, float) and (se == "N/A" or isinstance(se, float))
+                assert m in res["higher_is_better"][k]
+
+
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
 @pytest.mark.parametrize("task", ["piqa", "hellaswag", "gsm8k", "mnist", "mnist5"])
-def test_cli_end_to_end(task, tiny_dir, tmp_path):
+def test_cli_end_to_end(task, tiny_dir, tmp_path, monkeypatch):
     _write_data(tmp_path)
-    out = tmp_path / "out.json"
-    shots = ["--num-fewshot", "5"] if task == "mnist5" else []
+    out, lm = tmp_path / "out.json", tmp_path / "lm"
+    shots = ["--num-fewshot", "5", "--seed", "-7"] if task == "mnist5" else []   # any int is a seed
     task = task[:5] if task == "mnist5" else task
+    prompts, real = [], rigsa.prompt
+    monkeypatch.setattr(rigsa, "prompt", lambda *a: prompts.append(real(*a)) or prompts[-1])
     R.main(["--task", task, "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-verify", "--offline",
-            "--limit", "4", "--batch-size", "4" if task == "gsm8k" else "3", "--output", str(out)] + shots)
+            "--limit", "4", "--batch-size", "4" if task == "gsm8k" else "3", "--output", str(out),
+            "--output_path", str(lm), "--log_samples"] + shots)
     r = json.loads(out.read_text())
     assert {"task", "model", "adapter", "dtype", "num_fewshot", "limit", "seconds", "metrics", "samples"} <= set(r)
     assert r["task"] == task and r["dtype"] == "float32" and r["limit"] == 4 and r["adapter"] is None
     assert len(r["samples"]) == 4 and [s["doc_id"] for s in r["samples"]] == [0, 1, 2, 3]
     s = r["samples"][0]
+    # lm-eval's files (issue #17): DIR/<model, sanitized>/results_<date>.json and samples_<task>_<date>.jsonl
+    res, lines = _lm_eval_files(lm, task)
+    assert [p.parent.name for p in lm.glob("*/*")] == [re.sub(r"[/:]", "__", str(tiny_dir))] * 2
+    assert set(LM_EVAL_TOP) <= set(res) and list(res["results"]) == [task]
+    kind = "mc" if task in ("piqa", "hellaswag") else task
+    assert list(res["results"][task]) == LM_EVAL_RESULTS[kind]
+    assert res["n-samples"] == {task: {"original": 5, "effective": 4}} and res["config"]["model"] == str(tiny_dir)
+    assert res["n-shot"] == {task: r["num_fewshot"]} and res["configs"][task]["num_fewshot"] == r["num_fewshot"]
+    _make_table_reads(res)
+    for ours, key in R.LM_KEYS.items():   # the same numbers as --output's
+        if ours in r["metrics"]:
+            assert res["results"][task][",".join(key)] == r["metrics"][ours]
+    assert len(lines) == (8 if task == "gsm8k" else 4)   # GSM8k: each document once per filter
+    for x in lines:
+        assert list(x) == LM_EVAL_SAMPLE + x["metrics"] and isinstance(x["target"], str)
+        assert x["doc_hash"] == R.sha256(json.dumps(x["doc"], indent=2, ensure_ascii=False))
+        assert x["prompt_hash"] == R.sha256(x["arguments"]["gen_args_0"]["arg_0"])
+    assert res["task_hashes"] == {task: R.task_hash(lines)}
+    if task != "mnist":
+        assert res["task_hashes"][task] == LM_EVAL_TASK_HASHES.get(task, res["task_hashes"][task])
     if task in ("piqa", "hellaswag"):
         k = 2 if task == "piqa" else 4
         assert set(r["metrics"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
         assert set(s) == {"doc_id", "target", "loglikelihoods", "is_greedy", "acc", "acc_norm"}
         assert len(s["loglikelihoods"]) == len(s["is_greedy"]) == k and r["num_fewshot"] == 0
         assert r["metrics"]["acc"] == sum(x["acc"] for x in r["samples"]) / 4
+        assert lines[0]["filtered_resps"] == [[str(ll), str(g)] for ll, g in zip(s["loglikelihoods"], s["is_greedy"])]
         # the CLI's log-likelihoods are the naive per-request ones
         model, tok = M.load(str(tiny_dir))
         docs = T.load_piqa(T.ensure_files("piqa", str(tmp_path), download=False, verify=False)) if task == "piqa" \
@@ -300,37 +362,153 @@ def test_cli_end_to_end(task, tiny_dir, tmp_path):
                 "exact_match_flexible"} <= set(s) and r["num_fewshot"] == 5
         assert s["fewshot_ids"] == T.gsm8k_fewshot_indices(1, 8)[0]
         assert all("Question:" not in x["generation"] for x in r["samples"])
+        assert [x["filter"] for x in lines] == ["strict-match"] * 4 + ["flexible-extract"] * 4
+        assert lines[4]["filtered_resps"] == [s["flexible"]] and lines[0]["resps"] == [[s["generation"]]]
     else:
-        import rigsa
         assert set(r["metrics"]) == {"acc", "acc_stderr"} and r["num_fewshot"] == (5 if shots else 0)
         assert set(s) == {"doc_id", "target", "prediction", "acc"}
         x, y = rigsa.load_mnist(tmp_path / "mnist", "test", verify=False)
         assert [t["target"] for t in r["samples"]] == y[:4].tolist()
         assert all(t["acc"] == int(t["prediction"] == t["target"]) for t in r["samples"])
+        # the logged prompts are the ones rigsa.mnist_accuracy scored (its calls follow the length probe)
+        assert [x["prompt_hash"] for x in lines] == [R.sha256(p) for p in prompts[1:5]]
+        assert len(set(prompts[1:5])) == 4 and res["config"]["mnist_seed"] == (-7 if shots else rigsa.SHOT_SEED)
 
 
-def test_cli_all_and_bad_flags(tiny_dir, tmp_path, capsys):
+def test_cli_all_continues_past_a_failing_task(tiny_dir, tmp_path, monkeypatch, capsys):
+    # issue #14: --task all with one task's data missing (found before the model loads) and one failing
+    # mid-run: the others run, each is written as it finishes, one error line per failed task, exit 1
     _write_data(tmp_path)
-    out = tmp_path / "all.json"
-    R.main(["--task", "all", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-verify", "--offline",
-            "--limit", "2", "--output", str(out)])
+    (tmp_path / "hellaswag" / "hellaswag_val.jsonl").unlink()
+    out, lm = tmp_path / "all.json", tmp_path / "lm"
+    seen = []
+
+    def oom(*a):
+        seen.append(sorted(json.loads(out.read_text())))   # what --output held when gsm8k started
+        raise RuntimeError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(R, "eval_gsm8k", oom)
+    with pytest.raises(SystemExit) as e:
+        R.main(["--task", "all", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-verify", "--offline",
+                "--limit", "2", "--output", str(out), "--output_path", str(lm), "--log_samples"])
+    err = capsys.readouterr().err
+    assert "error: --task all: 2 of 4 tasks failed (hellaswag, gsm8k" in str(e.value.code) and "Traceback" not in err
+    assert err.count("error: hellaswag:") == 1 and "hellaswag_val.jsonl" in err
+    assert err.count("error: gsm8k:") == 1 and "out of memory" in err
+    assert seen == [["piqa"]]
     r = json.loads(out.read_text())
-    assert sorted(r) == ["gsm8k", "hellaswag", "mnist", "piqa"] and all(len(v["samples"]) == 2 for v in r.values())
-    for bad, msg in ((["--batch-size", "0"], "--batch-size"), (["--limit", "0"], "--limit")):
-        with pytest.raises(SystemExit) as e:    # usage errors: exit 2, the message on stderr
-            R.main(["--task", "piqa", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-verify",
-                    "--offline"] + bad)
-        assert e.value.code == 2 and msg in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="error: --num-fewshot 3: piqa is 0-shot"):
-        R.main(["--task", "piqa", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-verify",
-                "--offline", "--num-fewshot", "3"])
-    with pytest.raises(SystemExit, match="missing data files"):
-        R.main(["--task", "piqa", "--model", str(tiny_dir), "--data-dir", str(tmp_path / "none"), "--offline"])
+    assert sorted(r) == ["mnist", "piqa"] and all(len(v["samples"]) == 2 for v in r.values())
+    res, _ = _lm_eval_files(lm, "mnist")
+    assert list(res["results"]) == ["piqa", "mnist"] and sorted(res["task_hashes"]) == ["mnist", "piqa"]
+    assert sorted(p.name.split("_")[1] for p in lm.glob("*/samples_*")) == ["mnist", "piqa"]
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+def test_cli_bad_inputs(tiny_dir, tmp_path, capsys):
+    # issue #14's matrix for evals/run.py: each bad input is refused in one line that names it, with no
+    # traceback and no file left behind; all but the last are found before the model loads, which
+    # --model <missing> shows (the error would otherwise be about the model)
+    _write_data(tmp_path)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    for name, lines in (("corrupt", ['{"goal": "a", "sol1": "b", "sol2": "c"}', "{oops"]), ("empty", [])):
+        (tmp_path / name / "piqa").mkdir(parents=True)
+        (tmp_path / name / "piqa" / "valid.jsonl").write_text("".join(x + "\n" for x in lines))
+        (tmp_path / name / "piqa" / "valid-labels.lst").write_text("0\n1\n")
+    (tmp_path / "nodata").mkdir()
+    nomodel = str(tmp_path / "no-model")
+    usage = [(["--limit", "0"], "--limit"), (["--limit", "-3"], "--limit"), (["--limit", "x"], "--limit"),
+             (["--num-fewshot", "-1"], "--num-fewshot"), (["--batch-size", "0"], "--batch-size"),
+             (["--batch-size", "many"], "--batch-size"), (["--seed", "1.5"], "--seed"),
+             (["--seed", str(2 ** 64)], "--seed"), (["--log_samples"], "--log_samples"),
+             (["--task", "nope"], "--task"), (["--dtype", "int8"], "--dtype")]
+    fatal = [(["--output", str(tmp_path)], "--output"),
+             (["--output", str(tmp_path / "file" / "r.json")], "--output"),
+             (["--output_path", str(tmp_path / "file")], "--output_path"),
+             (["--output_path", str(tmp_path / "file" / "d")], "--output_path"),
+             (["--num-fewshot", "3"], "--num-fewshot 3: piqa is 0-shot"),
+             (["--task", "all", "--num-fewshot", "5"], "piqa is 0-shot"),
+             (["--task", "gsm8k", "--num-fewshot", "9"], "--num-fewshot 9"),   # 8 train lines
+             (["--device", "tpu7"], "--device"),
+             (["--adapter", str(tmp_path / "absent")], "absent.safetensors"),
+             (["--adapter", str(tmp_path / "junk")], "junk.safetensors"),
+             (["--data-dir", str(tmp_path / "nodata")], "valid.jsonl"),
+             (["--data-dir", str(tmp_path / "corrupt")], "valid.jsonl:2"),
+             (["--data-dir", str(tmp_path / "empty")], "valid.jsonl: no documents"),
+             (["--model", nomodel, "--model", str(tmp_path / "absent-model")], "absent-model")]  # the model itself
+    if not torch.cuda.is_available():
+        fatal.append((["--device", "cuda"], "--device cuda"))
+    before = _tree(tmp_path)
+    for extra, thing in usage + fatal:
+        with pytest.raises(SystemExit) as e:
+            R.main(["--task", "piqa", "--model", nomodel, "--data-dir", str(tmp_path), "--no-verify", "--offline",
+                    "--limit", "2"] + extra)
+        err = capsys.readouterr().err
+        if (extra, thing) in usage:   # argparse: usage and the message on stderr, exit 2
+            assert e.value.code == 2 and thing in err, extra
+        else:                         # ours: sys.exit("error: ...") is exit 1 with that line
+            msg = str(e.value.code)
+            assert msg.startswith("error: ") and thing in msg and "\n" not in msg and "no-model" not in msg, (extra, msg)
+        assert "Traceback" not in err and _tree(tmp_path) == before, extra
+
+
+def test_cli_adapter_of_another_model_and_unwritable_output(tiny_dir, tiny_mha_dir, tmp_path, monkeypatch):
+    # a real process: an adapter trained on another shape ends in one named line, exit 1, no traceback
+    import subprocess
+    _write_data(tmp_path)
+    net, _ = M.load(str(tiny_mha_dir))
+    cfg = rigsa.Config(method="dense", model=str(tiny_mha_dir))
+    rigsa.install_adapters(net, cfg)
+    rigsa.save_adapter(net, str(tmp_path / "mha.safetensors"), cfg)
+    before = _tree(tmp_path)
+    p = subprocess.run([sys.executable, os.path.join(os.path.dirname(BENCH), "evals", "run.py"), "--task", "piqa",
+                        "--model", str(tiny_dir), "--adapter", str(tmp_path / "mha"), "--data-dir", str(tmp_path),
+                        "--no-verify", "--offline", "--limit", "1", "--output", str(tmp_path / "o.json")],
+                       capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and "Traceback" not in p.stderr and _tree(tmp_path) == before
+    assert last.startswith(f"error: --adapter {tmp_path / 'mha'}: does not fit the base model {tiny_dir}"), last
+    # a disk that fills up after the checks: the write fails with the flag's name, and no .tmp stays
+
+    def full(path, write):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(R.util, "atomic_write", full)
+    with pytest.raises(SystemExit, match=r"error: --output .*o\.json: cannot write \(No space left on device\)"):
+        R.main(["--task", "piqa", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-verify", "--offline",
+                "--limit", "1", "--output", str(tmp_path / "o.json")])
+    assert _tree(tmp_path) == before
+
+
+def test_cli_adapter_base_revision_and_quantize(tiny_dir, tmp_path, monkeypatch):
+    # --adapter without --model loads the adapter's recorded base at its recorded revision; --revision
+    # reaches model.load; a QLoRA adapter's 4-bit base says "nf4" (it quantizes the base itself)
+    import qlora
+    _write_data(tmp_path)
+    net, _ = M.load(str(tiny_dir))
+    qlora.quantize_model(net)
+    qlora.apply_lora(net, 2, 32)
+    rigsa.save_adapter(net, str(tmp_path / "q.safetensors"),
+                       rigsa.Config(method="qlora", model=str(tiny_dir), revision="v1.0", rank=2, lora_alpha=32))
+    calls, load = [], M.load
+    monkeypatch.setattr(M, "load", lambda name, *a, revision=None, **k: calls.append((name, revision)) or
+                        load(name, *a, revision=revision, **k))
+    runs = {}
+    for key, extra in (("recorded", ["--adapter", str(tmp_path / "q")]),
+                       ("revision", ["--adapter", str(tmp_path / "q"), "--revision", "v2.0"]),
+                       ("plain", ["--model", str(tiny_dir), "--revision", "abc123"])):
+        out = tmp_path / f"{key}.json"
+        R.main(["--task", "piqa", "--data-dir", str(tmp_path), "--no-verify", "--offline", "--limit", "1",
+                "--output", str(out), "--output_path", str(tmp_path / key)] + extra)
+        runs[key] = (json.loads(out.read_text()), next((tmp_path / key).glob("*/results_*.json")))
+    assert calls == [(str(tiny_dir), "v1.0"), (str(tiny_dir), "v2.0"), (str(tiny_dir), "abc123")]
+    (r, res), (p, _) = runs["recorded"], runs["plain"]
+    cfg = json.loads(res.read_text())["config"]
+    assert r["model"] == str(tiny_dir) and r["quantize"] == "nf4" and p["quantize"] is None
+    assert cfg["quantize"] == "nf4" and cfg["adapter"] == str(tmp_path / "q") and cfg["model_revision"] == "v1.0"
+    assert res.parent.name == re.sub(r"[/:]", "__", str(tmp_path / "q"))   # lm-eval names a PEFT run by its adapter
 
 
 def test_cli_adapter_in_memory(tiny_dir, tmp_path):
     # a saved adapter changes the scores, equals the in-memory adapted model, and the checkpoint is untouched
-    import rigsa
     _write_data(tmp_path)
     model, tok = M.load(str(tiny_dir))
     cfg = rigsa.Config(method="dense", model=str(tiny_dir))

@@ -3,22 +3,22 @@
 import contextlib
 import os
 
-import pytest
-import torch
-
 os.environ.setdefault("TQDM_DISABLE", "1")        # keep test logs readable
-os.environ.setdefault("HF_HUB_OFFLINE", "1")      # tests never touch the network
+os.environ.setdefault("HF_HUB_OFFLINE", "1")      # tests never touch the network (before huggingface_hub reads it)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    import tiny
     return tiny.write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_gqa"), shape="gqa", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_mha_dir(tmp_path_factory):
-    import tiny
     return tiny.write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_mha"), shape="mha", seed=1)
 
 

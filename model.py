@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 import util
 
@@ -112,7 +113,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # transformers' order: normalize in float32, cast back, THEN multiply by the weight.
-        # (F.rms_norm multiplies in float32 and differs by one bf16 rounding in ~26% of elements.)
+        # (F.rms_norm multiplies in float32, which differs by one bf16 rounding in many elements.)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -143,6 +144,9 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.len = torch.zeros(batch_size, dtype=torch.long, device=device)  # filled slots per row
         self.blocks = [[a, min(DECODE_GROUP, batch_size - a)] for a in range(0, batch_size, DECODE_GROUP)]
+        # the current step's placement, set by prepare(): cache rows (B,), their first free slot (B,),
+        # and for decoding the blocks' (batch offset, first row, rows, slots to read, mask)
+        self.rows, self.start, self.plan = None, None, []
 
     def live(self):
         """The cache rows of the batch's rows, in batch order."""
@@ -307,7 +311,7 @@ class Model(nn.Module):
         B, T = input_ids.shape
         dev = input_ids.device
         if cache is not None:
-            if attention_mask is not None and not bool(attention_mask.bool().all()) or position_ids is not None:
+            if (attention_mask is not None and not bool(attention_mask.bool().all())) or position_ids is not None:
                 raise ValueError("with a KV cache every input token must be real (no padding), at its slot's position")
             pos = cache.prepare(B, T)                                          # (B, T) slot = position
             x = self._run(input_ids, pos, None, cache, hidden_only)
@@ -631,7 +635,6 @@ def read_safetensors(path):
     """All tensors of a checkpoint directory: one model.safetensors, or the shards of an index.
     safetensors itself finds a truncated, extended or header-damaged file; a byte changed inside
     the tensor data loads silently (only resolve(..., verify=True) finds that)."""
-    from safetensors.torch import load_file
     path = Path(path)
     index = path / "model.safetensors.index.json"
     try:
@@ -702,7 +705,6 @@ def save_checkpoint(path, config, state_dict, dtype=torch.bfloat16):
     """Write config.json (a dict, e.g. hf_config(cfg)) and model.safetensors as save_pretrained
     does: the weights cast to dtype, no lm_head.weight when the embeddings are tied. Each file is
     written whole or not at all. -> path."""
-    from safetensors.torch import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     util.write_json(path / "config.json", {**config, "torch_dtype": str(dtype).replace("torch.", "")})

@@ -519,7 +519,7 @@ def load_model(name_or_path, device=None, dtype=None, revision=None):
     except (FileNotFoundError, json.JSONDecodeError):
         qc = {}
     if not qc.get("load_in_4bit"):
-        return M.load(path, device, dtype, revision)
+        return M.load(path, device, dtype, revision=revision)
     if qc.get("bnb_4bit_quant_type", "nf4") != "nf4":
         raise ValueError(f"{path}: 4-bit quant type {qc.get('bnb_4bit_quant_type')!r} is not supported (only nf4)")
     cfg = M.SmolLM2Config.from_json(path / "config.json")

@@ -50,10 +50,9 @@ import util
 # config: every hyperparameter in one place, printed at start and saved with the run
 
 # paper §5.3, Table 4: the QLoRA baseline's hyperparameters (AdamW, linear schedule), the defaults of
-# --method qlora (and of --method lora, the same on the unquantized base). Batch 16 and 1000 warmup
-# steps are §4.4's --batch-size and --warmup, shared with RIGSA.
-TABLE4 = dict(ranks=(1, 4, 8, 16), alpha=32.0, dropout=0.0, lr=2e-4, weight_decay=0.1, epochs=4.0,
-              batch_size=16, warmup=1000)
+# --method qlora (and of --method lora, the same on the unquantized base). Its batch 16 and 1000
+# warmup steps are §4.4's, so they are --batch-size's and --warmup's defaults, shared with RIGSA.
+TABLE4 = dict(ranks=(1, 4, 8, 16), alpha=32.0, dropout=0.0, lr=2e-4, weight_decay=0.1, epochs=4.0)
 
 
 def _f(default, help):
@@ -144,6 +143,7 @@ def check_config(cfg):
         bad(f"--dtype {cfg.dtype!r} is not auto, float32, bfloat16 or float16")
     if cfg.batch_size < 1 or cfg.micro_batch < 1 or cfg.iters < 1:
         bad("--batch-size, --micro-batch and --iters must be >= 1")
+    util.pick_device(cfg.device)   # --device cuda without CUDA: said now, not after the data loaded
     return cfg
 
 
@@ -578,7 +578,6 @@ class Run:
     start_step: int = 0
     resume: dict = None         # resume.pt's content, until the iteration it belongs to has started
     done_steps: int = 0         # optimizer steps taken by this process (--halt-after)
-    done: bool = False          # --resume of a finished run: nothing to do
 
     def record(self, r):
         self.log.append(r)
@@ -586,25 +585,52 @@ class Run:
             f.write(json.dumps(r) + "\n")
 
 
-def setup(cfg):
-    """Everything before the first step: the saved config (--resume), the data (§4.2), the base
-    model and its adapters (§3.2; LoRA: §5.3), the run directory and the schedule's length."""
+# flags a resumed run may change: how it runs, not what it computes
+RESUMABLE = {"resume", "halt_after", "save_every", "log_every", "device", "moments", "eval_batch", "offline", "verify",
+             "data_dir", "out"}
+
+
+def resumed(cfg):
+    """--resume: the run's saved config (a flag given with another value than the saved one is
+    refused, naming it, unless it is in RESUMABLE), its resume.pt (None if the run is complete),
+    and stale .tmp files from an interrupted write removed. A new run: cfg, None."""
     out = Path(cfg.out)
-    resume = None
-    if cfg.resume:
-        if not (out / "config.json").exists():
-            raise FileNotFoundError(f"{out / 'config.json'}: nothing to resume")
+    if not cfg.resume:
+        if (out / "config.json").exists():
+            raise FileExistsError(f"{out}: a run is already there; use --resume or another --out")
+        return cfg, None
+    try:
         saved = upgrade_config(json.loads((out / "config.json").read_text())["config"])
-        cfg = Config(**{**saved, "resume": True, "halt_after": cfg.halt_after})
-        if (out / "resume.pt").exists():
-            resume = torch.load(out / "resume.pt", map_location="cpu", weights_only=True)
-        elif (out / f"iter{n_iters(cfg)}.safetensors").exists():
-            print(f"{out}: the run is complete (iter{n_iters(cfg)}.safetensors is there)")
-            log = [json.loads(line) for line in open(out / "metrics.jsonl")]
-            return Run(cfg, out, None, None, None, None, {}, {}, [], 0, 0, 0.0, 0.0, "", log, done=True)
-    elif (out / "config.json").exists():
-        raise FileExistsError(f"{out}: a run is already there; use --resume or another --out")
-    check_config(cfg)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{out / 'config.json'}: nothing to resume; drop --resume to start a run") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{out / 'config.json'}: not a run's config ({type(e).__name__}: {e}); "
+                         f"start a new run with another --out") from None
+    defaults = Config()
+    changed = [f for f in saved if f not in RESUMABLE and getattr(cfg, f, None) != getattr(defaults, f, None)
+               and getattr(cfg, f, None) != saved[f]]
+    if changed:
+        flags = ", ".join(f"--{f.replace('_', '-')} {getattr(cfg, f)!r} (saved: {saved[f]!r})" for f in changed)
+        raise ValueError(f"--resume: {flags} differ from the run's saved config; drop them to continue the run "
+                         f"as it was, or start a new run with another --out")
+    keep = {f: getattr(cfg, f) for f in RESUMABLE if getattr(cfg, f) != getattr(defaults, f)}
+    cfg = Config(**{**saved, **keep, "resume": True, "halt_after": cfg.halt_after})   # a halt is this process's
+    for tmp in out.glob("*.tmp"):   # an interrupted write (a kill during a save): never the real file
+        tmp.unlink()
+    if not (out / "resume.pt").exists():
+        return cfg, None
+    try:
+        return cfg, torch.load(out / "resume.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{out / 'resume.pt'}: unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                         f"delete it to resume from the last finished iteration's adapter") from None
+
+
+def setup(cfg, resume=None):
+    """Everything before the first step: the data (§4.2), the base model and its adapters (§3.2;
+    LoRA: §5.3), the memory check, the run directory and the schedule's length; `resume`, resume.pt's
+    content, puts the adapters back as they were."""
+    out = Path(cfg.out)
     lora = cfg.method in LORA_METHODS
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)
@@ -756,9 +782,14 @@ def train(cfg):
     """The IMP loop (§3.2, §4.4): each iteration trains with a fresh AdamW and schedule, evaluates
     and saves its adapter, and all but the last prune, rewind to dW0 and reset the gate. `--iters 5`
     is 5 trainings and 4 prunings. -> the metrics log, or None if halted (--halt-after)."""
-    run = setup(cfg)
-    if run.done:                                  # --resume of a finished run
-        return run.log
+    cfg, resume = resumed(cfg)
+    if cfg.resume and resume is None:             # --resume of a finished run: nothing to do
+        if not (Path(cfg.out) / f"iter{n_iters(cfg)}.safetensors").exists():
+            raise FileNotFoundError(f"{cfg.out}: neither resume.pt nor iter{n_iters(cfg)}.safetensors is there, so "
+                                    f"nothing to resume from; start a new run with another --out")
+        print(f"{cfg.out}: the run is complete (iter{n_iters(cfg)}.safetensors is there)")
+        return [json.loads(line) for line in open(Path(cfg.out) / "metrics.jsonl")]
+    run = setup(check_config(cfg), resume)
     for it in range(run.start_iter, n_iters(run.cfg) + 1):
         if not train_iteration(run, it):
             return None                           # halted: continue with --resume

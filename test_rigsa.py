@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import model as M
+import qlora
 import rigsa
 from conftest import hf_model, one_thread
 
@@ -289,7 +290,6 @@ def test_cli_help_and_bad_flags(capsys):
 
 def test_qlora_wiring(tiny_dir, tmp_path):
     # --method qlora through rigsa's loop, saved and re-installed by load_adapter (§5.3, Table 4)
-    qlora = pytest.importorskip("qlora")
     rigsa.write_synthetic_mnist(tmp_path / "mnist", n_train=12, n_test=4, size=8)
     cfg = tiny_cfg(tiny_dir, tmp_path, method="qlora", rank=2, steps=2, lora_lr=1e-2, warmup=1)
     with one_thread():
@@ -304,7 +304,6 @@ def test_qlora_wiring(tiny_dir, tmp_path):
 
 def test_lora_merge(tiny_dir, tmp_path):
     # --method lora (the unquantized baseline) merges like RIGSA: float32 merge, official layout
-    pytest.importorskip("qlora")
     rigsa.write_synthetic_mnist(tmp_path / "mnist", n_train=12, n_test=4, size=8)
     cfg = tiny_cfg(tiny_dir, tmp_path, method="lora", rank=2, steps=2, lora_lr=5e-2, warmup=1)
     with one_thread():
@@ -327,7 +326,6 @@ def test_lora_merge(tiny_dir, tmp_path):
 
 def test_merge_adapters_folds_lora_in_float32_and_refuses_4bit(tiny_dir):
     # one merge for every adapter kind: W0 + delta in float32, cast to the weight's dtype
-    import qlora
     m, tok = M.load(tiny_dir, dtype=torch.bfloat16)
     torch.manual_seed(0)
     for p in qlora.apply_lora(m, rank=2, alpha=32):

@@ -70,3 +70,75 @@ def test_keep_freed_memory_settings_take_on_glibc():
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("libc is not glibc")
     assert util.keep_freed_memory()
+
+
+# ---- downloads, against a server on 127.0.0.1 that this test starts and stops ----
+
+@pytest.fixture
+def server():
+    """A local HTTP server of one file, /f (bytes 0..255 x 40), whose behaviour each test sets:
+    mode ok (honours Range), short (closes after half of what it announced), norange (ignores
+    Range), 404. Bounded: it serves only while the test runs."""
+    import http.server
+    import threading
+    body = bytes(range(256)) * 40
+    state = {"mode": "ok", "ranges": []}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            start = int(self.headers["Range"][6:-1]) if self.headers.get("Range") else 0
+            state["ranges"].append(start)
+            if state["mode"] == "404":
+                return self.send_error(404)
+            if start and state["mode"] == "ok":
+                if start >= len(body):
+                    return self.send_error(416)
+                self.send_response(206)
+            else:
+                self.send_response(200)
+                start = 0
+            part = body[start:]
+            self.send_header("Content-Length", str(len(part)))
+            self.end_headers()
+            self.wfile.write(part[:len(part) // 2] if state["mode"] == "short" else part)
+
+        def log_message(self, *a):
+            pass
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", body, state
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_download_resumes_restarts_checks_and_names_the_url(server, tmp_path, monkeypatch):
+    url, body, state = server
+    dest = tmp_path / "d" / "f"
+    state["mode"] = "short"                        # closes early: an error naming the URL, the .tmp kept
+    with pytest.raises(OSError, match=f"{url}/f: download failed \\(the connection closed early\\); run again"):
+        util.download(f"{url}/f", dest)
+    assert not dest.exists() and (tmp_path / "d" / "f.tmp").stat().st_size == len(body) // 2
+    state["mode"] = "ok"                           # the next try asks for the rest only
+    util.download(f"{url}/f", dest)
+    assert dest.read_bytes() == body and state["ranges"][-1] == len(body) // 2 and not (tmp_path / "d" / "f.tmp").exists()
+    (tmp_path / "d" / "g.tmp").write_bytes(b"stale")
+    state["mode"] = "norange"                      # a server that ignores the range: from the start
+    util.download(f"{url}/f", tmp_path / "d" / "g")
+    assert (tmp_path / "d" / "g").read_bytes() == body
+    (tmp_path / "d" / "h.tmp").write_bytes(body)   # a whole .tmp: 416, then checked and renamed
+    state["mode"] = "ok"
+    util.download(f"{url}/f", tmp_path / "d" / "h")
+    assert (tmp_path / "d" / "h").read_bytes() == body
+
+    def wrong(path):
+        raise ValueError("not the pinned file")
+    with pytest.raises(ValueError, match="not the pinned file"):   # a bad file is deleted, never renamed
+        util.download(f"{url}/f", tmp_path / "d" / "i", wrong)
+    assert not (tmp_path / "d" / "i").exists() and not (tmp_path / "d" / "i.tmp").exists()
+    state["mode"] = "404"
+    with pytest.raises(OSError, match=f"{url}/x: HTTP 404"):
+        util.download(f"{url}/x", tmp_path / "d" / "j")
+    monkeypatch.setenv("RIGSA_DATA_MIRROR", url + "/")            # one variable points every dataset at a mirror
+    assert util.data_url("https://example.org/a/test.jsonl", "gsm8k/test.jsonl") == f"{url}/gsm8k/test.jsonl"
+    monkeypatch.delenv("RIGSA_DATA_MIRROR")
+    assert util.data_url("https://example.org/a/test.jsonl", "gsm8k/test.jsonl") == "https://example.org/a/test.jsonl"

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 import model as M
 
@@ -29,7 +30,6 @@ TINY_CORPUS = ["Below is a digit as text. Which digit is it?", "The digit is", "
 def write_tokenizer(path, vocab_size=512, texts=None, chat_template=CHAT_TEMPLATE):
     """A byte-level BPE with SmolLM2's structure: digits split one per token, ChatML specials at
     0, 1, 2; trained on `texts` (default: a few lines of the prompts). -> its vocabulary size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])

@@ -80,11 +80,14 @@ def download(url, dest, check=None, timeout=60):
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
+                if size and f.tell() != have + int(size):  # the server closed early: http.client does not say
+                    raise http.client.IncompleteRead(b"", have + int(size) - f.tell())
     except urllib.error.HTTPError as e:
         if not (e.code == 416 and have):                  # 416 with a .tmp: it is already whole
             raise OSError(f"{url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-        why = getattr(e, "reason", None) or e.__class__.__name__ + (f" {e}" if str(e) else "")
+        why = "the connection closed early" if isinstance(e, http.client.IncompleteRead) else \
+            getattr(e, "reason", None) or f"{type(e).__name__} {e}".strip()
         raise OSError(f"{url}: download failed ({why}); run again to resume {tmp.name}") from None
     if check is not None:
         try:
@@ -127,7 +130,7 @@ def progress(iterable=None, total=None, desc="", unit="it", enabled=True):
     off = not enabled or os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false")
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=off,
                 file=sys.stderr if tty else _LogLines(sys.stderr), dynamic_ncols=tty, ascii=not tty,
-                mininterval=0.5 if tty else 30.0)
+                mininterval=0.5 if tty else 30.0, miniters=None if tty else 1)  # a log: exactly one line per 30 s
 
 # -----------------------------------------------------------------------------
 # the device, and CPU memory

@@ -93,7 +93,7 @@ def main():
     def read(l, s, n, S, m, fm):
         return cache.k[l][s:s + n, :, :S].sum() + cache.v[l][s:s + n, :, :S].sum()
 
-    def sdpa(l, s, n, S, m, fm):  # model.Attention's decode call
+    def sdpa(l, s, n, S, m, fm):  # model.KVCache.attend's decode call
         k, v = cache.k[l][s:s + n, :, :S], cache.v[l][s:s + n, :, :S]
         return F.scaled_dot_product_attention(q[s:s + n], k, v, attn_mask=m)
 

@@ -60,17 +60,16 @@ def _collect(lp, greedy, counts):
     return [(float(a.sum()), bool(b.all())) for a, b in zip(lp.split(counts), greedy.split(counts))]
 
 
-def _forward_rows(model, rows, cache=None, left=False):
-    """Pad token-id lists into (B, T) with their attention mask and run the model -> hidden (B, T, C)."""
+def _forward_rows(model, rows):
+    """Right-pad token-id lists into (B, T) with their attention mask and run the model -> hidden (B, T, C)."""
     dev = model.lm_head.weight.device
     T = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), T, dtype=torch.long)
     am = torch.zeros(len(rows), T, dtype=torch.long)
     for i, r in enumerate(rows):
-        sl = slice(T - len(r), T) if left else slice(0, len(r))
-        ids[i, sl] = torch.tensor(r, dtype=torch.long)
-        am[i, sl] = 1
-    return model(ids.to(dev), am.to(dev), hidden_only=True, cache=cache)
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        am[i, :len(r)] = 1
+    return model(ids.to(dev), am.to(dev), hidden_only=True)
 
 
 @torch.inference_mode()

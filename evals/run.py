@@ -475,7 +475,7 @@ def evaluate(args):
         raise ValueError("--task all: no task has its data (each said why above); fix those, then run again")
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model, tok = M.load(name, str(device), dtype, revision=revision)
+    model, tok = qlora.load_model(name, str(device), dtype, revision)   # model.load, or a bnb-4bit checkpoint
     if args.quantize and (acfg is None or acfg.method != "qlora"):  # a qlora adapter quantizes its base itself
         qlora.quantize_model(model)
     if args.adapter:

@@ -66,7 +66,7 @@ def ensure_files(task, data_dir, download=True, verify=True, names=None):
         path = os.path.join(folder, name)
         paths[name] = path
 
-        def check(p, kind=kind, digest=digest, url=url):
+        def check(p, kind=kind, digest=digest, url=url, path=path):
             got = file_hash(p, kind)
             if got != digest:
                 raise ValueError(f"{path}: {kind} is {got}, expected {digest} (pinned file {url})")

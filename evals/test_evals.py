@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
+import qlora  # noqa: E402
 import rigsa  # noqa: E402
 from evals import harness as H  # noqa: E402
 from evals import run as R  # noqa: E402
@@ -481,7 +482,6 @@ def test_cli_adapter_of_another_model_and_unwritable_output(tiny_dir, tiny_mha_d
 def test_cli_adapter_base_revision_and_quantize(tiny_dir, tmp_path, monkeypatch):
     # --adapter without --model loads the adapter's recorded base at its recorded revision; --revision
     # reaches model.load; a QLoRA adapter's 4-bit base says "nf4" (it quantizes the base itself)
-    import qlora
     _write_data(tmp_path)
     net, _ = M.load(str(tiny_dir))
     qlora.quantize_model(net)
@@ -499,7 +499,7 @@ def test_cli_adapter_base_revision_and_quantize(tiny_dir, tmp_path, monkeypatch)
         R.main(["--task", "piqa", "--data-dir", str(tmp_path), "--no-verify", "--offline", "--limit", "1",
                 "--output", str(out), "--output_path", str(tmp_path / key)] + extra)
         runs[key] = (json.loads(out.read_text()), next((tmp_path / key).glob("*/results_*.json")))
-    assert calls == [(str(tiny_dir), "v1.0"), (str(tiny_dir), "v2.0"), (str(tiny_dir), "abc123")]
+    assert [(str(n), r) for n, r in calls] == [(str(tiny_dir), "v1.0"), (str(tiny_dir), "v2.0"), (str(tiny_dir), "abc123")]
     (r, res), (p, _) = runs["recorded"], runs["plain"]
     cfg = json.loads(res.read_text())["config"]
     assert r["model"] == str(tiny_dir) and r["quantize"] == "nf4" and p["quantize"] is None

@@ -1,8 +1,10 @@
 """
-One command from a fresh clone to the paper's tables (make paper).
+One command from a fresh clone to the paper's tables and figures (make paper).
 
     python reproduce.py                      # everything, on SmolLM2-1.7B-Instruct (days on one GPU)
+    python reproduce.py --seeds 0,1,2        # each training three times: mean and 95% interval per cell
     python reproduce.py --dry-run            # the commands it would run, in order
+    python reproduce.py --tables-only        # TABLES.md and the figures from what exists (make plots)
     python reproduce.py --limit 50 --steps 20 --out runs/paper-smoke   # a quick end-to-end look
 
 It only chains the two command lines, `rigsa.py train` and `evals/run.py`, and reads what they
@@ -10,15 +12,26 @@ write, so every number in the tables can be re-made by hand with the command pri
 A step whose output already exists is skipped: an interrupted reproduction continues where it
 stopped (a half-trained run continues with `rigsa.py train --resume`).
 
-Tables written to OUT/TABLES.md:
-  Table 2   Textual MNIST 0-/5-shot accuracy, full precision and 4-bit (paper §4.2)
-  Table 3   PIQA, HellaSwag, GSM8k 5-shot, full precision and 4-bit (paper §4.3)
-  Figure 2  RIGSA at each IMP iteration, and the random mask of the last iteration's density (§5.1-5.2)
-  Figure 3  QLoRA at ranks 1/4/8/16 on the 4-bit base (§5.3, Table 4)
-  Figure 4  Textual MNIST test accuracy against trainable parameters (§5.3)
+Seeds. The paper ran every training once and names that as its limitation (§5.2, §6). With
+--seeds, each training (RIGSA, the random mask, the four QLoRA ranks) runs once per seed
+(`rigsa.py train --seed S`: dW's init, the random mask, the data order) and each of its adapters
+is evaluated; the base model's evaluations are deterministic and run once. The runs of rigsa.py's
+default seed keep the single-seed names (OUT/rigsa, OUT/qlora-r16, ...), seed S goes in
+OUT/<name>-seed<S>: an earlier single-seed reproduction stays valid, and is one seed of a later
+one. The tables use the seeds of --seeds, or without it every seed whose runs are in OUT.
+
+Written to OUT/ (the interval of each cell is defined in TABLES.md's header):
+  TABLES.md     Table 2   Textual MNIST 0-/5-shot accuracy, full precision and 4-bit (paper §4.2)
+                Table 3   PIQA, HellaSwag, GSM8k 5-shot, full precision and 4-bit (paper §4.3)
+                Figure 2  RIGSA at each IMP iteration, and the random mask of the last iteration's density (§5.1-5.2)
+                Figure 3  QLoRA at ranks 1/4/8/16 on the 4-bit base (§5.3, Table 4)
+                Figure 4  Textual MNIST test accuracy against trainable parameters (§5.3)
+  figure2.png, figure3.png, figure4.png   the same figures drawn, with matplotlib, an optional
+                extra (pip install -r requirements-plots.txt); without it only the tables
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -29,18 +42,25 @@ import util
 
 REPO = Path(__file__).resolve().parent
 SOURCE_TASKS = ["piqa", "hellaswag", "gsm8k"]      # paper §4.3
+SRC_METRIC = {"piqa": "acc", "hellaswag": "acc", "gsm8k": "exact_match_strict"}
 QLORA_RANKS = list(rigsa.TABLE4["ranks"])           # paper Table 4
 IMP_ITERS = rigsa.Config.iters                      # paper §4.4
+DEFAULT_SEED = rigsa.Config.seed                    # its runs keep the single-seed names
+RUNS = ["rigsa", "random-mask"] + [f"qlora-r{r}" for r in QLORA_RANKS]
+
+
+def run_name(name, seed):
+    return name if seed == DEFAULT_SEED else f"{name}-seed{seed}"
 
 
 def plan(a):
-    """[(output file, command)] in the order they must run."""
+    """[(output file, command)] in the order they must run: the base model's evaluations, then per
+    seed each training followed by the evaluations of its adapters."""
     py, out = [os.path.relpath(sys.executable, REPO)], Path(a.out)  # commands run in the repo root
-    ev = py + ["evals/run.py", "--model", a.model] + (["--limit", str(a.limit)] if a.limit else []) \
-        + (["--data-dir", a.data_dir] if a.data_dir else []) + (["--no-verify"] if a.no_verify else [])
-    tr = py + ["rigsa.py", "train", "--model", a.model] + (["--steps", str(a.steps)] if a.steps else []) \
-        + (["--limit", str(a.limit)] if a.limit else []) + (["--data-dir", a.data_dir] if a.data_dir else []) \
-        + (["--no-verify"] if a.no_verify else [])
+    common = (["--limit", str(a.limit)] if a.limit else []) + (["--data-dir", a.data_dir] if a.data_dir else []) \
+        + ["--no-verify"] * a.no_verify + ["--offline"] * a.offline
+    ev = py + ["evals/run.py", "--model", a.model] + common
+    tr = py + ["rigsa.py", "train", "--model", a.model] + (["--steps", str(a.steps)] if a.steps else []) + common
     steps = []
     for q in ("", "nf4"):  # Tables 2 and 3: the base model, full precision and 4-bit
         qa = ["--quantize", q] if q else []
@@ -51,23 +71,70 @@ def plan(a):
         for t in SOURCE_TASKS:
             f = out / "evals" / f"{tag}-{t}.json"
             steps.append((f, ev + ["--task", t, "--output", str(f)] + qa))
-    runs = [("rigsa", ["--method", "rigsa", "--iters", str(IMP_ITERS)], IMP_ITERS),
-            ("random-mask", ["--method", "random-mask", "--mask-like", str(out / "rigsa" / f"iter{IMP_ITERS}")], 1)]
-    runs += [(f"qlora-r{r}", ["--method", "qlora", "--rank", str(r)], 1) for r in QLORA_RANKS]
-    for name, args, iters in runs:  # Figures 2 and 3: train, then evaluate every iteration's adapter
-        run = out / name
-        steps.append((run / f"iter{iters}.safetensors",
-                       tr + ["--out", str(run)] + args + (["--resume"] if (run / "config.json").exists() else [])))
-        for k in range(1, iters + 1):
-            for t in SOURCE_TASKS:
-                f = out / "evals" / f"{name}-iter{k}-{t}.json"
-                steps.append((f, ev + ["--task", t, "--adapter", str(run / f"iter{k}"), "--output", str(f)]))
+    for seed in a.seeds:  # Figures 2 and 3: train, then evaluate every iteration's adapter
+        rig = out / run_name("rigsa", seed)  # the random mask copies this seed's last per-layer density
+        runs = [("rigsa", ["--method", "rigsa", "--iters", str(IMP_ITERS)], IMP_ITERS),
+                ("random-mask", ["--method", "random-mask", "--mask-like", str(rig / f"iter{IMP_ITERS}")], 1)]
+        runs += [(f"qlora-r{r}", ["--method", "qlora", "--rank", str(r)], 1) for r in QLORA_RANKS]
+        for name, args, iters in runs:
+            run = out / run_name(name, seed)
+            steps.append((run / f"iter{iters}.safetensors", tr + ["--out", str(run), "--seed", str(seed)] + args
+                          + (["--resume"] if (run / "config.json").exists() else [])))
+            for k in range(1, iters + 1):
+                for t in SOURCE_TASKS:
+                    f = out / "evals" / f"{run.name}-iter{k}-{t}.json"
+                    steps.append((f, ev + ["--task", t, "--adapter", str(run / f"iter{k}"), "--output", str(f)]))
     return steps
+
+# -----------------------------------------------------------------------------
+# 95% intervals: a t interval over seeds, or one run's stderr
+
+
+Z95 = 1.959964  # the normal distribution's 0.975 quantile
+T95 = [12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,  # df 1..10
+       2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,   # df 11..20
+       2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423]   # df 21..30
+
+
+def t95(df):
+    """Student's t 0.975 quantile (no scipy): the table to df 30, then the Cornish-Fisher
+    expansion around the normal quantile, within 1e-4 from df 30 on."""
+    if df <= len(T95):
+        return T95[df - 1]
+    z = Z95
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2) \
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
+
+
+def interval(samples):
+    """[(value, stderr or None)], one per seed, missing ones left out -> (mean, half-width of the 95%
+    interval or None, n), or None when there is none. n >= 2: mean +- t95(n-1) * s / sqrt(n), s the
+    sample standard deviation; n = 1: the value +- 1.96 * its stderr (a test set's sampling only)."""
+    if not samples:
+        return None
+    n = len(samples)
+    if n == 1:
+        x, se = samples[0]
+        return x, None if se is None else Z95 * se, 1
+    m = sum(x for x, _ in samples) / n
+    s = math.sqrt(sum((x - m) ** 2 for x, _ in samples) / (n - 1))
+    return m, t95(n - 1) * s / math.sqrt(n), n
+
+
+def binomial_stderr(p, n):
+    """The stderr of an accuracy p over n 0/1 scores, as evals/ and lm-eval compute it (sample
+    standard deviation / sqrt(n)) for the test accuracy that training logs without its scores."""
+    return math.sqrt(p * (1 - p) / (n - 1)) if n >= 2 else None
+
+# -----------------------------------------------------------------------------
+# reading what the steps wrote
 
 
 def read(path, key):
+    """(value, stderr or None) of one metric in an evals JSON file, or None."""
     try:
-        return json.loads(Path(path).read_text())["metrics"][key]
+        m = json.loads(Path(path).read_text())["metrics"]
+        return m[key], m.get(key + "_stderr")
     except (FileNotFoundError, KeyError, json.JSONDecodeError):
         return None
 
@@ -84,67 +151,309 @@ def run_metrics(run):
     return rows
 
 
-def pct(x):
-    return "-" if x is None else f"{100 * x:.2f}"
+def test_images(run):
+    """How many images a run's test_acc is over (metrics.jsonl has the accuracy only): its --limit,
+    capped by the test split's size in its data root's IDX header (10,000 if unreadable)."""
+    try:
+        cfg = json.loads((Path(run) / "config.json").read_text())["config"]
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        cfg = {}
+    try:
+        labels = Path(rigsa.mnist_dir(REPO / cfg.get("data_dir", "data"))) / "t10k-labels-idx1-ubyte.gz"
+        n = len(rigsa.read_idx(labels, 2049))
+    except (OSError, ValueError):
+        n = rigsa.MNIST_COUNTS["test"]
+    limit = cfg.get("limit", cfg.get("eval_max", 0))  # eval_max: runs from before the flag's rename
+    return min(limit, n) if limit else n
 
 
-def tables(out):
+def seeds_found(out):
+    """The seeds whose runs are in OUT."""
+    found = set()
+    for p in Path(out).glob("*/config.json"):
+        base, _, s = p.parent.name.rpartition("-seed")
+        if p.parent.name in RUNS:
+            found.add(DEFAULT_SEED)
+        elif base in RUNS and s.lstrip("-").isdigit():
+            found.add(int(s))
+    return sorted(found) or [DEFAULT_SEED]
+
+
+def results(out, seeds):
+    """Every cell of the tables and figures. base: {(tag, column): interval}, tag base or base-nf4,
+    column mnist-0shot, mnist-5shot or a source task; rows: one per adapter (RIGSA iteration,
+    random mask, QLoRA rank) with its intervals over seeds and its mean density and trainable count."""
     out, ev = Path(out), Path(out) / "evals"
-    src_metric = {"piqa": "acc", "hellaswag": "acc", "gsm8k": "exact_match_strict"}
-    L = ["# The paper's tables, reproduced", "",
-         "Values in %. PIQA and HellaSwag: `acc` (lm-eval's); GSM8k: strict-match exact match (flexible-extract in the",
-         "evals JSON files). Each number comes from the JSON file named after its row in `evals/`.", "",
+    base = {}
+    for tag in ("base", "base-nf4"):
+        for col in ["mnist-0shot", "mnist-5shot"] + SOURCE_TASKS:
+            r = read(ev / f"{tag}-{col}.json", SRC_METRIC.get(col, "acc"))
+            base[tag, col] = interval([r] if r else [])
+    rows = [("rigsa", k, f"RIGSA iteration {k}") for k in range(1, IMP_ITERS + 1)] + [("random-mask", 1, "Random mask")]
+    rows += [(f"qlora-r{r}", 1, f"QLoRA rank {r}") for r in QLORA_RANKS]
+    R = {"seeds": list(seeds), "base": base, "rows": []}
+    for name, k, label in rows:
+        per = {c: [] for c in ["mnist", "density", "trainable"] + SOURCE_TASKS}
+        for seed in seeds:
+            run = out / run_name(name, seed)
+            m = run_metrics(run).get(k, {})
+            if m.get("test_acc") is not None:
+                per["mnist"].append((m["test_acc"], binomial_stderr(m["test_acc"], test_images(run))))
+            for c in ("density", "trainable"):
+                if m.get(c) is not None:
+                    per[c].append(m[c])
+            for t in SOURCE_TASKS:
+                r = read(ev / f"{run.name}-iter{k}-{t}.json", SRC_METRIC[t])
+                if r:
+                    per[t].append(r)
+        row = {"name": name, "k": k, "label": label, "rank": int(name[7:]) if name.startswith("qlora") else None}
+        row.update({c: interval(per[c]) for c in ["mnist"] + SOURCE_TASKS})
+        row.update({c: sum(per[c]) / len(per[c]) if per[c] else None for c in ("density", "trainable")})
+        R["rows"].append(row)
+    return R
+
+# -----------------------------------------------------------------------------
+# TABLES.md
+
+
+def header(seeds):
+    n = len(seeds)
+    s = ", ".join(map(str, seeds))
+    adapters = [f"- Adapter rows: **n = {n} seeds** ({s}), a t interval over seeds: mean ± t(0.975, n - 1) · s / √n,",
+                "  s the sample standard deviation (divisor n - 1) of the per-seed values; Student's t quantile for",
+                f"  df = {n - 1} is {t95(n - 1):.4f}. It measures training randomness on a fixed test set. A cell with",
+                "  fewer seeds says (n=k); with n=1 its interval is the stderr one below."] if n >= 2 else \
+        [f"- Adapter rows: **one seed** ({s}), value ± 1.96 · stderr, as the base-model rows."]
+    return ["Values in %, each the mean ± the half-width of its 95% interval. PIQA and HellaSwag: `acc` (lm-eval's);",
+            "GSM8k: strict-match exact match (flexible-extract in the evals JSON files). Each number comes from",
+            "`evals/base[-nf4]-<task>.json` or `evals/<run>-iter<k>-<task>.json` (run: `rigsa`, `qlora-r4-seed0`, ...);",
+            "an adapter's Textual MNIST test accuracy from `<run>/metrics.jsonl` (§5.1: the training run's, before pruning).", "",
+            "95% intervals:"] + adapters + [
+            "- Base-model rows (one deterministic evaluation): value ± 1.96 · stderr, stderr the evals JSON file's",
+            "  `<metric>_stderr` as lm-eval computes it, √(Σ(xᵢ - x̄)² / (N - 1)) / √N over the N per-document scores.",
+            "  For a run's Textual MNIST accuracy p over N test images (no per-image file) that is √(p(1 - p) / (N - 1)).",
+            "  It measures the test set's sampling only (and is 0 wide at 0% or 100%); a cell without a stderr",
+            "  (N < 2) shows the value alone.", ""]
+
+
+def fmt(c, n_seeds=1):
+    if c is None:
+        return "-"
+    m, h, n = c
+    return f"{100 * m:.2f}" + ("" if h is None else f" ± {100 * h:.2f}") + (f" (n={n})" if n < n_seeds else "")
+
+
+def render(R, images=()):
+    B, S, n = R["base"], SOURCE_TASKS, len(R["seeds"])
+    picture = {f: ["", f"![Figure {f[6]}]({f})"] for f in images}  # figureN.png, drawn in this call
+    L = ["# The paper's tables, reproduced", ""] + header(R["seeds"]) + [
          "## Table 2: Textual MNIST test accuracy of the base model (paper §4.2)", "",
          "| Variant | 0-shot | 5-shot |", "|---|---:|---:|"]
     for tag, name in (("base", "Full Precision"), ("base-nf4", "Quantized (4-bit)")):
-        L.append(f"| {name} | {pct(read(ev / f'{tag}-mnist-0shot.json', 'acc'))} | "
-                 f"{pct(read(ev / f'{tag}-mnist-5shot.json', 'acc'))} |")
+        L.append(f"| {name} | {fmt(B[tag, 'mnist-0shot'])} | {fmt(B[tag, 'mnist-5shot'])} |")
     L += ["", "## Table 3: source tasks of the base model (paper §4.3)", "",
           "| Benchmark | Full Precision | Quantized (4-bit) |", "|---|---:|---:|"]
-    for t, name in zip(SOURCE_TASKS, ["PIQA", "HellaSwag", "GSM8k (5-shot)"]):
-        L.append(f"| {name} | {pct(read(ev / f'base-{t}.json', src_metric[t]))} | "
-                 f"{pct(read(ev / f'base-nf4-{t}.json', src_metric[t]))} |")
+    for t, name in zip(S, ["PIQA", "HellaSwag", "GSM8k (5-shot)"]):
+        L.append(f"| {name} | {fmt(B['base', t])} | {fmt(B['base-nf4', t])} |")
     L += ["", "## Figure 2: RIGSA at each IMP iteration, and the random mask (paper §5.1-5.2)", "",
           "| Adapter | density | Textual MNIST | PIQA | HellaSwag | GSM8k |", "|---|---:|---:|---:|---:|---:|"]
-    L.append("| baseline | - | " + pct(read(ev / "base-mnist-0shot.json", "acc")) + " | " +
-             " | ".join(pct(read(ev / f"base-{t}.json", src_metric[t])) for t in SOURCE_TASKS) + " |")
-    fig4 = []
-    for name, label in (("rigsa", "RIGSA iteration {k}"), ("random-mask", "Random mask")):
-        for k, r in sorted(run_metrics(out / name).items()):
-            d = r.get("density")
-            L.append(f"| {label.format(k=k)} | {'-' if d is None else f'{100 * d:.2f}%'} | {pct(r.get('test_acc'))} | " +
-                     " | ".join(pct(read(ev / f"{name}-iter{k}-{t}.json", src_metric[t])) for t in SOURCE_TASKS) + " |")
-            fig4.append((label.format(k=k), r.get("trainable"), r.get("test_acc")))
+    L.append(f"| baseline | - | {fmt(B['base', 'mnist-0shot'])} | " + " | ".join(fmt(B["base", t]) for t in S) + " |")
+    for r in R["rows"]:
+        if r["rank"] is None:
+            d = "-" if r["density"] is None else f"{100 * r['density']:.2f}%"
+            L.append(f"| {r['label']} | {d} | {fmt(r['mnist'], n)} | " + " | ".join(fmt(r[t], n) for t in S) + " |")
+    L += picture.get("figure2.png", [])
     L += ["", "## Figure 3: QLoRA on the 4-bit base (paper §5.3, Table 4)", "",
           "| Rank | Textual MNIST | PIQA | HellaSwag | GSM8k |", "|---:|---:|---:|---:|---:|"]
-    L.append("| 4-bit baseline | " + pct(read(ev / "base-nf4-mnist-0shot.json", "acc")) + " | " +
-             " | ".join(pct(read(ev / f"base-nf4-{t}.json", src_metric[t])) for t in SOURCE_TASKS) + " |")
-    for r in QLORA_RANKS:
-        m = run_metrics(out / f"qlora-r{r}").get(1, {})
-        L.append(f"| {r} | {pct(m.get('test_acc'))} | " +
-                 " | ".join(pct(read(ev / f"qlora-r{r}-iter1-{t}.json", src_metric[t])) for t in SOURCE_TASKS) + " |")
-        fig4.append((f"QLoRA rank {r}", m.get("trainable"), m.get("test_acc")))
+    L.append(f"| 4-bit baseline | {fmt(B['base-nf4', 'mnist-0shot'])} | " + " | ".join(fmt(B["base-nf4", t]) for t in S) + " |")
+    for r in R["rows"]:
+        if r["rank"] is not None:
+            L.append(f"| {r['rank']} | {fmt(r['mnist'], n)} | " + " | ".join(fmt(r[t], n) for t in S) + " |")
+    L += picture.get("figure3.png", [])
     L += ["", "## Figure 4: Textual MNIST test accuracy against trainable parameters (paper §5.3)", "",
-          "| Adapter | trainable parameters | test accuracy |", "|---|---:|---:|"]
-    L += [f"| {n} | {'-' if c is None else f'{c:,}'} | {pct(a)} |" for n, c, a in fig4]
-    text = "\n".join(L) + "\n"
+          "| Adapter | trainable parameters" + (" (mean over seeds)" if n > 1 else "") + " | test accuracy |",
+          "|---|---:|---:|"]
+    count = lambda x: "-" if x is None else f"{round(x):,}"  # noqa: E731
+    L += [f"| {r['label']} | {count(r['trainable'])} | {fmt(r['mnist'], n)} |" for r in R["rows"]]
+    L += picture.get("figure4.png", [])
+    return "\n".join(L) + "\n"
+
+# -----------------------------------------------------------------------------
+# Figures 2-4 as PNGs (matplotlib is optional: requirements-plots.txt)
+
+
+PANELS = [("mnist", "a. Textual MNIST (target task; baseline 0-shot)", "test accuracy (%)"),  # the paper's order
+          ("gsm8k", "b. GSM8k 5-shot", "exact match, strict (%)"),
+          ("hellaswag", "c. HellaSwag 0-shot", "accuracy (%)"), ("piqa", "d. PIQA 0-shot", "accuracy (%)")]
+
+
+def _series(ax, xs, cells, **kw):
+    """Means with their 95% intervals as error bars, points without a value left out -> the points."""
+    pts = [(x, 100 * c[0], 0 if c[1] is None else 100 * c[1]) for x, c in zip(xs, cells) if c is not None]
+    if pts:
+        x, y, e = zip(*pts)
+        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, **kw)
+    return pts
+
+
+def _level(ax, c, label, pts, **kw):
+    """A horizontal reference (the base model, the random mask) with its interval as a band -> "",
+    or, where it would squash the adapters' differences (Textual MNIST: the base model is near
+    chance, the adapters near 100%), a note for the panel's title instead."""
+    if c is None:
+        return ""
+    y, h = 100 * c[0], 0 if c[1] is None else 100 * c[1]
+    lo, hi = ax.get_ylim()
+    span = max(hi - lo, 1)  # _panel's smallest axis
+    if pts and not lo - 2 * span <= y <= hi + 2 * span:
+        return f"{label}: {y:.1f}%, {'below' if y < lo else 'above'} the axis"
+    ax.axhline(y, label=label, **kw)
+    if h:
+        ax.axhspan(y - h, y + h, alpha=0.12, color=kw.get("color"), lw=0)
+    return ""
+
+
+def _panel(ax, title, ylabel, xlabel, notes=()):
+    if not ax.lines:
+        ax.text(0.5, 0.5, "no results yet", ha="center", va="center", transform=ax.transAxes, color="0.5")
+        ax.set_yticks([])
+    else:  # an accuracy axis stays within 0-100% (a normal-approximation interval may not) and spans >= 1 point
+        lo, hi = ax.get_ylim()
+        mid, half = (lo + hi) / 2, max((hi - lo) / 2, 0.5)
+        lo, hi = max(mid - half, 0), min(mid + half, 100)
+        ax.set_ylim(lo - 0.03 * (hi - lo), hi + 0.03 * (hi - lo))  # a margin: points at 0% stay visible
+    ax.set_title(title + "".join(f"\n{n}" for n in notes if n), fontsize=10)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, axes, out, name, title, seeds):
+    axes = list(axes)
+    s = ", ".join(map(str, seeds))
+    how = (f"n = {len(seeds)} seeds ({s}): means, error bars the 95% t interval over seeds" if len(seeds) > 1
+           else f"one seed ({s}): error bars the 95% interval ± 1.96 stderr")
+    bands = "; shaded: the horizontal lines' 95% intervals" if any(ax.patches for ax in axes) else ""
+    fig.suptitle(f"{title}\n{how}{bands}", fontsize=10)
+    handles = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    handles = dict(sorted(handles.items(), key=lambda lh: not hasattr(lh[1], "has_yerr")))  # the series first
+    if handles:  # one legend for all panels, under them
+        fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=min(len(handles), 3), frameon=False)
+    fig.savefig(Path(out) / name, dpi=110)
+    return name
+
+
+def figures(out, R):
+    """figure2.png, figure3.png, figure4.png next to TABLES.md -> their names; [] without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only: no display on a server
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+    except ImportError:
+        print("plots: matplotlib is not installed; `pip install -r requirements-plots.txt` draws Figures 2-4 "
+              "as PNGs next to TABLES.md", file=sys.stderr)
+        return []
+    B, rows, seeds = R["base"], R["rows"], R["seeds"]
+    rig = [r for r in rows if r["name"] == "rigsa"]
+    mask = next(r for r in rows if r["name"] == "random-mask")
+    ql = [r for r in rows if r["rank"] is not None]
+    base = lambda tag, c: B[tag, "mnist-0shot" if c == "mnist" else c]  # noqa: E731  (Table 2: 0-shot)
+    grid = dict(nrows=2, ncols=2, figsize=(10, 8), layout="constrained")
+    written = []
+
+    # Figure 2 (§5.1-5.2): RIGSA against the IMP iteration; the random mask and the base model as levels
+    fig, axes = plt.subplots(**grid)
+    for ax, (c, title, ylabel) in zip(axes.flat, PANELS):
+        pts = _series(ax, [r["k"] for r in rig], [r[c] for r in rig], label="RIGSA", color="C0")
+        notes = [_level(ax, mask[c], f"Random mask (iteration {IMP_ITERS}'s density)", pts, color="C1", ls="--"),
+                 _level(ax, base("base", c), "Baseline (base model)", pts, color="0.4")]
+        ax.set_xticks([r["k"] for r in rig], [f"{r['k']}\n" + ("" if r["density"] is None else f"{100 * r['density']:.1f}%")
+                                               for r in rig])
+        _panel(ax, title, ylabel, "IMP iteration (density)", notes)
+    written.append(_save(fig, axes.flat, out, "figure2.png",
+                         "Figure 2: RIGSA at each IMP iteration, a random mask and the base model", seeds))
+
+    # Figure 3 (§5.3): QLoRA against the rank, on a log-2 axis; the 4-bit base model as a level
+    fig, axes = plt.subplots(**grid)
+    for ax, (c, title, ylabel) in zip(axes.flat, PANELS):
+        pts = _series(ax, [r["rank"] for r in ql], [r[c] for r in ql], label="QLoRA", color="C2")
+        note = _level(ax, base("base-nf4", c), "4-bit baseline (NF4 base model)", pts, color="0.4")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(QLORA_RANKS))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlim(QLORA_RANKS[0] / 1.4, QLORA_RANKS[-1] * 1.4)
+        _panel(ax, title, ylabel, "QLoRA rank", [note])
+    written.append(_save(fig, axes.flat, out, "figure3.png",
+                         "Figure 3: QLoRA at each rank on the 4-bit base, and the 4-bit base model", seeds))
+
+    # Figure 4 (§5.3): Textual MNIST against trainable parameters, log scale (they span decades)
+    fig, ax = plt.subplots(figsize=(8, 5.5), layout="constrained")
+    pts = []
+    for sel, label, color, tag, dx in ((rig, "RIGSA (IMP iterations)", "C0", lambda r: f"it {r['k']}", 5),
+                                       ([mask], "Random mask", "C1", lambda r: "mask", -5),  # left: it 5 is right
+                                       (ql, "QLoRA (ranks, 4-bit base)", "C2", lambda r: f"r {r['rank']}", 5)):
+        sel = [r for r in sel if r["trainable"] and r["mnist"]]
+        pts += _series(ax, [r["trainable"] for r in sel], [r["mnist"] for r in sel], label=label, color=color)
+        for r in sel:
+            ax.annotate(tag(r), (r["trainable"], 100 * r["mnist"][0]), textcoords="offset points", xytext=(dx, 4),
+                        ha="left" if dx > 0 else "right", fontsize=8, color=color, bbox=dict(fc="white", ec="none", alpha=0.8, pad=0.5))
+    ax.set_xscale("log")
+    note = _level(ax, B["base", "mnist-0shot"], "Baseline (base model, 0-shot)", pts, color="0.4")
+    _panel(ax, "", "Textual MNIST test accuracy (%)", "trainable parameters (log scale)", [note])
+    ax.grid(alpha=0.12, which="minor")
+    written.append(_save(fig, [ax], out, "figure4.png",
+                         "Figure 4: Textual MNIST test accuracy against trainable parameters", seeds))
+    plt.close("all")
+    return written
+
+
+def tables(out, seeds=None):
+    """Write OUT/TABLES.md and the figures from what exists; seeds: those of --seeds, default every
+    seed whose runs are in OUT. -> TABLES.md's text."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    R = results(out, seeds or seeds_found(out))
+    text = render(R, figures(out, R))
     util.atomic_write(out / "TABLES.md", lambda tmp: Path(tmp).write_text(text))
     return text
+
+
+def parse_seeds(s):
+    try:
+        seeds = [int(x) for x in s.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds {s}: expected integers separated by commas, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {s}: a seed appears twice")
+    return seeds
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="HuggingFaceTB/SmolLM2-1.7B-Instruct", help="base model [default: the paper's]")
     ap.add_argument("--out", default="runs/paper", help="where runs, evals/*.json and TABLES.md go [default: runs/paper]")
+    ap.add_argument("--seeds", default="", help="training seeds, comma-separated (e.g. 0,1,2): each training runs once "
+                    f"per seed and each cell reports the mean and a 95%% t interval [default: {DEFAULT_SEED}, one run; "
+                    "tables: every seed in --out]")
     ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N documents/images (0 = all) [default: 0]")
     ap.add_argument("--steps", type=int, default=0, help="cap optimizer steps per training iteration (0 = the paper's epochs)")
     ap.add_argument("--data-dir", default="", help="data root holding <task>/ folders, mnist/ included, for training and "
                     "evaluation [default: data]")
-    ap.add_argument("--no-verify", action="store_true", help="skip the evals' data checksums (stand-in data files)")
+    ap.add_argument("--no-verify", action="store_true", help="skip the data checksums (stand-in data files)")
+    ap.add_argument("--offline", action="store_true", help="never download: a missing model or data file is an error")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    ap.add_argument("--tables-only", action="store_true", help="only (re)write TABLES.md from what exists")
+    ap.add_argument("--tables-only", action="store_true", help="only (re)write TABLES.md and the figures from what exists")
     a = ap.parse_args(argv)
+    try:
+        seeds = parse_seeds(a.seeds) if a.seeds else None
+    except ValueError as e:
+        ap.error(str(e))
     if not a.tables_only:
+        a.seeds = seeds or [DEFAULT_SEED]
         steps = plan(a)
         for i, (target, cmd) in enumerate(steps, 1):
             if target.exists():
@@ -153,11 +462,12 @@ def main(argv=None):
             if a.dry_run:
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            r = subprocess.run(cmd, cwd=REPO)
+            # --offline also keeps the children's model loads off the hub (huggingface-hub reads HF_HUB_OFFLINE)
+            r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"} if a.offline else None)
             if r.returncode != 0:
                 sys.exit(f"error: step {i} failed (exit {r.returncode}); fix it and run reproduce.py again to continue")
     if not a.dry_run:
-        print(tables(a.out))
+        print(tables(a.out, seeds))
 
 
 if __name__ == "__main__":

@@ -252,8 +252,14 @@ class GatedSparseLinear(nn.Module):
         return self.in_features * self.out_features
 
     def free_index(self):
-        """Flat row-major positions (k,) of the free entries, in `delta`'s order; None if all are."""
-        return None if self.mask is None else unpack_bits(self.mask, self.numel()).nonzero().view(-1)
+        """Flat row-major positions (k,) of the free entries, in `delta`'s order; None if all are.
+        Derived from the packed mask at each use (an int64 index kept per layer would cost 8 bytes
+        per free entry); on the CPU through numpy, whose flatnonzero is several times torch's nonzero."""
+        if self.mask is None:
+            return None
+        if self.mask.device.type == "cpu":
+            return torch.from_numpy(np.flatnonzero(np.unpackbits(self.mask.numpy(), count=self.numel())))
+        return unpack_bits(self.mask, self.numel()).nonzero().view(-1)
 
     def set_free(self, index, values):
         """Make the entries at sorted flat positions `index` the free ones, with dW = values."""

@@ -364,10 +364,13 @@ class DenseGatedLinear(nn.Module):
     def __init__(self, base, init_seed, init="uniform", init_std=0.02, alpha_init=1e-6, gated=True):
         super().__init__()
         self.weight = base.weight
-        self.gated, self.twin = gated, rigsa.GatedSparseLinear(base, init_seed, init, init_std, alpha_init, gated)
-        self.delta = nn.Parameter(self.twin.init_delta())
+        self.init_seed, self.init, self.init_std, self.gated = init_seed, init, init_std, gated
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.delta = nn.Parameter(self.init_delta())
         self.alpha = nn.Parameter(torch.tensor(alpha_init if gated else 1.0), requires_grad=gated)
         self.register_buffer("mask", torch.ones_like(self.delta, dtype=torch.bool))
+
+    init_delta = rigsa.GatedSparseLinear.init_delta   # dW0 from the same seed, the same way
 
     def forward(self, x):
         return torch.nn.functional.linear(x, self.weight + self.alpha * (self.delta * self.mask))
@@ -376,7 +379,7 @@ class DenseGatedLinear(nn.Module):
 @torch.no_grad()
 def dense_prune(layers, keep, scope, sign):
     """The IMP rule on dense tensors, as rigsa.prune was written before it became compact."""
-    elig = {n: L.mask & (torch.sign(L.delta) == torch.sign(L.twin.init_delta())) if sign else L.mask.clone()
+    elig = {n: L.mask & (torch.sign(L.delta) == torch.sign(L.init_delta())) if sign else L.mask.clone()
             for n, L in layers.items()}
     for group in ([list(layers)] if scope == "global" else [[n] for n in layers]):
         k = round(keep * sum(int(elig[n].sum()) for n in group))
@@ -389,7 +392,7 @@ def dense_prune(layers, keep, scope, sign):
             new.view(-1)[tie] = True
             quota -= len(tie)
             L.mask.copy_(new)
-            L.delta.copy_(L.twin.init_delta() * new)
+            L.delta.copy_(L.init_delta() * new)
 
 
 def dense_reference_run(tiny_dir, cfg):

@@ -800,7 +800,7 @@ def _positive_int(s):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Chat with a SmolLM2 checkpoint (one user message, greedy).")
+    ap = util.ArgumentParser(prog="model.py", description="Chat with a SmolLM2 checkpoint (one user message, greedy).")
     ap.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local directory (default {DEFAULT_MODEL})")
     ap.add_argument("--prompt", required=True, help="the user message")
     ap.add_argument("--system", default=None, help="system prompt (default: the model's own default)")

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 import model as M
 import util
@@ -361,10 +362,9 @@ def load_lora(model, tensors, rank, alpha, dropout=0.0):
 # -----------------------------------------------------------------------------
 # PEFT's on-disk format (peers.md 2.5)
 
-def save_peft(model, out_dir, rank, alpha, dropout, base_model_name):
+def save_peft(model, out_dir, rank, alpha, dropout, base_model_name, revision=None):
     """Write adapter_model.safetensors (PEFT key names, float32) and adapter_config.json so the adapter
-    loads with peft.PeftModel.from_pretrained(base, out_dir)."""
-    from safetensors.torch import save_file
+    loads with peft.PeftModel.from_pretrained(base, out_dir); `revision`: the base's hub commit."""
     sd = lora_state_dict(model)
     if not sd:
         raise ValueError("save_peft: the model has no LoRA adapters")
@@ -379,7 +379,7 @@ def save_peft(model, out_dir, rank, alpha, dropout, base_model_name):
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
         "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
-        "revision": None,
+        "revision": revision,
     }
     util.atomic_write(os.path.join(out_dir, "adapter_config.json"),
             lambda p: Path(p).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n"))
@@ -389,7 +389,6 @@ def save_peft(model, out_dir, rank, alpha, dropout, base_model_name):
 def read_peft(adapter_dir):
     """-> (tensors, config) of a PEFT LoRA adapter directory, with one clear error for bad input.
     Pass them to load_lora(model, tensors, config['r'], config['lora_alpha'])."""
-    from safetensors.torch import load_file
     d = Path(adapter_dir)
     try:
         cfg = json.loads((d / "adapter_config.json").read_text())

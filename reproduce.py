@@ -58,7 +58,8 @@ def plan(a):
     seed each training followed by the evaluations of its adapters."""
     py, out = [os.path.relpath(sys.executable, REPO)], Path(a.out)  # commands run in the repo root
     common = (["--limit", str(a.limit)] if a.limit else []) + (["--data-dir", a.data_dir] if a.data_dir else []) \
-        + ["--no-verify"] * a.no_verify + ["--offline"] * a.offline
+        + ["--no-verify"] * a.no_verify + ["--offline"] * a.offline \
+        + (["--revision", a.revision] if getattr(a, "revision", "") else [])
     ev = py + ["evals/run.py", "--model", a.model] + common
     tr = py + ["rigsa.py", "train", "--model", a.model] + (["--steps", str(a.steps)] if a.steps else []) + common
     steps = []
@@ -433,14 +434,15 @@ def parse_seeds(s):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = util.ArgumentParser(prog="reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="HuggingFaceTB/SmolLM2-1.7B-Instruct", help="base model [default: the paper's]")
+    ap.add_argument("--revision", default="", help="hub revision of --model, passed to every step [default: the latest]")
     ap.add_argument("--out", default="runs/paper", help="where runs, evals/*.json and TABLES.md go [default: runs/paper]")
     ap.add_argument("--seeds", default="", help="training seeds, comma-separated (e.g. 0,1,2): each training runs once "
                     f"per seed and each cell reports the mean and a 95%% t interval [default: {DEFAULT_SEED}, one run; "
                     "tables: every seed in --out]")
-    ap.add_argument("--limit", type=int, default=0, help="evaluate only the first N documents/images (0 = all) [default: 0]")
-    ap.add_argument("--steps", type=int, default=0, help="cap optimizer steps per training iteration (0 = the paper's epochs)")
+    ap.add_argument("--limit", type=util.number(int, 0), default=0, help="evaluate only the first N documents/images (0 = all) [default: 0]")
+    ap.add_argument("--steps", type=util.number(int, 0), default=0, help="cap optimizer steps per training iteration (0 = the paper's epochs)")
     ap.add_argument("--data-dir", default="", help="data root holding <task>/ folders, mnist/ included, for training and "
                     "evaluation [default: data]")
     ap.add_argument("--no-verify", action="store_true", help="skip the data checksums (stand-in data files)")

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -55,94 +56,110 @@ import util
 TABLE4 = dict(ranks=(1, 4, 8, 16), alpha=32.0, dropout=0.0, lr=2e-4, weight_decay=0.1, epochs=4.0)
 
 
-def _f(default, help):
-    return field(default=default, metadata={"help": help})
+def _f(default, help, check=None, choices=None, methods=None):
+    """A Config field: its default, its help, its valid values (check: a util.number range; choices),
+    and the methods that use it (a flag another method would silently ignore is refused)."""
+    return field(default=default, metadata={"help": help, "check": check, "choices": choices, "methods": methods})
+
+
+POS, NONNEG, FRAC = util.number(float, 0, lo_open=True), util.number(float, 0), util.number(float, 0, 1, hi_open=True)
+INT0, INT1 = util.number(int, 0), util.number(int, 1)
+GATED = ("rigsa", "random-mask", "dense")              # the methods with the ReZero gate (lt-sft has none, §6)
+SPARSE = GATED + ("lt-sft",)                            # the gated sparse layer's methods
+PRUNING = ("rigsa", "lt-sft")                           # the ones that prune (IMP)
+LORA_METHODS = ("lora", "qlora")
+METHODS = SPARSE + LORA_METHODS
 
 
 @dataclass
 class Config:
     # what to train
     model: str = _f(M.DEFAULT_MODEL, "base model: hub id or local directory (§4.1)")
-    revision: str = _f("", "hub revision of --model (commit, branch or tag; default: the latest); the run records the commit it resolved to")
-    method: str = _f("rigsa", "rigsa | random-mask | lt-sft | dense | lora | qlora (§3.2, §4.4, §5.3; lt-sft: §6)")
+    revision: str = _f("", "hub revision of --model (commit, branch or tag; default: the latest); the run records "
+                           "the commit it resolved to and resumes on it")
+    method: str = _f("rigsa", "rigsa | random-mask | lt-sft | dense | lora | qlora (§3.2, §4.4, §5.3; lt-sft: §6)",
+                     choices=METHODS)
     out: str = _f("runs/rigsa", "run directory: config.json, metrics.jsonl, iterK.safetensors")
     data_dir: str = _f("data", "data root: the four MNIST IDX files are in <root>/mnist/ (§4.2)")
-    seed: int = _f(1234, "seed of dW's init (per layer), of the random mask and of the data order")
+    seed: int = _f(1234, "seed of dW's init (per layer), of the random mask and of the data order",
+                   check=util.number(int, 0, 2 ** 63 - 1))
     # the gated adapter (§3.2)
-    alpha_init: float = _f(1e-6, "initial gate alpha, one per layer (§3.2)")
-    init: str = _f("uniform", "dW init: uniform = nn.Linear's U(+-1/sqrt(fan_in)) | normal (std --init-std) (silent in §3.2)")
-    init_std: float = _f(0.02, "std of dW's init when --init normal")
-    decay_gate: bool = _f(False, "weight-decay the gate alpha too (silent in §4.4: off)")
-    reset_alpha: bool = _f(True, "reset alpha to --alpha-init at every IMP rewind (silent in §3.2: on)")
+    alpha_init: float = _f(1e-6, "initial gate alpha, one per layer (§3.2)", check=POS, methods=GATED)
+    init: str = _f("uniform", "dW init: uniform = nn.Linear's U(+-1/sqrt(fan_in)) | normal (std --init-std) (silent in §3.2)",
+                   choices=("uniform", "normal"), methods=GATED)
+    init_std: float = _f(0.02, "std of dW's init when --init normal", check=POS, methods=GATED)
+    decay_gate: bool = _f(False, "weight-decay the gate alpha too (silent in §4.4: off)", methods=GATED)
+    reset_alpha: bool = _f(True, "reset alpha to --alpha-init at every IMP rewind (silent in §3.2: on)", methods=("rigsa",))
     # iterative magnitude pruning (§3.2, §4.4)
-    iters: int = _f(5, "IMP iterations, each one training run (§4.4); 1 for dense/random-mask/lora")
-    keep: float = _f(0.8, "fraction of the sign-preserving free entries kept at each pruning (§4.4)")
-    prune_scope: str = _f("global", "global | layer: where the magnitude threshold is taken (silent in §4.4)")
-    mask_like: str = _f("", "random-mask: copy the per-layer counts of this adapter, RUN/iterK (§4.4)")
-    density: float = _f(0.0, "random-mask: uniform density instead of --mask-like")
+    iters: int = _f(5, "IMP iterations, each one training run (§4.4); dense, random-mask and LoRA train once",
+                    check=INT1, methods=PRUNING)
+    keep: float = _f(0.8, "fraction of the sign-preserving free entries kept at each pruning (§4.4)",
+                     check=util.number(float, 0, 1, lo_open=True), methods=PRUNING)
+    prune_scope: str = _f("global", "global | layer: where the magnitude threshold is taken (silent in §4.4)",
+                          choices=("global", "layer"), methods=PRUNING)
+    mask_like: str = _f("", "random-mask: copy the per-layer counts of this adapter, RUN/iterK (§4.4)", methods=("random-mask",))
+    density: float = _f(0.0, "random-mask: uniform density instead of --mask-like",
+                        check=util.number(float, 0, 1), methods=("random-mask",))
     # optimisation (§4.4)
-    lr: float = _f(2e-3, "peak learning rate (§4.4)")
-    warmup: int = _f(1000, "linear warmup steps, then linear decay to 0 at the end of the iteration (§4.4)")
-    weight_decay: float = _f(1.0, "AdamW decoupled weight decay on dW (§4.4)")
-    beta1: float = _f(0.9, "AdamW beta1 (silent in §4.4: torch default)")
-    beta2: float = _f(0.999, "AdamW beta2 (silent in §4.4: torch default)")
-    eps: float = _f(1e-8, "AdamW eps (silent in §4.4: torch default)")
-    batch_size: int = _f(16, "effective batch, by gradient accumulation (§4.4)")
-    micro_batch: int = _f(1, "sequences per forward pass (§4.4: one fits a 24 GB GPU)")
-    epochs: float = _f(1.0, "epochs of the training split per IMP iteration (§4.4)")
-    steps: int = _f(0, "cap on optimizer steps per iteration, for quick runs (0 = no cap)")
-    grad_clip: float = _f(0.0, "max gradient norm (0 = off; silent in §4.4)")
+    lr: float = _f(2e-3, "peak learning rate (§4.4)", check=POS, methods=SPARSE)
+    warmup: int = _f(1000, "linear warmup steps, then linear decay to 0 at the end of the iteration (§4.4)", check=INT0)
+    weight_decay: float = _f(1.0, "AdamW decoupled weight decay on dW (§4.4)", check=NONNEG, methods=SPARSE)
+    beta1: float = _f(0.9, "AdamW beta1 (silent in §4.4: torch default)", check=FRAC)
+    beta2: float = _f(0.999, "AdamW beta2 (silent in §4.4: torch default)", check=FRAC)
+    eps: float = _f(1e-8, "AdamW eps (silent in §4.4: torch default)", check=POS)
+    batch_size: int = _f(16, "effective batch, by gradient accumulation (§4.4)", check=INT1)
+    micro_batch: int = _f(1, "sequences per forward pass (§4.4: one fits a 24 GB GPU)", check=INT1)
+    epochs: float = _f(1.0, "epochs of the training split per IMP iteration (§4.4)", check=POS, methods=SPARSE)
+    steps: int = _f(0, "cap on optimizer steps per iteration, for quick runs (0 = no cap)", check=INT0)
+    grad_clip: float = _f(0.0, "max gradient norm (0 = off; silent in §4.4)", check=NONNEG)
     moments: str = _f("auto", "where AdamW's moments live: device | host (pinned, streamed per tensor: exact, slower) | "
-                              "8bit (approximate) | auto: device if the step fits, else host (memory.md)")
+                              "8bit (approximate) | auto: device if the step fits, else host (memory.md)",
+                      choices=("auto", "device", "host", "8bit"))
     # LoRA / QLoRA baseline (§5.3, Table 4); used when --method lora or qlora
-    rank: int = _f(TABLE4["ranks"][-1], "LoRA rank (Table 4: 1/4/8/16)")
-    lora_alpha: float = _f(TABLE4["alpha"], "LoRA alpha (Table 4)")
-    lora_dropout: float = _f(TABLE4["dropout"], "LoRA dropout (Table 4)")
-    lora_lr: float = _f(TABLE4["lr"], "LoRA peak learning rate, linear schedule, --warmup warmup (Table 4)")
-    lora_weight_decay: float = _f(TABLE4["weight_decay"], "LoRA weight decay (Table 4)")
-    lora_epochs: float = _f(TABLE4["epochs"], "LoRA epochs (Table 4)")
+    rank: int = _f(TABLE4["ranks"][-1], "LoRA rank (Table 4: 1/4/8/16)", check=INT1, methods=LORA_METHODS)
+    lora_alpha: float = _f(TABLE4["alpha"], "LoRA alpha (Table 4)", check=POS, methods=LORA_METHODS)
+    lora_dropout: float = _f(TABLE4["dropout"], "LoRA dropout (Table 4)", check=FRAC, methods=LORA_METHODS)
+    lora_lr: float = _f(TABLE4["lr"], "LoRA peak learning rate, linear schedule, --warmup warmup (Table 4)",
+                        check=POS, methods=LORA_METHODS)
+    lora_weight_decay: float = _f(TABLE4["weight_decay"], "LoRA weight decay (Table 4)", check=NONNEG, methods=LORA_METHODS)
+    lora_epochs: float = _f(TABLE4["epochs"], "LoRA epochs (Table 4)", check=POS, methods=LORA_METHODS)
     # data and evaluation (§4.2)
-    val_frac: float = _f(0.01, "fraction of the training images held out for validation (§4.2)")
-    split_seed: int = _f(0, "seed of the validation split")
-    limit: int = _f(0, "evaluate on the first N val/test images only (0 = all)")
-    eval_batch: int = _f(16, "batch size of the accuracy evaluation")
+    val_frac: float = _f(0.01, "fraction of the training images held out for validation (§4.2)", check=FRAC)
+    split_seed: int = _f(0, "seed of the validation split", check=util.number(int, 0, 2 ** 63 - 1))
+    limit: int = _f(0, "evaluate on the first N val/test images only (0 = all)", check=INT0)
+    eval_batch: int = _f(16, "batch size of the accuracy evaluation", check=INT1)
     eval_test: bool = _f(True, "also evaluate the test split after every iteration (§5.1, Figure 2a)")
     # machinery
-    device: str = _f("auto", "cpu | cuda | auto")
-    dtype: str = _f("auto", "base weights: auto (bfloat16 autocast on CUDA, float32 on CPU) | float32 | bfloat16")
-    log_every: int = _f(10, "optimizer steps between metrics.jsonl lines")
-    save_every: int = _f(500, "optimizer steps between resume checkpoints (0 = only at iteration ends)")
-    halt_after: int = _f(0, "stop (resumably) after this many optimizer steps in this process (0 = never)")
+    device: str = _f("auto", "cpu | cuda | cuda:N | auto")
+    dtype: str = _f("auto", "base weights: auto (bfloat16 autocast on CUDA, float32 on CPU) | float32 | bfloat16",
+                    choices=("auto", "float32", "bfloat16", "float16"))
+    log_every: int = _f(10, "optimizer steps between metrics.jsonl lines", check=INT1)
+    save_every: int = _f(500, "optimizer steps between resume checkpoints (0 = only at iteration ends)", check=INT0)
+    halt_after: int = _f(0, "stop (resumably) after this many optimizer steps in this process (0 = never)", check=INT0)
     resume: bool = _f(False, "continue the run in --out where it stopped (its saved config is used)")
     offline: bool = _f(False, "never download: a missing MNIST file is an error")
     verify: bool = _f(True, "check the MNIST files' pinned sizes and md5s (--no-verify: stand-in data)")
-
-
-LORA_METHODS = ("lora", "qlora")
-METHODS = ("rigsa", "random-mask", "lt-sft", "dense") + LORA_METHODS
+    verify_model: bool = _f(False, "hash the base model's cached hub files against the hub's checksums (slow at 1.7B)")
 
 
 def check_config(cfg):
-    def bad(msg):
-        raise ValueError(f"config: {msg}")
-    if cfg.method not in METHODS:
-        bad(f"--method {cfg.method!r} is not one of {', '.join(METHODS)}")
-    if cfg.init not in ("uniform", "normal"):
-        bad(f"--init {cfg.init!r} is not uniform or normal")
-    if cfg.prune_scope not in ("global", "layer"):
-        bad(f"--prune-scope {cfg.prune_scope!r} is not global or layer")
-    if not 0.0 < cfg.keep <= 1.0:
-        bad(f"--keep {cfg.keep} is not in (0, 1]")
+    """Everything the flags' own checks (Config's check and choices) cannot see: the values of a
+    Config made in Python, the flags another method would ignore, and combinations. ValueError."""
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if f.metadata["choices"] and v not in f.metadata["choices"]:
+            raise ValueError(f"{flag} {v!r}: not one of {', '.join(f.metadata['choices'])}")
+        if f.metadata["check"]:
+            try:
+                f.metadata["check"](str(v))
+            except argparse.ArgumentTypeError as e:
+                raise ValueError(f"{flag}: {e}") from None
+        if f.metadata["methods"] and cfg.method not in f.metadata["methods"] and v != getattr(defaults, f.name):
+            raise ValueError(f"{flag} {v}: --method {cfg.method} does not use it (only {', '.join(f.metadata['methods'])} "
+                             f"do); drop it")
     if cfg.method == "random-mask" and bool(cfg.mask_like) == (cfg.density > 0):
-        bad("--method random-mask needs exactly one of --mask-like RUN/iterK or --density D")
-    if cfg.density and not 0.0 < cfg.density <= 1.0:
-        bad(f"--density {cfg.density} is not in (0, 1]")
-    if cfg.moments not in ("auto",) + tuple(MOMENT_BYTES):
-        bad(f"--moments {cfg.moments!r} is not auto, device, host or 8bit")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
-        bad(f"--dtype {cfg.dtype!r} is not auto, float32, bfloat16 or float16")
-    if cfg.batch_size < 1 or cfg.micro_batch < 1 or cfg.iters < 1:
-        bad("--batch-size, --micro-batch and --iters must be >= 1")
+        raise ValueError("--method random-mask: needs exactly one of --mask-like RUN/iterK or --density D")
     util.pick_device(cfg.device)   # --device cuda without CUDA: said now, not after the data loaded
     return cfg
 
@@ -187,22 +204,24 @@ class GatedDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, delta, alpha, layer):                  # x (B, T, in) -> (B, T, out)
         index = layer.free_index()                             # (k,) or None (every entry free)
-        md = layer.dense(delta, index)                         # (out, in) float32, pruned entries 0
         ctx.layer = layer
-        ctx.save_for_backward(x, delta, alpha, index)
+        # the positions as int32 (4 bytes per free entry until the backward, not 8): int64 again there
+        ctx.save_for_backward(x, delta, alpha, None if index is None else index.int())
         if layer.exact(x):
-            return F.linear(x, layer.weight + alpha * md)
+            return F.linear(x, layer.merged(delta, alpha, index))
+        md = layer.dense(delta, index)                         # (out, in) float32, pruned entries 0
         return F.linear(x, layer.weight) + alpha.to(x.dtype) * F.linear(x, md.to(x.dtype))
 
     @staticmethod
     def backward(ctx, gy):
         x, delta, alpha, index = ctx.saved_tensors
         L = ctx.layer
+        index = None if index is None else index.long()
         md = L.dense(delta, index)                             # (out, in)
         gy2, x2 = gy.reshape(-1, L.out_features), x.reshape(-1, L.in_features)   # (B*T, out), (B*T, in)
         gx = None
         if L.exact(x):
-            w = L.weight + alpha * md
+            w = L.merged(delta, alpha, index)
             if ctx.needs_input_grad[0]:
                 gx = gy2.mm(w).view_as(x)
             gw = gy2.t().mm(x2)                                # (out, in): the gradient of W0 + alpha md
@@ -254,11 +273,11 @@ class GatedSparseLinear(nn.Module):
     def free_index(self):
         """Flat row-major positions (k,) of the free entries, in `delta`'s order; None if all are.
         Derived from the packed mask at each use (an int64 index kept per layer would cost 8 bytes
-        per free entry); on the CPU through numpy, whose flatnonzero is several times torch's nonzero."""
+        per free entry); on the CPU through numpy, whose nonzero is several times faster than torch's."""
         if self.mask is None:
             return None
         if self.mask.device.type == "cpu":
-            return torch.from_numpy(np.flatnonzero(np.unpackbits(self.mask.numpy(), count=self.numel())))
+            return torch.from_numpy(np.nonzero(np.unpackbits(self.mask.numpy(), count=self.numel()).view(bool))[0])
         return unpack_bits(self.mask, self.numel()).nonzero().view(-1)
 
     def set_free(self, index, values):
@@ -276,6 +295,16 @@ class GatedSparseLinear(nn.Module):
         index = self.free_index() if index is None else index
         md = torch.zeros(self.numel(), dtype=torch.float32, device=delta.device)
         return md.index_copy_(0, index, delta).view(self.out_features, self.in_features)
+
+    def merged(self, delta, alpha, index):
+        """W0 + alpha * (m * dW) in float32. With pruned entries, W0 copied and alpha * dW added at the
+        free ones only: the same numbers (a pruned entry's alpha * 0 adds nothing) in one pass over
+        W0 instead of three."""
+        if index is None:
+            return self.weight + alpha * delta.view(self.out_features, self.in_features)
+        w = self.weight.clone()
+        w.view(-1).index_add_(0, index, alpha * delta)
+        return w
 
     def exact(self, x):
         """float32 weights and input without autocast: one GEMM on the merged weight is exact."""
@@ -638,6 +667,10 @@ def setup(cfg, resume=None):
     content, puts the adapters back as they were."""
     out = Path(cfg.out)
     lora = cfg.method in LORA_METHODS
+    # the base model's files first: a hub id resolves to one commit, which the run records (in its
+    # config and every adapter's) and a resumed run loads again, whatever the hub's main is by then
+    base = M.resolve(cfg.model, cfg.revision or None, cfg.verify_model)
+    cfg.revision = M.hub_commit(base) or cfg.revision
     print("config:", json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)
 
@@ -648,7 +681,7 @@ def setup(cfg, resume=None):
     if cfg.limit:
         data.update({k: (x[:cfg.limit], y[:cfg.limit]) for k, (x, y) in data.items() if k != "train"})
 
-    model, tok, device = load_base(cfg)
+    model, tok, device = load_base(cfg, base)
     amp = (torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and model.lm_head.weight.dtype == torch.bfloat16
            else contextlib.nullcontext())
     if lora:  # the baseline lives in its own file (§5.3)
@@ -727,12 +760,14 @@ def train_iteration(run, it):
                 a = torch.stack([L.alpha.detach().float() for L in layers.values()])
                 r.update(alpha_mean=a.mean().item(), alpha_min=a.min().item(), alpha_max=a.max().item())
             run.record(r)
-        halt = cfg.halt_after and run.done_steps >= cfg.halt_after and step < run.steps
+        halt = (cfg.halt_after and run.done_steps >= cfg.halt_after or STOP) and step < run.steps
         if halt or (cfg.save_every and step % cfg.save_every == 0 and step < run.steps):
             save_resume(run, opt, it, step)
         if halt:
             bar.close()
-            print(f"halted after {run.done_steps} steps; continue with --resume --out {run.out}")
+            why = f"stopped by {signal.Signals(STOP[0]).name}" if STOP else "halted"
+            print(f"{why} after {run.done_steps} steps (iteration {it}, step {step}); continue with: "
+                  f"python rigsa.py train --resume --out {run.out}")
             return False
     bar.close()
     run.resume = None
@@ -761,7 +796,8 @@ def save_iteration(run, it, res):
     save_adapter(run.model, run.out / f"iter{it}.safetensors", cfg,
                  {k: v for k, v in res.items() if k in ("iter", "val_acc", "test_acc", "density", "trainable")})
     if cfg.method in LORA_METHODS:
-        qlora.save_peft(run.model, run.out / f"iter{it}-peft", cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.model)
+        qlora.save_peft(run.model, run.out / f"iter{it}-peft", cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.model,
+                        cfg.revision or None)
     run.record(res)
     print(f"iter {it}: val {res['val_acc']:.4f}" + (f" test {res['test_acc']:.4f}" if cfg.eval_test else "")
           + (f" density {res['density']:.4%}" if run.layers else ""))
@@ -784,6 +820,34 @@ def prune_and_rewind(run, it):
     save_resume(run, None, it + 1, 0)
 
 
+STOP = []  # signals received during training (SIGINT, SIGTERM): finish the step, save, stop
+
+
+def _on_signal(signum, frame):
+    if STOP:  # a second one: stop at once (the last resume checkpoint stays)
+        signal.signal(signum, signal.SIG_DFL)
+        raise KeyboardInterrupt
+    STOP.append(signum)
+    print(f"\n{signal.Signals(signum).name}: finishing this optimizer step, then writing a resume checkpoint "
+          f"(send it again to stop at once, losing the steps since the last checkpoint)", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """During training, Ctrl-C (SIGINT) and SIGTERM (a job scheduler's) stop cleanly: the step in
+    progress completes, resume.pt is written and train() returns None."""
+    STOP.clear()
+    try:
+        old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals stay as they are
+        old = {}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def train(cfg):
     """The IMP loop (§3.2, §4.4): each iteration trains with a fresh AdamW and schedule, evaluates
     and saves its adapter, and all but the last prune, rewind to dW0 and reset the gate. `--iters 5`
@@ -796,13 +860,17 @@ def train(cfg):
         print(f"{cfg.out}: the run is complete (iter{n_iters(cfg)}.safetensors is there)")
         return [json.loads(line) for line in open(Path(cfg.out) / "metrics.jsonl")]
     run = setup(check_config(cfg), resume)
-    for it in range(run.start_iter, n_iters(run.cfg) + 1):
-        if not train_iteration(run, it):
-            return None                           # halted: continue with --resume
-        res = evaluate(run, it)                   # Figure 2a: each iteration before its pruning
-        save_iteration(run, it, res)
-        if it < n_iters(run.cfg):
-            prune_and_rewind(run, it)
+    with stop_on_signals():
+        for it in range(run.start_iter, n_iters(run.cfg) + 1):
+            if not train_iteration(run, it):
+                return None                       # halted or stopped: continue with --resume
+            res = evaluate(run, it)               # Figure 2a: each iteration before its pruning
+            save_iteration(run, it, res)
+            if it < n_iters(run.cfg):
+                prune_and_rewind(run, it)         # writes resume.pt for iteration it + 1
+                if STOP:
+                    print(f"stopped after iteration {it}; continue with: python rigsa.py train --resume --out {run.out}")
+                    return None
     (run.out / "resume.pt").unlink(missing_ok=True)   # complete: its adapters are the iterK files
     print_summary(run.log)
     return run.log
@@ -895,13 +963,14 @@ def choose_moments(plan, device, want):
 # -----------------------------------------------------------------------------
 # the run's machinery: base model, resume checkpoints, provenance
 
-def load_base(cfg):
+def load_base(cfg, path):
+    """The base model from its resolved directory, on the run's device and dtype."""
     device = util.pick_device(cfg.device)
     dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     if cfg.method == "qlora":  # also reads pre-quantized bnb-4bit checkpoints (§5.3: Unsloth's)
-        model, tok = qlora.load_model(cfg.model, device, dtype)
+        model, tok = qlora.load_model(path, device, dtype)
     else:
-        model, tok = M.load(cfg.model, device, dtype)
+        model, tok = M.load(path, device, dtype)
     return model, tok, device
 
 
@@ -1296,26 +1365,33 @@ def merge_adapters(model, dtype=None):
     return lost, total
 
 
-def merge(adapter, out, base=None, dtype=None):
+def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=False):
     """`rigsa.py merge`: base + adapter, merged in float32 and cast once, written as a checkpoint in
-    the official layout (the base's other files copied)."""
+    the official layout (the base's other files copied). A bfloat16 cast that loses more than 1%
+    of sum |alpha m dW| (small deltas round away under bfloat16's ulp of W0) is refused unless
+    allow_lossy: the merged model would be closer to the base than to the adapted one."""
     _, meta, cfg = read_adapter(adapter)
     if cfg.method == "qlora":
         raise ValueError(f"{adapter}: a QLoRA adapter sits on a 4-bit base, and merging would re-quantize it "
                          f"(lossy); use it unmerged (evals/run.py --adapter) or its PEFT copy in iterK-peft/")
-    src = M.resolve(base or cfg.model)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {out}: exists and is not an empty directory; choose a new one")
+    src = M.resolve(base or cfg.model, revision or (cfg.revision if not base or base == cfg.model else None) or None)
     model, _ = M.load(src, "cpu", torch.float32)   # merge in float32, then cast
     load_adapter(model, adapter)
     conf = json.loads((src / "config.json").read_text())
-    dtype = dtype or conf.get("torch_dtype", "bfloat16")
     lost, total = merge_adapters(model, getattr(torch, dtype))
-    out = Path(out)
+    frac = lost / max(total, 1e-30)
+    if frac > 0.01 and not allow_lossy:
+        raise ValueError(f"--dtype {dtype}: the cast loses {frac:.2%} of sum|alpha*m*dW| (more than 1%); merge in "
+                         f"float32 (the default), or pass --allow-lossy to write it anyway")
     out.mkdir(parents=True, exist_ok=True)
     for f in os.listdir(src):
         if not f.endswith(".safetensors") and f != "model.safetensors.index.json" and os.path.isfile(src / f):
             shutil.copy(src / f, out / f)
     M.save_checkpoint(out, conf, model.state_dict(), getattr(torch, dtype))
-    print(f"merged {adapter} into {out} ({dtype}); the cast lost {lost / max(total, 1e-30):.2%} of sum|alpha*m*dW|")
+    print(f"merged {adapter} into {out} ({dtype}); the cast lost {frac:.2%} of sum|alpha*m*dW|")
     return out
 
 # -----------------------------------------------------------------------------
@@ -1377,13 +1453,15 @@ def upgrade_config(saved):
 
 
 def config_parser(ap):
+    """One flag per Config field, checked as it is parsed (its range or choices)."""
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         h = f"{f.metadata['help']} [default: {f.default}]"
         if f.type in (bool, "bool"):
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
         else:
-            ap.add_argument(flag, type=type(f.default), default=f.default, help=h)
+            ap.add_argument(flag, type=f.metadata["check"] or type(f.default), choices=f.metadata["choices"],
+                            default=f.default, help=h)
     return ap
 
 
@@ -1394,60 +1472,66 @@ def eval_alias(a):
         raise ValueError("--split val: the validation accuracy of a run is in RUN/metrics.jsonl; "
                          "evals/run.py --task mnist scores the test split")
     cmd = [sys.executable, str(Path(__file__).resolve().parent / "evals" / "run.py"), "--task", "mnist",
-           "--model", a.model, "--num-fewshot", str(a.shots), "--data-dir", a.data_dir,
-           "--batch-size", str(a.batch_size)] + (["--adapter", a.adapter] if a.adapter else []) \
-        + (["--limit", str(a.max)] if a.max else []) + ["--offline"] * a.offline + ["--no-verify"] * a.no_verify
+           "--num-fewshot", str(a.shots), "--data-dir", a.data_dir, "--batch-size", str(a.batch_size)]
+    for flag, value in (("--model", a.model), ("--revision", a.revision), ("--adapter", a.adapter), ("--limit", a.max)):
+        cmd += [flag, str(value)] if value else []
+    cmd += ["--offline"] * a.offline + ["--no-verify"] * a.no_verify
     print("rigsa.py eval is deprecated and will be removed: it runs " + " ".join(cmd[1:]), file=sys.stderr)
     sys.exit(subprocess.run(cmd).returncode)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = util.ArgumentParser(prog="rigsa.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     config_parser(sub.add_parser("train", help="train adapters with IMP (§3.2, §4.4)"))
     p = sub.add_parser("show", help="print one image as Textual MNIST (§4.2, Figure 1)")
-    p.add_argument("--index", type=int, default=0, help="image index [default: 0]")
+    p.add_argument("--index", type=INT0, default=0, help="image index [default: 0]")
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="[default: train]")
     p.add_argument("--data-dir", default="data", help="data root, MNIST in <root>/mnist/ [default: data]")
     p.add_argument("--offline", action="store_true", help="never download: a missing MNIST file is an error")
     p.add_argument("--no-verify", action="store_true", help="skip the MNIST checksums (stand-in data)")
     p = sub.add_parser("eval", help="deprecated: runs evals/run.py --task mnist (Textual MNIST accuracy, Table 2)")
-    p.add_argument("--model", default=M.DEFAULT_MODEL, help=f"[default: {M.DEFAULT_MODEL}]")
+    p.add_argument("--model", default=None, help="[default: the adapter's recorded base, else the paper's]")
+    p.add_argument("--revision", default=None, help="hub revision of --model [default: the adapter's recorded one]")
     p.add_argument("--adapter", default="", help="RUN/iterK adapter file to install [default: none]")
-    p.add_argument("--shots", type=int, default=0, help="examples as earlier turns (Table 2: 0 or 5) [default: 0]")
-    p.add_argument("--split", default="test", choices=["val", "test"], help="[default: test]")
-    p.add_argument("--max", type=int, default=0, help="at most this many images (0 = all) [default: 0]")
+    p.add_argument("--shots", type=INT0, default=0, help="examples as earlier turns (Table 2: 0 or 5) [default: 0]")
+    p.add_argument("--split", default="test", choices=["val", "test"], help="[default: test; val is refused: see README]")
+    p.add_argument("--max", type=INT0, default=0, help="at most this many images (0 = all) [default: 0]")
     p.add_argument("--data-dir", default="data", help="data root, MNIST in <root>/mnist/ [default: data]")
-    p.add_argument("--batch-size", type=int, default=16, help="[default: 16]")
+    p.add_argument("--batch-size", type=INT1, default=16, help="[default: 16]")
     p.add_argument("--offline", action="store_true", help="never download: a missing MNIST file is an error")
     p.add_argument("--no-verify", action="store_true", help="skip the MNIST checksums (stand-in data)")
     p = sub.add_parser("merge", help="merge an adapter into its base model, official layout")
     p.add_argument("--adapter", required=True, help="RUN/iterK")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (new, or empty)")
     p.add_argument("--model", default=None, help="base model [default: the one the adapter was trained on]")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="[default: the base checkpoint's]")
-    p = sub.add_parser("demo", help="the whole pipeline offline on a tiny model (< 2 min on 2 CPU cores)")
+    p.add_argument("--revision", default=None, help="hub revision of --model [default: the adapter's recorded one]")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="of the merged weights [default: float32: bfloat16 rounds away small deltas, so a "
+                        "cast that loses more than 1%% of the adapter is refused without --allow-lossy]")
+    p.add_argument("--allow-lossy", action="store_true", help="write a bfloat16 merge whatever the cast loses")
+    p = sub.add_parser("demo", help="the whole pipeline offline on a tiny model (under a minute on 2 CPU cores)")
     p.add_argument("--out", default="runs/demo", help="[default: runs/demo]")
     a = ap.parse_args(renamed_flags(sys.argv[1:] if argv is None else argv))
     util.keep_freed_memory()
     try:
         if a.cmd == "train":
-            train(Config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Config)}))
+            if train(Config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Config)})) is None and STOP:
+                sys.exit(128 + STOP[0])        # interrupted by a signal: saved, and the shell sees why
         elif a.cmd == "show":
             x, y = load_mnist(mnist_dir(a.data_dir), a.split, download=not a.offline, verify=not a.no_verify)
-            if not 0 <= a.index < len(x):
-                raise ValueError(f"--index {a.index} is outside the {a.split} split (0..{len(x) - 1})")
+            if not a.index < len(x):
+                raise ValueError(f"--index {a.index}: outside the {a.split} split (0..{len(x) - 1})")
             print(to_text(x[a.index]))
             print(f"label: {int(y[a.index])}")
         elif a.cmd == "eval":
             eval_alias(a)
         elif a.cmd == "merge":
-            merge(a.adapter, a.out, a.model, a.dtype)
+            merge(a.adapter, a.out, a.model, a.dtype, a.revision, a.allow_lossy)
         elif a.cmd == "demo":
             demo(a.out)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, ImportError) as e:
-        sys.exit(f"error: {e}")
-
+    except (OSError, ValueError, RuntimeError) as e:   # OSError: FileNotFoundError, FileExistsError, a full disk
+        sys.exit(f"error: {' '.join(str(e).split())}")
 
 if __name__ == "__main__":
     main()

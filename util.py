@@ -5,9 +5,11 @@ tasks or the method; model.py, qlora.py, rigsa.py, evals/ and the scripts import
   atomic_write, write_json   a file appears whole or not at all (write a temporary, then rename)
   download                   a data file: streamed, resumable, checked, renamed; RIGSA_DATA_MIRROR
   progress                   tqdm with a rate and ETA; in a log file one line per interval
+  ArgumentParser, number     one-line usage errors; numeric flags checked where they are parsed
   pick_device, on_device     "auto" -> cuda if available ("cuda" without CUDA is an error); constants per device
   keep_freed_memory          CPU runs: glibc keeps freed blocks for reuse
 """
+import argparse
 import ctypes
 import http.client
 import json
@@ -32,9 +34,11 @@ def atomic_write(path, write):
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno is not None:   # a full disk, a read-only folder, ...
+            raise OSError(f"{path}: cannot write ({e.strerror}); free space or choose another path") from None
         raise
     return path
 
@@ -131,6 +135,36 @@ def progress(iterable=None, total=None, desc="", unit="it", enabled=True):
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=off,
                 file=sys.stderr if tty else _LogLines(sys.stderr), dynamic_ncols=tty, ascii=not tty,
                 mininterval=0.5 if tty else 30.0, miniters=None if tty else 1)  # a log: exactly one line per 30 s
+
+# -----------------------------------------------------------------------------
+# command lines: one error style (error: <thing>: <what is wrong>; <what to do>)
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, `error: <what>; see <prog> --help`, exit 2 (not
+    the usage block, which for `rigsa.py train` is sixty flags long). Subcommands inherit it."""
+    def error(self, message):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
+def number(kind=int, lo=None, hi=None, lo_open=False, hi_open=False, auto=False):
+    """An argparse type: a `kind` (int or float) in the interval from lo to hi (None: unbounded;
+    *_open: the bound itself excluded), or the word 'auto' if allowed. argparse names the flag."""
+    want = ("an integer" if kind is int else "a number") + "".join(
+        f" {op} {b}" for op, b in ((">" if lo_open else ">=", lo), ("<" if hi_open else "<=", hi)) if b is not None)
+    want += " or 'auto'" if auto else ""
+
+    def parse(s):
+        if auto and s == "auto":
+            return s
+        try:
+            x = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not {want}") from None
+        if x != x or (lo is not None and (x < lo or lo_open and x == lo)) or \
+                (hi is not None and (x > hi or hi_open and x == hi)):
+            raise argparse.ArgumentTypeError(f"{s} is out of range: expected {want}")
+        return x
+    return parse
 
 # -----------------------------------------------------------------------------
 # the device, and CPU memory

@@ -255,10 +255,10 @@ def part2(a):
         free = d * entries
         const = layer("saved_B", d) - per_token * T1
         acts = n * (const + per_token * tok) + (rest("saved_B", d) - rest_token * T1) + rest_token * tok
-        # transients: the step's allocation peak beyond what it saved for backward and the new gradients
-        # (one layer's dense m * dW, its copies and G; AdamW's per-tensor buffers), from one layer
+        # transients: the step's allocation peak beyond what it saved for backward (one layer's
+        # dense m * dW, its copies and G; AdamW's per-tensor buffers), from one layer
         one = m[1, T1, d]
-        trans = max(one["peak_B"] - one["saved_B"] - 4 * d * one["entries"], 0)
+        trans = max(one["peak_B"] - one["saved_B"], 0)
         for moments, mb in (("device", 8.0), ("host", 0.0), ("8bit", rigsa.MOMENT_BYTES["8bit"])):
             st = state - (8.0 - mb) * free
             peak = base + st + acts + trans

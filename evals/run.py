@@ -15,7 +15,6 @@ Everything that can be wrong with the flags, the output paths, the adapter file,
 the data files is found before the model loads, and said in one line:
 `error: <thing>: <what is wrong>; <what to do>` (exit 1; argparse's usage errors exit 2).
 """
-import argparse
 import datetime
 import hashlib
 import json
@@ -314,28 +313,8 @@ def write_outputs(args, results, done, info):
 # -----------------------------------------------------------------------------
 # flags, each checked where it is parsed; then everything else before the model loads (issue #14)
 
-def int_flag(lo=None, hi=None, auto=False):
-    """argparse type: an integer in [lo, hi] (None: no bound), or 'auto' if allowed. argparse names
-    the flag in its message and exits 2."""
-    want = ("an integer" if lo is None else "a positive integer" if lo == 1 else f"an integer >= {lo}") + \
-        (" or 'auto'" if auto else "")
-
-    def parse(s):
-        if auto and s == "auto":
-            return s
-        try:
-            n = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not {want}") from None
-        if (lo is not None and n < lo) or (hi is not None and n > hi):
-            raise argparse.ArgumentTypeError(f"{n} is out of range: expected {want}" +
-                                             (f" up to {hi}" if hi is not None else ""))
-        return n
-    return parse
-
-
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description="PIQA / HellaSwag / GSM8k (lm-eval protocol) and Textual MNIST.")
+    ap = util.ArgumentParser(prog="evals/run.py", description="PIQA / HellaSwag / GSM8k (lm-eval protocol) and Textual MNIST.")
     ap.add_argument("--task", required=True, choices=TASKS + ["all"])
     ap.add_argument("--model", default=None,
                     help=f"hub id or local directory (default: the adapter's recorded base, else {M.DEFAULT_MODEL})")
@@ -343,10 +322,10 @@ def parse_args(argv):
                     help="hub revision of --model (default: the adapter's recorded one for its base, else the latest)")
     ap.add_argument("--adapter", default=None, help="adapter saved by rigsa.py/qlora.py (RUN/iterK), installed in memory")
     ap.add_argument("--quantize", default=None, choices=["nf4"], help="NF4 base weights (the QLoRA baseline)")
-    ap.add_argument("--limit", type=int_flag(1), default=None, help="first N documents, as lm-eval --limit N")
-    ap.add_argument("--batch-size", type=int_flag(1, auto=True), default="auto",
+    ap.add_argument("--limit", type=util.number(int, 1), default=None, help="first N documents, as lm-eval --limit N")
+    ap.add_argument("--batch-size", type=util.number(int, 1, auto=True), default="auto",
                     help="documents per batch, or 'auto' (default)")
-    ap.add_argument("--num-fewshot", type=int_flag(0), default=None, help="default: gsm8k 5, others 0")
+    ap.add_argument("--num-fewshot", type=util.number(int, 0), default=None, help="default: gsm8k 5, others 0")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -358,7 +337,7 @@ def parse_args(argv):
                     help="with --output_path: lm-eval's samples_<task>_<date>.jsonl, one line per document")
     ap.add_argument("--chat", action="store_true", help="lm-eval --apply_chat_template mode (the paper used plain)")
     # torch.Generator.manual_seed's range
-    ap.add_argument("--seed", type=int_flag(-2 ** 63, 2 ** 64 - 1), default=None,
+    ap.add_argument("--seed", type=util.number(int, -2 ** 63, 2 ** 64 - 1), default=None,
                     help="Textual MNIST few-shot draw (default: rigsa's)")
     ap.add_argument("--no-verify", action="store_true", help="skip checksums of files already present")
     ap.add_argument("--offline", action="store_true", help="never download: missing data files are an error")

@@ -1,0 +1,199 @@
+"""The command lines' bad-input matrix (issue #14): every foreseeable fault gives one line that
+names the thing, `error: ...`, exit 1 (2 for usage), no traceback and no new file; Ctrl-C, SIGTERM
+and SIGKILL during training lose nothing. evals/run.py's own matrix is in evals/test_evals.py."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import model as M
+import reproduce
+import rigsa
+import util
+from conftest import one_thread
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_dir, tiny_mha_dir):
+    """Data, a finished run with its adapters, a QLoRA adapter, broken files: what the cases point at."""
+    w = tmp_path_factory.mktemp("world")
+    rigsa.write_synthetic_mnist(w / "data" / "mnist", n_train=24, n_test=4, size=8)
+    cfg = dict(model=str(tiny_dir), data_dir=str(w / "data"), device="cpu", steps=2, warmup=1, batch_size=4,
+               micro_batch=2, limit=2, log_every=1, save_every=0, offline=True, verify=False)
+    with one_thread():
+        rigsa.train(rigsa.Config(out=str(w / "run"), iters=2, lr=2e-2, **cfg))
+        rigsa.train(rigsa.Config(out=str(w / "qlora"), method="qlora", rank=2, **cfg))
+    (w / "broken").mkdir()
+    (w / "broken" / "x.safetensors").write_bytes(b"not a safetensors file")
+    (w / "badconfig").mkdir()
+    (w / "badconfig" / "config.json").write_text("{oops")
+    shutil.copytree(w / "run", w / "badresume")
+    (w / "badresume" / "resume.pt").write_bytes(b"\x00garbage")
+    (w / "badmnist" / "mnist").mkdir(parents=True)
+    for f in (w / "data" / "mnist").iterdir():
+        shutil.copy(f, w / "badmnist" / "mnist" / f.name)
+    (w / "badmnist" / "mnist" / "train-images-idx3-ubyte.gz").write_bytes(b"")   # an empty file
+    (w / "emptydata").mkdir()
+    (w / "notademo").mkdir()
+    (w / "notademo" / "keep.txt").write_text("mine")
+    (w / "full").mkdir()
+    (w / "full" / "x").write_text("not empty")
+    return w, str(tiny_dir), str(tiny_mha_dir)
+
+
+def T(*argv):
+    return ["train", "--device", "cpu", "--offline", "--no-verify", *argv]
+
+
+# (command line, exit code, text the one line must contain). {w}: the world; {m}: the tiny model;
+# {mha}: another model shape
+CASES = [
+    # numeric flags, checked where they are parsed (exit 2)
+    ("rigsa", T("--lr", "-1"), 2, "--lr"),
+    ("rigsa", T("--steps", "-3"), 2, "--steps"),
+    ("rigsa", T("--val-frac", "1.5"), 2, "--val-frac"),
+    ("rigsa", T("--epochs", "0"), 2, "--epochs"),
+    ("rigsa", T("--keep", "0"), 2, "--keep"),
+    ("rigsa", T("--batch-size", "0"), 2, "--batch-size"),
+    ("rigsa", T("--micro-batch", "two"), 2, "--micro-batch"),
+    ("rigsa", T("--alpha-init", "0"), 2, "--alpha-init"),
+    ("rigsa", T("--beta2", "1"), 2, "--beta2"),
+    ("rigsa", T("--warmup", "-5"), 2, "--warmup"),
+    ("rigsa", T("--method", "foo"), 2, "--method"),
+    ("rigsa", T("--moments", "4bit"), 2, "--moments"),
+    ("rigsa", T("--no-such-flag"), 2, "--no-such-flag"),
+    ("rigsa", ["frobnicate"], 2, "frobnicate"),
+    ("rigsa", ["eval", "--shots", "-2"], 2, "--shots"),
+    ("rigsa", ["eval", "--max", "-1"], 2, "--max"),
+    ("rigsa", ["show", "--index", "-1"], 2, "--index"),
+    # flags the method would ignore, combinations, the device (exit 1)
+    ("rigsa", T("--method", "lora", "--keep", "0.5"), 1, "--keep 0.5: --method lora does not use it"),
+    ("rigsa", T("--method", "rigsa", "--rank", "4"), 1, "--rank 4: --method rigsa does not use it"),
+    ("rigsa", T("--method", "dense", "--iters", "3"), 1, "--iters 3: --method dense does not use it"),
+    ("rigsa", T("--method", "random-mask"), 1, "--mask-like"),
+    ("rigsa", T("--device", "cuda"), 1, "--device cuda: CUDA is not available"),
+    ("rigsa", T("--device", "gpu"), 1, "--device 'gpu'"),
+    # files: the model, the data, the run directory, resume (exit 1)
+    ("rigsa", T("--model", "{w}/nope", "--data-dir", "{w}/data"), 1, "nope: no such model directory"),
+    ("rigsa", T("--model", "{m}", "--data-dir", "{w}/emptydata"), 1, "MNIST files missing"),
+    ("rigsa", T("--model", "{m}", "--data-dir", "{w}/badmnist"), 1, "train-images-idx3-ubyte.gz"),
+    ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--out", "{w}/run"), 1, "a run is already there"),
+    ("rigsa", T("--resume", "--out", "{w}/emptydata"), 1, "nothing to resume"),
+    ("rigsa", T("--resume", "--out", "{w}/badconfig"), 1, "config.json: not a run's config"),
+    ("rigsa", T("--resume", "--out", "{w}/run", "--lr", "0.5"), 1, "--lr 0.5 (saved: 0.02)"),
+    ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--method", "random-mask", "--mask-like", "{w}/nope"),
+     1, "nope.safetensors: adapter file not found"),
+    ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--method", "random-mask", "--mask-like",
+                "{w}/broken/x"), 1, "x.safetensors: not a readable safetensors file"),
+    # merge
+    ("rigsa", ["merge", "--adapter", "{w}/nope", "--out", "{w}/m1"], 1, "nope.safetensors: adapter file not found"),
+    ("rigsa", ["merge", "--adapter", "{w}/broken/x", "--out", "{w}/m2"], 1, "not a readable safetensors file"),
+    ("rigsa", ["merge", "--adapter", "{w}/qlora/iter1", "--out", "{w}/m3"], 1, "QLoRA adapter"),
+    ("rigsa", ["merge", "--adapter", "{w}/run/iter2", "--out", "{w}/full"], 1, "--out"),
+    ("rigsa", ["merge", "--adapter", "{w}/run/iter2", "--out", "{w}/m4", "--dtype", "bfloat16"], 1,
+     "--dtype bfloat16: the cast loses"),
+    ("rigsa", ["merge", "--adapter", "{w}/run/iter2", "--out", "{w}/m5", "--model", "{mha}"], 1, "layer"),
+    ("rigsa", ["eval", "--split", "val"], 1, "--split val"),
+    ("rigsa", ["show", "--index", "999", "--data-dir", "{w}/data", "--no-verify"], 1, "--index 999"),
+    ("rigsa", ["show", "--data-dir", "{w}/emptydata", "--offline"], 1, "MNIST files missing"),
+    ("rigsa", ["demo", "--out", "{w}/notademo"], 1, "not a demo directory"),
+    # model.py, reproduce.py
+    ("model", ["--model", "{w}/nope", "--prompt", "hi"], 1, "nope: no such model directory"),
+    ("model", ["--model", "{m}", "--prompt", "hi", "--max-new-tokens", "0"], 2, "--max-new-tokens"),
+    ("model", ["--model", "{m}", "--prompt", "hi", "--device", "cuda"], 1, "--device cuda"),
+    ("model", ["--model", "{w}/broken", "--prompt", "hi"], 1, "config.json"),
+    ("reproduce", ["--limit", "-1", "--dry-run"], 2, "--limit"),
+    ("reproduce", ["--seeds", "a,b", "--dry-run"], 2, "--seeds"),
+]
+MAINS = {"rigsa": rigsa.main, "model": M.main, "reproduce": reproduce.main}
+
+
+def files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("tool,argv,code,text", CASES, ids=[f"{c[0]} {' '.join(c[1])}" for c in CASES])
+def test_bad_input_one_line_no_traceback_no_new_file(world, tool, argv, code, text, capsys, monkeypatch, tmp_path):
+    if torch.cuda.is_available() and "cuda" in argv:
+        pytest.skip("this machine has CUDA")
+    w, m, mha = world
+    sub = lambda s: s.format(w=w, m=m, mha=mha)  # noqa: E731
+    monkeypatch.chdir(tmp_path)                   # the defaults (runs/rigsa, data/, runs/demo) land here
+    before, here = files(w), files(tmp_path)
+    with one_thread(), pytest.raises(SystemExit) as e:
+        MAINS[tool]([sub(a) for a in argv])
+    err = capsys.readouterr().err
+    said = e.value.code if isinstance(e.value.code, str) else err   # sys.exit("error: ...") or argparse's
+    status = 1 if isinstance(e.value.code, str) else e.value.code
+    assert status == code, said
+    assert said.startswith("error: ") and sub(text) in said and len(said.strip().splitlines()) == 1, said
+    assert "Traceback" not in err
+    assert files(w) == before and files(tmp_path) == here      # nothing half-written, nowhere
+
+
+def test_the_matrix_covers_forty_cases():
+    assert len(CASES) >= 40
+
+
+# ---- signals: Ctrl-C and SIGTERM save and say how to resume; SIGKILL loses only unsaved steps ----
+
+def launch(args, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "rigsa.py"), "train", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_steps(out, n, proc, timeout=120):
+    """Until metrics.jsonl holds n step lines (the run is training), or the process ended."""
+    t0 = time.time()
+    while time.time() - t0 < timeout and proc.poll() is None:
+        p = out / "metrics.jsonl"
+        if p.exists() and sum('"step"' in line for line in p.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run did not reach {n} steps: {proc.poll()}")
+
+
+def adapters_equal(a, b):
+    return all(load_file(a / f).keys() == load_file(b / f).keys() and
+               all(torch.equal(load_file(a / f)[k], load_file(b / f)[k]) for k in load_file(a / f))
+               for f in ("iter1.safetensors", "iter2.safetensors"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_a_signal_during_training_loses_nothing(world, tmp_path, sig):
+    w, m, _ = world
+    args = ["--model", m, "--data-dir", str(w / "data"), "--device", "cpu", "--offline", "--no-verify", "--steps", "30",
+            "--warmup", "2", "--lr", "2e-2", "--batch-size", "4", "--micro-batch", "2", "--iters", "2", "--limit", "2",
+            "--log-every", "1", "--save-every", "3"]
+    ref = tmp_path / "ref"
+    with one_thread():
+        rigsa.train(rigsa.Config(**vars(rigsa.config_parser(util.ArgumentParser()).parse_args(args + ["--out", str(ref)]))))
+    out = tmp_path / "run"
+    proc = launch(args + ["--out", str(out)], tmp_path)
+    wait_for_steps(out, 8, proc)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    if sig == signal.SIGKILL:     # nothing said; the last resume.pt (every 3 steps) and a stale .tmp remain
+        assert proc.returncode == -signal.SIGKILL
+        (out / "iter1.safetensors.tmp").write_bytes(b"half an adapter")
+    else:                         # the step finishes, resume.pt is written, the resume command is printed
+        assert proc.returncode == 128 + sig, stderr
+        assert f"{signal.Signals(sig).name}: finishing this optimizer step" in stderr and "Traceback" not in stderr
+        assert f"continue with: python rigsa.py train --resume --out {out}" in stdout
+    assert (out / "resume.pt").exists()
+    with one_thread():
+        rigsa.train(rigsa.Config(out=str(out), resume=True))
+    assert not list(out.glob("*.tmp")) and not (out / "resume.pt").exists()
+    assert adapters_equal(out, ref)                       # bit for bit the uninterrupted run's
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("loss") for r in lines] == [json.loads(x).get("loss") for x in (ref / "metrics.jsonl").read_text().splitlines()]

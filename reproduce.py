@@ -57,6 +57,8 @@ def plan(a):
     """[(output file, command)] in the order they must run: the base model's evaluations, then per
     seed each training followed by the evaluations of its adapters."""
     py, out = [os.path.relpath(sys.executable, REPO)], Path(a.out)  # commands run in the repo root
+    if getattr(a, "nproc", 1) > 1:   # each step data-parallel on torchrun (PyTorch's own launcher)
+        py += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}"]
     common = (["--limit", str(a.limit)] if a.limit else []) + (["--data-dir", a.data_dir] if a.data_dir else []) \
         + ["--no-verify"] * a.no_verify + ["--offline"] * a.offline \
         + (["--revision", a.revision] if getattr(a, "revision", "") else [])
@@ -447,6 +449,8 @@ def main(argv=None):
                     "evaluation [default: data]")
     ap.add_argument("--no-verify", action="store_true", help="skip the data checksums (stand-in data files)")
     ap.add_argument("--offline", action="store_true", help="never download: a missing model or data file is an error")
+    ap.add_argument("--nproc", type=util.number(int, 1), default=1,
+                    help="run each training and evaluation on torchrun with this many processes (one per GPU) [default: 1]")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     ap.add_argument("--tables-only", action="store_true", help="only (re)write TABLES.md and the figures from what exists")
     a = ap.parse_args(argv)

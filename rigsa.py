@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -455,11 +456,12 @@ def batch_loss(model, rows, pad_id, device):
     return F.cross_entropy(logits, x[b, t], reduction="sum"), len(t)
 
 
-def accumulate(model, rows, micro_batch, pad_id, device, amp=contextlib.nullcontext()):
+def accumulate(model, rows, micro_batch, pad_id, device, amp=contextlib.nullcontext(), n_sup=None):
     """Forward and backward over micro-batches of one effective batch (§4.4: batch 16 by gradient
     accumulation). Each micro-batch's summed loss is divided by the supervised-token count of the
-    whole effective batch, so the gradient is that of the batch mean. -> the mean loss (float)."""
-    n_sup = sum(len(p) for _, p in rows)
+    whole effective batch (n_sup: of the global batch, when these rows are one rank's share), so
+    the gradient is that of the batch mean. -> the summed loss of these rows over n_sup (float)."""
+    n_sup = n_sup or sum(len(p) for _, p in rows)
     total = torch.zeros((), device=device)
     for mb in range(0, len(rows), micro_batch):
         with amp:
@@ -579,15 +581,38 @@ def load_optimizer_state(opt, state):
 
 
 def train_step(run, opt, rows, lr):
-    """One optimizer step on one effective batch of encoded rows. -> the batch's mean loss."""
+    """One optimizer step on one effective batch of encoded rows: on torchrun each rank takes its
+    contiguous share of them (the single-process order, sharded), divides by the supervised tokens
+    of the whole batch, and the gradients are summed across ranks before the identical AdamW step
+    on every rank. -> the batch's mean loss."""
     for grp in opt.param_groups:
         grp["lr"] = lr
-    loss = accumulate(run.model, rows, run.cfg.micro_batch, run.tok.pad_id, run.device, run.amp)
+    n_sup = sum(len(p) for _, p in rows)
+    loss = accumulate(run.model, rows[util.shard(len(rows))], run.cfg.micro_batch, run.tok.pad_id, run.device,
+                      run.amp, n_sup)
+    params = [p for grp in opt.param_groups for p in grp["params"]]
+    if util.world()[1] > 1:
+        # one all-reduce per tensor after the whole accumulation (DDP's no_sync, then sync), without
+        # wrapping the model: a pruning replaces the compact layers' tensors, and DDP's buckets with them
+        t0 = time.perf_counter()
+        for p in params:
+            dist.all_reduce(_grad(p))
+        t = torch.tensor(loss, dtype=torch.float64, device=run.device)
+        dist.all_reduce(t)
+        loss = t.item()
+        run.comm_s += time.perf_counter() - t0   # ends with a host sync (.item()): the transfers are done
     if run.cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]], run.cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip)
     adamw_step(opt)
     opt.zero_grad(set_to_none=True)
     return loss
+
+
+def _grad(p):
+    """p's gradient; zeros if this rank's rows gave it none, so that every rank joins the all-reduce."""
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    return p.grad
 
 
 @dataclass
@@ -613,11 +638,13 @@ class Run:
     start_step: int = 0
     resume: dict = None         # resume.pt's content, until the iteration it belongs to has started
     done_steps: int = 0         # optimizer steps taken by this process (--halt-after)
+    comm_s: float = 0.0         # seconds in the gradients' all-reduce (torchrun), this process
 
     def record(self, r):
         self.log.append(r)
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(r) + "\n")
+        if util.world()[0] == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(r) + "\n")
 
 
 # flags a resumed run may change: how it runs, not what it computes
@@ -650,7 +677,7 @@ def resumed(cfg):
                          f"as it was, or start a new run with another --out")
     keep = {f: getattr(cfg, f) for f in RESUMABLE if getattr(cfg, f) != getattr(defaults, f)}
     cfg = Config(**{**saved, **keep, "resume": True, "halt_after": cfg.halt_after})   # a halt is this process's
-    for tmp in out.glob("*.tmp"):   # an interrupted write (a kill during a save): never the real file
+    for tmp in out.glob("*.tmp") if util.world()[0] == 0 else ():   # an interrupted write (a kill during a save)
         tmp.unlink()
     if not (out / "resume.pt").exists():
         return cfg, None
@@ -671,7 +698,7 @@ def setup(cfg, resume=None):
     # config and every adapter's) and a resumed run loads again, whatever the hub's main is by then
     base = M.resolve(cfg.model, cfg.revision or None, cfg.verify_model)
     cfg.revision = M.hub_commit(base) or cfg.revision
-    print("config:", json.dumps(dataclasses.asdict(cfg)))
+    util.say("config:", json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)
 
     # data (§4.2): encoded on the fly, 16 prompts per step cost nothing next to the model
@@ -682,6 +709,9 @@ def setup(cfg, resume=None):
         data.update({k: (x[:cfg.limit], y[:cfg.limit]) for k, (x, y) in data.items() if k != "train"})
 
     model, tok, device = load_base(cfg, base)
+    if cfg.batch_size < util.world()[1]:
+        raise ValueError(f"--batch-size {cfg.batch_size}: fewer sequences than the {util.world()[1]} processes; "
+                         f"use at least one per process")
     amp = (torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and model.lm_head.weight.dtype == torch.bfloat16
            else contextlib.nullcontext())
     if lora:  # the baseline lives in its own file (§5.3)
@@ -702,27 +732,34 @@ def setup(cfg, resume=None):
         load_trainable_state(model, resume["state"])
     tokens = cfg.micro_batch * len(encode_example(tok, data["train"][0][0], 0, digit_ids(tok), end_id(tok))[0])
     moments = choose_moments(memory_plan(model, cfg, device, amp, tokens), device, cfg.moments)
-    # the run directory is written once the data and the model have loaded, and the step fits
-    out.mkdir(parents=True, exist_ok=True)
-    util.write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "git_commit": git_commit(),
-                                          "torch": torch.__version__, "python": sys.version.split()[0]})
+    # the run directory is written once the data and the model have loaded, and the step fits (by
+    # rank 0 only, as every file of the run: the ranks hold the same adapters)
+    rank, ranks = util.world()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        util.write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "git_commit": git_commit(),
+                                              "torch": torch.__version__, "python": sys.version.split()[0],
+                                              "processes": ranks})
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{cfg.method}: {len(layers) or 'LoRA on the'} adapted layers, {n_trainable:,} trainable tensor entries")
+    util.say(f"{cfg.method}: {len(layers) or 'LoRA on the'} adapted layers, {n_trainable:,} trainable tensor entries"
+             + (f"; {ranks} processes, {cfg.batch_size // ranks}-{-(-cfg.batch_size // ranks)} sequences each a step"
+                if ranks > 1 else ""))
 
     epochs = cfg.lora_epochs if lora else cfg.epochs
     steps = math.ceil(len(data["train"][0]) * epochs / cfg.batch_size)
     if cfg.steps:
         steps = min(steps, cfg.steps)
     if steps <= cfg.warmup:
-        print(f"note: {steps} steps per iteration <= warmup {cfg.warmup}: the lr never reaches "
-              f"its peak and does not decay to 0", file=sys.stderr)
+        util.say(f"note: {steps} steps per iteration <= warmup {cfg.warmup}: the lr never reaches "
+                 f"its peak and does not decay to 0", file=sys.stderr)
     run = Run(cfg, out, model, tok, device, amp, layers, data, digit_ids(tok), end_id(tok), steps,
               cfg.lora_lr if lora else cfg.lr, epochs, moments, [])
     if resume is not None:
         run.start_iter, run.start_step, run.log, run.resume = resume["iteration"], resume["step"], resume["log"], resume
         torch.set_rng_state(resume["rng"])
     # metrics.jsonl holds what the checkpoint holds: lines written after it are dropped
-    util.atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in run.log)))
+    if rank == 0:
+        util.atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in run.log)))
     return run
 
 
@@ -755,19 +792,21 @@ def train_iteration(run, it):
         bar.set_postfix(loss=loss, lr=lr, tok_s=tokens / (time.time() - t0), refresh=False)
         bar.update(1)
         if step % cfg.log_every == 0 or step == run.steps:
-            r = {"iter": it, "step": step, "loss": loss, "lr": lr, "tok_s": tokens / (time.time() - t0)}
+            r = {"iter": it, "step": step, "loss": loss, "lr": lr, "tok_s": tokens / (time.time() - t0),
+                 **({"comm_s": run.comm_s} if util.world()[1] > 1 else {})}
             if layers:
                 a = torch.stack([L.alpha.detach().float() for L in layers.values()])
                 r.update(alpha_mean=a.mean().item(), alpha_min=a.min().item(), alpha_max=a.max().item())
             run.record(r)
-        halt = (cfg.halt_after and run.done_steps >= cfg.halt_after or STOP) and step < run.steps
+        sig = stop_signal(run)
+        halt = (cfg.halt_after and run.done_steps >= cfg.halt_after or sig) and step < run.steps
         if halt or (cfg.save_every and step % cfg.save_every == 0 and step < run.steps):
             save_resume(run, opt, it, step)
         if halt:
             bar.close()
-            why = f"stopped by {signal.Signals(STOP[0]).name}" if STOP else "halted"
-            print(f"{why} after {run.done_steps} steps (iteration {it}, step {step}); continue with: "
-                  f"python rigsa.py train --resume --out {run.out}")
+            why = f"stopped by {signal.Signals(sig).name}" if sig else "halted"
+            util.say(f"{why} after {run.done_steps} steps (iteration {it}, step {step}); continue with: "
+                     f"python rigsa.py train --resume --out {run.out}")
             return False
     bar.close()
     run.resume = None
@@ -782,8 +821,12 @@ def evaluate(run, it):
     res = {"event": "iteration", "iter": it}
     res["trainable"] = (sum(L.delta.numel() + int(L.gated) for L in layers.values()) if layers
                         else sum(p.numel() for p in model.parameters() if p.requires_grad))
-    for split in ("val", "test") if cfg.eval_test else ("val",):
-        res[f"{split}_acc"], _ = mnist_accuracy(model, run.tok, *run.data[split], batch_size=cfg.eval_batch)
+    for split in ("val", "test") if cfg.eval_test else ("val",):   # on torchrun each rank scores its share
+        x, y = run.data[split]
+        part = util.shard(len(x))
+        _, preds = mnist_accuracy(model, run.tok, x[part], y[part], batch_size=cfg.eval_batch)
+        preds = torch.tensor(util.gather(preds.tolist()), dtype=torch.long)
+        res[f"{split}_acc"] = (preds == y.long()).float().mean().item() if len(preds) else float("nan")
     if layers:
         res["density"], res["layer_density"] = density_report(layers)
         res["alpha"] = {n: L.alpha.item() for n, L in layers.items()}
@@ -793,12 +836,14 @@ def evaluate(run, it):
 def save_iteration(run, it, res):
     """Write iteration `it`'s adapter (and for LoRA its PEFT copy) and record its evaluation."""
     cfg = run.cfg
+    run.record(res)
+    if util.world()[0] != 0:  # the adapters are the same on every rank: rank 0 writes them
+        return
     save_adapter(run.model, run.out / f"iter{it}.safetensors", cfg,
                  {k: v for k, v in res.items() if k in ("iter", "val_acc", "test_acc", "density", "trainable")})
     if cfg.method in LORA_METHODS:
         qlora.save_peft(run.model, run.out / f"iter{it}-peft", cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.model,
                         cfg.revision or None)
-    run.record(res)
     print(f"iter {it}: val {res['val_acc']:.4f}" + (f" test {res['test_acc']:.4f}" if cfg.eval_test else "")
           + (f" density {res['density']:.4%}" if run.layers else ""))
 
@@ -815,8 +860,8 @@ def prune_and_rewind(run, it):
                 "kept": st["kept"], "eligible": st["eligible"], "free": st["free"],
                 "layer_sign_flip": {n: 1 - s["eligible"] / max(s["free"], 1) for n, s in st["layers"].items()},
                 "layer_density": {n: s["kept"] / s["numel"] for n, s in st["layers"].items()}})
-    print(f"pruned after iter {it}: sign flips {st['sign_flip']:.2%} of free entries, "
-          f"density now {st['density']:.4%}")
+    util.say(f"pruned after iter {it}: sign flips {st['sign_flip']:.2%} of free entries, "
+             f"density now {st['density']:.4%}")
     save_resume(run, None, it + 1, 0)
 
 
@@ -830,6 +875,16 @@ def _on_signal(signum, frame):
     STOP.append(signum)
     print(f"\n{signal.Signals(signum).name}: finishing this optimizer step, then writing a resume checkpoint "
           f"(send it again to stop at once, losing the steps since the last checkpoint)", file=sys.stderr)
+
+
+def stop_signal(run):
+    """The signal that stops training, or 0: the largest any rank received, so that on torchrun
+    every rank stops after the same step (one small all-reduce a step)."""
+    if util.world()[1] == 1:
+        return STOP[0] if STOP else 0
+    t = torch.tensor([STOP[0] if STOP else 0], device=run.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 @contextlib.contextmanager
@@ -852,12 +907,13 @@ def train(cfg):
     """The IMP loop (§3.2, §4.4): each iteration trains with a fresh AdamW and schedule, evaluates
     and saves its adapter, and all but the last prune, rewind to dW0 and reset the gate. `--iters 5`
     is 5 trainings and 4 prunings. -> the metrics log, or None if halted (--halt-after)."""
+    util.init_distributed(cfg.device)             # under torchrun: this rank's process group, first
     cfg, resume = resumed(cfg)
     if cfg.resume and resume is None:             # --resume of a finished run: nothing to do
         if not (Path(cfg.out) / f"iter{n_iters(cfg)}.safetensors").exists():
             raise FileNotFoundError(f"{cfg.out}: neither resume.pt nor iter{n_iters(cfg)}.safetensors is there, so "
                                     f"nothing to resume from; start a new run with another --out")
-        print(f"{cfg.out}: the run is complete (iter{n_iters(cfg)}.safetensors is there)")
+        util.say(f"{cfg.out}: the run is complete (iter{n_iters(cfg)}.safetensors is there)")
         return [json.loads(line) for line in open(Path(cfg.out) / "metrics.jsonl")]
     run = setup(check_config(cfg), resume)
     with stop_on_signals():
@@ -868,11 +924,12 @@ def train(cfg):
             save_iteration(run, it, res)
             if it < n_iters(run.cfg):
                 prune_and_rewind(run, it)         # writes resume.pt for iteration it + 1
-                if STOP:
-                    print(f"stopped after iteration {it}; continue with: python rigsa.py train --resume --out {run.out}")
+                if stop_signal(run):
+                    util.say(f"stopped after iteration {it}; continue with: python rigsa.py train --resume --out {run.out}")
                     return None
-    (run.out / "resume.pt").unlink(missing_ok=True)   # complete: its adapters are the iterK files
-    print_summary(run.log)
+    if util.world()[0] == 0:
+        (run.out / "resume.pt").unlink(missing_ok=True)   # complete: its adapters are the iterK files
+        print_summary(run.log)
     return run.log
 
 
@@ -951,8 +1008,8 @@ def choose_moments(plan, device, want):
     moments = want if want != "auto" else ("device" if device.type != "cuda" or total["device"] <= 0.95 * have else
                                            "host" if total["host"] <= 0.95 * have else "8bit")
     parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in plan[moments].items())
-    print(f"memory: ~{total[moments] / GB:.1f} GB on {device} with AdamW's moments {moments} ({parts}); "
-          f"{have / GB:.1f} GB available")
+    util.say(f"memory: ~{total[moments] / GB:.1f} GB on {device} with AdamW's moments {moments} ({parts}); "
+             f"{have / GB:.1f} GB available")
     if total[moments] > have:
         fix = [f"--moments {m} (~{total[m] / GB:.1f} GB)" for m in ("host", "8bit") if total[m] < total[moments]]
         raise ValueError(f"memory: the run needs ~{total[moments] / GB:.1f} GB on {device}, which has "
@@ -964,8 +1021,9 @@ def choose_moments(plan, device, want):
 # the run's machinery: base model, resume checkpoints, provenance
 
 def load_base(cfg, path):
-    """The base model from its resolved directory, on the run's device and dtype."""
-    device = util.pick_device(cfg.device)
+    """The base model from its resolved directory, on the run's device (this rank's GPU under
+    torchrun) and dtype."""
+    device = util.init_distributed(cfg.device)
     dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     if cfg.method == "qlora":  # also reads pre-quantized bnb-4bit checkpoints (§5.3: Unsloth's)
         model, tok = qlora.load_model(path, device, dtype)
@@ -1001,7 +1059,9 @@ def load_trainable_state(model, state):
 
 
 def save_resume(run, opt, it, step):
-    """resume.pt: the trainable state, the optimizer, where the run is, the RNG and the log."""
+    """resume.pt: the trainable state, the optimizer, where the run is, the RNG and the log (rank 0's)."""
+    if util.world()[0] != 0:
+        return
     state = {"iteration": it, "step": step, "state": adapter_tensors(run.model),
              "optimizer": opt.state_dict() if opt is not None else None, "rng": torch.get_rng_state(), "log": run.log}
     util.atomic_write(run.out / "resume.pt", lambda tmp: torch.save(state, tmp))
@@ -1218,11 +1278,13 @@ def shot_draws(n, pool_size, shots, seed=SHOT_SEED):
 
 
 @torch.no_grad()
-def mnist_accuracy(model, tok, images, labels, shots=0, batch_size=16, seed=SHOT_SEED, progress=True, shot_pool=None):
+def mnist_accuracy(model, tok, images, labels, shots=0, batch_size=16, seed=SHOT_SEED, progress=True, shot_pool=None,
+                   draws=None):
     """-> (accuracy, predictions (N,) long, -1 = not a digit). The prediction is the greedy next
     token after the prefix; a non-digit token counts as wrong (§4.2). shots > 0: each image gets
     its own `shots` training examples, drawn without replacement by one generator seeded with
-    `seed` from shot_pool = (images, labels), the train split (Table 2)."""
+    `seed` from shot_pool = (images, labels), the train split (Table 2); or, given, draws[i] for
+    image i (a share of images whose shots were drawn over all of them: evals/run.py on torchrun)."""
     was_training = model.training
     model.eval()
     dev = model.lm_head.weight.device
@@ -1231,7 +1293,7 @@ def mnist_accuracy(model, tok, images, labels, shots=0, batch_size=16, seed=SHOT
         if shot_pool is None:
             raise ValueError("few-shot Textual MNIST needs the shot pool (the train split's images, labels)")
         pool_x, pool_y = shot_pool
-        draws = shot_draws(len(images), len(pool_x), shots, seed)
+        draws = shot_draws(len(images), len(pool_x), shots, seed) if draws is None else draws
     preds = []
     bar = util.progress(total=len(images), desc=f"mnist {shots}-shot", unit="img", enabled=progress)
     for b in range(0, len(images), batch_size):
@@ -1516,7 +1578,10 @@ def main(argv=None):
     util.keep_freed_memory()
     try:
         if a.cmd == "train":
-            if train(Config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Config)})) is None and STOP:
+            done = train(Config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Config)}))
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            if done is None and STOP:
                 sys.exit(128 + STOP[0])        # interrupted by a signal: saved, and the shell sees why
         elif a.cmd == "show":
             x, y = load_mnist(mnist_dir(a.data_dir), a.split, download=not a.offline, verify=not a.no_verify)

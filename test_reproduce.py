@@ -147,3 +147,9 @@ def test_figures_written(tmp_path):
     for k in (2, 3, 4):
         assert (tmp_path / f"figure{k}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"![Figure {k}](figure{k}.png)" in text
+
+
+def test_plan_on_torchrun(tmp_path):
+    cmds = [c for _, c in P.plan(args(tmp_path, [P.DEFAULT_SEED], nproc=2))]
+    assert all(c[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"] for c in cmds)
+    assert any("rigsa.py" in c and "train" in c for c in cmds) and any("evals/run.py" in c for c in cmds)

@@ -7,6 +7,7 @@ tasks or the method; model.py, qlora.py, rigsa.py, evals/ and the scripts import
   progress                   tqdm with a rate and ETA; in a log file one line per interval
   ArgumentParser, number     one-line usage errors; numeric flags checked where they are parsed
   pick_device, on_device     "auto" -> cuda if available ("cuda" without CUDA is an error); constants per device
+  init_distributed, world    torchrun: one process per GPU (gloo processes on the CPU); say: rank 0 prints
   keep_freed_memory          CPU runs: glibc keeps freed blocks for reuse
 """
 import argparse
@@ -20,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
@@ -131,7 +133,7 @@ def progress(iterable=None, total=None, desc="", unit="it", enabled=True):
     enabled=False) turns it off. Use set_postfix(..., refresh=False) so a postfix does not
     force a line."""
     tty = sys.stderr.isatty()
-    off = not enabled or os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false")
+    off = not enabled or os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false") or world()[0] != 0
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=off,
                 file=sys.stderr if tty else _LogLines(sys.stderr), dynamic_ncols=tty, ascii=not tty,
                 mininterval=0.5 if tty else 30.0, miniters=None if tty else 1)  # a log: exactly one line per 30 s
@@ -180,6 +182,47 @@ def pick_device(name=None):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return dev
+
+
+# -----------------------------------------------------------------------------
+# torchrun: several processes (one per GPU, or gloo processes on the CPU); rank 0 speaks and writes
+
+def init_distributed(device=None):
+    """Under torchrun (WORLD_SIZE > 1), join the process group once: NCCL when the device is CUDA
+    (this rank's own GPU, LOCAL_RANK), gloo on the CPU. -> this process's device."""
+    dev = pick_device(device)
+    if dev.type == "cuda" and os.environ.get("LOCAL_RANK") is not None:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(dev)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dev
+
+
+def world():
+    """(this process's rank, the number of processes): torchrun's, or (0, 1)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def say(*args, **kw):
+    """print, on rank 0 only (every rank computes the same thing; one says it)."""
+    if world()[0] == 0:
+        print(*args, **kw)
+
+
+def shard(n):
+    """This rank's contiguous share of n items, as a slice (the shares in rank order are the whole)."""
+    rank, size = world()
+    return slice(rank * n // size, (rank + 1) * n // size)
+
+
+def gather(part):
+    """Every rank's `part` (a list), joined in rank order, on every rank: with shard() the whole list."""
+    if world()[1] == 1:
+        return part
+    parts = [None] * world()[1]
+    dist.all_gather_object(parts, part)
+    return [x for p in parts for x in p]
 
 
 _on_device = {}

@@ -63,8 +63,9 @@ def eval_mc(task, docs, model, tok, args):
         enc.append((pairs[0][0], [p[1] for p in pairs]))
     longest = max(len(c) + max(len(x) for x in xs) for c, xs in enc)
     bs = batch_size_for(args, model, longest, max(len(xs) for _, xs in enc))
-    bar = util.progress(total=len(enc), desc=task, unit="doc")
-    scores = H.score_shared(model, enc, batch_size=bs, bar=bar)
+    part = enc[util.shard(len(enc))]       # on torchrun this rank's documents; every rank's, gathered
+    bar = util.progress(total=len(part), desc=task, unit="doc")
+    scores = util.gather(H.score_shared(model, part, batch_size=bs, bar=bar))
     bar.close()
     samples, logged, accs, norms = [], [], [], []
     for i, (d, sc) in enumerate(zip(mc, scores)):
@@ -95,8 +96,9 @@ def eval_gsm8k(data, model, tok, args, k):
         until.append(eos)
     longest = len(tok.encode(max(prompts, key=len))) + T.GSM8K_MAX_NEW
     bs = batch_size_for(args, model, longest, 1, generate=True)
-    gens = M.generate(model, tok, prompts, max_new_tokens=T.GSM8K_MAX_NEW, stop=until, batch_size=bs,
-                      progress_bar=True)
+    # the shots were drawn over every document first (above): on torchrun each rank generates its share
+    gens = util.gather(M.generate(model, tok, prompts[util.shard(len(prompts))], max_new_tokens=T.GSM8K_MAX_NEW,
+                                  stop=until, batch_size=bs, progress_bar=True))
     samples, strict, flex = [], [], []
     for i, (d, g) in enumerate(zip(test, gens)):
         s, f = T.strict_extract(g), T.flexible_extract(g)
@@ -122,14 +124,18 @@ def eval_mnist(data, model, tok, args, k):
     longest = len(tok.encode(rigsa.prompt(tok, images[0], [(images[0], 0)] * k)))  # all prompts ~ equal length
     bs = batch_size_for(args, model, longest, 1)
     seed = rigsa.SHOT_SEED if args.seed is None else args.seed
-    _, preds = rigsa.mnist_accuracy(model, tok, images, labels, shots=k, batch_size=bs, shot_pool=pool, seed=seed)
+    draws = rigsa.shot_draws(len(images), len(pool[0]), k, seed) if k else None   # over every image, first
+    part = util.shard(len(images))                                              # then this rank's share
+    _, preds = rigsa.mnist_accuracy(model, tok, images[part], labels[part], shots=k, batch_size=bs, shot_pool=pool,
+                                    draws=draws[part] if k else None)
+    preds = torch.tensor(util.gather(preds.tolist()), dtype=torch.long)
     samples, accs = [], []
     for i, (y, p) in enumerate(zip(labels.tolist(), preds.tolist())):
         accs.append(int(p == y))  # p = -1: the next token was not a digit, counted wrong (paper §4.2)
         samples.append({"doc_id": i, "target": y, "prediction": p, "acc": accs[-1]})
     logged = []
     if args.log_samples:  # the prompts are long (a 5-shot one is ~4,000 digits): only when asked for
-        draws = rigsa.shot_draws(len(images), len(pool[0]), k, seed) if k else [[]] * len(images)   # rigsa's own draw
+        draws = draws or [[]] * len(images)
         for i, s in enumerate(samples):
             text = rigsa.prompt(tok, images[i], [(pool[0][j], pool[1][j]) for j in draws[i]])
             answer = str(s["prediction"]) if s["prediction"] >= 0 else "[not a digit]"
@@ -425,6 +431,9 @@ def main(argv=None):
         return evaluate(args)
     except (ValueError, RuntimeError, OSError) as e:   # OSError includes FileNotFoundError
         sys.exit(f"error: {e}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def evaluate(args):
@@ -435,7 +444,7 @@ def evaluate(args):
         check_output("--output", args.output, folder=False)
     if args.output_path:
         check_output("--output_path", args.output_path, folder=not args.output_path.endswith(".json"))
-    device = util.pick_device(args.device)
+    device = util.init_distributed(args.device)   # torchrun: this rank's process group and device
     try:
         acfg = rigsa.read_adapter(args.adapter)[2] if args.adapter else None
     except (ValueError, OSError) as e:
@@ -449,7 +458,7 @@ def evaluate(args):
             if args.task != "all":
                 raise
             failed.append(t)
-            print(f"error: {task_error(t, e)}", file=sys.stderr)   # --task all: said now, the others still run
+            util.say(f"error: {task_error(t, e)}", file=sys.stderr)   # --task all: said now, the others still run
     if not data:
         raise ValueError("--task all: no task has its data (each said why above); fix those, then run again")
 
@@ -461,8 +470,9 @@ def evaluate(args):
         install_adapter(model, args.adapter, name)
     quantize = "nf4" if rigsa.is_quantized(model) else None   # --quantize, a QLoRA adapter or a 4-bit checkpoint
     info = run_info(args, model, tok, name, revision, quantize, device)
-    print(f"model {name} adapter {args.adapter} dtype {info['dtype']} device {model.lm_head.weight.device} "
-          f"chat {args.chat} quantize {quantize}", file=sys.stderr)
+    util.say(f"model {name} adapter {args.adapter} dtype {info['dtype']} device {model.lm_head.weight.device} "
+             f"chat {args.chat} quantize {quantize}" + (f" processes {util.world()[1]}" if util.world()[1] > 1 else ""),
+             file=sys.stderr)
 
     results, done = [], []
     for t in data:
@@ -472,12 +482,14 @@ def evaluate(args):
             if args.task != "all":
                 raise
             failed.append(t)
-            print(f"error: {task_error(t, e)}", file=sys.stderr)
+            util.say(f"error: {task_error(t, e)}", file=sys.stderr)
             continue
         results.append(r)
         done.append(lm)
-        write_outputs(args, results, done, info)   # each task as it finishes: nothing is lost to a later one
-    print_table(results)
+        if util.world()[0] == 0:                   # every rank holds the gathered results; one writes them
+            write_outputs(args, results, done, info)   # each task as it finishes: nothing is lost to a later one
+    if util.world()[0] == 0:
+        print_table(results)
     if failed:
         sys.exit(f"error: --task all: {len(failed)} of {len(tasks)} tasks failed ({', '.join(failed)}; each said why "
                  f"above) and the others finished; fix those, then run each with --task")

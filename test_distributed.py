@@ -1,0 +1,115 @@
+"""Data-parallel training and evaluation on torchrun (issue #16): 2 gloo processes on the CPU give
+the single-process run's adapters (masks identical, values within float32 reduction-order noise)
+and its evaluation (the same predictions, generations and answers; log-likelihoods within 1e-4)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rigsa
+from conftest import one_thread
+from evals import run as R
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+# measured (tiny model, lr 2e-2, 4 steps an iteration): the dW values of a 2-process run differ from
+# the single process's by a median of 0 to 4e-9 (the last bit of values near 0.1) and at most
+# 1.1e-4, where AdamW divides a near-zero gradient by its near-zero second moment and the last bit
+# of an all-reduced sum moves the update by up to lr; the gates by 4e-6 relative
+TOL_MAX, TOL_MEDIAN, TOL_ALPHA = 1e-3, 1e-7, 1e-4
+
+
+def torchrun(n, script, args, cwd):
+    """`torchrun --standalone --nproc-per-node n script args`, one thread a process, on 127.0.0.1."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           os.path.join(REPO, script), *args]
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def close(a_dir, b_dir, iters):
+    for k in range(1, iters + 1):
+        a, b = load_file(a_dir / f"iter{k}.safetensors"), load_file(b_dir / f"iter{k}.safetensors")
+        assert a.keys() == b.keys()
+        for n in a:
+            if n.endswith((".mask", ".init_seed", ".init_check")):
+                assert torch.equal(a[n], b[n]), (k, n)                  # the masks: identical
+        d = torch.cat([(a[n] - b[n]).abs().flatten() for n in a if n.endswith((".delta", ".weight"))])
+        ref = max(a[n].abs().max().item() for n in a if n.endswith((".delta", ".weight")))
+        assert d.max() <= TOL_MAX * ref and d.median() <= TOL_MEDIAN, (k, d.max().item(), d.median().item())
+        for n in (n for n in a if n.endswith(".alpha")):
+            assert (a[n] - b[n]).abs().item() <= TOL_ALPHA * a[n].abs().item(), (k, n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ddp")
+    rigsa.write_synthetic_mnist(d / "mnist", n_train=40, n_test=6, size=8)
+    return d
+
+
+def args_for(tiny_dir, data, method, **kw):
+    a = dict(model=str(tiny_dir), data_dir=str(data), device="cpu", steps=4, warmup=2, batch_size=4, micro_batch=1,
+             limit=6, log_every=1, save_every=0, offline=True, verify=False, method=method)
+    a.update({"iters": 2} if method in rigsa.PRUNING else {})
+    a.update({"lr": 2e-2} if method in rigsa.SPARSE else {"rank": 2, "lora_lr": 1e-2})
+    a.update(kw)
+    flags = []
+    for k, v in a.items():
+        flag = "--" + k.replace("_", "-")
+        flags += [flag] if v is True else [f"--no-{k.replace('_', '-')}"] if v is False else [flag, str(v)]
+    return a, flags
+
+
+@pytest.mark.parametrize("method", ["rigsa", "lt-sft", "qlora"])
+def test_two_processes_train_the_single_process_adapters(tiny_dir, data, tmp_path, method):
+    cfg, flags = args_for(tiny_dir, data, method)
+    with one_thread():
+        rigsa.train(rigsa.Config(**cfg, out=str(tmp_path / "one")))
+    p = torchrun(2, "rigsa.py", ["train", *flags, "--out", str(tmp_path / "two")], tmp_path)
+    close(tmp_path / "one", tmp_path / "two", rigsa.n_iters(rigsa.Config(**cfg)))
+    assert p.stdout.count("config: ") == 1 and "2 processes, 2-2 sequences each a step" in p.stdout  # rank 0 speaks
+    saved = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert saved["processes"] == 2 and not list((tmp_path / "two").glob("*.tmp"))
+
+
+def test_a_run_resumed_on_another_number_of_processes(tiny_dir, data, tmp_path):
+    # halted on 2 processes in the first iteration, resumed on 1: it continues from resume.pt (the
+    # global state and the global sample order), and ends with the single-process run's adapters
+    cfg, flags = args_for(tiny_dir, data, "rigsa")
+    with one_thread():
+        rigsa.train(rigsa.Config(**cfg, out=str(tmp_path / "one")))
+    torchrun(2, "rigsa.py", ["train", *flags, "--out", str(tmp_path / "run"), "--halt-after", "3"], tmp_path)
+    assert (tmp_path / "run" / "resume.pt").exists() and not (tmp_path / "run" / "iter1.safetensors").exists()
+    with one_thread():
+        rigsa.train(rigsa.Config(out=str(tmp_path / "run"), resume=True))
+    close(tmp_path / "one", tmp_path / "run", 2)
+
+
+def test_evaluation_on_two_processes_equals_one(tiny_dir, tmp_path):
+    # documents sharded across ranks, the few-shot draws over all of them first, rank 0 gathering:
+    # the same samples as one process, log-likelihoods within 1e-4
+    sys.path.insert(0, os.path.join(REPO, "evals"))
+    import test_evals
+    test_evals._write_data(tmp_path)
+    common = ["--task", "all", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-verify", "--offline",
+              "--limit", "5", "--batch-size", "2"]
+    with one_thread():
+        R.main(common + ["--output", str(tmp_path / "one.json")])
+    torchrun(2, "evals/run.py", common + ["--output", str(tmp_path / "two.json")], tmp_path)
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert one.keys() == two.keys() == {"piqa", "hellaswag", "gsm8k", "mnist"}
+    for task in one:
+        for a, b in zip(one[task]["samples"], two[task]["samples"], strict=True):
+            assert a.keys() == b.keys()
+            for k in a:
+                if k == "loglikelihoods":
+                    assert max(abs(x - y) for x, y in zip(a[k], b[k])) < 1e-4
+                else:
+                    assert a[k] == b[k], (task, k)
+        assert one[task]["metrics"] == two[task]["metrics"]

@@ -1,14 +1,20 @@
 # rigsa: the index of entry points. `make help` lists them.
 # Variables: MODEL (hub id or local directory), ITERS (IMP iterations), TASK (eval task),
-#            ADAPTER (RUN/iterK to evaluate), OUT (run directory).
-PY      := .venv/bin/python
-MODEL   ?= HuggingFaceTB/SmolLM2-1.7B-Instruct
-ITERS   ?= 5
-TASK    ?= all
-ADAPTER ?=
-OUT     ?= runs/rigsa
+#            ADAPTER (RUN/iterK to evaluate), OUT (run directory), PAPER (reproduce.py's directory),
+#            NPROC (processes per machine for torchrun; 1 = no torchrun).
+PY       := .venv/bin/python
+BENCH_PY := .venv-bench/bin/python
+MODEL    ?= HuggingFaceTB/SmolLM2-1.7B-Instruct
+ITERS    ?= 5
+TASK     ?= all
+ADAPTER  ?=
+OUT      ?= runs/rigsa
+PAPER    ?= runs/paper
+NPROC    ?= 1
+RUN      := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --standalone --nproc-per-node=$(NPROC))
 
-.PHONY: help test demo train eval paper chat bench bench-model bench-train bench-evals bench-generate bench-attention bench-qlora parity-gsm8k
+.PHONY: help test demo train eval paper plots chat bench bench-model bench-train bench-memory bench-distributed \
+        bench-evals bench-generate bench-attention bench-qlora check-lm-eval parity-gsm8k
 
 help:            ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -19,30 +25,41 @@ help:            ## this list
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	touch $@
 
-# benchmark-only peers (lm-evaluation-harness), kept out of the test environment's requirements
-.venv/.bench-installed: .venv/.installed requirements-bench.txt
-	$(PY) -m pip install -q -r requirements.txt -r requirements-bench.txt
+# the benchmark-only peers (lm-evaluation-harness) in an environment of their own: the tests' stays without them
+.venv-bench/.installed: requirements.txt requirements-dev.txt requirements-bench.txt
+	test -x $(BENCH_PY) || python3 -m venv .venv-bench
+	$(BENCH_PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(BENCH_PY) -m pip install -q -r requirements.txt -r requirements-bench.txt
+	touch $@
+
+# matplotlib for the figures, outside .venv (the tests run without it); .venv's own numpy is the one used
+.plots/.installed: requirements-plots.txt | .venv/.installed
+	$(PY) -m pip install -q --target .plots -r requirements-plots.txt
+	rm -rf .plots/numpy .plots/numpy-* .plots/numpy.libs
 	touch $@
 
 test: .venv/.installed          ## create the environment if needed, run every test (CPU, offline)
 	$(PY) -m pytest -q
 
-demo: .venv/.installed          ## the whole RIGSA pipeline on a tiny model, offline, < 2 min on a CPU
+demo: .venv/.installed          ## the whole RIGSA pipeline on a tiny model, offline, under a minute on a CPU
 	$(PY) rigsa.py demo
 
-train: .venv/.installed         ## the paper's run: RIGSA, ITERS IMP iterations on MODEL, into OUT
-	$(PY) rigsa.py train --model $(MODEL) --iters $(ITERS) --out $(OUT)
+train: .venv/.installed         ## the paper's run: RIGSA, ITERS IMP iterations on MODEL, into OUT (NPROC processes)
+	$(RUN) rigsa.py train --model $(MODEL) --iters $(ITERS) --out $(OUT)
 
-eval: .venv/.installed          ## evaluate MODEL (with ADAPTER if set) on TASK, lm-eval's protocol
-	$(PY) evals/run.py --task $(TASK) --model $(MODEL) $(if $(ADAPTER),--adapter $(ADAPTER))
+eval: .venv/.installed          ## evaluate MODEL (with ADAPTER if set) on TASK, lm-eval's protocol (NPROC processes)
+	$(RUN) evals/run.py --task $(TASK) --model $(MODEL) $(if $(ADAPTER),--adapter $(ADAPTER))
 
-paper: .venv/.installed         ## from a fresh clone to the paper's tables (runs/paper/TABLES.md; days on one GPU)
-	$(PY) reproduce.py --model $(MODEL)
+paper: .venv/.installed         ## from a fresh clone to the paper's tables and figures (PAPER/TABLES.md; days on one GPU)
+	$(PY) reproduce.py --model $(MODEL) --out $(PAPER) --nproc $(NPROC)
+
+plots: .venv/.installed .plots/.installed  ## TABLES.md and Figures 2-4 (PNG) from what PAPER holds
+	PYTHONPATH=.plots $(PY) reproduce.py --tables-only --out $(PAPER)
 
 chat: .venv/.installed          ## one chat message to MODEL (the paper's Figure 6)
 	$(PY) model.py --model $(MODEL) --prompt "What is the capital of France?"
 
-bench: bench-model bench-train bench-evals bench-generate bench-attention bench-qlora   ## every benchmark, side by side with the peers
+bench: bench-model bench-train bench-memory bench-distributed bench-evals bench-generate bench-attention bench-qlora  ## every benchmark, side by side with the peers
 
 bench-model: .venv/.installed   ## prefill and batched decode against transformers (135M shape, CPU)
 	$(PY) bench/bench_model.py
@@ -50,8 +67,17 @@ bench-model: .venv/.installed   ## prefill and batched decode against transforme
 bench-train: .venv/.installed   ## RIGSA step vs full fine-tuning vs transformers (135M shape, CPU)
 	$(PY) bench/bench_train.py
 
-bench-evals: .venv/.bench-installed  ## evals/ against lm-eval's HF backend (needs data/ files)
-	$(PY) bench/bench_evals.py --data-dir data --limit-gsm8k 128 --limit-gsm8k-lm-eval 8
+bench-memory: .venv/.installed  ## training memory and step time, compact layer vs the dense one (135M, CPU), and the 1.7B projection
+	$(PY) bench/bench_memory.py
+
+bench-distributed: .venv/.installed  ## 2 gloo processes against 1 (CPU): training and evaluation speed-up, all-reduce share
+	$(PY) bench/bench_distributed.py
+
+bench-evals: .venv-bench/.installed  ## evals/ against lm-eval's HF backend (needs data/ files)
+	$(BENCH_PY) bench/bench_evals.py --data-dir data --limit-gsm8k 128 --limit-gsm8k-lm-eval 8
+
+check-lm-eval: .venv-bench/.installed  ## our --output_path/--log_samples files read by lm-eval 0.4.13 (make_table, hashes, metrics)
+	$(BENCH_PY) bench/check_lm_eval.py
 
 bench-generate: .venv/.installed  ## GSM8k-shaped generation alone, rows stopping at different steps (needs data/gsm8k)
 	$(PY) bench/bench_generate.py --data-dir data --docs 64 --stop-after 60,200
@@ -64,8 +90,8 @@ bench-attention: .venv/.installed  ## a GSM8k decode step's split, and its atten
 runs/text-model/model.safetensors: bench/train_text_model.py | .venv/.installed
 	$(PY) bench/train_text_model.py --data-dir data --out runs/text-model --steps 1500
 
-parity-gsm8k: .venv/.bench-installed runs/text-model/model.safetensors  ## GSM8k generations vs lm-eval's on all 1,319 documents, on a trained model (needs data/gsm8k)
-	$(PY) bench/bench_evals.py --data-dir data --model runs/text-model --tasks gsm8k --limit-gsm8k 0 --limit-gsm8k-lm-eval 0
+parity-gsm8k: .venv-bench/.installed runs/text-model/model.safetensors  ## GSM8k generations vs lm-eval's on all 1,319 documents, on a trained model (needs data/gsm8k)
+	$(BENCH_PY) bench/bench_evals.py --data-dir data --model runs/text-model --tasks gsm8k --limit-gsm8k 0 --limit-gsm8k-lm-eval 0
 
 bench-qlora: .venv/.installed   ## NF4 bytes per parameter, QLoRA step and forward (135M shape, CPU)
 	$(PY) bench/bench_qlora.py

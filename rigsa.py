@@ -493,93 +493,6 @@ def make_optimizer(model, cfg, moments="device"):
     return opt
 
 
-# 8-bit moments: bitsandbytes' dynamic codes, signed for the first moment, unsigned for the second
-CODES = {"exp_avg": qlora.DYNAMIC_CODE, "exp_avg_sq": qlora.dynamic_map(signed=False)}
-
-
-def quantize_8bit(x, code):
-    """x float32 -> (uint8 codes, float32 absmax per block of 256): the nearest code of x / absmax."""
-    n = x.numel()
-    blocks = F.pad(x.reshape(-1), (0, -n % 256)).view(-1, 256)                 # (nb, 256)
-    absmax = blocks.abs().amax(1)
-    scaled = (blocks / absmax.clamp(min=1e-38)[:, None]).view(-1)[:n]          # an all-zero block stays 0
-    code = util.on_device(code, x.device)
-    return torch.bucketize(scaled, (code[1:] + code[:-1]) / 2, out_int32=True).to(torch.uint8), absmax
-
-
-def dequantize_8bit(codes, absmax, code, out):
-    """Into out (float32, codes' shape): code[codes] * absmax of their block."""
-    scaled = util.on_device(code, codes.device).index_select(0, codes.reshape(-1).int())
-    blocks = F.pad(scaled, (0, -scaled.numel() % 256)).view(-1, 256) * absmax[:, None]
-    return out.copy_(blocks.view(-1)[:scaled.numel()].view_as(out))
-
-
-@torch.no_grad()
-def adamw_step(opt):
-    """opt.step(), with AdamW's two moments where opt.moments puts them (memory.md D4 and §3):
-      device  torch's own step (per tensor)
-      host    in host memory (pinned on CUDA); each tensor's pair is copied to the device, updated by
-              the per-tensor function torch.optim.AdamW(foreach=False) calls, and copied back: the
-              same numbers, 8 bytes less per trainable parameter on the device, and transfer time
-      8bit    8-bit codes and a float32 scale per 256 entries (bitsandbytes' and torchao's 8-bit
-              AdamW): the update runs in float32 on the decoded moments, which are then rounded to
-              the nearest code. 2.03 bytes per parameter instead of 8; not the same numbers."""
-    if opt.moments == "device":
-        return opt.step()
-    host = opt.moments == "host"
-    for group in opt.param_groups:
-        beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            st = opt.state[p]
-            if not st:  # as torch's lazy init: the step count on the CPU, the moments zero
-                st["step"] = torch.tensor(0.0)
-                for k in CODES:
-                    zero = torch.zeros_like(p)
-                    if host:
-                        st[k] = zero.cpu().pin_memory() if p.is_cuda else zero
-                    else:
-                        st[k], st[k + "_absmax"] = quantize_8bit(zero, CODES[k])
-            m, v = _staging(opt, p)
-            for k, buf in zip(CODES, (m, v)):
-                buf.copy_(st[k], non_blocking=True) if host else dequantize_8bit(st[k], st[k + "_absmax"], CODES[k], buf)
-            adam_update([p], [p.grad], [m], [v], [], [st["step"]], foreach=False, decoupled_weight_decay=True,
-                        amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-                        weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
-            for k, buf in zip(CODES, (m, v)):
-                if host:
-                    st[k].copy_(buf, non_blocking=True)  # in stream order: the next copy into buf waits for it
-                else:
-                    st[k], st[k + "_absmax"] = quantize_8bit(buf, CODES[k])
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()  # the host copies are complete before anything reads them (a save)
-
-
-def _staging(opt, p):
-    """Two float32 buffers on p's device, the size of the largest trainable tensor, reused by every
-    tensor's moments in turn. -> views of them shaped like p."""
-    n = max(q.numel() for g in opt.param_groups for q in g["params"])
-    if getattr(opt, "staging", None) is None or opt.staging.device != p.device or opt.staging.shape[1] < n:
-        opt.staging = torch.empty(2, n, device=p.device)
-    return opt.staging[0, :p.numel()].view_as(p), opt.staging[1, :p.numel()].view_as(p)
-
-
-def load_optimizer_state(opt, state):
-    """opt.load_state_dict(state), but the moments go where opt.moments puts them: torch's own load
-    would first copy every one to the device, which is what host moments exist to avoid."""
-    if opt.moments == "device":
-        return opt.load_state_dict(state)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for g, saved in zip(opt.param_groups, state["param_groups"]):
-        g.update({k: v for k, v in saved.items() if k != "params"})
-    for i, st in state["state"].items():
-        p = params[i]
-        opt.state[p] = {k: (v.pin_memory() if opt.moments == "host" and p.is_cuda and k in CODES
-                            else v if opt.moments == "host" or k == "step" else v.to(p.device))
-                        for k, v in st.items()}
-
-
 def train_step(run, opt, rows, lr):
     """One optimizer step on one effective batch of encoded rows: on torchrun each rank takes its
     contiguous share of them (the single-process order, sharded), divides by the supervised tokens
@@ -944,7 +857,100 @@ def print_summary(log):
                   f"{pct(r.get('val_acc'))} | {pct(r.get('test_acc'))} |")
 
 # -----------------------------------------------------------------------------
-# memory: what a step needs on the device, printed (and checked) before training (memory.md)
+# memory (memory.md): where AdamW's moments live, and what a step needs on the device, printed (and
+# checked) before training
+
+# 8-bit moments: bitsandbytes' dynamic codes, signed for the first moment, unsigned for the second
+CODES = {"exp_avg": qlora.DYNAMIC_CODE, "exp_avg_sq": qlora.dynamic_map(signed=False)}
+
+
+def quantize_8bit(x, code):
+    """x float32 -> (uint8 codes, float32 absmax per block of 256): the nearest code of x / absmax,
+    except that a positive value never becomes 0 in the unsigned code (the second moment): a v
+    rounded to 0 under a nonzero m would make AdamW's step m / (sqrt(0) + eps), a thousandfold jump."""
+    n = x.numel()
+    blocks = F.pad(x.reshape(-1), (0, -n % 256)).view(-1, 256)                 # (nb, 256)
+    absmax = blocks.abs().amax(1)
+    scaled = (blocks / absmax.clamp(min=1e-38)[:, None]).view(-1)[:n]          # an all-zero block stays 0
+    code = util.on_device(code, x.device)
+    q = torch.bucketize(scaled, (code[1:] + code[:-1]) / 2, out_int32=True)
+    if code[0] == 0:                                                           # unsigned: index 0 is 0
+        q = torch.where((q == 0) & (scaled > 0), 1, q)
+    return q.to(torch.uint8), absmax
+
+
+def dequantize_8bit(codes, absmax, code, out):
+    """Into out (float32, codes' shape): code[codes] * absmax of their block."""
+    scaled = util.on_device(code, codes.device).index_select(0, codes.reshape(-1).int())
+    blocks = F.pad(scaled, (0, -scaled.numel() % 256)).view(-1, 256) * absmax[:, None]
+    return out.copy_(blocks.view(-1)[:scaled.numel()].view_as(out))
+
+
+@torch.no_grad()
+def adamw_step(opt):
+    """opt.step(), with AdamW's two moments where opt.moments puts them (memory.md D4 and §3):
+      device  torch's own step (per tensor)
+      host    in host memory (pinned on CUDA); each tensor's pair is copied to the device, updated by
+              the per-tensor function torch.optim.AdamW(foreach=False) calls, and copied back: the
+              same numbers, 8 bytes less per trainable parameter on the device, and transfer time
+      8bit    8-bit codes and a float32 scale per 256 entries (bitsandbytes' and torchao's 8-bit
+              AdamW): the update runs in float32 on the decoded moments, which are then rounded to
+              the nearest code. 2.03 bytes per parameter instead of 8; not the same numbers."""
+    if opt.moments == "device":
+        return opt.step()
+    host = opt.moments == "host"
+    for group in opt.param_groups:
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            st = opt.state[p]
+            if not st:  # as torch's lazy init: the step count on the CPU, the moments zero
+                st["step"] = torch.tensor(0.0)
+                for k in CODES:
+                    zero = torch.zeros_like(p)
+                    if host:
+                        st[k] = zero.cpu().pin_memory() if p.is_cuda else zero
+                    else:
+                        st[k], st[k + "_absmax"] = quantize_8bit(zero, CODES[k])
+            m, v = _staging(opt, p)
+            for k, buf in zip(CODES, (m, v)):
+                buf.copy_(st[k], non_blocking=True) if host else dequantize_8bit(st[k], st[k + "_absmax"], CODES[k], buf)
+            adam_update([p], [p.grad], [m], [v], [], [st["step"]], foreach=False, decoupled_weight_decay=True,
+                        amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                        weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+            for k, buf in zip(CODES, (m, v)):
+                if host:
+                    st[k].copy_(buf, non_blocking=True)  # in stream order: the next copy into buf waits for it
+                else:
+                    st[k], st[k + "_absmax"] = quantize_8bit(buf, CODES[k])
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the host copies are complete before anything reads them (a save)
+
+
+def _staging(opt, p):
+    """Two float32 buffers on p's device, the size of the largest trainable tensor, reused by every
+    tensor's moments in turn. -> views of them shaped like p."""
+    n = max(q.numel() for g in opt.param_groups for q in g["params"])
+    if getattr(opt, "staging", None) is None or opt.staging.device != p.device or opt.staging.shape[1] < n:
+        opt.staging = torch.empty(2, n, device=p.device)
+    return opt.staging[0, :p.numel()].view_as(p), opt.staging[1, :p.numel()].view_as(p)
+
+
+def load_optimizer_state(opt, state):
+    """opt.load_state_dict(state), but the moments go where opt.moments puts them: torch's own load
+    would first copy every one to the device, which is what host moments exist to avoid."""
+    if opt.moments == "device":
+        return opt.load_state_dict(state)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for g, saved in zip(opt.param_groups, state["param_groups"]):
+        g.update({k: v for k, v in saved.items() if k != "params"})
+    for i, st in state["state"].items():
+        p = params[i]
+        opt.state[p] = {k: (v.pin_memory() if opt.moments == "host" and p.is_cuda and k in CODES
+                            else v if opt.moments == "host" or k == "step" else v.to(p.device))
+                        for k, v in st.items()}
+
 
 GB = 1e9
 MOMENT_BYTES = {"device": 8.0, "host": 0.0, "8bit": 2 * (1 + 4 / 256)}  # per trainable entry, on the device

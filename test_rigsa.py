@@ -448,8 +448,8 @@ def tmp_mnist(cfg):
     return rigsa.mnist_dir(cfg.data_dir)
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(prune_scope="layer", iters=3, keep=0.6),
-                                     dict(method="lt-sft"), dict(method="random-mask", density=0.3, micro_batch=1)])
+@pytest.mark.parametrize("variant", [dict(), dict(prune_scope="layer", iters=3, keep=0.6), dict(method="lt-sft"),
+                                     dict(method="random-mask", density=0.3, micro_batch=1), dict(method="dense")])
 def test_compact_layer_trains_the_dense_layers_adapters_bitwise(tiny_dir, tmp_path, variant):
     # float32 on the CPU, IMP iterations with gradient accumulation (batch 4 of micro-batches 2),
     # pruning, rewind and gate reset: rigsa.train on the compact layer and the dense reference loop
@@ -550,6 +550,26 @@ def test_host_moments_are_torchs_adamw_bitwise_and_8bit_is_close():
     rigsa.load_optimizer_state(fresh, {"state": {0: opt.state_dict()["state"][0]},
                                        "param_groups": [opt.state_dict()["param_groups"][0]]})
     assert torch.equal(fresh.state[p]["exp_avg"], opt.state[p]["exp_avg"]) and fresh.param_groups[0]["lr"] == 2e-3
+
+
+def test_8bit_codes_round_trip_and_never_zero_a_positive_second_moment():
+    torch.manual_seed(0)
+    for k, x in (("exp_avg", torch.randn(1000)), ("exp_avg_sq", torch.rand(1000) ** 4)):
+        x[300] = x.abs().max() * 1e-7                               # far below the smallest code
+        codes, absmax = rigsa.quantize_8bit(x, rigsa.CODES[k])
+        assert codes.dtype == torch.uint8 and absmax.shape == (4,)  # one scale per 256 entries
+        back = rigsa.dequantize_8bit(codes, absmax, rigsa.CODES[k], torch.empty(1000))
+        # the nearest code: no code lies closer to x / absmax than the one chosen
+        code, scaled = rigsa.CODES[k], x / absmax.repeat_interleave(256)[:1000]
+        best = (scaled[:, None] - code[None]).abs().min(1).values
+        chosen = (scaled - code[codes.long()]).abs()
+        if k == "exp_avg":
+            assert torch.allclose(chosen, best, atol=1e-7)
+        else:  # the nearest code except where that is 0 for a positive v: the smallest code instead
+            zeroed = (best < chosen - 1e-7)
+            assert zeroed.any() and (codes[zeroed] == 1).all() and (x[zeroed] > 0).all()
+            assert (back > 0).all()                                   # every v here is positive
+        assert ((back - x).abs() <= 0.1 * absmax.repeat_interleave(256)[:1000]).all()
 
 
 def test_the_memory_estimate_chooses_and_refuses_in_one_line(monkeypatch, capsys):

@@ -1,4 +1,5 @@
 """Tests for util.py: atomic writes, the progress bar in a log and on/off, the device, malloc settings."""
+import errno
 import os
 import platform
 
@@ -20,6 +21,14 @@ def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         util.atomic_write(p, broken)
     assert p.read_text() == '{\n  "a": 1\n}\n' and os.listdir(tmp_path) == ["f.json"]
+
+    def full(tmp):                     # a full disk: the error names the file, in one line
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
+    with pytest.raises(OSError, match=f"{p}: cannot write \\(No space left on device\\); free space"):
+        util.atomic_write(p, full)
+    assert os.listdir(tmp_path) == ["f.json"]
 
 
 def test_progress_bar_in_a_log_one_line_per_interval(monkeypatch, capsys):

@@ -474,7 +474,7 @@ def hub_commit(path):
     return p.name if ok else None
 
 
-def resolve(name_or_path, revision=None, verify=False):
+def resolve(name_or_path, revision=None, verify=False, offline=False):
     """A local directory as is, or a hub repo id -> its snapshot directory in the huggingface_hub cache
     (HUB_FILES only). A commit sha already cached needs no hub at all: runs record hub_commit(path)
     and pass it back. Otherwise one model_info call says which commit `revision` (default main) is
@@ -486,7 +486,8 @@ def resolve(name_or_path, revision=None, verify=False):
     Cached files are checked against the hub's sizes whenever it answers (a truncated file);
     verify=True also hashes them against its sha256 (LFS) or git blob id, or offline against the
     ETags the cache names its blobs by: only that finds a byte changed inside the tensor data,
-    which safetensors cannot see. A bad file: ValueError naming it and the blob to delete."""
+    which safetensors cannot see. A bad file: ValueError naming it and the blob to delete.
+    offline=True (the CLIs' --offline), like HF_HUB_OFFLINE=1: the cache or an error, no request."""
     if os.path.isdir(name_or_path):
         path = Path(name_or_path)
         # a snapshot passed as a path: its blob names are the hub's checksums (_cached_checksums)
@@ -497,13 +498,15 @@ def resolve(name_or_path, revision=None, verify=False):
                                  try_to_load_from_cache)
     from huggingface_hub.utils import filter_repo_objects
     repo, revision, timeout = name_or_path, revision or None, constants.HF_HUB_ETAG_TIMEOUT  # "" is the default too
-    if constants.is_offline_mode() or (revision and COMMIT.fullmatch(revision) and not verify):
+    why = "--offline" if offline else "HF_HUB_OFFLINE=1" if constants.is_offline_mode() else None
+    if why or (revision and COMMIT.fullmatch(revision) and not verify):
         path = _cached(repo, revision)
         if path is not None:
             return _checked(path, _cached_checksums(path), repo, verify)
-        if constants.is_offline_mode():
-            raise RuntimeError(f"{repo}: offline (HF_HUB_OFFLINE=1) and revision {revision or 'main'} is not in the "
-                               f"cache {constants.HF_HUB_CACHE}; unset HF_HUB_OFFLINE to download it, or {LOCAL_DIR}")
+        if why:
+            undo = "drop --offline" if offline else "unset HF_HUB_OFFLINE"
+            raise RuntimeError(f"{repo}: offline ({why}) and revision {revision or 'main'} is not in the "
+                               f"cache {constants.HF_HUB_CACHE}; {undo} to download it, or {LOCAL_DIR}")
     try:
         info = HfApi().model_info(repo, revision=revision, files_metadata=True, timeout=timeout)
     except Exception as e:

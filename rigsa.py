@@ -30,6 +30,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,7 @@ class Config:
     save_every: int = _f(500, "optimizer steps between resume checkpoints (0 = only at iteration ends)", check=INT0)
     halt_after: int = _f(0, "stop (resumably) after this many optimizer steps in this process (0 = never)", check=INT0)
     resume: bool = _f(False, "continue the run in --out where it stopped (its saved config is used)")
-    offline: bool = _f(False, "never download: a missing MNIST file is an error")
+    offline: bool = _f(False, "never download (the MNIST files, the base model): a missing one is an error")
     verify: bool = _f(True, "check the MNIST files' pinned sizes and md5s (--no-verify: stand-in data)")
     verify_model: bool = _f(False, "hash the base model's cached hub files against the hub's checksums (slow at 1.7B)")
 
@@ -222,7 +223,9 @@ class GatedDelta(torch.autograd.Function):
         gy2, x2 = gy.reshape(-1, L.out_features), x.reshape(-1, L.in_features)   # (B*T, out), (B*T, in)
         gx = None
         if L.exact(x):
-            w = L.merged(delta, alpha, index)
+            # the forward's W0 + alpha md, from md (needed below for alpha's gradient): alpha md + W0
+            # is the same sum (addition commutes), in two passes instead of a copy and a scatter
+            w = torch.mul(md, alpha).add_(L.weight)
             if ctx.needs_input_grad[0]:
                 gx = gy2.mm(w).view_as(x)
             gw = gy2.t().mm(x2)                                # (out, in): the gradient of W0 + alpha md
@@ -252,7 +255,9 @@ class GatedSparseLinear(nn.Module):
         self.weight.requires_grad_(False)
         self.init_seed, self.init, self.init_std, self.gated = init_seed, init, init_std, gated
         dev = self.weight.device
-        self.delta = nn.Parameter(self.init_delta().view(-1).to(dev))
+        d0 = self.init_delta().view(-1)
+        self.init_check = d0[:16].clone()   # dW0's first values, for the adapter files (no regeneration at a save)
+        self.delta = nn.Parameter(d0.to(dev))
         self.alpha = nn.Parameter(torch.tensor(alpha_init if gated else 1.0, device=dev), requires_grad=gated)
         self.register_buffer("mask", None)
 
@@ -298,11 +303,14 @@ class GatedSparseLinear(nn.Module):
         return md.index_copy_(0, index, delta).view(self.out_features, self.in_features)
 
     def merged(self, delta, alpha, index):
-        """W0 + alpha * (m * dW) in float32. With pruned entries, W0 copied and alpha * dW added at the
-        free ones only: the same numbers (a pruned entry's alpha * 0 adds nothing) in one pass over
-        W0 instead of three."""
+        """W0 + alpha * (m * dW) in float32, the same numbers however it is formed (a pruned entry's
+        alpha * 0 adds nothing; addition commutes). Under a quarter of the entries free: W0 copied and
+        alpha * dW added at the free ones only; above: alpha md + W0 in streaming passes, which then
+        beat the scatter (bench-memory)."""
         if index is None:
             return self.weight + alpha * delta.view(self.out_features, self.in_features)
+        if len(index) > self.numel() // 4:
+            return self.dense(delta, index).mul_(alpha).add_(self.weight)
         w = self.weight.clone()
         w.view(-1).index_add_(0, index, alpha * delta)
         return w
@@ -582,6 +590,11 @@ def resumed(cfg):
         raise ValueError(f"{out / 'config.json'}: not a run's config ({type(e).__name__}: {e}); "
                          f"start a new run with another --out") from None
     defaults = Config()
+    if (cfg.revision and cfg.revision != saved.get("revision") and not M.COMMIT.fullmatch(cfg.revision)
+            and M.COMMIT.fullmatch(saved.get("revision") or "")):   # a branch or tag: it named that commit then
+        util.say(f"note: --revision {cfg.revision}: the run continues on the commit it started from, "
+                 f"{saved['revision']}", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, revision=saved["revision"])
     changed = [f for f in saved if f not in RESUMABLE and getattr(cfg, f, None) != getattr(defaults, f, None)
                and getattr(cfg, f, None) != saved[f]]
     if changed:
@@ -590,8 +603,9 @@ def resumed(cfg):
                          f"as it was, or start a new run with another --out")
     keep = {f: getattr(cfg, f) for f in RESUMABLE if getattr(cfg, f) != getattr(defaults, f)}
     cfg = Config(**{**saved, **keep, "resume": True, "halt_after": cfg.halt_after})   # a halt is this process's
-    for tmp in out.glob("*.tmp") if util.world()[0] == 0 else ():   # an interrupted write (a kill during a save)
-        tmp.unlink()
+    for tmp in out.rglob("*.tmp") if util.world()[0] == 0 else ():   # an interrupted write (a kill during a save)
+        if tmp.is_file():
+            tmp.unlink()
     if not (out / "resume.pt").exists():
         return cfg, None
     try:
@@ -609,7 +623,8 @@ def setup(cfg, resume=None):
     lora = cfg.method in LORA_METHODS
     # the base model's files first: a hub id resolves to one commit, which the run records (in its
     # config and every adapter's) and a resumed run loads again, whatever the hub's main is by then
-    base = M.resolve(cfg.model, cfg.revision or None, cfg.verify_model)
+    util.init_distributed(cfg.device)   # torchrun: rank 0 downloads, the others wait (rank_zero_first)
+    base = util.rank_zero_first(lambda: M.resolve(cfg.model, cfg.revision or None, cfg.verify_model, cfg.offline))
     cfg.revision = M.hub_commit(base) or cfg.revision
     util.say("config:", json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)
@@ -617,7 +632,8 @@ def setup(cfg, resume=None):
     # data (§4.2): encoded on the fly, 16 prompts per step cost nothing next to the model
     folder = mnist_dir(cfg.data_dir)
     kw = dict(val_frac=cfg.val_frac, seed=cfg.split_seed, download=not cfg.offline, verify=cfg.verify)
-    data = {split: load_mnist(folder, split, **kw) for split in ("train", "val", "test")[:3 if cfg.eval_test else 2]}
+    data = util.rank_zero_first(lambda: {split: load_mnist(folder, split, **kw)
+                                          for split in ("train", "val", "test")[:3 if cfg.eval_test else 2]})
     if cfg.limit:
         data.update({k: (x[:cfg.limit], y[:cfg.limit]) for k, (x, y) in data.items() if k != "train"})
 
@@ -784,6 +800,7 @@ STOP = []  # signals received during training (SIGINT, SIGTERM): finish the step
 def _on_signal(signum, frame):
     if STOP:  # a second one: stop at once (the last resume checkpoint stays)
         signal.signal(signum, signal.SIG_DFL)
+        STOP.append(signum)
         raise KeyboardInterrupt
     STOP.append(signum)
     print(f"\n{signal.Signals(signum).name}: finishing this optimizer step, then writing a resume checkpoint "
@@ -938,18 +955,32 @@ def _staging(opt, p):
 
 
 def load_optimizer_state(opt, state):
-    """opt.load_state_dict(state), but the moments go where opt.moments puts them: torch's own load
-    would first copy every one to the device, which is what host moments exist to avoid."""
-    if opt.moments == "device":
+    """opt.load_state_dict(state), with the moments placed, and converted, as opt.moments wants them
+    whichever placement wrote them (a run may resume with another --moments): torch's own load would
+    copy every moment to the device first, which host moments exist to avoid, and would read 8-bit
+    codes as float values."""
+    coded = any(k + "_absmax" in st for st in state["state"].values() for k in CODES)
+    if opt.moments == "device" and not coded:
         return opt.load_state_dict(state)
     params = [p for g in opt.param_groups for p in g["params"]]
     for g, saved in zip(opt.param_groups, state["param_groups"]):
         g.update({k: v for k, v in saved.items() if k != "params"})
     for i, st in state["state"].items():
-        p = params[i]
-        opt.state[p] = {k: (v.pin_memory() if opt.moments == "host" and p.is_cuda and k in CODES
-                            else v if opt.moments == "host" or k == "step" else v.to(p.device))
-                        for k, v in st.items()}
+        p, new = params[i], {"step": st["step"]}
+        for k in CODES:
+            v, absmax = st[k], st.get(k + "_absmax")
+            if opt.moments == "8bit" and absmax is not None:       # codes stay codes
+                new[k], new[k + "_absmax"] = v.to(p.device), absmax.to(p.device)
+                continue
+            if absmax is not None:                                  # 8-bit codes -> float32 values
+                v = dequantize_8bit(v, absmax, CODES[k], torch.empty(v.shape, dtype=torch.float32))
+            if opt.moments == "8bit":
+                new[k], new[k + "_absmax"] = quantize_8bit(v.to(p.device), CODES[k])
+            elif opt.moments == "host":
+                new[k] = v.pin_memory() if p.is_cuda else v
+            else:
+                new[k] = v.to(p.device)
+        opt.state[p] = new
 
 
 GB = 1e9
@@ -1007,19 +1038,37 @@ def capacity(device):
 
 
 def choose_moments(plan, device, want):
-    """--moments auto: on the device if the step fits there, else in host memory (exact, slower), else
-    8-bit. Prints the estimate; a run that cannot fit is refused in one line, not by an OOM."""
-    have = capacity(device)
+    """--moments auto: on the device if the step fits there; else in host memory (exact, slower) if
+    the host also has room for them (each process on this machine pins its own); else 8-bit. Prints
+    the estimate; a run that cannot fit is refused in one line, naming the placements that would
+    fit, not by an OOM. Under torchrun every rank decides on the smallest device and host among
+    them, so that all choose alike."""
+    cpu = torch.device("cpu")
+    have = torch.tensor([capacity(device), capacity(cpu)], dtype=torch.float64)
+    if util.world()[1] > 1:
+        have = have.to(device) if dist.get_backend() == "nccl" else have
+        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+    have, host_have = have.tolist()
     total = {m: sum(parts.values()) for m, parts in plan.items()}
-    moments = want if want != "auto" else ("device" if device.type != "cuda" or total["device"] <= 0.95 * have else
-                                           "host" if total["host"] <= 0.95 * have else "8bit")
+    host_need = (plan["device"]["adapters"] - plan["host"]["adapters"]) * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    host_ok = device.type != "cuda" or host_need <= 0.9 * host_have      # on the CPU, host is the device
+    fits = {m: total[m] <= 0.95 * have and (m != "host" or host_ok) for m in total}
+    if want != "auto":
+        moments = want
+    else:
+        moments = "device" if device.type != "cuda" or fits["device"] else "host" if fits["host"] else "8bit"
     parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in plan[moments].items())
     util.say(f"memory: ~{total[moments] / GB:.1f} GB on {device} with AdamW's moments {moments} ({parts}); "
-             f"{have / GB:.1f} GB available")
+             f"{have / GB:.1f} GB available" + (f"; {host_need / GB:.1f} GB of host memory, {host_have / GB:.1f} "
+                                                f"available" if moments == "host" and device.type == "cuda" else ""))
+    fix = [f"--moments {m} (~{total[m] / GB:.1f} GB)" for m in ("host", "8bit") if m != moments and fits[m]]
+    fix = " or ".join(fix + ["a smaller --micro-batch"])
     if total[moments] > have:
-        fix = [f"--moments {m} (~{total[m] / GB:.1f} GB)" for m in ("host", "8bit") if total[m] < total[moments]]
         raise ValueError(f"memory: the run needs ~{total[moments] / GB:.1f} GB on {device}, which has "
-                         f"{have / GB:.1f} GB; try {' or '.join(fix + ['a smaller --micro-batch'])}")
+                         f"{have / GB:.1f} GB; try {fix}")
+    if moments == "host" and not host_ok:
+        raise ValueError(f"memory: --moments host needs ~{host_need / GB:.1f} GB of host memory, which has "
+                         f"{host_have / GB:.1f} GB; try {fix.replace(' or a smaller --micro-batch', '')}")
     return moments
 
 
@@ -1335,7 +1384,7 @@ def adapter_tensors(model):
         tensors[f"{n}.delta"] = L.delta.detach().cpu()
         tensors[f"{n}.alpha"] = L.alpha.detach().cpu().float().reshape(1)
         tensors[f"{n}.init_seed"] = torch.tensor([L.init_seed], dtype=torch.int64)
-        tensors[f"{n}.init_check"] = L.init_delta().reshape(-1)[:16].clone()
+        tensors[f"{n}.init_check"] = L.init_check
     return tensors
 
 
@@ -1346,7 +1395,7 @@ def set_adapter_tensors(layers, tensors, source):
     for n, L in layers.items():
         if f"{n}.mask" not in tensors:
             raise ValueError(f"{source}: no adapter for layer {n} (another base model?)")
-        if f"{n}.init_check" in tensors and not torch.equal(tensors[f"{n}.init_check"], L.init_delta().reshape(-1)[:16]):
+        if f"{n}.init_check" in tensors and not torch.equal(tensors[f"{n}.init_check"], L.init_check):
             raise ValueError(f"{source}: dW0 of {n} does not regenerate identically on this platform")
         m, d = tensors[f"{n}.mask"], tensors[f"{n}.delta"]
         index = unpack_bits(m, L.numel()).nonzero().view(-1)
@@ -1454,11 +1503,21 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
     if frac > 0.01 and not allow_lossy:
         raise ValueError(f"--dtype {dtype}: the cast loses {frac:.2%} of sum|alpha*m*dW| (more than 1%); merge in "
                          f"float32 (the default), or pass --allow-lossy to write it anyway")
-    out.mkdir(parents=True, exist_ok=True)
-    for f in os.listdir(src):
-        if not f.endswith(".safetensors") and f != "model.safetensors.index.json" and os.path.isfile(src / f):
-            shutil.copy(src / f, out / f)
-    M.save_checkpoint(out, conf, model.state_dict(), getattr(torch, dtype))
+    # written into a sibling folder renamed to --out at the end: a failure (a full disk) leaves no half
+    # checkpoint there, and the folder is removed
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        for f in os.listdir(src):
+            if not f.endswith(".safetensors") and f != "model.safetensors.index.json" and os.path.isfile(src / f):
+                shutil.copy(src / f, tmp / f)
+        M.save_checkpoint(tmp, conf, model.state_dict(), getattr(torch, dtype))
+        if out.exists():
+            out.rmdir()           # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     print(f"merged {adapter} into {out} ({dtype}); the cast lost {frac:.2%} of sum|alpha*m*dW|")
     return out
 
@@ -1524,7 +1583,8 @@ def config_parser(ap):
     """One flag per Config field, checked as it is parsed (its range or choices)."""
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        h = f"{f.metadata['help']} [default: {f.default}]"
+        check = f.metadata["check"]
+        h = f"{f.metadata['help']} [default: {f.default}" + (f"; {check.want}]" if check else "]")
         if f.type in (bool, "bool"):
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
         else:
@@ -1567,7 +1627,7 @@ def main(argv=None):
     p.add_argument("--max", type=INT0, default=0, help="at most this many images (0 = all) [default: 0]")
     p.add_argument("--data-dir", default="data", help="data root, MNIST in <root>/mnist/ [default: data]")
     p.add_argument("--batch-size", type=INT1, default=16, help="[default: 16]")
-    p.add_argument("--offline", action="store_true", help="never download: a missing MNIST file is an error")
+    p.add_argument("--offline", action="store_true", help="never download (the MNIST files, the base model): a missing one is an error")
     p.add_argument("--no-verify", action="store_true", help="skip the MNIST checksums (stand-in data)")
     p = sub.add_parser("merge", help="merge an adapter into its base model, official layout")
     p.add_argument("--adapter", required=True, help="RUN/iterK")
@@ -1603,6 +1663,13 @@ def main(argv=None):
             demo(a.out)
     except (OSError, ValueError, RuntimeError) as e:   # OSError: FileNotFoundError, FileExistsError, a full disk
         sys.exit(f"error: {' '.join(str(e).split())}")
+    except KeyboardInterrupt:   # Ctrl-C outside training, or a second signal during it: at once, in one line
+        sig = STOP[-1] if STOP else signal.SIGINT
+        then = (f"; python rigsa.py train --resume --out {a.out} continues from the last resume checkpoint"
+                if a.cmd == "train" else "")
+        print(f"{signal.Signals(sig).name}: stopped at once{then}", file=sys.stderr)
+        sys.exit(128 + sig)
+
 
 if __name__ == "__main__":
     main()

@@ -169,7 +169,7 @@ def adapters_equal(a, b):
                for f in ("iter1.safetensors", "iter2.safetensors"))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL, "twice"])
 def test_a_signal_during_training_loses_nothing(world, tmp_path, sig):
     w, m, _ = world
     args = ["--model", m, "--data-dir", str(w / "data"), "--device", "cpu", "--offline", "--no-verify", "--steps", "30",
@@ -181,11 +181,23 @@ def test_a_signal_during_training_loses_nothing(world, tmp_path, sig):
     out = tmp_path / "run"
     proc = launch(args + ["--out", str(out)], tmp_path)
     wait_for_steps(out, 8, proc)
-    proc.send_signal(sig)
+    if sig == "twice":            # Ctrl-C, and again before the step is done: at once, in one line
+        proc.send_signal(signal.SIGINT)
+        while "finishing this optimizer step" not in (line := proc.stderr.readline()):
+            assert line, "the first Ctrl-C was not acknowledged"
+        proc.send_signal(signal.SIGINT)
+    else:
+        proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     if sig == signal.SIGKILL:     # nothing said; the last resume.pt (every 3 steps) and a stale .tmp remain
         assert proc.returncode == -signal.SIGKILL
         (out / "iter1.safetensors.tmp").write_bytes(b"half an adapter")
+        (out / "iter1-peft").mkdir()
+        (out / "iter1-peft" / "adapter_model.safetensors.tmp").write_bytes(b"half a PEFT export")
+    elif sig == "twice":
+        assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr
+        assert stderr.strip().splitlines()[-1] == (f"SIGINT: stopped at once; python rigsa.py train --resume --out "
+                                                   f"{out} continues from the last resume checkpoint")
     else:                         # the step finishes, resume.pt is written, the resume command is printed
         assert proc.returncode == 128 + sig, stderr
         assert f"{signal.Signals(sig).name}: finishing this optimizer step" in stderr and "Traceback" not in stderr
@@ -193,7 +205,7 @@ def test_a_signal_during_training_loses_nothing(world, tmp_path, sig):
     assert (out / "resume.pt").exists()
     with one_thread():
         rigsa.train(rigsa.Config(out=str(out), resume=True))
-    assert not list(out.glob("*.tmp")) and not (out / "resume.pt").exists()
+    assert not list(out.rglob("*.tmp")) and not (out / "resume.pt").exists()
     assert adapters_equal(out, ref)                       # bit for bit the uninterrupted run's
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("loss") for r in lines] == [json.loads(x).get("loss") for x in (ref / "metrics.jsonl").read_text().splitlines()]

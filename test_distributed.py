@@ -97,13 +97,19 @@ def test_evaluation_on_two_processes_equals_one(tiny_dir, tmp_path):
     sys.path.insert(0, os.path.join(REPO, "evals"))
     import test_evals
     test_evals._write_data(tmp_path)
-    common = ["--task", "all", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-verify", "--offline",
-              "--limit", "5", "--batch-size", "2"]
-    with one_thread():
-        R.main(common + ["--output", str(tmp_path / "one.json")])
-    torchrun(2, "evals/run.py", common + ["--output", str(tmp_path / "two.json")], tmp_path)
-    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
-    assert one.keys() == two.keys() == {"piqa", "hellaswag", "gsm8k", "mnist"}
+    common = ["--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-verify", "--offline", "--limit", "5",
+              "--batch-size", "2"]
+    one, two = {}, {}
+    for name, task in (("all", ["--task", "all"]), ("mnist5", ["--task", "mnist", "--num-fewshot", "2"])):
+        with one_thread():
+            R.main(common + task + ["--output", str(tmp_path / f"one-{name}.json")])
+        torchrun(2, "evals/run.py", common + task + ["--output", str(tmp_path / f"two-{name}.json")], tmp_path)
+        for d, n in ((one, "one"), (two, "two")):
+            r = json.loads((tmp_path / f"{n}-{name}.json").read_text())
+            r = {r["task"]: r} if "task" in r else r          # one task: its result itself
+            d.update({f"{t}-{name}": v for t, v in r.items()})
+    assert one.keys() == two.keys() == {"piqa-all", "hellaswag-all", "gsm8k-all", "mnist-all", "mnist-mnist5"}
+    assert one["mnist-mnist5"]["num_fewshot"] == 2
     for task in one:
         for a, b in zip(one[task]["samples"], two[task]["samples"], strict=True):
             assert a.keys() == b.keys()

@@ -216,19 +216,23 @@ def test_download_then_the_cache_answers(hub, ckpt, tmp_path):
     ("stall", ["no answer from the hub", "while downloading config.json within 1 s", f"/resolve/{SHA}/config.json"]),
     ("refused", ["cannot connect to the hub", "offline", "nothing is cached", "Connection refused", "local directory"]),
     ("offline", ["offline (HF_HUB_OFFLINE=1)", "not in the cache", "unset HF_HUB_OFFLINE", "local directory"]),
+    ("--offline", ["offline (--offline)", "not in the cache", "drop --offline", "local directory"]),
     ("revision", ["revision 'v9' not found", "404", "/revision/v9", "check --revision"]),
 ])
 def test_hub_errors_are_one_line(hub, mode, expect):
-    s = hub("ok" if mode in ("refused", "offline", "revision") else mode)
+    s = hub("ok" if mode in ("refused", "offline", "--offline", "revision") else mode)
     if mode == "refused":
         hub.set_endpoint(refused_url())
     if mode == "offline":
         from huggingface_hub import constants
         constants.HF_HUB_OFFLINE = True
     t = time.time()
+    n = len(s.requests)
     with pytest.raises(RuntimeError) as e:
-        M.resolve(REPO, revision="v9" if mode == "revision" else None)
-    assert time.time() - t < 5  # "never", "stall": the 1 s timeout, not a hang (nor huggingface_hub's 60 s retries)
+        M.resolve(REPO, revision="v9" if mode == "revision" else None, offline=mode == "--offline")
+    assert time.time() - t < 5
+    if mode in ("offline", "--offline"):
+        assert len(s.requests) == n   # not one request  # "never", "stall": the 1 s timeout, not a hang (nor huggingface_hub's 60 s retries)
     msg = one_line(e)
     for x in expect + ([s.url] if mode in ("404", "500", "never", "stall", "revision") else []):
         assert x in msg, (x, msg)

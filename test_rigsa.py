@@ -1,6 +1,8 @@
 """Tests for rigsa.py: Textual MNIST, the gated sparse adapter, IMP, the training loop, resume,
 merge (paper §3.2, §4.2, §4.4). CPU only, no network, tiny checkpoints and synthetic digits
 written by the tests. Correctness is invariants plus parity with a plain reference."""
+import copy
+import dataclasses
 import json
 import math
 
@@ -232,7 +234,7 @@ def test_resume_gives_the_same_result(tiny_run):
     assert 0 < prune["density"] < 1 and 0 <= prune["sign_flip"] < 1 and len(prune["layer_density"]) == 14
 
 
-def test_adapter_roundtrip_merge_and_random_mask(tiny_run, tiny_dir, tmp_path):
+def test_adapter_roundtrip_merge_and_random_mask(tiny_run, tiny_dir, tmp_path, monkeypatch):
     tmp, full, _ = tiny_run
     m, tok = M.load(tiny_dir)
     cfg = rigsa.load_adapter(m, tmp / "run" / "iter2")
@@ -245,6 +247,17 @@ def test_adapter_roundtrip_merge_and_random_mask(tiny_run, tiny_dir, tmp_path):
     merged, _ = M.load(out)
     torch.testing.assert_close(merged(x), y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(hf_model(out)(x).logits, y, rtol=1e-4, atol=1e-4)  # transformers reads it too
+    # a failure while writing (a full disk) leaves neither a half checkpoint at --out nor a temporary folder
+    real = M.save_checkpoint
+
+    def full_disk(folder, *a, **kw):
+        real(folder, *a, **kw)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(M, "save_checkpoint", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        rigsa.merge(tmp / "run" / "iter2", tmp_path / "again" / "merged", dtype="float32")
+    monkeypatch.undo()
+    assert list((tmp_path / "again").iterdir()) == []
     # random-mask: the per-layer counts of the RIGSA mask, at other positions; or a uniform density
     counts = rigsa.mask_counts(tmp / "run" / "iter2")
     m2, _ = M.load(tiny_dir)
@@ -285,7 +298,7 @@ def test_cli_help_and_bad_flags(capsys):
     h = capsys.readouterr().out
     for flag in ("--keep", "--prune-scope", "--alpha-init", "--mask-like", "--micro-batch", "--lora-lr", "--resume"):
         assert flag in h
-    assert "[default: 0.8]" in h and "§4.4" in h
+    assert "[default: 0.8; a number > 0 <= 1]" in h and "§4.4" in h
     with pytest.raises(SystemExit) as e:                     # the whole matrix: test_cli.py
         rigsa.main(["train", "--method", "foo"])
     assert e.value.code == 2 and "error: argument --method: invalid choice: 'foo'" in capsys.readouterr().err
@@ -542,14 +555,42 @@ def test_host_moments_are_torchs_adamw_bitwise_and_8bit_is_close():
         opt.param_groups[0]["params"][0].grad = torch.zeros(300)
         rigsa.adamw_step(opt)
         assert torch.equal(opt.param_groups[0]["params"][0].detach(), before * (1 - 2e-3 * 1.0))
-    # resume: the saved state loads back where the moments live, and continues identically
-    w1, _, opt = adamw_run("host", steps=3)
-    p = opt.param_groups[0]["params"][0]
-    fresh = torch.optim.AdamW([{"params": [p], "weight_decay": 1.0}], lr=2e-3, foreach=False)
-    fresh.moments = "host"
-    rigsa.load_optimizer_state(fresh, {"state": {0: opt.state_dict()["state"][0]},
-                                       "param_groups": [opt.state_dict()["param_groups"][0]]})
-    assert torch.equal(fresh.state[p]["exp_avg"], opt.state[p]["exp_avg"]) and fresh.param_groups[0]["lr"] == 2e-3
+
+
+def test_moments_resume_in_any_placement():
+    # resume.pt's optimizer state (a copy, as torch.save makes it) loads into a fresh optimizer whose
+    # moments live elsewhere: the same placement continues bit for bit; 8 bits to float decodes the
+    # codes (never reads them as values); float to 8 bits encodes
+    def saved_then_fresh(written, resumed):
+        w, a, opt = adamw_run(written, steps=3)
+        state = copy.deepcopy(opt.state_dict())
+        wf, af = nn.Parameter(w.clone()), nn.Parameter(a.clone())
+        fresh = torch.optim.AdamW([{"params": [wf], "weight_decay": 1.0}, {"params": [af], "weight_decay": 0.0}],
+                                  lr=0.5, foreach=False)   # the saved lr must replace this one
+        fresh.moments = resumed
+        rigsa.load_optimizer_state(fresh, state)
+        return opt, fresh
+    for moments in ("device", "host", "8bit"):
+        opt, fresh = saved_then_fresh(moments, moments)
+        assert fresh.param_groups[0]["lr"] == 2e-3
+        g = torch.randn(300)
+        for o in (opt, fresh):
+            o.param_groups[0]["params"][0].grad, o.param_groups[1]["params"][0].grad = g.clone(), torch.tensor(0.5)
+            rigsa.adamw_step(o)
+        assert torch.equal(opt.param_groups[0]["params"][0], fresh.param_groups[0]["params"][0]), moments
+    opt, fresh = saved_then_fresh("8bit", "device")
+    st, p = opt.state[opt.param_groups[0]["params"][0]], fresh.param_groups[0]["params"][0]
+    want = rigsa.dequantize_8bit(st["exp_avg_sq"], st["exp_avg_sq_absmax"], rigsa.CODES["exp_avg_sq"], torch.empty(300))
+    assert fresh.state[p]["exp_avg_sq"].dtype == torch.float32 and torch.equal(fresh.state[p]["exp_avg_sq"], want)
+    assert fresh.state[p]["exp_avg_sq"].max() < 100   # a code read as a value would be up to 255
+    opt, fresh = saved_then_fresh("host", "8bit")
+    st = fresh.state[fresh.param_groups[0]["params"][0]]
+    assert st["exp_avg"].dtype == torch.uint8 and "exp_avg_absmax" in st
+    back = rigsa.dequantize_8bit(st["exp_avg"], st["exp_avg_absmax"], rigsa.CODES["exp_avg"], torch.empty(300))
+    want = opt.state[opt.param_groups[0]["params"][0]]["exp_avg"]
+    assert (back - want).abs().max() <= 0.05 * want.abs().max()
+    fresh.param_groups[0]["params"][0].grad, fresh.param_groups[1]["params"][0].grad = torch.randn(300), torch.tensor(0.5)
+    rigsa.adamw_step(fresh)   # and it steps
 
 
 def test_8bit_codes_round_trip_and_never_zero_a_positive_second_moment():
@@ -575,14 +616,52 @@ def test_8bit_codes_round_trip_and_never_zero_a_positive_second_moment():
 def test_the_memory_estimate_chooses_and_refuses_in_one_line(monkeypatch, capsys):
     GB = rigsa.GB
     plan = {m: {"base": 3 * GB, "adapters": n * GB, "activations": 2 * GB, "transients": 0}
-            for m, n in (("device", 16), ("host", 8), ("8bit", 10))}
+            for m, n in (("device", 16), ("host", 8), ("8bit", 10))}   # host moments: 8 GB in host memory
     cuda = torch.device("cuda")
-    monkeypatch.setattr(rigsa, "capacity", lambda device: 20 * GB)
+
+    def machine(gpu, ram):
+        monkeypatch.setattr(rigsa, "capacity", lambda device: (gpu if device.type == "cuda" else ram) * GB)
+    machine(20, 64)
     assert rigsa.choose_moments(plan, cuda, "auto") == "host"                # 21 GB do not fit in 20; 13 do
     assert "memory: ~13.0 GB on cuda with AdamW's moments host" in capsys.readouterr().out
-    monkeypatch.setattr(rigsa, "capacity", lambda device: 40 * GB)
+    machine(40, 64)
     assert rigsa.choose_moments(plan, cuda, "auto") == "device"
-    monkeypatch.setattr(rigsa, "capacity", lambda device: 12 * GB)
-    with pytest.raises(ValueError, match=r"memory: the run needs ~21.0 GB on cuda, which has 12.0 GB; "
-                                         r"try --moments host \(~13.0 GB\) or --moments 8bit \(~15.0 GB\)"):
+    machine(20, 6)                                                           # no room for 8 GB of host moments
+    assert rigsa.choose_moments(plan, cuda, "auto") == "8bit"
+    with pytest.raises(ValueError, match=r"^memory: --moments host needs ~8.0 GB of host memory, which has 6.0 GB; "
+                                         r"try --moments 8bit \(~15.0 GB\)$"):
+        rigsa.choose_moments(plan, cuda, "host")
+    machine(14, 64)                                                          # only what fits is offered
+    with pytest.raises(ValueError, match=r"^memory: the run needs ~21.0 GB on cuda, which has 14.0 GB; "
+                                         r"try --moments host \(~13.0 GB\) or a smaller --micro-batch$"):
         rigsa.choose_moments(plan, cuda, "device")
+    machine(12, 64)
+    with pytest.raises(ValueError, match=r"which has 12.0 GB; try a smaller --micro-batch$"):
+        rigsa.choose_moments(plan, cuda, "auto")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")                              # 8 processes pin 8 GB each
+    machine(20, 64)
+    assert rigsa.choose_moments(plan, cuda, "auto") == "8bit"
+
+
+def test_resume_takes_a_branch_name_as_the_recorded_commit(tmp_path):
+    # a run records the commit its --revision resolved to; resumed with the branch name again (as
+    # reproduce.py passes it), it continues on that commit; another commit is a changed flag
+    sha = "a" * 40
+    saved = rigsa.Config(model="org/name", revision=sha, out=str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"config": dataclasses.asdict(saved)}))
+    cfg, state = rigsa.resumed(rigsa.Config(model="org/name", revision="main", out=str(tmp_path), resume=True))
+    assert cfg.revision == sha and state is None
+    with pytest.raises(ValueError, match="--revision 'b{40}' \\(saved: 'a{40}'\\)"):
+        rigsa.resumed(rigsa.Config(model="org/name", revision="b" * 40, out=str(tmp_path), resume=True))
+
+
+def test_init_check_is_dw0s_first_values_and_guards_loading(tiny_dir):
+    m, _ = M.load(tiny_dir)
+    layers = rigsa.install_adapters(m, rigsa.Config())
+    t = rigsa.adapter_tensors(m)
+    for n, L in layers.items():
+        assert torch.equal(t[f"{n}.init_check"], L.init_delta().reshape(-1)[:16])
+    n = next(iter(layers))
+    t[f"{n}.init_check"] = t[f"{n}.init_check"] + 1e-7
+    with pytest.raises(ValueError, match=f"src: dW0 of {n} does not regenerate identically"):
+        rigsa.set_adapter_tensors(layers, t, "src")

@@ -31,6 +31,18 @@ def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path):
     assert os.listdir(tmp_path) == ["f.json"]
 
 
+def test_atomic_write_syncs_the_content_before_the_rename(tmp_path, monkeypatch):
+    # a power cut after the rename must not find an empty file: the .tmp's data is fsynced first,
+    # then the folder (the rename)
+    calls = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: calls.append(("replace", os.fspath(a))) or replace(a, b))
+    p = tmp_path / "f.json"
+    util.write_json(p, {"a": 1})
+    assert calls == [("fsync", f"{p}.tmp"), ("replace", f"{p}.tmp"), ("fsync", str(tmp_path))]
+
+
 def test_progress_bar_in_a_log_one_line_per_interval(monkeypatch, capsys):
     # stderr captured = not a terminal: no line at the start, one per 30 s, one at the close; a
     # job shorter than 30 s prints its close only, with the count, the rate and the ETA

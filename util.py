@@ -30,11 +30,18 @@ from tqdm import tqdm
 def atomic_write(path, write):
     """write(tmp) writes the file's content to the temporary path `path.tmp`, which then replaces
     `path` in one rename: a reader never sees half a file, and an interrupted write leaves only
-    the .tmp (which the next write of the same file replaces)."""
+    the .tmp (which the next write of the same file replaces). The content is on disk before the
+    rename, and the rename before this returns (fsync of both): a power cut leaves the old file or
+    the new one, never an empty one."""
     path = os.fspath(path)
     tmp = path + ".tmp"
     try:
         write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
@@ -42,6 +49,14 @@ def atomic_write(path, write):
         if isinstance(e, OSError) and e.errno is not None:   # a full disk, a read-only folder, ...
             raise OSError(f"{path}: cannot write ({e.strerror}); free space or choose another path") from None
         raise
+    try:   # the rename itself (best effort: some file systems cannot fsync a folder)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
     return path
 
 
@@ -166,6 +181,7 @@ def number(kind=int, lo=None, hi=None, lo_open=False, hi_open=False, auto=False)
                 (hi is not None and (x > hi or hi_open and x == hi)):
             raise argparse.ArgumentTypeError(f"{s} is out of range: expected {want}")
         return x
+    parse.want = want   # for --help
     return parse
 
 # -----------------------------------------------------------------------------
@@ -202,6 +218,22 @@ def init_distributed(device=None):
 def world():
     """(this process's rank, the number of processes): torchrun's, or (0, 1)."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def rank_zero_first(fn):
+    """fn() on rank 0, then on the other ranks once rank 0 is done (or has failed): a download
+    happens once instead of every rank writing the same .tmp file, and the others find it
+    (checking it as usual). Single process: fn()."""
+    rank, ranks = world()
+    if ranks == 1:
+        return fn()
+    if rank == 0:
+        try:
+            return fn()
+        finally:
+            dist.barrier()
+    dist.barrier()
+    return fn()
 
 
 def say(*args, **kw):

@@ -19,17 +19,27 @@ dense one it replaced (test_rigsa.DenseGatedLinear, kept as the tests' reference
 Part 2, the 1.7B shape on the CPU under bfloat16 autocast, as on CUDA: one and two decoder layers
 measured (state, saved bytes at two lengths, allocation peak), projected to 24 layers and 850
 tokens at micro-batch 1, with AdamW's moments on the device, in host memory and in 8 bits.
+Part 3, what the moments' placement costs in accuracy: the demo's two IMP iterations (tiny model,
+synthetic digits, float32 on the CPU) with the moments on the device, in host memory and in 8 bits;
+the adapters against the exact ones (host must equal them bit for bit).
 """
 import argparse
+import contextlib
+import io
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import weakref
+from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -37,6 +47,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import model as M  # noqa: E402
 import rigsa  # noqa: E402
+import tiny  # noqa: E402
 import util  # noqa: E402
 from test_rigsa import DenseGatedLinear  # noqa: E402  (the dense layer the compact one replaced)
 
@@ -272,6 +283,62 @@ def part2(a):
     return out
 
 
+def part3(a):
+    """What 8-bit moments cost (the README's --moments table): the demo's run (tiny model, synthetic
+    8x8 digits, two IMP iterations, rigsa.demo's hyperparameters) with AdamW's moments on the device,
+    in host memory and in 8 bits, in float32 on the CPU: accuracy, density, and how far the adapters
+    are from the exact ones."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-moments-"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as rigsa.demo: its exact rows are the demo's own output
+    try:
+        tiny.write_tiny_checkpoint(tmp / "tiny", shape="gqa", seed=0)
+        rigsa.write_synthetic_mnist(tmp / "mnist", n_train=400, n_test=100, size=8, seed=0, noise=0.05, shift=False)
+        logs = {}
+        for moments in ("device", "host", "8bit"):
+            cfg = rigsa.Config(model=str(tmp / "tiny"), out=str(tmp / moments), data_dir=str(tmp), device="cpu",
+                               iters=2, steps=300, epochs=100.0, warmup=10, lr=1e-2, weight_decay=0.1,
+                               val_frac=0.05, micro_batch=16, log_every=1000, save_every=0, offline=True,
+                               verify=False, moments=moments)
+            with contextlib.redirect_stdout(io.StringIO()):   # the trainings' own logs
+                logs[moments] = [r for r in rigsa.train(cfg) if r.get("event") == "iteration"]
+        print("\n## AdamW's moments on the device, in host memory and in 8 bits: the demo's run (tiny model, "
+              "2 IMP iterations, float32, CPU, 1 thread)\n")
+        print("| moments | iteration | density | val acc | test acc | mask bits equal to exact | dW rel. L2 from exact "
+              "(common free entries) | alpha rel. from exact |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        rows = []
+        for moments in ("device", "host", "8bit"):
+            for k, r in enumerate(logs[moments], 1):
+                want, got = (load_file(tmp / m / f"iter{k}.safetensors") for m in ("device", moments))
+                bits = agree = 0
+                num = den = 0.0
+                alpha = []
+                for n in want:
+                    if n.endswith(".alpha"):
+                        alpha.append(abs(got[n].item() - want[n].item()) / abs(want[n].item()))
+                    if not n.endswith(".delta"):
+                        continue
+                    L = n[:-len(".delta")]
+                    mw, mg = (np.unpackbits(t[L + ".mask"].numpy()).view(bool) for t in (want, got))
+                    size = mw.size                                  # the packed masks' bits (padding is 0 in both)
+                    dw, dg = np.zeros(size, np.float32), np.zeros(size, np.float32)
+                    dw[mw], dg[mg] = want[n].numpy(), got[n].numpy()
+                    both = mw & mg
+                    bits, agree = bits + size, agree + int((mw == mg).sum())
+                    num, den = num + float(((dw - dg)[both] ** 2).sum()), den + float((dw[both] ** 2).sum())
+                rows.append(dict(moments=moments, iter=k, density=r["density"], val_acc=r["val_acc"],
+                                 test_acc=r["test_acc"], mask_agree=agree / bits, rel_l2=(num / den) ** 0.5,
+                                 alpha_rel=max(alpha)))
+                x = rows[-1]
+                print(f"| {moments} | {k} | {x['density']:.2%} | {x['val_acc']:.1%} | {x['test_acc']:.1%} | "
+                      f"{x['mask_agree']:.2%} | {x['rel_l2']:.3g} | {x['alpha_rel']:.3g} |", flush=True)
+        return rows
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def gpu(a):
     """bench/gpu.sh: torch.cuda.max_memory_allocated at the real shape, random bf16 weights, one
     850-token sequence (2 supervised tokens) per micro-batch, a step of 16: micro-batch 1 (16
@@ -335,7 +402,7 @@ def main():
     ap.add_argument("--short", type=int, default=64, help="part 2: the shorter of the two measured lengths [default: 64]")
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per case, after a warm-up [default: 3]")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--part", default="12", help="1, 2 or 12 [default: both]")
+    ap.add_argument("--part", default="123", help="which parts, e.g. 1, 23 [default: 123]")
     ap.add_argument("--json", default="", help="also write the measurements here")
     ap.add_argument("--gpu", action="store_true", help="bench/gpu.sh's measurement (CUDA; on the CPU it only checks itself)")
     ap.add_argument("--device", default="auto")
@@ -356,6 +423,8 @@ def main():
         res["part1"] = part1(a)
     if "2" in a.part:
         res["part2"] = part2(a)
+    if "3" in a.part:
+        res["part3"] = part3(a)
     if a.json:
         util.write_json(a.json, res)
 

@@ -129,13 +129,13 @@ def eval_mnist(data, model, tok, args, k):
     _, preds = rigsa.mnist_accuracy(model, tok, images[part], labels[part], shots=k, batch_size=bs, shot_pool=pool,
                                     draws=draws[part] if k else None)
     preds = torch.tensor(util.gather(preds.tolist()), dtype=torch.long)
+    draws = util.gather(draws[part]) if k else [[]] * len(images)   # the shots each rank's prompts had
     samples, accs = [], []
     for i, (y, p) in enumerate(zip(labels.tolist(), preds.tolist())):
         accs.append(int(p == y))  # p = -1: the next token was not a digit, counted wrong (paper §4.2)
-        samples.append({"doc_id": i, "target": y, "prediction": p, "acc": accs[-1]})
+        samples.append({"doc_id": i, "target": y, "prediction": p, "acc": accs[-1]} | ({"shots": draws[i]} if k else {}))
     logged = []
     if args.log_samples:  # the prompts are long (a 5-shot one is ~4,000 digits): only when asked for
-        draws = draws or [[]] * len(images)
         for i, s in enumerate(samples):
             text = rigsa.prompt(tok, images[i], [(pool[0][j], pool[1][j]) for j in draws[i]])
             answer = str(s["prediction"]) if s["prediction"] >= 0 else "[not a digit]"
@@ -160,7 +160,7 @@ def run_task(task, data, model, tok, args, info):
         n_all = len(data[0][1])
     dt = time.time() - t0
     result = {"task": task, "model": info["model"], "adapter": args.adapter, "dtype": info["dtype"],
-              "num_fewshot": k, "limit": args.limit, "seconds": round(dt, 3), "metrics": metrics, "samples": samples,
+              "num_fewshot": k, "limit": args.limit or None, "seconds": round(dt, 3), "metrics": metrics, "samples": samples,
               "docs": len(samples), "docs_per_s": len(samples) / max(dt, 1e-9), "batch_size": bs,
               "chat": args.chat, "quantize": info["quantize"], "device": str(next(model.parameters()).device),
               "protocol": "lm-evaluation-harness 0.4.x, " + ("--apply_chat_template" if args.chat else "plain text")}
@@ -278,7 +278,7 @@ def run_info(args, model, tok, name, revision, quantize, device):
             "config": {"model": name, "model_args": model_args, "adapter": args.adapter, "quantize": quantize,
                        "chat": args.chat, "model_num_parameters": sum(p.numel() for p in model.parameters()),
                        "model_dtype": f"torch.{dtype}", "model_revision": revision or "main",
-                       "batch_size": str(args.batch_size), "device": str(device), "limit": args.limit,
+                       "batch_size": str(args.batch_size), "device": str(device), "limit": args.limit or None,
                        "bootstrap_iters": 100000,   # lm-eval's default; means get the closed form (protocol §6)
                        "gen_kwargs": None, "fewshot_seed": T.GSM8K_SEED,
                        "mnist_seed": rigsa.SHOT_SEED if args.seed is None else args.seed}}
@@ -328,7 +328,7 @@ def parse_args(argv):
                     help="hub revision of --model (default: the adapter's recorded one for its base, else the latest)")
     ap.add_argument("--adapter", default=None, help="adapter saved by rigsa.py/qlora.py (RUN/iterK), installed in memory")
     ap.add_argument("--quantize", default=None, choices=["nf4"], help="NF4 base weights (the QLoRA baseline)")
-    ap.add_argument("--limit", type=util.number(int, 1), default=None, help="first N documents, as lm-eval --limit N")
+    ap.add_argument("--limit", type=util.number(int, 0), default=None, help="first N documents, as lm-eval --limit N (0: all)")
     ap.add_argument("--batch-size", type=util.number(int, 1, auto=True), default="auto",
                     help="documents per batch, or 'auto' (default)")
     ap.add_argument("--num-fewshot", type=util.number(int, 0), default=None, help="default: gsm8k 5, others 0")
@@ -346,7 +346,7 @@ def parse_args(argv):
     ap.add_argument("--seed", type=util.number(int, -2 ** 63, 2 ** 64 - 1), default=None,
                     help="Textual MNIST few-shot draw (default: rigsa's)")
     ap.add_argument("--no-verify", action="store_true", help="skip checksums of files already present")
-    ap.add_argument("--offline", action="store_true", help="never download: missing data files are an error")
+    ap.add_argument("--offline", action="store_true", help="never download (data files, the base model): a missing one is an error")
     args = ap.parse_args(argv)
     if args.log_samples and not args.output_path:
         ap.error("--log_samples: needs --output_path, where lm-eval's samples files go")
@@ -453,7 +453,7 @@ def evaluate(args):
     data, failed = {}, []
     for t in tasks:
         try:
-            data[t] = load_data(t, args)
+            data[t] = util.rank_zero_first(lambda: load_data(t, args))   # torchrun: one download
         except (ValueError, OSError) as e:
             if args.task != "all":
                 raise
@@ -463,7 +463,8 @@ def evaluate(args):
         raise ValueError("--task all: no task has its data (each said why above); fix those, then run again")
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model, tok = qlora.load_model(name, str(device), dtype, revision)   # model.load, or a bnb-4bit checkpoint
+    path = util.rank_zero_first(lambda: M.resolve(name, revision, offline=args.offline))
+    model, tok = qlora.load_model(str(path), str(device), dtype)   # model.load, or a bnb-4bit checkpoint
     if args.quantize and (acfg is None or acfg.method != "qlora"):  # a qlora adapter quantizes its base itself
         qlora.quantize_model(model)
     if args.adapter:

@@ -367,8 +367,11 @@ def test_cli_end_to_end(task, tiny_dir, tmp_path, monkeypatch):
         assert lines[4]["filtered_resps"] == [s["flexible"]] and lines[0]["resps"] == [[s["generation"]]]
     else:
         assert set(r["metrics"]) == {"acc", "acc_stderr"} and r["num_fewshot"] == (5 if shots else 0)
-        assert set(s) == {"doc_id", "target", "prediction", "acc"}
+        assert set(s) == {"doc_id", "target", "prediction", "acc"} | ({"shots"} if shots else set())
         x, y = rigsa.load_mnist(tmp_path / "mnist", "test", verify=False)
+        if shots:   # the training images each prompt showed: the draw of --seed (-7 here) over all documents
+            pool = len(rigsa.load_mnist(tmp_path / "mnist", "train", verify=False)[1])
+            assert [t["shots"] for t in r["samples"]] == rigsa.shot_draws(4, pool, 5, -7)
         assert [t["target"] for t in r["samples"]] == y[:4].tolist()
         assert all(t["acc"] == int(t["prediction"] == t["target"]) for t in r["samples"])
         # the logged prompts are the ones rigsa.mnist_accuracy scored (its calls follow the length probe)
@@ -417,7 +420,7 @@ def test_cli_bad_inputs(tiny_dir, tmp_path, capsys):
         (tmp_path / name / "piqa" / "valid-labels.lst").write_text("0\n1\n")
     (tmp_path / "nodata").mkdir()
     nomodel = str(tmp_path / "no-model")
-    usage = [(["--limit", "0"], "--limit"), (["--limit", "-3"], "--limit"), (["--limit", "x"], "--limit"),
+    usage = [(["--limit", "-3"], "--limit"), (["--limit", "x"], "--limit"),
              (["--num-fewshot", "-1"], "--num-fewshot"), (["--batch-size", "0"], "--batch-size"),
              (["--batch-size", "many"], "--batch-size"), (["--seed", "1.5"], "--seed"),
              (["--seed", str(2 ** 64)], "--seed"), (["--log_samples"], "--log_samples"),
@@ -481,16 +484,16 @@ def test_cli_adapter_of_another_model_and_unwritable_output(tiny_dir, tiny_mha_d
 
 def test_cli_adapter_base_revision_and_quantize(tiny_dir, tmp_path, monkeypatch):
     # --adapter without --model loads the adapter's recorded base at its recorded revision; --revision
-    # reaches model.load; a QLoRA adapter's 4-bit base says "nf4" (it quantizes the base itself)
+    # reaches model.resolve; a QLoRA adapter's 4-bit base says "nf4" (it quantizes the base itself)
     _write_data(tmp_path)
     net, _ = M.load(str(tiny_dir))
     qlora.quantize_model(net)
     qlora.apply_lora(net, 2, 32)
     rigsa.save_adapter(net, str(tmp_path / "q.safetensors"),
                        rigsa.Config(method="qlora", model=str(tiny_dir), revision="v1.0", rank=2, lora_alpha=32))
-    calls, load = [], M.load
-    monkeypatch.setattr(M, "load", lambda name, *a, revision=None, **k: calls.append((name, revision)) or
-                        load(name, *a, revision=revision, **k))
+    calls, resolve = [], M.resolve
+    monkeypatch.setattr(M, "resolve", lambda name, revision=None, *a, **k: calls.append((name, revision)) or
+                        resolve(name, revision, *a, **k))
     runs = {}
     for key, extra in (("recorded", ["--adapter", str(tmp_path / "q")]),
                        ("revision", ["--adapter", str(tmp_path / "q"), "--revision", "v2.0"]),
@@ -499,7 +502,8 @@ def test_cli_adapter_base_revision_and_quantize(tiny_dir, tmp_path, monkeypatch)
         R.main(["--task", "piqa", "--data-dir", str(tmp_path), "--no-verify", "--offline", "--limit", "1",
                 "--output", str(out), "--output_path", str(tmp_path / key)] + extra)
         runs[key] = (json.loads(out.read_text()), next((tmp_path / key).glob("*/results_*.json")))
-    assert [(str(n), r) for n, r in calls] == [(str(tiny_dir), "v1.0"), (str(tiny_dir), "v2.0"), (str(tiny_dir), "abc123")]
+    # (the resolved directory is then loaded as a path, without a revision)
+    assert [(str(n), r) for n, r in calls if r] == [(str(tiny_dir), "v1.0"), (str(tiny_dir), "v2.0"), (str(tiny_dir), "abc123")]
     (r, res), (p, _) = runs["recorded"], runs["plain"]
     cfg = json.loads(res.read_text())["config"]
     assert r["model"] == str(tiny_dir) and r["quantize"] == "nf4" and p["quantize"] is None
@@ -554,3 +558,12 @@ def test_text_model_trainer(tmp_path):
     model, tok = M.load(str(out))
     assert model.config.hidden_size == 32 and model.config.num_key_value_heads == 1
     assert tok.decode(tok.encode("Question: 12")) == "Question: 12"
+
+
+def test_limit_0_is_every_document(tiny_dir, tmp_path):
+    _write_data(tmp_path)
+    out = tmp_path / "o.json"
+    R.main(["--task", "piqa", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-verify", "--offline",
+            "--limit", "0", "--output", str(out)])
+    r = json.loads(out.read_text())
+    assert r["limit"] is None and r["docs"] == len(T.load_piqa(T.ensure_files("piqa", tmp_path, download=False, verify=False)))

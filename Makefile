@@ -13,7 +13,7 @@ PAPER    ?= runs/paper
 NPROC    ?= 1
 RUN      := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --standalone --nproc-per-node=$(NPROC))
 
-.PHONY: help test demo train eval paper plots chat bench bench-model bench-train bench-memory bench-distributed \
+.PHONY: help test demo train eval paper plots chat bench bench-model bench-train bench-memory bench-layer bench-distributed \
         bench-evals bench-generate bench-attention bench-qlora check-lm-eval parity-gsm8k
 
 help:            ## this list
@@ -32,14 +32,15 @@ help:            ## this list
 	$(BENCH_PY) -m pip install -q -r requirements.txt -r requirements-bench.txt
 	touch $@
 
-# matplotlib for the figures, outside .venv (the tests run without it); .venv's own numpy is the one used
+# matplotlib for the figures, outside .venv (the runtime needs it not; the tests put it on PYTHONPATH to
+# check the figures, and hide it to check the run without it); .venv's own numpy is the one used
 .plots/.installed: requirements-plots.txt | .venv/.installed
 	$(PY) -m pip install -q --target .plots -r requirements-plots.txt
 	rm -rf .plots/numpy .plots/numpy-* .plots/numpy.libs
 	touch $@
 
-test: .venv/.installed          ## create the environment if needed, run every test (CPU, offline)
-	$(PY) -m pytest -q
+test: .venv/.installed .plots/.installed   ## create the environment if needed, run every test (CPU, offline)
+	PYTHONPATH=.plots $(PY) -m pytest -q
 
 demo: .venv/.installed          ## the whole RIGSA pipeline on a tiny model, offline, under a minute on a CPU
 	$(PY) rigsa.py demo
@@ -59,7 +60,7 @@ plots: .venv/.installed .plots/.installed  ## TABLES.md and Figures 2-4 (PNG) fr
 chat: .venv/.installed          ## one chat message to MODEL (the paper's Figure 6)
 	$(PY) model.py --model $(MODEL) --prompt "What is the capital of France?"
 
-bench: bench-model bench-train bench-memory bench-distributed bench-evals bench-generate bench-attention bench-qlora  ## every benchmark, side by side with the peers
+bench: bench-model bench-train bench-memory bench-layer bench-distributed bench-evals bench-generate bench-attention bench-qlora  ## every benchmark, side by side with the peers
 
 bench-model: .venv/.installed   ## prefill and batched decode against transformers (135M shape, CPU)
 	$(PY) bench/bench_model.py
@@ -69,6 +70,9 @@ bench-train: .venv/.installed   ## RIGSA step vs full fine-tuning vs transformer
 
 bench-memory: .venv/.installed  ## training memory and step time, compact layer vs the dense one (135M, CPU), and the 1.7B projection
 	$(PY) bench/bench_memory.py
+
+bench-layer: .venv/.installed   ## one gated projection: compact vs dense forward+backward, GEMMs vs the rest, the index kernels tried
+	$(PY) bench/bench_layer.py
 
 bench-distributed: .venv/.installed  ## 2 gloo processes against 1 (CPU): training and evaluation speed-up, all-reduce share
 	$(PY) bench/bench_distributed.py

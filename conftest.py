@@ -4,7 +4,7 @@ import contextlib
 import os
 
 os.environ.setdefault("TQDM_DISABLE", "1")        # keep test logs readable
-os.environ.setdefault("HF_HUB_OFFLINE", "1")      # tests never touch the network (before huggingface_hub reads it)
+os.environ["HF_HUB_OFFLINE"] = "1"                # tests never touch the network (before huggingface_hub reads it)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

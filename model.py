@@ -10,7 +10,6 @@ rotate-half kind, so loading is one load_state_dict with no mapping table. This 
 nothing of adapters, tasks or benchmarks. Shapes: B batch, T time, C hidden, nh query heads,
 nkv key/value heads, hd head dim, V vocab.
 """
-import argparse
 import copy
 import json
 import os
@@ -452,7 +451,7 @@ def load_tokenizer(path):
         try:
             kw["system_prompt"] = template_system_prompt(template, **{k: v for k, v in kw.items() if v})
         except Exception as e:  # a template is code from the hub: any failure means "cannot tell"
-            print(f"warning: {tc}: chat_template not understood ({type(e).__name__}: {' '.join(str(e).split())}); "
+            util.say(f"warning: {tc}: chat_template not understood ({type(e).__name__}: {' '.join(str(e).split())}); "
                   f"chat() writes ChatML with SmolLM2's default system prompt", file=sys.stderr)
     return Tokenizer(path / "tokenizer.json", **kw)
 
@@ -513,7 +512,7 @@ def resolve(name_or_path, revision=None, verify=False, offline=False):
         path = None if _hub_status(e) in (401, 404) else _cached(repo, revision)
         if path is None:
             raise RuntimeError(_hub_error(repo, revision, e, timeout)) from None
-        print(f"warning: {repo}: no answer from the hub ({_said(e)}); using the cached snapshot {path}", file=sys.stderr)
+        util.say(f"warning: {repo}: no answer from the hub ({_said(e)}); using the cached snapshot {path}", file=sys.stderr)
         return _checked(path, _cached_checksums(path), repo, verify)
     want = {s.rfilename: s for s in info.siblings or []}
     files = list(filter_repo_objects(want, allow_patterns=HUB_FILES))
@@ -583,7 +582,7 @@ def _checked(path, sums, repo, verify, source="the hub's (as the cache recorded 
         if bad:
             raise ValueError(f"{p}: corrupt cached file of {repo} ({bad}); {_redownload(p)}")
     if verify:
-        print(f"{repo}: {len(sums)} files match {source} checksums", file=sys.stderr)
+        util.say(f"{repo}: {len(sums)} files match {source} checksums", file=sys.stderr)
     return path
 
 
@@ -796,22 +795,16 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, stop=(), batch_size=
 
 # -----------------------------------------------------------------------------
 
-def _positive_int(s):
-    if not s.strip().isdigit() or int(s) < 1:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a positive integer")
-    return int(s)
-
-
 def main(argv=None):
     ap = util.ArgumentParser(prog="model.py", description="Chat with a SmolLM2 checkpoint (one user message, greedy).")
     ap.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local directory (default {DEFAULT_MODEL})")
     ap.add_argument("--prompt", required=True, help="the user message")
     ap.add_argument("--system", default=None, help="system prompt (default: the model's own default)")
-    ap.add_argument("--max-new-tokens", type=_positive_int, default=256, help="default 256")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--max-new-tokens", type=util.number(int, 1), default=256, help="default 256")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--revision", default=None, help="pin a hub revision: commit, branch or tag (default main)")
+    ap.add_argument("--revision", default=None, help="pin a hub revision: commit, branch or tag (default: the latest, main)")
     ap.add_argument("--verify-model", action="store_true",
                     help="hash the cached files against the hub's checksums (finds a corrupted byte; slow for 1.7B)")
     a = ap.parse_args(argv)

@@ -137,7 +137,8 @@ def dequantize_nf4(packed, absmax, shape, dtype=torch.float32, blocksize=64, nes
     for s in range(0, total, step):
         e = min(s + step, total)
         vals = pairs.index_select(0, flat[s // 2:(e + 1) // 2].int()).reshape(-1)   # (<= e - s,) float32
-        vals = F.pad(vals, (0, e - s - vals.numel()))                       # a tail block (never in SmolLM2)
+        if vals.numel() != e - s:
+            vals = F.pad(vals, (0, e - s - vals.numel()))                   # a tail block (never in SmolLM2)
         out[s:e] = (vals.view(-1, blocksize) * absmax[s // blocksize:e // blocksize, None]).reshape(-1)
     return out[:n].view(shape)
 

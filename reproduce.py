@@ -344,7 +344,7 @@ def _save(fig, axes, out, name, title, seeds):
     handles = dict(sorted(handles.items(), key=lambda lh: not hasattr(lh[1], "has_yerr")))  # the series first
     if handles:  # one legend for all panels, under them
         fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=min(len(handles), 3), frameon=False)
-    fig.savefig(Path(out) / name, dpi=110)
+    util.atomic_write(Path(out) / name, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))   # no half PNG
     return name
 
 

@@ -12,7 +12,7 @@ rigsa.py: Random Initialization of Gated Sparse Adapters (arXiv 2511.01794), fro
   baselines                     random-mask (§4.4), lt-sft (§6), dense, lora/qlora (§5.3, qlora.py)
 
   python rigsa.py train --iters 5          the paper, on SmolLM2-1.7B-Instruct
-  python rigsa.py demo                     the whole pipeline offline on a tiny model (< 2 min, CPU)
+  python rigsa.py demo                     the whole pipeline offline on a tiny model (under a minute, CPU)
   python rigsa.py show --index 0           one image as the model sees it
   python rigsa.py merge --adapter runs/x/iter5 --out merged/
   (Textual MNIST accuracy of a base model or an adapter: python evals/run.py --task mnist)
@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.optim.adam import adam as adam_update  # the per-tensor function torch.optim.AdamW runs
 
 import model as M
@@ -115,7 +115,7 @@ class Config:
     steps: int = _f(0, "cap on optimizer steps per iteration, for quick runs (0 = no cap)", check=INT0)
     grad_clip: float = _f(0.0, "max gradient norm (0 = off; silent in §4.4)", check=NONNEG)
     moments: str = _f("auto", "where AdamW's moments live: device | host (pinned, streamed per tensor: exact, slower) | "
-                              "8bit (approximate) | auto: device if the step fits, else host (memory.md)",
+                              "8bit (approximate) | auto: device if the step fits, else host (README: Method notes, Memory)",
                       choices=("auto", "device", "host", "8bit"))
     # LoRA / QLoRA baseline (§5.3, Table 4); used when --method lora or qlora
     rank: int = _f(TABLE4["ranks"][-1], "LoRA rank (Table 4: 1/4/8/16)", check=INT1, methods=LORA_METHODS)
@@ -133,7 +133,7 @@ class Config:
     eval_test: bool = _f(True, "also evaluate the test split after every iteration (§5.1, Figure 2a)")
     # machinery
     device: str = _f("auto", "cpu | cuda | cuda:N | auto")
-    dtype: str = _f("auto", "base weights: auto (bfloat16 autocast on CUDA, float32 on CPU) | float32 | bfloat16",
+    dtype: str = _f("auto", "base weights: auto (bfloat16 autocast on CUDA, float32 on CPU) | float32 | bfloat16 | float16",
                     choices=("auto", "float32", "bfloat16", "float16"))
     log_every: int = _f(10, "optimizer steps between metrics.jsonl lines", check=INT1)
     save_every: int = _f(500, "optimizer steps between resume checkpoints (0 = only at iteration ends)", check=INT0)
@@ -167,7 +167,7 @@ def check_config(cfg):
 
 
 def n_iters(cfg):
-    return cfg.iters if cfg.method in ("rigsa", "lt-sft") else 1   # the others do not prune
+    return cfg.iters if cfg.method in PRUNING else 1   # the others do not prune
 
 # -----------------------------------------------------------------------------
 # the gated sparse adapter (paper §3.2)
@@ -187,6 +187,17 @@ def pack_bits(index, n, device):
     bits[index] = True
     weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=device)
     return (bits.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
+
+
+POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)])   # set bits of each byte value
+
+
+def all_free_mask(n):
+    """pack_bits(arange(n), n): every bit set, the padding bits of the last byte 0."""
+    packed = torch.full((-(-n // 8),), 255, dtype=torch.uint8)
+    if n % 8:
+        packed[-1] = (0xFF << (8 - n % 8)) & 0xFF
+    return packed
 
 
 def unpack_bits(packed, n):
@@ -225,9 +236,8 @@ class GatedDelta(torch.autograd.Function):
         if L.exact(x):
             # the forward's W0 + alpha md, from md (needed below for alpha's gradient): alpha md + W0
             # is the same sum (addition commutes), in two passes instead of a copy and a scatter
-            w = torch.mul(md, alpha).add_(L.weight)
             if ctx.needs_input_grad[0]:
-                gx = gy2.mm(w).view_as(x)
+                gx = gy2.mm(torch.mul(md, alpha).add_(L.weight)).view_as(x)
             gw = gy2.t().mm(x2)                                # (out, in): the gradient of W0 + alpha md
         else:
             a = alpha.to(x.dtype)
@@ -289,8 +299,12 @@ class GatedSparseLinear(nn.Module):
     def set_free(self, index, values):
         """Make the entries at sorted flat positions `index` the free ones, with dW = values."""
         dev = self.weight.device
-        dense = len(index) == self.numel()
-        self.mask = None if dense else pack_bits(index.to(dev), self.numel(), dev)
+        self.set_packed(None if len(index) == self.numel() else pack_bits(index.to(dev), self.numel(), dev), values)
+
+    def set_packed(self, mask, values):
+        """The same from a packed mask (None: every entry free), as the adapter files hold it."""
+        dev = self.weight.device
+        self.mask = None if mask is None else mask.to(dev)
         self.delta = nn.Parameter(values.to(dev, torch.float32).contiguous(), requires_grad=True)
 
     def dense(self, delta=None, index=None):
@@ -345,7 +359,7 @@ def install_adapters(model, cfg):
             name = f"{pname}.{cname}" if pname else cname
             if isinstance(child, nn.Linear) and name != "lm_head":
                 layer = GatedSparseLinear(child, layer_seed(cfg.seed, name), cfg.init, cfg.init_std,
-                                          cfg.alpha_init, gated=cfg.method != "lt-sft")
+                                          cfg.alpha_init, gated=cfg.method in GATED)
                 setattr(parent, cname, layer)
                 layers[name] = layer
     return layers
@@ -781,7 +795,7 @@ def prune_and_rewind(run, it):
     """After iteration `it` (§3.2, §4.4): prune, rewind the kept entries to dW0, reset the gate,
     and checkpoint, so that a resumed run starts iteration it + 1 from here."""
     cfg, layers = run.cfg, run.layers
-    st = prune(layers, cfg.keep, cfg.prune_scope, sign=cfg.method != "lt-sft")
+    st = prune(layers, cfg.keep, cfg.prune_scope, sign=cfg.method in GATED)
     if cfg.reset_alpha:
         for L in layers.values():
             L.alpha.data.fill_(cfg.alpha_init if L.gated else 1.0)
@@ -941,16 +955,16 @@ def adamw_step(opt):
                     st[k].copy_(buf, non_blocking=True)  # in stream order: the next copy into buf waits for it
                 else:
                     st[k], st[k + "_absmax"] = quantize_8bit(buf, CODES[k])
-    if torch.cuda.is_available():
+    if host and torch.cuda.is_available():
         torch.cuda.synchronize()  # the host copies are complete before anything reads them (a save)
 
 
 def _staging(opt, p):
     """Two float32 buffers on p's device, the size of the largest trainable tensor, reused by every
     tensor's moments in turn. -> views of them shaped like p."""
-    n = max(q.numel() for g in opt.param_groups for q in g["params"])
-    if getattr(opt, "staging", None) is None or opt.staging.device != p.device or opt.staging.shape[1] < n:
-        opt.staging = torch.empty(2, n, device=p.device)
+    st = getattr(opt, "staging", None)
+    if st is None or st.device != p.device or st.shape[1] < p.numel():
+        opt.staging = torch.empty(2, max(q.numel() for g in opt.param_groups for q in g["params"]), device=p.device)
     return opt.staging[0, :p.numel()].view_as(p), opt.staging[1, :p.numel()].view_as(p)
 
 
@@ -1149,7 +1163,7 @@ def mnist_dir(root):
     files itself (what rigsa.py's --data-dir meant before) is still read, with a deprecation line."""
     root = Path(root)
     if not (root / "mnist").is_dir() and any((root / n).exists() for n in MNIST_FILES):
-        print(f"warning: --data-dir {root} holds the MNIST files itself; --data-dir now names the data root "
+        util.say(f"warning: --data-dir {root} holds the MNIST files itself; --data-dir now names the data root "
               f"(MNIST in <root>/mnist/), so pass --data-dir {root.parent} (the old meaning goes in the next "
               f"release)", file=sys.stderr)
         return root
@@ -1379,8 +1393,7 @@ def adapter_tensors(model):
     (dW0's first 16 values: guards regeneration on another platform). LoRA: its matrices."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in qlora.lora_state_dict(model).items()}
     for n, L in adapters(model).items():
-        dense = pack_bits(torch.arange(L.numel()), L.numel(), "cpu") if L.mask is None else None
-        tensors[f"{n}.mask"] = L.mask.cpu() if dense is None else dense
+        tensors[f"{n}.mask"] = L.mask.cpu() if L.mask is not None else all_free_mask(L.numel())
         tensors[f"{n}.delta"] = L.delta.detach().cpu()
         tensors[f"{n}.alpha"] = L.alpha.detach().cpu().float().reshape(1)
         tensors[f"{n}.init_seed"] = torch.tensor([L.init_seed], dtype=torch.int64)
@@ -1398,11 +1411,15 @@ def set_adapter_tensors(layers, tensors, source):
         if f"{n}.init_check" in tensors and not torch.equal(tensors[f"{n}.init_check"], L.init_check):
             raise ValueError(f"{source}: dW0 of {n} does not regenerate identically on this platform")
         m, d = tensors[f"{n}.mask"], tensors[f"{n}.delta"]
-        index = unpack_bits(m, L.numel()).nonzero().view(-1)
-        if len(index) != d.numel():
-            raise ValueError(f"{source}: layer {n} has {d.numel()} dW values for {len(index)} free entries "
-                             f"(of {L.numel()}: another base model?)")
-        L.set_free(index, d)
+        if m.numel() == -(-L.numel() // 8) and L.numel() % 8:   # the last byte's padding bits are 0
+            m = m.clone()
+            m[-1] &= (0xFF << (8 - L.numel() % 8)) & 0xFF
+        free = int(POPCOUNT[m.long()].sum()) if m.numel() == -(-L.numel() // 8) else -1
+        if free != d.numel():
+            raise ValueError(f"{source}: layer {n} has {d.numel()} dW values for a mask of "
+                             f"{'a wrong size' if free < 0 else f'{free} free entries'} (of {L.numel()}: "
+                             f"another base model?); pass an adapter trained on this base")
+        L.set_packed(None if free == L.numel() else m, d)
         L.alpha.fill_(float(tensors[f"{n}.alpha"]))
 
 
@@ -1423,17 +1440,18 @@ def adapter_path(spec):
     return p
 
 
-def read_adapter(spec):
+def read_adapter(spec, tensors=True):
+    """-> (its tensors, or None if not asked for: the metadata alone is read, the metadata, its Config)."""
     p = adapter_path(spec)
     try:
         with safe_open(str(p), "pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(str(p))
+            t = {k: f.get_tensor(k) for k in f.keys()} if tensors else None
     except Exception as e:
         raise ValueError(f"{p}: not a readable safetensors file ({e})") from None
     if meta.get("format") != "rigsa-adapter":
         raise ValueError(f"{p}: not a rigsa adapter file (no format=rigsa-adapter metadata)")
-    return tensors, meta, Config(**json.loads(meta["config"]))
+    return t, meta, Config(**json.loads(meta["config"]))
 
 
 def mask_counts(spec):
@@ -1487,7 +1505,7 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
     the official layout (the base's other files copied). A bfloat16 cast that loses more than 1%
     of sum |alpha m dW| (small deltas round away under bfloat16's ulp of W0) is refused unless
     allow_lossy: the merged model would be closer to the base than to the adapted one."""
-    _, meta, cfg = read_adapter(adapter)
+    _, meta, cfg = read_adapter(adapter, tensors=False)
     if cfg.method == "qlora":
         raise ValueError(f"{adapter}: a QLoRA adapter sits on a 4-bit base, and merging would re-quantize it "
                          f"(lossy); use it unmerged (evals/run.py --adapter) or its PEFT copy in iterK-peft/")

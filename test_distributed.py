@@ -119,3 +119,27 @@ def test_evaluation_on_two_processes_equals_one(tiny_dir, tmp_path):
                 else:
                     assert a[k] == b[k], (task, k)
         assert one[task]["metrics"] == two[task]["metrics"]
+
+
+def test_rank_zero_first_stops_the_others_when_rank_zero_fails(tmp_path):
+    script = tmp_path / "rzf.py"
+    script.write_text(f"""import sys, torch.distributed as dist
+sys.path.insert(0, {REPO!r})
+import util
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+def fn():
+    print(f"fn ran on rank {{rank}}", flush=True)
+    if rank == 0:
+        raise OSError("the download failed")
+    return 1
+try:
+    util.rank_zero_first(fn)
+except (OSError, RuntimeError) as e:
+    print(f"rank {{rank}} raised {{type(e).__name__}}: {{e}}", flush=True)
+dist.destroy_process_group()
+""")
+    out = torchrun(2, str(script), [], tmp_path).stdout
+    assert "fn ran on rank 0" in out and "fn ran on rank 1" not in out   # no second download after a failure
+    assert "rank 0 raised OSError: the download failed" in out
+    assert "rank 1 raised RuntimeError: rank 1: rank 0 failed" in out

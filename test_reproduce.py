@@ -54,8 +54,10 @@ def test_main_skips_existing_outputs_and_resumes(tmp_path, capsys):
     assert len(lines) == 82 - 1 and not any("base-piqa.json" in x for x in lines)
     assert sum("--resume" in x for x in lines) == 1 and f"--out {tmp_path / 'rigsa-seed0'} " in \
         next(x for x in lines if "--resume" in x)
-    with pytest.raises(SystemExit):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         P.main(["--seeds", "0,0", "--dry-run"])
+    assert e.value.code == 2 and "--seeds" in capsys.readouterr().err
 
 
 def t_cdf(q, df, n=20000):

@@ -475,6 +475,7 @@ def test_compact_layer_trains_the_dense_layers_adapters_bitwise(tiny_dir, tmp_pa
     for it, ref in enumerate(want, 1):
         m, _ = M.load(tiny_dir)
         rigsa.load_adapter(m, tmp_path / "run" / f"iter{it}")
+        assert rigsa.adapters(m).keys() == ref.keys()
         for n, L in rigsa.adapters(m).items():
             assert torch.equal(L.dense(), ref[n][0]) and torch.equal(L.alpha.detach(), ref[n][1]), (it, n)
 

@@ -36,11 +36,12 @@ def test_atomic_write_syncs_the_content_before_the_rename(tmp_path, monkeypatch)
     # then the folder (the rename)
     calls = []
     fsync, replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd))
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", os.fstat(fd).st_ino)) or fsync(fd))
     monkeypatch.setattr(os, "replace", lambda a, b: calls.append(("replace", os.fspath(a))) or replace(a, b))
     p = tmp_path / "f.json"
     util.write_json(p, {"a": 1})
-    assert calls == [("fsync", f"{p}.tmp"), ("replace", f"{p}.tmp"), ("fsync", str(tmp_path))]
+    # the .tmp's inode is the file's after the rename (file descriptors have no portable path)
+    assert calls == [("fsync", os.stat(p).st_ino), ("replace", f"{p}.tmp"), ("fsync", os.stat(tmp_path).st_ino)]
 
 
 def test_progress_bar_in_a_log_one_line_per_interval(monkeypatch, capsys):

@@ -17,7 +17,8 @@ TINY_SHAPES = {
     "gqa": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
     "mha": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
 }
-# SmolLM2-Instruct's ChatML template, in the spelling the official tokenizer_config.json decodes to
+# SmolLM2-Instruct's ChatML template, its newlines as '\n' escapes inside the template's string literals
+# (model.load_tokenizer renders this spelling and the official file's real newlines; test_model tests both)
 CHAT_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
                  "{{ '<|im_start|>system\\n" + M.DEFAULT_SYSTEM + "<|im_end|>\\n' }}{% endif %}"
                  "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"

@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 def atomic_write(path, write):
     """write(tmp) writes the file's content to the temporary path `path.tmp`, which then replaces
-    `path` in one rename: a reader never sees half a file, and an interrupted write leaves only
-    the .tmp (which the next write of the same file replaces). The content is on disk before the
+    `path` in one rename: a reader never sees half a file; a failed or interrupted write removes
+    the .tmp, and only a hard kill leaves one (which the next write of the same file replaces). The content is on disk before the
     rename, and the rename before this returns (fsync of both): a power cut leaves the old file or
     the new one, never an empty one."""
     path = os.fspath(path)
@@ -107,6 +107,8 @@ def download(url, dest, check=None, timeout=60):
         if not (e.code == 416 and have):                  # 416 with a .tmp: it is already whole
             raise OSError(f"{url}: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        if getattr(e, "filename", None) == str(tmp):      # writing the .tmp here failed, not the network
+            raise OSError(f"{tmp}: cannot write ({e.strerror}); free space or choose another data folder") from None
         why = "the connection closed early" if isinstance(e, http.client.IncompleteRead) else \
             getattr(e, "reason", None) or f"{type(e).__name__} {e}".strip()
         raise OSError(f"{url}: download failed ({why}); run again to resume {tmp.name}") from None
@@ -221,18 +223,24 @@ def world():
 
 
 def rank_zero_first(fn):
-    """fn() on rank 0, then on the other ranks once rank 0 is done (or has failed): a download
-    happens once instead of every rank writing the same .tmp file, and the others find it
-    (checking it as usual). Single process: fn()."""
+    """fn() on rank 0, then on the other ranks once rank 0 has succeeded: a download happens once
+    instead of every rank writing the same .tmp file, and the others find it (checking it as
+    usual). If rank 0 fails, it raises its error and the others stop with a line pointing at it.
+    Single process: fn()."""
     rank, ranks = world()
     if ranks == 1:
         return fn()
+    ok = [False]
     if rank == 0:
         try:
-            return fn()
+            out = fn()
+            ok = [True]
+            return out
         finally:
-            dist.barrier()
-    dist.barrier()
+            dist.broadcast_object_list(ok, src=0)
+    dist.broadcast_object_list(ok, src=0)
+    if not ok[0]:
+        raise RuntimeError(f"rank {rank}: rank 0 failed to fetch or check the files (its error is above)")
     return fn()
 
 

@@ -129,7 +129,7 @@ def eval_mnist(data, model, tok, args, k):
     _, preds = rigsa.mnist_accuracy(model, tok, images[part], labels[part], shots=k, batch_size=bs, shot_pool=pool,
                                     draws=draws[part] if k else None)
     preds = torch.tensor(util.gather(preds.tolist()), dtype=torch.long)
-    draws = util.gather(draws[part]) if k else [[]] * len(images)   # the shots each rank's prompts had
+    draws = draws if k else [[]] * len(images)   # every rank drew them all
     samples, accs = [], []
     for i, (y, p) in enumerate(zip(labels.tolist(), preds.tolist())):
         accs.append(int(p == y))  # p = -1: the next token was not a digit, counted wrong (paper §4.2)
@@ -288,17 +288,18 @@ def write_file(flag, path, write):
     """Atomic (util.atomic_write: no half file, no .tmp left), and a failure named as the flag's."""
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        util.atomic_write(path, write)
     except OSError as e:
-        raise OSError(f"{flag} {path}: cannot write ({e.strerror or e}); free space or choose another path") from None
+        raise OSError(f"{flag} {path}: cannot create its folder ({e.strerror or e}); choose another path") from None
+    try:
+        util.atomic_write(path, write)
+    except OSError as e:   # atomic_write's message already names the path and what to do
+        raise OSError(f"{flag} {e}") from None
 
 
 def write_json(flag, path, obj, indent=1):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent, ensure_ascii=False)
-            f.write("\n")
-    write_file(flag, path, write)
+    """UTF-8, text beyond ASCII kept (as lm-eval writes it)."""
+    text = json.dumps(obj, indent=indent, ensure_ascii=False) + "\n"
+    write_file(flag, path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_outputs(args, results, done, info):
@@ -430,7 +431,7 @@ def main(argv=None):
     try:
         return evaluate(args)
     except (ValueError, RuntimeError, OSError) as e:   # OSError includes FileNotFoundError
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {' '.join(str(e).split())}")   # one line
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -446,7 +447,7 @@ def evaluate(args):
         check_output("--output_path", args.output_path, folder=not args.output_path.endswith(".json"))
     device = util.init_distributed(args.device)   # torchrun: this rank's process group and device
     try:
-        acfg = rigsa.read_adapter(args.adapter)[2] if args.adapter else None
+        acfg = rigsa.read_adapter(args.adapter, tensors=False)[2] if args.adapter else None
     except (ValueError, OSError) as e:
         raise ValueError(f"--adapter: {e}") from None
     name, revision = base_model(args, acfg)

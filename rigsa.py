@@ -1663,8 +1663,7 @@ def main(argv=None):
     try:
         if a.cmd == "train":
             done = train(Config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Config)}))
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            util.leave_distributed()
             if done is None and STOP:
                 sys.exit(128 + STOP[0])        # interrupted by a signal: saved, and the shell sees why
         elif a.cmd == "show":

@@ -429,12 +429,13 @@ def main(argv=None):
     args = parse_args(argv)
     util.keep_freed_memory()
     try:
-        return evaluate(args)
+        result = evaluate(args)
     except (ValueError, RuntimeError, OSError) as e:   # OSError includes FileNotFoundError
-        sys.exit(f"error: {' '.join(str(e).split())}")   # one line
-    finally:
-        if torch.distributed.is_initialized():
+        if torch.distributed.is_initialized():        # no barrier: the other ranks may be stuck elsewhere
             torch.distributed.destroy_process_group()
+        sys.exit(f"error: {' '.join(str(e).split())}")   # one line
+    util.leave_distributed()
+    return result
 
 
 def evaluate(args):

@@ -8,7 +8,8 @@ Where one gated projection's time goes (issue #15's step time), on this machine:
    median ms, and torch.profiler's split into the GEMMs (aten::mm) and everything else.
 2. The index kernels the compact layer could use for the same numbers, median ms each: building
    m*dW (a scatter), reading the gradient at the free entries (a gather), the free positions from
-   the mask, the merged weight W0 + alpha m dW.
+   the mask, the merged weight W0 + alpha m dW; and the two that need no positions, working from the
+   unpacked bits (masked_scatter_, masked_select).
 """
 import argparse
 import os
@@ -23,6 +24,7 @@ from torch.profiler import profile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import rigsa  # noqa: E402
+import util  # noqa: E402
 from test_rigsa import DenseGatedLinear  # noqa: E402  (the dense layer the compact one replaced)
 
 
@@ -55,6 +57,7 @@ def main():
     ap.add_argument("--density", type=float, default=0.52)
     ap.add_argument("--repeats", type=int, default=20)
     a = ap.parse_args()
+    util.keep_freed_memory()   # as the training CLI does: freed blocks reused, not page-faulted afresh
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; one {a.out}x{a.inp} projection, "
           f"{a.tokens} tokens, density {a.density:.2%}, float32, CPU\n")
@@ -100,10 +103,13 @@ def main():
         ("m*dW (scatter)", "zeros + index_put_", put),
         ("m*dW (scatter)", "zeros + scatter_", lambda: torch.zeros(n).scatter_(0, idx, d)),
         ("m*dW (scatter)", "numpy fancy assignment", numpy_scatter),
+        ("m*dW (scatter)", "zeros + masked_scatter_ of the unpacked bits (no positions needed)",
+         lambda: torch.zeros(n).masked_scatter_(bits, d)),
         ("gradient at the free entries", "index_select (used)", lambda: gw.index_select(0, idx)),
         ("gradient at the free entries", "take", lambda: torch.take(gw, idx)),
         ("gradient at the free entries", "indexing gw[idx]", lambda: gw[idx]),
         ("gradient at the free entries", "gather", lambda: gw.gather(0, idx)),
+        ("gradient at the free entries", "masked_select of the unpacked bits", lambda: gw.masked_select(bits)),
         ("free positions from the mask", "numpy unpackbits + nonzero (used)",
          lambda: np.nonzero(np.unpackbits(packed, count=n).view(bool))[0]),
         ("free positions from the mask", "torch nonzero (of the unpacked bits)", lambda: bits.nonzero()),

@@ -1663,9 +1663,10 @@ def main(argv=None):
     try:
         if a.cmd == "train":
             done = train(Config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Config)}))
-            util.leave_distributed()
-            if done is None and STOP:
-                sys.exit(128 + STOP[0])        # interrupted by a signal: saved, and the shell sees why
+            code = 128 + STOP[0] if done is None and STOP else 0   # interrupted by a signal: saved, and the shell sees why
+            util.exit_distributed(code)
+            if code:
+                sys.exit(code)
         elif a.cmd == "show":
             x, y = load_mnist(mnist_dir(a.data_dir), a.split, download=not a.offline, verify=not a.no_verify)
             if not a.index < len(x):

@@ -217,13 +217,20 @@ def init_distributed(device=None):
     return dev
 
 
-def leave_distributed():
-    """At the end of a run every rank finished: wait for the others, then leave the process group.
-    A rank that left while another still had its connections open could abort at exit ("terminate
-    called without an active exception", SIGABRT: 4 of 25 two-process evaluations on the CPU)."""
+def exit_distributed(code=0):
+    """Under torchrun, at the end of a run that every rank finished: wait for the others, leave the
+    process group and end the process with `code` at once, flushing stdout and stderr first; a
+    single process returns. Measured on the CPU: a rank that left while another still had its
+    connections open aborted at exit ("terminate called without an active exception", SIGABRT) in
+    4 of 25 two-process evaluations; with the barrier alone, still once in about 70 (always in the
+    interpreter's finalization, where gloo's threads are torn down, as pytorch/pytorch#179291
+    describes). Nothing is left to run at that point: the files are written and closed."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def world():

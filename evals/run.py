@@ -434,7 +434,7 @@ def main(argv=None):
         if torch.distributed.is_initialized():        # no barrier: the other ranks may be stuck elsewhere
             torch.distributed.destroy_process_group()
         sys.exit(f"error: {' '.join(str(e).split())}")   # one line
-    util.leave_distributed()
+    util.exit_distributed()
     return result
 
 

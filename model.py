@@ -563,7 +563,6 @@ def _cached_checksums(path):
 def _checked(path, sums, repo, verify, source="the hub's (as the cache recorded them)"):
     """path, once each file of sums {file: (size or None, kind, checksum)} has the size the hub lists
     and, with verify, its checksum (a pass over every byte). ValueError names the first that does not."""
-    import hashlib
     if verify and not sums:
         raise ValueError(f"{path}: --verify-model needs the hub's checksums, and this is not a hub download; drop --verify-model")
     for f, (size, kind, want) in sums.items():
@@ -574,11 +573,8 @@ def _checked(path, sums, repo, verify, source="the hub's (as the cache recorded 
         if size is not None and have != size:
             bad = f"{have} bytes where the hub has {size}"
         elif verify:
-            h = hashlib.sha256() if kind == "sha256" else hashlib.sha1(f"blob {have}\0".encode())  # git's blob id
-            with open(p, "rb") as fh:
-                while chunk := fh.read(1 << 24):
-                    h.update(chunk)
-            bad = None if h.hexdigest() == want else f"{kind} {h.hexdigest()[:12]}... where the hub has {want[:12]}..."
+            got = util.file_hash(p, "sha256" if kind == "sha256" else "gitsha1")   # "git": git's blob id
+            bad = None if got == want else f"{kind} {got[:12]}... where the hub has {want[:12]}..."
         if bad:
             raise ValueError(f"{p}: corrupt cached file of {repo} ({bad}); {_redownload(p)}")
     if verify:

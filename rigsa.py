@@ -646,8 +646,7 @@ def setup(cfg, resume=None):
     # data (§4.2): encoded on the fly, 16 prompts per step cost nothing next to the model
     folder = mnist_dir(cfg.data_dir)
     kw = dict(val_frac=cfg.val_frac, seed=cfg.split_seed, download=not cfg.offline, verify=cfg.verify)
-    data = util.rank_zero_first(lambda: {split: load_mnist(folder, split, **kw)
-                                          for split in ("train", "val", "test")[:3 if cfg.eval_test else 2]})
+    data = util.rank_zero_first(lambda: load_mnist_splits(folder, ("train", "val", "test")[:3 if cfg.eval_test else 2], **kw))
     if cfg.limit:
         data.update({k: (x[:cfg.limit], y[:cfg.limit]) for k, (x, y) in data.items() if k != "train"})
 
@@ -1150,14 +1149,6 @@ QUESTION = "Below is a digit as text. Which digit is it?\n"  # Figure 5
 PREFIX = "The digit is "  # §4.2: appended to the assistant turn, the answer is the next token
 
 
-def _md5(path):
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def mnist_dir(root):
     """--data-dir is the data root, and MNIST lives in <root>/mnist/. A folder that holds the IDX
     files itself (what rigsa.py's --data-dir meant before) is still read, with a deprecation line."""
@@ -1173,52 +1164,27 @@ def mnist_dir(root):
 def ensure_mnist(data_dir, download=True, verify=True, names=tuple(MNIST_FILES)):
     """Make sure the IDX files are in data_dir, downloading what is missing. Sizes and md5s are
     pinned; verify=False accepts files that are there as they are (stand-in data: demo, tests)."""
-    data_dir = Path(data_dir)
-
-    def check(name):
-        size, md5 = MNIST_FILES[name]
-        def ok(path):
-            if Path(path).stat().st_size != size or _md5(path) != md5:
-                raise ValueError(f"{data_dir / name}: not the original MNIST file (expected {size} bytes, md5 {md5})")
-        return ok
-    missing, why = [], ""
-    for name in names:
-        path = data_dir / name
-        if path.exists():
-            try:
-                if verify:
-                    check(name)(path)
-            except ValueError as e:
-                raise ValueError(f"{e}; delete it to download it again") from None
-            continue
-        if download:
-            try:
-                util.download(util.data_url(MNIST_MIRROR + name, f"mnist/{name}"), path, check(name))
-                continue
-            except (OSError, ValueError) as e:
-                why = f"; download failed: {e}"
-        missing.append(name)
-    if missing:
-        raise FileNotFoundError(f"MNIST files missing: {', '.join(missing)}; put them in {data_dir}/ "
-                                f"(from {MNIST_MIRROR} or http://yann.lecun.com/exdb/mnist/){why}")
-    return data_dir
+    files = [(name, MNIST_MIRROR + name, "md5", MNIST_FILES[name][1], MNIST_FILES[name][0]) for name in names]
+    util.ensure_files("MNIST", "mnist", data_dir, files, download, verify)
+    return Path(data_dir)
 
 
 def read_idx(path, magic):
     """One IDX file -> uint8 array, shape from its header. 2051 = images (N, H, W), 2049 = labels (N,)."""
+    again = "delete it to download it again"
     try:
         opener = gzip.open if str(path).endswith(".gz") else open
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: unreadable IDX file ({e})") from None
+        raise ValueError(f"{path}: unreadable IDX file ({e}); {again}") from None
     if len(data) < 8 or struct.unpack(">I", data[:4])[0] != magic:
         raise ValueError(f"{path}: bad magic number (expected {magic}, an IDX "
-                         f"{'image' if magic == 2051 else 'label'} file)")
+                         f"{'image' if magic == 2051 else 'label'} file); {again}")
     ndim = data[3]
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     if len(data) != 4 + 4 * ndim + math.prod(dims):
-        raise ValueError(f"{path}: {len(data)} bytes do not match the header shape {dims} (truncated?)")
+        raise ValueError(f"{path}: {len(data)} bytes do not match the header shape {dims} (truncated?); {again}")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -1234,32 +1200,42 @@ def write_idx(path, array):
 
 
 def load_mnist(data_dir, split, val_frac=0.01, seed=0, download=False, verify=True):
-    """-> (images uint8 (N, H, W), labels long (N,)) for split train | val | test. Val is the
-    fraction val_frac of the 60k training images, chosen by a seeded permutation (§4.2)."""
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split {split!r} is not train, val or test")
-    stem = "t10k" if split == "test" else "train"
-    names = [f"{stem}-{k}-idx{d}-ubyte.gz" for k, d in (("images", 3), ("labels", 1))]
-    data_dir = ensure_mnist(data_dir, download, verify, names)
-    files = [Path(data_dir) / n for n in names]
-    for p in files:
-        if not p.exists():
-            raise FileNotFoundError(f"{p}: MNIST file missing")
-    x, y = read_idx(files[0], 2051), read_idx(files[1], 2049)
-    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-        raise ValueError(f"{files[0]}: {x.shape} images do not match {y.shape} labels in {files[1].name}")
-    if y.max() > 9:
-        raise ValueError(f"{files[1]}: label {y.max()} is not a digit")
-    if verify and (len(x) != MNIST_COUNTS[stem.replace("t10k", "test")] or x.shape[1:] != (28, 28)):
-        raise ValueError(f"{files[0]}: {x.shape} is not MNIST's {MNIST_COUNTS} x 28 x 28; --no-verify for stand-in data")
-    x, y = torch.from_numpy(x.copy()), torch.from_numpy(y.astype(np.int64))
-    if split == "test":
-        return x, y
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_val = round(val_frac * len(x))
-    idx = perm[:n_val] if split == "val" else perm[n_val:]
-    idx = idx.sort().values  # original order; training shuffles on its own
-    return x[idx], y[idx]
+    """-> (images uint8 (N, H, W), labels long (N,)) for split train | val | test (load_mnist_splits)."""
+    return load_mnist_splits(data_dir, (split,), val_frac, seed, download, verify)[split]
+
+
+def load_mnist_splits(data_dir, splits, val_frac=0.01, seed=0, download=False, verify=True):
+    """-> {split: (images uint8 (N, H, W), labels long (N,))} for splits among train | val | test,
+    each IDX file read (and checked) once. Val is the fraction val_frac of the 60k training images,
+    chosen by a seeded permutation (§4.2); train is the rest."""
+    for split in splits:
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split {split!r} is not train, val or test")
+    out = {}
+    for part, stem in (("train", "train"), ("test", "t10k")):
+        wanted = [s for s in splits if (s == "test") == (part == "test")]
+        if not wanted:
+            continue
+        names = [f"{stem}-{k}-idx{d}-ubyte.gz" for k, d in (("images", 3), ("labels", 1))]
+        files = [ensure_mnist(data_dir, download, verify, names) / n for n in names]
+        x, y = read_idx(files[0], 2051), read_idx(files[1], 2049)
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise ValueError(f"{files[0]}: {x.shape} images do not match {y.shape} labels in {files[1].name}")
+        if y.max() > 9:
+            raise ValueError(f"{files[1]}: label {y.max()} is not a digit")
+        if verify and (len(x) != MNIST_COUNTS[part] or x.shape[1:] != (28, 28)):
+            raise ValueError(f"{files[0]}: {x.shape} is not MNIST's {MNIST_COUNTS[part]} x 28 x 28; "
+                             f"--no-verify for stand-in data")
+        x, y = torch.from_numpy(x.copy()), torch.from_numpy(y.astype(np.int64))
+        if part == "test":
+            out["test"] = x, y
+            continue
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        n_val = round(val_frac * len(x))
+        for split in wanted:
+            idx = (perm[:n_val] if split == "val" else perm[n_val:]).sort().values  # original order; training shuffles on its own
+            out[split] = x[idx], y[idx]
+    return {split: out[split] for split in splits}
 
 
 def to_text(image):
@@ -1436,7 +1412,9 @@ def adapter_path(spec):
     if p.suffix != ".safetensors":
         p = p.with_name(p.name + ".safetensors")
     if not p.exists():
-        raise FileNotFoundError(f"{p}: adapter file not found")
+        have = sorted(q.stem for q in p.parent.glob("iter*.safetensors")) if p.parent.is_dir() else []
+        raise FileNotFoundError(f"{p}: adapter file not found; name one as RUN/iterK ("
+                                + (f"{p.parent} has {', '.join(have)})" if have else f"{p.parent} holds none)"))
     return p
 
 

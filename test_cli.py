@@ -84,7 +84,7 @@ CASES = [
     ("rigsa", T("--device", "gpu"), 1, "--device 'gpu'"),
     # files: the model, the data, the run directory, resume (exit 1)
     ("rigsa", T("--model", "{w}/nope", "--data-dir", "{w}/data"), 1, "nope: no such model directory"),
-    ("rigsa", T("--model", "{m}", "--data-dir", "{w}/emptydata"), 1, "MNIST files missing"),
+    ("rigsa", T("--model", "{m}", "--data-dir", "{w}/emptydata"), 1, "MNIST: missing data files"),
     ("rigsa", T("--model", "{m}", "--data-dir", "{w}/badmnist"), 1, "train-images-idx3-ubyte.gz"),
     ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--out", "{w}/run"), 1, "a run is already there"),
     ("rigsa", T("--resume", "--out", "{w}/emptydata"), 1, "nothing to resume"),
@@ -104,7 +104,7 @@ CASES = [
     ("rigsa", ["merge", "--adapter", "{w}/run/iter2", "--out", "{w}/m5", "--model", "{mha}"], 1, "layer"),
     ("rigsa", ["eval", "--split", "val"], 1, "--split val"),
     ("rigsa", ["show", "--index", "999", "--data-dir", "{w}/data", "--no-verify"], 1, "--index 999"),
-    ("rigsa", ["show", "--data-dir", "{w}/emptydata", "--offline"], 1, "MNIST files missing"),
+    ("rigsa", ["show", "--data-dir", "{w}/emptydata", "--offline"], 1, "MNIST: missing data files"),
     ("rigsa", ["demo", "--out", "{w}/notademo"], 1, "not a demo directory"),
     # model.py, reproduce.py
     ("model", ["--model", "{w}/nope", "--prompt", "hi"], 1, "nope: no such model directory"),

@@ -164,3 +164,40 @@ def test_download_resumes_restarts_checks_and_names_the_url(server, tmp_path, mo
     assert util.data_url("https://example.org/a/test.jsonl", "gsm8k/test.jsonl") == f"{url}/gsm8k/test.jsonl"
     monkeypatch.delenv("RIGSA_DATA_MIRROR")
     assert util.data_url("https://example.org/a/test.jsonl", "gsm8k/test.jsonl") == "https://example.org/a/test.jsonl"
+
+
+def test_file_hash_kinds(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"hello\n")
+    assert util.file_hash(p, "gitsha1") == "ce013625030ba8dba906f756967f9e9ca394464a"  # git hash-object
+    assert util.file_hash(p, "sha256") == "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"
+    assert util.file_hash(p, "md5") == "b1946ac92492d2347c6235b4d2611184"
+
+
+def test_ensure_files_fetches_checks_and_names_what_is_missing(server, tmp_path, monkeypatch):
+    import hashlib
+    url, body, state = server
+    monkeypatch.setenv("RIGSA_DATA_MIRROR", url)                   # the server answers every path with body
+    good = ("a.bin", "https://example.invalid/a.bin", "sha256", hashlib.sha256(body).hexdigest(), len(body))
+    got = util.ensure_files("toy", "toy", tmp_path / "toy", [good])
+    assert got == {"a.bin": tmp_path / "toy" / "a.bin"} and got["a.bin"].read_bytes() == body
+    assert state["ranges"] == [0]
+    util.ensure_files("toy", "toy", tmp_path / "toy", [good])     # there and right: not fetched again
+    assert state["ranges"] == [0]
+    wrong = ("b.bin", good[1], "md5", "0" * 32, None)              # a download that is not the pinned file
+    with pytest.raises(ValueError, match=r"toy/b.bin: not the original toy file \(md5 [0-9a-f]{32}, expected 0{32}"):
+        util.ensure_files("toy", "toy", tmp_path / "toy", [wrong])
+    assert sorted(p.name for p in (tmp_path / "toy").iterdir()) == ["a.bin"]   # nothing half-written
+    (tmp_path / "toy" / "c.bin").write_bytes(body[:-1])            # a present file of another size
+    with pytest.raises(ValueError, match=f"{len(body) - 1} bytes, expected {len(body)}.*delete it to download it again"):
+        util.ensure_files("toy", "toy", tmp_path / "toy", [("c.bin", *good[1:])])
+    assert util.ensure_files("toy", "toy", tmp_path / "toy", [("c.bin", *good[1:])], verify=False)   # stand-in data
+    missing = [("d.bin", "https://example.invalid/d.bin", "md5", "0" * 32, None), ("e.bin", "https://x.invalid/e", "md5", "", None)]
+    with pytest.raises(FileNotFoundError) as e:                     # offline: every missing file, in one line
+        util.ensure_files("toy", "toy", tmp_path / "toy", missing, fetch=False)
+    msg = str(e.value)
+    assert msg.startswith("toy: missing data files (offline); put them at: ") and "\n" not in msg
+    assert f"{tmp_path / 'toy' / 'd.bin'} <- https://example.invalid/d.bin" in msg and "x.invalid/e" in msg
+    state["mode"] = "404"                                          # unreachable: the failure says why
+    with pytest.raises(FileNotFoundError, match=r"d.bin <- https://example.invalid/d.bin \(.*HTTP 404"):
+        util.ensure_files("toy", "toy", tmp_path / "toy", missing[:1])

@@ -12,6 +12,7 @@ tasks or the method; model.py, qlora.py, rigsa.py, evals/ and the scripts import
 """
 import argparse
 import ctypes
+import hashlib
 import http.client
 import json
 import os
@@ -120,6 +121,56 @@ def download(url, dest, check=None, timeout=60):
             raise
     os.replace(tmp, dest)
     return dest
+
+
+def file_hash(path, kind):
+    """A file's checksum, read in 16 MB chunks: md5 | sha256 | gitsha1 (git's blob id, the sha1 of
+    b"blob <size>\\0" + the bytes, which the hub and git record for files they do not sha256)."""
+    h = hashlib.sha1(b"blob %d\0" % os.path.getsize(path)) if kind == "gitsha1" else hashlib.new(kind)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def ensure_files(what, key, folder, files, fetch=True, verify=True):
+    """{name: path} of pinned data files in folder, fetching the missing ones (download():
+    resumable, checked, renamed into place; from the mirror's <key>/<name> under RIGSA_DATA_MIRROR).
+    files: [(name, url, kind, digest, size or None)]. A file that is there with another size or
+    checksum is an error (it is not the pinned data); verify=False accepts the files there as they
+    are (stand-in data: the demo, the tests). Missing files that could not be fetched are named all
+    at once, each with where to put it and where it comes from. `what` names the data in errors."""
+    folder = Path(folder)
+    paths, failed = {}, []
+    for name, url, kind, digest, size in files:
+        path = paths[name] = folder / name
+
+        def check(p, path=path, url=url, kind=kind, digest=digest, size=size):
+            have = os.path.getsize(p)
+            bad = f"{have} bytes, expected {size}" if size is not None and have != size else None
+            if bad is None and (got := file_hash(p, kind)) != digest:   # the size first: a cheap check
+                bad = f"{kind} {got}, expected {digest}"
+            if bad:
+                raise ValueError(f"{path}: not the original {what} file ({bad}; pinned from {url})")
+        if path.exists():
+            if verify:
+                try:
+                    check(path)
+                except ValueError as e:
+                    raise ValueError(f"{e}; delete it to download it again") from None
+            continue
+        why = ""
+        if fetch:
+            try:
+                download(data_url(url, f"{key}/{name}"), path, check)
+                continue
+            except OSError as e:  # offline or unreachable: listed below, all at once
+                why = f" ({e})"
+        failed.append(f"{path} <- {url}{why}")
+    if failed:
+        raise FileNotFoundError(f"{what}: missing data files{'' if fetch else ' (offline)'}; put them at: "
+                                + "; ".join(failed) + f" (or set {DATA_MIRROR} to a mirror of <{key}>/<file>)")
+    return paths
 
 # -----------------------------------------------------------------------------
 # progress: tqdm on a terminal; in a log file, one whole line per interval

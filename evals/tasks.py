@@ -10,7 +10,6 @@ so each piece can be checked against lm-eval's own outputs on its own.
   mnist      Textual MNIST (paper §4.2); its files, prompt and scoring live in rigsa.py
 """
 
-import hashlib
 import json
 import math
 import os
@@ -45,50 +44,13 @@ FILES = {
 }
 
 
-def file_hash(path, kind):
-    with open(path, "rb") as f:
-        data = f.read()
-    if kind == "gitsha1":
-        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-    return hashlib.sha256(data).hexdigest()
-
-
 def ensure_files(task, data_dir, download=True, verify=True, names=None):
-    """Return {name: path} of the task's files under data_dir/<task>/, downloading missing ones
-    (util.download: resumable, checked, renamed into place; RIGSA_DATA_MIRROR for a mirror).
-    A file that is there but has another checksum is an error (it is not the pinned data);
-    verify=False skips the check (tests write tiny stand-in files); names: only these files."""
-    folder = os.path.join(data_dir, task)
-    paths, failed = {}, []
-    for name, url, kind, digest in FILES[task]:
-        if names is not None and name not in names:
-            continue
-        path = os.path.join(folder, name)
-        paths[name] = path
-
-        def check(p, kind=kind, digest=digest, url=url, path=path):
-            got = file_hash(p, kind)
-            if got != digest:
-                raise ValueError(f"{path}: {kind} is {got}, expected {digest} (pinned file {url})")
-        if os.path.exists(path):
-            if verify:
-                try:
-                    check(path)
-                except ValueError as e:
-                    raise ValueError(f"{e}; delete it to download it again") from None
-            continue
-        why = ""
-        if download:
-            try:
-                util.download(util.data_url(url, f"{task}/{name}"), path, check)
-                continue
-            except OSError as e:  # offline or unreachable: listed below, all at once
-                why = f" ({e})"
-        failed.append(f"{path} <- {url}{why}")
-    if failed:
-        raise FileNotFoundError(f"{task}: missing data files{'' if download else ' (offline)'}; put them at: "
-                                + "; ".join(failed))
-    return paths
+    """{name: path} of the task's files under data_dir/<task>/, the missing ones downloaded and the
+    present ones checked against their pinned hashes (util.ensure_files); verify=False skips the
+    check (tests write tiny stand-in files); names: only these files."""
+    files = [(name, url, kind, digest, None) for name, url, kind, digest in FILES[task] if names is None or name in names]
+    return {name: str(path) for name, path in
+            util.ensure_files(task, task, os.path.join(data_dir, task), files, download, verify).items()}
 
 
 # -----------------------------------------------------------------------------

@@ -86,12 +86,6 @@ def test_missing_files_one_error(tmp_path):
         T.ensure_files("gsm8k", str(tmp_path), download=False)
 
 
-def test_git_blob_hash(tmp_path):
-    p = tmp_path / "f"
-    p.write_bytes(b"hello\n")
-    assert T.file_hash(str(p), "gitsha1") == "ce013625030ba8dba906f756967f9e9ca394464a"  # git hash-object
-
-
 # ----------------------------------------------------------------------------- GSM8k
 
 def test_gsm8k_fewshot_draw_matches_protocol():

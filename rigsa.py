@@ -1412,7 +1412,8 @@ def adapter_path(spec):
     if p.suffix != ".safetensors":
         p = p.with_name(p.name + ".safetensors")
     if not p.exists():
-        have = sorted(q.stem for q in p.parent.glob("iter*.safetensors")) if p.parent.is_dir() else []
+        have = sorted((q.stem for q in p.parent.glob("iter*.safetensors")), key=lambda n: (len(n), n)) \
+            if p.parent.is_dir() else []                                   # iter2 before iter10
         raise FileNotFoundError(f"{p}: adapter file not found; name one as RUN/iterK ("
                                 + (f"{p.parent} has {', '.join(have)})" if have else f"{p.parent} holds none)"))
     return p
@@ -1658,8 +1659,10 @@ def main(argv=None):
         elif a.cmd == "demo":
             demo(a.out)
     except (OSError, ValueError, RuntimeError) as e:   # OSError: FileNotFoundError, FileExistsError, a full disk
+        util.abandon_distributed()
         sys.exit(f"error: {' '.join(str(e).split())}")
     except KeyboardInterrupt:   # Ctrl-C outside training, or a second signal during it: at once, in one line
+        util.abandon_distributed()
         sig = STOP[-1] if STOP else signal.SIGINT
         then = (f"; python rigsa.py train --resume --out {a.out} continues from the last resume checkpoint"
                 if a.cmd == "train" else "")

@@ -119,6 +119,15 @@ def test_evaluation_on_two_processes_equals_one(tiny_dir, tmp_path):
                 else:
                     assert a[k] == b[k], (task, k)
         assert one[task]["metrics"] == two[task]["metrics"]
+    # --task all with one task's data missing: every rank skips it (rank 0 found it missing, the
+    # others were told), the other tasks run and are written, the summary is said once, exit 1
+    (tmp_path / "hellaswag" / "hellaswag_val.jsonl").unlink()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           os.path.join(REPO, "evals/run.py"), *common, "--task", "all", "--output", str(tmp_path / "part.json")]
+    p = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and p.stderr.count("error: --task all: 1 of 4 tasks failed (hellaswag") == 1, p.stderr[-3000:]
+    assert sorted(json.loads((tmp_path / "part.json").read_text())) == ["gsm8k", "mnist", "piqa"]
 
 
 def test_rank_zero_first_stops_the_others_when_rank_zero_fails(tmp_path):
@@ -143,3 +152,37 @@ dist.destroy_process_group()
     assert "fn ran on rank 0" in out and "fn ran on rank 1" not in out   # no second download after a failure
     assert "rank 0 raised OSError: the download failed" in out
     assert "rank 1 raised RuntimeError: rank 1: rank 0 failed" in out
+
+
+def test_the_end_of_a_run_waits_for_every_rank_and_exits_with_its_code(tmp_path):
+    # util.exit_distributed: two gloo processes started by hand (not torchrun, which would kill the
+    # survivor): both finish -> both exit with the code given, unflushed output kept; one fails after
+    # the last collective -> the other, done with code 0, says so in one line and exits 1 instead, no
+    # traceback, no hang
+    import socket
+    script = tmp_path / "end.py"
+    script.write_text(f"""import sys; sys.path.insert(0, {REPO!r})
+import torch.distributed as dist, util
+util.init_distributed("cpu")
+if sys.argv[1] == "fail" and dist.get_rank() == 0:
+    util.abandon_distributed()
+    sys.exit("error: rank 0 failed")
+print("done", dist.get_rank(), end="")   # no newline: only a flush before the exit writes it
+util.exit_distributed(3 if sys.argv[1] == "ok" else 0)
+""")
+    for mode in ("ok", "fail"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+        env.pop("PYTHONUNBUFFERED", None)   # a pipe is block-buffered, as in a batch job's log
+        ps = [subprocess.Popen([sys.executable, str(script), mode], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+        outs = [p.communicate(timeout=120) for p in ps]
+        codes = [p.returncode for p in ps]
+        if mode == "ok":
+            assert codes == [3, 3] and [o for o, _ in outs] == ["done 0", "done 1"], (codes, outs)
+        else:
+            assert codes == [1, 1] and "error: rank 0 failed" in outs[0][1], (codes, outs)
+            err = outs[1][1]
+            assert "error: rank 1: another process stopped before the end" in err and "Traceback" not in err, err

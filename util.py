@@ -4,10 +4,12 @@ tasks or the method; model.py, qlora.py, rigsa.py, evals/ and the scripts import
 
   atomic_write, write_json   a file appears whole or not at all (write a temporary, then rename)
   download                   a data file: streamed, resumable, checked, renamed; RIGSA_DATA_MIRROR
+  ensure_files, file_hash    pinned data files: there and right, or fetched; md5 / sha256 / git blob id
   progress                   tqdm with a rate and ETA; in a log file one line per interval
   ArgumentParser, number     one-line usage errors; numeric flags checked where they are parsed
   pick_device, on_device     "auto" -> cuda if available ("cuda" without CUDA is an error); constants per device
   init_distributed, world    torchrun: one process per GPU (gloo processes on the CPU); say: rank 0 prints
+  exit_distributed           torchrun: all ranks done, then the process group left and the process ended
   keep_freed_memory          CPU runs: glibc keeps freed blocks for reuse
 """
 import argparse
@@ -168,8 +170,9 @@ def ensure_files(what, key, folder, files, fetch=True, verify=True):
                 why = f" ({e})"
         failed.append(f"{path} <- {url}{why}")
     if failed:
+        hint = f" (or set {DATA_MIRROR} to a mirror holding {key}/<file>)" if fetch and not os.environ.get(DATA_MIRROR) else ""
         raise FileNotFoundError(f"{what}: missing data files{'' if fetch else ' (offline)'}; put them at: "
-                                + "; ".join(failed) + f" (or set {DATA_MIRROR} to a mirror of <{key}>/<file>)")
+                                + "; ".join(failed) + hint)
     return paths
 
 # -----------------------------------------------------------------------------
@@ -276,12 +279,28 @@ def exit_distributed(code=0):
     4 of 25 two-process evaluations; with the barrier alone, still once in about 70 (always in the
     interpreter's finalization, where gloo's threads are torn down, as pytorch/pytorch#179291
     describes). Nothing is left to run at that point: the files are written and closed."""
-    if dist.is_initialized():
-        dist.barrier()
+    if not dist.is_initialized():
+        return
+    try:
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])   # this rank's GPU, not a guess
+        else:
+            dist.barrier()
         dist.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    except RuntimeError:   # another rank failed after the last collective and left: it said why
+        print(f"error: rank {dist.get_rank()}: another process stopped before the end (its error is above)",
+              file=sys.stderr)
+        code = code or 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def abandon_distributed():
+    """On an error: leave the process group without waiting for the others (they may be waiting in
+    another collective, or have failed too); the process then exits with its error."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world():

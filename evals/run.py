@@ -431,9 +431,17 @@ def main(argv=None):
     try:
         result = evaluate(args)
     except (ValueError, RuntimeError, OSError) as e:   # OSError includes FileNotFoundError
-        if torch.distributed.is_initialized():        # no barrier: the other ranks may be stuck elsewhere
-            torch.distributed.destroy_process_group()
+        util.abandon_distributed()
         sys.exit(f"error: {' '.join(str(e).split())}")   # one line
+    except SystemExit as e:   # --task all with failed tasks: every rank went through the same tasks
+        if util.world()[1] > 1:
+            if isinstance(e.code, str):
+                util.say(e.code, file=sys.stderr)     # the summary line, once
+            util.exit_distributed(1)
+        raise
+    except KeyboardInterrupt:
+        util.abandon_distributed()
+        raise
     util.exit_distributed()
     return result
 
@@ -456,7 +464,7 @@ def evaluate(args):
     for t in tasks:
         try:
             data[t] = util.rank_zero_first(lambda: load_data(t, args))   # torchrun: one download
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, RuntimeError) as e:   # RuntimeError: rank 0 failed (torchrun's other ranks)
             if args.task != "all":
                 raise
             failed.append(t)

@@ -281,6 +281,7 @@ def exit_distributed(code=0):
     describes). Nothing is left to run at that point: the files are written and closed."""
     if not dist.is_initialized():
         return
+    rank = dist.get_rank()   # asked before the group is gone
     try:
         if dist.get_backend() == "nccl":
             dist.barrier(device_ids=[torch.cuda.current_device()])   # this rank's GPU, not a guess
@@ -288,7 +289,7 @@ def exit_distributed(code=0):
             dist.barrier()
         dist.destroy_process_group()
     except RuntimeError:   # another rank failed after the last collective and left: it said why
-        print(f"error: rank {dist.get_rank()}: another process stopped before the end (its error is above)",
+        print(f"error: rank {rank}: another process stopped before the end (its error is above)",
               file=sys.stderr)
         code = code or 1
     sys.stdout.flush()

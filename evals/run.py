@@ -437,7 +437,7 @@ def main(argv=None):
         if util.world()[1] > 1:
             if isinstance(e.code, str):
                 util.say(e.code, file=sys.stderr)     # the summary line, once
-            util.exit_distributed(1)
+            util.exit_distributed(0 if e.code in (None, 0) else 1)
         raise
     except KeyboardInterrupt:
         util.abandon_distributed()

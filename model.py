@@ -11,6 +11,7 @@ nothing of adapters, tasks or benchmarks. Shapes: B batch, T time, C hidden, nh 
 nkv key/value heads, hd head dim, V vocab.
 """
 import copy
+import hashlib
 import json
 import os
 import re
@@ -471,6 +472,24 @@ def hub_commit(path):
     p = Path(path).absolute()
     ok = COMMIT.fullmatch(p.name) and p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--")
     return p.name if ok else None
+
+
+def base_identity(path, chunks=16, chunk_bytes=1 << 16):
+    """A resolved checkpoint directory's identity, {"commit": hub commit or None, "fingerprint": 16
+    hex}: sha256 over each weight file's name, size and `chunks` slices of `chunk_bytes` spread
+    evenly through it (the header first), so 1 MB is read whatever the model's size. Another
+    checkpoint of the same shapes (other weights) differs in every slice; adapters and runs record
+    it, so that they are not applied to a base they were not trained on."""
+    h = hashlib.sha256()
+    path = Path(path)
+    for p in sorted(path.glob("*.safetensors")):
+        size = p.stat().st_size
+        h.update(f"{p.name}:{size}\n".encode())
+        with open(p, "rb") as f:
+            for i in range(chunks):
+                f.seek(max(0, size - chunk_bytes) * i // max(chunks - 1, 1))
+                h.update(f.read(chunk_bytes))
+    return {"commit": hub_commit(path), "fingerprint": h.hexdigest()[:16]}
 
 
 def resolve(name_or_path, revision=None, verify=False, offline=False):

@@ -665,6 +665,8 @@ def read_safetensors(path):
         try:
             state.update({k: (v, f) for k, v in load_file(path / f).items()})
         except Exception as e:
+            if util.interrupted():   # a read cut short by Ctrl-C or SIGTERM: the file is not to blame
+                raise KeyboardInterrupt from None
             raise ValueError(f"{path / f}: corrupt or truncated safetensors file ({e}); "
                              f"{_redownload(path / f)}") from None
     return state

@@ -58,10 +58,12 @@ import util
 TABLE4 = dict(ranks=(1, 4, 8, 16), alpha=32.0, dropout=0.0, lr=2e-4, weight_decay=0.1, epochs=4.0)
 
 
-def _f(default, help, check=None, choices=None, methods=None):
+def _f(default, help, check=None, choices=None, methods=None, needs=None):
     """A Config field: its default, its help, its valid values (check: a util.number range; choices),
-    and the methods that use it (a flag another method would silently ignore is refused)."""
-    return field(default=default, metadata={"help": help, "check": check, "choices": choices, "methods": methods})
+    the methods that use it, and needs = (when, why): the condition on the rest of the config
+    without which it cannot act (a flag another method, or this run, would silently ignore is refused)."""
+    return field(default=default, metadata={"help": help, "check": check, "choices": choices, "methods": methods,
+                                            "needs": needs})
 
 
 POS, NONNEG, FRAC = util.number(float, 0, lo_open=True), util.number(float, 0), util.number(float, 0, 1, hi_open=True)
@@ -71,6 +73,8 @@ SPARSE = GATED + ("lt-sft",)                            # the gated sparse layer
 PRUNING = ("rigsa", "lt-sft")                           # the ones that prune (IMP)
 LORA_METHODS = ("lora", "qlora")
 METHODS = SPARSE + LORA_METHODS
+PRUNES = (lambda c: c.iters > 1, "--iters above 1 (one iteration never prunes)")
+SEED_MAX = (2 ** 64 - 1) // 1000 - 1000   # the data order's generator is seeded seed * 1000 + iteration
 
 
 @dataclass
@@ -84,21 +88,23 @@ class Config:
     out: str = _f("runs/rigsa", "run directory: config.json, metrics.jsonl, iterK.safetensors")
     data_dir: str = _f("data", "data root: the four MNIST IDX files are in <root>/mnist/ (§4.2)")
     seed: int = _f(1234, "seed of dW's init (per layer), of the random mask and of the data order",
-                   check=util.number(int, 0, 2 ** 63 - 1))
+                   check=util.number(int, 0, SEED_MAX))
     # the gated adapter (§3.2)
     alpha_init: float = _f(1e-6, "initial gate alpha, one per layer (§3.2)", check=POS, methods=GATED)
     init: str = _f("uniform", "dW init: uniform = nn.Linear's U(+-1/sqrt(fan_in)) | normal (std --init-std) (silent in §3.2)",
                    choices=("uniform", "normal"), methods=GATED)
-    init_std: float = _f(0.02, "std of dW's init when --init normal", check=POS, methods=GATED)
+    init_std: float = _f(0.02, "std of dW's init when --init normal", check=POS, methods=GATED,
+                         needs=(lambda c: c.init == "normal", "--init normal"))
     decay_gate: bool = _f(False, "weight-decay the gate alpha too (silent in §4.4: off)", methods=GATED)
-    reset_alpha: bool = _f(True, "reset alpha to --alpha-init at every IMP rewind (silent in §3.2: on)", methods=("rigsa",))
+    reset_alpha: bool = _f(True, "reset alpha to --alpha-init at every IMP rewind (silent in §3.2: on)", methods=("rigsa",),
+                           needs=(lambda c: c.iters > 1, "--iters above 1 (one iteration never rewinds)"))
     # iterative magnitude pruning (§3.2, §4.4)
     iters: int = _f(5, "IMP iterations, each one training run (§4.4); dense, random-mask and LoRA train once",
                     check=INT1, methods=PRUNING)
     keep: float = _f(0.8, "fraction of the sign-preserving free entries kept at each pruning (§4.4)",
-                     check=util.number(float, 0, 1, lo_open=True), methods=PRUNING)
+                     check=util.number(float, 0, 1, lo_open=True), methods=PRUNING, needs=PRUNES)
     prune_scope: str = _f("global", "global | layer: where the magnitude threshold is taken (silent in §4.4)",
-                          choices=("global", "layer"), methods=PRUNING)
+                          choices=("global", "layer"), methods=PRUNING, needs=PRUNES)
     mask_like: str = _f("", "random-mask: copy the per-layer counts of this adapter, RUN/iterK (§4.4)", methods=("random-mask",))
     density: float = _f(0.0, "random-mask: uniform density instead of --mask-like",
                         check=util.number(float, 0, 1), methods=("random-mask",))
@@ -126,7 +132,7 @@ class Config:
     lora_weight_decay: float = _f(TABLE4["weight_decay"], "LoRA weight decay (Table 4)", check=NONNEG, methods=LORA_METHODS)
     lora_epochs: float = _f(TABLE4["epochs"], "LoRA epochs (Table 4)", check=POS, methods=LORA_METHODS)
     # data and evaluation (§4.2)
-    val_frac: float = _f(0.01, "fraction of the training images held out for validation (§4.2)", check=FRAC)
+    val_frac: float = _f(0.01, "fraction of the training images held out for validation (§4.2; 0: none)", check=FRAC)
     split_seed: int = _f(0, "seed of the validation split", check=util.number(int, 0, 2 ** 63 - 1))
     limit: int = _f(0, "evaluate on the first N val/test images only (0 = all)", check=INT0)
     eval_batch: int = _f(16, "batch size of the accuracy evaluation", check=INT1)
@@ -139,14 +145,18 @@ class Config:
     save_every: int = _f(500, "optimizer steps between resume checkpoints (0 = only at iteration ends)", check=INT0)
     halt_after: int = _f(0, "stop (resumably) after this many optimizer steps in this process (0 = never)", check=INT0)
     resume: bool = _f(False, "continue the run in --out where it stopped (its saved config is used)")
+    allow_other_base: bool = _f(False, "accept a base model other than the one --mask-like's adapter, or the resumed "
+                                       "run, was made on (said, and recorded in config.json)")
     offline: bool = _f(False, "never download (the MNIST files, the base model): a missing one is an error")
     verify: bool = _f(True, "check the MNIST files' pinned sizes and md5s (--no-verify: stand-in data)")
     verify_model: bool = _f(False, "hash the base model's cached hub files against the hub's checksums (slow at 1.7B)")
 
 
-def check_config(cfg):
+def check_config(cfg, given=None):
     """Everything the flags' own checks (Config's check and choices) cannot see: the values of a
-    Config made in Python, the flags another method would ignore, and combinations. ValueError."""
+    Config made in Python, a flag that cannot act on this run (another method's, or one whose
+    `needs` do not hold), and combinations. given: the fields the user typed (the CLI's), else
+    those that differ from their default. ValueError."""
     defaults = Config()
     for f in dataclasses.fields(Config):
         v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
@@ -157,11 +167,25 @@ def check_config(cfg):
                 f.metadata["check"](str(v))
             except argparse.ArgumentTypeError as e:
                 raise ValueError(f"{flag}: {e}") from None
-        if f.metadata["methods"] and cfg.method not in f.metadata["methods"] and v != getattr(defaults, f.name):
-            raise ValueError(f"{flag} {v}: --method {cfg.method} does not use it (only {', '.join(f.metadata['methods'])} "
+        if not (f.name in given if given is not None else v != getattr(defaults, f.name)):
+            continue
+        flag = f"{flag} {v}" if not isinstance(v, bool) else flag if v else "--no-" + flag[2:]   # as typed
+        if f.metadata["methods"] and cfg.method not in f.metadata["methods"]:
+            raise ValueError(f"{flag}: --method {cfg.method} does not use it (only {', '.join(f.metadata['methods'])} "
                              f"do); drop it")
+        if f.metadata["needs"] and not f.metadata["needs"][0](cfg):
+            raise ValueError(f"{flag}: acts only with {f.metadata['needs'][1]}; drop it")
     if cfg.method == "random-mask" and bool(cfg.mask_like) == (cfg.density > 0):
         raise ValueError("--method random-mask: needs exactly one of --mask-like RUN/iterK or --density D")
+    if cfg.micro_batch > cfg.batch_size:
+        raise ValueError(f"--micro-batch {cfg.micro_batch}: larger than the effective batch (--batch-size "
+                         f"{cfg.batch_size}); use at most {cfg.batch_size}")
+    if cfg.seed * 1000 + n_iters(cfg) >= 2 ** 64:
+        raise ValueError(f"--seed {cfg.seed}: the data order's seed, seed * 1000 + iteration, would pass 2**64 - 1; "
+                         f"use a seed of at most {SEED_MAX}")
+    if cfg.revision and os.path.isdir(cfg.model) and not M.hub_commit(cfg.model):
+        raise ValueError(f"--revision {cfg.revision}: --model {cfg.model} is a local directory, which has no "
+                         f"revisions; drop --revision")
     util.pick_device(cfg.device)   # --device cuda without CUDA: said now, not after the data loaded
     return cfg
 
@@ -569,6 +593,7 @@ class Run:
     epochs: float
     moments: str                # where AdamW's moments live (choose_moments)
     log: list                   # every metrics.jsonl record so far
+    base: dict = None           # the base model's identity (model.base_identity), recorded with every adapter
     start_iter: int = 1         # where this process starts (a resumed run: where it stopped)
     start_step: int = 0
     resume: dict = None         # resume.pt's content, until the iteration it belongs to has started
@@ -584,23 +609,45 @@ class Run:
 
 # flags a resumed run may change: how it runs, not what it computes
 RESUMABLE = {"resume", "halt_after", "save_every", "log_every", "device", "moments", "eval_batch", "offline", "verify",
-             "data_dir", "out"}
+             "data_dir", "out", "allow_other_base"}
 
 
-def resumed(cfg):
-    """--resume: the run's saved config (a flag given with another value than the saved one is
-    refused, naming it, unless it is in RESUMABLE), its resume.pt (None if the run is complete),
-    and stale .tmp files from an interrupted write removed. A new run: cfg, None."""
+_WARNED = set()
+
+
+def config_from(saved, source):
+    """A Config from a saved one (config.json, an adapter's metadata), possibly written by another
+    version of rigsa: keys this version does not know are dropped with one warning line naming them;
+    a missing or malformed config is a ValueError naming `source`."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"{source}: holds no rigsa config (a {type(saved).__name__}, not a dict); it was not "
+                         f"written by rigsa.py train")
+    saved = upgrade_config(saved)
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(saved) - known)
+    if unknown and (str(source), *unknown) not in _WARNED:   # once per file, however often it is read
+        _WARNED.add((str(source), *unknown))
+        util.say(f"warning: {source}: ignoring config keys this version of rigsa does not know: {', '.join(unknown)} "
+                 f"(written by another version)", file=sys.stderr)
+    return Config(**{k: v for k, v in saved.items() if k in known})
+
+
+def resumed(cfg, given=None):
+    """--resume: the run's saved config (a flag the user typed, default or not, whose value differs
+    from the saved one is refused, naming it, unless it is in RESUMABLE; given=None: the flags that
+    differ from their default), its resume.pt (None if there is none), and stale .tmp files from an
+    interrupted write removed. A new run: cfg, None."""
     out = Path(cfg.out)
     if not cfg.resume:
         if (out / "config.json").exists():
             raise FileExistsError(f"{out}: a run is already there; use --resume or another --out")
         return cfg, None
     try:
-        saved = upgrade_config(json.loads((out / "config.json").read_text())["config"])
+        saved = dataclasses.asdict(config_from(json.loads((out / "config.json").read_text())["config"],
+                                               out / "config.json"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{out / 'config.json'}: nothing to resume; drop --resume to start a run") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ValueError(f"{out / 'config.json'}: not a run's config ({type(e).__name__}: {e}); "
                          f"start a new run with another --out") from None
     defaults = Config()
@@ -609,13 +656,13 @@ def resumed(cfg):
         util.say(f"note: --revision {cfg.revision}: the run continues on the commit it started from, "
                  f"{saved['revision']}", file=sys.stderr)
         cfg = dataclasses.replace(cfg, revision=saved["revision"])
-    changed = [f for f in saved if f not in RESUMABLE and getattr(cfg, f, None) != getattr(defaults, f, None)
-               and getattr(cfg, f, None) != saved[f]]
+    typed = (lambda f: f in given) if given is not None else (lambda f: getattr(cfg, f) != getattr(defaults, f))
+    changed = [f for f in saved if f not in RESUMABLE and typed(f) and getattr(cfg, f) != saved[f]]
     if changed:
         flags = ", ".join(f"--{f.replace('_', '-')} {getattr(cfg, f)!r} (saved: {saved[f]!r})" for f in changed)
         raise ValueError(f"--resume: {flags} differ from the run's saved config; drop them to continue the run "
                          f"as it was, or start a new run with another --out")
-    keep = {f: getattr(cfg, f) for f in RESUMABLE if getattr(cfg, f) != getattr(defaults, f)}
+    keep = {f: getattr(cfg, f) for f in RESUMABLE if typed(f)}
     cfg = Config(**{**saved, **keep, "resume": True, "halt_after": cfg.halt_after})   # a halt is this process's
     for tmp in out.rglob("*.tmp") if util.world()[0] == 0 else ():   # an interrupted write (a kill during a save)
         if tmp.is_file():
@@ -626,7 +673,7 @@ def resumed(cfg):
         return cfg, torch.load(out / "resume.pt", map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{out / 'resume.pt'}: unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
-                         f"delete it to resume from the last finished iteration's adapter") from None
+                         f"delete it, and --resume starts the run again from its first step") from None
 
 
 def setup(cfg, resume=None):
@@ -640,15 +687,29 @@ def setup(cfg, resume=None):
     util.init_distributed(cfg.device)   # torchrun: rank 0 downloads, the others wait (rank_zero_first)
     base = util.rank_zero_first(lambda: M.resolve(cfg.model, cfg.revision or None, cfg.verify_model, cfg.offline))
     cfg.revision = M.hub_commit(base) or cfg.revision
+    ident = {"model": cfg.model, **M.base_identity(base)}   # recorded in config.json and every adapter
+    if cfg.resume:          # the run continues on the base it started on
+        check_base(json.loads((out / "config.json").read_text()).get("base"), ident, f"--resume {out}",
+                   cfg.allow_other_base)
+    if cfg.mask_like:       # the mask's layer counts come from an adapter of this base
+        check_base(read_adapter(cfg.mask_like, tensors=False)[1].get("base"), ident, f"--mask-like {cfg.mask_like}",
+                   cfg.allow_other_base)
     util.say("config:", json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)
 
     # data (§4.2): encoded on the fly, 16 prompts per step cost nothing next to the model
     folder = mnist_dir(cfg.data_dir)
     kw = dict(val_frac=cfg.val_frac, seed=cfg.split_seed, download=not cfg.offline, verify=cfg.verify)
-    data = util.rank_zero_first(lambda: load_mnist_splits(folder, ("train", "val", "test")[:3 if cfg.eval_test else 2], **kw))
+    splits = ("train",) + ("val",) * (cfg.val_frac > 0) + ("test",) * cfg.eval_test   # --val-frac 0: no validation
+    data = util.rank_zero_first(lambda: load_mnist_splits(folder, splits, **kw))
     if cfg.limit:
         data.update({k: (x[:cfg.limit], y[:cfg.limit]) for k, (x, y) in data.items() if k != "train"})
+    for split, (x, _) in data.items():   # an empty split would train on nothing, or report NaN accuracies
+        if not len(x):
+            why = (f"--val-frac {cfg.val_frac} leaves the {split} split of the training images empty; choose a "
+                   f"--val-frac that leaves images in both (0: no validation split)" if split != "test" else
+                   f"{folder}: the test split holds no images; use other data, or --no-eval-test")
+            raise ValueError(why)
 
     model, tok, device = load_base(cfg, base)
     if cfg.batch_size < util.world()[1]:
@@ -679,7 +740,7 @@ def setup(cfg, resume=None):
     rank, ranks = util.world()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        util.write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "git_commit": git_commit(),
+        util.write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "base": ident, "git_commit": git_commit(),
                                               "torch": torch.__version__, "python": sys.version.split()[0],
                                               "processes": ranks})
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -695,7 +756,7 @@ def setup(cfg, resume=None):
         util.say(f"note: {steps} steps per iteration <= warmup {cfg.warmup}: the lr never reaches "
                  f"its peak and does not decay to 0", file=sys.stderr)
     run = Run(cfg, out, model, tok, device, amp, layers, data, digit_ids(tok), end_id(tok), steps,
-              cfg.lora_lr if lora else cfg.lr, epochs, moments, [])
+              cfg.lora_lr if lora else cfg.lr, epochs, moments, [], base=ident)
     if resume is not None:
         run.start_iter, run.start_step, run.log, run.resume = resume["iteration"], resume["step"], resume["log"], resume
         torch.set_rng_state(resume["rng"])
@@ -748,7 +809,7 @@ def train_iteration(run, it):
             bar.close()
             why = f"stopped by {signal.Signals(sig).name}" if sig else "halted"
             util.say(f"{why} after {run.done_steps} steps (iteration {it}, step {step}); continue with: "
-                     f"python rigsa.py train --resume --out {run.out}")
+                     f"{util.command(__file__, ['train', '--resume', '--out', run.out])}")
             return False
     bar.close()
     run.resume = None
@@ -763,7 +824,7 @@ def evaluate(run, it):
     res = {"event": "iteration", "iter": it}
     res["trainable"] = (sum(L.delta.numel() + int(L.gated) for L in layers.values()) if layers
                         else sum(p.numel() for p in model.parameters() if p.requires_grad))
-    for split in ("val", "test") if cfg.eval_test else ("val",):   # on torchrun each rank scores its share
+    for split in [s for s in ("val", "test") if s in run.data]:   # on torchrun each rank scores its share
         x, y = run.data[split]
         part = util.shard(len(x))
         _, preds = mnist_accuracy(model, run.tok, x[part], y[part], batch_size=cfg.eval_batch)
@@ -782,11 +843,12 @@ def save_iteration(run, it, res):
     if util.world()[0] != 0:  # the adapters are the same on every rank: rank 0 writes them
         return
     save_adapter(run.model, run.out / f"iter{it}.safetensors", cfg,
-                 {k: v for k, v in res.items() if k in ("iter", "val_acc", "test_acc", "density", "trainable")})
+                 {"base": run.base, **{k: v for k, v in res.items() if k in ("iter", "val_acc", "test_acc", "density",
+                                                                             "trainable")}})
     if cfg.method in LORA_METHODS:
         qlora.save_peft(run.model, run.out / f"iter{it}-peft", cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.model,
                         cfg.revision or None)
-    print(f"iter {it}: val {res['val_acc']:.4f}" + (f" test {res['test_acc']:.4f}" if cfg.eval_test else "")
+    print(f"iter {it}:" + "".join(f" {k} {res[k + '_acc']:.4f}" for k in ("val", "test") if k + "_acc" in res)
           + (f" density {res['density']:.4%}" if run.layers else ""))
 
 
@@ -846,19 +908,22 @@ def stop_on_signals():
             signal.signal(s, h)
 
 
-def train(cfg):
+def train(cfg, given=None):
     """The IMP loop (§3.2, §4.4): each iteration trains with a fresh AdamW and schedule, evaluates
     and saves its adapter, and all but the last prune, rewind to dW0 and reset the gate. `--iters 5`
-    is 5 trainings and 4 prunings. -> the metrics log, or None if halted (--halt-after)."""
+    is 5 trainings and 4 prunings. given: the flags the user typed (check_config). -> the metrics
+    log, or None if halted (--halt-after)."""
     util.init_distributed(cfg.device)             # under torchrun: this rank's process group, first
-    cfg, resume = resumed(cfg)
-    if cfg.resume and resume is None:             # --resume of a finished run: nothing to do
-        if not (Path(cfg.out) / f"iter{n_iters(cfg)}.safetensors").exists():
-            raise FileNotFoundError(f"{cfg.out}: neither resume.pt nor iter{n_iters(cfg)}.safetensors is there, so "
-                                    f"nothing to resume from; start a new run with another --out")
-        util.say(f"{cfg.out}: the run is complete (iter{n_iters(cfg)}.safetensors is there)")
-        return [json.loads(line) for line in open(Path(cfg.out) / "metrics.jsonl")]
-    run = setup(check_config(cfg), resume)
+    cfg, resume = resumed(cfg, given)
+    if cfg.resume and resume is None:
+        if (Path(cfg.out) / f"iter{n_iters(cfg)}.safetensors").exists():   # a finished run: nothing to do
+            util.say(f"{cfg.out}: the run is complete (iter{n_iters(cfg)}.safetensors is there)")
+            return [json.loads(line) for line in open(Path(cfg.out) / "metrics.jsonl")]
+        # stopped before its first resume checkpoint: the run starts again from its first step, which
+        # gives the same numbers (every seed is in its config)
+        util.say(f"note: {cfg.out} has no resume checkpoint yet; the run starts again from its first step",
+                 file=sys.stderr)
+    run = setup(check_config(cfg, given), resume)
     with stop_on_signals():
         for it in range(run.start_iter, n_iters(run.cfg) + 1):
             if not train_iteration(run, it):
@@ -868,7 +933,8 @@ def train(cfg):
             if it < n_iters(run.cfg):
                 prune_and_rewind(run, it)         # writes resume.pt for iteration it + 1
                 if stop_signal(run):
-                    util.say(f"stopped after iteration {it}; continue with: python rigsa.py train --resume --out {run.out}")
+                    util.say(f"stopped after iteration {it}; continue with: "
+                             f"{util.command(__file__, ['train', '--resume', '--out', run.out])}")
                     return None
     if util.world()[0] == 0:
         (run.out / "resume.pt").unlink(missing_ok=True)   # complete: its adapters are the iterK files
@@ -1381,9 +1447,19 @@ def adapter_tensors(model):
 def set_adapter_tensors(layers, tensors, source):
     """Give installed GatedSparseLinear layers the masks, dW values and gates of adapter_tensors'
     dict (an adapter file, or resume.pt); `source` names it in errors."""
+    names = {k.rsplit(".", 1)[0] for k in tensors}
+    if names - set(layers):   # every tensor lands in a layer: none may name a layer this model lacks
+        extra = sorted(names - set(layers))
+        raise ValueError(f"{source}: adapts {len(extra)} layer(s) this model has no adaptable nn.Linear for "
+                         f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}; another base model?)")
+    parts = ("mask", "delta", "alpha", "init_seed", "init_check")
     for n, L in layers.items():
         if f"{n}.mask" not in tensors:
             raise ValueError(f"{source}: no adapter for layer {n} (another base model?)")
+        odd = [k for k in tensors if k.startswith(n + ".") and k[len(n) + 1:] not in parts]
+        if odd or tensors[f"{n}.delta"].dim() != 1 or tensors[f"{n}.alpha"].numel() != 1:
+            raise ValueError(f"{source}: layer {n}'s tensors are not an adapter's ({', '.join(odd) or 'shapes'}); "
+                             f"pass a file written by rigsa.py train")
         if f"{n}.init_check" in tensors and not torch.equal(tensors[f"{n}.init_check"], L.init_check):
             raise ValueError(f"{source}: dW0 of {n} does not regenerate identically on this platform")
         m, d = tensors[f"{n}.mask"], tensors[f"{n}.delta"]
@@ -1430,7 +1506,33 @@ def read_adapter(spec, tensors=True):
         raise ValueError(f"{p}: not a readable safetensors file ({e})") from None
     if meta.get("format") != "rigsa-adapter":
         raise ValueError(f"{p}: not a rigsa adapter file (no format=rigsa-adapter metadata)")
-    return t, meta, Config(**json.loads(meta["config"]))
+    try:
+        cfg = config_from(json.loads(meta["config"]), p)
+        meta = {**meta, "base": json.loads(meta["base"]) if "base" in meta else None}
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p}: its metadata holds no readable config ({type(e).__name__}: {e}); it was not written "
+                         f"by rigsa.py train, or was damaged") from None
+    return t, meta, cfg
+
+
+def check_base(recorded, have, what, allow=False):
+    """An adapter (or a run) applies to the base it was made on: recorded and have are
+    {"model", "commit", "fingerprint"} (model.base_identity). Another base is refused, since dW0 and
+    the mask are only meaningful on W0 (a base of the same shapes would load silently), unless
+    allow (--allow-other-base), which is said. -> what the outputs record: "same", "other (allowed)"
+    or "unrecorded" (a file from an older version, said)."""
+    if not recorded or not recorded.get("fingerprint"):
+        util.say(f"warning: {what}: records no base identity (an older version wrote it), so whether it fits "
+                 f"{have['model']} is not checked", file=sys.stderr)
+        return "unrecorded"
+    if recorded["fingerprint"] == have["fingerprint"]:
+        return "same"
+    at = lambda b: f"{b.get('model')} ({'commit ' + b['commit'] + ', ' if b.get('commit') else ''}weights {b['fingerprint']})"
+    msg = f"{what}: made on the base {at(recorded)}, not on {at(have)}"
+    if not allow:
+        raise ValueError(f"{msg}; use the base it was made on, or pass --allow-other-base to apply it anyway")
+    util.say(f"warning: {msg}; applied anyway (--allow-other-base)", file=sys.stderr)
+    return "other (allowed)"
 
 
 def mask_counts(spec):
@@ -1440,16 +1542,25 @@ def mask_counts(spec):
 
 
 @torch.no_grad()
-def load_adapter(model, path):
-    """Install a saved adapter (any method) into a loaded base model, in place. -> its Config."""
+def load_adapter(model, path, base=None, allow_other_base=False):
+    """Install a saved adapter (any method) into a loaded base model, in place, every tensor into
+    exactly one layer of its shape and kind. base: the model's identity ({"model", **model.base_identity}),
+    checked against the one the adapter recorded (check_base). -> (its Config, check_base's verdict)."""
     tensors, meta, cfg = read_adapter(path)
+    verdict = check_base(meta["base"], base, str(adapter_path(path)), allow_other_base) if base else "unchecked"
     if cfg.method in LORA_METHODS:
         if cfg.method == "qlora" and not is_quantized(model):
             qlora.quantize_model(model)
+        if cfg.method == "lora" and is_quantized(model):
+            raise ValueError(f"{path}: a LoRA adapter of the unquantized base, and this base is 4-bit (NF4); "
+                             f"drop --quantize (a QLoRA adapter is trained on the 4-bit base)")
         qlora.load_lora(model, tensors, cfg.rank, cfg.lora_alpha)
-        return cfg
+        return cfg, verdict
+    if is_quantized(model):
+        raise ValueError(f"{path}: a {cfg.method} adapter adds to the unquantized weights, and this base is 4-bit "
+                         f"(NF4); drop --quantize")
     set_adapter_tensors(install_adapters(model, cfg), tensors, path)
-    return cfg
+    return cfg, verdict
 
 # -----------------------------------------------------------------------------
 # merge: a checkpoint in the official layout, loadable by model.load and transformers
@@ -1479,7 +1590,7 @@ def merge_adapters(model, dtype=None):
     return lost, total
 
 
-def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=False):
+def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=False, allow_other_base=False):
     """`rigsa.py merge`: base + adapter, merged in float32 and cast once, written as a checkpoint in
     the official layout (the base's other files copied). A bfloat16 cast that loses more than 1%
     of sum |alpha m dW| (small deltas round away under bfloat16's ulp of W0) is refused unless
@@ -1492,6 +1603,8 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {out}: exists and is not an empty directory; choose a new one")
     src = M.resolve(base or cfg.model, revision or (cfg.revision if not base or base == cfg.model else None) or None)
+    ident = {"model": base or cfg.model, **M.base_identity(src)}
+    verdict = check_base(meta["base"], ident, f"--adapter {adapter}", allow_other_base)   # before the load
     model, _ = M.load(src, "cpu", torch.float32)   # merge in float32, then cast
     load_adapter(model, adapter)
     conf = json.loads((src / "config.json").read_text())
@@ -1509,6 +1622,8 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
             if not f.endswith(".safetensors") and f != "model.safetensors.index.json" and os.path.isfile(src / f):
                 shutil.copy(src / f, tmp / f)
         M.save_checkpoint(tmp, conf, model.state_dict(), getattr(torch, dtype))
+        util.write_json(tmp / "rigsa-merge.json", {"adapter": str(adapter_path(adapter)), "adapter_base": meta["base"],
+                                                   "base": ident, "base_check": verdict, "dtype": dtype})
         if out.exists():
             out.rmdir()           # empty (checked above)
         os.replace(tmp, out)
@@ -1590,6 +1705,14 @@ def config_parser(ap):
     return ap
 
 
+def typed_flags(parser, argv):
+    """The Config fields whose flags argv gives, at their default value or not (argparse fills in a
+    default only where the namespace has no value yet, so a sentinel marks the ones not typed)."""
+    unset = object()
+    ns = parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in dataclasses.fields(Config)}))
+    return {f.name for f in dataclasses.fields(Config) if getattr(ns, f.name) is not unset}
+
+
 def eval_alias(a):
     """`rigsa.py eval` (deprecated): Textual MNIST accuracy has one command, evals/run.py --task
     mnist; this translates the old flags and runs it (a process boundary: rigsa.py imports no evals/)."""
@@ -1608,7 +1731,7 @@ def eval_alias(a):
 def main(argv=None):
     ap = util.ArgumentParser(prog="rigsa.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    config_parser(sub.add_parser("train", help="train adapters with IMP (§3.2, §4.4)"))
+    train_ap = config_parser(sub.add_parser("train", help="train adapters with IMP (§3.2, §4.4)"))
     p = sub.add_parser("show", help="print one image as Textual MNIST (§4.2, Figure 1)")
     p.add_argument("--index", type=INT0, default=0, help="image index [default: 0]")
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="[default: train]")
@@ -1635,13 +1758,18 @@ def main(argv=None):
                    help="of the merged weights [default: float32: bfloat16 rounds away small deltas, so a "
                         "cast that loses more than 1%% of the adapter is refused without --allow-lossy]")
     p.add_argument("--allow-lossy", action="store_true", help="write a bfloat16 merge whatever the cast loses")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="merge into a base other than the one the adapter was trained on (recorded in rigsa-merge.json)")
     p = sub.add_parser("demo", help="the whole pipeline offline on a tiny model (under a minute on 2 CPU cores)")
     p.add_argument("--out", default="runs/demo", help="[default: runs/demo]")
-    a = ap.parse_args(renamed_flags(sys.argv[1:] if argv is None else argv))
+    argv = renamed_flags(sys.argv[1:] if argv is None else argv)
+    a = ap.parse_args(argv)
     util.keep_freed_memory()
+    util.stop_as_interrupt()   # SIGTERM as Ctrl-C: cleanup runs, one line, exit 143 (training: resume.pt first)
     try:
         if a.cmd == "train":
-            done = train(Config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Config)}))
+            given = typed_flags(train_ap, argv[argv.index("train") + 1:])
+            done = train(Config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Config)}), given)
             code = 128 + STOP[0] if done is None and STOP else 0   # interrupted by a signal: saved, and the shell sees why
             util.exit_distributed(code)
             if code:
@@ -1655,7 +1783,7 @@ def main(argv=None):
         elif a.cmd == "eval":
             eval_alias(a)
         elif a.cmd == "merge":
-            merge(a.adapter, a.out, a.model, a.dtype, a.revision, a.allow_lossy)
+            merge(a.adapter, a.out, a.model, a.dtype, a.revision, a.allow_lossy, a.allow_other_base)
         elif a.cmd == "demo":
             demo(a.out)
     except (OSError, ValueError, RuntimeError) as e:   # OSError: FileNotFoundError, FileExistsError, a full disk
@@ -1663,11 +1791,14 @@ def main(argv=None):
         sys.exit(f"error: {' '.join(str(e).split())}")
     except KeyboardInterrupt:   # Ctrl-C outside training, or a second signal during it: at once, in one line
         util.abandon_distributed()
-        sig = STOP[-1] if STOP else signal.SIGINT
-        then = (f"; python rigsa.py train --resume --out {a.out} continues from the last resume checkpoint"
-                if a.cmd == "train" else "")
-        print(f"{signal.Signals(sig).name}: stopped at once{then}", file=sys.stderr)
-        sys.exit(128 + sig)
+        if STOP:
+            util.SIGNALS.append(STOP[-1])
+        if a.cmd == "train" and (Path(a.out) / "config.json").exists():
+            what = (f"{util.command(__file__, ['train', '--resume', '--out', a.out])} continues from the last "
+                    f"resume checkpoint")
+        else:
+            what = f"nothing was kept; run again with: {util.command(__file__, argv)}"
+        util.exit_interrupted(what)
 
 
 if __name__ == "__main__":

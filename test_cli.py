@@ -11,12 +11,15 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import model as M
 import reproduce
 import rigsa
+import tiny
 import util
+from evals import run as evals_run
 from conftest import one_thread
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -27,7 +30,7 @@ def world(tmp_path_factory, tiny_dir, tiny_mha_dir):
     """Data, a finished run with its adapters, a QLoRA adapter, broken files: what the cases point at."""
     w = tmp_path_factory.mktemp("world")
     rigsa.write_synthetic_mnist(w / "data" / "mnist", n_train=24, n_test=4, size=8)
-    cfg = dict(model=str(tiny_dir), data_dir=str(w / "data"), device="cpu", steps=2, warmup=1, batch_size=4,
+    cfg = dict(model=str(tiny_dir), data_dir=str(w / "data"), device="cpu", steps=2, warmup=1, batch_size=4, val_frac=0.25,
                micro_batch=2, limit=2, log_every=1, save_every=0, offline=True, verify=False)
     with one_thread():
         rigsa.train(rigsa.Config(out=str(w / "run"), iters=2, lr=2e-2, **cfg))
@@ -47,11 +50,33 @@ def world(tmp_path_factory, tiny_dir, tiny_mha_dir):
     (w / "notademo" / "keep.txt").write_text("mine")
     (w / "full").mkdir()
     (w / "full" / "x").write_text("not empty")
+    # another checkpoint of the same shapes (other weights): an adapter loads into it silently unless its base is checked
+    tiny.write_tiny_checkpoint(w / "other", shape="gqa", seed=1)
+    shutil.copytree(tiny_dir, w / "moved")        # a run whose base directory's weights later change
+    with one_thread():
+        rigsa.train(rigsa.Config(out=str(w / "onmoved"), iters=2, lr=2e-2, halt_after=1,
+                                 **{**cfg, "model": str(w / "moved"), "save_every": 1}))
+    shutil.copy(w / "other" / "model.safetensors", w / "moved" / "model.safetensors")
+    t, meta = load_file(w / "run" / "iter2.safetensors"), safe_open_meta(w / "run" / "iter2.safetensors")
+    save_file({**t, "model.layers.9.mlp.up_proj.mask": t["model.layers.0.mlp.up_proj.mask"].clone()},
+              w / "extralayer.safetensors", metadata=meta)                  # a layer this model lacks
+    save_file(t, w / "noconfig.safetensors", metadata={k: v for k, v in meta.items() if k != "config"})
+    save_file(t, w / "futurekey.safetensors",                               # a newer version's config key
+              metadata={**meta, "config": json.dumps({**json.loads(meta["config"]), "future_knob": 3})})
     return w, str(tiny_dir), str(tiny_mha_dir)
+
+
+def safe_open_meta(path):
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
 
 
 def T(*argv):
     return ["train", "--device", "cpu", "--offline", "--no-verify", *argv]
+
+
+def E(*argv):
+    return ["--device", "cpu", "--offline", "--no-verify", "--data-dir", "{w}/data", "--limit", "2", *argv]
 
 
 # (command line, exit code, text the one line must contain). {w}: the world; {m}: the tiny model;
@@ -101,7 +126,9 @@ CASES = [
     ("rigsa", ["merge", "--adapter", "{w}/run/iter2", "--out", "{w}/full"], 1, "--out"),
     ("rigsa", ["merge", "--adapter", "{w}/run/iter2", "--out", "{w}/m4", "--dtype", "bfloat16"], 1,
      "--dtype bfloat16: the cast loses"),
-    ("rigsa", ["merge", "--adapter", "{w}/run/iter2", "--out", "{w}/m5", "--model", "{mha}"], 1, "layer"),
+    ("rigsa", ["merge", "--adapter", "{w}/run/iter2", "--out", "{w}/m5", "--model", "{mha}"], 1, "made on the base"),
+    ("rigsa", ["merge", "--adapter", "{w}/run/iter2", "--out", "{w}/m5", "--model", "{mha}", "--allow-other-base"],
+     1, "layer"),
     ("rigsa", ["eval", "--split", "val"], 1, "--split val"),
     ("rigsa", ["show", "--index", "999", "--data-dir", "{w}/data", "--no-verify"], 1, "--index 999"),
     ("rigsa", ["show", "--data-dir", "{w}/emptydata", "--offline"], 1, "MNIST: missing data files"),
@@ -111,10 +138,33 @@ CASES = [
     ("model", ["--model", "{m}", "--prompt", "hi", "--max-new-tokens", "0"], 2, "--max-new-tokens"),
     ("model", ["--model", "{m}", "--prompt", "hi", "--device", "cuda"], 1, "--device cuda"),
     ("model", ["--model", "{w}/broken", "--prompt", "hi"], 1, "config.json"),
+    # 1. an adapter is applied exactly, to the base it was trained on, or refused
+    ("evals", E("--task", "mnist", "--adapter", "{w}/run/iter2", "--quantize", "nf4"), 1, "--quantize nf4"),
+    ("evals", E("--task", "mnist", "--adapter", "{w}/run/iter2", "--model", "{w}/other"), 1, "made on the base"),
+    ("evals", E("--task", "mnist", "--adapter", "{w}/extralayer", "--model", "{m}"), 1, "model.layers.9.mlp.up_proj"),
+    ("evals", E("--task", "mnist", "--adapter", "{w}/noconfig", "--model", "{m}"), 1, "holds no readable config"),
+    ("rigsa", ["merge", "--adapter", "{w}/run/iter2", "--out", "{w}/m6", "--model", "{w}/other"], 1, "made on the base"),
+    ("rigsa", ["merge", "--adapter", "{w}/noconfig", "--out", "{w}/m7"], 1, "holds no readable config"),
+    ("rigsa", T("--model", "{w}/other", "--data-dir", "{w}/data", "--val-frac", "0.25", "--method", "random-mask",
+                "--mask-like", "{w}/run/iter2"), 1, "--mask-like {w}/run/iter2: made on the base"),
+    ("rigsa", T("--resume", "--out", "{w}/onmoved"), 1, "--resume {w}/onmoved: made on the base"),
+    # 4. a flag means what it says: typed at its default is typed; one that cannot act is refused
+    ("rigsa", T("--resume", "--out", "{w}/run", "--lr", "2e-3"), 1, "--lr 0.002 (saved: 0.02)"),
+    ("rigsa", T("--resume", "--out", "{w}/run", "--iters", "5"), 1, "--iters 5 (saved: 2)"),
+    ("rigsa", T("--iters", "1", "--keep", "0.5"), 1, "--keep 0.5: acts only with --iters above 1"),
+    ("rigsa", T("--iters", "1", "--prune-scope", "layer"), 1, "--prune-scope layer: acts only with --iters above 1"),
+    ("rigsa", T("--iters", "1", "--no-reset-alpha"), 1, "--no-reset-alpha: acts only with --iters above 1"),
+    ("rigsa", T("--init-std", "0.1"), 1, "--init-std 0.1: acts only with --init normal"),
+    ("rigsa", T("--method", "lora", "--lr", "2e-3"), 1, "--lr 0.002: --method lora does not use it"),
+    ("rigsa", T("--micro-batch", "32"), 1, "--micro-batch 32: larger than the effective batch"),
+    ("rigsa", T("--seed", str(2 ** 63 - 1)), 2, "--seed"),
+    ("rigsa", T("--model", "{m}", "--revision", "main"), 1, "--revision main: --model"),
+    ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--val-frac", "0.01"), 1,
+     "--val-frac 0.01 leaves the val split"),
     ("reproduce", ["--limit", "-1", "--dry-run"], 2, "--limit"),
     ("reproduce", ["--seeds", "a,b", "--dry-run"], 2, "--seeds"),
 ]
-MAINS = {"rigsa": rigsa.main, "model": M.main, "reproduce": reproduce.main}
+MAINS = {"rigsa": rigsa.main, "model": M.main, "reproduce": reproduce.main, "evals": evals_run.main}
 
 
 def files(root):
@@ -140,8 +190,74 @@ def test_bad_input_one_line_no_traceback_no_new_file(world, tool, argv, code, te
     assert files(w) == before and files(tmp_path) == here      # nothing half-written, nowhere
 
 
-def test_the_matrix_covers_forty_cases():
-    assert len(CASES) >= 40
+def test_the_matrix_covers_sixty_cases():
+    assert len(CASES) >= 60
+
+
+def run_main(main, argv, capsys):
+    """-> (exit code, stdout, stderr) of a CLI main."""
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_an_adapter_on_another_base_only_when_asked_and_recorded(world, tmp_path, capsys):
+    # rule 1: --allow-other-base applies it, says so in one line, and the output records it
+    w, m, _ = world
+    ev = ["--task", "mnist", "--device", "cpu", "--offline", "--no-verify", "--data-dir", str(w / "data"),
+          "--adapter", str(w / "run" / "iter2")]
+    with one_thread():
+        code, _, err = run_main(evals_run.main, ev + ["--output", str(tmp_path / "same.json")], capsys)
+        assert code == 0 and "base" not in err.replace("base_check", ""), err
+        code, _, err = run_main(evals_run.main, ev + ["--model", str(w / "other"), "--allow-other-base", "--output",
+                                                      str(tmp_path / "other.json")], capsys)
+    assert code == 0 and "applied anyway (--allow-other-base)" in err
+    same, other = (json.loads((tmp_path / f).read_text()) for f in ("same.json", "other.json"))
+    assert same["base_check"] == "same" and other["base_check"] == "other (allowed)"
+    assert other["base"]["fingerprint"] != same["base"]["fingerprint"]
+    with one_thread():
+        code, _, err = run_main(rigsa.main, ["merge", "--adapter", str(w / "run" / "iter2"), "--out", str(tmp_path / "m"),
+                                             "--model", str(w / "other"), "--allow-other-base"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "m" / "rigsa-merge.json").read_text())["base_check"] == "other (allowed)"
+
+
+def test_files_of_another_version_load_with_one_warning(world, tmp_path, capsys):
+    # rule 8: keys this version does not know are ignored, named in one line
+    w, m, _ = world
+    with one_thread():
+        code, _, err = run_main(evals_run.main, ["--task", "mnist", "--device", "cpu", "--offline", "--no-verify",
+                                                 "--data-dir", str(w / "data"), "--adapter", str(w / "futurekey"),
+                                                 "--model", m], capsys)
+    assert code == 0 and [x for x in err.splitlines() if "future_knob" in x] == [
+        f"warning: {w / 'futurekey.safetensors'}: ignoring config keys this version of rigsa does not know: future_knob "
+        f"(written by another version)"], err
+    shutil.copytree(w / "run", tmp_path / "run")
+    c = json.loads((tmp_path / "run" / "config.json").read_text())
+    c["config"]["future_knob"] = 1
+    (tmp_path / "run" / "config.json").write_text(json.dumps(c))
+    with one_thread():
+        code, _, err = run_main(rigsa.main, ["train", "--resume", "--out", str(tmp_path / "run")], capsys)
+    assert code == 0 and "future_knob" in err and "Traceback" not in err
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(world, tmp_path, capsys):
+    # rule 7: a kill before resume.pt leaves config.json alone; --resume then starts again, with the same result
+    w, m, _ = world
+    args = ["train", "--model", m, "--data-dir", str(w / "data"), "--device", "cpu", "--offline", "--no-verify",
+            "--steps", "3", "--warmup", "1", "--batch-size", "4", "--micro-batch", "2", "--iters", "2", "--limit", "2",
+            "--val-frac", "0.25", "--save-every", "0"]
+    with one_thread():
+        assert run_main(rigsa.main, args + ["--out", str(tmp_path / "ref")], capsys)[0] == 0
+        assert run_main(rigsa.main, args + ["--out", str(tmp_path / "cut"), "--halt-after", "1"], capsys)[0] == 0
+        assert not (tmp_path / "cut" / "resume.pt").exists() or (tmp_path / "cut" / "resume.pt").unlink() is None
+        code, _, err = run_main(rigsa.main, ["train", "--resume", "--out", str(tmp_path / "cut")], capsys)
+    assert code == 0 and "starts again from its first step" in err, err
+    assert adapters_equal(tmp_path / "cut", tmp_path / "ref")
 
 
 # ---- signals: Ctrl-C and SIGTERM save and say how to resume; SIGKILL loses only unsaved steps ----
@@ -173,7 +289,7 @@ def adapters_equal(a, b):
 def test_a_signal_during_training_loses_nothing(world, tmp_path, sig):
     w, m, _ = world
     args = ["--model", m, "--data-dir", str(w / "data"), "--device", "cpu", "--offline", "--no-verify", "--steps", "30",
-            "--warmup", "2", "--lr", "2e-2", "--batch-size", "4", "--micro-batch", "2", "--iters", "2", "--limit", "2",
+            "--warmup", "2", "--lr", "2e-2", "--batch-size", "4", "--micro-batch", "2", "--iters", "2", "--limit", "2", "--val-frac", "0.25",
             "--log-every", "1", "--save-every", "3"]
     ref = tmp_path / "ref"
     with one_thread():
@@ -196,12 +312,12 @@ def test_a_signal_during_training_loses_nothing(world, tmp_path, sig):
         (out / "iter1-peft" / "adapter_model.safetensors.tmp").write_bytes(b"half a PEFT export")
     elif sig == "twice":
         assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr
-        assert stderr.strip().splitlines()[-1] == (f"SIGINT: stopped at once; python rigsa.py train --resume --out "
+        assert stderr.strip().splitlines()[-1] == (f"SIGINT: stopped; python {REPO}/rigsa.py train --resume --out "
                                                    f"{out} continues from the last resume checkpoint")
     else:                         # the step finishes, resume.pt is written, the resume command is printed
         assert proc.returncode == 128 + sig, stderr
         assert f"{signal.Signals(sig).name}: finishing this optimizer step" in stderr and "Traceback" not in stderr
-        assert f"continue with: python rigsa.py train --resume --out {out}" in stdout
+        assert f"continue with: python {REPO}/rigsa.py train --resume --out {out}" in stdout
     assert (out / "resume.pt").exists()
     with one_thread():
         rigsa.train(rigsa.Config(out=str(out), resume=True))
@@ -209,3 +325,36 @@ def test_a_signal_during_training_loses_nothing(world, tmp_path, sig):
     assert adapters_equal(out, ref)                       # bit for bit the uninterrupted run's
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("loss") for r in lines] == [json.loads(x).get("loss") for x in (ref / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_evaluation_says_what_was_kept_in_one_line(tiny_dir, tmp_path, sig):
+    # rule 7: exit 130 / 143, one line with the command that runs it again, no traceback
+    rigsa.write_synthetic_mnist(tmp_path / "mnist", n_train=8, n_test=3000, size=28)
+    argv = ["--task", "mnist", "--model", str(tiny_dir), "--device", "cpu", "--offline", "--no-verify", "--data-dir",
+            str(tmp_path), "--batch-size", "1", "--output", str(tmp_path / "r.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "evals", "run.py"), *argv], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (line := proc.stderr.readline()).startswith("model "):   # loaded: scoring starts
+        assert line, "evals/run.py ended before scoring"
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last == (f"{signal.Signals(sig).name}: stopped; nothing was written; run again with: "
+                    f"python {REPO}/evals/run.py {' '.join(argv)}"), last
+    assert not (tmp_path / "r.json").exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_ctrl_c_before_the_run_exists_says_run_again_not_resume(world, tmp_path, capsys, monkeypatch):
+    # rule 7: an interrupt while the data or the model loads keeps nothing, and says so
+    w, m, _ = world
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(rigsa, "load_base", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    argv = T("--model", m, "--data-dir", str(w / "data"), "--val-frac", "0.25", "--out", "r")
+    code, _, err = run_main(rigsa.main, argv, capsys)
+    assert code == 130 and err.strip().splitlines()[-1] == (
+        f"SIGINT: stopped; nothing was kept; run again with: python {REPO}/rigsa.py {' '.join(argv)}"), err
+    assert not (tmp_path / "r").exists()

@@ -237,7 +237,7 @@ def test_resume_gives_the_same_result(tiny_run):
 def test_adapter_roundtrip_merge_and_random_mask(tiny_run, tiny_dir, tmp_path, monkeypatch):
     tmp, full, _ = tiny_run
     m, tok = M.load(tiny_dir)
-    cfg = rigsa.load_adapter(m, tmp / "run" / "iter2")
+    cfg, _ = rigsa.load_adapter(m, tmp / "run" / "iter2")
     assert cfg.method == "rigsa"
     x = torch.tensor([tok.encode("The digit is 7")])
     y = m(x)
@@ -313,7 +313,7 @@ def test_qlora_wiring(tiny_dir, tmp_path):
     assert [r["iter"] for r in log if r.get("event") == "iteration"] == [1]   # no pruning
     assert (tmp_path / "run" / "iter1-peft" / "adapter_model.safetensors").exists()
     m, tok = M.load(tiny_dir)
-    assert rigsa.load_adapter(m, tmp_path / "run" / "iter1").method == "qlora"
+    assert rigsa.load_adapter(m, tmp_path / "run" / "iter1")[0].method == "qlora"
     q = m.model.layers[0].self_attn.q_proj
     assert isinstance(q, qlora.LoRALinear) and q.lora_B.weight.abs().sum() > 0       # trained B was loaded
 

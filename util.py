@@ -18,6 +18,8 @@ import hashlib
 import http.client
 import json
 import os
+import shlex
+import signal
 import sys
 import urllib.error
 import urllib.request
@@ -373,3 +375,43 @@ def keep_freed_memory():
         return bool(libc.mallopt(-3, 1 << 30) and libc.mallopt(-1, 1 << 31))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         return False
+
+# -----------------------------------------------------------------------------
+# Ctrl-C and SIGTERM: ordinary ways to stop, said in one line with the command that continues
+
+SIGNALS = []   # the stopping signals this process received, in order
+
+
+def stop_as_interrupt():
+    """From here on SIGINT and SIGTERM (a job scheduler's, `kill`) raise KeyboardInterrupt, so that
+    every `finally` and cleanup runs on both (SIGTERM's default ends the process on the spot), and
+    are remembered: an error that surfaces after one (a read cut short) is the interrupt, not a
+    broken file (interrupted())."""
+    def on(signum, frame):
+        SIGNALS.append(signum)
+        raise KeyboardInterrupt
+    SIGNALS.clear()
+    try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, on)
+    except ValueError:   # not the main thread: signals stay as they are
+        pass
+
+
+def interrupted():
+    """The signal that stopped this process (0: none): 128 + it is the exit code shells expect."""
+    return SIGNALS[-1] if SIGNALS else 0
+
+
+def command(script, argv):
+    """`python <script> <argv>` as a shell line to paste in the current directory."""
+    rel = os.path.relpath(script)
+    return shlex.join(["python", os.path.abspath(script) if rel.startswith("..") else rel, *map(str, argv)])
+
+
+def exit_interrupted(what):
+    """The CLIs' end on Ctrl-C or SIGTERM: one line (the signal, then `what`: what was kept and the
+    command that continues), exit 128 + the signal (130, 143), no traceback."""
+    sig = interrupted() or signal.SIGINT
+    print(f"{signal.Signals(sig).name}: stopped; {what}", file=sys.stderr)
+    sys.exit(128 + sig)

@@ -329,6 +329,9 @@ def parse_args(argv):
                     help="hub revision of --model (default: the adapter's recorded one for its base, else the latest)")
     ap.add_argument("--adapter", default=None, help="adapter saved by rigsa.py/qlora.py (RUN/iterK), installed in memory")
     ap.add_argument("--quantize", default=None, choices=["nf4"], help="NF4 base weights (the QLoRA baseline)")
+    ap.add_argument("--allow-other-base", action="store_true",
+                    help="apply --adapter to a base other than the one it was trained on (said, and recorded in "
+                         "the results as base_check)")
     ap.add_argument("--limit", type=util.number(int, 0), default=None, help="first N documents, as lm-eval --limit N (0: all)")
     ap.add_argument("--batch-size", type=util.number(int, 1, auto=True), default="auto",
                     help="documents per batch, or 'auto' (default)")
@@ -413,7 +416,7 @@ def base_model(args, acfg):
 
 def install_adapter(model, spec, base):
     try:
-        rigsa.load_adapter(model, spec)  # in memory only: nothing is merged on disk
+        rigsa.load_adapter(model, spec)  # in memory only: nothing is merged on disk (the base was checked before)
     except (ValueError, RuntimeError) as e:  # another base's adapter: layer names, shapes or dW0 differ
         why = " ".join(str(e).split())
         raise ValueError(f"--adapter {spec}: does not fit the base model {base} ({why}); evaluate it on the model "
@@ -428,6 +431,8 @@ def task_error(task, e):
 def main(argv=None):
     args = parse_args(argv)
     util.keep_freed_memory()
+    util.stop_as_interrupt()
+    FINISHED.clear()
     try:
         result = evaluate(args)
     except (ValueError, RuntimeError, OSError) as e:   # OSError includes FileNotFoundError
@@ -439,11 +444,16 @@ def main(argv=None):
                 util.say(e.code, file=sys.stderr)     # the summary line, once
             util.exit_distributed(0 if e.code in (None, 0) else 1)
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:   # Ctrl-C or SIGTERM: one line, what was kept, how to continue
         util.abandon_distributed()
-        raise
+        kept = (f"kept: {', '.join(FINISHED)} in {' and '.join(x for x in (args.output, args.output_path) if x)}"
+                if FINISHED and (args.output or args.output_path) else "nothing was written")
+        util.exit_interrupted(f"{kept}; run again with: {util.command(__file__, sys.argv[1:] if argv is None else argv)}")
     util.exit_distributed()
     return result
+
+
+FINISHED = []   # the tasks whose results are written, for the line an interrupt prints
 
 
 def evaluate(args):
@@ -456,9 +466,12 @@ def evaluate(args):
         check_output("--output_path", args.output_path, folder=not args.output_path.endswith(".json"))
     device = util.init_distributed(args.device)   # torchrun: this rank's process group and device
     try:
-        acfg = rigsa.read_adapter(args.adapter, tensors=False)[2] if args.adapter else None
+        _, ameta, acfg = rigsa.read_adapter(args.adapter, tensors=False) if args.adapter else (None, None, None)
     except (ValueError, OSError) as e:
         raise ValueError(f"--adapter: {e}") from None
+    if args.quantize and acfg is not None and acfg.method != "qlora":   # it would land in no layer, or another kind
+        raise ValueError(f"--quantize {args.quantize}: --adapter {args.adapter} is a {acfg.method} adapter of the "
+                         f"unquantized base; drop --quantize (only a qlora adapter sits on the 4-bit base)")
     name, revision = base_model(args, acfg)
     data, failed = {}, []
     for t in tasks:
@@ -474,6 +487,9 @@ def evaluate(args):
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     path = util.rank_zero_first(lambda: M.resolve(name, revision, offline=args.offline))
+    base = {"model": name, **M.base_identity(path)}
+    check = (rigsa.check_base(ameta["base"], base, f"--adapter {args.adapter}", args.allow_other_base)
+             if args.adapter else None)   # before the model loads: an adapter applies to its own base
     model, tok = qlora.load_model(str(path), str(device), dtype)   # model.load, or a bnb-4bit checkpoint
     if args.quantize and (acfg is None or acfg.method != "qlora"):  # a qlora adapter quantizes its base itself
         qlora.quantize_model(model)
@@ -495,10 +511,12 @@ def evaluate(args):
             failed.append(t)
             util.say(f"error: {task_error(t, e)}", file=sys.stderr)
             continue
+        r.update(base=base, base_check=check)    # what it ran on, and whether the adapter was made there
         results.append(r)
         done.append(lm)
         if util.world()[0] == 0:                   # every rank holds the gathered results; one writes them
             write_outputs(args, results, done, info)   # each task as it finishes: nothing is lost to a later one
+        FINISHED.append(t)
     if util.world()[0] == 0:
         print_table(results)
     if failed:

@@ -9,8 +9,18 @@ One command from a fresh clone to the paper's tables and figures (make paper).
 
 It only chains the two command lines, `rigsa.py train` and `evals/run.py`, and reads what they
 write, so every number in the tables can be re-made by hand with the command printed beside it.
-A step whose output already exists is skipped: an interrupted reproduction continues where it
-stopped (a half-trained run continues with `rigsa.py train --resume`).
+
+Each output records what made it, beside it: OUT/<run>.inputs.json for a training run,
+OUT/evals/<name>.inputs.json for an evaluation: the command, the base model's identity (hub commit
+and a fingerprint of its weights), --limit, --steps, the seed and method flags, and the sha256 of
+every data file and adapter the step reads. A step whose output exists is skipped only when its
+record matches what this command would do now; an output made from other inputs, or without a
+record (by hand, or an older reproduce.py), is refused in one line naming the first difference:
+choose another --out, or pass --rerun-changed to redo the changed steps (an evaluation is run
+again; a training run this script recorded is deleted and trained again; one without a record is
+never deleted). So an interrupted reproduction (Ctrl-C, SIGTERM: exit 130 or 143, with the command
+that continues) continues exactly where it stopped, from any working directory: a half-trained run
+with `rigsa.py train --resume`. Relative paths are the caller's; the steps run in the repository.
 
 Seeds. The paper ran every training once and names that as its limitation (§5.2, §6). With
 --seeds, each training (RIGSA, the random mask, the four QLoRA ranks) runs once per seed
@@ -33,12 +43,17 @@ import argparse
 import json
 import math
 import os
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import model as M
 import rigsa
 import util
+from evals import tasks as T
 
 REPO = Path(__file__).resolve().parent
 SOURCE_TASKS = ["piqa", "hellaswag", "gsm8k"]      # paper §4.3
@@ -88,6 +103,112 @@ def plan(a):
                     f = out / "evals" / f"{run.name}-iter{k}-{t}.json"
                     steps.append((f, ev + ["--task", t, "--adapter", str(run / f"iter{k}"), "--output", str(f)]))
     return steps
+
+# -----------------------------------------------------------------------------
+# what made each output: its record, and a step reused only when its inputs are the same
+
+NOT_INPUTS = {"--out", "--output", "--resume", "--offline", "--no-verify", "--revision", "--model", "--data-dir"}
+ADAPTER_FLAGS = ("--adapter", "--mask-like")  # RUN/iterK: an input by its file's content
+MNIST_TEST = [n for n in rigsa.MNIST_FILES if n.startswith("t10k")]
+
+
+def is_training(cmd):
+    return "rigsa.py" in cmd
+
+
+def output_of(target, cmd):
+    """A step's output: a training's run directory (target: its last adapter), an evaluation's JSON file."""
+    return Path(target).parent if is_training(cmd) else Path(target)
+
+
+def record_path(output):
+    """OUT/<run>.inputs.json beside a run directory, OUT/evals/<name>.inputs.json beside an evaluation."""
+    output = Path(output)
+    return output.with_name(output.name.removesuffix(".json") + ".inputs.json")
+
+
+def read_record(output):
+    try:
+        rec = json.loads(record_path(output).read_text())
+        return rec if isinstance(rec, dict) and isinstance(rec.get("inputs"), dict) else None
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def write_record(output, cmd, inputs, model, status):
+    rec = {"made_by": "reproduce.py", "status": status, "model": model, "argv": cmd, "cwd": "the repository root",
+           "inputs": inputs}
+    util.atomic_write(record_path(output), lambda tmp: Path(tmp).write_text(json.dumps(rec, indent=2) + "\n"))
+
+
+def flags(cmd):
+    """{--flag: value, or True for a switch} of a step's command line after its script."""
+    args = cmd[next(i for i, x in enumerate(cmd) if x.endswith(".py")) + 1:]
+    out = {}
+    for i, x in enumerate(args):
+        if x.startswith("--"):
+            out[x] = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else True
+    return out
+
+
+class Inputs:
+    """What a step reads, as its record holds it: the base model's identity, its flags, and the
+    sha256 of the data files and adapters it reads; each file hashed once (per size and mtime)."""
+
+    def __init__(self, a):
+        self.a, self.base, self.hashes = a, None, {}
+
+    def identity(self):
+        if self.base is None:  # only when needed: a hub id may have to be asked for its commit
+            self.base = M.base_identity(M.resolve(self.a.model, self.a.revision or None, offline=self.a.offline))
+        return self.base
+
+    def sha(self, path):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+        if key not in self.hashes:
+            self.hashes[key] = util.file_hash(path, "sha256")
+        return self.hashes[key]
+
+    def data(self, task, shots):
+        """{<task>/<file>: sha256 or None} of the data files a step reads (an evaluation of `task`, or a
+        training: task None)."""
+        root = Path(self.a.data_dir or REPO / "data")
+        if task in (None, "mnist"):  # training reads all four; an evaluation its test split, and train for shots
+            folder, names = rigsa.mnist_dir(root), MNIST_TEST if task and not shots else list(rigsa.MNIST_FILES)
+        else:
+            folder, names = root / task, [f[0] for f in T.FILES[task]]
+        return {f"{folder.name}/{n}": self.sha(folder / n) for n in names}
+
+    def of(self, cmd):
+        f = flags(cmd)
+        got = {"base model": self.identity()}
+        for k, v in f.items():
+            if k not in NOT_INPUTS:
+                got[k] = self.sha(v + ".safetensors") if k in ADAPTER_FLAGS else v
+        shots = f.get("--num-fewshot", "0") != "0"
+        got.update(self.data(None if is_training(cmd) else f["--task"], shots))
+        return got
+
+
+def show(key, value, model):
+    if value is None:
+        return "missing" if "/" in key else "not given"
+    if key == "base model":
+        return f"{model} (" + ", ".join(f"{k} {v}" for k, v in value.items() if v) + ")"
+    return f"sha256 {value[:12]}" if "/" in key or key in ADAPTER_FLAGS else str(value)
+
+
+def difference(rec, now, model):
+    """The first input that differs between a record and now, said with both values; None if none."""
+    old = rec["inputs"]
+    for k in list(now) + [k for k in old if k not in now]:
+        if old.get(k) != now.get(k):
+            return f"{k}: {show(k, old.get(k), rec.get('model'))} then, {show(k, now.get(k), model)} now"
+    return None
 
 # -----------------------------------------------------------------------------
 # 95% intervals: a t interval over seeds, or one run's stderr
@@ -194,7 +315,7 @@ def results(out, seeds):
             base[tag, col] = interval([r] if r else [])
     rows = [("rigsa", k, f"RIGSA iteration {k}") for k in range(1, IMP_ITERS + 1)] + [("random-mask", 1, "Random mask")]
     rows += [(f"qlora-r{r}", 1, f"QLoRA rank {r}") for r in QLORA_RANKS]
-    R = {"seeds": list(seeds), "base": base, "rows": []}
+    R = {"seeds": list(seeds), "base": base, "rows": [], "made_by": made_by(out)}
     for name, k, label in rows:
         per = {c: [] for c in ["mnist", "density", "trainable"] + SOURCE_TASKS}
         for seed in seeds:
@@ -217,6 +338,38 @@ def results(out, seeds):
 
 # -----------------------------------------------------------------------------
 # TABLES.md
+
+
+def made_by(out):
+    """TABLES.md's lines naming what made its numbers, from the outputs' records: per group of steps
+    the base model, its identity, --limit and --steps, and the outputs that have no record."""
+    out = Path(out)
+    outputs = [("base-model evaluations" if p.name.startswith("base-") else "adapter evaluations", p)
+               for p in sorted((out / "evals").glob("*.json")) if not p.name.endswith(".inputs.json")]
+    outputs += [("trainings", p.parent) for p in sorted(out.glob("*/config.json"))]
+    groups, unrecorded = {}, []
+    for group, p in outputs:
+        rec = read_record(p)
+        if rec is None:
+            unrecorded.append(os.path.relpath(p, out))
+            continue
+        i = rec["inputs"]
+        what = show("base model", i.get("base model"), f"`{rec.get('model')}`") \
+            + (f", --limit {i['--limit']}" if "--limit" in i else ", no --limit (all)") \
+            + ((f", --steps {i['--steps']}" if "--steps" in i else ", no --steps (the paper's epochs)")
+               if group == "trainings" else "")
+        groups.setdefault(group, {}).setdefault(what, 0)
+        groups[group][what] += 1
+    L = ["Made by (each output's record, `<output>.inputs.json`):"] if groups or unrecorded else []
+    for group in ("base-model evaluations", "trainings", "adapter evaluations"):
+        made = groups.get(group, {})
+        if len(made) == 1:
+            L.append(f"- {group}: {next(iter(made))}")
+        elif made:  # reproduce.py never mixes them in one OUT; hand-assembled files can
+            L.append(f"- {group}: **mixed**: " + "; ".join(f"{n} from {w}" for w, n in made.items()))
+    if unrecorded:
+        L.append(f"- without a record (by hand, or an older reproduce.py): {', '.join(unrecorded)}")
+    return L + [""] * bool(L)
 
 
 def header(seeds):
@@ -249,7 +402,7 @@ def fmt(c, n_seeds=1):
 def render(R, images=()):
     B, S, n = R["base"], SOURCE_TASKS, len(R["seeds"])
     picture = {f: ["", f"![Figure {f[6]}]({f})"] for f in images}  # figureN.png, drawn in this call
-    L = ["# The paper's tables, reproduced", ""] + header(R["seeds"]) + [
+    L = ["# The paper's tables, reproduced", ""] + R.get("made_by", []) + header(R["seeds"]) + [
          "## Table 2: Textual MNIST test accuracy of the base model (paper §4.2)", "",
          "| Variant | 0-shot | 5-shot |", "|---|---:|---:|"]
     for tag, name in (("base", "Full Precision"), ("base-nf4", "Quantized (4-bit)")):
@@ -434,8 +587,148 @@ def parse_seeds(s):
         raise ValueError(f"--seeds {s}: a seed appears twice")
     return seeds
 
+# -----------------------------------------------------------------------------
+# running the steps: each reused only when its record matches; Ctrl-C and SIGTERM stop cleanly
 
-def main(argv=None):
+
+class Stopped(BaseException):
+    """A SIGINT or SIGTERM outside a step (a BaseException, as KeyboardInterrupt: nothing catches it on the way)."""
+
+
+SIG = {"proc": None, "sig": None, "defer": False}
+AT = {"step": 0, "total": 0, "done": 0, "output": None, "train": False}  # where reproduce.py stands, for its last line
+
+
+def from_terminal():
+    """Whether a SIGINT is the terminal's Ctrl-C, which the running step (same process group) has
+    had too: a second one would stop a training at once instead of after its optimizer step."""
+    for f in (sys.stdin, sys.stderr, sys.stdout):
+        try:
+            if f.isatty():
+                return os.tcgetpgrp(f.fileno()) == os.getpgrp()
+        except (OSError, ValueError, AttributeError):
+            pass
+    return False
+
+
+def on_signal(signum, frame):
+    SIG["sig"] = signum
+    proc = SIG["proc"]
+    if proc is not None:  # the step stops as it does on its own (a training after its step), and is waited for
+        if signum != signal.SIGINT or not from_terminal():
+            proc.send_signal(signum)
+    elif not SIG["defer"]:
+        raise Stopped()
+
+
+def run_step(cmd, env):
+    """One step in the repository root -> its exit code, a SIGINT or SIGTERM meanwhile passed on to it."""
+    SIG["defer"] = True
+    try:
+        SIG["proc"] = subprocess.Popen(cmd, cwd=REPO, env=env)
+    finally:
+        SIG["defer"] = False
+    try:
+        if SIG["sig"] is not None:  # it came while the step started
+            on_signal(SIG["sig"], None)
+        return SIG["proc"].wait()
+    finally:
+        SIG["proc"] = None
+
+
+def stopped_line(again):
+    n, k, out = AT["total"], AT["done"], AT["output"]
+    kept = (f"the outputs of steps 1-{k} of {n} are kept" if k > 1 else f"the output of step 1 of {n} is kept" if k
+            else "no step had finished" if n else "no step was run")
+    if out is not None:   # stopped inside a step
+        kept += f"; {out} " + ("keeps its training's progress (continued with rigsa.py train --resume)"
+                               if AT["train"] else "is evaluated again")
+    return f"{signal.Signals(SIG['sig']).name}: reproduce.py stopped; {kept}; continue with: {again}"
+
+
+def record(*args):
+    """write_record, a SIGINT or SIGTERM meanwhile held until it is written (the caller then stops)."""
+    SIG["defer"] = True
+    try:
+        write_record(*args)
+    finally:
+        SIG["defer"] = False
+
+
+def check_stop():
+    if SIG["sig"] is not None:
+        raise Stopped()
+
+
+def script():
+    """This file as the caller typed it, or else its shorter spelling from the caller's directory."""
+    if sys.argv[0] and os.path.exists(sys.argv[0]) and os.path.samefile(sys.argv[0], __file__):
+        return sys.argv[0]
+    return min(os.path.relpath(Path(__file__).resolve()), str(Path(__file__).resolve()), key=len)
+
+
+def python_cmd():
+    """How to call this interpreter from a shell: `python` when that is the one on PATH."""
+    w = shutil.which("python")
+    return "python" if w and os.path.abspath(w) == os.path.abspath(sys.executable) else sys.executable
+
+
+def run_steps(a, again):
+    steps = plan(a)
+    inputs = Inputs(a)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"} if a.offline else None  # also keeps huggingface-hub off the hub
+    AT["total"] = len(steps)
+    for i, (target, cmd) in enumerate(steps, 1):
+        check_stop()
+        AT.update(step=i, done=i - 1, output=None)
+        out, train = output_of(target, cmd), is_training(cmd)
+        cmd = [x for x in cmd if x != "--resume"]  # a run continues only when its record says it is this one
+        made = (out / "config.json").exists() if train else out.exists()
+        if made:
+            rec = read_record(out)
+            why = difference(rec, inputs.of(cmd), a.model) if rec else None
+            if rec and not why and (not train or target.exists()):
+                if rec.get("status") != "done":   # it finished after its record was written
+                    record(out, cmd, rec["inputs"], rec.get("model"), "done")
+                continue
+            if rec is None and (train or not a.rerun_changed):
+                raise ValueError(f"{out}: no record of the inputs that made it ({record_path(out).name} is missing: "
+                                 "made by hand or by an older reproduce.py); move it away or use another --out"
+                                 + ("" if train else ", or pass --rerun-changed to evaluate it again"))
+            if why and not a.rerun_changed:
+                raise ValueError(f"{out}: made from other inputs than this command's ({why}); use another --out, "
+                                 "or pass --rerun-changed to redo the changed steps")
+            if rec is None or why:  # --rerun-changed: made again from the start (a run only if this script recorded it)
+                print(f"[{i}/{len(steps)}] {out}: {why or 'no record of its inputs'}; --rerun-changed: "
+                      + ("it would be replaced" if a.dry_run else "replacing it"), flush=True)
+                if not a.dry_run:
+                    shutil.rmtree(out) if train else out.unlink()
+                made = False
+            cmd += ["--resume"] * (train and made)
+        print(f"[{i}/{len(steps)}] {shlex.join(cmd)}", flush=True)
+        if a.dry_run:
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # before it starts: its output is taken as this step's, and a half-trained run continued, only on these inputs
+        record(out, cmd, inputs.of(cmd), a.model, "started")
+        check_stop()
+        AT.update(output=out, train=train)
+        rc = run_step(cmd, env)
+        if rc == 0 and target.exists():
+            record(out, cmd, inputs.of(cmd), a.model, "done")
+            AT.update(done=i, output=None)
+        if not target.exists() and not train:  # an evaluation keeps nothing partial: nor its record
+            record_path(out).unlink(missing_ok=True)
+        check_stop()
+        if rc != 0:
+            raise ValueError(f"step {i} of {len(steps)}: failed (exit {rc}); fix it, and continue with: {again}")
+    check_stop()
+    AT.update(done=len(steps), output=None)
+
+
+def parse_args(argv):
+    """The command line -> its namespace, seeds parsed, the caller's relative paths made absolute
+    (the steps run in the repository root)."""
     ap = util.ArgumentParser(prog="reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="HuggingFaceTB/SmolLM2-1.7B-Instruct", help="base model [default: the paper's]")
     ap.add_argument("--revision", default="", help="hub revision of --model, passed to every step [default: the latest]")
@@ -451,29 +744,49 @@ def main(argv=None):
     ap.add_argument("--offline", action="store_true", help="never download: a missing model or data file is an error")
     ap.add_argument("--nproc", type=util.number(int, 1), default=1,
                     help="run each training and evaluation on torchrun with this many processes (one per GPU) [default: 1]")
+    ap.add_argument("--rerun-changed", action="store_true", help="redo the steps whose outputs were made from other "
+                    "inputs (or have no record of them) instead of refusing: evaluations again, recorded runs retrained")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     ap.add_argument("--tables-only", action="store_true", help="only (re)write TABLES.md and the figures from what exists")
     a = ap.parse_args(argv)
     try:
-        seeds = parse_seeds(a.seeds) if a.seeds else None
+        a.seeds_given = parse_seeds(a.seeds) if a.seeds else None
     except ValueError as e:
         ap.error(str(e))
-    if not a.tables_only:
-        a.seeds = seeds or [DEFAULT_SEED]
-        steps = plan(a)
-        for i, (target, cmd) in enumerate(steps, 1):
-            if target.exists():
-                continue
-            print(f"[{i}/{len(steps)}] {' '.join(cmd)}", flush=True)
-            if a.dry_run:
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # --offline also keeps the children's model loads off the hub (huggingface-hub reads HF_HUB_OFFLINE)
-            r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"} if a.offline else None)
-            if r.returncode != 0:
-                sys.exit(f"error: step {i} failed (exit {r.returncode}); fix it and run reproduce.py again to continue")
-    if not a.dry_run:
-        print(tables(a.out, seeds))
+    a.seeds = a.seeds_given or [DEFAULT_SEED]
+    a.out = os.path.abspath(a.out)
+    a.data_dir = a.data_dir and os.path.abspath(a.data_dir)
+    if os.path.exists(a.model):
+        a.model = os.path.abspath(a.model)
+    return a
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    again = shlex.join([python_cmd(), script()] + argv)  # pasteable where it was typed
+    a = parse_args(argv)
+    SIG.update(proc=None, sig=None, defer=False)
+    AT.update(step=0, total=0, done=0, output=None, train=False)
+    old = {}
+    try:
+        try:
+            old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: signals stay as they are
+            pass
+        if not a.tables_only:
+            run_steps(a, again)
+        if not a.dry_run:
+            print(tables(a.out, a.seeds_given))
+    except Stopped:
+        print(stopped_line(again), file=sys.stderr)
+        sys.exit(128 + SIG["sig"])
+    except (OSError, ValueError, RuntimeError) as e:
+        what = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+        print(f"error: {what}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 if __name__ == "__main__":

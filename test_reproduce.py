@@ -1,14 +1,25 @@
-"""Tests for reproduce.py: the plan of commands, the 95% intervals, and the tables and figures it
-writes from the steps' outputs (no training: the outputs are written by hand)."""
+"""Tests for reproduce.py: the plan of commands, the 95% intervals, the tables and figures it
+writes from the steps' outputs (mostly written by hand, with the records reproduce.py would write),
+and, on a tiny model, that a step's output is reused only if made from the same inputs and that an
+interrupted reproduction continues where it stopped."""
 import argparse
 import json
 import math
+import os
+import shlex
+import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
+import model as M
 import reproduce as P
+import rigsa
+import tiny
 
 
 def args(out, seeds, **kw):
@@ -43,21 +54,183 @@ def test_plan_with_seeds(tmp_path):
     assert not any("--seed" in c for c in cmds if "evals/run.py" in c)
 
 
-def test_main_skips_existing_outputs_and_resumes(tmp_path, capsys):
-    ev = tmp_path / "evals"
-    ev.mkdir()
-    (ev / "base-piqa.json").write_text("{}")
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_dir):
+    """Digits, and two tiny models of the same shapes with other weights (A, B)."""
+    w = tmp_path_factory.mktemp("repro")
+    rigsa.write_synthetic_mnist(w / "data" / "mnist", n_train=24, n_test=4, size=8)
+    return w, str(tiny_dir), str(tiny.write_tiny_checkpoint(w / "B", shape="gqa", seed=1))
+
+
+def quick(model, out, data, *more):
+    return ["--model", str(model), "--out", str(out), "--data-dir", str(data), "--limit", "2", "--steps", "2",
+            "--offline", "--no-verify", *more]
+
+
+def fake(argv, upto):
+    """Steps 1..upto of a reproduction as if reproduce.py had run them: their outputs, and their records."""
+    a = P.parse_args(argv)
+    inputs = P.Inputs(a)
+    for target, cmd in P.plan(a)[:upto]:
+        out = P.output_of(target, cmd)
+        if P.is_training(cmd):
+            out.mkdir(parents=True)
+            (out / "config.json").write_text("{}")
+            for k in range(1, int(target.stem[4:]) + 1):
+                (out / f"iter{k}.safetensors").write_bytes(b"adapter %d" % k)
+        else:
+            write_eval(target, "acc", 0.5, 0.01)
+        P.write_record(out, cmd, inputs.of(cmd), a.model, "done")
+    return a
+
+
+def files(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_main_skips_recorded_outputs_and_resumes(world, tmp_path, capsys):
+    w, A, _ = world
+    argv = quick(A, tmp_path, w / "data", "--seeds", "0,1")
+    fake(argv, 3)                                              # the base model's first three evaluations
     (tmp_path / "rigsa-seed0").mkdir()
-    (tmp_path / "rigsa-seed0" / "config.json").write_text("{}")  # a half-trained run
-    P.main(["--model", "M", "--out", str(tmp_path), "--seeds", "0,1", "--dry-run"])
+    (tmp_path / "rigsa-seed0" / "config.json").write_text("{}")  # a half-trained run, started by reproduce.py
+    a = P.parse_args(argv)
+    rig = next((t, c) for t, c in P.plan(a) if f"{tmp_path / 'rigsa-seed0'}" in c)
+    P.write_record(tmp_path / "rigsa-seed0", rig[1], P.Inputs(a).of(rig[1]), A, "started")
+    P.main(argv + ["--dry-run"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 82 - 1 and not any("base-piqa.json" in x for x in lines)
+    assert len(lines) == 82 - 3 and not any("/base-piqa.json" in x or "/base-mnist-5shot.json" in x for x in lines)
     assert sum("--resume" in x for x in lines) == 1 and f"--out {tmp_path / 'rigsa-seed0'} " in \
         next(x for x in lines if "--resume" in x)
-    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         P.main(["--seeds", "0,0", "--dry-run"])
     assert e.value.code == 2 and "--seeds" in capsys.readouterr().err
+
+
+def mutate(out, data, name):
+    """What changed since the fake reproduction, for the case `name`."""
+    if name == "test digits":
+        rigsa.write_synthetic_mnist(data / "mnist", n_train=24, n_test=4, size=8, seed=1)
+    elif name == "adapter":
+        (out / "rigsa" / "iter1.safetensors").write_bytes(b"another adapter")
+    elif name.startswith("no record"):
+        P.record_path(out / ("evals/base-mnist-0shot.json" if "evaluation" in name else "rigsa")).unlink()
+
+
+# (case, argv changes, what the one line names: {A}/{B} the models' paths and fingerprints, {out} OUT)
+CHANGES = [
+    ("model", ["--model", "{B}"], "{out}/evals/base-mnist-0shot.json: made from other inputs than this command's "
+     "(base model: {A} (fingerprint {fa}) then, {B} (fingerprint {fb}) now)"),
+    ("limit", ["--limit", "3"], "{out}/evals/base-mnist-0shot.json: made from other inputs than this command's "
+     "(--limit: 2 then, 3 now)"),
+    ("steps", ["--steps", "3"], "{out}/rigsa: made from other inputs than this command's (--steps: 2 then, 3 now)"),
+    ("test digits", [], "{out}/evals/base-mnist-0shot.json: made from other inputs than this command's "
+     "(mnist/t10k-images-idx3-ubyte.gz: sha256 "),
+    ("adapter", [], "{out}/evals/rigsa-iter1-piqa.json: made from other inputs than this command's (--adapter: sha256 "),
+    ("no record: evaluation", [], "{out}/evals/base-mnist-0shot.json: no record of the inputs that made it "
+     "(base-mnist-0shot.inputs.json is missing"),
+    ("no record: run", [], "{out}/rigsa: no record of the inputs that made it (rigsa.inputs.json is missing"),
+]
+
+
+@pytest.mark.parametrize("name,change,text", CHANGES, ids=[c[0] for c in CHANGES])
+def test_an_output_is_reused_only_if_made_from_the_same_inputs(world, tmp_path, capsys, name, change, text):
+    w, A, B = world
+    data, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(w / "data", data)
+    fake(quick(A, out, data), 12)     # the base model's ten evaluations, RIGSA's training, its first evaluation
+    mutate(out, data, name)
+    argv = quick(A, out, data)
+    for i in range(0, len(change), 2):
+        argv[argv.index(change[i]) + 1] = change[i + 1].format(B=B)
+    before = files(out)
+    fp = {k: M.base_identity(m)["fingerprint"] for k, m in (("fa", A), ("fb", B))}
+    for again in ([], ["--rerun-changed", "--dry-run"]):
+        with pytest.raises(SystemExit) as e:
+            P.main(argv + again)
+            raise SystemExit(0)
+        o, err = capsys.readouterr()
+        if again and name != "no record: run":  # the changed steps would run again; a dry run changes nothing
+            assert e.value.code == 0 and "--rerun-changed: it would be replaced" in o, err
+        else:                                   # refused, in one line naming the first difference
+            assert e.value.code == 1 and len(err.splitlines()) == 1, err
+            assert err.startswith("error: " + text.format(out=out, A=A, B=B, **fp)), err
+            assert ("pass --rerun-changed" in err) == (name != "no record: run"), err
+        assert files(out) == before
+
+
+def test_another_model_is_refused_or_rerun(world, tmp_path, capsys, monkeypatch, no_plots):
+    """A partial reproduction on model A, then on model B in the same OUT: refused, naming both; with
+    --rerun-changed B's evaluations replace A's, and TABLES.md says B made them."""
+    w, A, B = world
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")   # tiny models: threads only add overhead
+    data, out = tmp_path / "data", tmp_path / "out"
+    (data / "mnist").mkdir(parents=True)
+    for f in P.MNIST_TEST:  # the test split only: the 0-shot evaluation runs, the 5-shot one stops the reproduction
+        shutil.copy(w / "data" / "mnist" / f, data / "mnist" / f)
+
+    def run(model, *more):
+        with pytest.raises(SystemExit) as e:
+            P.main(quick(model, out, data, *more))
+        o, err = capsys.readouterr()
+        assert e.value.code == 1, err
+        return o, err.strip().splitlines()[-1]
+    o, err = run(A)
+    assert "[1/46]" in o and err.startswith("error: step 2 of 46: failed (exit 1)"), err
+    assert json.loads((out / "evals" / "base-mnist-0shot.json").read_text())["model"] == A
+    before = files(out)
+    o, err = run(B)
+    assert "[1/46]" not in o and "base model: " + A in err and B in err and files(out) == before
+    o, err = run(B, "--rerun-changed")
+    assert "[1/46]" in o and err.startswith("error: step 2 of 46"), err
+    ev = json.loads((out / "evals" / "base-mnist-0shot.json").read_text())
+    assert ev["model"] == B
+    P.main(quick(B, out, data, "--tables-only"))
+    text = (out / "TABLES.md").read_text()
+    fa, fb = (M.base_identity(m)["fingerprint"] for m in (A, B))
+    assert f"- base-model evaluations: `{B}` (fingerprint {fb}), --limit 2" in text and fa not in text
+    cell = P.fmt(P.interval([(ev["metrics"]["acc"], ev["metrics"]["acc_stderr"])]))
+    assert f"| Full Precision | {cell} | - |" in text
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_reproduction_continues_from_another_directory(world, tmp_path, sig):
+    """Launched from a directory other than the repository's, with relative paths: a signal while RIGSA
+    trains stops reproduce.py after the training's step (exit 130 or 143, one line, the command that
+    continues); that command, pasted, continues the training with --resume and goes on."""
+    w, A, _ = world
+    here = tmp_path / "here"
+    here.mkdir()
+    shutil.copytree(w / "data", tmp_path / "data")
+    argv = quick(os.path.relpath(A, here), "../out", "../data")
+    argv[argv.index("--steps") + 1] = "4"
+    fake([str(here / x) if x.startswith("..") else x for x in argv], 10)   # the base model's evaluations
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "reproduce.py"),
+                             *argv], cwd=here, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "out" / "rigsa" / "metrics.jsonl"
+    for _ in range(1200):  # until RIGSA's first iteration has been logged
+        if proc.poll() is not None or (metrics.exists() and '"step"' in metrics.read_text()):
+            break
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    o, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"{signal.Signals(sig).name}: reproduce.py stopped; the outputs of steps 1-10 of 46 are "
+                           f"kept; {tmp_path / 'out' / 'rigsa'} keeps its training's progress"), line
+    again = line.split("; continue with: ")[1]
+    assert shlex.split(again)[-len(argv):] == argv
+    assert (tmp_path / "out" / "rigsa" / "resume.pt").exists()
+    r = subprocess.run(again, shell=True, cwd=here, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr  # no PIQA data: step 12 stops it
+    assert r.stderr.strip().splitlines()[-1].startswith("error: step 12 of 46: failed"), r.stderr
+    steps = [x for x in r.stdout.splitlines() if x.startswith("[")]
+    assert steps[0].startswith("[11/46]") and steps[0].endswith(" --resume") and steps[1].startswith("[12/46]")
+    assert json.loads(P.record_path(tmp_path / "out" / "rigsa").read_text())["status"] == "done"
+    logged = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["iter"] for r in logged if r.get("event") == "iteration"] == [1, 2, 3, 4, 5]   # each once
 
 
 def t_cdf(q, df, n=20000):

@@ -58,23 +58,40 @@ import util
 TABLE4 = dict(ranks=(1, 4, 8, 16), alpha=32.0, dropout=0.0, lr=2e-4, weight_decay=0.1, epochs=4.0)
 
 
-def _f(default, help, check=None, choices=None, methods=None, needs=None):
+def _f(default, help, check=None, choices=None, needs=None):
     """A Config field: its default, its help, its valid values (check: a util.number range; choices),
-    the methods that use it, and needs = (when, why): the condition on the rest of the config
-    without which it cannot act (a flag another method, or this run, would silently ignore is refused)."""
-    return field(default=default, metadata={"help": help, "check": check, "choices": choices, "methods": methods,
-                                            "needs": needs})
+    and needs = (when, why): the condition on the rest of the config without which it cannot act
+    (a flag this run would silently ignore is refused; which methods use a flag: METHODS)."""
+    return field(default=default, metadata={"help": help, "check": check, "choices": choices, "needs": needs})
 
 
 POS, NONNEG, FRAC = util.number(float, 0, lo_open=True), util.number(float, 0), util.number(float, 0, 1, hi_open=True)
 INT0, INT1 = util.number(int, 0), util.number(int, 1)
-GATED = ("rigsa", "random-mask", "dense")              # the methods with the ReZero gate (lt-sft has none, §6)
-SPARSE = GATED + ("lt-sft",)                            # the gated sparse layer's methods
-PRUNING = ("rigsa", "lt-sft")                           # the ones that prune (IMP)
-LORA_METHODS = ("lora", "qlora")
-METHODS = SPARSE + LORA_METHODS
 PRUNES = (lambda c: c.iters > 1, "--iters above 1 (one iteration never prunes)")
 SEED_MAX = (2 ** 64 - 1) // 1000 - 1000   # the data order's generator is seeded seed * 1000 + iteration
+
+# The methods, one entry each: what check_config, setup, the IMP loop, the help and reproduce.py read.
+#   gated      the ReZero gate alpha (§3.2); lt-sft has none (§6)
+#   prunes     IMP iterations (§3.2, §4.4); the others train once
+#   lora       LoRA layers (qlora.py, §5.3) instead of the gated sparse layer
+#   init_mask  f(run): the mask it starts from, set after setup and inside the memory estimate, not on
+#              resume (None: every entry free)
+#   flags      the Config fields it uses beyond the common ones (another method's flag is refused)
+GATE = ("alpha_init", "init", "init_std", "decay_gate")
+IMP = ("iters", "keep", "prune_scope", "criterion")
+SPARSE_OPT = ("lr", "weight_decay", "epochs")
+LORA = ("rank", "lora_alpha", "lora_dropout", "lora_lr", "lora_weight_decay", "lora_epochs")
+METHODS = {
+    "rigsa":       dict(gated=True, prunes=True, lora=False, init_mask=None,
+                        flags=GATE + IMP + SPARSE_OPT + ("reset_alpha",)),
+    "random-mask": dict(gated=True, prunes=False, lora=False, init_mask=lambda run: random_mask_init(run),   # §4.4
+                        flags=GATE + SPARSE_OPT + ("mask_like", "density")),
+    "lt-sft":      dict(gated=False, prunes=True, lora=False, init_mask=None, flags=IMP + SPARSE_OPT),      # §6
+    "dense":       dict(gated=True, prunes=False, lora=False, init_mask=None, flags=GATE + SPARSE_OPT),
+    "lora":        dict(gated=False, prunes=False, lora=True, init_mask=None, flags=LORA),                 # §5.3
+    "qlora":       dict(gated=False, prunes=False, lora=True, init_mask=None, flags=LORA),                 # §5.3, 4-bit
+}
+CRITERIA = {}   # pruning criteria, name -> score(name, layer) (IMP section); filled below, --criterion picks one
 
 
 @dataclass
@@ -83,54 +100,56 @@ class Config:
     model: str = _f(M.DEFAULT_MODEL, "base model: hub id or local directory (§4.1)")
     revision: str = _f("", "hub revision of --model (commit, branch or tag; default: the latest); the run records "
                            "the commit it resolved to and resumes on it")
-    method: str = _f("rigsa", "rigsa | random-mask | lt-sft | dense | lora | qlora (§3.2, §4.4, §5.3; lt-sft: §6)",
-                     choices=METHODS)
+    method: str = _f("rigsa", "rigsa | random-mask | lt-sft | dense | lora | qlora (§3.2, §4.4, §5.3; lt-sft: §6): "
+                              "METHODS", choices=METHODS)
     out: str = _f("runs/rigsa", "run directory: config.json, metrics.jsonl, iterK.safetensors")
     data_dir: str = _f("data", "data root: the four MNIST IDX files are in <root>/mnist/ (§4.2)")
     seed: int = _f(1234, "seed of dW's init (per layer), of the random mask and of the data order",
                    check=util.number(int, 0, SEED_MAX))
     # the gated adapter (§3.2)
-    alpha_init: float = _f(1e-6, "initial gate alpha, one per layer (§3.2)", check=POS, methods=GATED)
+    alpha_init: float = _f(1e-6, "initial gate alpha, one per layer (§3.2)", check=POS)
     init: str = _f("uniform", "dW init: uniform = nn.Linear's U(+-1/sqrt(fan_in)) | normal (std --init-std) (silent in §3.2)",
-                   choices=("uniform", "normal"), methods=GATED)
-    init_std: float = _f(0.02, "std of dW's init when --init normal", check=POS, methods=GATED,
+                   choices=("uniform", "normal"))
+    init_std: float = _f(0.02, "std of dW's init when --init normal", check=POS,
                          needs=(lambda c: c.init == "normal", "--init normal"))
-    decay_gate: bool = _f(False, "weight-decay the gate alpha too (silent in §4.4: off)", methods=GATED)
-    reset_alpha: bool = _f(True, "reset alpha to --alpha-init at every IMP rewind (silent in §3.2: on)", methods=("rigsa",),
+    decay_gate: bool = _f(False, "weight-decay the gate alpha too (silent in §4.4: off)")
+    reset_alpha: bool = _f(True, "reset alpha to --alpha-init at every IMP rewind (silent in §3.2: on)",
                            needs=(lambda c: c.iters > 1, "--iters above 1 (one iteration never rewinds)"))
     # iterative magnitude pruning (§3.2, §4.4)
     iters: int = _f(5, "IMP iterations, each one training run (§4.4); dense, random-mask and LoRA train once",
-                    check=INT1, methods=PRUNING)
+                    check=INT1)
     keep: float = _f(0.8, "fraction of the sign-preserving free entries kept at each pruning (§4.4)",
-                     check=util.number(float, 0, 1, lo_open=True), methods=PRUNING, needs=PRUNES)
+                     check=util.number(float, 0, 1, lo_open=True), needs=PRUNES)
     prune_scope: str = _f("global", "global | layer: where the magnitude threshold is taken (silent in §4.4)",
-                          choices=("global", "layer"), methods=PRUNING, needs=PRUNES)
-    mask_like: str = _f("", "random-mask: copy the per-layer counts of this adapter, RUN/iterK (§4.4)", methods=("random-mask",))
+                          choices=("global", "layer"), needs=PRUNES)
+    criterion: str = _f("magnitude", "the pruning score: magnitude = |dW| (§4.4); CRITERIA holds the others",
+                        choices=CRITERIA, needs=PRUNES)
+    mask_like: str = _f("", "random-mask: copy the per-layer counts of this adapter, RUN/iterK (§4.4)")
     density: float = _f(0.0, "random-mask: uniform density instead of --mask-like",
-                        check=util.number(float, 0, 1), methods=("random-mask",))
+                        check=util.number(float, 0, 1))
     # optimisation (§4.4)
-    lr: float = _f(2e-3, "peak learning rate (§4.4)", check=POS, methods=SPARSE)
+    lr: float = _f(2e-3, "peak learning rate (§4.4)", check=POS)
     warmup: int = _f(1000, "linear warmup steps, then linear decay to 0 at the end of the iteration (§4.4)", check=INT0)
-    weight_decay: float = _f(1.0, "AdamW decoupled weight decay on dW (§4.4)", check=NONNEG, methods=SPARSE)
+    weight_decay: float = _f(1.0, "AdamW decoupled weight decay on dW (§4.4)", check=NONNEG)
     beta1: float = _f(0.9, "AdamW beta1 (silent in §4.4: torch default)", check=FRAC)
     beta2: float = _f(0.999, "AdamW beta2 (silent in §4.4: torch default)", check=FRAC)
     eps: float = _f(1e-8, "AdamW eps (silent in §4.4: torch default)", check=POS)
     batch_size: int = _f(16, "effective batch, by gradient accumulation (§4.4)", check=INT1)
     micro_batch: int = _f(1, "sequences per forward pass (§4.4: one fits a 24 GB GPU)", check=INT1)
-    epochs: float = _f(1.0, "epochs of the training split per IMP iteration (§4.4)", check=POS, methods=SPARSE)
+    epochs: float = _f(1.0, "epochs of the training split per IMP iteration (§4.4)", check=POS)
     steps: int = _f(0, "cap on optimizer steps per iteration, for quick runs (0 = no cap)", check=INT0)
     grad_clip: float = _f(0.0, "max gradient norm (0 = off; silent in §4.4)", check=NONNEG)
     moments: str = _f("auto", "where AdamW's moments live: device | host (pinned, streamed per tensor: exact, slower) | "
                               "8bit (approximate) | auto: device if the step fits, else host (README: Method notes, Memory)",
                       choices=("auto", "device", "host", "8bit"))
     # LoRA / QLoRA baseline (§5.3, Table 4); used when --method lora or qlora
-    rank: int = _f(TABLE4["ranks"][-1], "LoRA rank (Table 4: 1/4/8/16)", check=INT1, methods=LORA_METHODS)
-    lora_alpha: float = _f(TABLE4["alpha"], "LoRA alpha (Table 4)", check=POS, methods=LORA_METHODS)
-    lora_dropout: float = _f(TABLE4["dropout"], "LoRA dropout (Table 4)", check=FRAC, methods=LORA_METHODS)
+    rank: int = _f(TABLE4["ranks"][-1], "LoRA rank (Table 4: 1/4/8/16)", check=INT1)
+    lora_alpha: float = _f(TABLE4["alpha"], "LoRA alpha (Table 4)", check=POS)
+    lora_dropout: float = _f(TABLE4["dropout"], "LoRA dropout (Table 4)", check=FRAC)
     lora_lr: float = _f(TABLE4["lr"], "LoRA peak learning rate, linear schedule, --warmup warmup (Table 4)",
-                        check=POS, methods=LORA_METHODS)
-    lora_weight_decay: float = _f(TABLE4["weight_decay"], "LoRA weight decay (Table 4)", check=NONNEG, methods=LORA_METHODS)
-    lora_epochs: float = _f(TABLE4["epochs"], "LoRA epochs (Table 4)", check=POS, methods=LORA_METHODS)
+                        check=POS)
+    lora_weight_decay: float = _f(TABLE4["weight_decay"], "LoRA weight decay (Table 4)", check=NONNEG)
+    lora_epochs: float = _f(TABLE4["epochs"], "LoRA epochs (Table 4)", check=POS)
     # data and evaluation (§4.2)
     val_frac: float = _f(0.01, "fraction of the training images held out for validation (§4.2; 0: none)", check=FRAC)
     split_seed: int = _f(0, "seed of the validation split", check=util.number(int, 0, 2 ** 63 - 1))
@@ -170,9 +189,9 @@ def check_config(cfg, given=None):
         if not (f.name in given if given is not None else v != getattr(defaults, f.name)):
             continue
         flag = f"{flag} {v}" if not isinstance(v, bool) else flag if v else "--no-" + flag[2:]   # as typed
-        if f.metadata["methods"] and cfg.method not in f.metadata["methods"]:
-            raise ValueError(f"{flag}: --method {cfg.method} does not use it (only {', '.join(f.metadata['methods'])} "
-                             f"do); drop it")
+        users = [m for m, d in METHODS.items() if f.name in d["flags"]]
+        if users and cfg.method not in users:
+            raise ValueError(f"{flag}: --method {cfg.method} does not use it (only {', '.join(users)} do); drop it")
         if f.metadata["needs"] and not f.metadata["needs"][0](cfg):
             raise ValueError(f"{flag}: acts only with {f.metadata['needs'][1]}; drop it")
     if cfg.method == "random-mask" and bool(cfg.mask_like) == (cfg.density > 0):
@@ -191,7 +210,7 @@ def check_config(cfg, given=None):
 
 
 def n_iters(cfg):
-    return cfg.iters if cfg.method in PRUNING else 1   # the others do not prune
+    return cfg.iters if METHODS[cfg.method]["prunes"] else 1   # the others train once
 
 # -----------------------------------------------------------------------------
 # the gated sparse adapter (paper §3.2)
@@ -383,7 +402,7 @@ def install_adapters(model, cfg):
             name = f"{pname}.{cname}" if pname else cname
             if isinstance(child, nn.Linear) and name != "lm_head":
                 layer = GatedSparseLinear(child, layer_seed(cfg.seed, name), cfg.init, cfg.init_std,
-                                          cfg.alpha_init, gated=cfg.method in GATED)
+                                          cfg.alpha_init, gated=METHODS[cfg.method]["gated"])
                 setattr(parent, cname, layer)
                 layers[name] = layer
     return layers
@@ -414,40 +433,64 @@ def kth_largest(chunks, k):
     return torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32).item()
 
 
-@torch.no_grad()
-def prune(layers, keep=0.8, scope="global", sign=True):
-    """One IMP step (§3.2, §4.4). Among free entries whose sign equals that of their initial value,
-    keep the fraction `keep` with the largest |dW| (exactly round(keep * n_eligible), ties broken by
-    layer then row-major index), rewind them to dW0, zero and freeze every other entry.
-    sign=False (lt-sft, init 0): all free entries are eligible. Works on the free entries only:
-    its working set is one bool per free entry plus one layer's dW0 at a time. -> statistics."""
+def magnitude(name, L):
+    """§4.4's criterion: |dW| at the layer's free entries, (k,) float32 in `delta`'s order."""
+    return L.delta.abs()
+
+
+CRITERIA["magnitude"] = magnitude
+
+
+def eligible(L, sign=True):
+    """bool (k,): the free entries that may be kept. §3.2: those whose sign is still that of their
+    initial value (a flipped or exactly zero one is not); sign=False (lt-sft, init 0): all. dW0 is
+    regenerated and read at the free positions."""
+    if not sign:
+        return torch.ones_like(L.delta, dtype=torch.bool)
+    d0 = L.init_delta().view(-1).to(L.delta.device)
+    return torch.sign(L.delta) == torch.sign(d0 if L.mask is None else d0[L.free_index()])
+
+
+def select(layers, elig, keep, scope="global", score=magnitude):
+    """Exact top-k: among the eligible entries of each group (all layers, or each layer: --prune-scope),
+    the round(keep * n_eligible) with the largest score, ties at the threshold broken by layer then
+    row-major (delta's) order. score(name, layer) is called once per layer per pass and not kept,
+    so the working set is one layer's scores. -> {name: bool (k,)} the entries kept."""
     names = list(layers)
-    elig, stats = {}, {"layers": {}}
-    for n in names:  # 1) which free entries kept their sign (a flipped or exactly zero one did not)
-        L = layers[n]
-        e = torch.ones_like(L.delta, dtype=torch.bool)
-        if sign:     # §3.2: "didn't change sign"; dW0 regenerated, read at the free positions
-            d0 = L.init_delta().view(-1).to(L.delta.device)
-            e = torch.sign(L.delta) == torch.sign(d0 if L.mask is None else d0[L.free_index()])
-        elig[n] = e
-        stats["layers"][n] = {"free": L.delta.numel(), "eligible": int(e.count_nonzero()), "numel": L.numel()}
     groups = [names] if scope == "global" else [[n] for n in names]
-    for group in groups:  # 2) the magnitude threshold, exact, over the group's eligible entries
-        n_elig = sum(stats["layers"][n]["eligible"] for n in group)
-        k = round(keep * n_elig)
-        thr = kth_largest(lambda: (layers[n].delta.abs()[elig[n]] for n in group), k) if k else math.inf
-        quota = k - sum(int(((layers[n].delta.abs() > thr) & elig[n]).count_nonzero()) for n in group)
-        for n in group:  # 3) the new free entries, rewound to dW0 (§3.2)
-            L = layers[n]
-            mag = L.delta.abs()
-            new = elig[n] & (mag > thr)
+    chosen = {}
+    for group in groups:  # the threshold, exact, over the group's eligible entries (two histogram passes)
+        k = round(keep * sum(int(elig[n].count_nonzero()) for n in group))
+        thr = kth_largest(lambda: (score(n, layers[n])[elig[n]] for n in group), k) if k else math.inf
+        quota = k - sum(int(((score(n, layers[n]) > thr) & elig[n]).count_nonzero()) for n in group)
+        for n in group:
+            s = score(n, layers[n])
+            chosen[n] = elig[n] & (s > thr)
             if quota > 0:  # ties at the threshold: the first ones in row-major (= delta's) order
-                tie = (elig[n] & (mag == thr)).nonzero().view(-1)[:quota]
-                new[tie] = True
+                tie = (elig[n] & (s == thr)).nonzero().view(-1)[:quota]
+                chosen[n][tie] = True
                 quota -= len(tie)
-            index = (torch.arange(L.numel(), device=new.device) if L.mask is None else L.free_index())[new]
-            L.set_free(index, L.init_delta().view(-1)[index.cpu()])
-            stats["layers"][n]["kept"] = len(index)
+    return chosen
+
+
+def rewind(L, kept):
+    """The kept free entries (bool (k,)) become the layer's free entries, rewound to dW0 (§3.2);
+    every other entry is zeroed and frozen."""
+    index = (torch.arange(L.numel(), device=kept.device) if L.mask is None else L.free_index())[kept]
+    L.set_free(index, L.init_delta().view(-1)[index.cpu()])
+
+
+@torch.no_grad()
+def prune(layers, keep=0.8, scope="global", sign=True, score=magnitude):
+    """One IMP step (§3.2, §4.4): the eligible free entries (eligible), the fraction `keep` of them
+    with the largest score kept (select; §4.4: |dW|), rewound to dW0 (rewind). Works on the free
+    entries only: its working set is one bool per free entry plus one layer's dW0 at a time. -> statistics."""
+    elig = {n: eligible(L, sign) for n, L in layers.items()}
+    stats = {"layers": {n: {"free": L.delta.numel(), "eligible": int(elig[n].count_nonzero()), "numel": L.numel()}
+                        for n, L in layers.items()}}
+    for n, kept in select(layers, elig, keep, scope, score).items():
+        rewind(layers[n], kept)
+        stats["layers"][n]["kept"] = int(kept.count_nonzero())
     tot = lambda key: sum(s[key] for s in stats["layers"].values())
     stats.update(free=tot("free"), eligible=tot("eligible"), kept=tot("kept"), numel=tot("numel"))
     stats["sign_flip"] = 1 - stats["eligible"] / max(stats["free"], 1)
@@ -463,6 +506,16 @@ def random_masks(layers, counts, seed):
         g = torch.Generator().manual_seed(layer_seed(seed, n + "/mask"))
         index = torch.randperm(L.numel(), generator=g)[:counts[n]].sort().values
         L.set_free(index, L.dense().reshape(-1)[index.to(L.delta.device)])
+
+
+def random_mask_init(run):
+    """--method random-mask's initial mask: --mask-like's per-layer counts, or --density's."""
+    cfg, layers = run.cfg, run.layers
+    counts = (mask_counts(cfg.mask_like) if cfg.mask_like else
+              {n: round(cfg.density * L.numel()) for n, L in layers.items()})
+    if set(counts) != set(layers):
+        raise ValueError(f"--mask-like {cfg.mask_like}: its layers are not this model's layers")
+    random_masks(layers, counts, cfg.seed)
 
 
 def density_report(layers):
@@ -521,7 +574,7 @@ def make_optimizer(model, cfg, moments="device"):
     """AdamW (§4.4) on the trainable tensors: dW decayed by --weight-decay, the gate not (unless
     --decay-gate); LoRA: every LoRA matrix decayed by --lora-weight-decay (Table 4). Its moments
     live where `moments` says (adamw_step)."""
-    if cfg.method in LORA_METHODS:
+    if METHODS[cfg.method]["lora"]:
         params = [p for p in model.parameters() if p.requires_grad]
         groups = [{"params": params, "weight_decay": cfg.lora_weight_decay}]
     else:
@@ -591,7 +644,7 @@ class Run:
     steps: int                  # optimizer steps per IMP iteration
     lr: float                   # peak learning rate
     epochs: float
-    moments: str                # where AdamW's moments live (choose_moments)
+    moments: str                # where AdamW's moments live (choose_moments, once the adapters are in place)
     log: list                   # every metrics.jsonl record so far
     base: dict = None           # the base model's identity (model.base_identity), recorded with every adapter
     start_iter: int = 1         # where this process starts (a resumed run: where it stopped)
@@ -681,7 +734,7 @@ def setup(cfg, resume=None):
     LoRA: §5.3), the memory check, the run directory and the schedule's length; `resume`, resume.pt's
     content, puts the adapters back as they were."""
     out = Path(cfg.out)
-    lora = cfg.method in LORA_METHODS
+    lora = METHODS[cfg.method]["lora"]
     # the base model's files first: a hub id resolves to one commit, which the run records (in its
     # config and every adapter's) and a resumed run loads again, whatever the hub's main is by then
     util.init_distributed(cfg.device)   # torchrun: rank 0 downloads, the others wait (rank_zero_first)
@@ -691,7 +744,7 @@ def setup(cfg, resume=None):
     if cfg.resume:          # the run continues on the base it started on
         check_base(json.loads((out / "config.json").read_text()).get("base"), ident, f"--resume {out}",
                    cfg.allow_other_base)
-    if cfg.mask_like:       # the mask's layer counts come from an adapter of this base
+    if cfg.mask_like and resume is None:   # the mask's layer counts come from an adapter of this base
         check_base(read_adapter(cfg.mask_like, tensors=False)[1].get("base"), ident, f"--mask-like {cfg.mask_like}",
                    cfg.allow_other_base)
     util.say("config:", json.dumps(dataclasses.asdict(cfg)))
@@ -725,16 +778,17 @@ def setup(cfg, resume=None):
         layers = {}
     else:
         layers = install_adapters(model, cfg)
-        if cfg.method == "random-mask":
-            counts = (mask_counts(cfg.mask_like) if cfg.mask_like else
-                      {n: round(cfg.density * L.numel()) for n, L in layers.items()})
-            if set(counts) != set(layers):
-                raise ValueError(f"--mask-like {cfg.mask_like}: its layers are not this model's layers")
-            random_masks(layers, counts, cfg.seed)
+    epochs = cfg.lora_epochs if lora else cfg.epochs
+    steps = math.ceil(len(data["train"][0]) * epochs / cfg.batch_size)
+    steps = min(steps, cfg.steps) if cfg.steps else steps
+    run = Run(cfg, out, model, tok, device, amp, layers, data, digit_ids(tok), end_id(tok), steps,
+              cfg.lora_lr if lora else cfg.lr, epochs, None, [], base=ident)
     if resume is not None:   # the adapters as they were (a later iteration is smaller), for the estimate
         load_trainable_state(model, resume["state"])
-    tokens = cfg.micro_batch * len(encode_example(tok, data["train"][0][0], 0, digit_ids(tok), end_id(tok))[0])
-    moments = choose_moments(memory_plan(model, cfg, device, amp, tokens), device, cfg.moments)
+    elif METHODS[cfg.method]["init_mask"]:   # the method's initial mask (random-mask: §4.4), in the estimate too
+        METHODS[cfg.method]["init_mask"](run)
+    tokens = cfg.micro_batch * len(encode_example(tok, data["train"][0][0], 0, run.digits, run.eos)[0])
+    run.moments = choose_moments(memory_plan(model, cfg, device, amp, tokens), device, cfg.moments)
     # the run directory is written once the data and the model have loaded, and the step fits (by
     # rank 0 only, as every file of the run: the ranks hold the same adapters)
     rank, ranks = util.world()
@@ -747,16 +801,9 @@ def setup(cfg, resume=None):
     util.say(f"{cfg.method}: {len(layers) or 'LoRA on the'} adapted layers, {n_trainable:,} trainable tensor entries"
              + (f"; {ranks} processes, {cfg.batch_size // ranks}-{-(-cfg.batch_size // ranks)} sequences each a step"
                 if ranks > 1 else ""))
-
-    epochs = cfg.lora_epochs if lora else cfg.epochs
-    steps = math.ceil(len(data["train"][0]) * epochs / cfg.batch_size)
-    if cfg.steps:
-        steps = min(steps, cfg.steps)
     if steps <= cfg.warmup:
         util.say(f"note: {steps} steps per iteration <= warmup {cfg.warmup}: the lr never reaches "
                  f"its peak and does not decay to 0", file=sys.stderr)
-    run = Run(cfg, out, model, tok, device, amp, layers, data, digit_ids(tok), end_id(tok), steps,
-              cfg.lora_lr if lora else cfg.lr, epochs, moments, [], base=ident)
     if resume is not None:
         run.start_iter, run.start_step, run.log, run.resume = resume["iteration"], resume["step"], resume["log"], resume
         torch.set_rng_state(resume["rng"])
@@ -845,7 +892,7 @@ def save_iteration(run, it, res):
     save_adapter(run.model, run.out / f"iter{it}.safetensors", cfg,
                  {"base": run.base, **{k: v for k, v in res.items() if k in ("iter", "val_acc", "test_acc", "density",
                                                                              "trainable")}})
-    if cfg.method in LORA_METHODS:
+    if METHODS[cfg.method]["lora"]:
         qlora.save_peft(run.model, run.out / f"iter{it}-peft", cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.model,
                         cfg.revision or None)
     print(f"iter {it}:" + "".join(f" {k} {res[k + '_acc']:.4f}" for k in ("val", "test") if k + "_acc" in res)
@@ -856,7 +903,7 @@ def prune_and_rewind(run, it):
     """After iteration `it` (§3.2, §4.4): prune, rewind the kept entries to dW0, reset the gate,
     and checkpoint, so that a resumed run starts iteration it + 1 from here."""
     cfg, layers = run.cfg, run.layers
-    st = prune(layers, cfg.keep, cfg.prune_scope, sign=cfg.method in GATED)
+    st = prune(layers, cfg.keep, cfg.prune_scope, sign=METHODS[cfg.method]["gated"], score=CRITERIA[cfg.criterion])
     if cfg.reset_alpha:
         for L in layers.values():
             L.alpha.data.fill_(cfg.alpha_init if L.gated else 1.0)
@@ -1548,7 +1595,7 @@ def load_adapter(model, path, base=None, allow_other_base=False):
     checked against the one the adapter recorded (check_base). -> (its Config, check_base's verdict)."""
     tensors, meta, cfg = read_adapter(path)
     verdict = check_base(meta["base"], base, str(adapter_path(path)), allow_other_base) if base else "unchecked"
-    if cfg.method in LORA_METHODS:
+    if METHODS[cfg.method]["lora"]:
         if cfg.method == "qlora" and not is_quantized(model):
             qlora.quantize_model(model)
         if cfg.method == "lora" and is_quantized(model):
@@ -1770,6 +1817,7 @@ def main(argv=None):
         if a.cmd == "train":
             given = typed_flags(train_ap, argv[argv.index("train") + 1:])
             done = train(Config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Config)}), given)
+            util.stop_as_interrupt(False)   # its files are written: a signal from here on needs no word
             code = 128 + STOP[0] if done is None and STOP else 0   # interrupted by a signal: saved, and the shell sees why
             util.exit_distributed(code)
             if code:
@@ -1786,6 +1834,7 @@ def main(argv=None):
             merge(a.adapter, a.out, a.model, a.dtype, a.revision, a.allow_lossy, a.allow_other_base)
         elif a.cmd == "demo":
             demo(a.out)
+        util.stop_as_interrupt(False)
     except (OSError, ValueError, RuntimeError) as e:   # OSError: FileNotFoundError, FileExistsError, a full disk
         util.abandon_distributed()
         sys.exit(f"error: {' '.join(str(e).split())}")

@@ -289,7 +289,7 @@ def adapters_equal(a, b):
 def test_a_signal_during_training_loses_nothing(world, tmp_path, sig):
     w, m, _ = world
     args = ["--model", m, "--data-dir", str(w / "data"), "--device", "cpu", "--offline", "--no-verify", "--steps", "30",
-            "--warmup", "2", "--lr", "2e-2", "--batch-size", "4", "--micro-batch", "2", "--iters", "2", "--limit", "2", "--val-frac", "0.25",
+            "--warmup", "2", "--lr", "2e-2", "--batch-size", "4", "--micro-batch", "2", "--iters", "2", "--limit", "2", "--val-frac", "0.25", "--epochs", "10",
             "--log-every", "1", "--save-every", "3"]
     ref = tmp_path / "ref"
     with one_thread():

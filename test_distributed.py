@@ -56,8 +56,8 @@ def data(tmp_path_factory):
 def args_for(tiny_dir, data, method, **kw):
     a = dict(model=str(tiny_dir), data_dir=str(data), device="cpu", steps=4, warmup=2, batch_size=4, micro_batch=1, val_frac=0.1,
              limit=6, log_every=1, save_every=0, offline=True, verify=False, method=method)
-    a.update({"iters": 2} if method in rigsa.PRUNING else {})
-    a.update({"lr": 2e-2} if method in rigsa.SPARSE else {"rank": 2, "lora_lr": 1e-2})
+    a.update({"iters": 2} if rigsa.METHODS[method]["prunes"] else {})
+    a.update({"rank": 2, "lora_lr": 1e-2} if rigsa.METHODS[method]["lora"] else {"lr": 2e-2})
     a.update(kw)
     flags = []
     for k, v in a.items():

@@ -382,18 +382,18 @@ def keep_freed_memory():
 SIGNALS = []   # the stopping signals this process received, in order
 
 
-def stop_as_interrupt():
+def stop_as_interrupt(on_=True):
     """From here on SIGINT and SIGTERM (a job scheduler's, `kill`) raise KeyboardInterrupt, so that
     every `finally` and cleanup runs on both (SIGTERM's default ends the process on the spot), and
     are remembered: an error that surfaces after one (a read cut short) is the interrupt, not a
-    broken file (interrupted())."""
+    broken file (interrupted()). on_=False: the default actions again (the work is done)."""
     def on(signum, frame):
         SIGNALS.append(signum)
         raise KeyboardInterrupt
     SIGNALS.clear()
     try:
         for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, on)
+            signal.signal(s, on if on_ else signal.SIG_DFL)
     except ValueError:   # not the main thread: signals stay as they are
         pass
 

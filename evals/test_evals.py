@@ -69,7 +69,7 @@ def test_piqa_whitespace_kept_and_files(tmp_path):
     with pytest.raises(ValueError, match="1 labels for 2 questions"):
         T.load_piqa(T.ensure_files("piqa", str(tmp_path), download=False, verify=False))
     (d / "valid.jsonl").write_text(json.dumps(rows[0]) + "\n{oops\n")
-    with pytest.raises(ValueError, match=r"valid.jsonl:2: malformed JSON"):
+    with pytest.raises(ValueError, match=r"valid.jsonl line 2: malformed JSON"):
         T.load_piqa(T.ensure_files("piqa", str(tmp_path), download=False, verify=False))
 
 
@@ -430,7 +430,7 @@ def test_cli_bad_inputs(tiny_dir, tmp_path, capsys):
              (["--adapter", str(tmp_path / "absent")], "absent.safetensors"),
              (["--adapter", str(tmp_path / "junk")], "junk.safetensors"),
              (["--data-dir", str(tmp_path / "nodata")], "valid.jsonl"),
-             (["--data-dir", str(tmp_path / "corrupt")], "valid.jsonl:2"),
+             (["--data-dir", str(tmp_path / "corrupt")], "valid.jsonl line 2"),
              (["--data-dir", str(tmp_path / "empty")], "valid.jsonl: no documents"),
              (["--model", nomodel, "--model", str(tmp_path / "absent-model")], "absent-model")]  # the model itself
     if not torch.cuda.is_available():
@@ -564,3 +564,53 @@ def test_limit_0_is_every_document(tiny_dir, tmp_path):
             "--limit", "0", "--output", str(out)])
     r = json.loads(out.read_text())
     assert r["limit"] is None and r["docs"] == len(T.load_piqa(T.ensure_files("piqa", tmp_path, download=False, verify=False)))
+
+
+# ----------------------------------------------------------------------------- data checked before it is scored
+
+def _set_line(path, n, raw):
+    lines = path.read_bytes().split(b"\n")
+    lines[n - 1] = raw if isinstance(raw, bytes) else raw.encode()
+    path.write_bytes(b"\n".join(lines))
+
+
+_PIQA, _HS = {"goal": "g", "sol1": "a", "sol2": "b"}, {"activity_label": "A", "ctx_a": "c", "ctx_b": "d",
+                                                       "endings": ["1", "2", "3", "4"], "label": 0}
+
+
+@pytest.mark.parametrize("task,file,line,raw,said", [
+    ("piqa", "valid.jsonl", 3, json.dumps({**_PIQA, "goal": None}), '"goal" is null, expected a string'),
+    ("piqa", "valid.jsonl", 2, json.dumps({**_PIQA, "sol1": 5}), '"sol1" is 5, expected a string'),
+    ("piqa", "valid-labels.lst", 4, "2", 'label "2" is not 0 or 1'),
+    ("piqa", "valid.jsonl", 4, b'{"goal": "caf\xe9", "sol1": "a", "sol2": "b"}', "byte 0xe9 is not UTF-8"),
+    ("piqa", "valid-labels.lst", 2, b"\xff", "byte 0xff is not UTF-8"),
+    ("piqa", "valid.jsonl", 1, "[1, 2]", "[1, 2] is not a JSON object"),
+    ("hellaswag", "hellaswag_val.jsonl", 1, json.dumps({**_HS, "endings": "abcd"}),
+     '"endings" is "abcd", expected a list of 4 strings'),
+    ("hellaswag", "hellaswag_val.jsonl", 2, json.dumps({**_HS, "endings": ["a", "b", "c"]}), '"endings" is ["a", "b", "c"]'),
+    ("hellaswag", "hellaswag_val.jsonl", 5, json.dumps({**_HS, "ctx_b": None}), '"ctx_b" is null, expected a string'),
+    ("hellaswag", "hellaswag_val.jsonl", 2, json.dumps({**_HS, "label": "7"}), '"label" is "7", expected 0, 1, 2 or 3'),
+    ("hellaswag", "hellaswag_val.jsonl", 3, json.dumps({**_HS, "label": True}), '"label" is true'),
+    ("hellaswag", "hellaswag_val.jsonl", 3, '{"ind": 3, "ctx_a": ', "malformed JSON"),
+    ("gsm8k", "test.jsonl", 3, json.dumps({"question": "q", "answer": "it is 18"}), '"answer" is "it is 18", expected'),
+    ("gsm8k", "test.jsonl", 1, json.dumps({"question": "q", "answer": "#### 18 apples"}), '"answer" is "#### 18 apples"'),
+    ("gsm8k", "train.jsonl", 8, json.dumps({"question": "q", "answer": "x\n## 18"}), '"answer" is "x\\n## 18"'),
+    ("gsm8k", "test.jsonl", 2, json.dumps({"answer": "x\n#### 1"}), '"question" is missing, expected a string'),
+], ids=["piqa-goal-null", "piqa-sol1-number", "piqa-label-2", "piqa-not-utf8", "piqa-labels-not-utf8",
+        "piqa-not-object", "hellaswag-endings-string", "hellaswag-3-endings", "hellaswag-ctx_b-null", "hellaswag-label-7",
+        "hellaswag-label-bool", "hellaswag-malformed", "gsm8k-no-final", "gsm8k-final-not-number", "gsm8k-train-no-final",
+        "gsm8k-missing-question"])
+def test_cli_data_checked_before_the_model_loads(task, file, line, raw, said, tmp_path, monkeypatch):
+    # with --no-verify (no checksum can vouch for stand-in files) every record is still checked against
+    # its task's schema, before any model loads: one line naming the task, the file, the line and the field
+    _write_data(tmp_path)
+    path = tmp_path / task / file
+    _set_line(path, line, raw)
+    monkeypatch.setattr(M, "resolve", lambda *a, **k: pytest.fail("the model was resolved before the data was checked"))
+    with pytest.raises(SystemExit) as e:
+        R.main(["--task", task, "--model", str(tmp_path / "no-model"), "--data-dir", str(tmp_path), "--no-verify",
+                "--offline", "--limit", "2"])
+    msg = str(e.value.code)
+    assert msg.startswith(f"error: {task}: {path} line {line}: {said}") and "\n" not in msg, msg
+    assert msg.endswith("; fix or replace the file (--no-verify skips checksums, never structure)"), msg
+

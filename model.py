@@ -744,10 +744,18 @@ def generate_ids(model, prompts, max_new_tokens, eos_id, stop_fn=None):
     own next slot (KVCache); pass prompts sorted by length so that the attention blocks
     (DECODE_GROUP) read few empty slots. Each row stops on its own at eos_id or when
     stop_fn(row_index, new_ids) is true; finished rows leave the batch (KVCache.drop). Returns
-    the new ids of each row (eos not included)."""
+    the new ids of each row (eos not included).
+    The model's limit is kept: a row stops when its prompt and new tokens fill max_position_embeddings
+    (transformers' generate with max_length = that), so the KV cache needs min(longest prompt +
+    max_new_tokens, max_position_embeddings) slots whatever max_new_tokens is. A prompt that leaves no
+    room is a ValueError (callers left-truncate, as evals/run.py does for GSM8k)."""
     dev = model.lm_head.weight.device
+    P = model.config.max_position_embeddings
     B, L = len(prompts), max(len(p) for p in prompts)
-    cache = KVCache(model.config, B, L + max_new_tokens, dev, model.lm_head.weight.dtype)
+    if L >= P:
+        raise ValueError(f"a prompt of {L} tokens leaves no room to generate in the model's {P} positions; shorten it")
+    lim = [min(max_new_tokens, P - len(p)) for p in prompts]                 # new tokens each row may make
+    cache = KVCache(model.config, B, min(L + max_new_tokens, P), dev, model.lm_head.weight.dtype)
     last = []
     for i, p in enumerate(prompts):
         h = model(torch.tensor([p], device=dev), hidden_only=True, cache=cache.row(i))   # (1, len, C)
@@ -756,7 +764,7 @@ def generate_ids(model, prompts, max_new_tokens, eos_id, stop_fn=None):
     nxt = model.lm_head(torch.stack(last)).max(-1).indices                    # (B,)
     out = [[] for _ in range(B)]
     who = list(range(B))                                                      # cache row -> prompt
-    for step in range(max_new_tokens):
+    for step in range(max(lim)):
         live = cache.live()
         tok = dict(zip(live, nxt.tolist()))                                   # cache row -> its new token
         done = []
@@ -764,7 +772,7 @@ def generate_ids(model, prompts, max_new_tokens, eos_id, stop_fn=None):
             i = who[r]
             if tok[r] != eos_id:
                 out[i].append(tok[r])
-            if tok[r] == eos_id or (stop_fn and stop_fn(i, out[i])) or step + 1 == max_new_tokens:
+            if tok[r] == eos_id or (stop_fn and stop_fn(i, out[i])) or step + 1 >= lim[i]:
                 done.append(r)
         if len(done) == len(live):
             break
@@ -776,12 +784,14 @@ def generate_ids(model, prompts, max_new_tokens, eos_id, stop_fn=None):
     return out
 
 
-def generate(model, tokenizer, prompts, max_new_tokens=256, stop=(), batch_size=16, progress_bar=True, stats=None):
+def generate(model, tokenizer, prompts, max_new_tokens=256, stop=(), batch_size=16, progress_bar=True, stats=None,
+             left_truncate=None):
     """Batched greedy generation for text prompts. Returns, per prompt, the decoded new text
     (special tokens skipped) cut at the first occurrence of each stop string in list order,
     as lm-evaluation-harness does. Prompts go longest first, so that a batch's rows have similar
-    lengths and the decode blocks read few empty cache slots (generate_ids)."""
-    enc = [tokenizer.encode(p) for p in prompts]
+    lengths and the decode blocks read few empty cache slots (generate_ids). left_truncate: keep
+    each prompt's last N tokens (lm-eval's generate_until: max_length - max_gen_toks)."""
+    enc = [tokenizer.encode(p)[-left_truncate:] if left_truncate else tokenizer.encode(p) for p in prompts]
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
     texts, n_new, t0 = [None] * len(enc), 0, time.time()
     bar = util.progress(total=len(enc), desc="generate", unit="seq", enabled=progress_bar)
@@ -817,7 +827,8 @@ def main(argv=None):
     ap.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local directory (default {DEFAULT_MODEL})")
     ap.add_argument("--prompt", required=True, help="the user message")
     ap.add_argument("--system", default=None, help="system prompt (default: the model's own default)")
-    ap.add_argument("--max-new-tokens", type=util.number(int, 1), default=256, help="default 256")
+    ap.add_argument("--max-new-tokens", type=util.number(int, 1), default=256,
+                    help="default 256; at most what the model's positions leave beside the prompt (clamped, with a note)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default bfloat16 on CUDA, float32 on CPU")
@@ -831,8 +842,17 @@ def main(argv=None):
     except (OSError, ValueError, RuntimeError) as e:  # the library's errors are one line each: no traceback
         sys.exit(f"error: {str(e).replace(chr(10), ' ')}")
     msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
+    text, P = tok.chat(msgs), model.config.max_position_embeddings
+    n = len(tok.encode(text))
+    if n >= P:
+        sys.exit(f"error: --prompt: {n} tokens with the chat template, which leaves no room to generate in the model's "
+                 f"{P} positions; shorten it")
+    new = min(a.max_new_tokens, P - n)   # generation stops at the model's limit: say so rather than surprise
+    if new < a.max_new_tokens:
+        print(f"note: --max-new-tokens {a.max_new_tokens}: the prompt's {n} tokens leave room for {new} in the model's "
+              f"{P} positions; generating at most {new}", file=sys.stderr)
     stats = {}
-    print(generate(model, tok, [tok.chat(msgs)], a.max_new_tokens, stop=["<|im_end|>"], progress_bar=False, stats=stats)[0])
+    print(generate(model, tok, [text], new, stop=["<|im_end|>"], progress_bar=False, stats=stats)[0])
     print(f"[{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
 
 

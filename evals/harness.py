@@ -34,6 +34,18 @@ def encode_pair(tok, context, continuation):
     return ctx, whole[len(ctx):]
 
 
+def left_truncate(ctx, cont, max_length):
+    """A request longer than the model, as lm-eval's HF backend scores it (_loglikelihood_tokens):
+    the model reads the last max_length + 1 tokens of ctx + cont less the last one and the whole
+    continuation is scored, i.e. the context keeps its last max_length + 1 - len(cont) tokens.
+    -> the context as scored (ctx itself when the request fits)."""
+    if len(cont) > max_length:   # lm-eval asserts this away
+        raise ValueError(f"a continuation of {len(cont)} tokens is longer than the model's {max_length} positions; "
+                         f"it cannot be scored")
+    keep = max_length + 1 - len(cont)
+    return ctx[-keep:] if len(ctx) > keep else ctx
+
+
 # positions per lm_head block: (512, V) logits, 100 MB in float32; 3% faster on PIQA than 128 or
 # 1024 in an early scratch run on the CPU (no make target varies it)
 LOGITS_BLOCK = 512

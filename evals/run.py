@@ -53,20 +53,40 @@ def chat_fn(tok, args):
 # -----------------------------------------------------------------------------
 # the tasks: documents in (read before the model loads, load_data), metrics and samples out
 
+def warn_truncated(task, n, m, what):
+    if n:
+        util.say(f"warning: {task}: {n} of {m} {what} were left-truncated, as lm-eval does", file=sys.stderr)
+
+
 def eval_mc(task, docs, model, tok, args):
     docs = docs[:args.limit] if args.limit else docs
     mc = T.mc_docs(task, docs, chat_fn(tok, args))
-    enc = []
-    for d in mc:
+    P = model.config.max_position_embeddings
+    enc, owner, truncated = [], [], 0   # owner: the document each scored item belongs to
+    for i, d in enumerate(mc):
         pairs = [H.encode_pair(tok, d["context"], c) for c in d["continuations"]]
-        # the context is the same string for every choice, hence the same ids: score it once
-        enc.append((pairs[0][0], [p[1] for p in pairs]))
+        try:
+            ctxs = [H.left_truncate(c, x, P) for c, x in pairs]
+        except ValueError as e:
+            raise ValueError(f"{task}: document {i}: {e}") from None
+        if all(c is p[0] for c, p in zip(ctxs, pairs)):
+            # the context is the same string for every choice, hence the same ids: score it once
+            enc.append((pairs[0][0], [p[1] for p in pairs]))
+            owner.append(i)
+        else:   # longer than the model: each choice's context is cut to fit beside that choice (lm-eval)
+            truncated += 1
+            enc += [(c, [p[1]]) for c, p in zip(ctxs, pairs)]
+            owner += [i] * len(pairs)
+    warn_truncated(task, truncated, len(mc), f"contexts longer than the model's {P} positions")
     longest = max(len(c) + max(len(x) for x in xs) for c, xs in enc)
     bs = batch_size_for(args, model, longest, max(len(xs) for _, xs in enc))
     part = enc[util.shard(len(enc))]       # on torchrun this rank's documents; every rank's, gathered
     bar = util.progress(total=len(part), desc=task, unit="doc")
-    scores = util.gather(H.score_shared(model, part, batch_size=bs, bar=bar))
+    scored = util.gather(H.score_shared(model, part, batch_size=bs, bar=bar))
     bar.close()
+    scores = [[] for _ in mc]
+    for i, sc in zip(owner, scored):
+        scores[i] += sc
     samples, logged, accs, norms = [], [], [], []
     for i, (d, sc) in enumerate(zip(mc, scores)):
         lls = [s[0] for s in sc]
@@ -81,7 +101,7 @@ def eval_mc(task, docs, model, tok, args):
                                 {"acc": acc, "acc_norm": acc_norm}))
     metrics = {"acc": T.mean(accs), "acc_stderr": T.mean_stderr(accs),
                "acc_norm": T.mean(norms), "acc_norm_stderr": T.mean_stderr(norms)}
-    return metrics, samples, bs, logged
+    return metrics, samples, bs, logged, truncated
 
 
 def eval_gsm8k(data, model, tok, args, k):
@@ -94,11 +114,20 @@ def eval_gsm8k(data, model, tok, args, k):
     eos = tok.decode([tok.eos_id])
     if eos not in until:
         until.append(eos)
-    longest = len(tok.encode(max(prompts, key=len))) + T.GSM8K_MAX_NEW
+    # lm-eval's generate_until keeps a prompt's last max_length - max_gen_toks tokens
+    P = model.config.max_position_embeddings
+    room = P - T.GSM8K_MAX_NEW
+    if room <= 0:
+        raise ValueError(f"gsm8k: the model's {P} positions leave no room for a prompt beside the {T.GSM8K_MAX_NEW} "
+                         f"tokens it generates; use a model with more positions")
+    truncated = sum(len(tok.encode(p)) > room for p in prompts)
+    warn_truncated("gsm8k", truncated, len(prompts),
+                   f"prompts longer than {room} tokens (the model's {P} positions less {T.GSM8K_MAX_NEW} to generate)")
+    longest = min(len(tok.encode(max(prompts, key=len))) + T.GSM8K_MAX_NEW, P)
     bs = batch_size_for(args, model, longest, 1, generate=True)
     # the shots were drawn over every document first (above): on torchrun each rank generates its share
     gens = util.gather(M.generate(model, tok, prompts[util.shard(len(prompts))], max_new_tokens=T.GSM8K_MAX_NEW,
-                                  stop=until, batch_size=bs, progress_bar=True))
+                                  stop=until, batch_size=bs, progress_bar=True, left_truncate=room))
     samples, strict, flex = [], [], []
     for i, (d, g) in enumerate(zip(test, gens)):
         s, f = T.strict_extract(g), T.flexible_extract(g)
@@ -114,14 +143,25 @@ def eval_gsm8k(data, model, tok, args, k):
               for i, (d, p, s) in enumerate(zip(test, prompts, samples))]
     metrics = {"exact_match_strict": T.mean(strict), "exact_match_strict_stderr": T.mean_stderr(strict),
                "exact_match_flexible": T.mean(flex), "exact_match_flexible_stderr": T.mean_stderr(flex)}
-    return metrics, samples, bs, logged
+    return metrics, samples, bs, logged, truncated
 
 
 def eval_mnist(data, model, tok, args, k):
     (images, labels), pool = data
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
-    longest = len(tok.encode(rigsa.prompt(tok, images[0], [(images[0], 0)] * k)))  # all prompts ~ equal length
+    n_tokens = lambda j: len(tok.encode(rigsa.prompt(tok, images[0], [(images[0], 0)] * j)))  # noqa: E731
+    longest = n_tokens(k)   # every prompt has this length: one token per pixel digit
+    P = model.config.max_position_embeddings
+    if longest > P:   # left-truncation (lm-eval's way) would cut off the instructions: refused, not scored
+        base, most = n_tokens(0), 0
+        if base <= P:
+            most = (P - base) // (n_tokens(1) - base)
+            while most and n_tokens(most) > P:
+                most -= 1
+        raise ValueError(f"--num-fewshot {k}: a {k}-shot Textual MNIST prompt is {longest} tokens, more than the "
+                         f"model's {P} positions; " + (f"use --num-fewshot {most} or fewer" if base <= P else
+                                                      f"even 0-shot needs {base}: use a model with more positions"))
     bs = batch_size_for(args, model, longest, 1)
     seed = rigsa.SHOT_SEED if args.seed is None else args.seed
     draws = rigsa.shot_draws(len(images), len(pool[0]), k, seed) if k else None   # over every image, first
@@ -142,7 +182,7 @@ def eval_mnist(data, model, tok, args, k):
             logged.append(lm_sample(i, {"index": i, "label": s["target"]}, s["target"],
                                     [(text, {"max_gen_toks": 1, "do_sample": False})], [[answer]], [answer], "none",
                                     {"acc": s["acc"]}))
-    return {"acc": T.mean(accs), "acc_stderr": T.mean_stderr(accs)}, samples, bs, logged
+    return {"acc": T.mean(accs), "acc_stderr": T.mean_stderr(accs)}, samples, bs, logged, 0
 
 
 def run_task(task, data, model, tok, args, info):
@@ -150,18 +190,19 @@ def run_task(task, data, model, tok, args, info):
     k = shots_for(task, args)
     t0 = time.time()
     if task in ("piqa", "hellaswag"):
-        metrics, samples, bs, logged = eval_mc(task, data, model, tok, args)
+        metrics, samples, bs, logged, cut = eval_mc(task, data, model, tok, args)
         n_all = len(data)
     elif task == "gsm8k":
-        metrics, samples, bs, logged = eval_gsm8k(data, model, tok, args, k)
+        metrics, samples, bs, logged, cut = eval_gsm8k(data, model, tok, args, k)
         n_all = len(data[1])
     else:
-        metrics, samples, bs, logged = eval_mnist(data, model, tok, args, k)
+        metrics, samples, bs, logged, cut = eval_mnist(data, model, tok, args, k)
         n_all = len(data[0][1])
     dt = time.time() - t0
     result = {"task": task, "model": info["model"], "adapter": args.adapter, "dtype": info["dtype"],
               "num_fewshot": k, "limit": args.limit or None, "seconds": round(dt, 3), "metrics": metrics, "samples": samples,
               "docs": len(samples), "docs_per_s": len(samples) / max(dt, 1e-9), "batch_size": bs,
+              "truncated": cut,   # documents longer than the model, left-truncated as lm-eval does
               "chat": args.chat, "quantize": info["quantize"], "device": str(next(model.parameters()).device),
               "protocol": "lm-evaluation-harness 0.4.x, " + ("--apply_chat_template" if args.chat else "plain text")}
     return result, {"task": task, "k": k, "n_all": n_all, "samples": logged, "batch_size": bs,

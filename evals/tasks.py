@@ -10,6 +10,7 @@ so each piece can be checked against lm-eval's own outputs on its own.
   mnist      Textual MNIST (paper §4.2); its files, prompt and scoring live in rigsa.py
 """
 
+import io
 import json
 import math
 import os
@@ -54,55 +55,95 @@ def ensure_files(task, data_dir, download=True, verify=True, names=None):
 
 
 # -----------------------------------------------------------------------------
-# reading, with file:line errors
+# reading: every record checked against its task's schema before any model loads, with or without
+# --no-verify (a checksum vouches for the pinned file, not for stand-in data); one error line names
+# the file, the line and the field
 
-def read_jsonl(path, keys):
+FIX = "fix or replace the file (--no-verify skips checksums, never structure)"
+
+
+def _final_answer(v):
+    # exact_match compares what follows the last "#### " (gsm8k.yaml regexes_to_ignore): a number
+    return isinstance(v, str) and "#### " in v and \
+        re.fullmatch(r"-?[0-9][0-9,]*(\.[0-9]+)?", v.rsplit("#### ", 1)[1].strip()) is not None
+
+
+STRING = (lambda v: isinstance(v, str), "a string")
+SCHEMAS = {   # field: (check, what it must be); fields a task does not read are not checked
+    "piqa": {"goal": STRING, "sol1": STRING, "sol2": STRING},
+    "hellaswag": {"activity_label": STRING, "ctx_a": STRING, "ctx_b": STRING,
+                  "endings": (lambda v: isinstance(v, list) and len(v) == 4 and all(isinstance(e, str) for e in v),
+                              "a list of 4 strings"),
+                  # an int in the original jsonl, a string in HF Rowan/hellaswag; never a bool
+                  "label": (lambda v: (type(v) is int and 0 <= v <= 3) or v in ("0", "1", "2", "3"),
+                            "0, 1, 2 or 3 (a number or a one-digit string)")},
+    "gsm8k": {"question": STRING, "answer": (_final_answer, 'a string ending in "#### <number>" (the final answer)')},
+}
+
+
+def _shown(v):
+    s = json.dumps(v, ensure_ascii=False)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def read_lines(task, path):
+    """The file's lines as open(path, encoding="utf-8") reads them (universal newlines), or one error
+    naming the line of its first byte that is not UTF-8."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{task}: {path} line {line}: byte 0x{data[e.start]:02x} is not "
+                         f"UTF-8 text; {FIX}") from None
+    return list(io.StringIO(text, newline=None))
+
+
+def read_jsonl(task, path, schema):
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: malformed JSON ({e.msg})") from None
-            if not isinstance(doc, dict) or any(k not in doc for k in keys):
-                raise ValueError(f"{path}:{i}: expected a JSON object with keys {list(keys)}")
-            docs.append(doc)
+    for i, line in enumerate(read_lines(task, path), 1):
+        if not line.strip():
+            continue
+        where = f"{task}: {path} line {i}"
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); {FIX}") from None
+        if not isinstance(doc, dict):
+            raise ValueError(f"{where}: {_shown(doc)} is not a JSON object; {FIX}")
+        for k, (ok, want) in schema.items():
+            if k not in doc:
+                raise ValueError(f'{where}: "{k}" is missing, expected {want}; {FIX}')
+            if not ok(doc[k]):
+                raise ValueError(f'{where}: "{k}" is {_shown(doc[k])}, expected {want}; {FIX}')
+        docs.append(doc)
     if not docs:  # an empty (or truncated-to-nothing) file would fail later as an unnamed max() of nothing
-        raise ValueError(f"{path}: no documents (the file is empty); delete it to download it again, "
+        raise ValueError(f"{task}: {path}: no documents (the file is empty); delete it to download it again, "
                          f"or put the real file there")
     return docs
 
 
 def load_piqa(paths):
     # protocol §2: {goal, sol1, sol2} from valid.jsonl, label = int(line) of valid-labels.lst
-    docs = read_jsonl(paths["valid.jsonl"], ("goal", "sol1", "sol2"))
-    with open(paths["valid-labels.lst"], encoding="utf-8") as f:
-        labels = f.read().split("\n")
-    if labels and labels[-1] == "":
-        labels.pop()
+    docs = read_jsonl("piqa", paths["valid.jsonl"], SCHEMAS["piqa"])
+    path = paths["valid-labels.lst"]
+    labels = [x.rstrip("\n") for x in read_lines("piqa", path)]
     if len(labels) != len(docs):
-        raise ValueError(f"{paths['valid-labels.lst']}: {len(labels)} labels for {len(docs)} questions in valid.jsonl")
+        raise ValueError(f"piqa: {path}: {len(labels)} labels for {len(docs)} questions in valid.jsonl; {FIX}")
     for i, (doc, lab) in enumerate(zip(docs, labels), 1):
         if lab.strip() not in ("0", "1"):
-            raise ValueError(f"{paths['valid-labels.lst']}:{i}: label {lab!r} is not 0 or 1")
+            raise ValueError(f"piqa: {path} line {i}: label {_shown(lab)} is not 0 or 1; {FIX}")
         doc["label"] = int(lab)
     return docs
 
 
 def load_hellaswag(paths):
-    path = paths["hellaswag_val.jsonl"]
-    docs = read_jsonl(path, ("activity_label", "ctx_a", "ctx_b", "endings", "label"))
-    for i, doc in enumerate(docs):
-        if len(doc["endings"]) != 4 or str(doc["label"]) not in ("0", "1", "2", "3"):
-            raise ValueError(f"{path}: document {i}: expected 4 endings and a label in 0..3")
-    return docs
+    return read_jsonl("hellaswag", paths["hellaswag_val.jsonl"], SCHEMAS["hellaswag"])
 
 
 def load_gsm8k(paths):
-    return (read_jsonl(paths["train.jsonl"], ("question", "answer")),
-            read_jsonl(paths["test.jsonl"], ("question", "answer")))
+    return tuple(read_jsonl("gsm8k", paths[f], SCHEMAS["gsm8k"]) for f in ("train.jsonl", "test.jsonl"))
 
 
 # -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 
 import pytest
@@ -69,7 +70,7 @@ def test_piqa_whitespace_kept_and_files(tmp_path):
     with pytest.raises(ValueError, match="1 labels for 2 questions"):
         T.load_piqa(T.ensure_files("piqa", str(tmp_path), download=False, verify=False))
     (d / "valid.jsonl").write_text(json.dumps(rows[0]) + "\n{oops\n")
-    with pytest.raises(ValueError, match=r"valid.jsonl:2: malformed JSON"):
+    with pytest.raises(ValueError, match=r"valid.jsonl line 2: malformed JSON"):
         T.load_piqa(T.ensure_files("piqa", str(tmp_path), download=False, verify=False))
 
 
@@ -300,11 +301,21 @@ def _tree(root):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
+def _with_positions(src, dst, n):
+    """A copy of a tiny checkpoint whose config says max_position_embeddings = n (same weights)."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": n}))
+    return dst
+
+
 @pytest.mark.parametrize("task", ["piqa", "hellaswag", "gsm8k", "mnist", "mnist5"])
 def test_cli_end_to_end(task, tiny_dir, tmp_path, monkeypatch):
     _write_data(tmp_path)
     out, lm = tmp_path / "out.json", tmp_path / "lm"
     shots = ["--num-fewshot", "5", "--seed", "-7"] if task == "mnist5" else []   # any int is a seed
+    if shots:   # 5-shot prompts are ~5,000 tokens: SmolLM2's 8,192 positions hold them, the tiny config's 2,048 not
+        tiny_dir = _with_positions(tiny_dir, tmp_path / "tiny8k", 8192)
     task = task[:5] if task == "mnist5" else task
     prompts, real = [], rigsa.prompt
     monkeypatch.setattr(rigsa, "prompt", lambda *a: prompts.append(real(*a)) or prompts[-1])
@@ -430,7 +441,7 @@ def test_cli_bad_inputs(tiny_dir, tmp_path, capsys):
              (["--adapter", str(tmp_path / "absent")], "absent.safetensors"),
              (["--adapter", str(tmp_path / "junk")], "junk.safetensors"),
              (["--data-dir", str(tmp_path / "nodata")], "valid.jsonl"),
-             (["--data-dir", str(tmp_path / "corrupt")], "valid.jsonl:2"),
+             (["--data-dir", str(tmp_path / "corrupt")], "valid.jsonl line 2"),
              (["--data-dir", str(tmp_path / "empty")], "valid.jsonl: no documents"),
              (["--model", nomodel, "--model", str(tmp_path / "absent-model")], "absent-model")]  # the model itself
     if not torch.cuda.is_available():
@@ -564,3 +575,127 @@ def test_limit_0_is_every_document(tiny_dir, tmp_path):
             "--limit", "0", "--output", str(out)])
     r = json.loads(out.read_text())
     assert r["limit"] is None and r["docs"] == len(T.load_piqa(T.ensure_files("piqa", tmp_path, download=False, verify=False)))
+
+
+# ----------------------------------------------------------------------------- data checked before it is scored
+
+def _set_line(path, n, raw):
+    lines = path.read_bytes().split(b"\n")
+    lines[n - 1] = raw if isinstance(raw, bytes) else raw.encode()
+    path.write_bytes(b"\n".join(lines))
+
+
+_PIQA, _HS = {"goal": "g", "sol1": "a", "sol2": "b"}, {"activity_label": "A", "ctx_a": "c", "ctx_b": "d",
+                                                       "endings": ["1", "2", "3", "4"], "label": 0}
+
+
+@pytest.mark.parametrize("task,file,line,raw,said", [
+    ("piqa", "valid.jsonl", 3, json.dumps({**_PIQA, "goal": None}), '"goal" is null, expected a string'),
+    ("piqa", "valid.jsonl", 2, json.dumps({**_PIQA, "sol1": 5}), '"sol1" is 5, expected a string'),
+    ("piqa", "valid-labels.lst", 4, "2", 'label "2" is not 0 or 1'),
+    ("piqa", "valid.jsonl", 4, b'{"goal": "caf\xe9", "sol1": "a", "sol2": "b"}', "byte 0xe9 is not UTF-8"),
+    ("piqa", "valid-labels.lst", 2, b"\xff", "byte 0xff is not UTF-8"),
+    ("piqa", "valid.jsonl", 1, "[1, 2]", "[1, 2] is not a JSON object"),
+    ("hellaswag", "hellaswag_val.jsonl", 1, json.dumps({**_HS, "endings": "abcd"}),
+     '"endings" is "abcd", expected a list of 4 strings'),
+    ("hellaswag", "hellaswag_val.jsonl", 2, json.dumps({**_HS, "endings": ["a", "b", "c"]}), '"endings" is ["a", "b", "c"]'),
+    ("hellaswag", "hellaswag_val.jsonl", 5, json.dumps({**_HS, "ctx_b": None}), '"ctx_b" is null, expected a string'),
+    ("hellaswag", "hellaswag_val.jsonl", 2, json.dumps({**_HS, "label": "7"}), '"label" is "7", expected 0, 1, 2 or 3'),
+    ("hellaswag", "hellaswag_val.jsonl", 3, json.dumps({**_HS, "label": True}), '"label" is true'),
+    ("hellaswag", "hellaswag_val.jsonl", 3, '{"ind": 3, "ctx_a": ', "malformed JSON"),
+    ("gsm8k", "test.jsonl", 3, json.dumps({"question": "q", "answer": "it is 18"}), '"answer" is "it is 18", expected'),
+    ("gsm8k", "test.jsonl", 1, json.dumps({"question": "q", "answer": "#### 18 apples"}), '"answer" is "#### 18 apples"'),
+    ("gsm8k", "train.jsonl", 8, json.dumps({"question": "q", "answer": "x\n## 18"}), '"answer" is "x\\n## 18"'),
+    ("gsm8k", "test.jsonl", 2, json.dumps({"answer": "x\n#### 1"}), '"question" is missing, expected a string'),
+], ids=["piqa-goal-null", "piqa-sol1-number", "piqa-label-2", "piqa-not-utf8", "piqa-labels-not-utf8",
+        "piqa-not-object", "hellaswag-endings-string", "hellaswag-3-endings", "hellaswag-ctx_b-null", "hellaswag-label-7",
+        "hellaswag-label-bool", "hellaswag-malformed", "gsm8k-no-final", "gsm8k-final-not-number", "gsm8k-train-no-final",
+        "gsm8k-missing-question"])
+def test_cli_data_checked_before_the_model_loads(task, file, line, raw, said, tmp_path, monkeypatch):
+    # with --no-verify (no checksum can vouch for stand-in files) every record is still checked against
+    # its task's schema, before any model loads: one line naming the task, the file, the line and the field
+    _write_data(tmp_path)
+    path = tmp_path / task / file
+    _set_line(path, line, raw)
+    monkeypatch.setattr(M, "resolve", lambda *a, **k: pytest.fail("the model was resolved before the data was checked"))
+    with pytest.raises(SystemExit) as e:
+        R.main(["--task", task, "--model", str(tmp_path / "no-model"), "--data-dir", str(tmp_path), "--no-verify",
+                "--offline", "--limit", "2"])
+    msg = str(e.value.code)
+    assert msg.startswith(f"error: {task}: {path} line {line}: {said}") and "\n" not in msg, msg
+    assert msg.endswith("; fix or replace the file (--no-verify skips checksums, never structure)"), msg
+
+
+# ----------------------------------------------------------------------------- limits are the model's
+
+@pytest.mark.parametrize("case", ["loglikelihood", "gsm8k", "generate", "model_cli", "mnist"])
+def test_limits_are_the_models(case, tiny_dir, tmp_path, monkeypatch, capsys):
+    # a model of P = 320 positions (tiny_dir's weights): loglikelihood requests and GSM8k prompts longer than
+    # it are left-truncated exactly as lm-eval's HF backend does, and counted; generation stops at the limit
+    # with a KV cache no larger; model.py clamps --max-new-tokens; Textual MNIST prompts that do not fit are
+    # refused before anything is scored (left-truncation would cut off their instructions)
+    P = 320
+    short = _with_positions(tiny_dir, tmp_path / "short", P)
+    model, tok = M.load(str(short))
+    out = tmp_path / "out.json"
+    run = ["--model", str(short), "--data-dir", str(tmp_path), "--no-verify", "--offline", "--output", str(out)]
+    if case == "loglikelihood":
+        _write_data(tmp_path)
+        rows = [{"goal": "How do I " + "the of and to " * (90 if i % 2 == 0 else 1), "sol1": f" a {i} the of ",
+                 "sol2": "b" * (i + 1)} for i in range(5)]   # documents 0, 2, 4 longer than the model
+        (tmp_path / "piqa" / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        R.main(["--task", "piqa", "--limit", "4", "--batch-size", "3"] + run)
+        r = json.loads(out.read_text())
+        assert r["truncated"] == 2
+        assert "warning: piqa: 2 of 4 contexts longer than the model's 320 positions were left-truncated, " \
+               "as lm-eval does" in capsys.readouterr().err
+        for d, s in zip(T.mc_docs("piqa", T.load_piqa(T.ensure_files("piqa", tmp_path, download=False, verify=False))),
+                        r["samples"], strict=False):
+            for c, ll in zip(d["continuations"], s["loglikelihoods"], strict=True):
+                ctx, cont = H.encode_pair(tok, d["context"], c)
+                whole = (ctx + cont)[-(P + 1):]        # lm-eval: the last P + 1 tokens, the last one not fed
+                assert abs(ll - _naive(model, whole[:-len(cont)], cont)[0]) < 1e-4
+    elif case == "gsm8k":
+        _write_data(tmp_path)
+        R.main(["--task", "gsm8k", "--limit", "3", "--batch-size", "2"] + run)
+        r = json.loads(out.read_text())
+        room = P - T.GSM8K_MAX_NEW    # lm-eval's generate_until: max_length - max_gen_toks
+        assert r["truncated"] == 3 and f"warning: gsm8k: 3 of 3 prompts longer than {room} tokens" in capsys.readouterr().err
+        train, test = T.load_gsm8k(T.ensure_files("gsm8k", tmp_path, download=False, verify=False))
+        for d, shots, s in zip(test[:3], T.gsm8k_fewshot_indices(3, len(train)), r["samples"], strict=True):
+            ids = tok.encode(T.gsm8k_prompt(train, d, shots))
+            assert len(ids) > room
+            g = tok.decode(M.generate_ids(model, [ids[-room:]], T.GSM8K_MAX_NEW, tok.eos_id)[0], skip_special_tokens=True)
+            for st in T.GSM8K_UNTIL:
+                g = g.split(st)[0]
+            assert s["generation"] == g
+    elif case == "generate":
+        sizes, real = [], M.KVCache
+        monkeypatch.setattr(M, "KVCache", lambda cfg, B, n, *a: sizes.append(n) or real(cfg, B, n, *a))
+        prompts = [[5 + i % 40 for i in range(n)] for n in (300, 310, 12)]
+        got = M.generate_ids(model, prompts, 10 ** 11, eos_id=-1)
+        assert [len(g) for g in got] == [P - 300, P - 310, P - 12] and sizes == [P]
+        assert M.generate_ids(model, prompts[2:], 5, eos_id=-1) == [got[2][:5]] and sizes[-1] == 12 + 5
+        with pytest.raises(ValueError, match="a prompt of 320 tokens leaves no room"):
+            M.generate_ids(model, [[5] * P], 1, eos_id=-1)
+    elif case == "model_cli":
+        M.main(["--model", str(short), "--prompt", "hi", "--max-new-tokens", "100000000000", "--device", "cpu"])
+        err = capsys.readouterr().err
+        n = len(tok.encode(tok.chat([{"role": "user", "content": "hi"}])))
+        assert f"note: --max-new-tokens 100000000000: the prompt's {n} tokens leave room for {P - n} in the " \
+               f"model's {P} positions" in err and "Traceback" not in err
+        assert int(re.search(r"\[(\d+) tokens", err).group(1)) <= P - n
+        with pytest.raises(SystemExit) as e:
+            M.main(["--model", str(short), "--prompt", "the of and " * 200, "--device", "cpu"])
+        assert str(e.value.code).startswith("error: --prompt: ") and "320 positions" in str(e.value.code)
+    else:
+        rigsa.write_synthetic_mnist(tmp_path / "mnist", n_train=120, n_test=5)
+        monkeypatch.setattr(rigsa, "mnist_accuracy", lambda *a, **k: pytest.fail("scored a prompt beyond the model"))
+        for model_dir, positions, then in ((tiny_dir, 2048, "use --num-fewshot 1 or fewer"),
+                                           (short, P, "even 0-shot needs")):
+            with pytest.raises(SystemExit) as e:
+                R.main(["--task", "mnist", "--num-fewshot", "100"] + run[2:] + ["--model", str(model_dir)])
+            msg = str(e.value.code)
+            assert msg.startswith("error: --num-fewshot 100: a 100-shot Textual MNIST prompt is ") and \
+                f"more than the model's {positions} positions; {then}" in msg and "\n" not in msg, msg
+        assert not out.exists()

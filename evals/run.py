@@ -146,14 +146,13 @@ def eval_gsm8k(data, model, tok, args, k):
     return metrics, samples, bs, logged, truncated
 
 
-def eval_mnist(data, model, tok, args, k):
-    (images, labels), pool = data
-    if args.limit:
-        images, labels = images[:args.limit], labels[:args.limit]
+def mnist_fits(images, tok, P, k):
+    """The k-shot prompt's length in tokens (every prompt has it: one token per pixel digit), or a
+    ValueError if it passes the model's P positions: left-truncation (lm-eval's way) would cut off
+    the instructions, so it is refused, not scored."""
     n_tokens = lambda j: len(tok.encode(rigsa.prompt(tok, images[0], [(images[0], 0)] * j)))  # noqa: E731
-    longest = n_tokens(k)   # every prompt has this length: one token per pixel digit
-    P = model.config.max_position_embeddings
-    if longest > P:   # left-truncation (lm-eval's way) would cut off the instructions: refused, not scored
+    longest = n_tokens(k)
+    if longest > P:
         base, most = n_tokens(0), 0
         if base <= P:
             most = (P - base) // (n_tokens(1) - base)
@@ -162,6 +161,14 @@ def eval_mnist(data, model, tok, args, k):
         raise ValueError(f"--num-fewshot {k}: a {k}-shot Textual MNIST prompt is {longest} tokens, more than the "
                          f"model's {P} positions; " + (f"use --num-fewshot {most} or fewer" if base <= P else
                                                       f"even 0-shot needs {base}: use a model with more positions"))
+    return longest
+
+
+def eval_mnist(data, model, tok, args, k):
+    (images, labels), pool = data
+    if args.limit:
+        images, labels = images[:args.limit], labels[:args.limit]
+    longest = mnist_fits(images, tok, model.config.max_position_embeddings, k)
     bs = batch_size_for(args, model, longest, 1)
     seed = rigsa.SHOT_SEED if args.seed is None else args.seed
     draws = rigsa.shot_draws(len(images), len(pool[0]), k, seed) if k else None   # over every image, first
@@ -531,6 +538,15 @@ def evaluate(args):
     base = {"model": name, **M.base_identity(path)}
     check = (rigsa.check_base(ameta["base"], base, f"--adapter {args.adapter}", args.allow_other_base)
              if args.adapter else None)   # before the model loads: an adapter applies to its own base
+    if "mnist" in data:   # a prompt past the model's positions is refused now, not after the other tasks ran
+        try:
+            P = M.SmolLM2Config.from_json(path / "config.json").max_position_embeddings
+            mnist_fits(data["mnist"][0][0], M.load_tokenizer(path), P, shots_for("mnist", args))
+        except ValueError as e:
+            if args.task != "all" or len(data) == 1:
+                raise
+            failed.append(data.pop("mnist") and "mnist")
+            util.say(f"error: {task_error('mnist', e)}", file=sys.stderr)
     model, tok = qlora.load_model(str(path), str(device), dtype)   # model.load, or a bnb-4bit checkpoint
     if args.quantize and (acfg is None or acfg.method != "qlora"):  # a qlora adapter quantizes its base itself
         qlora.quantize_model(model)

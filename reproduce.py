@@ -51,6 +51,7 @@ import sys
 from pathlib import Path
 
 import model as M
+import mnist
 import rigsa
 import util
 from evals import tasks as T
@@ -109,7 +110,7 @@ def plan(a):
 
 NOT_INPUTS = {"--out", "--output", "--resume", "--offline", "--no-verify", "--revision", "--model", "--data-dir"}
 ADAPTER_FLAGS = ("--adapter", "--mask-like")  # RUN/iterK: an input by its file's content
-MNIST_TEST = [n for n in rigsa.MNIST_FILES if n.startswith("t10k")]
+MNIST_TEST = [n for n in mnist.MNIST_FILES if n.startswith("t10k")]
 
 
 def is_training(cmd):
@@ -178,7 +179,7 @@ class Inputs:
         training: task None)."""
         root = Path(self.a.data_dir or REPO / "data")
         if task in (None, "mnist"):  # training reads all four; an evaluation its test split, and train for shots
-            folder, names = rigsa.mnist_dir(root), MNIST_TEST if task and not shots else list(rigsa.MNIST_FILES)
+            folder, names = mnist.mnist_dir(root), MNIST_TEST if task and not shots else list(mnist.MNIST_FILES)
         else:
             folder, names = root / task, [f[0] for f in T.FILES[task]]
         return {f"{folder.name}/{n}": self.sha(folder / n) for n in names}
@@ -283,10 +284,10 @@ def test_images(run):
     except (FileNotFoundError, KeyError, json.JSONDecodeError):
         cfg = {}
     try:
-        labels = Path(rigsa.mnist_dir(REPO / cfg.get("data_dir", "data"))) / "t10k-labels-idx1-ubyte.gz"
-        n = len(rigsa.read_idx(labels, 2049))
+        labels = Path(mnist.mnist_dir(REPO / cfg.get("data_dir", "data"))) / "t10k-labels-idx1-ubyte.gz"
+        n = len(mnist.read_idx(labels, 2049))
     except (OSError, ValueError):
-        n = rigsa.MNIST_COUNTS["test"]
+        n = mnist.MNIST_COUNTS["test"]
     limit = cfg.get("limit", cfg.get("eval_max", 0))  # eval_max: runs from before the flag's rename
     return min(limit, n) if limit else n
 

@@ -20,14 +20,12 @@ rigsa.py: Random Initialization of Gated Sparse Adapters (arXiv 2511.01794), fro
 import argparse
 import contextlib
 import dataclasses
-import gzip
 import hashlib
 import json
 import math
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -42,8 +40,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.optim.adam import adam as adam_update  # the per-tensor function torch.optim.AdamW runs
 
+import memory
+import mnist
 import model as M
 import qlora
 import tiny
@@ -615,7 +614,7 @@ def train_step(run, opt, rows, lr):
         run.comm_s += time.perf_counter() - t0   # ends with a host sync (.item()): the transfers are done
     if run.cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip)
-    adamw_step(opt)
+    memory.adamw_step(opt)
     opt.zero_grad(set_to_none=True)
     return loss
 
@@ -751,10 +750,10 @@ def setup(cfg, resume=None):
     torch.manual_seed(cfg.seed)
 
     # data (§4.2): encoded on the fly, 16 prompts per step cost nothing next to the model
-    folder = mnist_dir(cfg.data_dir)
+    folder = mnist.mnist_dir(cfg.data_dir)
     kw = dict(val_frac=cfg.val_frac, seed=cfg.split_seed, download=not cfg.offline, verify=cfg.verify)
     splits = ("train",) + ("val",) * (cfg.val_frac > 0) + ("test",) * cfg.eval_test   # --val-frac 0: no validation
-    data = util.rank_zero_first(lambda: load_mnist_splits(folder, splits, **kw))
+    data = util.rank_zero_first(lambda: mnist.load_mnist_splits(folder, splits, **kw))
     if cfg.limit:
         data.update({k: (x[:cfg.limit], y[:cfg.limit]) for k, (x, y) in data.items() if k != "train"})
     for split, (x, _) in data.items():   # an empty split would train on nothing, or report NaN accuracies
@@ -788,7 +787,7 @@ def setup(cfg, resume=None):
     elif METHODS[cfg.method]["init_mask"]:   # the method's initial mask (random-mask: §4.4), in the estimate too
         METHODS[cfg.method]["init_mask"](run)
     tokens = cfg.micro_batch * len(encode_example(tok, data["train"][0][0], 0, run.digits, run.eos)[0])
-    run.moments = choose_moments(memory_plan(model, cfg, device, amp, tokens), device, cfg.moments)
+    run.moments = memory.choose_moments(memory.memory_plan(model, layers, device, amp, tokens), device, cfg.moments)
     # the run directory is written once the data and the model have loaded, and the step fits (by
     # rank 0 only, as every file of the run: the ranks hold the same adapters)
     rank, ranks = util.world()
@@ -824,7 +823,7 @@ def train_iteration(run, it):
     if run.resume is not None and it == run.start_iter:
         step = run.start_step
         if run.resume["optimizer"] is not None:
-            load_optimizer_state(opt, run.resume["optimizer"])
+            memory.load_optimizer_state(opt, run.resume["optimizer"])
     x, y = run.data["train"]
     g = torch.Generator().manual_seed(cfg.seed * 1000 + it)
     order = torch.cat([torch.randperm(len(x), generator=g) for _ in range(math.ceil(run.epochs))])
@@ -1000,205 +999,6 @@ def print_summary(log):
                   f"{pct(r.get('val_acc'))} | {pct(r.get('test_acc'))} |")
 
 # -----------------------------------------------------------------------------
-# memory (memory.md): where AdamW's moments live, and what a step needs on the device, printed (and
-# checked) before training
-
-# 8-bit moments: bitsandbytes' dynamic codes, signed for the first moment, unsigned for the second
-CODES = {"exp_avg": qlora.DYNAMIC_CODE, "exp_avg_sq": qlora.dynamic_map(signed=False)}
-
-
-def quantize_8bit(x, code):
-    """x float32 -> (uint8 codes, float32 absmax per block of 256): the nearest code of x / absmax,
-    except that a positive value never becomes 0 in the unsigned code (the second moment): a v
-    rounded to 0 under a nonzero m would make AdamW's step m / (sqrt(0) + eps), a thousandfold jump."""
-    n = x.numel()
-    blocks = F.pad(x.reshape(-1), (0, -n % 256)).view(-1, 256)                 # (nb, 256)
-    absmax = blocks.abs().amax(1)
-    scaled = (blocks / absmax.clamp(min=1e-38)[:, None]).view(-1)[:n]          # an all-zero block stays 0
-    code = util.on_device(code, x.device)
-    q = torch.bucketize(scaled, (code[1:] + code[:-1]) / 2, out_int32=True)
-    if code[0] == 0:                                                           # unsigned: index 0 is 0
-        q = torch.where((q == 0) & (scaled > 0), 1, q)
-    return q.to(torch.uint8), absmax
-
-
-def dequantize_8bit(codes, absmax, code, out):
-    """Into out (float32, codes' shape): code[codes] * absmax of their block."""
-    scaled = util.on_device(code, codes.device).index_select(0, codes.reshape(-1).int())
-    blocks = F.pad(scaled, (0, -scaled.numel() % 256)).view(-1, 256) * absmax[:, None]
-    return out.copy_(blocks.view(-1)[:scaled.numel()].view_as(out))
-
-
-@torch.no_grad()
-def adamw_step(opt):
-    """opt.step(), with AdamW's two moments where opt.moments puts them (memory.md D4 and §3):
-      device  torch's own step (per tensor)
-      host    in host memory (pinned on CUDA); each tensor's pair is copied to the device, updated by
-              the per-tensor function torch.optim.AdamW(foreach=False) calls, and copied back: the
-              same numbers, 8 bytes less per trainable parameter on the device, and transfer time
-      8bit    8-bit codes and a float32 scale per 256 entries (bitsandbytes' and torchao's 8-bit
-              AdamW): the update runs in float32 on the decoded moments, which are then rounded to
-              the nearest code. 2.03 bytes per parameter instead of 8; not the same numbers."""
-    if opt.moments == "device":
-        return opt.step()
-    host = opt.moments == "host"
-    for group in opt.param_groups:
-        beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            st = opt.state[p]
-            if not st:  # as torch's lazy init: the step count on the CPU, the moments zero
-                st["step"] = torch.tensor(0.0)
-                for k in CODES:
-                    zero = torch.zeros_like(p)
-                    if host:
-                        st[k] = zero.cpu().pin_memory() if p.is_cuda else zero
-                    else:
-                        st[k], st[k + "_absmax"] = quantize_8bit(zero, CODES[k])
-            m, v = _staging(opt, p)
-            for k, buf in zip(CODES, (m, v)):
-                buf.copy_(st[k], non_blocking=True) if host else dequantize_8bit(st[k], st[k + "_absmax"], CODES[k], buf)
-            adam_update([p], [p.grad], [m], [v], [], [st["step"]], foreach=False, decoupled_weight_decay=True,
-                        amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
-                        weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
-            for k, buf in zip(CODES, (m, v)):
-                if host:
-                    st[k].copy_(buf, non_blocking=True)  # in stream order: the next copy into buf waits for it
-                else:
-                    st[k], st[k + "_absmax"] = quantize_8bit(buf, CODES[k])
-    if host and torch.cuda.is_available():
-        torch.cuda.synchronize()  # the host copies are complete before anything reads them (a save)
-
-
-def _staging(opt, p):
-    """Two float32 buffers on p's device, the size of the largest trainable tensor, reused by every
-    tensor's moments in turn. -> views of them shaped like p."""
-    st = getattr(opt, "staging", None)
-    if st is None or st.device != p.device or st.shape[1] < p.numel():
-        opt.staging = torch.empty(2, max(q.numel() for g in opt.param_groups for q in g["params"]), device=p.device)
-    return opt.staging[0, :p.numel()].view_as(p), opt.staging[1, :p.numel()].view_as(p)
-
-
-def load_optimizer_state(opt, state):
-    """opt.load_state_dict(state), with the moments placed, and converted, as opt.moments wants them
-    whichever placement wrote them (a run may resume with another --moments): torch's own load would
-    copy every moment to the device first, which host moments exist to avoid, and would read 8-bit
-    codes as float values."""
-    coded = any(k + "_absmax" in st for st in state["state"].values() for k in CODES)
-    if opt.moments == "device" and not coded:
-        return opt.load_state_dict(state)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for g, saved in zip(opt.param_groups, state["param_groups"]):
-        g.update({k: v for k, v in saved.items() if k != "params"})
-    for i, st in state["state"].items():
-        p, new = params[i], {"step": st["step"]}
-        for k in CODES:
-            v, absmax = st[k], st.get(k + "_absmax")
-            if opt.moments == "8bit" and absmax is not None:       # codes stay codes
-                new[k], new[k + "_absmax"] = v.to(p.device), absmax.to(p.device)
-                continue
-            if absmax is not None:                                  # 8-bit codes -> float32 values
-                v = dequantize_8bit(v, absmax, CODES[k], torch.empty(v.shape, dtype=torch.float32))
-            if opt.moments == "8bit":
-                new[k], new[k + "_absmax"] = quantize_8bit(v.to(p.device), CODES[k])
-            elif opt.moments == "host":
-                new[k] = v.pin_memory() if p.is_cuda else v
-            else:
-                new[k] = v.to(p.device)
-        opt.state[p] = new
-
-
-GB = 1e9
-MOMENT_BYTES = {"device": 8.0, "host": 0.0, "8bit": 2 * (1 + 4 / 256)}  # per trainable entry, on the device
-
-
-@torch.no_grad()
-def saved_bytes(model, n_tokens, device, amp):
-    """Bytes autograd saves for backward in one forward of n_tokens random tokens (parameters and
-    buffers not counted; a storage saved twice counted once)."""
-    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in own:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-    g = torch.Generator().manual_seed(0)  # not the global generator: the run's RNG stays as it was
-    ids = torch.randint(3, model.config.vocab_size, (1, n_tokens), generator=g).to(device)
-    with torch.enable_grad(), amp, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        h = model(ids, hidden_only=True)
-        model.lm_head(h[0, -2:]).float().sum()    # the supervised positions only, as batch_loss
-    return sum(seen.values())
-
-
-def memory_plan(model, cfg, device, amp, tokens):
-    """What one training step needs on `device` for each placement of AdamW's moments, by part:
-    {moments: {part: bytes}}. make bench-memory compares it with measured peaks.
-      base         every tensor of the model that does not train, as loaded (bfloat16, NF4, ...)
-      adapters     per trainable entry its value and gradient (4 + 4 bytes) and AdamW's moments
-                   (MOMENT_BYTES), plus the packed masks
-      activations  what one micro-batch of `tokens` tokens saves for backward: measured on two short
-                   forwards (a + b * tokens: the saved free-entry positions do not grow with tokens)
-      transients   one layer at a time: its dense m * dW, their copies and gradient, the optimizer's
-                   per-tensor buffers: 32 bytes per entry of the largest adapted layer (bench-memory)"""
-    train = [p for p in model.parameters() if p.requires_grad]
-    base = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
-               if not t.requires_grad)
-    n = sum(p.numel() for p in train)
-    s1, s2 = saved_bytes(model, 16, device, amp), saved_bytes(model, 32, device, amp)
-    acts = s1 + (s2 - s1) / 16 * (tokens - 16)
-    largest = max([L.numel() for L in adapters(model).values()] + [p.numel() for p in train])
-    return {m: {"base": base, "adapters": n * (8 + b), "activations": acts, "transients": 32 * largest}
-            for m, b in MOMENT_BYTES.items()}
-
-
-def capacity(device):
-    """Bytes the device can give this run: CUDA's free memory plus what this process already holds;
-    on the CPU, the available RAM plus this process's resident set."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
-    rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") if os.path.exists("/proc/self/statm") else 0
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") + rss
-
-
-def choose_moments(plan, device, want):
-    """--moments auto: on the device if the step fits there; else in host memory (exact, slower) if
-    the host also has room for them (each process on this machine pins its own); else 8-bit. Prints
-    the estimate; a run that cannot fit is refused in one line, naming the placements that would
-    fit, not by an OOM. Under torchrun every rank decides on the smallest device and host among
-    them, so that all choose alike."""
-    cpu = torch.device("cpu")
-    have = torch.tensor([capacity(device), capacity(cpu)], dtype=torch.float64)
-    if util.world()[1] > 1:
-        have = have.to(device) if dist.get_backend() == "nccl" else have
-        dist.all_reduce(have, op=dist.ReduceOp.MIN)
-    have, host_have = have.tolist()
-    total = {m: sum(parts.values()) for m, parts in plan.items()}
-    host_need = (plan["device"]["adapters"] - plan["host"]["adapters"]) * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    host_ok = device.type != "cuda" or host_need <= 0.9 * host_have      # on the CPU, host is the device
-    fits = {m: total[m] <= 0.95 * have and (m != "host" or host_ok) for m in total}
-    if want != "auto":
-        moments = want
-    else:
-        moments = "device" if device.type != "cuda" or fits["device"] else "host" if fits["host"] else "8bit"
-    parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in plan[moments].items())
-    util.say(f"memory: ~{total[moments] / GB:.1f} GB on {device} with AdamW's moments {moments} ({parts}); "
-             f"{have / GB:.1f} GB available" + (f"; {host_need / GB:.1f} GB of host memory, {host_have / GB:.1f} "
-                                                f"available" if moments == "host" and device.type == "cuda" else ""))
-    fix = [f"--moments {m} (~{total[m] / GB:.1f} GB)" for m in ("host", "8bit") if m != moments and fits[m]]
-    fix = " or ".join(fix + ["a smaller --micro-batch"])
-    if total[moments] > have:
-        raise ValueError(f"memory: the run needs ~{total[moments] / GB:.1f} GB on {device}, which has "
-                         f"{have / GB:.1f} GB; try {fix}")
-    if moments == "host" and not host_ok:
-        raise ValueError(f"memory: --moments host needs ~{host_need / GB:.1f} GB of host memory, which has "
-                         f"{host_have / GB:.1f} GB; try {fix.replace(' or a smaller --micro-batch', '')}")
-    return moments
-
-
-# -----------------------------------------------------------------------------
 # the run's machinery: base model, resume checkpoints, provenance
 
 def load_base(cfg, path):
@@ -1250,105 +1050,8 @@ def save_resume(run, opt, it, step):
 # -----------------------------------------------------------------------------
 # Textual MNIST (paper §4.2)
 
-MNIST_FILES = {  # name: (bytes, md5) of LeCun's originals; md5s as in ../shared/data/SOURCES.md
-    "train-images-idx3-ubyte.gz": (9912422, "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-    "train-labels-idx1-ubyte.gz": (28881, "d53e105ee54ea40749a09fcbcd1e9432"),
-    "t10k-images-idx3-ubyte.gz": (1648877, "9fb629c4189551a2d022fa330f9573f3"),
-    "t10k-labels-idx1-ubyte.gz": (4542, "ec29112dd5afa0611ce80d1b7f02629c"),
-}
-MNIST_MIRROR = "https://ossci-datasets.s3.amazonaws.com/mnist/"  # torchvision's mirror of the originals
-MNIST_COUNTS = {"train": 60000, "test": 10000}
 QUESTION = "Below is a digit as text. Which digit is it?\n"  # Figure 5
 PREFIX = "The digit is "  # §4.2: appended to the assistant turn, the answer is the next token
-
-
-def mnist_dir(root):
-    """--data-dir is the data root, and MNIST lives in <root>/mnist/. A folder that holds the IDX
-    files itself (what rigsa.py's --data-dir meant before) is still read, with a deprecation line."""
-    root = Path(root)
-    if not (root / "mnist").is_dir() and any((root / n).exists() for n in MNIST_FILES):
-        util.say(f"warning: --data-dir {root} holds the MNIST files itself; --data-dir now names the data root "
-              f"(MNIST in <root>/mnist/), so pass --data-dir {root.parent} (the old meaning goes in the next "
-              f"release)", file=sys.stderr)
-        return root
-    return root / "mnist"
-
-
-def ensure_mnist(data_dir, download=True, verify=True, names=tuple(MNIST_FILES)):
-    """Make sure the IDX files are in data_dir, downloading what is missing. Sizes and md5s are
-    pinned; verify=False accepts files that are there as they are (stand-in data: demo, tests)."""
-    files = [(name, MNIST_MIRROR + name, "md5", MNIST_FILES[name][1], MNIST_FILES[name][0]) for name in names]
-    util.ensure_files("MNIST", "mnist", data_dir, files, download, verify)
-    return Path(data_dir)
-
-
-def read_idx(path, magic):
-    """One IDX file -> uint8 array, shape from its header. 2051 = images (N, H, W), 2049 = labels (N,)."""
-    again = "delete it to download it again"
-    try:
-        opener = gzip.open if str(path).endswith(".gz") else open
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: unreadable IDX file ({e}); {again}") from None
-    if len(data) < 8 or struct.unpack(">I", data[:4])[0] != magic:
-        raise ValueError(f"{path}: bad magic number (expected {magic}, an IDX "
-                         f"{'image' if magic == 2051 else 'label'} file); {again}")
-    ndim = data[3]
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    if len(data) != 4 + 4 * ndim + math.prod(dims):
-        raise ValueError(f"{path}: {len(data)} bytes do not match the header shape {dims} (truncated?); {again}")
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def write_idx(path, array):
-    """uint8 array -> gzipped IDX file (magic 2051 for 3-D images, 2049 for 1-D labels), atomically."""
-    a = np.ascontiguousarray(array, dtype=np.uint8)
-    head = struct.pack(">I", 0x800 + a.ndim) + struct.pack(f">{a.ndim}I", *a.shape)
-
-    def write(tmp):
-        with gzip.open(tmp, "wb") as f:
-            f.write(head + a.tobytes())
-    util.atomic_write(path, write)
-
-
-def load_mnist(data_dir, split, val_frac=0.01, seed=0, download=False, verify=True):
-    """-> (images uint8 (N, H, W), labels long (N,)) for split train | val | test (load_mnist_splits)."""
-    return load_mnist_splits(data_dir, (split,), val_frac, seed, download, verify)[split]
-
-
-def load_mnist_splits(data_dir, splits, val_frac=0.01, seed=0, download=False, verify=True):
-    """-> {split: (images uint8 (N, H, W), labels long (N,))} for splits among train | val | test,
-    each IDX file read (and checked) once. Val is the fraction val_frac of the 60k training images,
-    chosen by a seeded permutation (§4.2); train is the rest."""
-    for split in splits:
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split {split!r} is not train, val or test")
-    out = {}
-    for part, stem in (("train", "train"), ("test", "t10k")):
-        wanted = [s for s in splits if (s == "test") == (part == "test")]
-        if not wanted:
-            continue
-        names = [f"{stem}-{k}-idx{d}-ubyte.gz" for k, d in (("images", 3), ("labels", 1))]
-        files = [ensure_mnist(data_dir, download, verify, names) / n for n in names]
-        x, y = read_idx(files[0], 2051), read_idx(files[1], 2049)
-        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-            raise ValueError(f"{files[0]}: {x.shape} images do not match {y.shape} labels in {files[1].name}")
-        if y.max() > 9:
-            raise ValueError(f"{files[1]}: label {y.max()} is not a digit")
-        if verify and (len(x) != MNIST_COUNTS[part] or x.shape[1:] != (28, 28)):
-            raise ValueError(f"{files[0]}: {x.shape} is not MNIST's {MNIST_COUNTS[part]} x 28 x 28; "
-                             f"--no-verify for stand-in data")
-        x, y = torch.from_numpy(x.copy()), torch.from_numpy(y.astype(np.int64))
-        if part == "test":
-            out["test"] = x, y
-            continue
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-        n_val = round(val_frac * len(x))
-        for split in wanted:
-            idx = (perm[:n_val] if split == "val" else perm[n_val:]).sort().values  # original order; training shuffles on its own
-            out[split] = x[idx], y[idx]
-    return {split: out[split] for split in splits}
 
 
 def to_text(image):
@@ -1386,44 +1089,6 @@ def end_id(tok):
     if len(ids) != 1:
         raise ValueError(f"tokenizer {tok.path}: <|im_end|> is not a special token")
     return ids[0]
-
-
-def synthetic_digits(n, size=28, seed=0, noise=0.1, shift=True):
-    """Stand-in digits for the demo and the tests: a 5x7 font, scaled and shifted at random, with
-    pixel noise. -> (images uint8 (n, size, size), labels uint8 (n,))."""
-    font = ["01110100011001110101110011000101110", "00100011000010000100001000010001110",
-            "01110100010000100010001000100011111", "11111000100010000010000011000101110",
-            "00010001100101010010111110001000010", "11111100001111000001000011000101110",
-            "00110010001000011110100011000101110", "11111000010001000100010000100001000",
-            "01110100011000101110100011000101110", "01110100011000101111000010001001100"]
-    if size < 7:
-        raise ValueError(f"synthetic digits need a grid of at least 7x7 (the font is 5x7), got {size}")
-    glyphs = torch.tensor([[int(c) for c in g] for g in font], dtype=torch.float32).view(10, 7, 5)
-    g = torch.Generator().manual_seed(seed)
-    s = max(1, (size - 2) // 7)                                    # scale so the glyph fits
-    labels = torch.randint(0, 10, (n,), generator=g)
-    big = glyphs.repeat_interleave(s, 1).repeat_interleave(s, 2)  # (10, 7s, 5s)
-    H, W = big.shape[1:]
-    img = torch.zeros(n, size, size)
-    dy = torch.randint(0, size - H + 1, (n,), generator=g) if shift else torch.full((n,), (size - H) // 2)
-    dx = torch.randint(0, size - W + 1, (n,), generator=g) if shift else torch.full((n,), (size - W) // 2)
-    ink = 150 + 105 * torch.rand(n, 1, 1, generator=g)
-    for i in range(n):
-        img[i, dy[i]:dy[i] + H, dx[i]:dx[i] + W] = big[labels[i]] * ink[i]
-    flip = torch.rand(n, size, size, generator=g) < noise           # a few pixels lit or cleared
-    img = torch.where(flip, 255 * torch.rand(n, size, size, generator=g), img)
-    return img.round().clamp(0, 255).to(torch.uint8), labels.to(torch.uint8)
-
-
-def write_synthetic_mnist(data_dir, n_train=2000, n_test=200, size=28, seed=0, noise=0.1, shift=True):
-    """Synthetic digits in MNIST's four IDX files (read them with verify=False, --no-verify)."""
-    d = Path(data_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    for stem, n, s in (("train", n_train, seed), ("t10k", n_test, seed + 1)):
-        x, y = synthetic_digits(n, size, s, noise, shift)
-        write_idx(d / f"{stem}-images-idx3-ubyte.gz", x.numpy())
-        write_idx(d / f"{stem}-labels-idx1-ubyte.gz", y.numpy())
-    return d
 
 
 SHOT_SEED = 1234  # the few-shot draw's seed (Table 2's 5-shot column; the paper does not give one)
@@ -1697,14 +1362,14 @@ def demo(out="runs/demo"):
     out.mkdir(parents=True)
     (out / "DEMO").write_text("written by rigsa.py demo\n")
     tiny.write_tiny_checkpoint(out / "tiny-model", shape="gqa", seed=0)
-    write_synthetic_mnist(out / "mnist", n_train=400, n_test=100, size=8, seed=0, noise=0.05, shift=False)
+    mnist.write_synthetic_mnist(out / "mnist", n_train=400, n_test=100, size=8, seed=0, noise=0.05, shift=False)
     cfg = Config(model=str(out / "tiny-model"), out=str(out / "run"), data_dir=str(out), device="cpu", iters=2,
                  steps=300, epochs=100.0, warmup=10, lr=1e-2, weight_decay=0.1, val_frac=0.05, micro_batch=16,
                  log_every=10, save_every=0, offline=True, verify=False)
     print("demo: tiny SmolLM2-shaped random model, 380 synthetic 8x8 training digits, 2 IMP iterations")
     train(cfg)
     model, tok = M.load(cfg.model, "cpu")
-    x, y = load_mnist(out / "mnist", "test", verify=False)
+    x, y = mnist.load_mnist(out / "mnist", "test", verify=False)
     base_acc, _ = mnist_accuracy(model, tok, x, y, progress=False)
     print(f"base model (no adapter) test acc {base_acc:.1%}; chance is 10%")
     print(f"demo done in {time.time() - t0:.0f} s; adapters in {cfg.out}/iterK.safetensors")
@@ -1823,7 +1488,7 @@ def main(argv=None):
             if code:
                 sys.exit(code)
         elif a.cmd == "show":
-            x, y = load_mnist(mnist_dir(a.data_dir), a.split, download=not a.offline, verify=not a.no_verify)
+            x, y = mnist.load_mnist(mnist.mnist_dir(a.data_dir), a.split, download=not a.offline, verify=not a.no_verify)
             if not a.index < len(x):
                 raise ValueError(f"--index {a.index}: outside the {a.split} split (0..{len(x) - 1})")
             print(to_text(x[a.index]))

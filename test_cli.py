@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import model as M
 import reproduce
+import mnist
 import rigsa
 import tiny
 import util
@@ -29,7 +30,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 def world(tmp_path_factory, tiny_dir, tiny_mha_dir):
     """Data, a finished run with its adapters, a QLoRA adapter, broken files: what the cases point at."""
     w = tmp_path_factory.mktemp("world")
-    rigsa.write_synthetic_mnist(w / "data" / "mnist", n_train=24, n_test=4, size=8)
+    mnist.write_synthetic_mnist(w / "data" / "mnist", n_train=24, n_test=4, size=8)
     cfg = dict(model=str(tiny_dir), data_dir=str(w / "data"), device="cpu", steps=2, warmup=1, batch_size=4, val_frac=0.25,
                micro_batch=2, limit=2, log_every=1, save_every=0, offline=True, verify=False)
     with one_thread():
@@ -330,7 +331,7 @@ def test_a_signal_during_training_loses_nothing(world, tmp_path, sig):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_evaluation_says_what_was_kept_in_one_line(tiny_dir, tmp_path, sig):
     # rule 7: exit 130 / 143, one line with the command that runs it again, no traceback
-    rigsa.write_synthetic_mnist(tmp_path / "mnist", n_train=8, n_test=3000, size=28)
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=8, n_test=3000, size=28)
     argv = ["--task", "mnist", "--model", str(tiny_dir), "--device", "cpu", "--offline", "--no-verify", "--data-dir",
             str(tmp_path), "--batch-size", "1", "--output", str(tmp_path / "r.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

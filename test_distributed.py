@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import mnist
 import rigsa
 from conftest import one_thread
 from evals import run as R
@@ -49,7 +50,7 @@ def close(a_dir, b_dir, iters):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("ddp")
-    rigsa.write_synthetic_mnist(d / "mnist", n_train=40, n_test=6, size=8)
+    mnist.write_synthetic_mnist(d / "mnist", n_train=40, n_test=6, size=8)
     return d
 
 

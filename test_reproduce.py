@@ -16,9 +16,9 @@ import time
 import numpy as np
 import pytest
 
+import mnist
 import model as M
 import reproduce as P
-import rigsa
 import tiny
 
 
@@ -58,7 +58,7 @@ def test_plan_with_seeds(tmp_path):
 def world(tmp_path_factory, tiny_dir):
     """Digits, and two tiny models of the same shapes with other weights (A, B)."""
     w = tmp_path_factory.mktemp("repro")
-    rigsa.write_synthetic_mnist(w / "data" / "mnist", n_train=60, n_test=4, size=8)
+    mnist.write_synthetic_mnist(w / "data" / "mnist", n_train=60, n_test=4, size=8)
     return w, str(tiny_dir), str(tiny.write_tiny_checkpoint(w / "B", shape="gqa", seed=1))
 
 
@@ -110,7 +110,7 @@ def test_main_skips_recorded_outputs_and_resumes(world, tmp_path, capsys):
 def mutate(out, data, name):
     """What changed since the fake reproduction, for the case `name`."""
     if name == "test digits":
-        rigsa.write_synthetic_mnist(data / "mnist", n_train=60, n_test=4, size=8, seed=1)
+        mnist.write_synthetic_mnist(data / "mnist", n_train=60, n_test=4, size=8, seed=1)
     elif name == "adapter":
         (out / "rigsa" / "iter1.safetensors").write_bytes(b"another adapter")
     elif name.startswith("no record"):

@@ -12,6 +12,8 @@ import torch.nn as nn
 
 import model as M
 import qlora
+import memory
+import mnist
 import rigsa
 from conftest import hf_model, one_thread
 
@@ -36,20 +38,20 @@ def test_get_lr_endpoints():
 def test_quantizer_idx_and_split(tmp_path):
     img = torch.tensor([[0, 25, 26, 255], [128, 127, 230, 231]], dtype=torch.uint8)
     assert rigsa.to_text(img) == "0019\n5489"  # floor(p * 10 / 256)
-    d = rigsa.write_synthetic_mnist(tmp_path / "m", n_train=100, n_test=10, size=8)
-    x, y = rigsa.load_mnist(d, "train", verify=False)
-    xv, yv = rigsa.load_mnist(d, "val", verify=False)
-    xt, _ = rigsa.load_mnist(d, "test", verify=False)
+    d = mnist.write_synthetic_mnist(tmp_path / "m", n_train=100, n_test=10, size=8)
+    x, y = mnist.load_mnist(d, "train", verify=False)
+    xv, yv = mnist.load_mnist(d, "val", verify=False)
+    xt, _ = mnist.load_mnist(d, "test", verify=False)
     assert x.shape == (99, 8, 8) and xv.shape == (1, 8, 8) and xt.shape == (10, 8, 8) and x.dtype == torch.uint8
-    assert rigsa.load_mnist(d, "val", verify=False)[0].equal(xv)  # deterministic by seed
+    assert mnist.load_mnist(d, "val", verify=False)[0].equal(xv)  # deterministic by seed
     with pytest.raises(ValueError, match="not the original MNIST file"):   # stand-in data needs --no-verify
-        rigsa.load_mnist(d, "train")
-    assert rigsa.read_idx(d / "train-images-idx3-ubyte.gz", 2051).shape == (100, 8, 8)
+        mnist.load_mnist(d, "train")
+    assert mnist.read_idx(d / "train-images-idx3-ubyte.gz", 2051).shape == (100, 8, 8)
     with pytest.raises(ValueError, match="magic"):
-        rigsa.read_idx(d / "train-labels-idx1-ubyte.gz", 2051)
+        mnist.read_idx(d / "train-labels-idx1-ubyte.gz", 2051)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.gz.*data|put them"):
-        rigsa.load_mnist(tmp_path / "empty", "train", download=False)
+        mnist.load_mnist(tmp_path / "empty", "train", download=False)
 
 
 def test_digit_after_prefix_is_one_token(tiny_dir):
@@ -209,7 +211,7 @@ def test_pruned_entries_stay_zero_and_weight_decay_is_exact():
 def tiny_run(tiny_dir, tmp_path_factory):
     """A tiny two-iteration RIGSA run, uninterrupted and halted + resumed."""
     tmp = tmp_path_factory.mktemp("rigsa_run")
-    rigsa.write_synthetic_mnist(tmp / "mnist", n_train=40, n_test=8, size=8)
+    mnist.write_synthetic_mnist(tmp / "mnist", n_train=40, n_test=8, size=8)
     with one_thread():
         full = rigsa.train(tiny_cfg(tiny_dir, tmp))
         assert rigsa.train(tiny_cfg(tiny_dir, tmp, out=str(tmp / "halted"), halt_after=3)) is None
@@ -280,14 +282,14 @@ def test_adapter_roundtrip_merge_and_random_mask(tiny_run, tiny_dir, tmp_path, m
 def test_learns_tiny_textual_digits(tiny_dir, tmp_path):
     # the whole method (gate, IMP-ready adapters, AdamW loop) on a task small enough for CPU:
     # 32 synthetic 8x8 digits, learnt by a random tiny model through --method rigsa
-    rigsa.write_synthetic_mnist(tmp_path / "mnist", n_train=32, n_test=8, size=8, noise=0.05)
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=32, n_test=8, size=8, noise=0.05)
     cfg = tiny_cfg(tiny_dir, tmp_path, iters=1, steps=160, epochs=100.0, lr=3e-2, weight_decay=0.0,
                    warmup=5, batch_size=16, micro_batch=16, val_frac=0.0, eval_test=False, log_every=20)
     with one_thread():
         rigsa.train(cfg)
         m, tok = M.load(tiny_dir)
         rigsa.load_adapter(m, tmp_path / "run" / "iter1")
-        x, y = rigsa.load_mnist(tmp_path / "mnist", "train", val_frac=0.0, verify=False)
+        x, y = mnist.load_mnist(tmp_path / "mnist", "train", val_frac=0.0, verify=False)
         acc, preds = rigsa.mnist_accuracy(m, tok, x, y, progress=False)
     assert acc >= 0.9, acc
 
@@ -306,7 +308,7 @@ def test_cli_help_and_bad_flags(capsys):
 
 def test_qlora_wiring(tiny_dir, tmp_path):
     # --method qlora through rigsa's loop, saved and re-installed by load_adapter (§5.3, Table 4)
-    rigsa.write_synthetic_mnist(tmp_path / "mnist", n_train=12, n_test=4, size=8)
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=12, n_test=4, size=8)
     cfg = tiny_cfg(tiny_dir, tmp_path, method="qlora", rank=2, steps=2, lora_lr=1e-2, warmup=1)
     with one_thread():
         log = rigsa.train(cfg)
@@ -320,7 +322,7 @@ def test_qlora_wiring(tiny_dir, tmp_path):
 
 def test_lora_merge(tiny_dir, tmp_path):
     # --method lora (the unquantized baseline) merges like RIGSA: float32 merge, official layout
-    rigsa.write_synthetic_mnist(tmp_path / "mnist", n_train=12, n_test=4, size=8)
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=12, n_test=4, size=8)
     cfg = tiny_cfg(tiny_dir, tmp_path, method="lora", rank=2, steps=2, lora_lr=5e-2, warmup=1)
     with one_thread():
         rigsa.train(cfg)
@@ -333,7 +335,7 @@ def test_lora_merge(tiny_dir, tmp_path):
     torch.testing.assert_close(M.load(out)[0](x), y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(hf_model(out)(x).logits, y, rtol=1e-4, atol=1e-4)
     q = tmp_path / "q"
-    rigsa.write_synthetic_mnist(q / "mnist", n_train=12, n_test=4, size=8)
+    mnist.write_synthetic_mnist(q / "mnist", n_train=12, n_test=4, size=8)
     with one_thread():
         rigsa.train(tiny_cfg(tiny_dir, q, method="qlora", rank=2, steps=1, warmup=1))
     with pytest.raises(ValueError, match="4-bit base"):
@@ -362,7 +364,7 @@ def test_merge_adapters_folds_lora_in_float32_and_refuses_4bit(tiny_dir):
 
 def test_eval_alias_runs_the_one_mnist_command(tiny_dir, tmp_path, capfd):
     # `rigsa.py eval` (deprecated) translates its flags and runs evals/run.py --task mnist
-    rigsa.write_synthetic_mnist(tmp_path / "mnist", n_train=12, n_test=3, size=8)
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=12, n_test=3, size=8)
     with pytest.raises(SystemExit) as e:
         rigsa.main(["eval", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--max", "2", "--no-verify"])
     out = capfd.readouterr()
@@ -430,7 +432,7 @@ def dense_reference_run(tiny_dir, cfg):
             L.mask.view(-1)[torch.randperm(L.mask.numel(), generator=g)[:round(cfg.density * L.mask.numel())]] = False
             L.mask.logical_not_()
             L.delta.data.mul_(L.mask)
-    x, y = rigsa.load_mnist(tmp_mnist(cfg), "train", cfg.val_frac, cfg.split_seed, verify=False)
+    x, y = mnist.load_mnist(tmp_mnist(cfg), "train", cfg.val_frac, cfg.split_seed, verify=False)
     digits, eos = rigsa.digit_ids(tok), rigsa.end_id(tok)
     steps = min(math.ceil(len(x) * cfg.epochs / cfg.batch_size), cfg.steps)
     out = []
@@ -458,7 +460,7 @@ def dense_reference_run(tiny_dir, cfg):
 
 
 def tmp_mnist(cfg):
-    return rigsa.mnist_dir(cfg.data_dir)
+    return mnist.mnist_dir(cfg.data_dir)
 
 
 @pytest.mark.parametrize("variant", [dict(), dict(prune_scope="layer", iters=3, keep=0.6), dict(method="lt-sft"),
@@ -467,7 +469,7 @@ def test_compact_layer_trains_the_dense_layers_adapters_bitwise(tiny_dir, tmp_pa
     # float32 on the CPU, IMP iterations with gradient accumulation (batch 4 of micro-batches 2),
     # pruning, rewind and gate reset: rigsa.train on the compact layer and the dense reference loop
     # give the same adapters, bit for bit (m * dW and alpha of every layer, every iteration)
-    rigsa.write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=8, size=8)
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=8, size=8)
     cfg = tiny_cfg(tiny_dir, tmp_path, eval_test=False, limit=2, **variant)
     with one_thread():
         rigsa.train(cfg)
@@ -504,7 +506,7 @@ def test_state_bytes_are_16_per_free_entry_plus_a_bit_per_entry(tiny_dir, densit
         rigsa.random_masks(layers, {n: round(density * L.numel()) for n, L in layers.items()}, seed=0)
     opt = rigsa.make_optimizer(m, rigsa.Config())
     rigsa.accumulate(m, [(tok.encode("The digit is 7"), [3, 4])], 1, tok.pad_id, "cpu")
-    rigsa.adamw_step(opt)
+    memory.adamw_step(opt)
     rigsa.accumulate(m, [(tok.encode("The digit is 7"), [3, 4])], 1, tok.pad_id, "cpu")
     k = {n: L.delta.numel() for n, L in layers.items()}
     want = base + sum(16 * k[n] + (0 if density == 1 else -(-L.numel() // 8)) for n, L in layers.items()) \
@@ -536,7 +538,7 @@ def adamw_run(moments, steps=6, seed=0):
     opt.moments = moments
     for _ in range(steps):
         w.grad, a.grad = torch.randn(300), torch.randn(())
-        rigsa.adamw_step(opt)
+        memory.adamw_step(opt)
     return w.detach(), a.detach(), opt
 
 
@@ -554,7 +556,7 @@ def test_host_moments_are_torchs_adamw_bitwise_and_8bit_is_close():
         w, _, opt = adamw_run(moments, steps=0)
         before = w.clone()
         opt.param_groups[0]["params"][0].grad = torch.zeros(300)
-        rigsa.adamw_step(opt)
+        memory.adamw_step(opt)
         assert torch.equal(opt.param_groups[0]["params"][0].detach(), before * (1 - 2e-3 * 1.0))
 
 
@@ -569,7 +571,7 @@ def test_moments_resume_in_any_placement():
         fresh = torch.optim.AdamW([{"params": [wf], "weight_decay": 1.0}, {"params": [af], "weight_decay": 0.0}],
                                   lr=0.5, foreach=False)   # the saved lr must replace this one
         fresh.moments = resumed
-        rigsa.load_optimizer_state(fresh, state)
+        memory.load_optimizer_state(fresh, state)
         return opt, fresh
     for moments in ("device", "host", "8bit"):
         opt, fresh = saved_then_fresh(moments, moments)
@@ -577,32 +579,32 @@ def test_moments_resume_in_any_placement():
         g = torch.randn(300)
         for o in (opt, fresh):
             o.param_groups[0]["params"][0].grad, o.param_groups[1]["params"][0].grad = g.clone(), torch.tensor(0.5)
-            rigsa.adamw_step(o)
+            memory.adamw_step(o)
         assert torch.equal(opt.param_groups[0]["params"][0], fresh.param_groups[0]["params"][0]), moments
     opt, fresh = saved_then_fresh("8bit", "device")
     st, p = opt.state[opt.param_groups[0]["params"][0]], fresh.param_groups[0]["params"][0]
-    want = rigsa.dequantize_8bit(st["exp_avg_sq"], st["exp_avg_sq_absmax"], rigsa.CODES["exp_avg_sq"], torch.empty(300))
+    want = memory.dequantize_8bit(st["exp_avg_sq"], st["exp_avg_sq_absmax"], memory.CODES["exp_avg_sq"], torch.empty(300))
     assert fresh.state[p]["exp_avg_sq"].dtype == torch.float32 and torch.equal(fresh.state[p]["exp_avg_sq"], want)
     assert fresh.state[p]["exp_avg_sq"].max() < 100   # a code read as a value would be up to 255
     opt, fresh = saved_then_fresh("host", "8bit")
     st = fresh.state[fresh.param_groups[0]["params"][0]]
     assert st["exp_avg"].dtype == torch.uint8 and "exp_avg_absmax" in st
-    back = rigsa.dequantize_8bit(st["exp_avg"], st["exp_avg_absmax"], rigsa.CODES["exp_avg"], torch.empty(300))
+    back = memory.dequantize_8bit(st["exp_avg"], st["exp_avg_absmax"], memory.CODES["exp_avg"], torch.empty(300))
     want = opt.state[opt.param_groups[0]["params"][0]]["exp_avg"]
     assert (back - want).abs().max() <= 0.05 * want.abs().max()
     fresh.param_groups[0]["params"][0].grad, fresh.param_groups[1]["params"][0].grad = torch.randn(300), torch.tensor(0.5)
-    rigsa.adamw_step(fresh)   # and it steps
+    memory.adamw_step(fresh)   # and it steps
 
 
 def test_8bit_codes_round_trip_and_never_zero_a_positive_second_moment():
     torch.manual_seed(0)
     for k, x in (("exp_avg", torch.randn(1000)), ("exp_avg_sq", torch.rand(1000) ** 4)):
         x[300] = x.abs().max() * 1e-7                               # far below the smallest code
-        codes, absmax = rigsa.quantize_8bit(x, rigsa.CODES[k])
+        codes, absmax = memory.quantize_8bit(x, memory.CODES[k])
         assert codes.dtype == torch.uint8 and absmax.shape == (4,)  # one scale per 256 entries
-        back = rigsa.dequantize_8bit(codes, absmax, rigsa.CODES[k], torch.empty(1000))
+        back = memory.dequantize_8bit(codes, absmax, memory.CODES[k], torch.empty(1000))
         # the nearest code: no code lies closer to x / absmax than the one chosen
-        code, scaled = rigsa.CODES[k], x / absmax.repeat_interleave(256)[:1000]
+        code, scaled = memory.CODES[k], x / absmax.repeat_interleave(256)[:1000]
         best = (scaled[:, None] - code[None]).abs().min(1).values
         chosen = (scaled - code[codes.long()]).abs()
         if k == "exp_avg":
@@ -615,33 +617,33 @@ def test_8bit_codes_round_trip_and_never_zero_a_positive_second_moment():
 
 
 def test_the_memory_estimate_chooses_and_refuses_in_one_line(monkeypatch, capsys):
-    GB = rigsa.GB
+    GB = memory.GB
     plan = {m: {"base": 3 * GB, "adapters": n * GB, "activations": 2 * GB, "transients": 0}
             for m, n in (("device", 16), ("host", 8), ("8bit", 10))}   # host moments: 8 GB in host memory
     cuda = torch.device("cuda")
 
     def machine(gpu, ram):
-        monkeypatch.setattr(rigsa, "capacity", lambda device: (gpu if device.type == "cuda" else ram) * GB)
+        monkeypatch.setattr(memory, "capacity", lambda device: (gpu if device.type == "cuda" else ram) * GB)
     machine(20, 64)
-    assert rigsa.choose_moments(plan, cuda, "auto") == "host"                # 21 GB do not fit in 20; 13 do
+    assert memory.choose_moments(plan, cuda, "auto") == "host"                # 21 GB do not fit in 20; 13 do
     assert "memory: ~13.0 GB on cuda with AdamW's moments host" in capsys.readouterr().out
     machine(40, 64)
-    assert rigsa.choose_moments(plan, cuda, "auto") == "device"
+    assert memory.choose_moments(plan, cuda, "auto") == "device"
     machine(20, 6)                                                           # no room for 8 GB of host moments
-    assert rigsa.choose_moments(plan, cuda, "auto") == "8bit"
+    assert memory.choose_moments(plan, cuda, "auto") == "8bit"
     with pytest.raises(ValueError, match=r"^memory: --moments host needs ~8.0 GB of host memory, which has 6.0 GB; "
                                          r"try --moments 8bit \(~15.0 GB\)$"):
-        rigsa.choose_moments(plan, cuda, "host")
+        memory.choose_moments(plan, cuda, "host")
     machine(14, 64)                                                          # only what fits is offered
     with pytest.raises(ValueError, match=r"^memory: the run needs ~21.0 GB on cuda, which has 14.0 GB; "
                                          r"try --moments host \(~13.0 GB\) or a smaller --micro-batch$"):
-        rigsa.choose_moments(plan, cuda, "device")
+        memory.choose_moments(plan, cuda, "device")
     machine(12, 64)
     with pytest.raises(ValueError, match=r"which has 12.0 GB; try a smaller --micro-batch$"):
-        rigsa.choose_moments(plan, cuda, "auto")
+        memory.choose_moments(plan, cuda, "auto")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")                              # 8 processes pin 8 GB each
     machine(20, 64)
-    assert rigsa.choose_moments(plan, cuda, "auto") == "8bit"
+    assert memory.choose_moments(plan, cuda, "auto") == "8bit"
 
 
 def test_resume_takes_a_branch_name_as_the_recorded_commit(tmp_path):

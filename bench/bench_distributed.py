@@ -22,6 +22,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import model as M  # noqa: E402
+import mnist  # noqa: E402
 import rigsa  # noqa: E402
 import tiny  # noqa: E402
 
@@ -49,7 +50,7 @@ def main():
         cfg = M.SmolLM2Config(**{**M.PRESETS["SmolLM2-135M-Instruct"].__dict__, "num_hidden_layers": a.layers,
                                  "vocab_size": V})
         tiny.write_random_checkpoint(os.path.join(tmp, "m"), cfg, seed=0)
-        rigsa.write_synthetic_mnist(os.path.join(tmp, "data", "mnist"), n_train=64, n_test=8, size=28)
+        mnist.write_synthetic_mnist(os.path.join(tmp, "data", "mnist"), n_train=64, n_test=8, size=28)
         os.makedirs(os.path.join(tmp, "data", "piqa"))
         with open(os.path.join(tmp, "data", "piqa", "valid.jsonl"), "w") as f:
             for i in range(a.docs):
@@ -69,7 +70,7 @@ def main():
             t["train", n] = run(n, "rigsa.py", train + ["--out", os.path.join(tmp, f"run{n}")], tmp)
             t["eval", n] = run(n, "evals/run.py", ev + ["--output", os.path.join(tmp, f"ev{n}.json")], tmp)
         tok = M.load_tokenizer(os.path.join(tmp, "m"))
-        x, y = rigsa.load_mnist(os.path.join(tmp, "data", "mnist"), "test", verify=False)
+        x, y = mnist.load_mnist(os.path.join(tmp, "data", "mnist"), "test", verify=False)
         T = len(rigsa.encode_example(tok, x[0], y[0], rigsa.digit_ids(tok), rigsa.end_id(tok))[0])
         last = {n: [json.loads(r) for r in open(os.path.join(tmp, f"run{n}", "metrics.jsonl")) if '"step"' in r][-1]
                 for n in (1, 2)}

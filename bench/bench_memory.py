@@ -46,6 +46,8 @@ from torch.utils._pytree import tree_leaves
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import model as M  # noqa: E402
+import memory  # noqa: E402
+import mnist  # noqa: E402
 import rigsa  # noqa: E402
 import tiny  # noqa: E402
 import util  # noqa: E402
@@ -157,14 +159,14 @@ def measure(layer, cfg, density, tokens, dtype=torch.float32, amp=None):
     model, layers, opt, base = build(layer, cfg, density, dtype)
     rows = batch(cfg, tokens)
     micro_step(model, rows, amp)
-    rigsa.adamw_step(opt)              # AdamW's state exists from here on
+    memory.adamw_step(opt)              # AdamW's state exists from here on
     opt.zero_grad(set_to_none=True)
     saved = saved_bytes(model, rows, amp)   # a forward and backward: the gradients are there again
     state = state_per_entry(model, layers, opt, base)
     opt.zero_grad(set_to_none=True)
     with PeakBytes() as pk:
         micro_step(model, rows, amp)
-        rigsa.adamw_step(opt)
+        memory.adamw_step(opt)
     return {"state_B": state, "saved_B": saved, "peak_B": pk.peak, "base_B": base,
             "entries": sum(L.weight.numel() for L in layers.values()),
             "largest": max(L.weight.numel() for L in layers.values())}
@@ -176,7 +178,7 @@ def rss_case(a, layer, density):
             f"import bench_memory as B, model as M, util, torch; util.keep_freed_memory(); torch.set_num_threads({a.threads}); "
             f"cfg = B.preset(B.argparse.Namespace(preset={a.preset!r}, layers={a.layers})); "
             f"m, L, o, _ = B.build({layer!r}, cfg, {density}); r = B.batch(cfg, {a.tokens}); "
-            f"[(B.micro_step(m, r, torch.autocast('cpu', enabled=False)), B.rigsa.adamw_step(o), o.zero_grad()) for _ in range(2)]; "
+            f"[(B.micro_step(m, r, torch.autocast('cpu', enabled=False)), B.memory.adamw_step(o), o.zero_grad()) for _ in range(2)]; "
             f"print(int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if p.returncode:
@@ -196,7 +198,7 @@ def step_times(a, cfg, density):
             t0 = time.perf_counter()
             micro_step(model, rows, amp)
             t1 = time.perf_counter()
-            rigsa.adamw_step(opt)
+            memory.adamw_step(opt)
             opt.zero_grad(set_to_none=True)
             t2 = time.perf_counter()
             if rep:                      # the first round is a warm-up
@@ -270,7 +272,7 @@ def part2(a):
         # dense m * dW, its copies and G; AdamW's per-tensor buffers), from one layer
         one = m[1, T1, d]
         trans = max(one["peak_B"] - one["saved_B"], 0)
-        for moments, mb in (("device", 8.0), ("host", 0.0), ("8bit", rigsa.MOMENT_BYTES["8bit"])):
+        for moments, mb in (("device", 8.0), ("host", 0.0), ("8bit", memory.MOMENT_BYTES["8bit"])):
             st = state - (8.0 - mb) * free
             peak = base + st + acts + trans
             out.append(dict(density=d, moments=moments, base=base, state=st, acts=acts, trans=trans, peak=peak))
@@ -293,7 +295,7 @@ def part3(a):
     torch.set_num_threads(1)   # as rigsa.demo: its exact rows are the demo's own output
     try:
         tiny.write_tiny_checkpoint(tmp / "tiny", shape="gqa", seed=0)
-        rigsa.write_synthetic_mnist(tmp / "mnist", n_train=400, n_test=100, size=8, seed=0, noise=0.05, shift=False)
+        mnist.write_synthetic_mnist(tmp / "mnist", n_train=400, n_test=100, size=8, seed=0, noise=0.05, shift=False)
         logs = {}
         for moments in ("device", "host", "8bit"):
             cfg = rigsa.Config(model=str(tmp / "tiny"), out=str(tmp / moments), data_dir=str(tmp), device="cpu",
@@ -369,7 +371,7 @@ def gpu(a):
         for mb, moments in ((1, "device"), (1, "host"), (16, "device")):
             opt = rigsa.make_optimizer(model, rigsa.Config(), moments)
             rows = batch(cfg, a.tokens) * 16
-            est = sum(rigsa.memory_plan(model, rigsa.Config(), dev, amp, mb * a.tokens)[moments].values()) / GB
+            est = sum(memory.memory_plan(model, layers, dev, amp, mb * a.tokens)[moments].values()) / GB
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(dev)
@@ -380,7 +382,7 @@ def gpu(a):
                     sync()
                     t0 = time.perf_counter()
                     rigsa.accumulate(model, rows, mb, 2, dev, amp)
-                    rigsa.adamw_step(opt)
+                    memory.adamw_step(opt)
                     opt.zero_grad(set_to_none=True)
                     sync()
                     times.append(time.perf_counter() - t0)

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 import model as M  # noqa: E402
 import qlora  # noqa: E402
+import mnist  # noqa: E402
 import rigsa  # noqa: E402
 import util  # noqa: E402
 from evals import harness as H  # noqa: E402
@@ -436,9 +437,9 @@ def load_data(task, args):
     kw = dict(download=not args.offline, verify=not args.no_verify)
     k = shots_for(task, args)
     if task == "mnist":
-        folder = rigsa.mnist_dir(args.data_dir)  # rigsa.py owns MNIST's files, prompt and scoring (§4.2)
-        test = rigsa.load_mnist(folder, "test", **kw)
-        pool = rigsa.load_mnist(folder, "train", **kw) if k else None   # the shots come from the train split
+        folder = mnist.mnist_dir(args.data_dir)  # rigsa.py owns MNIST's files, prompt and scoring (§4.2)
+        test = mnist.load_mnist(folder, "test", **kw)
+        pool = mnist.load_mnist(folder, "train", **kw) if k else None   # the shots come from the train split
         n_pool = len(pool[0]) if k else 0
         data = (test, pool)
     else:

@@ -281,7 +281,7 @@ LM_EVAL_CONFIGS = {
                                                                       {"function": "take_first"}]}],
               "should_decontaminate": False, "metadata": {"version": 3.0}},
     # not an lm-eval task: the same shape, for the paper's target task (§4.2; its files are rigsa.py's)
-    "mnist": {"task": "mnist", "dataset_path": "mnist (IDX files; rigsa.load_mnist)", "test_split": "test",
+    "mnist": {"task": "mnist", "dataset_path": "mnist (IDX files; mnist.load_mnist)", "test_split": "test",
               "fewshot_split": "train", "num_fewshot": 0, "output_type": "generate_until",
               "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
               "metadata": {"version": 1.0}},

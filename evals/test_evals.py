@@ -17,6 +17,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
 import qlora  # noqa: E402
+import mnist  # noqa: E402
 import rigsa  # noqa: E402
 from evals import harness as H  # noqa: E402
 from evals import run as R  # noqa: E402
@@ -275,7 +276,7 @@ def _write_data(root):
     sys.path.insert(0, BENCH)
     import check_lm_eval
     check_lm_eval.write_data(root)
-    rigsa.write_synthetic_mnist(root / "mnist", n_train=20, n_test=5)   # stand-in data: read with --no-verify
+    mnist.write_synthetic_mnist(root / "mnist", n_train=20, n_test=5)   # stand-in data: read with --no-verify
 
 
 def _lm_eval_files(out, task):
@@ -373,9 +374,9 @@ def test_cli_end_to_end(task, tiny_dir, tmp_path, monkeypatch):
     else:
         assert set(r["metrics"]) == {"acc", "acc_stderr"} and r["num_fewshot"] == (5 if shots else 0)
         assert set(s) == {"doc_id", "target", "prediction", "acc"} | ({"shots"} if shots else set())
-        x, y = rigsa.load_mnist(tmp_path / "mnist", "test", verify=False)
+        x, y = mnist.load_mnist(tmp_path / "mnist", "test", verify=False)
         if shots:   # the training images each prompt showed: the draw of --seed (-7 here) over all documents
-            pool = len(rigsa.load_mnist(tmp_path / "mnist", "train", verify=False)[1])
+            pool = len(mnist.load_mnist(tmp_path / "mnist", "train", verify=False)[1])
             assert [t["shots"] for t in r["samples"]] == rigsa.shot_draws(4, pool, 5, -7)
         assert [t["target"] for t in r["samples"]] == y[:4].tolist()
         assert all(t["acc"] == int(t["prediction"] == t["target"]) for t in r["samples"])
@@ -689,7 +690,7 @@ def test_limits_are_the_models(case, tiny_dir, tmp_path, monkeypatch, capsys):
             M.main(["--model", str(short), "--prompt", "the of and " * 200, "--device", "cpu"])
         assert str(e.value.code).startswith("error: --prompt: ") and "320 positions" in str(e.value.code)
     else:
-        rigsa.write_synthetic_mnist(tmp_path / "mnist", n_train=120, n_test=5)
+        mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=120, n_test=5)
         monkeypatch.setattr(rigsa, "mnist_accuracy", lambda *a, **k: pytest.fail("scored a prompt beyond the model"))
         for model_dir, positions, then in ((tiny_dir, 2048, "use --num-fewshot 1 or fewer"),
                                            (short, P, "even 0-shot needs")):

@@ -1,0 +1,215 @@
+"""
+memory.py: where AdamW's moments live and what a training step needs on the device, for rigsa.py.
+
+  adamw_step                 torch's AdamW step, with the two moments on the device, in host memory
+                             (streamed per tensor: the same numbers) or as 8-bit codes (approximate)
+  load_optimizer_state       resume.pt's AdamW state, placed (and converted) as --moments wants it
+  memory_plan, choose_moments   the estimate printed before training, and --moments auto's choice;
+                             a run that cannot fit is refused in one line
+Why each part costs what it does: docs/memory.md.
+"""
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.optim.adam import adam as adam_update  # the per-tensor function torch.optim.AdamW runs
+
+import qlora
+import util
+
+
+# 8-bit moments: bitsandbytes' dynamic codes, signed for the first moment, unsigned for the second
+CODES = {"exp_avg": qlora.DYNAMIC_CODE, "exp_avg_sq": qlora.dynamic_map(signed=False)}
+
+
+def quantize_8bit(x, code):
+    """x float32 -> (uint8 codes, float32 absmax per block of 256): the nearest code of x / absmax,
+    except that a positive value never becomes 0 in the unsigned code (the second moment): a v
+    rounded to 0 under a nonzero m would make AdamW's step m / (sqrt(0) + eps), a thousandfold jump."""
+    n = x.numel()
+    blocks = F.pad(x.reshape(-1), (0, -n % 256)).view(-1, 256)                 # (nb, 256)
+    absmax = blocks.abs().amax(1)
+    scaled = (blocks / absmax.clamp(min=1e-38)[:, None]).view(-1)[:n]          # an all-zero block stays 0
+    code = util.on_device(code, x.device)
+    q = torch.bucketize(scaled, (code[1:] + code[:-1]) / 2, out_int32=True)
+    if code[0] == 0:                                                           # unsigned: index 0 is 0
+        q = torch.where((q == 0) & (scaled > 0), 1, q)
+    return q.to(torch.uint8), absmax
+
+
+def dequantize_8bit(codes, absmax, code, out):
+    """Into out (float32, codes' shape): code[codes] * absmax of their block."""
+    scaled = util.on_device(code, codes.device).index_select(0, codes.reshape(-1).int())
+    blocks = F.pad(scaled, (0, -scaled.numel() % 256)).view(-1, 256) * absmax[:, None]
+    return out.copy_(blocks.view(-1)[:scaled.numel()].view_as(out))
+
+
+@torch.no_grad()
+def adamw_step(opt):
+    """opt.step(), with AdamW's two moments where opt.moments puts them (memory.md D4 and §3):
+      device  torch's own step (per tensor)
+      host    in host memory (pinned on CUDA); each tensor's pair is copied to the device, updated by
+              the per-tensor function torch.optim.AdamW(foreach=False) calls, and copied back: the
+              same numbers, 8 bytes less per trainable parameter on the device, and transfer time
+      8bit    8-bit codes and a float32 scale per 256 entries (bitsandbytes' and torchao's 8-bit
+              AdamW): the update runs in float32 on the decoded moments, which are then rounded to
+              the nearest code. 2.03 bytes per parameter instead of 8; not the same numbers."""
+    if opt.moments == "device":
+        return opt.step()
+    host = opt.moments == "host"
+    for group in opt.param_groups:
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            st = opt.state[p]
+            if not st:  # as torch's lazy init: the step count on the CPU, the moments zero
+                st["step"] = torch.tensor(0.0)
+                for k in CODES:
+                    zero = torch.zeros_like(p)
+                    if host:
+                        st[k] = zero.cpu().pin_memory() if p.is_cuda else zero
+                    else:
+                        st[k], st[k + "_absmax"] = quantize_8bit(zero, CODES[k])
+            m, v = _staging(opt, p)
+            for k, buf in zip(CODES, (m, v)):
+                buf.copy_(st[k], non_blocking=True) if host else dequantize_8bit(st[k], st[k + "_absmax"], CODES[k], buf)
+            adam_update([p], [p.grad], [m], [v], [], [st["step"]], foreach=False, decoupled_weight_decay=True,
+                        amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                        weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+            for k, buf in zip(CODES, (m, v)):
+                if host:
+                    st[k].copy_(buf, non_blocking=True)  # in stream order: the next copy into buf waits for it
+                else:
+                    st[k], st[k + "_absmax"] = quantize_8bit(buf, CODES[k])
+    if host and torch.cuda.is_available():
+        torch.cuda.synchronize()  # the host copies are complete before anything reads them (a save)
+
+
+def _staging(opt, p):
+    """Two float32 buffers on p's device, the size of the largest trainable tensor, reused by every
+    tensor's moments in turn. -> views of them shaped like p."""
+    st = getattr(opt, "staging", None)
+    if st is None or st.device != p.device or st.shape[1] < p.numel():
+        opt.staging = torch.empty(2, max(q.numel() for g in opt.param_groups for q in g["params"]), device=p.device)
+    return opt.staging[0, :p.numel()].view_as(p), opt.staging[1, :p.numel()].view_as(p)
+
+
+def load_optimizer_state(opt, state):
+    """opt.load_state_dict(state), with the moments placed, and converted, as opt.moments wants them
+    whichever placement wrote them (a run may resume with another --moments): torch's own load would
+    copy every moment to the device first, which host moments exist to avoid, and would read 8-bit
+    codes as float values."""
+    coded = any(k + "_absmax" in st for st in state["state"].values() for k in CODES)
+    if opt.moments == "device" and not coded:
+        return opt.load_state_dict(state)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for g, saved in zip(opt.param_groups, state["param_groups"]):
+        g.update({k: v for k, v in saved.items() if k != "params"})
+    for i, st in state["state"].items():
+        p, new = params[i], {"step": st["step"]}
+        for k in CODES:
+            v, absmax = st[k], st.get(k + "_absmax")
+            if opt.moments == "8bit" and absmax is not None:       # codes stay codes
+                new[k], new[k + "_absmax"] = v.to(p.device), absmax.to(p.device)
+                continue
+            if absmax is not None:                                  # 8-bit codes -> float32 values
+                v = dequantize_8bit(v, absmax, CODES[k], torch.empty(v.shape, dtype=torch.float32))
+            if opt.moments == "8bit":
+                new[k], new[k + "_absmax"] = quantize_8bit(v.to(p.device), CODES[k])
+            elif opt.moments == "host":
+                new[k] = v.pin_memory() if p.is_cuda else v
+            else:
+                new[k] = v.to(p.device)
+        opt.state[p] = new
+
+
+GB = 1e9
+MOMENT_BYTES = {"device": 8.0, "host": 0.0, "8bit": 2 * (1 + 4 / 256)}  # per trainable entry, on the device
+
+
+@torch.no_grad()
+def saved_bytes(model, n_tokens, device, amp):
+    """Bytes autograd saves for backward in one forward of n_tokens random tokens (parameters and
+    buffers not counted; a storage saved twice counted once)."""
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in own:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+    g = torch.Generator().manual_seed(0)  # not the global generator: the run's RNG stays as it was
+    ids = torch.randint(3, model.config.vocab_size, (1, n_tokens), generator=g).to(device)
+    with torch.enable_grad(), amp, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        h = model(ids, hidden_only=True)
+        model.lm_head(h[0, -2:]).float().sum()    # the supervised positions only, as batch_loss
+    return sum(seen.values())
+
+
+def memory_plan(model, layers, device, amp, tokens):
+    """What one training step needs on `device` for each placement of AdamW's moments, by part:
+    {moments: {part: bytes}}. make bench-memory compares it with measured peaks.
+      base         every tensor of the model that does not train, as loaded (bfloat16, NF4, ...)
+      adapters     per trainable entry its value and gradient (4 + 4 bytes) and AdamW's moments
+                   (MOMENT_BYTES), plus the packed masks
+      activations  what one micro-batch of `tokens` tokens saves for backward: measured on two short
+                   forwards (a + b * tokens: the saved free-entry positions do not grow with tokens)
+      transients   one layer at a time: its dense m * dW, their copies and gradient, the optimizer's
+                   per-tensor buffers: 32 bytes per entry of the largest adapted layer (bench-memory)"""
+    train = [p for p in model.parameters() if p.requires_grad]
+    base = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+               if not t.requires_grad)
+    n = sum(p.numel() for p in train)
+    s1, s2 = saved_bytes(model, 16, device, amp), saved_bytes(model, 32, device, amp)
+    acts = s1 + (s2 - s1) / 16 * (tokens - 16)
+    largest = max([L.numel() for L in layers.values()] + [p.numel() for p in train])
+    return {m: {"base": base, "adapters": n * (8 + b), "activations": acts, "transients": 32 * largest}
+            for m, b in MOMENT_BYTES.items()}
+
+
+def capacity(device):
+    """Bytes the device can give this run: CUDA's free memory plus what this process already holds;
+    on the CPU, the available RAM plus this process's resident set."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
+    rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") if os.path.exists("/proc/self/statm") else 0
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") + rss
+
+
+def choose_moments(plan, device, want):
+    """--moments auto: on the device if the step fits there; else in host memory (exact, slower) if
+    the host also has room for them (each process on this machine pins its own); else 8-bit. Prints
+    the estimate; a run that cannot fit is refused in one line, naming the placements that would
+    fit, not by an OOM. Under torchrun every rank decides on the smallest device and host among
+    them, so that all choose alike."""
+    cpu = torch.device("cpu")
+    have = torch.tensor([capacity(device), capacity(cpu)], dtype=torch.float64)
+    if util.world()[1] > 1:
+        have = have.to(device) if dist.get_backend() == "nccl" else have
+        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+    have, host_have = have.tolist()
+    total = {m: sum(parts.values()) for m, parts in plan.items()}
+    host_need = (plan["device"]["adapters"] - plan["host"]["adapters"]) * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    host_ok = device.type != "cuda" or host_need <= 0.9 * host_have      # on the CPU, host is the device
+    fits = {m: total[m] <= 0.95 * have and (m != "host" or host_ok) for m in total}
+    if want != "auto":
+        moments = want
+    else:
+        moments = "device" if device.type != "cuda" or fits["device"] else "host" if fits["host"] else "8bit"
+    parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in plan[moments].items())
+    util.say(f"memory: ~{total[moments] / GB:.1f} GB on {device} with AdamW's moments {moments} ({parts}); "
+             f"{have / GB:.1f} GB available" + (f"; {host_need / GB:.1f} GB of host memory, {host_have / GB:.1f} "
+                                                f"available" if moments == "host" and device.type == "cuda" else ""))
+    fix = [f"--moments {m} (~{total[m] / GB:.1f} GB)" for m in ("host", "8bit") if m != moments and fits[m]]
+    fix = " or ".join(fix + ["a smaller --micro-batch"])
+    if total[moments] > have:
+        raise ValueError(f"memory: the run needs ~{total[moments] / GB:.1f} GB on {device}, which has "
+                         f"{have / GB:.1f} GB; try {fix}")
+    if moments == "host" and not host_ok:
+        raise ValueError(f"memory: --moments host needs ~{host_need / GB:.1f} GB of host memory, which has "
+                         f"{host_have / GB:.1f} GB; try {fix.replace(' or a smaller --micro-batch', '')}")
+    return moments

@@ -674,7 +674,6 @@ def config_from(saved, source):
     if not isinstance(saved, dict):
         raise ValueError(f"{source}: holds no rigsa config (a {type(saved).__name__}, not a dict); it was not "
                          f"written by rigsa.py train")
-    saved = upgrade_config(saved)
     known = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(saved) - known)
     if unknown and (str(source), *unknown) not in _WARNED:   # once per file, however often it is read
@@ -1377,32 +1376,6 @@ def demo(out="runs/demo"):
 # -----------------------------------------------------------------------------
 # CLI
 
-# old spellings, accepted for one release with a deprecation line (README: the flag table)
-RENAMED = {"--eval-max": "--limit", "--no-download": "--offline", "--download": "--no-offline"}
-
-
-def renamed_flags(argv):
-    """argv with the RENAMED flags replaced by today's, each with one warning line on stderr."""
-    out = []
-    for arg in argv:
-        flag, eq, value = arg.partition("=")
-        if flag in RENAMED:
-            print(f"warning: {flag} is deprecated; use {RENAMED[flag]}", file=sys.stderr)
-            arg = RENAMED[flag] + eq + value
-        out.append(arg)
-    return out
-
-
-def upgrade_config(saved):
-    """A run's saved config written before the flags were renamed (--resume of an older run)."""
-    saved = dict(saved)
-    if "eval_max" in saved:
-        saved["limit"] = saved.pop("eval_max")
-    if "download" in saved:
-        saved["offline"] = not saved.pop("download")
-    return saved
-
-
 def config_parser(ap):
     """One flag per Config field, checked as it is parsed (its range or choices)."""
     for f in dataclasses.fields(Config):
@@ -1425,21 +1398,6 @@ def typed_flags(parser, argv):
     return {f.name for f in dataclasses.fields(Config) if getattr(ns, f.name) is not unset}
 
 
-def eval_alias(a):
-    """`rigsa.py eval` (deprecated): Textual MNIST accuracy has one command, evals/run.py --task
-    mnist; this translates the old flags and runs it (a process boundary: rigsa.py imports no evals/)."""
-    if a.split != "test":
-        raise ValueError("--split val: the validation accuracy of a run is in RUN/metrics.jsonl; "
-                         "evals/run.py --task mnist scores the test split")
-    cmd = [sys.executable, str(Path(__file__).resolve().parent / "evals" / "run.py"), "--task", "mnist",
-           "--num-fewshot", str(a.shots), "--data-dir", a.data_dir, "--batch-size", str(a.batch_size)]
-    for flag, value in (("--model", a.model), ("--revision", a.revision), ("--adapter", a.adapter), ("--limit", a.max)):
-        cmd += [flag, str(value)] if value else []
-    cmd += ["--offline"] * a.offline + ["--no-verify"] * a.no_verify
-    print("rigsa.py eval is deprecated and will be removed: it runs " + " ".join(cmd[1:]), file=sys.stderr)
-    sys.exit(subprocess.run(cmd).returncode)
-
-
 def main(argv=None):
     ap = util.ArgumentParser(prog="rigsa.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -1449,17 +1407,6 @@ def main(argv=None):
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="[default: train]")
     p.add_argument("--data-dir", default="data", help="data root, MNIST in <root>/mnist/ [default: data]")
     p.add_argument("--offline", action="store_true", help="never download: a missing MNIST file is an error")
-    p.add_argument("--no-verify", action="store_true", help="skip the MNIST checksums (stand-in data)")
-    p = sub.add_parser("eval", help="deprecated: runs evals/run.py --task mnist (Textual MNIST accuracy, Table 2)")
-    p.add_argument("--model", default=None, help="[default: the adapter's recorded base, else the paper's]")
-    p.add_argument("--revision", default=None, help="hub revision of --model [default: the adapter's recorded one]")
-    p.add_argument("--adapter", default="", help="RUN/iterK adapter file to install [default: none]")
-    p.add_argument("--shots", type=INT0, default=0, help="examples as earlier turns (Table 2: 0 or 5) [default: 0]")
-    p.add_argument("--split", default="test", choices=["val", "test"], help="[default: test; val is refused: see README]")
-    p.add_argument("--max", type=INT0, default=0, help="at most this many images (0 = all) [default: 0]")
-    p.add_argument("--data-dir", default="data", help="data root, MNIST in <root>/mnist/ [default: data]")
-    p.add_argument("--batch-size", type=INT1, default=16, help="[default: 16]")
-    p.add_argument("--offline", action="store_true", help="never download (the MNIST files, the base model): a missing one is an error")
     p.add_argument("--no-verify", action="store_true", help="skip the MNIST checksums (stand-in data)")
     p = sub.add_parser("merge", help="merge an adapter into its base model, official layout")
     p.add_argument("--adapter", required=True, help="RUN/iterK")
@@ -1474,7 +1421,7 @@ def main(argv=None):
                    help="merge into a base other than the one the adapter was trained on (recorded in rigsa-merge.json)")
     p = sub.add_parser("demo", help="the whole pipeline offline on a tiny model (under a minute on 2 CPU cores)")
     p.add_argument("--out", default="runs/demo", help="[default: runs/demo]")
-    argv = renamed_flags(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
     a = ap.parse_args(argv)
     util.keep_freed_memory()
     util.stop_as_interrupt()   # SIGTERM as Ctrl-C: cleanup runs, one line, exit 143 (training: resume.pt first)
@@ -1493,8 +1440,6 @@ def main(argv=None):
                 raise ValueError(f"--index {a.index}: outside the {a.split} split (0..{len(x) - 1})")
             print(to_text(x[a.index]))
             print(f"label: {int(y[a.index])}")
-        elif a.cmd == "eval":
-            eval_alias(a)
         elif a.cmd == "merge":
             merge(a.adapter, a.out, a.model, a.dtype, a.revision, a.allow_lossy, a.allow_other_base)
         elif a.cmd == "demo":

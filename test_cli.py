@@ -98,8 +98,6 @@ CASES = [
     ("rigsa", T("--moments", "4bit"), 2, "--moments"),
     ("rigsa", T("--no-such-flag"), 2, "--no-such-flag"),
     ("rigsa", ["frobnicate"], 2, "frobnicate"),
-    ("rigsa", ["eval", "--shots", "-2"], 2, "--shots"),
-    ("rigsa", ["eval", "--max", "-1"], 2, "--max"),
     ("rigsa", ["show", "--index", "-1"], 2, "--index"),
     # flags the method would ignore, combinations, the device (exit 1)
     ("rigsa", T("--method", "lora", "--keep", "0.5"), 1, "--keep 0.5: --method lora does not use it"),
@@ -130,7 +128,6 @@ CASES = [
     ("rigsa", ["merge", "--adapter", "{w}/run/iter2", "--out", "{w}/m5", "--model", "{mha}"], 1, "made on the base"),
     ("rigsa", ["merge", "--adapter", "{w}/run/iter2", "--out", "{w}/m5", "--model", "{mha}", "--allow-other-base"],
      1, "layer"),
-    ("rigsa", ["eval", "--split", "val"], 1, "--split val"),
     ("rigsa", ["show", "--index", "999", "--data-dir", "{w}/data", "--no-verify"], 1, "--index 999"),
     ("rigsa", ["show", "--data-dir", "{w}/emptydata", "--offline"], 1, "MNIST: missing data files"),
     ("rigsa", ["demo", "--out", "{w}/notademo"], 1, "not a demo directory"),

@@ -362,18 +362,6 @@ def test_merge_adapters_folds_lora_in_float32_and_refuses_4bit(tiny_dir):
         rigsa.merge_adapters(q)
 
 
-def test_eval_alias_runs_the_one_mnist_command(tiny_dir, tmp_path, capfd):
-    # `rigsa.py eval` (deprecated) translates its flags and runs evals/run.py --task mnist
-    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=12, n_test=3, size=8)
-    with pytest.raises(SystemExit) as e:
-        rigsa.main(["eval", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--max", "2", "--no-verify"])
-    out = capfd.readouterr()
-    assert e.value.code == 0 and "deprecated" in out.err and "--task mnist" in out.err
-    assert "mnist" in out.out and "acc" in out.out and " 2 " in out.out     # evals' table, 2 documents
-    with pytest.raises(SystemExit, match="--split val"):
-        rigsa.main(["eval", "--model", str(tiny_dir), "--data-dir", str(tmp_path / "mnist"), "--split", "val"])
-
-
 # ---- the compact layer against today's dense one (issue #15: nothing changes numerically) ----
 
 class DenseGatedLinear(nn.Module):

@@ -656,3 +656,54 @@ def test_init_check_is_dw0s_first_values_and_guards_loading(tiny_dir):
     t[f"{n}.init_check"] = t[f"{n}.init_check"] + 1e-7
     with pytest.raises(ValueError, match=f"src: dW0 of {n} does not regenerate identically"):
         rigsa.set_adapter_tensors(layers, t, "src")
+
+
+# ---- extension points: a pruning criterion is one function, a method one table entry ----
+
+def free_dw0(L):
+    d0 = L.init_delta().view(-1)
+    return d0 if L.mask is None else d0[L.free_index()]
+
+
+def test_a_new_criterion_is_one_function(tiny_dir, tmp_path, monkeypatch):
+    # movement pruning, |dW - dW0|: one function in CRITERIA, handed to the same exact selection and rewind
+    monkeypatch.setitem(rigsa.CRITERIA, "movement", lambda name, L: (L.delta - free_dw0(L)).abs())
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=4, size=8)
+    with one_thread():
+        rigsa.train(tiny_cfg(tiny_dir, tmp_path, criterion="movement"))
+        before, after = M.load(tiny_dir)[0], M.load(tiny_dir)[0]
+        rigsa.load_adapter(before, tmp_path / "run" / "iter1")   # iteration 1's trained dW (every entry free)
+        rigsa.load_adapter(after, tmp_path / "run" / "iter2")    # the mask the pruning chose
+    layers, kept = rigsa.adapters(before), {n: L.free_index() for n, L in rigsa.adapters(after).items()}
+    elig = {n: rigsa.eligible(L) for n, L in layers.items()}
+
+    def top(score):   # the global top round(0.8 * eligible) of score among the eligible entries (no ties here)
+        k = round(0.8 * sum(int(e.count_nonzero()) for e in elig.values()))
+        thr = torch.cat([score(L)[elig[n]] for n, L in layers.items()]).sort(descending=True).values[k - 1]
+        return {n: (elig[n] & (score(L) >= thr)).nonzero().view(-1) for n, L in layers.items()}
+    movement, magnitude = top(lambda L: (L.delta - free_dw0(L)).abs()), top(lambda L: L.delta.abs())
+    assert all(torch.equal(kept[n], movement[n]) for n in layers)
+    assert not all(torch.equal(kept[n], magnitude[n]) for n in layers)   # the criterion did act
+
+
+def test_a_new_method_is_one_table_entry(tiny_dir, tmp_path, monkeypatch):
+    # a mask chosen from one batch's gradient (half the entries of each layer, largest |grad| at dW0): one
+    # METHODS entry with its init_mask; setup calls it, the loop trains it, check_config reads its flags
+    def grad_mask(run):
+        x, y = run.data["train"]
+        rows = [rigsa.encode_example(run.tok, x[i], y[i], run.digits, run.eos) for i in range(4)]
+        rigsa.accumulate(run.model, rows, 4, run.tok.pad_id, run.device)
+        grads = {n: L.delta.grad.abs() for n, L in run.layers.items()}
+        chosen = rigsa.select(run.layers, {n: g > -1 for n, g in grads.items()}, 0.5, "layer",
+                              score=lambda n, L: grads[n])
+        for n, L in run.layers.items():
+            rigsa.rewind(L, chosen[n])
+    monkeypatch.setitem(rigsa.METHODS, "grad-mask", dict(gated=True, prunes=False, lora=False, init_mask=grad_mask,
+                                                         flags=rigsa.GATE + rigsa.SPARSE_OPT))
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=4, size=8)
+    with one_thread():
+        log = rigsa.train(tiny_cfg(tiny_dir, tmp_path, method="grad-mask"))
+    it = [r for r in log if r.get("event") == "iteration"]
+    assert len(it) == 1 and abs(it[0]["density"] - 0.5) < 1e-3 and all(r.get("loss") == r.get("loss") for r in log)
+    with pytest.raises(ValueError, match="--keep 0.5: --method grad-mask does not use it"):
+        rigsa.check_config(tiny_cfg(tiny_dir, tmp_path, method="grad-mask", keep=0.5))

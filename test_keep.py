@@ -167,6 +167,26 @@ def test_one_process_writes_a_run_at_a_time_and_a_stale_lock_is_taken_over(world
     assert steps == sorted(set(steps))   # no step twice
 
 
+def test_torchrun_rank_zero_holds_the_lock_for_every_rank(world, tmp_path):
+    # a run locked by a live process: rank 0 is refused, and tells rank 1, which stops too (no hang)
+    out = tmp_path / "run"
+    with one_thread():
+        rigsa.train(rigsa.Config(out=str(out), iters=2, lr=2e-2, halt_after=1, **base(world / "model", world / "data")))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (out / "LOCK").write_text(f"{holder.pid} {os.uname().nodename}\n")
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            os.path.join(REPO, "rigsa.py"), "train", "--resume", "--out", str(out)], cwd=tmp_path,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert p.returncode != 0 and f"error: {out}: another rigsa.py (pid {holder.pid}) is writing this run" in p.stderr
+    assert "rank 1: rank 0 could not lock" in p.stderr, p.stderr[-3000:]
+    assert 'rigsa.py", line' not in p.stderr   # the ranks' own lines, no traceback (torchrun's launcher prints its own)
+    assert (out / "LOCK").read_text() == f"{holder.pid} {os.uname().nodename}\n"
+
+
 def test_a_refused_new_run_leaves_nothing(world, tmp_path):
     out = tmp_path / "a" / "b" / "run"
     with pytest.raises(FileNotFoundError, match="nope"), one_thread():

@@ -1542,7 +1542,12 @@ def run_lock(cfg):
     try:
         if rank == 0 and not (cfg.resume and not out.is_dir()):
             made = [p for p in (out, *out.parents) if not p.exists()]   # deepest first
-            out.mkdir(parents=True, exist_ok=True)
+            if out.exists() and not out.is_dir():
+                raise FileExistsError(f"--out {out}: is a file, not a run directory; choose another --out")
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OSError(f"--out {out}: cannot create it ({e.strerror}); choose another --out") from None
             held.callback(_remove_empty, made)    # runs after the lock is released
             held.enter_context(util.lock_dir(out))
         ok = [True]

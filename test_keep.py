@@ -187,11 +187,16 @@ def test_torchrun_rank_zero_holds_the_lock_for_every_rank(world, tmp_path):
     assert (out / "LOCK").read_text() == f"{holder.pid} {os.uname().nodename}\n"
 
 
-def test_a_refused_new_run_leaves_nothing(world, tmp_path):
-    out = tmp_path / "a" / "b" / "run"
-    with pytest.raises(FileNotFoundError, match="nope"), one_thread():
-        rigsa.train(rigsa.Config(out=str(out), **base(tmp_path / "nope", world / "data")))
-    assert os.listdir(tmp_path) == []
+@pytest.mark.parametrize("case", ["no model", "--out a file", "--out in a file"])
+def test_a_refused_new_run_leaves_nothing(world, tmp_path, case):
+    (tmp_path / "f").write_text("the user's")
+    out, model, text = {"no model": (tmp_path / "a" / "b" / "run", tmp_path / "nope", "nope: no such model"),
+                        "--out a file": (tmp_path / "f", world / "model", "is a file, not a run directory"),
+                        "--out in a file": (tmp_path / "f" / "run", world / "model", "cannot create it")}[case]
+    with pytest.raises(OSError, match=text), one_thread():
+        rigsa.train(rigsa.Config(out=str(out), **base(model, world / "data")))
+    assert os.listdir(tmp_path) == ["f"] and (tmp_path / "f").read_text() == "the user's"
+
 
 # ---- temporaries go on SIGTERM too ----
 

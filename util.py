@@ -201,6 +201,8 @@ def lock_dir(path, what="rigsa.py"):
             fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             pass
+        except OSError as e:   # a read-only folder, ...
+            raise OSError(f"{path}: cannot write {lock} ({e.strerror}); the run's folder must be writable") from None
         else:
             with os.fdopen(fd, "w") as f:
                 f.write(me)

@@ -837,16 +837,27 @@ def main(argv=None):
                     help="hash the cached files against the hub's checksums (finds a corrupted byte; slow for 1.7B)")
     a = ap.parse_args(argv)
     util.keep_freed_memory()
+    util.stop_as_interrupt()   # Ctrl-C and SIGTERM: one line, exit 130 / 143, no file blamed
     try:
-        model, tok = load(a.model, a.device, getattr(torch, a.dtype) if a.dtype else None, a.revision, a.verify_model)
+        chat(a)
     except (OSError, ValueError, RuntimeError) as e:  # the library's errors are one line each: no traceback
-        sys.exit(f"error: {str(e).replace(chr(10), ' ')}")
+        sys.exit(f"error: {' '.join(str(e).split())}")
+    except KeyboardInterrupt:
+        util.exit_interrupted(f"nothing was kept; run again with: "
+                              f"{util.command(__file__, sys.argv[1:] if argv is None else argv)}")
+    finally:
+        util.stop_as_interrupt(False)
+
+
+def chat(a):
+    """model.py's one message: load, clamp --max-new-tokens to the model's positions, generate."""
+    model, tok = load(a.model, a.device, getattr(torch, a.dtype) if a.dtype else None, a.revision, a.verify_model)
     msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
     text, P = tok.chat(msgs), model.config.max_position_embeddings
     n = len(tok.encode(text))
     if n >= P:
-        sys.exit(f"error: --prompt: {n} tokens with the chat template, which leaves no room to generate in the model's "
-                 f"{P} positions; shorten it")
+        raise ValueError(f"--prompt: {n} tokens with the chat template, which leaves no room to generate in the "
+                         f"model's {P} positions; shorten it")
     new = min(a.max_new_tokens, P - n)   # generation stops at the model's limit: say so rather than surprise
     if new < a.max_new_tokens:
         print(f"note: --max-new-tokens {a.max_new_tokens}: the prompt's {n} tokens leave room for {new} in the model's "
@@ -854,7 +865,6 @@ def main(argv=None):
     stats = {}
     print(generate(model, tok, [text], new, stop=["<|im_end|>"], progress_bar=False, stats=stats)[0])
     print(f"[{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
-
 
 if __name__ == "__main__":
     main()

@@ -959,6 +959,11 @@ def train(cfg, given=None):
     is 5 trainings and 4 prunings. given: the flags the user typed (check_config). -> the metrics
     log, or None if halted (--halt-after)."""
     util.init_distributed(cfg.device)             # under torchrun: this rank's process group, first
+    with run_lock(cfg):                           # one writer per run directory, before resume.pt is read
+        return _train(cfg, given)
+
+
+def _train(cfg, given):
     cfg, resume = resumed(cfg, given)
     if cfg.resume and resume is None:
         if (Path(cfg.out) / f"iter{n_iters(cfg)}.safetensors").exists():   # a finished run: nothing to do
@@ -1324,28 +1329,76 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
     if frac > 0.01 and not allow_lossy:
         raise ValueError(f"--dtype {dtype}: the cast loses {frac:.2%} of sum|alpha*m*dW| (more than 1%); merge in "
                          f"float32 (the default), or pass --allow-lossy to write it anyway")
-    # written into a sibling folder renamed to --out at the end: a failure (a full disk) leaves no half
-    # checkpoint there, and the folder is removed
+    # written into a sibling folder renamed to --out at the end: a failure (a full disk, Ctrl-C, SIGTERM)
+    # leaves no half checkpoint there, and the folder is removed
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        for f in os.listdir(src):
-            if not f.endswith(".safetensors") and f != "model.safetensors.index.json" and os.path.isfile(src / f):
-                shutil.copy(src / f, tmp / f)
-        M.save_checkpoint(tmp, conf, model.state_dict(), getattr(torch, dtype))
-        util.write_json(tmp / "rigsa-merge.json", {"adapter": str(adapter_path(adapter)), "adapter_base": meta["base"],
-                                                   "base": ident, "base_check": verdict, "dtype": dtype})
-        if out.exists():
-            out.rmdir()           # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with util.sigterm_cleanup(f"stopped; --out {out} not written, and its temporary folder removed"):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        try:
+            os.chmod(tmp, util.file_mode(folder=True))   # mkdtemp's is 0700: the umask's, as mkdir would
+            for f in os.listdir(src):
+                if not f.endswith(".safetensors") and f != "model.safetensors.index.json" and os.path.isfile(src / f):
+                    shutil.copyfile(src / f, tmp / f)   # a new file (umask), not the source's mode (a read-only cache's)
+            M.save_checkpoint(tmp, conf, model.state_dict(), getattr(torch, dtype))
+            util.write_json(tmp / "rigsa-merge.json", {"adapter": str(adapter_path(adapter)), "base": ident,
+                                                       "adapter_base": meta["base"], "base_check": verdict, "dtype": dtype})
+            if out.exists():
+                out.rmdir()           # empty (checked above)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     print(f"merged {adapter} into {out} ({dtype}); the cast lost {frac:.2%} of sum|alpha*m*dW|")
     return out
 
 # -----------------------------------------------------------------------------
 # demo: the whole pipeline offline on a tiny random model (make demo)
+
+@contextlib.contextmanager
+def run_lock(cfg):
+    """train(): one process writes a run directory at a time (util.lock_dir, <out>/LOCK naming its
+    pid). Taken before anything of the run is read or written: for --resume before resume.pt is
+    read (a missing folder: resumed() says there is nothing to resume); a new run's folder is made
+    here, and removed again if the run ends with nothing written into it, so a refused run leaves
+    nothing. Under torchrun rank 0 holds it for every rank, and says to the others whether it could."""
+    out = Path(cfg.out)
+    rank, ranks = util.world()
+    held = contextlib.ExitStack()
+    ok = [False]
+    try:
+        if rank == 0 and not (cfg.resume and not out.is_dir()):
+            made = [p for p in (out, *out.parents) if not p.exists()]   # deepest first
+            if out.exists() and not out.is_dir():
+                raise FileExistsError(f"--out {out}: is a file, not a run directory; choose another --out")
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OSError(f"--out {out}: cannot create it ({e.strerror}); choose another --out") from None
+            held.callback(_remove_empty, made)    # runs after the lock is released
+            held.enter_context(util.lock_dir(out))
+        ok = [True]
+    except BaseException:
+        held.close()
+        raise
+    finally:
+        if ranks > 1:
+            dist.broadcast_object_list(ok, src=0)
+    if not ok[0]:
+        raise RuntimeError(f"rank {rank}: rank 0 could not lock {out} (its error is above)")
+    with held:
+        yield
+
+
+def _remove_empty(folders):
+    for p in folders:   # deepest first; one that holds anything stays, and so do its parents
+        try:
+            p.rmdir()
+        except OSError:
+            return
+
+
+DEMO_ENTRIES = ("DEMO", "tiny-model", "mnist", "run")   # what `rigsa.py demo` writes under --out
+
 
 def demo(out="runs/demo"):
     """A tiny random model with SmolLM2's architecture and tokenizer structure learns synthetic 8x8
@@ -1354,11 +1407,16 @@ def demo(out="runs/demo"):
     t0 = time.time()
     torch.set_num_threads(1)  # a tiny model is all per-op overhead: threads only add to it
     out = Path(out)
-    if out.exists():
-        if not (out / "DEMO").exists():
-            raise FileExistsError(f"{out}: exists and is not a demo directory")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "DEMO").is_file())):
+        raise FileExistsError(f"{out}: exists and is not a demo directory (no DEMO file in it); "
+                              f"choose another --out, or an empty folder")
+    for name in DEMO_ENTRIES:   # what an earlier demo wrote; anything else there is the user's, and stays
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
     (out / "DEMO").write_text("written by rigsa.py demo\n")
     tiny.write_tiny_checkpoint(out / "tiny-model", shape="gqa", seed=0)
     mnist.write_synthetic_mnist(out / "mnist", n_train=400, n_test=100, size=8, seed=0, noise=0.05, shift=False)
@@ -1444,7 +1502,6 @@ def main(argv=None):
             merge(a.adapter, a.out, a.model, a.dtype, a.revision, a.allow_lossy, a.allow_other_base)
         elif a.cmd == "demo":
             demo(a.out)
-        util.stop_as_interrupt(False)
     except (OSError, ValueError, RuntimeError) as e:   # OSError: FileNotFoundError, FileExistsError, a full disk
         util.abandon_distributed()
         sys.exit(f"error: {' '.join(str(e).split())}")
@@ -1458,6 +1515,8 @@ def main(argv=None):
         else:
             what = f"nothing was kept; run again with: {util.command(__file__, argv)}"
         util.exit_interrupted(what)
+    finally:
+        util.stop_as_interrupt(False)
 
 
 if __name__ == "__main__":

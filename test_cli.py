@@ -356,3 +356,23 @@ def test_ctrl_c_before_the_run_exists_says_run_again_not_resume(world, tmp_path,
     assert code == 130 and err.strip().splitlines()[-1] == (
         f"SIGINT: stopped; nothing was kept; run again with: python {REPO}/rigsa.py {' '.join(argv)}"), err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("tool", ["model", "evals", "rigsa"])
+def test_an_interrupt_while_the_model_loads_blames_no_file(world, tmp_path, capsys, monkeypatch, tool):
+    # rule 7: a safetensors read cut short by a signal is the interrupt (exit 130, one line), never "corrupt ...;
+    # replace it", which would send the user to delete a good download
+    w, m, _ = world
+
+    def cut_short(path):   # what a read stopped by Ctrl-C looks like from here: the signal, then an error
+        util.SIGNALS.append(signal.SIGINT)
+        raise OSError("Interrupted system call")
+    monkeypatch.setattr(M, "load_file", cut_short)
+    monkeypatch.chdir(tmp_path)
+    argv = {"model": ["--model", m, "--prompt", "hi", "--device", "cpu"],
+            "evals": E("--task", "mnist", "--model", m),
+            "rigsa": T("--model", m, "--data-dir", "{w}/data", "--val-frac", "0.25", "--out", "r")}[tool]
+    argv = [a.format(w=w) for a in argv]
+    code, _, err = run_main(MAINS[tool], argv, capsys)
+    assert code == 130 and "corrupt" not in err and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("SIGINT: stopped; nothing was"), err

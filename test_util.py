@@ -1,7 +1,13 @@
-"""Tests for util.py: atomic writes, the progress bar in a log and on/off, the device, malloc settings."""
+"""Tests for util.py: atomic writes (whole, with the umask's mode, gone on SIGTERM), the run-directory lock,
+the progress bar in a log and on/off, the device, malloc settings."""
 import errno
 import os
 import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -42,6 +48,100 @@ def test_atomic_write_syncs_the_content_before_the_rename(tmp_path, monkeypatch)
     util.write_json(p, {"a": 1})
     # the .tmp's inode is the file's after the rename (file descriptors have no portable path)
     assert calls == [("fsync", os.stat(p).st_ino), ("replace", f"{p}.tmp"), ("fsync", os.stat(tmp_path).st_ino)]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_atomic_write_gives_a_new_file_the_umasks_mode_and_keeps_a_replaced_ones(tmp_path, mask):
+    from safetensors.torch import save_file
+    old = os.umask(mask)
+    try:
+        assert util.umask() == mask
+        util.atomic_write(tmp_path / "a.safetensors", lambda t: save_file({"x": torch.zeros(2)}, t))   # safetensors: 0600
+        util.write_json(tmp_path / "b.json", {})
+        (tmp_path / "c.json").write_text("{}")
+        os.chmod(tmp_path / "c.json", 0o640)
+        util.write_json(tmp_path / "c.json", {"a": 1})   # replaced: its mode stays, as cp's would
+    finally:
+        os.umask(old)
+    mode = lambda n: os.stat(tmp_path / n).st_mode & 0o7777   # noqa: E731
+    assert mode("a.safetensors") == mode("b.json") == 0o666 & ~mask and mode("c.json") == 0o640
+
+
+def _until(cond, proc, timeout=60):
+    t0 = time.time()
+    while not cond():
+        assert proc.poll() is None and time.time() - t0 < timeout, proc.communicate()
+        time.sleep(0.02)
+
+
+def test_sigterm_during_atomic_write_removes_the_temporary_and_exits_143(tmp_path):
+    # SIGTERM's default action ends a process without running `finally:`; during a write it is an exception
+    p, ready = tmp_path / "f.bin", tmp_path / "ready"
+    p.write_bytes(b"old")
+    code = f"""if 1:
+        import sys, time
+        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        import util
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                f.write(b"half")
+                f.flush()
+                open({str(ready)!r}, "w").close()
+                time.sleep(60)
+        util.atomic_write({str(p)!r}, write)"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    _until(ready.exists, proc)
+    assert (tmp_path / "f.bin.tmp").exists()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err == f"SIGTERM: stopped while writing {p}; no temporary file is left, and no half file\n"
+    assert sorted(os.listdir(tmp_path)) == ["f.bin", "ready"] and p.read_bytes() == b"old"
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL   # and here, after util.write_json, as it was
+    util.write_json(tmp_path / "g.json", {})
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_lock_dir_one_writer_stale_locks_taken_over(tmp_path, capsys):
+    lock = tmp_path / "LOCK"
+    with util.lock_dir(tmp_path):
+        pid, host, _ = lock.read_text().split()
+        assert int(pid) == os.getpid() and host == socket.gethostname()
+        with pytest.raises(FileExistsError, match="already writes this run"):   # this process, twice
+            with util.lock_dir(tmp_path):
+                pass
+    assert not lock.exists()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        for content, refused in ((f"{live.pid} {socket.gethostname()} {util._start_time(live.pid)}\n", f"pid {live.pid}"),
+                                 (f"{live.pid} {socket.gethostname()}\n", f"pid {live.pid}"),       # no start time
+                                 (f"{live.pid} elsewhere -\n", f"pid {live.pid} on host elsewhere"),  # cannot be checked
+                                 (f"{dead.pid} {socket.gethostname()} 1\n", None),
+                                 (f"{live.pid} {socket.gethostname()} 1\n", None),   # the pid, reused by another process
+                                 ("", None)):                                          # a holder killed before it wrote
+            lock.write_text(content)
+            os.utime(lock, (time.time() - 10,) * 2)
+            if refused:
+                with pytest.raises(FileExistsError, match=f"{tmp_path}: another rigsa.py \\({refused}\\) is writing "
+                                                          f"this run; wait for it, or delete {lock}"):
+                    with util.lock_dir(tmp_path):
+                        pass
+                assert lock.read_text() == content            # left as it was
+                continue
+            capsys.readouterr()
+            with pytest.raises(KeyError):                     # taken over, and released on an error too
+                with util.lock_dir(tmp_path):
+                    assert lock.read_text().split()[0] == str(os.getpid())
+                    raise KeyError
+            assert not lock.exists() and os.listdir(tmp_path) == []
+            err = capsys.readouterr().err
+            pid = content.split()[0] if content else None
+            assert err == (f"note: {lock}: stale lock of pid {pid} (not running); taken over\n" if pid else
+                           f"note: {lock}: unreadable lock; taken over\n")
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_progress_bar_in_a_log_one_line_per_interval(monkeypatch, capsys):

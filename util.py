@@ -3,6 +3,9 @@ util.py: the chores every entry point shares, each written once. It knows nothin
 tasks or the method; model.py, qlora.py, rigsa.py, evals/ and the scripts import it.
 
   atomic_write, write_json   a file appears whole or not at all (write a temporary, then rename)
+  umask, file_mode           new files and folders get the modes the user's umask says
+  sigterm_cleanup            while active, SIGTERM runs the `finally:` blocks (temporaries removed), exit 143
+  lock_dir                   one process writes a run directory at a time (<dir>/LOCK: pid, host; stale ones taken over)
   download                   a data file: streamed, resumable, checked, renamed; RIGSA_DATA_MIRROR
   ensure_files, file_hash    pinned data files: there and right, or fetched; md5 / sha256 / git blob id
   progress                   tqdm with a rate and ETA; in a log file one line per interval
@@ -13,6 +16,7 @@ tasks or the method; model.py, qlora.py, rigsa.py, evals/ and the scripts import
   keep_freed_memory          CPU runs: glibc keeps freed blocks for reuse
 """
 import argparse
+import contextlib
 import ctypes
 import hashlib
 import http.client
@@ -20,7 +24,10 @@ import json
 import os
 import shlex
 import signal
+import socket
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -32,28 +39,56 @@ from tqdm import tqdm
 # -----------------------------------------------------------------------------
 # files: written whole or not at all
 
+def umask():
+    """The process's umask, read without changing it (/proc/self/status; elsewhere set and restored)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode(folder=False):
+    """The mode open() or mkdir() would give a new file (0666) or folder (0777) under the umask; for
+    what is made through tempfile (0600 / 0700, whatever the umask) and then renamed into place."""
+    return (0o777 if folder else 0o666) & ~umask()
+
+
 def atomic_write(path, write):
     """write(tmp) writes the file's content to the temporary path `path.tmp`, which then replaces
-    `path` in one rename: a reader never sees half a file; a failed or interrupted write removes
-    the .tmp, and only a hard kill leaves one (which the next write of the same file replaces). The content is on disk before the
+    `path` in one rename: a reader never sees half a file; a failed or interrupted write (SIGTERM
+    included: sigterm_cleanup) removes the .tmp, and only a hard kill leaves one (which the next
+    write of the same file replaces). The file gets the mode of the one it replaces, or if new the
+    umask's (some writers, safetensors among them, create 0600). The content is on disk before the
     rename, and the rename before this returns (fsync of both): a power cut leaves the old file or
     the new one, never an empty one."""
     path = os.fspath(path)
     tmp = path + ".tmp"
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
+    with sigterm_cleanup(f"stopped while writing {path}; no temporary file is left, and no half file"):
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and e.errno is not None:   # a full disk, a read-only folder, ...
-            raise OSError(f"{path}: cannot write ({e.strerror}); free space or choose another path") from None
-        raise
+            try:
+                mode = os.stat(path).st_mode & 0o7777
+            except OSError:
+                mode = file_mode()
+            write(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fchmod(fd, mode)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            if isinstance(e, OSError) and e.errno is not None:   # a full disk, a read-only folder, ...
+                raise OSError(f"{path}: cannot write ({e.strerror}); free space or choose another path") from None
+            raise
     try:   # the rename itself (best effort: some file systems cannot fsync a folder)
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
         try:
@@ -71,6 +106,160 @@ def write_json(path, obj, indent=2):
             json.dump(obj, f, indent=indent)
             f.write("\n")
     return atomic_write(path, write)
+
+# -----------------------------------------------------------------------------
+# SIGTERM: the temporaries go on that way out too
+
+class Terminated(SystemExit):
+    """SIGTERM, raised where the program was by sigterm_cleanup's handler: a SystemExit with status
+    143, so `finally:` and `except BaseException:` cleanups run, and `except Exception` does not stop it."""
+
+
+def _terminated(signum, frame):
+    signal.signal(signum, signal.SIG_IGN)   # a second one would cut the cleanup short; restored after it
+    raise Terminated(128 + signum)
+
+
+@contextlib.contextmanager
+def sigterm_cleanup(what):
+    """While active, SIGTERM (`kill`, a job scheduler's stop), whose default action ends the process
+    without running any Python, raises Terminated instead: the temporary files are removed on the way
+    out, one line `SIGTERM: <what>` is printed, and the process exits 143. Only in the main thread and
+    where SIGTERM still has its default action: a handler a caller installed (training's: finish the
+    step, then save) is left as it is, and so is an enclosing sigterm_cleanup, which speaks."""
+    old = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        old = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    except Terminated:
+        if old is not None:
+            print(f"SIGTERM: {what}", file=sys.stderr)
+        raise
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+# -----------------------------------------------------------------------------
+# a run directory: one writer at a time
+
+_HELD = set()   # the folders this process holds
+
+
+def _start_time(pid):
+    """The process's start time (clock ticks since boot, /proc/<pid>/stat), or None where unknown:
+    with the pid it names one process, even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _lock_holder(lock):
+    """(pid, host, start time or None) from a LOCK file; None if it is gone; () if unreadable."""
+    try:
+        with open(lock) as f:
+            fields = f.read().split()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return ()
+    try:
+        return int(fields[0]), fields[1], fields[2] if len(fields) > 2 else None
+    except (IndexError, ValueError):
+        return ()
+
+
+def _running(pid, start):
+    """Whether process pid (started at `start`, where known) runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's
+        pass
+    now = _start_time(pid)
+    return start is None or now is None or now == start
+
+
+@contextlib.contextmanager
+def lock_dir(path, what="rigsa.py"):
+    """Hold <path>/LOCK while the block runs, so that one process writes the folder at a time. The
+    file is made with O_CREAT|O_EXCL and holds `pid host start-time`. A LOCK whose process runs
+    (on this host, or anywhere on another host, which cannot be checked) -> FileExistsError naming
+    its pid; one whose process is gone (a kill) is stale: taken over with one note line. Released
+    (the file removed, if still ours) on every way out, SIGTERM included (sigterm_cleanup)."""
+    folder = os.path.abspath(path)
+    lock = os.path.join(folder, "LOCK")
+    host = socket.gethostname()
+    me = f"{os.getpid()} {host} {_start_time(os.getpid()) or '-'}\n"
+    if folder in _HELD:
+        raise FileExistsError(f"{path}: this process already writes this run; a run directory has one writer")
+    stale = None
+    for _ in range(100):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            pass
+        except OSError as e:   # a read-only folder, ...
+            raise OSError(f"{path}: cannot write {lock} ({e.strerror}); the run's folder must be writable") from None
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            break
+        held = _lock_holder(lock)
+        if held is None:         # released meanwhile: try again
+            continue
+        if held == () and time_since_change(lock) < 2:   # being written by its holder this moment
+            threading.Event().wait(0.05)
+            continue
+        if held:
+            pid, where, start = held
+            start = None if start == "-" else start
+            if where != host:
+                raise FileExistsError(f"{path}: another {what} (pid {pid} on host {where}) is writing this run; "
+                                      f"wait for it, or delete {lock} if that process has ended")
+            if _running(pid, start) and not (pid == os.getpid() and folder not in _HELD):
+                raise FileExistsError(f"{path}: another {what} (pid {pid}) is writing this run; wait for it, "
+                                      f"or delete {lock} if that process is not {what}")
+        # stale: moved aside under a name of ours, and removed only if it is still the stale one (another
+        # process may have taken it over between the read and the rename)
+        aside = f"{lock}.{os.getpid()}.stale"
+        try:
+            os.rename(lock, aside)
+        except FileNotFoundError:
+            continue
+        if _lock_holder(aside) != held:   # a live lock, moved by mistake: put back
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, lock)
+            os.remove(aside)
+            continue
+        os.remove(aside)
+        stale = held
+    else:
+        raise FileExistsError(f"{path}: could not take {lock} (other processes keep taking it); try again")
+    if stale is not None:
+        print(f"note: {lock}: " + (f"stale lock of pid {stale[0]} (not running)" if stale else "unreadable lock")
+              + "; taken over", file=sys.stderr)
+    _HELD.add(folder)
+    try:
+        with sigterm_cleanup(f"stopped; {lock} released"):
+            yield
+    finally:
+        _HELD.discard(folder)
+        with contextlib.suppress(OSError):
+            with open(lock) as f:
+                ours = f.read() == me
+            if ours:
+                os.remove(lock)
+
+
+def time_since_change(path):
+    try:
+        return time.time() - os.stat(path).st_mtime
+    except OSError:
+        return 0.0
 
 # -----------------------------------------------------------------------------
 # downloads of data files (MNIST, GSM8k, PIQA, HellaSwag)
@@ -382,18 +571,27 @@ def keep_freed_memory():
 SIGNALS = []   # the stopping signals this process received, in order
 
 
+_BEFORE = {}   # the handlers stop_as_interrupt replaced, put back by stop_as_interrupt(False)
+
+
 def stop_as_interrupt(on_=True):
     """From here on SIGINT and SIGTERM (a job scheduler's, `kill`) raise KeyboardInterrupt, so that
     every `finally` and cleanup runs on both (SIGTERM's default ends the process on the spot), and
     are remembered: an error that surfaces after one (a read cut short) is the interrupt, not a
-    broken file (interrupted()). on_=False: the default actions again (the work is done)."""
+    broken file (interrupted()). on_=False, once the work is done: the handlers as they were."""
     def on(signum, frame):
         SIGNALS.append(signum)
         raise KeyboardInterrupt
-    SIGNALS.clear()
     try:
+        if not on_:
+            for s, h in _BEFORE.items():
+                signal.signal(s, h)
+            _BEFORE.clear()
+            return
+        SIGNALS.clear()
         for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, on if on_ else signal.SIG_DFL)
+            _BEFORE.setdefault(s, signal.getsignal(s))
+            signal.signal(s, on)
     except ValueError:   # not the main thread: signals stay as they are
         pass
 

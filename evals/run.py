@@ -414,14 +414,75 @@ def shots_for(task, args):
     return k
 
 
-def check_output(flag, path, folder):
-    """Before any work: the path is not of the wrong kind, and its nearest existing parent is a
-    writable directory (nothing is created until there is something to write)."""
+def run_inputs(args, tasks):
+    """[(what, path, is a folder)]: the files this run reads that an output must not replace: the
+    --adapter file, a local model directory (--model, or the adapter's recorded base) and everything
+    in it, and each task's pinned data files (there yet or to be downloaded)."""
+    found = []
+    if args.adapter:
+        try:
+            found.append(("the --adapter file", str(rigsa.adapter_path(args.adapter)), False))
+        except OSError:
+            pass   # said where the adapter is read
+    model = args.model
+    if model is None and found:
+        try:   # the recorded base, from the metadata alone
+            from safetensors import safe_open
+            with safe_open(found[0][1], "pt") as f:
+                model = json.loads((f.metadata() or {})["config"]).get("model")
+        except Exception:
+            pass   # not an adapter: said where the adapter is read
+    if model and os.path.isdir(model):
+        found.append(("in the model directory", model, True))
+    for t in tasks:
+        names = mnist.MNIST_FILES if t == "mnist" else [f[0] for f in T.FILES[t]]
+        folders = [os.path.join(args.data_dir, t)] + ([args.data_dir] if t == "mnist" else [])   # the old MNIST layout
+        found += [(f"a data file of --task {t}", os.path.join(d, n), False) for d in folders for n in names]
+    return found
+
+
+def same(a, b):
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return a == b or os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)   # a hard link too
+
+
+def ours(path):
+    """Whether an existing file is one evals/run.py may replace: empty, or a results JSON it wrote
+    (--output's {task, metrics, ...}, --task all's {task: {...}}, or lm-eval's results_<date>.json)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+            if not head:
+                return True
+            if not head.startswith(b"{"):   # a safetensors file, a text file: not JSON, and not read further
+                return False
+            f.seek(0)
+            d = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):   # ValueError: not JSON, not UTF-8
+        return False
+    result = lambda r: isinstance(r, dict) and "task" in r and "metrics" in r   # noqa: E731
+    return isinstance(d, dict) and (result(d) or ("results" in d and "configs" in d)
+                                    or bool(d) and all(result(r) for r in d.values()))
+
+
+def check_output(flag, path, folder, inputs=()):
+    """Before any work: the path is not of the wrong kind, it is none of the run's inputs (nor in the
+    model directory), an existing file there is one this script wrote (results JSON: anything else is
+    refused, not replaced), and its nearest existing parent is a writable directory (nothing is
+    created until there is something to write)."""
     p = os.path.abspath(path)
     if folder and os.path.isfile(p):
         raise ValueError(f"{flag} {path}: is a file, not a directory; pass a folder (lm-eval's layout goes in it)")
     if not folder and os.path.isdir(p):
         raise ValueError(f"{flag} {path}: is a directory; pass a file name, e.g. {os.path.join(path, 'results.json')}")
+    target = p if folder or flag == "--output" else os.path.dirname(p)   # --output_path x.json: files beside it
+    for what, q, is_dir in inputs:
+        real = os.path.realpath(q)
+        if same(target, q) or is_dir and os.path.realpath(target).startswith(real.rstrip(os.sep) + os.sep):
+            raise ValueError(f"{flag} {path}: is {what} {q}, which this run reads; choose another path")
+    if not folder and flag == "--output" and os.path.isfile(p) and not ours(p):
+        raise ValueError(f"{flag} {path}: exists and is not a results file of evals/run.py, so it is not replaced; "
+                         f"delete it or choose another path")
     parent = p if folder else os.path.dirname(p)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -498,6 +559,8 @@ def main(argv=None):
         kept = (f"kept: {', '.join(FINISHED)} in {' and '.join(x for x in (args.output, args.output_path) if x)}"
                 if FINISHED and (args.output or args.output_path) else "nothing was written")
         util.exit_interrupted(f"{kept}; run again with: {util.command(__file__, sys.argv[1:] if argv is None else argv)}")
+    finally:
+        util.stop_as_interrupt(False)
     util.exit_distributed()
     return result
 
@@ -509,10 +572,11 @@ def evaluate(args):
     tasks = TASKS if args.task == "all" else [args.task]
     for t in tasks:
         shots_for(t, args)
+    inputs = run_inputs(args, tasks) if args.output or args.output_path else ()
     if args.output:
-        check_output("--output", args.output, folder=False)
+        check_output("--output", args.output, folder=False, inputs=inputs)
     if args.output_path:
-        check_output("--output_path", args.output_path, folder=not args.output_path.endswith(".json"))
+        check_output("--output_path", args.output_path, folder=not args.output_path.endswith(".json"), inputs=inputs)
     device = util.init_distributed(args.device)   # torchrun: this rank's process group and device
     try:
         _, ameta, acfg = rigsa.read_adapter(args.adapter, tensors=False) if args.adapter else (None, None, None)

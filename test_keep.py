@@ -1,0 +1,245 @@
+"""Nothing the user made is destroyed or locked away: an output that is an input (or any file that is
+not one of our results) is refused; a command deletes only what it wrote itself; one process writes
+a run directory at a time; temporary files go on every way out, SIGTERM included; new files and
+folders get the modes the user's umask says."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import mnist
+import rigsa
+import tiny
+from conftest import one_thread
+from evals import run as R
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def base(model, data, **kw):
+    return dict(model=str(model), data_dir=str(data), device="cpu", steps=2, warmup=1, batch_size=4, micro_batch=2,
+                limit=2, log_every=1, save_every=0, offline=True, verify=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny model of its own (outputs are pointed into it), MNIST stand-in data and a finished run."""
+    w = tmp_path_factory.mktemp("keep")
+    tiny.write_tiny_checkpoint(w / "model", shape="gqa", seed=0)
+    mnist.write_synthetic_mnist(w / "data" / "mnist", n_train=60, n_test=4, size=8)
+    with one_thread():
+        rigsa.train(rigsa.Config(out=str(w / "run"), iters=2, lr=2e-2, **base(w / "model", w / "data")))
+    os.link(w / "run" / "iter2.safetensors", w / "hardlink.safetensors")
+    return w
+
+
+def tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+# ---- an output is never an input, nor any file that is not one of our results ----
+
+OUTPUTS = [   # (flags, what the one line says); {w}: the world
+    (["--output", "{w}/run/iter2.safetensors", "--adapter", "{w}/run/iter2"], "is the --adapter file"),
+    (["--output", "{w}/hardlink.safetensors", "--adapter", "{w}/run/iter2"], "is the --adapter file"),
+    (["--output", "{w}/model/model.safetensors", "--model", "{w}/model"], "is in the model directory"),
+    (["--output", "{w}/model/results.json", "--model", "{w}/model"], "is in the model directory"),
+    (["--output", "{w}/model/r.json", "--adapter", "{w}/run/iter1"], "is in the model directory"),   # its recorded base
+    (["--output_path", "{w}/model", "--model", "{w}/model"], "is in the model directory"),
+    (["--output_path", "{w}/model/sub/r.json", "--model", "{w}/model"], "is in the model directory"),
+    (["--output", "{w}/data/mnist/t10k-images-idx3-ubyte.gz"], "is a data file of --task mnist"),
+    (["--output", "{w}/data/mnist/train-labels-idx1-ubyte.gz", "--num-fewshot", "1"], "is a data file of --task mnist"),
+    (["--output", "{w}/run/iter1.safetensors"], "exists and is not a results file of evals/run.py"),
+    (["--output", "{w}/run/config.json"], "exists and is not a results file of evals/run.py"),
+    (["--output", "{w}/run/metrics.jsonl"], "exists and is not a results file of evals/run.py"),
+]
+
+
+@pytest.mark.parametrize("flags,text", OUTPUTS, ids=[" ".join(f[0][:2]) for f in OUTPUTS])
+def test_an_output_that_is_an_input_or_not_ours_is_refused_before_any_work(world, flags, text, monkeypatch):
+    w = world
+    def no(*a, **k):
+        raise AssertionError("work began before the output was checked")
+    monkeypatch.setattr(R, "load_data", no)
+    monkeypatch.setattr(R.qlora, "load_model", no)
+    before = tree(w)
+    with pytest.raises(SystemExit) as e:
+        R.main(["--task", "mnist", "--data-dir", str(w / "data"), "--no-verify", "--offline", "--device", "cpu",
+                "--limit", "2"] + [a.format(w=w) for a in flags])
+    msg = str(e.value.code)
+    assert msg.startswith(f"error: {flags[0]} {flags[1].format(w=w)}: {text}") and "\n" not in msg, msg
+    assert tree(w) == before
+
+
+@pytest.mark.parametrize("content,replaced", [
+    ("", True),                                                           # holds nothing to lose
+    ('{"task": "mnist", "metrics": {"acc": 0.5}}', True),                 # --output's result
+    ('{"mnist": {"task": "mnist", "metrics": {}}}', True),                # --task all's
+    ('{"results": {}, "configs": {}}', True),                             # lm-eval's results_<date>.json
+    ('{"metrics": 1}', False), ("{}", False), ("[1]", False), ("{oops", False), ("notes", False),
+    (b"\x08\x00\x00\x00\x00\x00\x00\x00{}", False), (b'{"task": "\xff"', False),
+])
+def test_only_our_results_are_replaced(tmp_path, content, replaced):
+    p = tmp_path / "r.json"
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert R.ours(p) == replaced
+
+
+def test_a_previous_result_is_replaced(world, tmp_path):
+    out = tmp_path / "r.json"
+    with one_thread():
+        for _ in range(2):   # the second run replaces the first one's file
+            R.main(["--task", "mnist", "--data-dir", str(world / "data"), "--no-verify", "--offline", "--device", "cpu",
+                    "--limit", "2", "--adapter", str(world / "run" / "iter2"), "--output", str(out)])
+    assert json.loads(out.read_text())["task"] == "mnist"
+
+# ---- the demo deletes only what it wrote ----
+
+def test_demo_deletes_only_its_own_entries(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "demo"
+    for d in rigsa.DEMO_ENTRIES[1:]:
+        (out / d).mkdir(parents=True)
+        (out / d / "old").write_text("an earlier demo's")
+    (out / "DEMO").write_text("written by rigsa.py demo\n")
+    (out / "mine").mkdir()
+    (out / "mine" / "notes.txt").write_text("the user's")
+    (out / "results.json").write_text("the user's")
+    trained = []
+    monkeypatch.setattr(rigsa, "train", lambda cfg: trained.append(sorted(os.listdir(out))))   # the rest as it is
+    monkeypatch.setattr(rigsa, "mnist_accuracy", lambda *a, **k: (0.1, None))
+    rigsa.demo(str(out))
+    assert trained == [["DEMO", "mine", "mnist", "results.json", "tiny-model"]]   # the old run/ gone, new data there
+    assert (out / "mine" / "notes.txt").read_text() == (out / "results.json").read_text() == "the user's"
+    assert not list(out.rglob("old")) and (out / "DEMO").exists()
+    empty = tmp_path / "empty"   # an empty folder is as good as none; a folder of the user's is refused (test_cli)
+    empty.mkdir()
+    rigsa.demo(str(empty))
+    assert sorted(os.listdir(empty)) == ["DEMO", "mnist", "tiny-model"]
+
+# ---- one process writes a run directory at a time ----
+
+def launch(args, cwd, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def until(cond, proc, timeout=120):
+    t0 = time.time()
+    while not cond():
+        assert proc.poll() is None and time.time() - t0 < timeout, proc.communicate()
+        time.sleep(0.02)
+
+
+def test_one_process_writes_a_run_at_a_time_and_a_stale_lock_is_taken_over(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    with one_thread():   # a run stopped after its first step: resume.pt there
+        assert rigsa.train(rigsa.Config(out=str(out), iters=2, lr=2e-2, halt_after=1,
+                                        **{**base(world / "model", world / "data"), "steps": 400})) is None
+    lock = out / "LOCK"
+    assert (out / "resume.pt").exists() and not lock.exists()
+    first = launch([os.path.join(REPO, "rigsa.py"), "train", "--resume", "--out", str(out)], tmp_path)
+    try:
+        until(lambda: lock.exists() and lock.read_text().endswith("\n"), first)
+        held = lock.read_text()
+        with pytest.raises(SystemExit) as e:   # the second, at the same time: refused, and nothing touched
+            rigsa.main(["train", "--resume", "--out", str(out)])
+        assert e.value.code == (f"error: {out}: another rigsa.py (pid {first.pid}) is writing this run; wait for it, "
+                                f"or delete {lock} if that process is not rigsa.py")
+        assert lock.read_text() == held   # the first one's, still (the first one writes the rest meanwhile)
+    finally:
+        first.send_signal(signal.SIGTERM)   # it stops (in its setup or after a step), and lets go of the run
+        _, err = first.communicate(timeout=120)
+    assert first.returncode == 143 and "Traceback" not in err and not lock.exists(), err
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(f"{dead.pid} {os.uname().nodename} 1\n")   # a run killed (SIGKILL) while it held the lock
+    capsys.readouterr()
+    with one_thread():
+        assert rigsa.train(rigsa.Config(out=str(out), resume=True, halt_after=1)) is None
+    assert capsys.readouterr().err.startswith(f"note: {lock}: stale lock of pid {dead.pid} (not running); taken over\n")
+    assert not lock.exists()
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
+    assert steps == sorted(set(steps))   # no step twice
+
+
+def test_torchrun_rank_zero_holds_the_lock_for_every_rank(world, tmp_path):
+    # a run locked by a live process: rank 0 is refused, and tells rank 1, which stops too (no hang)
+    out = tmp_path / "run"
+    with one_thread():
+        rigsa.train(rigsa.Config(out=str(out), iters=2, lr=2e-2, halt_after=1, **base(world / "model", world / "data")))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (out / "LOCK").write_text(f"{holder.pid} {os.uname().nodename}\n")
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            os.path.join(REPO, "rigsa.py"), "train", "--resume", "--out", str(out)], cwd=tmp_path,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert p.returncode != 0 and f"error: {out}: another rigsa.py (pid {holder.pid}) is writing this run" in p.stderr
+    assert "rank 1: rank 0 could not lock" in p.stderr, p.stderr[-3000:]
+    assert 'rigsa.py", line' not in p.stderr   # the ranks' own lines, no traceback (torchrun's launcher prints its own)
+    assert (out / "LOCK").read_text() == f"{holder.pid} {os.uname().nodename}\n"
+
+
+@pytest.mark.parametrize("case", ["no model", "--out a file", "--out in a file"])
+def test_a_refused_new_run_leaves_nothing(world, tmp_path, case):
+    (tmp_path / "f").write_text("the user's")
+    out, model, text = {"no model": (tmp_path / "a" / "b" / "run", tmp_path / "nope", "nope: no such model"),
+                        "--out a file": (tmp_path / "f", world / "model", "is a file, not a run directory"),
+                        "--out in a file": (tmp_path / "f" / "run", world / "model", "cannot create it")}[case]
+    with pytest.raises(OSError, match=text), one_thread():
+        rigsa.train(rigsa.Config(out=str(out), **base(model, world / "data")))
+    assert os.listdir(tmp_path) == ["f"] and (tmp_path / "f").read_text() == "the user's"
+
+
+# ---- temporaries go on SIGTERM too ----
+
+def test_sigterm_during_merge_leaves_no_temporary_folder(world, tmp_path):
+    # the hook holds the merge after the checkpoint is written into its temporary folder, before the rename
+    out, ready = tmp_path / "merged", tmp_path / "ready"
+    code = f"""if 1:
+        import sys, time
+        sys.path.insert(0, {REPO!r})
+        import model as M, rigsa
+        save = M.save_checkpoint
+        def slow(*a, **k):
+            save(*a, **k)
+            open({str(ready)!r}, "w").close()
+            time.sleep(60)
+        M.save_checkpoint = slow
+        rigsa.main(["merge", "--adapter", {str(world / "run" / "iter2")!r}, "--out", {str(out)!r}])"""
+    proc = launch(["-c", code], tmp_path)
+    until(ready.exists, proc)
+    tmp, = tmp_path.glob(".merged.*.tmp")
+    assert (tmp / "model.safetensors").stat().st_size > 0
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err == (f"SIGTERM: stopped; nothing was kept; run again with: python {REPO}/rigsa.py merge --adapter "
+                   f"{world / 'run' / 'iter2'} --out {out}\n")
+    assert sorted(os.listdir(tmp_path)) == ["ready"]
+
+# ---- new files and folders get the umask's modes ----
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_outputs_have_the_modes_the_umask_says(world, tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        with one_thread():
+            rigsa.train(rigsa.Config(out=str(tmp_path / "lora"), method="lora", rank=2, lora_lr=5e-2,
+                                     **base(world / "model", world / "data")))
+            rigsa.merge(tmp_path / "lora" / "iter1", tmp_path / "merged")
+    finally:
+        os.umask(old)
+    made = [tmp_path / "lora", tmp_path / "lora" / "iter1.safetensors", tmp_path / "lora" / "iter1-peft",
+            tmp_path / "merged"]
+    made += [p for d in ("lora", "merged") for p in (tmp_path / d).rglob("*")]
+    assert {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in made} == \
+        {str(p.relative_to(tmp_path)): oct((0o777 if p.is_dir() else 0o666) & ~mask) for p in made}
+    assert {p.name for p in (tmp_path / "merged").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}

@@ -46,7 +46,7 @@ def main(argv=None):
         if have == want:
             return 0
         if have is None:
-            print(f"error: {CLI_MD.relative_to(ROOT)}: missing; run python docs/make_cli.py")
+            print(f"error: {CLI_MD.relative_to(ROOT)}: missing; run python docs/make_cli.py", file=sys.stderr)
             return 1
         a, b = have.splitlines(), want.splitlines()
         changed = [op for op in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes() if op[0] != "equal"]
@@ -56,7 +56,7 @@ def main(argv=None):
         i, j = changed[0][1], changed[0][3]  # the first difference: line i of the file, line j of --help
         now = b[j].strip()[:60] if j < len(b) else "<end>"
         print(f"error: {CLI_MD.relative_to(ROOT)}: {n} line(s) differ from --help, the first at line {i + 1} "
-              f"(--help now: {now!r}); run python docs/make_cli.py")
+              f"(--help now: {now!r}); run python docs/make_cli.py", file=sys.stderr)
         return 1
     tmp = CLI_MD.with_suffix(".md.tmp")
     try:

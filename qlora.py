@@ -258,7 +258,7 @@ class LoRALinear(nn.Module):
         return (y + self.lora_B(self.lora_A(a)) * self.scaling).to(y.dtype)
 
     def delta_weight(self):
-        """B @ A * alpha/r, (out, in) float32: what the adapter adds to the base weight (rigsa.merge_adapters)."""
+        """B @ A * alpha/r, (out, in) float32: what the adapter adds to the base weight (adapter_files.merge_adapters)."""
         return (self.lora_B.weight.detach().float() @ self.lora_A.weight.detach().float()) * self.scaling
 
     def extra_repr(self):

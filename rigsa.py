@@ -28,7 +28,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+import adapter_files as AF
 import memory
 import mnist
 import model as M
@@ -229,17 +227,6 @@ def pack_bits(index, n, device):
     bits[index] = True
     weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=device)
     return (bits.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
-
-
-POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)])   # set bits of each byte value
-
-
-def all_free_mask(n):
-    """pack_bits(arange(n), n): every bit set, the padding bits of the last byte 0."""
-    packed = torch.full((-(-n // 8),), 255, dtype=torch.uint8)
-    if n % 8:
-        packed[-1] = (0xFF << (8 - n % 8)) & 0xFF
-    return packed
 
 
 def unpack_bits(packed, n):
@@ -740,10 +727,10 @@ def setup(cfg, resume=None):
     cfg.revision = M.hub_commit(base) or cfg.revision
     ident = {"model": cfg.model, **M.base_identity(base)}   # recorded in config.json and every adapter
     if cfg.resume:          # the run continues on the base it started on
-        check_base(json.loads((out / "config.json").read_text()).get("base"), ident, f"--resume {out}",
+        AF.check_base(json.loads((out / "config.json").read_text()).get("base"), ident, f"--resume {out}",
                    cfg.allow_other_base)
     if cfg.mask_like and resume is None:   # the mask's layer counts come from an adapter of this base
-        check_base(read_adapter(cfg.mask_like, tensors=False)[1].get("base"), ident, f"--mask-like {cfg.mask_like}",
+        AF.check_base(read_adapter(cfg.mask_like, tensors=False)[1].get("base"), ident, f"--mask-like {cfg.mask_like}",
                    cfg.allow_other_base)
     util.say("config:", json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)
@@ -1036,7 +1023,7 @@ def git_commit():
 def load_trainable_state(model, state):
     """Resume: the adapters' tensors as adapter_tensors saved them (each layer's compact storage)."""
     if adapters(model):
-        return set_adapter_tensors(adapters(model), state, "resume.pt")
+        return AF.set_adapter_tensors(adapters(model), state, "resume.pt")
     own = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in state.items():
@@ -1047,7 +1034,7 @@ def save_resume(run, opt, it, step):
     """resume.pt: the trainable state, the optimizer, where the run is, the RNG and the log (rank 0's)."""
     if util.world()[0] != 0:
         return
-    state = {"iteration": it, "step": step, "state": adapter_tensors(run.model),
+    state = {"iteration": it, "step": step, "state": AF.tensors_of(adapters(run.model), qlora.lora_state_dict(run.model)),
              "optimizer": opt.state_dict() if opt is not None else None, "rng": torch.get_rng_state(), "log": run.log}
     util.atomic_write(run.out / "resume.pt", lambda tmp: torch.save(state, tmp))
 
@@ -1142,113 +1129,18 @@ def mnist_accuracy(model, tok, images, labels, shots=0, batch_size=16, seed=SHOT
     return (preds == labels.long()).float().mean().item() if len(preds) else float("nan"), preds
 
 # -----------------------------------------------------------------------------
-# adapter files: mask bit-packed, dW values in mask order, alpha, init seed (safetensors)
-
-def adapter_tensors(model):
-    """The trained adapter as the adapter files hold it. RIGSA family, per layer: `{name}.mask`
-    (uint8, the row-major mask bit-packed as np.packbits does), `{name}.delta` (float32, dW at the
-    free entries in row-major order), `{name}.alpha`, `{name}.init_seed` and `{name}.init_check`
-    (dW0's first 16 values: guards regeneration on another platform). LoRA: its matrices."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in qlora.lora_state_dict(model).items()}
-    for n, L in adapters(model).items():
-        tensors[f"{n}.mask"] = L.mask.cpu() if L.mask is not None else all_free_mask(L.numel())
-        tensors[f"{n}.delta"] = L.delta.detach().cpu()
-        tensors[f"{n}.alpha"] = L.alpha.detach().cpu().float().reshape(1)
-        tensors[f"{n}.init_seed"] = torch.tensor([L.init_seed], dtype=torch.int64)
-        tensors[f"{n}.init_check"] = L.init_check
-    return tensors
-
-
-@torch.no_grad()
-def set_adapter_tensors(layers, tensors, source):
-    """Give installed GatedSparseLinear layers the masks, dW values and gates of adapter_tensors'
-    dict (an adapter file, or resume.pt); `source` names it in errors."""
-    names = {k.rsplit(".", 1)[0] for k in tensors}
-    if names - set(layers):   # every tensor lands in a layer: none may name a layer this model lacks
-        extra = sorted(names - set(layers))
-        raise ValueError(f"{source}: adapts {len(extra)} layer(s) this model has no adaptable nn.Linear for "
-                         f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}; another base model?)")
-    parts = ("mask", "delta", "alpha", "init_seed", "init_check")
-    for n, L in layers.items():
-        if f"{n}.mask" not in tensors:
-            raise ValueError(f"{source}: no adapter for layer {n} (another base model?)")
-        odd = [k for k in tensors if k.startswith(n + ".") and k[len(n) + 1:] not in parts]
-        if odd or tensors[f"{n}.delta"].dim() != 1 or tensors[f"{n}.alpha"].numel() != 1:
-            raise ValueError(f"{source}: layer {n}'s tensors are not an adapter's ({', '.join(odd) or 'shapes'}); "
-                             f"pass a file written by rigsa.py train")
-        if f"{n}.init_check" in tensors and not torch.equal(tensors[f"{n}.init_check"], L.init_check):
-            raise ValueError(f"{source}: dW0 of {n} does not regenerate identically on this platform")
-        m, d = tensors[f"{n}.mask"], tensors[f"{n}.delta"]
-        if m.numel() == -(-L.numel() // 8) and L.numel() % 8:   # the last byte's padding bits are 0
-            m = m.clone()
-            m[-1] &= (0xFF << (8 - L.numel() % 8)) & 0xFF
-        free = int(POPCOUNT[m.long()].sum()) if m.numel() == -(-L.numel() // 8) else -1
-        if free != d.numel():
-            raise ValueError(f"{source}: layer {n} has {d.numel()} dW values for a mask of "
-                             f"{'a wrong size' if free < 0 else f'{free} free entries'} (of {L.numel()}: "
-                             f"another base model?); pass an adapter trained on this base")
-        L.set_packed(None if free == L.numel() else m, d)
-        L.alpha.fill_(float(tensors[f"{n}.alpha"]))
-
+# adapters in files (adapters.py holds the format) and merged into their base
 
 def save_adapter(model, path, cfg, extra=None):
-    """Write the trained adapter (adapter_tensors) and, as metadata, its config and `extra`."""
-    meta = {"format": "rigsa-adapter", "config": json.dumps(dataclasses.asdict(cfg)), **(extra or {})}
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-    tensors = adapter_tensors(model)
-    util.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-
-
-def adapter_path(spec):
-    p = Path(spec)
-    if p.suffix != ".safetensors":
-        p = p.with_name(p.name + ".safetensors")
-    if not p.exists():
-        have = sorted((q.stem for q in p.parent.glob("iter*.safetensors")), key=lambda n: (len(n), n)) \
-            if p.parent.is_dir() else []                                   # iter2 before iter10
-        raise FileNotFoundError(f"{p}: adapter file not found; name one as RUN/iterK ("
-                                + (f"{p.parent} has {', '.join(have)})" if have else f"{p.parent} holds none)"))
-    return p
+    """Write the trained adapter, with its config and `extra` (adapters.write)."""
+    AF.write(path, AF.tensors_of(adapters(model), qlora.lora_state_dict(model)),
+                      dataclasses.asdict(cfg), extra)
 
 
 def read_adapter(spec, tensors=True):
-    """-> (its tensors, or None if not asked for: the metadata alone is read, the metadata, its Config)."""
-    p = adapter_path(spec)
-    try:
-        with safe_open(str(p), "pt") as f:
-            meta = f.metadata() or {}
-            t = {k: f.get_tensor(k) for k in f.keys()} if tensors else None
-    except Exception as e:
-        raise ValueError(f"{p}: not a readable safetensors file ({e})") from None
-    if meta.get("format") != "rigsa-adapter":
-        raise ValueError(f"{p}: not a rigsa adapter file (no format=rigsa-adapter metadata)")
-    try:
-        cfg = config_from(json.loads(meta["config"]), p)
-        meta = {**meta, "base": json.loads(meta["base"]) if "base" in meta else None}
-    except (KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{p}: its metadata holds no readable config ({type(e).__name__}: {e}); it was not written "
-                         f"by rigsa.py train, or was damaged") from None
-    return t, meta, cfg
-
-
-def check_base(recorded, have, what, allow=False):
-    """An adapter (or a run) applies to the base it was made on: recorded and have are
-    {"model", "commit", "fingerprint"} (model.base_identity). Another base is refused, since dW0 and
-    the mask are only meaningful on W0 (a base of the same shapes would load silently), unless
-    allow (--allow-other-base), which is said. -> what the outputs record: "same", "other (allowed)"
-    or "unrecorded" (a file from an older version, said)."""
-    if not recorded or not recorded.get("fingerprint"):
-        util.say(f"warning: {what}: records no base identity (an older version wrote it), so whether it fits "
-                 f"{have['model']} is not checked", file=sys.stderr)
-        return "unrecorded"
-    if recorded["fingerprint"] == have["fingerprint"]:
-        return "same"
-    at = lambda b: f"{b.get('model')} ({'commit ' + b['commit'] + ', ' if b.get('commit') else ''}weights {b['fingerprint']})"
-    msg = f"{what}: made on the base {at(recorded)}, not on {at(have)}"
-    if not allow:
-        raise ValueError(f"{msg}; use the base it was made on, or pass --allow-other-base to apply it anyway")
-    util.say(f"warning: {msg}; applied anyway (--allow-other-base)", file=sys.stderr)
-    return "other (allowed)"
+    """-> (its tensors or None, its metadata, its Config) (adapters.read)."""
+    t, meta, config = AF.read(spec, tensors)
+    return t, meta, config_from(config, AF.adapter_path(spec))
 
 
 def mask_counts(spec):
@@ -1261,9 +1153,10 @@ def mask_counts(spec):
 def load_adapter(model, path, base=None, allow_other_base=False):
     """Install a saved adapter (any method) into a loaded base model, in place, every tensor into
     exactly one layer of its shape and kind. base: the model's identity ({"model", **model.base_identity}),
-    checked against the one the adapter recorded (check_base). -> (its Config, check_base's verdict)."""
+    checked against the one the adapter recorded (adapters.check_base). -> (its Config, the verdict)."""
     tensors, meta, cfg = read_adapter(path)
-    verdict = check_base(meta["base"], base, str(adapter_path(path)), allow_other_base) if base else "unchecked"
+    verdict = (AF.check_base(meta["base"], base, str(AF.adapter_path(path)), allow_other_base)
+               if base else "unchecked")
     if METHODS[cfg.method]["lora"]:
         if cfg.method == "qlora" and not is_quantized(model):
             qlora.quantize_model(model)
@@ -1275,41 +1168,14 @@ def load_adapter(model, path, base=None, allow_other_base=False):
     if is_quantized(model):
         raise ValueError(f"{path}: a {cfg.method} adapter adds to the unquantized weights, and this base is 4-bit "
                          f"(NF4); drop --quantize")
-    set_adapter_tensors(install_adapters(model, cfg), tensors, path)
+    AF.set_adapter_tensors(install_adapters(model, cfg), tensors, path)
     return cfg, verdict
-
-# -----------------------------------------------------------------------------
-# merge: a checkpoint in the official layout, loadable by model.load and transformers
-
-@torch.no_grad()
-def merge_adapters(model, dtype=None):
-    """Fold every adapter (RIGSA family or LoRA) into its base weight, in place: W0 + delta in
-    float32, cast to `dtype` (default: the weight's own), as plain nn.Linear layers. A 4-bit base
-    is refused: merging into it would re-quantize it (lossy). -> (sum |what the cast lost|,
-    sum |delta|), to report how much of the adapter survived the cast."""
-    todo = [(parent, cname, child) for _, parent in list(model.named_modules())
-            for cname, child in list(parent.named_children())
-            if isinstance(child, (GatedSparseLinear, qlora.LoRALinear))]
-    if any(getattr(child, "quantized", False) for _, _, child in todo):
-        raise ValueError("the base is 4-bit (QLoRA): merging would re-quantize it; merge only adapters on an "
-                         "unquantized base, or use the adapter unmerged")
-    lost, total = 0.0, 0.0
-    for parent, cname, child in todo:
-        d = child.delta_weight()                               # (out, in) float32
-        w0 = child.weight.float()
-        w = (w0 + d).to(dtype or child.weight.dtype)
-        lost += ((w.float() - w0) - d).abs().sum().item()
-        total += d.abs().sum().item()
-        lin = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")   # no init work
-        lin.weight = nn.Parameter(w, requires_grad=False)
-        setattr(parent, cname, lin)
-    return lost, total
 
 
 def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=False, allow_other_base=False):
     """`rigsa.py merge`: base + adapter, merged in float32 and cast once, written as a checkpoint in
-    the official layout (the base's other files copied). A bfloat16 cast that loses more than 1%
-    of sum |alpha m dW| (small deltas round away under bfloat16's ulp of W0) is refused unless
+    the official layout (adapters.write_merged). A bfloat16 cast that loses more than 1% of
+    sum |alpha m dW| (small deltas round away under bfloat16's ulp of W0) is refused unless
     allow_lossy: the merged model would be closer to the base than to the adapted one."""
     _, meta, cfg = read_adapter(adapter, tensors=False)
     if cfg.method == "qlora":
@@ -1320,34 +1186,17 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
         raise FileExistsError(f"--out {out}: exists and is not an empty directory; choose a new one")
     src = M.resolve(base or cfg.model, revision or (cfg.revision if not base or base == cfg.model else None) or None)
     ident = {"model": base or cfg.model, **M.base_identity(src)}
-    verdict = check_base(meta["base"], ident, f"--adapter {adapter}", allow_other_base)   # before the load
+    verdict = AF.check_base(meta["base"], ident, f"--adapter {adapter}", allow_other_base)   # before the load
     model, _ = M.load(src, "cpu", torch.float32)   # merge in float32, then cast
     load_adapter(model, adapter)
-    conf = json.loads((src / "config.json").read_text())
-    lost, total = merge_adapters(model, getattr(torch, dtype))
+    lost, total = AF.merge_adapters(model, getattr(torch, dtype))
     frac = lost / max(total, 1e-30)
     if frac > 0.01 and not allow_lossy:
         raise ValueError(f"--dtype {dtype}: the cast loses {frac:.2%} of sum|alpha*m*dW| (more than 1%); merge in "
                          f"float32 (the default), or pass --allow-lossy to write it anyway")
-    # written into a sibling folder renamed to --out at the end: a failure (a full disk, Ctrl-C, SIGTERM)
-    # leaves no half checkpoint there, and the folder is removed
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with util.sigterm_cleanup(f"stopped; --out {out} not written, and its temporary folder removed"):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        try:
-            os.chmod(tmp, util.file_mode(folder=True))   # mkdtemp's is 0700: the umask's, as mkdir would
-            for f in os.listdir(src):
-                if not f.endswith(".safetensors") and f != "model.safetensors.index.json" and os.path.isfile(src / f):
-                    shutil.copyfile(src / f, tmp / f)   # a new file (umask), not the source's mode (a read-only cache's)
-            M.save_checkpoint(tmp, conf, model.state_dict(), getattr(torch, dtype))
-            util.write_json(tmp / "rigsa-merge.json", {"adapter": str(adapter_path(adapter)), "base": ident,
-                                                       "adapter_base": meta["base"], "base_check": verdict, "dtype": dtype})
-            if out.exists():
-                out.rmdir()           # empty (checked above)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    AF.write_merged(out, src, model, getattr(torch, dtype),
+                             {"adapter": str(AF.adapter_path(adapter)), "base": ident,
+                              "adapter_base": meta["base"], "base_check": verdict, "dtype": dtype})
     print(f"merged {adapter} into {out} ({dtype}); the cast lost {frac:.2%} of sum|alpha*m*dW|")
     return out
 

@@ -324,7 +324,7 @@ def test_lora_state_dict_roundtrip(tiny):
     m2 = tiny(torch.bfloat16)
     Q.load_lora(m2, sd, 2, 32)
     assert torch.equal(m2(x).float(), want)
-    l0 = m2.model.layers[0].self_attn.q_proj   # what a merge adds to W0 (rigsa.merge_adapters; test_rigsa.py)
+    l0 = m2.model.layers[0].self_attn.q_proj   # what a merge adds to W0 (adapter_files.merge_adapters; test_rigsa.py)
     assert torch.equal(l0.delta_weight(), (l0.lora_B.weight.float() @ l0.lora_A.weight.float()) * 16.0)
 
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-import model as M
-import qlora
+import adapter_files as AF
 import memory
 import mnist
+import model as M
+import qlora
 import rigsa
 from conftest import hf_model, one_thread
 
@@ -352,14 +353,14 @@ def test_merge_adapters_folds_lora_in_float32_and_refuses_4bit(tiny_dir):
     want = m(x).float()
     l0 = m.model.layers[0].self_attn.q_proj
     W = (l0.weight.float() + (l0.lora_B.weight @ l0.lora_A.weight) * 16.0).bfloat16()
-    lost, total = rigsa.merge_adapters(m)
+    lost, total = AF.merge_adapters(m)
     assert not rigsa.adapters(m) and all(type(mod) is nn.Linear for n, mod in m.named_modules() if n.endswith("_proj"))
     assert torch.equal(m.model.layers[0].self_attn.q_proj.weight, W) and 0 < lost < total
     assert (m(x).float() - want).abs().max() < 0.05 * want.abs().max()   # bf16 rounding of W only
     q = qlora.quantize_model(M.load(tiny_dir)[0])
     qlora.apply_lora(q, 2, 32)
     with pytest.raises(ValueError, match="4-bit"):
-        rigsa.merge_adapters(q)
+        AF.merge_adapters(q)
 
 
 # ---- the compact layer against today's dense one (issue #15: nothing changes numerically) ----
@@ -649,13 +650,13 @@ def test_resume_takes_a_branch_name_as_the_recorded_commit(tmp_path):
 def test_init_check_is_dw0s_first_values_and_guards_loading(tiny_dir):
     m, _ = M.load(tiny_dir)
     layers = rigsa.install_adapters(m, rigsa.Config())
-    t = rigsa.adapter_tensors(m)
+    t = AF.tensors_of(layers)
     for n, L in layers.items():
         assert torch.equal(t[f"{n}.init_check"], L.init_delta().reshape(-1)[:16])
     n = next(iter(layers))
     t[f"{n}.init_check"] = t[f"{n}.init_check"] + 1e-7
     with pytest.raises(ValueError, match=f"src: dW0 of {n} does not regenerate identically"):
-        rigsa.set_adapter_tensors(layers, t, "src")
+        AF.set_adapter_tensors(layers, t, "src")
 
 
 # ---- extension points: a pruning criterion is one function, a method one table entry ----

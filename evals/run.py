@@ -30,9 +30,10 @@ if REPO not in sys.path:  # run as a script: make model.py, rigsa.py, qlora.py a
 
 import torch  # noqa: E402
 
+import adapter_files as AF  # noqa: E402
+import mnist  # noqa: E402
 import model as M  # noqa: E402
 import qlora  # noqa: E402
-import mnist  # noqa: E402
 import rigsa  # noqa: E402
 import util  # noqa: E402
 from evals import harness as H  # noqa: E402
@@ -421,7 +422,7 @@ def run_inputs(args, tasks):
     found = []
     if args.adapter:
         try:
-            found.append(("the --adapter file", str(rigsa.adapter_path(args.adapter)), False))
+            found.append(("the --adapter file", str(AF.adapter_path(args.adapter)), False))
         except OSError:
             pass   # said where the adapter is read
     model = args.model
@@ -601,7 +602,7 @@ def evaluate(args):
     dtype = getattr(torch, args.dtype) if args.dtype else None
     path = util.rank_zero_first(lambda: M.resolve(name, revision, offline=args.offline))
     base = {"model": name, **M.base_identity(path)}
-    check = (rigsa.check_base(ameta["base"], base, f"--adapter {args.adapter}", args.allow_other_base)
+    check = (AF.check_base(ameta["base"], base, f"--adapter {args.adapter}", args.allow_other_base)
              if args.adapter else None)   # before the model loads: an adapter applies to its own base
     if "mnist" in data:   # a prompt past the model's positions is refused now, not after the other tasks ran
         try:

@@ -1,0 +1,192 @@
+"""
+adapter_files.py: the adapter files, and merging an adapter into its base. It knows the layers only by
+what they hold (a gated sparse layer: mask, delta, alpha, init_seed, init_check; LoRA: its two
+matrices; either: delta_weight()), so rigsa.py and qlora.py import it, not the other way round.
+
+A RIGSA-family adapter file (safetensors), per adapted layer `{name}`:
+  {name}.mask        uint8 (ceil(out*in/8),)  the row-major mask bit-packed as np.packbits does
+  {name}.delta       float32 (k,)             dW at the k free entries, in row-major order
+  {name}.alpha       float32 (1,)             the gate
+  {name}.init_seed   int64 (1,)               dW0's seed (dW0 is regenerated, not stored)
+  {name}.init_check  float32 (16,)            dW0's first values: regeneration on another platform is checked
+A LoRA / QLoRA file holds the lora_A / lora_B matrices. The metadata: format=rigsa-adapter, the run's
+config (JSON), the base's identity (model.base_identity) and the iteration's evaluation.
+"""
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import model as M
+import util
+
+POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)])   # set bits of each byte value
+
+
+def all_free_mask(n):
+    """The packed mask of n entries all free: every bit set, the padding bits of the last byte 0."""
+    packed = torch.full((-(-n // 8),), 255, dtype=torch.uint8)
+    if n % 8:
+        packed[-1] = (0xFF << (8 - n % 8)) & 0xFF
+    return packed
+
+
+def tensors_of(layers, lora=()):
+    """The trained adapter as the files hold it: each gated sparse layer of `layers` {name: layer}
+    in its compact storage, and `lora`, LoRA's state dict."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in dict(lora).items()}
+    for n, L in layers.items():
+        tensors[f"{n}.mask"] = L.mask.cpu() if L.mask is not None else all_free_mask(L.numel())
+        tensors[f"{n}.delta"] = L.delta.detach().cpu()
+        tensors[f"{n}.alpha"] = L.alpha.detach().cpu().float().reshape(1)
+        tensors[f"{n}.init_seed"] = torch.tensor([L.init_seed], dtype=torch.int64)
+        tensors[f"{n}.init_check"] = L.init_check
+    return tensors
+
+
+@torch.no_grad()
+def set_adapter_tensors(layers, tensors, source):
+    """Give installed GatedSparseLinear layers the masks, dW values and gates of adapter_tensors'
+    dict (an adapter file, or resume.pt); `source` names it in errors."""
+    names = {k.rsplit(".", 1)[0] for k in tensors}
+    if names - set(layers):   # every tensor lands in a layer: none may name a layer this model lacks
+        extra = sorted(names - set(layers))
+        raise ValueError(f"{source}: adapts {len(extra)} layer(s) this model has no adaptable nn.Linear for "
+                         f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}; another base model?)")
+    parts = ("mask", "delta", "alpha", "init_seed", "init_check")
+    for n, L in layers.items():
+        if f"{n}.mask" not in tensors:
+            raise ValueError(f"{source}: no adapter for layer {n} (another base model?)")
+        odd = [k for k in tensors if k.startswith(n + ".") and k[len(n) + 1:] not in parts]
+        if odd or tensors[f"{n}.delta"].dim() != 1 or tensors[f"{n}.alpha"].numel() != 1:
+            raise ValueError(f"{source}: layer {n}'s tensors are not an adapter's ({', '.join(odd) or 'shapes'}); "
+                             f"pass a file written by rigsa.py train")
+        if f"{n}.init_check" in tensors and not torch.equal(tensors[f"{n}.init_check"], L.init_check):
+            raise ValueError(f"{source}: dW0 of {n} does not regenerate identically on this platform")
+        m, d = tensors[f"{n}.mask"], tensors[f"{n}.delta"]
+        if m.numel() == -(-L.numel() // 8) and L.numel() % 8:   # the last byte's padding bits are 0
+            m = m.clone()
+            m[-1] &= (0xFF << (8 - L.numel() % 8)) & 0xFF
+        free = int(POPCOUNT[m.long()].sum()) if m.numel() == -(-L.numel() // 8) else -1
+        if free != d.numel():
+            raise ValueError(f"{source}: layer {n} has {d.numel()} dW values for a mask of "
+                             f"{'a wrong size' if free < 0 else f'{free} free entries'} (of {L.numel()}: "
+                             f"another base model?); pass an adapter trained on this base")
+        L.set_packed(None if free == L.numel() else m, d)
+        L.alpha.fill_(float(tensors[f"{n}.alpha"]))
+
+
+def write(path, tensors, config, extra=None):
+    """The adapter file: `tensors` (tensors_of), and as metadata the run's config (a dict) and `extra`."""
+    meta = {"format": "rigsa-adapter", "config": json.dumps(config), **(extra or {})}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    util.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def adapter_path(spec):
+    p = Path(spec)
+    if p.suffix != ".safetensors":
+        p = p.with_name(p.name + ".safetensors")
+    if not p.exists():
+        have = sorted((q.stem for q in p.parent.glob("iter*.safetensors")), key=lambda n: (len(n), n)) \
+            if p.parent.is_dir() else []                                   # iter2 before iter10
+        raise FileNotFoundError(f"{p}: adapter file not found; name one as RUN/iterK ("
+                                + (f"{p.parent} has {', '.join(have)})" if have else f"{p.parent} holds none)"))
+    return p
+
+
+def read(spec, tensors=True):
+    """-> (its tensors, or None if not asked for: the metadata alone is read; the metadata, with
+    "base" parsed; the run's config, a dict)."""
+    p = adapter_path(spec)
+    try:
+        with safe_open(str(p), "pt") as f:
+            meta = f.metadata() or {}
+            t = {k: f.get_tensor(k) for k in f.keys()} if tensors else None
+    except Exception as e:
+        raise ValueError(f"{p}: not a readable safetensors file ({e})") from None
+    if meta.get("format") != "rigsa-adapter":
+        raise ValueError(f"{p}: not a rigsa adapter file (no format=rigsa-adapter metadata)")
+    try:
+        config = json.loads(meta["config"])
+        meta = {**meta, "base": json.loads(meta["base"]) if "base" in meta else None}
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p}: its metadata holds no readable config ({type(e).__name__}: {e}); it was not written "
+                         f"by rigsa.py train, or was damaged") from None
+    return t, meta, config
+
+
+def check_base(recorded, have, what, allow=False):
+    """An adapter (or a run) applies to the base it was made on: recorded and have are
+    {"model", "commit", "fingerprint"} (model.base_identity). Another base is refused, since dW0 and
+    the mask are only meaningful on W0 (a base of the same shapes would load silently), unless
+    allow (--allow-other-base), which is said. -> what the outputs record: "same", "other (allowed)"
+    or "unrecorded" (a file from an older version, said)."""
+    if not recorded or not recorded.get("fingerprint"):
+        util.say(f"warning: {what}: records no base identity (an older version wrote it), so whether it fits "
+                 f"{have['model']} is not checked", file=sys.stderr)
+        return "unrecorded"
+    if recorded["fingerprint"] == have["fingerprint"]:
+        return "same"
+    at = lambda b: f"{b.get('model')} ({'commit ' + b['commit'] + ', ' if b.get('commit') else ''}weights {b['fingerprint']})"
+    msg = f"{what}: made on the base {at(recorded)}, not on {at(have)}"
+    if not allow:
+        raise ValueError(f"{msg}; use the base it was made on, or pass --allow-other-base to apply it anyway")
+    util.say(f"warning: {msg}; applied anyway (--allow-other-base)", file=sys.stderr)
+    return "other (allowed)"
+
+
+@torch.no_grad()
+def merge_adapters(model, dtype=None):
+    """Fold every adapter (RIGSA family or LoRA) into its base weight, in place: W0 + delta in
+    float32, cast to `dtype` (default: the weight's own), as plain nn.Linear layers. A 4-bit base
+    is refused: merging into it would re-quantize it (lossy). -> (sum |what the cast lost|,
+    sum |delta|), to report how much of the adapter survived the cast."""
+    todo = [(parent, cname, child) for _, parent in list(model.named_modules())
+            for cname, child in list(parent.named_children())
+            if hasattr(child, "delta_weight")]            # the gated sparse layers and LoRA
+    if any(getattr(child, "quantized", False) for _, _, child in todo):
+        raise ValueError("the base is 4-bit (QLoRA): merging would re-quantize it; merge only adapters on an "
+                         "unquantized base, or use the adapter unmerged")
+    lost, total = 0.0, 0.0
+    for parent, cname, child in todo:
+        d = child.delta_weight()                               # (out, in) float32
+        w0 = child.weight.float()
+        w = (w0 + d).to(dtype or child.weight.dtype)
+        lost += ((w.float() - w0) - d).abs().sum().item()
+        total += d.abs().sum().item()
+        lin = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")   # no init work
+        lin.weight = nn.Parameter(w, requires_grad=False)
+        setattr(parent, cname, lin)
+    return lost, total
+
+
+def write_merged(out, src, model, dtype, record):
+    """The merged model as a checkpoint in the official layout, at `out`, with the base's other files
+    (tokenizer, configs) from `src` and `record` as rigsa-merge.json. Written into a sibling folder
+    renamed to `out` at the end: a failure (a full disk, Ctrl-C, SIGTERM) leaves no half checkpoint,
+    and the folder is removed."""
+    conf = json.loads((src / "config.json").read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with util.sigterm_cleanup(f"stopped; --out {out} not written, and its temporary folder removed"):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        try:
+            os.chmod(tmp, util.file_mode(folder=True))   # mkdtemp's is 0700: the umask's, as mkdir would
+            for f in os.listdir(src):
+                if not f.endswith(".safetensors") and f != "model.safetensors.index.json" and os.path.isfile(src / f):
+                    shutil.copyfile(src / f, tmp / f)   # a new file (umask), not the source's mode (a read-only cache's)
+            M.save_checkpoint(tmp, conf, model.state_dict(), dtype)
+            util.write_json(tmp / "rigsa-merge.json", record)
+            if out.exists():
+                out.rmdir()           # empty (checked before)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ import memory
 import mnist
 import model as M
 import qlora
+import rundir
 import tiny
 import util
 
@@ -651,69 +651,6 @@ RESUMABLE = {"resume", "halt_after", "save_every", "log_every", "device", "momen
              "data_dir", "out", "allow_other_base"}
 
 
-_WARNED = set()
-
-
-def config_from(saved, source):
-    """A Config from a saved one (config.json, an adapter's metadata), possibly written by another
-    version of rigsa: keys this version does not know are dropped with one warning line naming them;
-    a missing or malformed config is a ValueError naming `source`."""
-    if not isinstance(saved, dict):
-        raise ValueError(f"{source}: holds no rigsa config (a {type(saved).__name__}, not a dict); it was not "
-                         f"written by rigsa.py train")
-    known = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(saved) - known)
-    if unknown and (str(source), *unknown) not in _WARNED:   # once per file, however often it is read
-        _WARNED.add((str(source), *unknown))
-        util.say(f"warning: {source}: ignoring config keys this version of rigsa does not know: {', '.join(unknown)} "
-                 f"(written by another version)", file=sys.stderr)
-    return Config(**{k: v for k, v in saved.items() if k in known})
-
-
-def resumed(cfg, given=None):
-    """--resume: the run's saved config (a flag the user typed, default or not, whose value differs
-    from the saved one is refused, naming it, unless it is in RESUMABLE; given=None: the flags that
-    differ from their default), its resume.pt (None if there is none), and stale .tmp files from an
-    interrupted write removed. A new run: cfg, None."""
-    out = Path(cfg.out)
-    if not cfg.resume:
-        if (out / "config.json").exists():
-            raise FileExistsError(f"{out}: a run is already there; use --resume or another --out")
-        return cfg, None
-    try:
-        saved = dataclasses.asdict(config_from(json.loads((out / "config.json").read_text())["config"],
-                                               out / "config.json"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{out / 'config.json'}: nothing to resume; drop --resume to start a run") from None
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{out / 'config.json'}: not a run's config ({type(e).__name__}: {e}); "
-                         f"start a new run with another --out") from None
-    defaults = Config()
-    if (cfg.revision and cfg.revision != saved.get("revision") and not M.COMMIT.fullmatch(cfg.revision)
-            and M.COMMIT.fullmatch(saved.get("revision") or "")):   # a branch or tag: it named that commit then
-        util.say(f"note: --revision {cfg.revision}: the run continues on the commit it started from, "
-                 f"{saved['revision']}", file=sys.stderr)
-        cfg = dataclasses.replace(cfg, revision=saved["revision"])
-    typed = (lambda f: f in given) if given is not None else (lambda f: getattr(cfg, f) != getattr(defaults, f))
-    changed = [f for f in saved if f not in RESUMABLE and typed(f) and getattr(cfg, f) != saved[f]]
-    if changed:
-        flags = ", ".join(f"--{f.replace('_', '-')} {getattr(cfg, f)!r} (saved: {saved[f]!r})" for f in changed)
-        raise ValueError(f"--resume: {flags} differ from the run's saved config; drop them to continue the run "
-                         f"as it was, or start a new run with another --out")
-    keep = {f: getattr(cfg, f) for f in RESUMABLE if typed(f)}
-    cfg = Config(**{**saved, **keep, "resume": True, "halt_after": cfg.halt_after})   # a halt is this process's
-    for tmp in out.rglob("*.tmp") if util.world()[0] == 0 else ():   # an interrupted write (a kill during a save)
-        if tmp.is_file():
-            tmp.unlink()
-    if not (out / "resume.pt").exists():
-        return cfg, None
-    try:
-        return cfg, torch.load(out / "resume.pt", map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{out / 'resume.pt'}: unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
-                         f"delete it, and --resume starts the run again from its first step") from None
-
-
 def setup(cfg, resume=None):
     """Everything before the first step: the data (§4.2), the base model and its adapters (§3.2;
     LoRA: §5.3), the memory check, the run directory and the schedule's length; `resume`, resume.pt's
@@ -779,9 +716,7 @@ def setup(cfg, resume=None):
     rank, ranks = util.world()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        util.write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "base": ident, "git_commit": git_commit(),
-                                              "torch": torch.__version__, "python": sys.version.split()[0],
-                                              "processes": ranks})
+        rundir.write_config(out, cfg, ident, ranks)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     util.say(f"{cfg.method}: {len(layers) or 'LoRA on the'} adapted layers, {n_trainable:,} trainable tensor entries"
              + (f"; {ranks} processes, {cfg.batch_size // ranks}-{-(-cfg.batch_size // ranks)} sequences each a step"
@@ -833,7 +768,7 @@ def train_iteration(run, it):
                 a = torch.stack([L.alpha.detach().float() for L in layers.values()])
                 r.update(alpha_mean=a.mean().item(), alpha_min=a.min().item(), alpha_max=a.max().item())
             run.record(r)
-        sig = stop_signal(run)
+        sig = rundir.stop_signal(run.device)
         halt = (cfg.halt_after and run.done_steps >= cfg.halt_after or sig) and step < run.steps
         if halt or (cfg.save_every and step % cfg.save_every == 0 and step < run.steps):
             save_resume(run, opt, it, step)
@@ -901,57 +836,18 @@ def prune_and_rewind(run, it):
     save_resume(run, None, it + 1, 0)
 
 
-STOP = []  # signals received during training (SIGINT, SIGTERM): finish the step, save, stop
-
-
-def _on_signal(signum, frame):
-    if STOP:  # a second one: stop at once (the last resume checkpoint stays)
-        signal.signal(signum, signal.SIG_DFL)
-        STOP.append(signum)
-        raise KeyboardInterrupt
-    STOP.append(signum)
-    print(f"\n{signal.Signals(signum).name}: finishing this optimizer step, then writing a resume checkpoint "
-          f"(send it again to stop at once, losing the steps since the last checkpoint)", file=sys.stderr)
-
-
-def stop_signal(run):
-    """The signal that stops training, or 0: the largest any rank received, so that on torchrun
-    every rank stops after the same step (one small all-reduce a step)."""
-    if util.world()[1] == 1:
-        return STOP[0] if STOP else 0
-    t = torch.tensor([STOP[0] if STOP else 0], device=run.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """During training, Ctrl-C (SIGINT) and SIGTERM (a job scheduler's) stop cleanly: the step in
-    progress completes, resume.pt is written and train() returns None."""
-    STOP.clear()
-    try:
-        old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread: signals stay as they are
-        old = {}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 def train(cfg, given=None):
     """The IMP loop (§3.2, §4.4): each iteration trains with a fresh AdamW and schedule, evaluates
     and saves its adapter, and all but the last prune, rewind to dW0 and reset the gate. `--iters 5`
     is 5 trainings and 4 prunings. given: the flags the user typed (check_config). -> the metrics
     log, or None if halted (--halt-after)."""
     util.init_distributed(cfg.device)             # under torchrun: this rank's process group, first
-    with run_lock(cfg):                           # one writer per run directory, before resume.pt is read
+    with rundir.run_lock(cfg):                           # one writer per run directory, before resume.pt is read
         return _train(cfg, given)
 
 
 def _train(cfg, given):
-    cfg, resume = resumed(cfg, given)
+    cfg, resume = rundir.resumed(cfg, given, RESUMABLE)
     if cfg.resume and resume is None:
         if (Path(cfg.out) / f"iter{n_iters(cfg)}.safetensors").exists():   # a finished run: nothing to do
             util.say(f"{cfg.out}: the run is complete (iter{n_iters(cfg)}.safetensors is there)")
@@ -961,7 +857,7 @@ def _train(cfg, given):
         util.say(f"note: {cfg.out} has no resume checkpoint yet; the run starts again from its first step",
                  file=sys.stderr)
     run = setup(check_config(cfg, given), resume)
-    with stop_on_signals():
+    with rundir.stop_on_signals():
         for it in range(run.start_iter, n_iters(run.cfg) + 1):
             if not train_iteration(run, it):
                 return None                       # halted or stopped: continue with --resume
@@ -969,7 +865,7 @@ def _train(cfg, given):
             save_iteration(run, it, res)
             if it < n_iters(run.cfg):
                 prune_and_rewind(run, it)         # writes resume.pt for iteration it + 1
-                if stop_signal(run):
+                if rundir.stop_signal(run.device):
                     util.say(f"stopped after iteration {it}; continue with: "
                              f"{util.command(__file__, ['train', '--resume', '--out', run.out])}")
                     return None
@@ -1009,17 +905,6 @@ def is_quantized(model):
     return any(isinstance(m, qlora.Linear4bit) or getattr(m, "quantized", False) is True for m in model.modules())
 
 
-def git_commit():
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
-        return (sha.stdout.strip() or "none") + ("-dirty" if dirty.stdout.strip() else "")
-    except Exception:
-        return "unknown"
-
-
 def load_trainable_state(model, state):
     """Resume: the adapters' tensors as adapter_tensors saved them (each layer's compact storage)."""
     if adapters(model):
@@ -1031,12 +916,10 @@ def load_trainable_state(model, state):
 
 
 def save_resume(run, opt, it, step):
-    """resume.pt: the trainable state, the optimizer, where the run is, the RNG and the log (rank 0's)."""
-    if util.world()[0] != 0:
-        return
-    state = {"iteration": it, "step": step, "state": AF.tensors_of(adapters(run.model), qlora.lora_state_dict(run.model)),
-             "optimizer": opt.state_dict() if opt is not None else None, "rng": torch.get_rng_state(), "log": run.log}
-    util.atomic_write(run.out / "resume.pt", lambda tmp: torch.save(state, tmp))
+    """resume.pt: the trainable state, the optimizer, where the run is, the RNG and the log."""
+    rundir.save_resume(run.out, {"iteration": it, "step": step, "optimizer": opt.state_dict() if opt is not None else None,
+                                 "state": AF.tensors_of(adapters(run.model), qlora.lora_state_dict(run.model)),
+                                 "rng": torch.get_rng_state(), "log": run.log})
 
 # -----------------------------------------------------------------------------
 # Textual MNIST (paper §4.2)
@@ -1140,7 +1023,7 @@ def save_adapter(model, path, cfg, extra=None):
 def read_adapter(spec, tensors=True):
     """-> (its tensors or None, its metadata, its Config) (adapters.read)."""
     t, meta, config = AF.read(spec, tensors)
-    return t, meta, config_from(config, AF.adapter_path(spec))
+    return t, meta, rundir.config_from(config, AF.adapter_path(spec), Config)
 
 
 def mask_counts(spec):
@@ -1202,49 +1085,6 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
 
 # -----------------------------------------------------------------------------
 # demo: the whole pipeline offline on a tiny random model (make demo)
-
-@contextlib.contextmanager
-def run_lock(cfg):
-    """train(): one process writes a run directory at a time (util.lock_dir, <out>/LOCK naming its
-    pid). Taken before anything of the run is read or written: for --resume before resume.pt is
-    read (a missing folder: resumed() says there is nothing to resume); a new run's folder is made
-    here, and removed again if the run ends with nothing written into it, so a refused run leaves
-    nothing. Under torchrun rank 0 holds it for every rank, and says to the others whether it could."""
-    out = Path(cfg.out)
-    rank, ranks = util.world()
-    held = contextlib.ExitStack()
-    ok = [False]
-    try:
-        if rank == 0 and not (cfg.resume and not out.is_dir()):
-            made = [p for p in (out, *out.parents) if not p.exists()]   # deepest first
-            if out.exists() and not out.is_dir():
-                raise FileExistsError(f"--out {out}: is a file, not a run directory; choose another --out")
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise OSError(f"--out {out}: cannot create it ({e.strerror}); choose another --out") from None
-            held.callback(_remove_empty, made)    # runs after the lock is released
-            held.enter_context(util.lock_dir(out))
-        ok = [True]
-    except BaseException:
-        held.close()
-        raise
-    finally:
-        if ranks > 1:
-            dist.broadcast_object_list(ok, src=0)
-    if not ok[0]:
-        raise RuntimeError(f"rank {rank}: rank 0 could not lock {out} (its error is above)")
-    with held:
-        yield
-
-
-def _remove_empty(folders):
-    for p in folders:   # deepest first; one that holds anything stays, and so do its parents
-        try:
-            p.rmdir()
-        except OSError:
-            return
-
 
 DEMO_ENTRIES = ("DEMO", "tiny-model", "mnist", "run")   # what `rigsa.py demo` writes under --out
 
@@ -1337,7 +1177,7 @@ def main(argv=None):
             given = typed_flags(train_ap, argv[argv.index("train") + 1:])
             done = train(Config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Config)}), given)
             util.stop_as_interrupt(False)   # its files are written: a signal from here on needs no word
-            code = 128 + STOP[0] if done is None and STOP else 0   # interrupted by a signal: saved, and the shell sees why
+            code = 128 + rundir.STOP[0] if done is None and rundir.STOP else 0   # interrupted by a signal: saved, and the shell sees why
             util.exit_distributed(code)
             if code:
                 sys.exit(code)
@@ -1356,8 +1196,8 @@ def main(argv=None):
         sys.exit(f"error: {' '.join(str(e).split())}")
     except KeyboardInterrupt:   # Ctrl-C outside training, or a second signal during it: at once, in one line
         util.abandon_distributed()
-        if STOP:
-            util.SIGNALS.append(STOP[-1])
+        if rundir.STOP:
+            util.SIGNALS.append(rundir.STOP[-1])
         if a.cmd == "train" and (Path(a.out) / "config.json").exists():
             what = (f"{util.command(__file__, ['train', '--resume', '--out', a.out])} continues from the last "
                     f"resume checkpoint")

@@ -16,6 +16,7 @@ import mnist
 import model as M
 import qlora
 import rigsa
+import rundir
 from conftest import hf_model, one_thread
 
 
@@ -641,10 +642,10 @@ def test_resume_takes_a_branch_name_as_the_recorded_commit(tmp_path):
     sha = "a" * 40
     saved = rigsa.Config(model="org/name", revision=sha, out=str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"config": dataclasses.asdict(saved)}))
-    cfg, state = rigsa.resumed(rigsa.Config(model="org/name", revision="main", out=str(tmp_path), resume=True))
+    cfg, state = rundir.resumed(rigsa.Config(model="org/name", revision="main", out=str(tmp_path), resume=True), None, rigsa.RESUMABLE)
     assert cfg.revision == sha and state is None
     with pytest.raises(ValueError, match="--revision 'b{40}' \\(saved: 'a{40}'\\)"):
-        rigsa.resumed(rigsa.Config(model="org/name", revision="b" * 40, out=str(tmp_path), resume=True))
+        rundir.resumed(rigsa.Config(model="org/name", revision="b" * 40, out=str(tmp_path), resume=True), None, rigsa.RESUMABLE)
 
 
 def test_init_check_is_dw0s_first_values_and_guards_loading(tiny_dir):

@@ -25,6 +25,7 @@ import os
 import shlex
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -564,6 +565,19 @@ def keep_freed_memory():
         return bool(libc.mallopt(-3, 1 << 30) and libc.mallopt(-1, 1 << 31))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         return False
+
+
+def git_commit():
+    """The commit of this checkout (-dirty with uncommitted changes), for the runs' provenance."""
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+        return (sha.stdout.strip() or "none") + ("-dirty" if dirty.stdout.strip() else "")
+    except Exception:
+        return "unknown"
+
 
 # -----------------------------------------------------------------------------
 # Ctrl-C and SIGTERM: ordinary ways to stop, said in one line with the command that continues

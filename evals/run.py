@@ -322,7 +322,7 @@ def run_info(args, model, tok, name, revision, quantize, device):
                                                   ("revision", revision), ("dtype", dtype)) if v)
     tokens = {f"tokenizer_{w}_token": [tok.decode([i]), str(i)]
               for w, i in (("pad", tok.pad_id), ("eos", tok.eos_id), ("bos", tok.bos_id))}
-    return {"model": name, "dtype": dtype, "quantize": quantize, "start": time.time(), "git_hash": rigsa.git_commit(),
+    return {"model": name, "dtype": dtype, "quantize": quantize, "start": time.time(), "git_hash": util.git_commit(),
             "date_id": datetime.datetime.now().isoformat().replace(":", "-"),   # EvaluationTracker's file stamp
             "tokenizer": {**tokens, "eot_token_id": tok.eos_id, "max_length": model.config.max_position_embeddings},
             "config": {"model": name, "model_args": model_args, "adapter": args.adapter, "quantize": quantize,

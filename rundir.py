@@ -1,0 +1,192 @@
+"""
+rundir.py: a training run directory's life, for rigsa.py's loop. Knows nothing of the method: a
+run's config is any dataclass (rigsa.Config), its trainable state a dict of tensors.
+
+  config_from, resumed     a saved config read back (keys of another version named and dropped);
+                           --resume: the flags the user typed against the saved ones, resume.pt
+  run_lock                 one process writes a run directory at a time (<out>/LOCK)
+  STOP, stop_on_signals    Ctrl-C / SIGTERM during training: finish the step, save, stop; on torchrun
+                           every rank after the same step (stop_signal)
+  write_config             the run's provenance: config.json with the base's identity, the code's commit
+  save_resume              resume.pt, written whole or not at all
+"""
+import contextlib
+import dataclasses
+import json
+import signal
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import model as M
+import util
+
+# -----------------------------------------------------------------------------
+# the config, saved and read back
+
+_WARNED = set()
+
+
+def config_from(saved, source, cls):
+    """A config of dataclass `cls` (rigsa.Config) from a saved one (config.json, an adapter's metadata), possibly written by another
+    version of rigsa: keys this version does not know are dropped with one warning line naming them;
+    a missing or malformed config is a ValueError naming `source`."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"{source}: holds no rigsa config (a {type(saved).__name__}, not a dict); it was not "
+                         f"written by rigsa.py train")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(saved) - known)
+    if unknown and (str(source), *unknown) not in _WARNED:   # once per file, however often it is read
+        _WARNED.add((str(source), *unknown))
+        util.say(f"warning: {source}: ignoring config keys this version of rigsa does not know: {', '.join(unknown)} "
+                 f"(written by another version)", file=sys.stderr)
+    return cls(**{k: v for k, v in saved.items() if k in known})
+
+
+def resumed(cfg, given, resumable):
+    """--resume: the run's saved config (a flag the user typed, default or not, whose value differs
+    from the saved one is refused, naming it, unless it is in `resumable`; given=None: the flags that
+    differ from their default), its resume.pt (None if there is none), and stale .tmp files from an
+    interrupted write removed. A new run: cfg, None."""
+    out = Path(cfg.out)
+    if not cfg.resume:
+        if (out / "config.json").exists():
+            raise FileExistsError(f"{out}: a run is already there; use --resume or another --out")
+        return cfg, None
+    try:
+        saved = dataclasses.asdict(config_from(json.loads((out / "config.json").read_text())["config"],
+                                               out / "config.json", type(cfg)))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{out / 'config.json'}: nothing to resume; drop --resume to start a run") from None
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{out / 'config.json'}: not a run's config ({type(e).__name__}: {e}); "
+                         f"start a new run with another --out") from None
+    defaults = type(cfg)()
+    if (cfg.revision and cfg.revision != saved.get("revision") and not M.COMMIT.fullmatch(cfg.revision)
+            and M.COMMIT.fullmatch(saved.get("revision") or "")):   # a branch or tag: it named that commit then
+        util.say(f"note: --revision {cfg.revision}: the run continues on the commit it started from, "
+                 f"{saved['revision']}", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, revision=saved["revision"])
+    typed = (lambda f: f in given) if given is not None else (lambda f: getattr(cfg, f) != getattr(defaults, f))
+    changed = [f for f in saved if f not in resumable and typed(f) and getattr(cfg, f) != saved[f]]
+    if changed:
+        flags = ", ".join(f"--{f.replace('_', '-')} {getattr(cfg, f)!r} (saved: {saved[f]!r})" for f in changed)
+        raise ValueError(f"--resume: {flags} differ from the run's saved config; drop them to continue the run "
+                         f"as it was, or start a new run with another --out")
+    keep = {f: getattr(cfg, f) for f in resumable if typed(f)}
+    cfg = type(cfg)(**{**saved, **keep, "resume": True, "halt_after": cfg.halt_after})   # a halt is this process's
+    for tmp in out.rglob("*.tmp") if util.world()[0] == 0 else ():   # an interrupted write (a kill during a save)
+        if tmp.is_file():
+            tmp.unlink()
+    if not (out / "resume.pt").exists():
+        return cfg, None
+    try:
+        return cfg, torch.load(out / "resume.pt", map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{out / 'resume.pt'}: unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                         f"delete it, and --resume starts the run again from its first step") from None
+
+
+
+def write_config(out, cfg, base, processes):
+    """config.json: the run's config, the base model's identity and the code and machine that ran it."""
+    util.write_json(Path(out) / "config.json", {"config": dataclasses.asdict(cfg), "base": base, "git_commit": util.git_commit(),
+                                                "torch": torch.__version__, "python": sys.version.split()[0],
+                                                "processes": processes})
+
+
+def save_resume(out, state):
+    """resume.pt (rank 0 only: the ranks hold the same state)."""
+    if util.world()[0] == 0:
+        util.atomic_write(Path(out) / "resume.pt", lambda tmp: torch.save(state, tmp))
+
+# -----------------------------------------------------------------------------
+# one writer at a time
+
+@contextlib.contextmanager
+def run_lock(cfg):
+    """train(): one process writes a run directory at a time (util.lock_dir, <out>/LOCK naming its
+    pid). Taken before anything of the run is read or written: for --resume before resume.pt is
+    read (a missing folder: resumed() says there is nothing to resume); a new run's folder is made
+    here, and removed again if the run ends with nothing written into it, so a refused run leaves
+    nothing. Under torchrun rank 0 holds it for every rank, and says to the others whether it could."""
+    out = Path(cfg.out)
+    rank, ranks = util.world()
+    held = contextlib.ExitStack()
+    ok = [False]
+    try:
+        if rank == 0 and not (cfg.resume and not out.is_dir()):
+            made = [p for p in (out, *out.parents) if not p.exists()]   # deepest first
+            if out.exists() and not out.is_dir():
+                raise FileExistsError(f"--out {out}: is a file, not a run directory; choose another --out")
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OSError(f"--out {out}: cannot create it ({e.strerror}); choose another --out") from None
+            held.callback(_remove_empty, made)    # runs after the lock is released
+            held.enter_context(util.lock_dir(out))
+        ok = [True]
+    except BaseException:
+        held.close()
+        raise
+    finally:
+        if ranks > 1:
+            dist.broadcast_object_list(ok, src=0)
+    if not ok[0]:
+        raise RuntimeError(f"rank {rank}: rank 0 could not lock {out} (its error is above)")
+    with held:
+        yield
+
+
+def _remove_empty(folders):
+    for p in folders:   # deepest first; one that holds anything stays, and so do its parents
+        try:
+            p.rmdir()
+        except OSError:
+            return
+
+
+# -----------------------------------------------------------------------------
+# signals during training
+
+STOP = []  # signals received during training (SIGINT, SIGTERM): finish the step, save, stop
+
+
+def _on_signal(signum, frame):
+    if STOP:  # a second one: stop at once (the last resume checkpoint stays)
+        signal.signal(signum, signal.SIG_DFL)
+        STOP.append(signum)
+        raise KeyboardInterrupt
+    STOP.append(signum)
+    print(f"\n{signal.Signals(signum).name}: finishing this optimizer step, then writing a resume checkpoint "
+          f"(send it again to stop at once, losing the steps since the last checkpoint)", file=sys.stderr)
+
+
+def stop_signal(device):
+    """The signal that stops training, or 0: the largest any rank received, so that on torchrun
+    every rank stops after the same step (one small all-reduce a step)."""
+    if util.world()[1] == 1:
+        return STOP[0] if STOP else 0
+    t = torch.tensor([STOP[0] if STOP else 0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """During training, Ctrl-C (SIGINT) and SIGTERM (a job scheduler's) stop cleanly: the step in
+    progress completes, resume.pt is written and train() returns None."""
+    STOP.clear()
+    try:
+        old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals stay as they are
+        old = {}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+

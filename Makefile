@@ -13,7 +13,7 @@ PAPER    ?= runs/paper
 NPROC    ?= 1
 RUN      := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --standalone --nproc-per-node=$(NPROC))
 
-.PHONY: help test demo train eval paper plots chat bench bench-model bench-train bench-memory bench-layer bench-distributed \
+.PHONY: help test demo docs train eval paper plots chat bench bench-model bench-train bench-memory bench-layer bench-distributed \
         bench-evals bench-generate bench-attention bench-qlora check-lm-eval parity-gsm8k
 
 help:            ## this list
@@ -44,6 +44,9 @@ test: .venv/.installed .plots/.installed   ## create the environment if needed, 
 
 demo: .venv/.installed          ## the whole RIGSA pipeline on a tiny model, offline, under a minute on a CPU
 	$(PY) rigsa.py demo
+
+docs: .venv/.installed          ## docs/cli.md from every command's --help (a test keeps them equal)
+	$(PY) docs/make_cli.py
 
 train: .venv/.installed         ## the paper's run: RIGSA, ITERS IMP iterations on MODEL, into OUT (NPROC processes)
 	$(RUN) rigsa.py train --model $(MODEL) --iters $(ITERS) --out $(OUT)

@@ -376,3 +376,11 @@ def test_an_interrupt_while_the_model_loads_blames_no_file(world, tmp_path, caps
     code, _, err = run_main(MAINS[tool], argv, capsys)
     assert code == 130 and "corrupt" not in err and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith("SIGINT: stopped; nothing was"), err
+
+
+def test_the_command_line_reference_is_each_commands_help():
+    # docs/cli.md is written by docs/make_cli.py from every command's --help: a flag added, renamed or
+    # re-described without `make docs` fails here
+    r = subprocess.run([sys.executable, os.path.join(REPO, "docs", "make_cli.py"), "--check"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr

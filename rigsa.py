@@ -115,8 +115,9 @@ class Config:
     # iterative magnitude pruning (§3.2, §4.4)
     iters: int = _f(5, "IMP iterations, each one training run (§4.4); dense, random-mask and LoRA train once",
                     check=INT1)
-    keep: float = _f(0.8, "fraction of the sign-preserving free entries kept at each pruning (§4.4)",
-                     check=util.number(float, 0, 1, lo_open=True), needs=PRUNES)
+    keep: float = _f(0.8, "fraction of the sign-preserving free entries kept at each pruning (§4.4); a list "
+                          "(0.8,0.7,...) is one per pruning, its last value for the rest",
+                     check=util.numbers(float, 0, 1, lo_open=True), needs=PRUNES)
     prune_scope: str = _f("global", "global | layer: where the magnitude threshold is taken (silent in §4.4)",
                           choices=("global", "layer"), needs=PRUNES)
     criterion: str = _f("magnitude", "the pruning score: magnitude = |dW| (§4.4); CRITERIA holds the others",
@@ -823,7 +824,8 @@ def prune_and_rewind(run, it):
     """After iteration `it` (§3.2, §4.4): prune, rewind the kept entries to dW0, reset the gate,
     and checkpoint, so that a resumed run starts iteration it + 1 from here."""
     cfg, layers = run.cfg, run.layers
-    st = prune(layers, cfg.keep, cfg.prune_scope, sign=METHODS[cfg.method]["gated"], score=CRITERIA[cfg.criterion])
+    keep = cfg.keep[min(it, len(cfg.keep)) - 1] if isinstance(cfg.keep, tuple) else cfg.keep   # pruning `it`'s
+    st = prune(layers, keep, cfg.prune_scope, sign=METHODS[cfg.method]["gated"], score=CRITERIA[cfg.criterion])
     if cfg.reset_alpha:
         for L in layers.values():
             L.alpha.data.fill_(cfg.alpha_init if L.gated else 1.0)

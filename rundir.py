@@ -42,7 +42,7 @@ def config_from(saved, source, cls):
         _WARNED.add((str(source), *unknown))
         util.say(f"warning: {source}: ignoring config keys this version of rigsa does not know: {', '.join(unknown)} "
                  f"(written by another version)", file=sys.stderr)
-    return cls(**{k: v for k, v in saved.items() if k in known})
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})   # JSON's lists
 
 
 def resumed(cfg, given, resumable):

@@ -709,3 +709,29 @@ def test_a_new_method_is_one_table_entry(tiny_dir, tmp_path, monkeypatch):
     assert len(it) == 1 and abs(it[0]["density"] - 0.5) < 1e-3 and all(r.get("loss") == r.get("loss") for r in log)
     with pytest.raises(ValueError, match="--keep 0.5: --method grad-mask does not use it"):
         rigsa.check_config(tiny_cfg(tiny_dir, tmp_path, method="grad-mask", keep=0.5))
+
+
+def test_a_list_valued_flag_round_trips_through_config_json_and_resume(tiny_dir, tmp_path, capsys):
+    # --keep 0.8,0.5: one keep per pruning; config.json holds it as a JSON list, --resume reads it back as the
+    # same tuple, a typed equal value is accepted and a different one refused
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=4, size=8)
+    args = ["train", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--device", "cpu", "--offline", "--no-verify",
+            "--steps", "4", "--warmup", "1", "--batch-size", "4", "--micro-batch", "2", "--limit", "4", "--val-frac",
+            "0.1", "--iters", "3", "--keep", "0.8,0.5", "--out", str(tmp_path / "run")]
+    with one_thread():
+        assert run_cli(args + ["--halt-after", "5"]) == 0
+        assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["keep"] == [0.8, 0.5]
+        with pytest.raises(SystemExit, match=r"--keep \(0.8, 0.6\) \(saved: \(0.8, 0.5\)\)"):
+            rigsa.main(["train", "--resume", "--out", str(tmp_path / "run"), "--keep", "0.8,0.6"])
+        assert run_cli(["train", "--resume", "--out", str(tmp_path / "run"), "--keep", "0.8,0.5"]) == 0
+    prunes = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    prunes = [r for r in prunes if r.get("event") == "prune"]
+    assert [r["kept"] for r in prunes] == [round(0.8 * prunes[0]["eligible"]), round(0.5 * prunes[1]["eligible"])]
+
+
+def run_cli(argv):
+    try:
+        rigsa.main(argv)
+    except SystemExit as e:
+        return e.code
+    return 0

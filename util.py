@@ -432,6 +432,21 @@ def number(kind=int, lo=None, hi=None, lo_open=False, hi_open=False, auto=False)
     parse.want = want   # for --help
     return parse
 
+
+def numbers(kind=int, lo=None, hi=None, lo_open=False, hi_open=False):
+    """An argparse type for a number (as number()) or a comma-separated list of them: one value,
+    or a tuple (a schedule). A tuple survives JSON as a list: configs turn lists back into tuples."""
+    one = number(kind, lo, hi, lo_open, hi_open)
+
+    def parse(s):
+        s = str(s).strip("()[] ").replace(" ", "")
+        xs = tuple(one(x) for x in s.split(",") if x) if "," in s else (one(s),)
+        if not xs:
+            raise argparse.ArgumentTypeError(f"{s!r} is not {one.want}, or a comma-separated list of them")
+        return xs[0] if len(xs) == 1 else xs
+    parse.want = one.want + ", or a comma-separated list of them"
+    return parse
+
 # -----------------------------------------------------------------------------
 # the device, and CPU memory
 

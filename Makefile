@@ -39,8 +39,8 @@ help:            ## this list
 	rm -rf .plots/numpy .plots/numpy-* .plots/numpy.libs
 	touch $@
 
-test: .venv/.installed .plots/.installed   ## create the environment if needed, run every test (CPU, offline)
-	PYTHONPATH=.plots $(PY) -m pytest -q
+test: .venv/.installed .plots/.installed   ## create the environment if needed, run every test (CPU, offline; 2 workers)
+	PYTHONPATH=.plots $(PY) -m pytest -q -n 2
 
 demo: .venv/.installed          ## the whole RIGSA pipeline on a tiny model, offline, under a minute on a CPU
 	$(PY) rigsa.py demo

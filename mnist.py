@@ -87,6 +87,8 @@ def load_mnist_splits(data_dir, splits, val_frac=0.01, seed=0, download=False, v
         x, y = read_idx(files[0], 2051), read_idx(files[1], 2049)
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
             raise ValueError(f"{files[0]}: {x.shape} images do not match {y.shape} labels in {files[1].name}")
+        if not len(y):
+            raise ValueError(f"{files[1]}: holds no images; replace it (delete it to download it again)")
         if y.max() > 9:
             raise ValueError(f"{files[1]}: label {y.max()} is not a digit")
         if verify and (len(x) != MNIST_COUNTS[part] or x.shape[1:] != (28, 28)):

@@ -14,11 +14,20 @@ import copy
 import hashlib
 import json
 import os
+import signal
+import shlex
 import re
 import sys
 import time
 from dataclasses import dataclass, fields, asdict
 from pathlib import Path
+
+if __name__ == "__main__":   # a signal while torch loads (a second or two): one line, no traceback; then main()'s
+    def _stop(n, f):
+        os.environ.get("RIGSA_QUIET_STOP") or print(f"{signal.Signals(n).name}: stopped; nothing was kept; run again "
+                                                    f"with: {shlex.join([sys.executable, *sys.argv])}", file=sys.stderr)
+        sys.exit(128 + n)
+    signal.signal(signal.SIGINT, _stop), signal.signal(signal.SIGTERM, _stop)
 
 import torch
 import torch.nn as nn
@@ -476,12 +485,16 @@ def hub_commit(path):
 
 def base_identity(path, chunks=16, chunk_bytes=1 << 16):
     """A resolved checkpoint directory's identity, {"commit": hub commit or None, "fingerprint": 16
-    hex}: sha256 over each weight file's name, size and `chunks` slices of `chunk_bytes` spread
-    evenly through it (the header first), so 1 MB is read whatever the model's size. Another
+    hex}: sha256 over its config and tokenizer files, and each weight file's name, size and `chunks`
+    slices of `chunk_bytes` spread evenly through it (the header first): 1 MB of weights is read
+    whatever the model's size. Another
     checkpoint of the same shapes (other weights) differs in every slice; adapters and runs record
     it, so that they are not applied to a base they were not trained on."""
     h = hashlib.sha256()
     path = Path(path)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):   # what the numbers also depend on
+        if (path / name).is_file():
+            h.update(name.encode() + b"\n" + (path / name).read_bytes())
     for p in sorted(path.glob("*.safetensors")):
         size = p.stat().st_size
         h.update(f"{p.name}:{size}\n".encode())

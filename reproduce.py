@@ -668,16 +668,11 @@ def script():
     return min(os.path.relpath(Path(__file__).resolve()), str(Path(__file__).resolve()), key=len)
 
 
-def python_cmd():
-    """How to call this interpreter from a shell: `python` when that is the one on PATH."""
-    w = shutil.which("python")
-    return "python" if w and os.path.abspath(w) == os.path.abspath(sys.executable) else sys.executable
-
-
 def run_steps(a, again):
     steps = plan(a)
     inputs = Inputs(a)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"} if a.offline else None  # also keeps huggingface-hub off the hub
+    env = {**os.environ, "RIGSA_QUIET_STOP": "1", **({"HF_HUB_OFFLINE": "1"} if a.offline else {})}  # offline:
+    # also keeps huggingface-hub off the hub; quiet: a step stopped by a signal leaves the one line to reproduce.py
     AT["total"] = len(steps)
     for i, (target, cmd) in enumerate(steps, 1):
         check_stop()
@@ -764,7 +759,7 @@ def parse_args(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    again = shlex.join([python_cmd(), script()] + argv)  # pasteable where it was typed
+    again = shlex.join([util.python_cmd(), script()] + argv)  # pasteable where it was typed
     a = parse_args(argv)
     SIG.update(proc=None, sig=None, defer=False)
     AT.update(step=0, total=0, done=0, output=None, train=False)

@@ -24,12 +24,20 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+if __name__ == "__main__":   # a signal while torch loads (a second or two): one line, no traceback; then main()'s
+    def _stop(n, f):
+        os.environ.get("RIGSA_QUIET_STOP") or print(f"{signal.Signals(n).name}: stopped; nothing was kept; run again "
+                                                    f"with: {shlex.join([sys.executable, *sys.argv])}", file=sys.stderr)
+        sys.exit(128 + n)
+    signal.signal(signal.SIGINT, _stop), signal.signal(signal.SIGTERM, _stop)
 
 import numpy as np
 import torch
@@ -109,7 +117,8 @@ class Config:
                    choices=("uniform", "normal"))
     init_std: float = _f(0.02, "std of dW's init when --init normal", check=POS,
                          needs=(lambda c: c.init == "normal", "--init normal"))
-    decay_gate: bool = _f(False, "weight-decay the gate alpha too (silent in §4.4: off)")
+    decay_gate: bool = _f(False, "weight-decay the gate alpha too (silent in §4.4: off)",
+                          needs=(lambda c: c.weight_decay > 0, "--weight-decay above 0"))
     reset_alpha: bool = _f(True, "reset alpha to --alpha-init at every IMP rewind (silent in §3.2: on)",
                            needs=(lambda c: c.iters > 1, "--iters above 1 (one iteration never rewinds)"))
     # iterative magnitude pruning (§3.2, §4.4)
@@ -150,7 +159,8 @@ class Config:
     lora_epochs: float = _f(TABLE4["epochs"], "LoRA epochs (Table 4)", check=POS)
     # data and evaluation (§4.2)
     val_frac: float = _f(0.01, "fraction of the training images held out for validation (§4.2; 0: none)", check=FRAC)
-    split_seed: int = _f(0, "seed of the validation split", check=util.number(int, 0, 2 ** 63 - 1))
+    split_seed: int = _f(0, "seed of the validation split", check=util.number(int, 0, 2 ** 63 - 1),
+                         needs=(lambda c: c.val_frac > 0, "--val-frac above 0 (a validation split)"))
     limit: int = _f(0, "evaluate on the first N val/test images only (0 = all)", check=INT0)
     eval_batch: int = _f(16, "batch size of the accuracy evaluation", check=INT1)
     eval_test: bool = _f(True, "also evaluate the test split after every iteration (§5.1, Figure 2a)")
@@ -169,21 +179,32 @@ class Config:
     verify_model: bool = _f(False, "hash the base model's cached hub files against the hub's checksums (slow at 1.7B)")
 
 
-def check_config(cfg, given=None):
-    """Everything the flags' own checks (Config's check and choices) cannot see: the values of a
-    Config made in Python, a flag that cannot act on this run (another method's, or one whose
-    `needs` do not hold), and combinations. given: the fields the user typed (the CLI's), else
-    those that differ from their default. ValueError."""
-    defaults = Config()
+def check_fields(cfg):
+    """Each field's own check (its type, choices and range), as its flag's parser would: for a Config
+    made in Python, or read from a file (rundir.config_from names the file). ValueError."""
     for f in dataclasses.fields(Config):
         v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
         if f.metadata["choices"] and v not in f.metadata["choices"]:
             raise ValueError(f"{flag} {v!r}: not one of {', '.join(f.metadata['choices'])}")
+        kind = type(f.default)
+        if kind in (bool, str) and not isinstance(v, kind) or kind in (int, float) and isinstance(v, (bool, str)):
+            raise ValueError(f"{flag} {v!r}: not {'an' if kind is int else 'a'} {kind.__name__}")
         if f.metadata["check"]:
             try:
                 f.metadata["check"](str(v))
             except argparse.ArgumentTypeError as e:
                 raise ValueError(f"{flag}: {e}") from None
+
+
+def check_config(cfg, given=None):
+    """Everything the flags' own checks (Config's check and choices) cannot see: the values of a
+    Config made in Python, a flag that cannot act on this run (another method's, or one whose
+    `needs` do not hold), and combinations. given: the fields the user typed (the CLI's), else
+    those that differ from their default. ValueError."""
+    check_fields(cfg)
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
         if not (f.name in given if given is not None else v != getattr(defaults, f.name)):
             continue
         flag = f"{flag} {v}" if not isinstance(v, bool) else flag if v else "--no-" + flag[2:]   # as typed
@@ -194,6 +215,9 @@ def check_config(cfg, given=None):
             raise ValueError(f"{flag}: acts only with {f.metadata['needs'][1]}; drop it")
     if cfg.method == "random-mask" and bool(cfg.mask_like) == (cfg.density > 0):
         raise ValueError("--method random-mask: needs exactly one of --mask-like RUN/iterK or --density D")
+    if cfg.val_frac == 0 and not cfg.eval_test:
+        raise ValueError("--val-frac 0 with --no-eval-test: no split is evaluated, so every accuracy reported would be "
+                         "empty; keep a validation split or the test split")
     if cfg.micro_batch > cfg.batch_size:
         raise ValueError(f"--micro-batch {cfg.micro_batch}: larger than the effective batch (--batch-size "
                          f"{cfg.batch_size}); use at most {cfg.batch_size}")
@@ -680,6 +704,14 @@ def setup(cfg, resume=None):
     data = util.rank_zero_first(lambda: mnist.load_mnist_splits(folder, splits, **kw))
     if cfg.limit:
         data.update({k: (x[:cfg.limit], y[:cfg.limit]) for k, (x, y) in data.items() if k != "train"})
+    hashes = {n: util.file_hash(folder / n, "sha256") for n in mnist.MNIST_FILES if (folder / n).is_file()}
+    if cfg.resume:          # the run continues on the data it started on (--data-dir may move, not change)
+        saved = json.loads((out / "config.json").read_text()).get("data") or {}
+        for n in sorted(set(saved) & set(hashes)):
+            if saved[n] != hashes[n]:
+                raise ValueError(f"--resume {out}: {folder / n} is not the file the run started on (sha256 "
+                                 f"{saved[n][:12]}... then, {hashes[n][:12]}... now); continue on the run's data, or "
+                                 f"start a new run with another --out")
     for split, (x, _) in data.items():   # an empty split would train on nothing, or report NaN accuracies
         if not len(x):
             why = (f"--val-frac {cfg.val_frac} leaves the {split} split of the training images empty; choose a "
@@ -704,6 +736,10 @@ def setup(cfg, resume=None):
     epochs = cfg.lora_epochs if lora else cfg.epochs
     steps = math.ceil(len(data["train"][0]) * epochs / cfg.batch_size)
     steps = min(steps, cfg.steps) if cfg.steps else steps
+    left = (n_iters(cfg) - (resume or {}).get("iteration", 1) + 1) * steps - (resume or {}).get("step", 0)
+    if cfg.halt_after >= left:   # it would never act: the run ends first
+        raise ValueError(f"--halt-after {cfg.halt_after}: the run has {left} steps left, so it would end first; "
+                         f"use fewer, or drop it")
     run = Run(cfg, out, model, tok, device, amp, layers, data, digit_ids(tok), end_id(tok), steps,
               cfg.lora_lr if lora else cfg.lr, epochs, None, [], base=ident)
     if resume is not None:   # the adapters as they were (a later iteration is smaller), for the estimate
@@ -717,7 +753,7 @@ def setup(cfg, resume=None):
     rank, ranks = util.world()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        rundir.write_config(out, cfg, ident, ranks)
+        rundir.write_config(out, cfg, ident, hashes, ranks)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     util.say(f"{cfg.method}: {len(layers) or 'LoRA on the'} adapted layers, {n_trainable:,} trainable tensor entries"
              + (f"; {ranks} processes, {cfg.batch_size // ranks}-{-(-cfg.batch_size // ranks)} sequences each a step"
@@ -728,6 +764,7 @@ def setup(cfg, resume=None):
     if resume is not None:
         run.start_iter, run.start_step, run.log, run.resume = resume["iteration"], resume["step"], resume["log"], resume
         torch.set_rng_state(resume["rng"])
+
     # metrics.jsonl holds what the checkpoint holds: lines written after it are dropped
     if rank == 0:
         util.atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in run.log)))
@@ -849,7 +886,7 @@ def train(cfg, given=None):
 
 
 def _train(cfg, given):
-    cfg, resume = rundir.resumed(cfg, given, RESUMABLE)
+    cfg, resume = rundir.resumed(cfg, given, RESUMABLE, check_fields)
     if cfg.resume and resume is None:
         if (Path(cfg.out) / f"iter{n_iters(cfg)}.safetensors").exists():   # a finished run: nothing to do
             util.say(f"{cfg.out}: the run is complete (iter{n_iters(cfg)}.safetensors is there)")
@@ -1025,7 +1062,7 @@ def save_adapter(model, path, cfg, extra=None):
 def read_adapter(spec, tensors=True):
     """-> (its tensors or None, its metadata, its Config) (adapters.read)."""
     t, meta, config = AF.read(spec, tensors)
-    return t, meta, rundir.config_from(config, AF.adapter_path(spec), Config)
+    return t, meta, rundir.config_from(config, AF.adapter_path(spec), Config, check_fields)
 
 
 def mask_counts(spec):
@@ -1067,8 +1104,9 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
         raise ValueError(f"{adapter}: a QLoRA adapter sits on a 4-bit base, and merging would re-quantize it "
                          f"(lossy); use it unmerged (evals/run.py --adapter) or its PEFT copy in iterK-peft/")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"--out {out}: exists and is not an empty directory; choose a new one")
+    if out.is_symlink() or out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "a link" if out.is_symlink() else "a file" if not out.is_dir() else "a directory that is not empty"
+        raise FileExistsError(f"--out {out}: is {what}; name a new folder (or an empty one)")
     src = M.resolve(base or cfg.model, revision or (cfg.revision if not base or base == cfg.model else None) or None)
     ident = {"model": base or cfg.model, **M.base_identity(src)}
     verdict = AF.check_base(meta["base"], ident, f"--adapter {adapter}", allow_other_base)   # before the load

@@ -29,10 +29,11 @@ import util
 _WARNED = set()
 
 
-def config_from(saved, source, cls):
-    """A config of dataclass `cls` (rigsa.Config) from a saved one (config.json, an adapter's metadata), possibly written by another
-    version of rigsa: keys this version does not know are dropped with one warning line naming them;
-    a missing or malformed config is a ValueError naming `source`."""
+def config_from(saved, source, cls, check=None):
+    """A config of dataclass `cls` (rigsa.Config) from a saved one (config.json, an adapter's
+    metadata), possibly written by another version of rigsa: keys this version does not know are
+    dropped with one warning line naming them; a missing or malformed config, or a value `check`
+    refuses, is a ValueError naming `source`."""
     if not isinstance(saved, dict):
         raise ValueError(f"{source}: holds no rigsa config (a {type(saved).__name__}, not a dict); it was not "
                          f"written by rigsa.py train")
@@ -42,10 +43,16 @@ def config_from(saved, source, cls):
         _WARNED.add((str(source), *unknown))
         util.say(f"warning: {source}: ignoring config keys this version of rigsa does not know: {', '.join(unknown)} "
                  f"(written by another version)", file=sys.stderr)
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})   # JSON's lists
+    cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})   # JSON's lists
+    try:
+        check and check(cfg)   # a value this version cannot use (another version's, an edit): named as the file's
+    except ValueError as e:
+        raise ValueError(f"{source}: a saved value this version cannot use, {e} (written by another version, or "
+                         f"edited); fix it, or use the version that wrote it") from None
+    return cfg
 
 
-def resumed(cfg, given, resumable):
+def resumed(cfg, given, resumable, check=None):
     """--resume: the run's saved config (a flag the user typed, default or not, whose value differs
     from the saved one is refused, naming it, unless it is in `resumable`; given=None: the flags that
     differ from their default), its resume.pt (None if there is none), and stale .tmp files from an
@@ -57,7 +64,7 @@ def resumed(cfg, given, resumable):
         return cfg, None
     try:
         saved = dataclasses.asdict(config_from(json.loads((out / "config.json").read_text())["config"],
-                                               out / "config.json", type(cfg)))
+                                               out / "config.json", type(cfg), check))
     except FileNotFoundError:
         raise FileNotFoundError(f"{out / 'config.json'}: nothing to resume; drop --resume to start a run") from None
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
@@ -90,9 +97,11 @@ def resumed(cfg, given, resumable):
 
 
 
-def write_config(out, cfg, base, processes):
-    """config.json: the run's config, the base model's identity and the code and machine that ran it."""
-    util.write_json(Path(out) / "config.json", {"config": dataclasses.asdict(cfg), "base": base, "git_commit": util.git_commit(),
+def write_config(out, cfg, base, data, processes):
+    """config.json: the run's config, the base model's identity, its data files' sha256 and the code
+    and machine that ran it."""
+    util.write_json(Path(out) / "config.json", {"config": dataclasses.asdict(cfg), "base": base, "data": data,
+                                                "git_commit": util.git_commit(),
                                                 "torch": torch.__version__, "python": sys.version.split()[0],
                                                 "processes": processes})
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -64,6 +65,18 @@ def world(tmp_path_factory, tiny_dir, tiny_mha_dir):
     save_file(t, w / "noconfig.safetensors", metadata={k: v for k, v in meta.items() if k != "config"})
     save_file(t, w / "futurekey.safetensors",                               # a newer version's config key
               metadata={**meta, "config": json.dumps({**json.loads(meta["config"]), "future_knob": 3})})
+    # the same weights under another config (rope_theta): another base too
+    shutil.copytree(tiny_dir, w / "tweak")
+    c = json.loads((w / "tweak" / "config.json").read_text())
+    (w / "tweak" / "config.json").write_text(json.dumps({**c, "rope_theta": 10.0}))
+    with one_thread():   # a run halted early, then its data changes under --data-dir
+        rigsa.train(rigsa.Config(out=str(w / "halted"), iters=2, lr=2e-2, halt_after=1, **{**cfg, "save_every": 1}))
+    mnist.write_synthetic_mnist(w / "otherdata" / "mnist", n_train=24, n_test=4, size=8, seed=7)
+    save_file(t, w / "badmethod.safetensors",                               # a value this version cannot use
+              metadata={**meta, "config": json.dumps({**json.loads(meta["config"]), "method": "frobnicate"})})
+    shutil.copytree(w / "data", w / "noimages")
+    mnist.write_idx(w / "noimages" / "mnist" / "t10k-images-idx3-ubyte.gz", np.zeros((0, 8, 8), np.uint8))
+    mnist.write_idx(w / "noimages" / "mnist" / "t10k-labels-idx1-ubyte.gz", np.zeros((0,), np.uint8))
     return w, str(tiny_dir), str(tiny_mha_dir)
 
 
@@ -146,7 +159,19 @@ CASES = [
     ("rigsa", T("--model", "{w}/other", "--data-dir", "{w}/data", "--val-frac", "0.25", "--method", "random-mask",
                 "--mask-like", "{w}/run/iter2"), 1, "--mask-like {w}/run/iter2: made on the base"),
     ("rigsa", T("--resume", "--out", "{w}/onmoved"), 1, "--resume {w}/onmoved: made on the base"),
+    ("evals", E("--task", "mnist", "--adapter", "{w}/run/iter2", "--model", "{w}/tweak"), 1, "made on the base"),
+    ("evals", E("--task", "mnist", "--adapter", "{w}/badmethod", "--model", "{m}"), 1,
+     "badmethod.safetensors: a saved value this version cannot use, --method 'frobnicate'"),
+    ("rigsa", T("--resume", "--out", "{w}/halted", "--data-dir", "{w}/otherdata"), 1,
+     "is not the file the run started on"),
+    ("evals", E("--task", "mnist", "--model", "{m}", "--data-dir", "{w}/noimages"), 1, "holds no images"),
+    ("rigsa", ["merge", "--adapter", "{w}/run/iter2", "--out", "{w}/full/x"], 1, "--out {w}/full/x: is a file"),
     # 4. a flag means what it says: typed at its default is typed; one that cannot act is refused
+    ("rigsa", T("--decay-gate", "--weight-decay", "0"), 1, "--decay-gate: acts only with --weight-decay above 0"),
+    ("rigsa", T("--split-seed", "3", "--val-frac", "0"), 1, "--split-seed 3: acts only with --val-frac above 0"),
+    ("rigsa", T("--val-frac", "0", "--no-eval-test"), 1, "--val-frac 0 with --no-eval-test"),
+    ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--val-frac", "0.25", "--halt-after", "1000"), 1,
+     "--halt-after 1000: the run has"),
     ("rigsa", T("--resume", "--out", "{w}/run", "--lr", "2e-3"), 1, "--lr 0.002 (saved: 0.02)"),
     ("rigsa", T("--resume", "--out", "{w}/run", "--iters", "5"), 1, "--iters 5 (saved: 2)"),
     ("rigsa", T("--iters", "1", "--keep", "0.5"), 1, "--keep 0.5: acts only with --iters above 1"),
@@ -310,12 +335,12 @@ def test_a_signal_during_training_loses_nothing(world, tmp_path, sig):
         (out / "iter1-peft" / "adapter_model.safetensors.tmp").write_bytes(b"half a PEFT export")
     elif sig == "twice":
         assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr
-        assert stderr.strip().splitlines()[-1] == (f"SIGINT: stopped; python {REPO}/rigsa.py train --resume --out "
+        assert stderr.strip().splitlines()[-1] == (f"SIGINT: stopped; {util.python_cmd()} {REPO}/rigsa.py train --resume --out "
                                                    f"{out} continues from the last resume checkpoint")
     else:                         # the step finishes, resume.pt is written, the resume command is printed
         assert proc.returncode == 128 + sig, stderr
         assert f"{signal.Signals(sig).name}: finishing this optimizer step" in stderr and "Traceback" not in stderr
-        assert f"continue with: python {REPO}/rigsa.py train --resume --out {out}" in stdout
+        assert f"continue with: {util.python_cmd()} {REPO}/rigsa.py train --resume --out {out}" in stdout
     assert (out / "resume.pt").exists()
     with one_thread():
         rigsa.train(rigsa.Config(out=str(out), resume=True))
@@ -342,7 +367,7 @@ def test_an_interrupted_evaluation_says_what_was_kept_in_one_line(tiny_dir, tmp_
     assert proc.returncode == 128 + sig and "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
     assert last == (f"{signal.Signals(sig).name}: stopped; nothing was written; run again with: "
-                    f"python {REPO}/evals/run.py {' '.join(argv)}"), last
+                    f"{util.python_cmd()} {REPO}/evals/run.py {' '.join(argv)}"), last
     assert not (tmp_path / "r.json").exists() and not list(tmp_path.glob("*.tmp"))
 
 
@@ -354,7 +379,7 @@ def test_ctrl_c_before_the_run_exists_says_run_again_not_resume(world, tmp_path,
     argv = T("--model", m, "--data-dir", str(w / "data"), "--val-frac", "0.25", "--out", "r")
     code, _, err = run_main(rigsa.main, argv, capsys)
     assert code == 130 and err.strip().splitlines()[-1] == (
-        f"SIGINT: stopped; nothing was kept; run again with: python {REPO}/rigsa.py {' '.join(argv)}"), err
+        f"SIGINT: stopped; nothing was kept; run again with: {util.python_cmd()} {REPO}/rigsa.py {' '.join(argv)}"), err
     assert not (tmp_path / "r").exists()
 
 
@@ -384,3 +409,31 @@ def test_the_command_line_reference_is_each_commands_help():
     r = subprocess.run([sys.executable, os.path.join(REPO, "docs", "make_cli.py"), "--check"], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
+
+
+def sigterm_caught(pid):
+    """Whether the process handles SIGTERM (its SigCgt mask in /proc): the scripts' guard is installed."""
+    try:
+        mask = next(x for x in open(f"/proc/{pid}/status") if x.startswith("SigCgt:")).split()[1]
+    except (OSError, StopIteration):
+        return False
+    return bool(int(mask, 16) >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
+@pytest.mark.parametrize("script,sig", [("rigsa.py", signal.SIGINT), ("evals/run.py", signal.SIGTERM),
+                                        ("model.py", signal.SIGTERM)])
+def test_a_signal_while_torch_loads_is_one_line_too(tmp_path, script, sig):
+    # rule 7 before main() runs: the scripts' first lines catch Ctrl-C and SIGTERM while the imports take their second
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, script), "--help"], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while not sigterm_caught(proc.pid) and proc.poll() is None and time.time() - t0 < 30:
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the imports finished before the signal arrived")
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err
+    assert err.strip().splitlines() == [f"{signal.Signals(sig).name}: stopped; nothing was kept; run again with: "
+                                        f"{sys.executable} {os.path.join(REPO, script)} --help"], err

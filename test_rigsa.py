@@ -286,7 +286,7 @@ def test_learns_tiny_textual_digits(tiny_dir, tmp_path):
     # 32 synthetic 8x8 digits, learnt by a random tiny model through --method rigsa
     mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=32, n_test=8, size=8, noise=0.05)
     cfg = tiny_cfg(tiny_dir, tmp_path, iters=1, steps=160, epochs=100.0, lr=3e-2, weight_decay=0.0,
-                   warmup=5, batch_size=16, micro_batch=16, val_frac=0.0, eval_test=False, log_every=20)
+                   warmup=5, batch_size=16, micro_batch=16, val_frac=0.0, log_every=20)
     with one_thread():
         rigsa.train(cfg)
         m, tok = M.load(tiny_dir)

@@ -23,6 +23,7 @@ import http.client
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -630,15 +631,22 @@ def interrupted():
     return SIGNALS[-1] if SIGNALS else 0
 
 
+def python_cmd():
+    """How to call this interpreter from a shell: `python` when that is the one on PATH, else its path."""
+    w = shutil.which("python")
+    return "python" if w and os.path.abspath(w) == os.path.abspath(sys.executable) else sys.executable
+
+
 def command(script, argv):
     """`python <script> <argv>` as a shell line to paste in the current directory."""
     rel = os.path.relpath(script)
-    return shlex.join(["python", os.path.abspath(script) if rel.startswith("..") else rel, *map(str, argv)])
+    return shlex.join([python_cmd(), os.path.abspath(script) if rel.startswith("..") else rel, *map(str, argv)])
 
 
 def exit_interrupted(what):
     """The CLIs' end on Ctrl-C or SIGTERM: one line (the signal, then `what`: what was kept and the
     command that continues), exit 128 + the signal (130, 143), no traceback."""
     sig = interrupted() or signal.SIGINT
-    print(f"{signal.Signals(sig).name}: stopped; {what}", file=sys.stderr)
+    if not os.environ.get("RIGSA_QUIET_STOP"):   # reproduce.py's steps: it says what to do, once
+        print(f"{signal.Signals(sig).name}: stopped; {what}", file=sys.stderr)
     sys.exit(128 + sig)

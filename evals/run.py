@@ -19,10 +19,19 @@ import datetime
 import hashlib
 import json
 import os
+import signal
+import shlex
 import re
 import sys
 import time
 from pathlib import Path
+
+if __name__ == "__main__":   # a signal while torch loads (a second or two): one line, no traceback; then main()'s
+    def _stop(n, f):
+        os.environ.get("RIGSA_QUIET_STOP") or print(f"{signal.Signals(n).name}: stopped; nothing was kept; run again "
+                                                    f"with: {shlex.join([sys.executable, *sys.argv])}", file=sys.stderr)
+        sys.exit(128 + n)
+    signal.signal(signal.SIGINT, _stop), signal.signal(signal.SIGTERM, _stop)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run as a script: make model.py, rigsa.py, qlora.py and evals/ importable

@@ -745,6 +745,11 @@ def parse_args(argv):
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     ap.add_argument("--tables-only", action="store_true", help="only (re)write TABLES.md and the figures from what exists")
     a = ap.parse_args(argv)
+    idle = [d for d in ("model", "revision", "limit", "steps", "data_dir", "no_verify", "offline", "nproc",
+                        "rerun_changed", "dry_run") if a.tables_only and getattr(a, d) != ap.get_default(d)]
+    if idle:   # the tables come from what OUT holds, whatever these say: TABLES.md names what made each cell
+        ap.error(f"--tables-only: --{idle[0].replace('_', '-')} cannot act (the tables are read from what --out "
+                 f"holds, and name the model and limits that made them); drop it")
     try:
         a.seeds_given = parse_seeds(a.seeds) if a.seeds else None
     except ValueError as e:

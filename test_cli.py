@@ -185,6 +185,8 @@ CASES = [
     ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--val-frac", "0.01"), 1,
      "--val-frac 0.01 leaves the val split"),
     ("reproduce", ["--limit", "-1", "--dry-run"], 2, "--limit"),
+    ("reproduce", ["--tables-only", "--model", "{m}", "--out", "{w}/rp"], 2, "--tables-only: --model cannot act"),
+    ("reproduce", ["--tables-only", "--limit", "2", "--out", "{w}/rp"], 2, "--tables-only: --limit cannot act"),
     ("reproduce", ["--seeds", "a,b", "--dry-run"], 2, "--seeds"),
 ]
 MAINS = {"rigsa": rigsa.main, "model": M.main, "reproduce": reproduce.main, "evals": evals_run.main}

@@ -185,7 +185,7 @@ def test_another_model_is_refused_or_rerun(world, tmp_path, capsys, monkeypatch,
     assert "[1/46]" in o and err.startswith("error: step 2 of 46"), err
     ev = json.loads((out / "evals" / "base-mnist-0shot.json").read_text())
     assert ev["model"] == B
-    P.main(quick(B, out, data, "--tables-only"))
+    P.main(["--out", str(out), "--tables-only"])
     text = (out / "TABLES.md").read_text()
     fa, fb = (M.base_identity(m)["fingerprint"] for m in (A, B))
     assert f"- base-model evaluations: `{B}` (fingerprint {fb}), --limit 2" in text and fa not in text

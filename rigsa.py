@@ -525,7 +525,8 @@ def random_mask_init(run):
     counts = (mask_counts(cfg.mask_like) if cfg.mask_like else
               {n: round(cfg.density * L.numel()) for n, L in layers.items()})
     if set(counts) != set(layers):
-        raise ValueError(f"--mask-like {cfg.mask_like}: its layers are not this model's layers")
+        raise ValueError(f"--mask-like {cfg.mask_like}: its layers are not this model's gated layers; pass a RIGSA "
+                         f"adapter (RUN/iterK) trained on this base")
     random_masks(layers, counts, cfg.seed)
 
 

@@ -13,6 +13,7 @@ run's config is any dataclass (rigsa.Config), its trainable state a dict of tens
 import contextlib
 import dataclasses
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -77,7 +78,8 @@ def resumed(cfg, given, resumable, check=None):
                  f"{saved['revision']}", file=sys.stderr)
         cfg = dataclasses.replace(cfg, revision=saved["revision"])
     typed = (lambda f: f in given) if given is not None else (lambda f: getattr(cfg, f) != getattr(defaults, f))
-    changed = [f for f in saved if f not in resumable and typed(f) and getattr(cfg, f) != saved[f]]
+    same = lambda a, b: a == b or isinstance(a, str) and os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
+    changed = [f for f in saved if f not in resumable and typed(f) and not same(getattr(cfg, f), saved[f])]
     if changed:
         flags = ", ".join(f"--{f.replace('_', '-')} {getattr(cfg, f)!r} (saved: {saved[f]!r})" for f in changed)
         raise ValueError(f"--resume: {flags} differ from the run's saved config; drop them to continue the run "

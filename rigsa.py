@@ -677,10 +677,10 @@ RESUMABLE = {"resume", "halt_after", "save_every", "log_every", "device", "momen
              "data_dir", "out", "allow_other_base"}
 
 
-def setup(cfg, resume=None):
+def setup(cfg, resume=None, given=None):
     """Everything before the first step: the data (§4.2), the base model and its adapters (§3.2;
     LoRA: §5.3), the memory check, the run directory and the schedule's length; `resume`, resume.pt's
-    content, puts the adapters back as they were."""
+    content, puts the adapters back as they were; given: the flags the user typed (check_config)."""
     out = Path(cfg.out)
     lora = METHODS[cfg.method]["lora"]
     # the base model's files first: a hub id resolves to one commit, which the run records (in its
@@ -720,6 +720,17 @@ def setup(cfg, resume=None):
                    f"{folder}: the test split holds no images; use other data, or --no-eval-test")
             raise ValueError(why)
 
+    # the schedule's length (§4.4: epochs of the training split, or --steps), and the flags it leaves idle
+    epochs = cfg.lora_epochs if lora else cfg.epochs
+    steps = math.ceil(len(data["train"][0]) * epochs / cfg.batch_size)
+    steps = min(steps, cfg.steps) if cfg.steps else steps
+    left = (n_iters(cfg) - (resume or {}).get("iteration", 1) + 1) * steps - (resume or {}).get("step", 0)
+    typed = (lambda f: f in given) if given is not None else (lambda f: getattr(cfg, f) != getattr(Config(), f))
+    for flag, idle, why in (("halt_after", cfg.halt_after >= left, f"the run has {left} steps left"),
+                            ("save_every", typed("save_every") and cfg.save_every >= steps,
+                             f"an iteration is {steps} steps, and its end always saves")):
+        if idle:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: {why}, so it would not act; drop it")
     model, tok, device = load_base(cfg, base)
     if cfg.batch_size < util.world()[1]:
         raise ValueError(f"--batch-size {cfg.batch_size}: fewer sequences than the {util.world()[1]} processes; "
@@ -734,13 +745,6 @@ def setup(cfg, resume=None):
         layers = {}
     else:
         layers = install_adapters(model, cfg)
-    epochs = cfg.lora_epochs if lora else cfg.epochs
-    steps = math.ceil(len(data["train"][0]) * epochs / cfg.batch_size)
-    steps = min(steps, cfg.steps) if cfg.steps else steps
-    left = (n_iters(cfg) - (resume or {}).get("iteration", 1) + 1) * steps - (resume or {}).get("step", 0)
-    if cfg.halt_after >= left:   # it would never act: the run ends first
-        raise ValueError(f"--halt-after {cfg.halt_after}: the run has {left} steps left, so it would end first; "
-                         f"use fewer, or drop it")
     run = Run(cfg, out, model, tok, device, amp, layers, data, digit_ids(tok), end_id(tok), steps,
               cfg.lora_lr if lora else cfg.lr, epochs, None, [], base=ident)
     if resume is not None:   # the adapters as they were (a later iteration is smaller), for the estimate
@@ -896,7 +900,7 @@ def _train(cfg, given):
         # gives the same numbers (every seed is in its config)
         util.say(f"note: {cfg.out} has no resume checkpoint yet; the run starts again from its first step",
                  file=sys.stderr)
-    run = setup(check_config(cfg, given), resume)
+    run = setup(check_config(cfg, given), resume, given)
     with rundir.stop_on_signals():
         for it in range(run.start_iter, n_iters(run.cfg) + 1):
             if not train_iteration(run, it):

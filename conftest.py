@@ -1,5 +1,5 @@
 # Shared pytest fixtures and helpers: tiny SmolLM2-shaped checkpoints in the official layout,
-# written by tiny.write_tiny_checkpoint (no network, no ../shared).
+# written by tiny.write_tiny_checkpoint (no network, no files outside the repository).
 import contextlib
 import os
 

@@ -48,7 +48,7 @@ def dequantize_8bit(codes, absmax, code, out):
 
 @torch.no_grad()
 def adamw_step(opt):
-    """opt.step(), with AdamW's two moments where opt.moments puts them (memory.md D4 and §3):
+    """opt.step(), with AdamW's two moments where opt.moments puts them (docs/memory.md):
       device  torch's own step (per tensor)
       host    in host memory (pinned on CUDA); each tensor's pair is copied to the device, updated by
               the per-tensor function torch.optim.AdamW(foreach=False) calls, and copied back: the

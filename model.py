@@ -102,7 +102,7 @@ class SmolLM2Config:
                 kw[f.name] = f.type(d[f.name]) if f.type in (int, float) else d[f.name]
         return cls(**kw)
 
-# numbers from the official config.json files (see ../shared/reference/smollm2.md section 1)
+# numbers from the official config.json files (HuggingFaceTB/SmolLM2-*-Instruct on the Hub)
 PRESETS = {
     "SmolLM2-135M-Instruct": SmolLM2Config(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                                            num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0),
@@ -363,7 +363,8 @@ DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Huggin
 
 class Tokenizer:
     """tokenizer.json through the `tokenizers` library (not transformers: transformers 5 drops
-    SmolLM2's digit-splitting pre-tokenizer, see ../shared/reference/evals-protocol.md section 9)."""
+    SmolLM2's digit-splitting pre-tokenizer: AutoTokenizer's GPT2Tokenizer rebuilds the pipeline
+    without the Digits step)."""
     def __init__(self, path, eos_token=None, bos_token=None, pad_token=None, system_prompt=DEFAULT_SYSTEM):
         from tokenizers import Tokenizer as _Tok
         self.path = str(path)

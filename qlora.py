@@ -8,9 +8,9 @@ bfloat16 base, written from scratch in PyTorch (no bitsandbytes, no PEFT).
     save_peft(model, "out/peft", 16, 32, 0.0, "HuggingFaceTB/SmolLM2-1.7B-Instruct")
 
 NF4 is bit-exact with bitsandbytes 0.50.2 (packed bytes, absmax, double-quant codes and the
-dequantized weights; see ../shared/reference/peers.md section 1 and test_qlora.py). LoRA follows
-PEFT's semantics (peers.md section 2). Shapes: B batch, T time, N elements of a flattened weight,
-nb number of 64-element blocks, r LoRA rank.
+dequantized weights; bitsandbytes/functional.py's quantize_4bit and dequantize_4bit, and
+test_qlora.py). LoRA follows PEFT's semantics (peft 0.21, src/peft/tuners/lora). Shapes: B batch,
+T time, N elements of a flattened weight, nb number of 64-element blocks, r LoRA rank.
 """
 import json
 import math
@@ -25,11 +25,11 @@ from safetensors.torch import load_file, save_file
 import model as M
 import util
 
-# the seven projections of every decoder layer (Unsloth's default target_modules, peers.md 2.3)
+# the seven projections of every decoder layer (Unsloth's default target_modules in get_peft_model)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # -----------------------------------------------------------------------------
-# NF4 and the 8-bit dynamic code (peers.md 1.1-1.4)
+# NF4 and the 8-bit dynamic code (bitsandbytes/functional.py)
 
 # the 16 NF4 values, index = 4-bit code (bitsandbytes get_4bit_type("nf4")): 7 negative, an exact
 # zero and 8 positive levels, normalised so that max |value| = 1
@@ -77,7 +77,7 @@ def quantize_blockwise_8bit(x, code, blocksize=256):
 
 
 def quantize_nf4(w, blocksize=64, double_quant=False):
-    """Quantize one weight matrix to NF4 exactly as bitsandbytes' quantize_4bit does (peers.md 1.2-1.4).
+    """Quantize one weight matrix to NF4 exactly as bitsandbytes' quantize_4bit does.
     Returns the quant state: packed uint8 (ceil(N/2), 1), absmax float32 (nb,) or, with double
     quantization, uint8 (nb,) plus nested_absmax float32 (ceil(nb/256),) and offset float32 ();
     shape, dtype (the original weight dtype, which dequantize returns) and blocksize."""
@@ -93,7 +93,7 @@ def quantize_nf4(w, blocksize=64, double_quant=False):
     # bnb's tie rule (CUDA: chains of `x > threshold`; torch backend: argmin keeps the first)
     codes = torch.bucketize(s, util.on_device(NF4_MIDPOINTS, s.device), right=False)   # (nb, 64) int64 in 0..15
     codes = codes.reshape(-1)[: n + n % 2]                                  # an odd N keeps one zero pad
-    # two codes per byte, the FIRST element in the HIGH nibble (peers.md 1.3)
+    # two codes per byte, the FIRST element in the HIGH nibble (as bitsandbytes packs them)
     packed = ((codes[0::2] << 4) | codes[1::2]).to(torch.uint8).view(-1, 1)  # (ceil(N/2), 1)
     q = dict(packed=packed, absmax=absmax, nested_absmax=None, offset=None,
              shape=tuple(w.shape), dtype=w.dtype, blocksize=blocksize)
@@ -124,9 +124,9 @@ DEQUANT_CHUNK = 1 << 22  # entries dequantized at a time: float32 temporaries of
 def dequantize_nf4(packed, absmax, shape, dtype=torch.float32, blocksize=64, nested_absmax=None, offset=None,
                    nested_code=None):
     """Inverse of quantize_nf4 (accepts its dict as **kwargs): NF4[code] * absmax in float32, then cast to
-    `dtype` (bnb casts to quant_state.dtype, the original weight dtype; peers.md 1.5). Chunk by chunk
+    `dtype` (bnb casts to quant_state.dtype, the original weight dtype). Chunk by chunk
     into the output, so that the int32 codes and float32 values (10 bytes per entry) exist for
-    DEQUANT_CHUNK entries at a time, not for the whole layer (memory.md §6)."""
+    DEQUANT_CHUNK entries at a time, not for the whole layer (docs/memory.md, "LoRA and QLoRA")."""
     n = math.prod(shape)
     if nested_absmax is not None:
         absmax = dequantize_absmax(absmax, nested_absmax, offset, nested_code)
@@ -173,7 +173,7 @@ def _dequantize(m):
 
 class _NF4Matmul(torch.autograd.Function):
     """y = x @ W^T with W dequantized on the fly. Only the 4-bit state is kept for backward, which
-    dequantizes again (bnb's MatMul4Bit, peers.md 1.5): memory stays at ~4 bits plus one transient
+    dequantizes again (bnb's MatMul4Bit): memory stays at ~4 bits plus one transient
     layer. The weight gets no gradient."""
     @staticmethod
     def forward(ctx, x, m):
@@ -217,7 +217,7 @@ class Linear4bit(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, nf4, blocksize={self.blocksize}, {dq}, compute={self.compute_dtype}"
 
 # -----------------------------------------------------------------------------
-# LoRA (PEFT semantics, peers.md 2.1-2.2)
+# LoRA (PEFT semantics: src/peft/tuners/lora/layer.py)
 
 class LoRALinear(nn.Module):
     """Drop-in for nn.Linear or Linear4bit: y = base(x) + lora_B(lora_A(dropout(x))) * alpha / r.
@@ -250,7 +250,7 @@ class LoRALinear(nn.Module):
         y = nf4_linear(x, self) if self.quantized else F.linear(x, self.weight)
         # float32 adapters; but under autocast lora_A's GEMM runs in the autocast dtype anyway (as
         # PEFT's do), and casting x up first would only make autograd keep a float32 copy of x per
-        # projection instead of sharing the layer's input (memory.md §6): the same numbers without
+        # projection instead of sharing the layer's input (docs/memory.md): the same numbers without
         # it. With dropout (0 in Table 4) the cast stays, so that the mask is drawn as before
         keep = torch.is_autocast_enabled(x.device.type) and isinstance(self.lora_dropout, nn.Identity)
         a = self.lora_dropout(x if keep else x.to(self.lora_A.weight.dtype))
@@ -361,7 +361,7 @@ def load_lora(model, tensors, rank, alpha, dropout=0.0):
 
 
 # -----------------------------------------------------------------------------
-# PEFT's on-disk format (peers.md 2.5)
+# PEFT's on-disk format (save_pretrained's adapter_model.safetensors and adapter_config.json)
 
 def save_peft(model, out_dir, rank, alpha, dropout, base_model_name, revision=None):
     """Write adapter_model.safetensors (PEFT key names, float32) and adapter_config.json so the adapter
@@ -409,7 +409,7 @@ def read_peft(adapter_dir):
     return tensors, cfg
 
 # -----------------------------------------------------------------------------
-# bitsandbytes / Unsloth pre-quantized checkpoints (peers.md 1.6)
+# bitsandbytes / Unsloth pre-quantized checkpoints (e.g. unsloth/SmolLM2-1.7B-Instruct-bnb-4bit)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

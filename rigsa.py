@@ -263,11 +263,11 @@ class GatedDelta(torch.autograd.Function):
     """y = x (W0 + alpha (m * dW))^T for a GatedSparseLinear, saving for backward only what the
     backward needs: x (shared by the projections that read the same input) and the free entries'
     positions; the parameters by reference. m * dW is rebuilt in each pass from the compact
-    storage, one layer at a time, so no weight-sized copy outlives its layer (memory.md D1).
+    storage, one layer at a time, so no weight-sized copy outlives its layer (docs/memory.md).
     float32 (CPU): the ops of a plain autograd graph over W0 + alpha * (dW * mask), so gradients
     are bitwise those of the dense layer. Low precision (bfloat16 on CUDA): the delta keeps its
     own path, x W0^T + alpha x (m dW)^T, as W0 + alpha dW formed in bfloat16 would round away
-    deltas under half an ulp of W0 (peers.md §0.6)."""
+    deltas under half an ulp of W0."""
     @staticmethod
     def forward(ctx, x, delta, alpha, layer):                  # x (B, T, in) -> (B, T, out)
         index = layer.free_index()                             # (k,) or None (every entry free)
@@ -310,7 +310,7 @@ class GatedSparseLinear(nn.Module):
     copy even when W0 is bfloat16, so that weight decay's per-step factor 1 - 2e-3 is not rounded
     away), and `mask` (ceil(out*in/8),) uint8 is the mask bit-packed as in the adapter files, or
     None while every entry is free (the first IMP iteration). Memory is thus 16 bytes per free
-    entry with AdamW's state plus one bit per entry (memory.md §5.2). dW0 is not stored: it is
+    entry with AdamW's state plus one bit per entry (docs/memory.md). dW0 is not stored: it is
     regenerated from `init_seed`."""
     def __init__(self, base, init_seed, init="uniform", init_std=0.02, alpha_init=1e-6, gated=True):
         super().__init__()
@@ -597,7 +597,7 @@ def make_optimizer(model, cfg, moments="device"):
                   {"params": gates, "weight_decay": cfg.weight_decay if cfg.decay_gate else 0.0}]
         groups = [g for g in groups if g["params"]]
     # foreach=False: the per-tensor update, with temporaries the size of one tensor, not of the model
-    # (foreach's _foreach_sqrt would allocate 4 bytes per parameter at once; memory.md D3). It is
+    # (foreach's _foreach_sqrt would allocate 4 bytes per parameter at once, 6.4 GB at 1.7B). It is
     # what the CPU runs by default, so the numbers are those of torch.optim.AdamW there
     opt = torch.optim.AdamW(groups, lr=0.0, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False)
     opt.moments = moments

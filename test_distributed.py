@@ -1,4 +1,4 @@
-"""Data-parallel training and evaluation on torchrun (issue #16): 2 gloo processes on the CPU give
+"""Data-parallel training and evaluation on torchrun: 2 gloo processes on the CPU give
 the single-process run's adapters (masks identical, values within float32 reduction-order noise)
 and its evaluation (the same predictions, generations and answers; log-likelihoods within 1e-4)."""
 import json

@@ -364,7 +364,7 @@ def test_merge_adapters_folds_lora_in_float32_and_refuses_4bit(tiny_dir):
         AF.merge_adapters(q)
 
 
-# ---- the compact layer against today's dense one (issue #15: nothing changes numerically) ----
+# ---- the compact layer against today's dense one (nothing changes numerically) ----
 
 class DenseGatedLinear(nn.Module):
     """The reference: the gated layer as it was before its storage became compact, a plain
@@ -472,7 +472,7 @@ def test_compact_layer_trains_the_dense_layers_adapters_bitwise(tiny_dir, tmp_pa
             assert torch.equal(L.dense(), ref[n][0]) and torch.equal(L.alpha.detach(), ref[n][1]), (it, n)
 
 
-# ---- memory (issue #15): state proportional to the free entries, x alone saved, AdamW's moments ----
+# ---- memory: state proportional to the free entries, x alone saved, AdamW's moments ----
 
 def state_bytes(model, opt):
     """Bytes of every parameter, gradient, buffer and optimizer state tensor, storages counted once."""

@@ -1,5 +1,5 @@
 """
-Data parallel on this CPU (issue #16): the same training steps and the same evaluation in 1 process
+Data parallel on this CPU: the same training steps and the same evaluation in 1 process
 of 1 thread, and on torchrun in 2 gloo processes of 1 thread each; the speed-up, and the share of
 the 2-process training step spent in the gradients' all-reduce (rigsa.py's comm_s).
 

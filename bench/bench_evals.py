@@ -10,15 +10,17 @@ official layout, float32 on CPU for both (bfloat16 with --device cuda). A random
 a stop string, so every GSM8k generation runs the full 256 tokens: the worst case for both sides.
 --model DIR takes a trained checkpoint instead (bench/train_text_model.py makes one whose generations
 are text: numbers, "####" answers, stops at "Question:"), for generation parity beyond the first token.
-The GPU target of issue 4, the full three-task evaluation of a 1.7B-shaped model:
+The GPU target, the full three-task evaluation of a 1.7B-shaped model:
 
     python bench/bench_evals.py --preset SmolLM2-1.7B-Instruct --device cuda --ours-only \
         --limit-piqa 0 --limit-hellaswag 0 --limit-gsm8k 0
 
 The tokenizer is a byte-level BPE with SmolLM2's pipeline (Digits then ByteLevel, ChatML specials
-0/1/2) trained here on the evaluation text (the real tokenizer.json is not available offline); lm-eval gets it as a PreTrainedTokenizerFast so that transformers 5 keeps
-the digit splitting (protocol §9). lm-eval reads local json through custom task yamls made from its
-own installed piqa/hellaswag/gsm8k yamls (only the dataset lines change); it never touches the hub.
+0/1/2) trained here on the evaluation text (the real tokenizer.json is not available offline);
+lm-eval gets it as a PreTrainedTokenizerFast so that transformers 5 keeps the digit splitting
+(AutoTokenizer's GPT2Tokenizer rebuilds the pipeline without the Digits step). lm-eval reads local
+json through custom task yamls made from its own installed piqa/hellaswag/gsm8k yamls (only the
+dataset lines change); it never touches the hub.
 PIQA and GSM8k need their files under --data-dir; HellaSwag uses hellaswag_val.jsonl there when
 present, otherwise HellaSwag-shaped documents synthesised from GSM8k text (marked in the output).
 --check-requests only compares, on every document, the requests lm-eval's own task objects build

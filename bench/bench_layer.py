@@ -1,5 +1,5 @@
 """
-Where one gated projection's time goes (issue #15's step time), on this machine:
+Where one gated projection's training step time goes, on this machine:
 
     python bench/bench_layer.py [--out 1536 --in 576 --tokens 850 --density 0.52]
 

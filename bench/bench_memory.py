@@ -1,5 +1,5 @@
 """
-Training memory and step time of the gated layer (issue #15), measured on this machine:
+Training memory and step time of the gated layer, measured on this machine:
 
     python bench/bench_memory.py                 # the CPU tables: 135M shape, float32; and the 1.7B projection
     python bench/bench_memory.py --gpu           # bench/gpu.sh: CUDA peaks of the real 1.7B shape

@@ -1,5 +1,5 @@
 """
-Our lm-eval-shaped files, read by lm-evaluation-harness 0.4.13 itself (issue #17). Run it from the
+Our lm-eval-shaped files, read by lm-evaluation-harness 0.4.13 itself. Run it from the
 bench environment, the one with lm-eval installed (not the test environment):
 
     python bench/check_lm_eval.py                                  # tiny model, tiny data written here
@@ -64,8 +64,9 @@ def run_ours(py, task, model, data_dir, limit, out, no_verify):
 
 def lm_eval_task(task, data_dir, tmp):
     """lm-eval's task from its own yaml, reading our files: the hub dataset_path becomes datasets'
-    json loader (what protocol §1-§4 was checked with). PIQA's hub copy is valid.jsonl's rows with
-    int(label) from valid-labels.lst; the train split a 0-shot task never reads is the eval file."""
+    json loader (how our prompts were checked against lm-eval's on the real files). PIQA's hub copy
+    is valid.jsonl's rows with int(label) from valid-labels.lst; the train split a 0-shot task never
+    reads is the eval file."""
     import lm_eval
     from lm_eval.api.task import ConfigurableTask
     from lm_eval.tasks._yaml_loader import load_yaml

@@ -1,15 +1,15 @@
 """
 Batched scoring for the evaluations, numerically the same as lm-evaluation-harness' HF backend
-(../shared/reference/evals-protocol.md, "protocol §N") but without its redundant work:
+(lm_eval/models/huggingface.py, HFLM; docs/evaluation.md) but without its redundant work:
 
-- log-likelihood (protocol §5): each document's context, and the prefix its continuations share,
-  is computed ONCE. A document is laid out as one segment [context+shared | rest of choice 1 |
-  rest of choice 2 ...] whose branches see the shared part and themselves only, at the positions
-  they would have alone; segments are packed side by side into rows of ~256 tokens, so a forward
-  pass is almost all real tokens (lm-eval runs context+continuation per choice, at batch 1 by
-  default). Only continuation positions go through lm_head/log_softmax (V = 49152 makes lm_head
-  a fifth of a 135M model). score_separate() is the plain one-row-per-request path, kept as the
-  reference for the tests.
+- log-likelihood (HFLM._loglikelihood_tokens): each document's context, and the prefix its
+  continuations share, is computed ONCE. A document is laid out as one segment [context+shared |
+  rest of choice 1 | rest of choice 2 ...] whose branches see the shared part and themselves only,
+  at the positions they would have alone; segments are packed side by side into rows of ~256 tokens,
+  so a forward pass is almost all real tokens (lm-eval runs context+continuation per choice, at
+  batch 1 by default). Only continuation positions go through lm_head/log_softmax (V = 49152 makes
+  lm_head a fifth of a 135M model). score_separate() is the plain one-row-per-request path, kept as
+  the reference for the tests.
 - GSM8k: model.generate, batched greedy with the KV cache, rows stop independently.
 """
 import os
@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 
 def encode_pair(tok, context, continuation):
-    """lm-eval TemplateLM._encode_pair (protocol §5): trailing whitespace of the context moves to the
-    continuation; the whole string and the context are encoded separately and the continuation is
-    whole[len(ctx):], never the continuation tokenised alone. No BOS for SmolLM2."""
+    """lm-eval TemplateLM._encode_pair (lm_eval/api/model.py): trailing whitespace of the context moves
+    to the continuation; the whole string and the context are encoded separately and the
+    continuation is whole[len(ctx):], never the continuation tokenised alone. No BOS for
+    SmolLM2."""
     if context == "":  # not used by our tasks: lm-eval scores it after the prefix token (BOS, else EOS)
         prefix = tok.bos_id if tok.bos_id is not None else tok.eos_id
         return [prefix], tok.encode(continuation)
@@ -56,7 +57,7 @@ def _cont_scores(model, h, at, targets):
     from row at[k] of h (choices that share a prefix share those rows, and lm_head runs once per
     row). Returns per-target log-probs (N,) in the logits' dtype and whether each target is the
     argmax (N,). log_softmax runs in the logits' dtype, as lm-eval does with softmax_dtype=None
-    (protocol §5)."""
+    (HFLM._loglikelihood_tokens)."""
     lp = torch.empty(len(targets), dtype=model.lm_head.weight.dtype, device=h.device)
     greedy = torch.empty(len(targets), dtype=torch.bool, device=h.device)
     n = LOGITS_BLOCK

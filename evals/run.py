@@ -246,7 +246,7 @@ LM_KEYS = {"acc": ("acc", "none"), "acc_norm": ("acc_norm", "none"),   # ours ->
 
 
 def lm_metrics(metrics):
-    # protocol §6, evaluator_utils._compute_task_aggregations: "metric,filter" then "metric_stderr,filter",
+    # lm-eval's evaluator_utils._compute_task_aggregations: "metric,filter" then "metric_stderr,filter",
     # and "N/A" where lm-eval cannot compute a stderr (one document)
     out = {}
     for ours, (m, f) in LM_KEYS.items():
@@ -338,7 +338,7 @@ def run_info(args, model, tok, name, revision, quantize, device):
                        "chat": args.chat, "model_num_parameters": sum(p.numel() for p in model.parameters()),
                        "model_dtype": f"torch.{dtype}", "model_revision": revision or "main",
                        "batch_size": str(args.batch_size), "device": str(device), "limit": args.limit or None,
-                       "bootstrap_iters": 100000,   # lm-eval's default; means get the closed form (protocol §6)
+                       "bootstrap_iters": 100000,   # lm-eval's default; means get the closed form
                        "gen_kwargs": None, "fewshot_seed": T.GSM8K_SEED,
                        "mnist_seed": rigsa.SHOT_SEED if args.seed is None else args.seed}}
 
@@ -377,7 +377,7 @@ def write_outputs(args, results, done, info):
         write_json("--output_path", res_path, lm_eval_results(done, info, args), indent=2)
 
 # -----------------------------------------------------------------------------
-# flags, each checked where it is parsed; then everything else before the model loads (issue #14)
+# flags, each checked where it is parsed; then everything else before the model loads
 
 def parse_args(argv):
     ap = util.ArgumentParser(prog="evals/run.py", description="PIQA / HellaSwag / GSM8k (lm-eval protocol) and Textual MNIST.")

@@ -1,12 +1,12 @@
 """
 Data files, prompts, filters and metrics of the four evaluations, following lm-evaluation-harness
-0.4.x to the character (../shared/reference/evals-protocol.md, cited below as "protocol §N").
+0.4.x to the character (docs/evaluation.md; the lm-eval source each part follows is named where it is).
 
 Nothing here touches a model: every function maps documents to strings, or strings to numbers,
 so each piece can be checked against lm-eval's own outputs on its own.
-  piqa       0-shot multiple choice, "Question: {goal}\nAnswer:" + " " + sol     (protocol §2)
-  hellaswag  0-shot multiple choice, preprocessed "{label}: {ctx}" + " " + ending (protocol §3)
-  gsm8k      5-shot generation, shots drawn by one random.Random(1234) over the train split (§4)
+  piqa       0-shot multiple choice, "Question: {goal}\nAnswer:" + " " + sol     (lm_eval/tasks/piqa)
+  hellaswag  0-shot multiple choice, preprocessed "{label}: {ctx}" + " " + ending (lm_eval/tasks/hellaswag)
+  gsm8k      5-shot generation, shots drawn by one random.Random(1234) over the train split (lm_eval/tasks/gsm8k)
   mnist      Textual MNIST (paper §4.2); its files, prompt and scoring live in rigsa.py
 """
 
@@ -21,7 +21,7 @@ import util
 
 # -----------------------------------------------------------------------------
 # data files: (path under data/<task>/, url, hash kind, hash)
-# sha256 values are those of ../shared/data/SOURCES.md (checked on the real files) unless noted.
+# sha256 values were checked on the real files unless noted.
 
 _GSM = "https://raw.githubusercontent.com/openai/grade-school-math/3101c7d5072418e28b9008a6636bde82a006892c/grade_school_math/data/"
 _PIQA = "https://raw.githubusercontent.com/ybisk/ybisk.github.io/21edab439af693b961be2f069e8690a88d3b4e37/piqa/data/"
@@ -36,7 +36,7 @@ FILES = {
         ("valid-labels.lst", _PIQA + "valid-labels.lst", "sha256", "b4192dc3a2a0363d9d60ccf79800cbbe2f32ebb17726efdde6970e0b8131bceb"),
     ],
     # The file could not be obtained here, so no sha256 of it could be checked. What is known is its
-    # git blob id in rowanz/hellaswag @ a29ff8e9 (SOURCES.md), and a git blob id is a checksum of
+    # git blob id in rowanz/hellaswag @ a29ff8e9, and a git blob id is a checksum of
     # the content: sha1(b"blob <size>\0" + bytes). We pin that.
     "hellaswag": [
         ("hellaswag_val.jsonl", _HSWAG + "hellaswag_val.jsonl", "gitsha1", "0f5ee25d72216f12317d5d8a7b92deafa423d81e"),
@@ -125,7 +125,7 @@ def read_jsonl(task, path, schema):
 
 
 def load_piqa(paths):
-    # protocol §2: {goal, sol1, sol2} from valid.jsonl, label = int(line) of valid-labels.lst
+    # lm_eval/tasks/piqa/piqa.yaml: {goal, sol1, sol2} from valid.jsonl, label = int(line) of valid-labels.lst
     docs = read_jsonl("piqa", paths["valid.jsonl"], SCHEMAS["piqa"])
     path = paths["valid-labels.lst"]
     labels = [x.rstrip("\n") for x in read_lines("piqa", path)]
@@ -150,7 +150,7 @@ def load_gsm8k(paths):
 # multiple choice: (context, continuations, gold, choices) per document
 
 def hellaswag_preprocess(text):
-    # protocol §3 (lm_eval/tasks/hellaswag/utils.py), in this order; the strip comes BEFORE the tag
+    # lm_eval/tasks/hellaswag/utils.py, in this order; the strip comes BEFORE the tag
     # removal, so "[step] Get ..." keeps a leading space, and "  " -> " " is a single pass.
     text = text.strip()
     text = text.replace(" [title]", ". ")
@@ -168,7 +168,7 @@ def hellaswag_doc(doc):
 
 def mc_docs(task, docs, chat=None):
     """-> list of dict(context, continuations, target, choices). chat: None for plain text (lm-eval's
-    default), or a function messages -> rendered ChatML string for --chat (protocol §8)."""
+    default), or a function messages -> rendered ChatML string for --chat (lm-eval's --apply_chat_template)."""
     out = []
     for doc in docs:
         if task == "piqa":
@@ -177,9 +177,9 @@ def mc_docs(task, docs, chat=None):
             d = hellaswag_doc(doc)
             text, choices, target = d["query"], d["choices"], d["label"]
         if chat is None:
-            ctx, delim = text, " "  # target_delimiter " " (protocol §1); choices NOT stripped (§2)
+            ctx, delim = text, " "  # target_delimiter " " (TaskConfig's default); choices NOT stripped
         else:
-            ctx, delim = chat([{"role": "user", "content": text}]), ""  # §8: delimiter becomes ""
+            ctx, delim = chat([{"role": "user", "content": text}]), ""  # chat: lm-eval drops the delimiter
         out.append({"context": ctx, "continuations": [delim + c for c in choices],
                     "target": target, "choices": choices, "doc": lm_eval_doc(task, doc)})
     return out
@@ -196,7 +196,7 @@ def lm_eval_doc(task, doc):
 
 
 # -----------------------------------------------------------------------------
-# GSM8k (protocol §4)
+# GSM8k (lm_eval/tasks/gsm8k/gsm8k.yaml)
 
 GSM8K_SEED = 1234  # lm-eval fewshot_random_seed
 GSM8K_SHOTS = 5    # gsm8k.yaml num_fewshot
@@ -216,7 +216,7 @@ def gsm8k_prompt(train, doc, shots, chat=None):
     q = lambda d: f"Question: {d['question']}\nAnswer:"
     if chat is None:  # plain text: shot + " " + full answer + "\n\n", then the question
         return "".join(q(train[j]) + " " + train[j]["answer"] + "\n\n" for j in shots) + q(doc)
-    # --chat: lm-eval >= 0.4.10 with --apply_chat_template turns fewshot_as_multiturn on (§8)
+    # --chat: lm-eval >= 0.4.10 with --apply_chat_template turns fewshot_as_multiturn on
     msgs = []
     for j in shots:
         msgs += [{"role": "user", "content": q(train[j])}, {"role": "assistant", "content": train[j]["answer"]}]
@@ -256,7 +256,7 @@ def exact_match(pred, ref):
 # (metadata.version) and `higher_is_better`. bench/check_lm_eval.py compares them with lm-eval's.
 
 _MC_METRICS = [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")]
-_COMMON = {"description": "", "target_delimiter": " ", "fewshot_delimiter": "\n\n", "repeats": 1}  # protocol §1
+_COMMON = {"description": "", "target_delimiter": " ", "fewshot_delimiter": "\n\n", "repeats": 1}  # TaskConfig defaults
 LM_EVAL_CONFIGS = {
     "piqa": {"task": "piqa", "dataset_path": "baber/piqa", "training_split": "train", "validation_split": "validation",
              "doc_to_text": "Question: {{goal}}\nAnswer:", "doc_to_target": "label", "doc_to_choice": "{{[sol1, sol2]}}",
@@ -293,7 +293,7 @@ def lm_eval_higher_is_better(task):
 
 
 # -----------------------------------------------------------------------------
-# metrics (protocol §6)
+# metrics (lm_eval/api/metrics.py)
 
 def mc_scores(lls, choices, target):
     # np.argmax semantics: the first maximum wins ties. acc_norm divides by the character length

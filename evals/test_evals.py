@@ -1,7 +1,7 @@
 # evals/: the lm-eval protocol pieces on hand-made cases, the scoring paths against each other and
 # against a naive full-logits reference, one CLI run per task on tiny files (bench/check_lm_eval.py's)
-# with lm-eval's file layout and hashes as recorded from lm-eval itself (issue #17), and the CLI's
-# bad-input matrix (issue #14). lm-eval is not needed: bench/check_lm_eval.py is the live check.
+# with lm-eval's file layout and hashes as recorded from lm-eval itself, and the CLI's
+# bad-input matrix. lm-eval is not needed: bench/check_lm_eval.py is the live check.
 import json
 import math
 import os
@@ -39,7 +39,7 @@ def test_hellaswag_preprocess_cases():
     d = T.hellaswag_doc({"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.",
                          "ctx_b": "he", "endings": ["a", "b", "c", "starts pulling up roofing on a roof."],
                          "label": 3})
-    assert d["query"] == "Roof shingle removal: A man is sitting on a roof. He"     # protocol §3, ind 24
+    assert d["query"] == "Roof shingle removal: A man is sitting on a roof. He"     # HellaSwag val ind 24
     assert d["label"] == 3 and d["choices"][3] == "starts pulling up roofing on a roof."
     # capitalize lowers the rest of ctx_b; an empty ctx_b leaves a space that the strip removes
     d = T.hellaswag_doc({"activity_label": "X", "ctx_a": "Ab.", "ctx_b": "the MAN runs", "endings": [""] * 4,
@@ -91,7 +91,7 @@ def test_missing_files_one_error(tmp_path):
 # ----------------------------------------------------------------------------- GSM8k
 
 def test_gsm8k_fewshot_draw_matches_protocol():
-    idx = T.gsm8k_fewshot_indices(1319, 7473)   # protocol §4 table (train length 7473)
+    idx = T.gsm8k_fewshot_indices(1319, 7473)   # lm-eval 0.4.13's own draws (train length 7473)
     assert idx[0] == [6374, 3610, 957, 61, 742]
     assert idx[1] == [7462, 6610, 4769, 286, 5501]
     assert idx[2] == [5677, 687, 806, 6279, 2905]
@@ -106,7 +106,7 @@ def test_gsm8k_fewshot_draw_matches_protocol():
 
 
 @pytest.mark.parametrize("gen,strict,flex,em_s,em_f", [
-    # protocol §4 vectors (gold: final answer 18)
+    # lm-eval's RegexFilter and exact_match on these (gold: final answer 18)
     (" ... 9*2=18.\n#### 18", "18", "18", 1, 1),
     (" The answer is $18.", "[invalid]", "$18.", 0, 1),
     (" #### 18.00", "18.00", "18.00", 0, 0),
@@ -150,7 +150,7 @@ def test_encode_pair_moves_trailing_whitespace(tiny_dir):
     ctx, cont = H.encode_pair(tok, "The digit is \n", "7")
     assert ctx == tok.encode("The digit is")
     assert ctx + cont == tok.encode("The digit is")[:len(ctx)] + tok.encode("The digit is \n7")[len(ctx):]
-    # chat mode: the context ends in "assistant\n", which moves into the continuation (protocol §8)
+    # chat mode: the context ends in "assistant\n", which moves into the continuation (lm-eval's chat mode)
     c = tok.chat([{"role": "user", "content": "Question: x\nAnswer:"}])
     ctx, cont = H.encode_pair(tok, c, "yes")
     assert tok.decode(ctx).endswith("<|im_start|>assistant") and tok.decode(cont) == "\nyes"
@@ -328,7 +328,7 @@ def test_cli_end_to_end(task, tiny_dir, tmp_path, monkeypatch):
     assert r["task"] == task and r["dtype"] == "float32" and r["limit"] == 4 and r["adapter"] is None
     assert len(r["samples"]) == 4 and [s["doc_id"] for s in r["samples"]] == [0, 1, 2, 3]
     s = r["samples"][0]
-    # lm-eval's files (issue #17): DIR/<model, sanitized>/results_<date>.json and samples_<task>_<date>.jsonl
+    # lm-eval's files: DIR/<model, sanitized>/results_<date>.json and samples_<task>_<date>.jsonl
     res, lines = _lm_eval_files(lm, task)
     assert [p.parent.name for p in lm.glob("*/*")] == [re.sub(r"[/:]", "__", str(tiny_dir))] * 2
     assert set(LM_EVAL_TOP) <= set(res) and list(res["results"]) == [task]
@@ -386,7 +386,7 @@ def test_cli_end_to_end(task, tiny_dir, tmp_path, monkeypatch):
 
 
 def test_cli_all_continues_past_a_failing_task(tiny_dir, tmp_path, monkeypatch, capsys):
-    # issue #14: --task all with one task's data missing (found before the model loads) and one failing
+    # --task all with one task's data missing (found before the model loads) and one failing
     # mid-run: the others run, each is written as it finishes, one error line per failed task, exit 1
     _write_data(tmp_path)
     (tmp_path / "hellaswag" / "hellaswag_val.jsonl").unlink()
@@ -414,7 +414,7 @@ def test_cli_all_continues_past_a_failing_task(tiny_dir, tmp_path, monkeypatch, 
 
 
 def test_cli_bad_inputs(tiny_dir, tmp_path, capsys):
-    # issue #14's matrix for evals/run.py: each bad input is refused in one line that names it, with no
+    # the bad-input matrix for evals/run.py: each bad input is refused in one line that names it, with no
     # traceback and no file left behind; all but the last are found before the model loads, which
     # --model <missing> shows (the error would otherwise be about the model)
     _write_data(tmp_path)

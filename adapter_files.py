@@ -65,7 +65,10 @@ def set_adapter_tensors(layers, tensors, source):
         if f"{n}.mask" not in tensors:
             raise ValueError(f"{source}: no adapter for layer {n} (another base model?)")
         odd = [k for k in tensors if k.startswith(n + ".") and k[len(n) + 1:] not in parts]
-        if odd or tensors[f"{n}.delta"].dim() != 1 or tensors[f"{n}.alpha"].numel() != 1:
+        odd += [f"{n}.{k} missing" for k in parts[:3] if f"{n}.{k}" not in tensors]
+        if odd or tensors[f"{n}.delta"].dim() != 1 or not tensors[f"{n}.delta"].is_floating_point() \
+                or tensors[f"{n}.alpha"].numel() != 1 or tensors[f"{n}.mask"].dtype != torch.uint8 \
+                or tensors[f"{n}.mask"].dim() != 1:
             raise ValueError(f"{source}: layer {n}'s tensors are not an adapter's ({', '.join(odd) or 'shapes'}); "
                              f"pass a file written by rigsa.py train")
         if f"{n}.init_check" in tensors and not torch.equal(tensors[f"{n}.init_check"], L.init_check):
@@ -117,8 +120,10 @@ def read(spec, tensors=True):
     try:
         config = json.loads(meta["config"])
         meta = {**meta, "base": json.loads(meta["base"]) if "base" in meta else None}
+        if not isinstance(meta["base"], (dict, type(None))):
+            raise KeyError("base is not a base model's identity")
     except (KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{p}: its metadata holds no readable config ({type(e).__name__}: {e}); it was not written "
+        raise ValueError(f"{p}: its metadata is not readable ({type(e).__name__}: {e}); it was not written "
                          f"by rigsa.py train, or was damaged") from None
     return t, meta, config
 

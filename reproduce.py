@@ -50,6 +50,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+if __name__ == "__main__":   # a signal while torch loads (a second or two): one line, no traceback; then main()'s
+    def _stop(n, f):
+        os.environ.get("RIGSA_QUIET_STOP") or print(f"{signal.Signals(n).name}: stopped; nothing was kept; run again "
+                                                    f"with: {shlex.join([sys.executable, *sys.argv])}", file=sys.stderr)
+        sys.exit(128 + n)
+    signal.signal(signal.SIGINT, _stop), signal.signal(signal.SIGTERM, _stop)
+
 import model as M
 import mnist
 import rigsa
@@ -697,8 +704,11 @@ def run_steps(a, again):
             if rec is None or why:  # --rerun-changed: made again from the start (a run only if this script recorded it)
                 print(f"[{i}/{len(steps)}] {out}: {why or 'no record of its inputs'}; --rerun-changed: "
                       + ("it would be replaced" if a.dry_run else "replacing it"), flush=True)
-                if not a.dry_run:
-                    shutil.rmtree(out) if train else out.unlink()
+                if not a.dry_run and train:
+                    with util.lock_dir(out):   # not while a training writes it (refused, naming its pid)
+                        shutil.rmtree(out)
+                elif not a.dry_run:
+                    out.unlink()
                 made = False
             cmd += ["--resume"] * (train and made)
         print(f"[{i}/{len(steps)}] {shlex.join(cmd)}", flush=True)

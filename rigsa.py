@@ -659,6 +659,7 @@ class Run:
     moments: str                # where AdamW's moments live (choose_moments, once the adapters are in place)
     log: list                   # every metrics.jsonl record so far
     base: dict = None           # the base model's identity (model.base_identity), recorded with every adapter
+    checks: dict = None         # check_base's verdicts (--resume, --mask-like), recorded likewise
     start_iter: int = 1         # where this process starts (a resumed run: where it stopped)
     start_step: int = 0
     resume: dict = None         # resume.pt's content, until the iteration it belongs to has started
@@ -689,12 +690,13 @@ def setup(cfg, resume=None, given=None):
     base = util.rank_zero_first(lambda: M.resolve(cfg.model, cfg.revision or None, cfg.verify_model, cfg.offline))
     cfg.revision = M.hub_commit(base) or cfg.revision
     ident = {"model": cfg.model, **M.base_identity(base)}   # recorded in config.json and every adapter
-    if cfg.resume:          # the run continues on the base it started on
-        AF.check_base(json.loads((out / "config.json").read_text()).get("base"), ident, f"--resume {out}",
-                   cfg.allow_other_base)
+    started = json.loads((out / "config.json").read_text()) if cfg.resume else {}
+    checks = dict(started.get("base_check") or {})   # what each check said, kept with the run and its adapters
+    if cfg.resume:          # the run continues on the base it started on (which config.json keeps naming)
+        checks["resume"] = AF.check_base(started.get("base"), ident, f"--resume {out}", cfg.allow_other_base)
     if cfg.mask_like and resume is None:   # the mask's layer counts come from an adapter of this base
-        AF.check_base(read_adapter(cfg.mask_like, tensors=False)[1].get("base"), ident, f"--mask-like {cfg.mask_like}",
-                   cfg.allow_other_base)
+        checks["mask_like"] = AF.check_base(read_adapter(cfg.mask_like, tensors=False)[1].get("base"), ident,
+                                            f"--mask-like {cfg.mask_like}", cfg.allow_other_base)
     util.say("config:", json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)
 
@@ -746,7 +748,7 @@ def setup(cfg, resume=None, given=None):
     else:
         layers = install_adapters(model, cfg)
     run = Run(cfg, out, model, tok, device, amp, layers, data, digit_ids(tok), end_id(tok), steps,
-              cfg.lora_lr if lora else cfg.lr, epochs, None, [], base=ident)
+              cfg.lora_lr if lora else cfg.lr, epochs, None, [], base=ident, checks=checks)
     if resume is not None:   # the adapters as they were (a later iteration is smaller), for the estimate
         load_trainable_state(model, resume["state"])
     elif METHODS[cfg.method]["init_mask"]:   # the method's initial mask (random-mask: §4.4), in the estimate too
@@ -758,7 +760,7 @@ def setup(cfg, resume=None, given=None):
     rank, ranks = util.world()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        rundir.write_config(out, cfg, ident, hashes, ranks)
+        rundir.write_config(out, cfg, started.get("base") or ident, hashes, ranks, checks)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     util.say(f"{cfg.method}: {len(layers) or 'LoRA on the'} adapted layers, {n_trainable:,} trainable tensor entries"
              + (f"; {ranks} processes, {cfg.batch_size // ranks}-{-(-cfg.batch_size // ranks)} sequences each a step"
@@ -853,8 +855,8 @@ def save_iteration(run, it, res):
     if util.world()[0] != 0:  # the adapters are the same on every rank: rank 0 writes them
         return
     save_adapter(run.model, run.out / f"iter{it}.safetensors", cfg,
-                 {"base": run.base, **{k: v for k, v in res.items() if k in ("iter", "val_acc", "test_acc", "density",
-                                                                             "trainable")}})
+                 {"base": run.base, "base_check": run.checks,
+                  **{k: v for k, v in res.items() if k in ("iter", "val_acc", "test_acc", "density", "trainable")}})
     if METHODS[cfg.method]["lora"]:
         qlora.save_peft(run.model, run.out / f"iter{it}-peft", cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.model,
                         cfg.revision or None)
@@ -1144,26 +1146,30 @@ def demo(out="runs/demo"):
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "DEMO").is_file())):
         raise FileExistsError(f"{out}: exists and is not a demo directory (no DEMO file in it); "
                               f"choose another --out, or an empty folder")
-    for name in DEMO_ENTRIES:   # what an earlier demo wrote; anything else there is the user's, and stays
-        p = out / name
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "DEMO").write_text("written by rigsa.py demo\n")
-    tiny.write_tiny_checkpoint(out / "tiny-model", shape="gqa", seed=0)
-    mnist.write_synthetic_mnist(out / "mnist", n_train=400, n_test=100, size=8, seed=0, noise=0.05, shift=False)
-    cfg = Config(model=str(out / "tiny-model"), out=str(out / "run"), data_dir=str(out), device="cpu", iters=2,
-                 steps=300, epochs=100.0, warmup=10, lr=1e-2, weight_decay=0.1, val_frac=0.05, micro_batch=16,
-                 log_every=10, save_every=0, offline=True, verify=False)
-    print("demo: tiny SmolLM2-shaped random model, 380 synthetic 8x8 training digits, 2 IMP iterations")
-    train(cfg)
-    model, tok = M.load(cfg.model, "cpu")
-    x, y = mnist.load_mnist(out / "mnist", "test", verify=False)
-    base_acc, _ = mnist_accuracy(model, tok, x, y, progress=False)
-    print(f"base model (no adapter) test acc {base_acc:.1%}; chance is 10%")
-    print(f"demo done in {time.time() - t0:.0f} s; adapters in {cfg.out}/iterK.safetensors")
+    with util.lock_dir(out, "rigsa.py demo"):   # one demo per folder; and its run is not another's to delete
+        with util.lock_dir(out / "run") if (out / "run").is_dir() else contextlib.nullcontext():
+            for name in DEMO_ENTRIES:   # what an earlier demo wrote; anything else there is the user's, and stays
+                p = out / name
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                elif p.exists() or p.is_symlink():
+                    p.unlink()
+        (out / "DEMO").write_text("written by rigsa.py demo\n")
+        tiny.write_tiny_checkpoint(out / "tiny-model", shape="gqa", seed=0)
+        mnist.write_synthetic_mnist(out / "mnist", n_train=400, n_test=100, size=8, seed=0, noise=0.05, shift=False)
+        cfg = Config(model=str(out / "tiny-model"), out=str(out / "run"), data_dir=str(out), device="cpu", iters=2,
+                     steps=300, epochs=100.0, warmup=10, lr=1e-2, weight_decay=0.1, val_frac=0.05, micro_batch=16,
+                     log_every=10, save_every=0, offline=True, verify=False)
+        print("demo: tiny SmolLM2-shaped random model, 380 synthetic 8x8 training digits, 2 IMP iterations")
+        if train(cfg) is None:   # stopped by a signal (it said so, with the command that continues)
+            return None
+        model, tok = M.load(cfg.model, "cpu")
+        x, y = mnist.load_mnist(out / "mnist", "test", verify=False)
+        base_acc, _ = mnist_accuracy(model, tok, x, y, progress=False)
+        print(f"base model (no adapter) test acc {base_acc:.1%}; chance is 10%")
+        print(f"demo done in {time.time() - t0:.0f} s; adapters in {cfg.out}/iterK.safetensors")
+        return cfg.out
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -1234,8 +1240,8 @@ def main(argv=None):
             print(f"label: {int(y[a.index])}")
         elif a.cmd == "merge":
             merge(a.adapter, a.out, a.model, a.dtype, a.revision, a.allow_lossy, a.allow_other_base)
-        elif a.cmd == "demo":
-            demo(a.out)
+        elif a.cmd == "demo" and demo(a.out) is None and rundir.STOP:   # stopped: as train, 128 + the signal
+            sys.exit(128 + rundir.STOP[0])
     except (OSError, ValueError, RuntimeError) as e:   # OSError: FileNotFoundError, FileExistsError, a full disk
         util.abandon_distributed()
         sys.exit(f"error: {' '.join(str(e).split())}")

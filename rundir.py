@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -86,8 +87,9 @@ def resumed(cfg, given, resumable, check=None):
                          f"as it was, or start a new run with another --out")
     keep = {f: getattr(cfg, f) for f in resumable if typed(f)}
     cfg = type(cfg)(**{**saved, **keep, "resume": True, "halt_after": cfg.halt_after})   # a halt is this process's
-    for tmp in out.rglob("*.tmp") if util.world()[0] == 0 else ():   # an interrupted write (a kill during a save)
-        if tmp.is_file():
+    ours = r"(config\.json|metrics\.jsonl|resume\.pt|iter\d+\.safetensors)\.tmp"   # what a kill during a save leaves
+    for tmp in [*out.glob("*.tmp"), *out.glob("iter*-peft/*.tmp")] if util.world()[0] == 0 else ():
+        if tmp.is_file() and (tmp.parent != out or re.fullmatch(ours, tmp.name)):   # only this run's own
             tmp.unlink()
     if not (out / "resume.pt").exists():
         return cfg, None
@@ -99,10 +101,12 @@ def resumed(cfg, given, resumable, check=None):
 
 
 
-def write_config(out, cfg, base, data, processes):
-    """config.json: the run's config, the base model's identity, its data files' sha256 and the code
-    and machine that ran it."""
+def write_config(out, cfg, base, data, processes, checks=None):
+    """config.json: the run's config, the identity of the base it started on (and the base checks'
+    verdicts: an --allow-other-base is recorded), its data files' sha256 and the code and machine
+    that ran it."""
     util.write_json(Path(out) / "config.json", {"config": dataclasses.asdict(cfg), "base": base, "data": data,
+                                                "base_check": checks or {},
                                                 "git_commit": util.git_commit(),
                                                 "torch": torch.__version__, "python": sys.version.split()[0],
                                                 "processes": processes})

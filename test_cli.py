@@ -19,6 +19,7 @@ import model as M
 import reproduce
 import mnist
 import rigsa
+import rundir
 import tiny
 import util
 from evals import run as evals_run
@@ -74,6 +75,10 @@ def world(tmp_path_factory, tiny_dir, tiny_mha_dir):
     mnist.write_synthetic_mnist(w / "otherdata" / "mnist", n_train=24, n_test=4, size=8, seed=7)
     save_file(t, w / "badmethod.safetensors",                               # a value this version cannot use
               metadata={**meta, "config": json.dumps({**json.loads(meta["config"]), "method": "frobnicate"})})
+    n0 = "model.layers.0.mlp.up_proj"   # damaged adapters: a part missing, a mask of the wrong dtype, a base not an identity
+    save_file({k: v for k, v in t.items() if k != n0 + ".delta"}, w / "nodelta.safetensors", metadata=meta)
+    save_file({**t, n0 + ".mask": t[n0 + ".mask"].float()}, w / "floatmask.safetensors", metadata=meta)
+    save_file(t, w / "oddbase.safetensors", metadata={**meta, "base": '"abc"'})
     shutil.copytree(w / "data", w / "noimages")
     mnist.write_idx(w / "noimages" / "mnist" / "t10k-images-idx3-ubyte.gz", np.zeros((0, 8, 8), np.uint8))
     mnist.write_idx(w / "noimages" / "mnist" / "t10k-labels-idx1-ubyte.gz", np.zeros((0,), np.uint8))
@@ -153,9 +158,9 @@ CASES = [
     ("evals", E("--task", "mnist", "--adapter", "{w}/run/iter2", "--quantize", "nf4"), 1, "--quantize nf4"),
     ("evals", E("--task", "mnist", "--adapter", "{w}/run/iter2", "--model", "{w}/other"), 1, "made on the base"),
     ("evals", E("--task", "mnist", "--adapter", "{w}/extralayer", "--model", "{m}"), 1, "model.layers.9.mlp.up_proj"),
-    ("evals", E("--task", "mnist", "--adapter", "{w}/noconfig", "--model", "{m}"), 1, "holds no readable config"),
+    ("evals", E("--task", "mnist", "--adapter", "{w}/noconfig", "--model", "{m}"), 1, "its metadata is not readable"),
     ("rigsa", ["merge", "--adapter", "{w}/run/iter2", "--out", "{w}/m6", "--model", "{w}/other"], 1, "made on the base"),
-    ("rigsa", ["merge", "--adapter", "{w}/noconfig", "--out", "{w}/m7"], 1, "holds no readable config"),
+    ("rigsa", ["merge", "--adapter", "{w}/noconfig", "--out", "{w}/m7"], 1, "its metadata is not readable"),
     ("rigsa", T("--model", "{w}/other", "--data-dir", "{w}/data", "--val-frac", "0.25", "--method", "random-mask",
                 "--mask-like", "{w}/run/iter2"), 1, "--mask-like {w}/run/iter2: made on the base"),
     ("rigsa", T("--resume", "--out", "{w}/onmoved"), 1, "--resume {w}/onmoved: made on the base"),
@@ -165,6 +170,9 @@ CASES = [
     ("rigsa", T("--resume", "--out", "{w}/halted", "--data-dir", "{w}/otherdata"), 1,
      "is not the file the run started on"),
     ("evals", E("--task", "mnist", "--model", "{m}", "--data-dir", "{w}/noimages"), 1, "holds no images"),
+    ("evals", E("--task", "mnist", "--adapter", "{w}/nodelta", "--model", "{m}"), 1, "up_proj.delta missing"),
+    ("evals", E("--task", "mnist", "--adapter", "{w}/floatmask", "--model", "{m}"), 1, "are not an adapter's"),
+    ("rigsa", ["merge", "--adapter", "{w}/oddbase", "--out", "{w}/m8"], 1, "oddbase.safetensors: its metadata"),
     ("rigsa", ["merge", "--adapter", "{w}/run/iter2", "--out", "{w}/full/x"], 1, "--out {w}/full/x: is a file"),
     # 4. a flag means what it says: typed at its default is typed; one that cannot act is refused
     ("rigsa", T("--decay-gate", "--weight-decay", "0"), 1, "--decay-gate: acts only with --weight-decay above 0"),
@@ -426,7 +434,7 @@ def sigterm_caught(pid):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
 @pytest.mark.parametrize("script,sig", [("rigsa.py", signal.SIGINT), ("evals/run.py", signal.SIGTERM),
-                                        ("model.py", signal.SIGTERM)])
+                                        ("model.py", signal.SIGTERM), ("reproduce.py", signal.SIGINT)])
 def test_a_signal_while_torch_loads_is_one_line_too(tmp_path, script, sig):
     # rule 7 before main() runs: the scripts' first lines catch Ctrl-C and SIGTERM while the imports take their second
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, script), "--help"], cwd=tmp_path, text=True,
@@ -441,3 +449,10 @@ def test_a_signal_while_torch_loads_is_one_line_too(tmp_path, script, sig):
     assert proc.returncode == 128 + sig and "Traceback" not in err, err
     assert err.strip().splitlines() == [f"{signal.Signals(sig).name}: stopped; nothing was kept; run again with: "
                                         f"{sys.executable} {os.path.join(REPO, script)} --help"], err
+
+
+def test_a_demo_stopped_by_a_signal_ends_as_a_training_does(tmp_path, monkeypatch, capsys):
+    # the demo's training stopped (rundir.STOP): no "demo done", exit 128 + the signal
+    monkeypatch.setattr(rigsa, "train", lambda cfg: rundir.STOP.append(signal.SIGTERM) or None)
+    code, out, err = run_main(rigsa.main, ["demo", "--out", str(tmp_path / "d")], capsys)
+    assert code == 143 and "demo done" not in out and not (tmp_path / "d" / "LOCK").exists()

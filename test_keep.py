@@ -110,10 +110,12 @@ def test_demo_deletes_only_its_own_entries(tmp_path, monkeypatch, capsys):
     (out / "mine" / "notes.txt").write_text("the user's")
     (out / "results.json").write_text("the user's")
     trained = []
-    monkeypatch.setattr(rigsa, "train", lambda cfg: trained.append(sorted(os.listdir(out))))   # the rest as it is
+    monkeypatch.setattr(rigsa, "train", lambda cfg: trained.append(sorted(os.listdir(out))) or [])   # the rest as it is
     monkeypatch.setattr(rigsa, "mnist_accuracy", lambda *a, **k: (0.1, None))
     rigsa.demo(str(out))
-    assert trained == [["DEMO", "mine", "mnist", "results.json", "tiny-model"]]   # the old run/ gone, new data there
+    # the old run/ gone, new data there, and the demo's LOCK while it runs
+    assert trained == [["DEMO", "LOCK", "mine", "mnist", "results.json", "tiny-model"]]
+    assert not (out / "LOCK").exists()
     assert (out / "mine" / "notes.txt").read_text() == (out / "results.json").read_text() == "the user's"
     assert not list(out.rglob("old")) and (out / "DEMO").exists()
     empty = tmp_path / "empty"   # an empty folder is as good as none; a folder of the user's is refused (test_cli)

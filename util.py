@@ -614,8 +614,8 @@ def stop_as_interrupt(on_=True):
         raise KeyboardInterrupt
     try:
         if not on_:
-            for s, h in _BEFORE.items():
-                signal.signal(s, h)
+            for s, h in _BEFORE.items():   # the scripts' import-time guard says "nothing was kept": not now
+                signal.signal(s, signal.SIG_DFL if getattr(h, "__name__", "") == "_stop" else h)
             _BEFORE.clear()
             return
         SIGNALS.clear()

@@ -14,20 +14,16 @@ import copy
 import hashlib
 import json
 import os
-import signal
-import shlex
 import re
 import sys
 import time
 from dataclasses import dataclass, fields, asdict
 from pathlib import Path
 
+import interrupts  # standard library only: before torch
+
 if __name__ == "__main__":   # a signal while torch loads (a second or two): one line, no traceback; then main()'s
-    def _stop(n, f):
-        os.environ.get("RIGSA_QUIET_STOP") or print(f"{signal.Signals(n).name}: stopped; nothing was kept; run again "
-                                                    f"with: {shlex.join([sys.executable, *sys.argv])}", file=sys.stderr)
-        sys.exit(128 + n)
-    signal.signal(signal.SIGINT, _stop), signal.signal(signal.SIGTERM, _stop)
+    interrupts.early()
 
 import torch
 import torch.nn as nn
@@ -679,7 +675,7 @@ def read_safetensors(path):
         try:
             state.update({k: (v, f) for k, v in load_file(path / f).items()})
         except Exception as e:
-            if util.interrupted():   # a read cut short by Ctrl-C or SIGTERM: the file is not to blame
+            if interrupts.interrupted():   # a read cut short by Ctrl-C or SIGTERM: the file is not to blame
                 raise KeyboardInterrupt from None
             raise ValueError(f"{path / f}: corrupt or truncated safetensors file ({e}); "
                              f"{_redownload(path / f)}") from None
@@ -851,16 +847,16 @@ def main(argv=None):
                     help="hash the cached files against the hub's checksums (finds a corrupted byte; slow for 1.7B)")
     a = ap.parse_args(argv)
     util.keep_freed_memory()
-    util.stop_as_interrupt()   # Ctrl-C and SIGTERM: one line, exit 130 / 143, no file blamed
+    interrupts.stop_as_interrupt()   # Ctrl-C and SIGTERM: one line, exit 130 / 143, no file blamed
     try:
         chat(a)
     except (OSError, ValueError, RuntimeError) as e:  # the library's errors are one line each: no traceback
         sys.exit(f"error: {' '.join(str(e).split())}")
     except KeyboardInterrupt:
-        util.exit_interrupted(f"nothing was kept; run again with: "
-                              f"{util.command(__file__, sys.argv[1:] if argv is None else argv)}")
+        interrupts.exit_interrupted(f"nothing was kept; run again with: "
+                              f"{interrupts.command(__file__, sys.argv[1:] if argv is None else argv)}")
     finally:
-        util.stop_as_interrupt(False)
+        interrupts.stop_as_interrupt(False)
 
 
 def chat(a):

@@ -50,12 +50,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import interrupts  # standard library only: before torch
+
 if __name__ == "__main__":   # a signal while torch loads (a second or two): one line, no traceback; then main()'s
-    def _stop(n, f):
-        os.environ.get("RIGSA_QUIET_STOP") or print(f"{signal.Signals(n).name}: stopped; nothing was kept; run again "
-                                                    f"with: {shlex.join([sys.executable, *sys.argv])}", file=sys.stderr)
-        sys.exit(128 + n)
-    signal.signal(signal.SIGINT, _stop), signal.signal(signal.SIGTERM, _stop)
+    interrupts.early()
 
 import model as M
 import mnist
@@ -774,7 +772,7 @@ def parse_args(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    again = shlex.join([util.python_cmd(), script()] + argv)  # pasteable where it was typed
+    again = shlex.join([interrupts.python_cmd(), script()] + argv)  # pasteable where it was typed
     a = parse_args(argv)
     SIG.update(proc=None, sig=None, defer=False)
     AT.update(step=0, total=0, done=0, output=None, train=False)

@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import shlex
 import shutil
 import signal
 import sys
@@ -32,12 +31,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import interrupts  # standard library only: before torch
+
 if __name__ == "__main__":   # a signal while torch loads (a second or two): one line, no traceback; then main()'s
-    def _stop(n, f):
-        os.environ.get("RIGSA_QUIET_STOP") or print(f"{signal.Signals(n).name}: stopped; nothing was kept; run again "
-                                                    f"with: {shlex.join([sys.executable, *sys.argv])}", file=sys.stderr)
-        sys.exit(128 + n)
-    signal.signal(signal.SIGINT, _stop), signal.signal(signal.SIGTERM, _stop)
+    interrupts.early()
 
 import numpy as np
 import torch
@@ -821,7 +818,7 @@ def train_iteration(run, it):
             bar.close()
             why = f"stopped by {signal.Signals(sig).name}" if sig else "halted"
             util.say(f"{why} after {run.done_steps} steps (iteration {it}, step {step}); continue with: "
-                     f"{util.command(__file__, ['train', '--resume', '--out', run.out])}")
+                     f"{interrupts.command(__file__, ['train', '--resume', '--out', run.out])}")
             return False
     bar.close()
     run.resume = None
@@ -913,7 +910,7 @@ def _train(cfg, given):
                 prune_and_rewind(run, it)         # writes resume.pt for iteration it + 1
                 if rundir.stop_signal(run.device):
                     util.say(f"stopped after iteration {it}; continue with: "
-                             f"{util.command(__file__, ['train', '--resume', '--out', run.out])}")
+                             f"{interrupts.command(__file__, ['train', '--resume', '--out', run.out])}")
                     return None
     if util.world()[0] == 0:
         (run.out / "resume.pt").unlink(missing_ok=True)   # complete: its adapters are the iterK files
@@ -1222,12 +1219,12 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     a = ap.parse_args(argv)
     util.keep_freed_memory()
-    util.stop_as_interrupt()   # SIGTERM as Ctrl-C: cleanup runs, one line, exit 143 (training: resume.pt first)
+    interrupts.stop_as_interrupt()   # SIGTERM as Ctrl-C: cleanup runs, one line, exit 143 (training: resume.pt first)
     try:
         if a.cmd == "train":
             given = typed_flags(train_ap, argv[argv.index("train") + 1:])
             done = train(Config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Config)}), given)
-            util.stop_as_interrupt(False)   # its files are written: a signal from here on needs no word
+            interrupts.stop_as_interrupt(False)   # its files are written: a signal from here on needs no word
             code = 128 + rundir.STOP[0] if done is None and rundir.STOP else 0   # interrupted by a signal: saved, and the shell sees why
             util.exit_distributed(code)
             if code:
@@ -1248,15 +1245,15 @@ def main(argv=None):
     except KeyboardInterrupt:   # Ctrl-C outside training, or a second signal during it: at once, in one line
         util.abandon_distributed()
         if rundir.STOP:
-            util.SIGNALS.append(rundir.STOP[-1])
+            interrupts.SIGNALS.append(rundir.STOP[-1])
         if a.cmd == "train" and (Path(a.out) / "config.json").exists():
-            what = (f"{util.command(__file__, ['train', '--resume', '--out', a.out])} continues from the last "
+            what = (f"{interrupts.command(__file__, ['train', '--resume', '--out', a.out])} continues from the last "
                     f"resume checkpoint")
         else:
-            what = f"nothing was kept; run again with: {util.command(__file__, argv)}"
-        util.exit_interrupted(what)
+            what = f"nothing was kept; run again with: {interrupts.command(__file__, argv)}"
+        interrupts.exit_interrupted(what)
     finally:
-        util.stop_as_interrupt(False)
+        interrupts.stop_as_interrupt(False)
 
 
 if __name__ == "__main__":

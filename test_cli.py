@@ -20,6 +20,7 @@ import reproduce
 import mnist
 import rigsa
 import rundir
+import interrupts
 import tiny
 import util
 from evals import run as evals_run
@@ -347,12 +348,12 @@ def test_a_signal_during_training_loses_nothing(world, tmp_path, sig):
         (out / "iter1-peft" / "adapter_model.safetensors.tmp").write_bytes(b"half a PEFT export")
     elif sig == "twice":
         assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr
-        assert stderr.strip().splitlines()[-1] == (f"SIGINT: stopped; {util.python_cmd()} {REPO}/rigsa.py train --resume --out "
+        assert stderr.strip().splitlines()[-1] == (f"SIGINT: stopped; {interrupts.python_cmd()} {REPO}/rigsa.py train --resume --out "
                                                    f"{out} continues from the last resume checkpoint")
     else:                         # the step finishes, resume.pt is written, the resume command is printed
         assert proc.returncode == 128 + sig, stderr
         assert f"{signal.Signals(sig).name}: finishing this optimizer step" in stderr and "Traceback" not in stderr
-        assert f"continue with: {util.python_cmd()} {REPO}/rigsa.py train --resume --out {out}" in stdout
+        assert f"continue with: {interrupts.python_cmd()} {REPO}/rigsa.py train --resume --out {out}" in stdout
     assert (out / "resume.pt").exists()
     with one_thread():
         rigsa.train(rigsa.Config(out=str(out), resume=True))
@@ -379,7 +380,7 @@ def test_an_interrupted_evaluation_says_what_was_kept_in_one_line(tiny_dir, tmp_
     assert proc.returncode == 128 + sig and "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
     assert last == (f"{signal.Signals(sig).name}: stopped; nothing was written; run again with: "
-                    f"{util.python_cmd()} {REPO}/evals/run.py {' '.join(argv)}"), last
+                    f"{interrupts.python_cmd()} {REPO}/evals/run.py {' '.join(argv)}"), last
     assert not (tmp_path / "r.json").exists() and not list(tmp_path.glob("*.tmp"))
 
 
@@ -391,7 +392,7 @@ def test_ctrl_c_before_the_run_exists_says_run_again_not_resume(world, tmp_path,
     argv = T("--model", m, "--data-dir", str(w / "data"), "--val-frac", "0.25", "--out", "r")
     code, _, err = run_main(rigsa.main, argv, capsys)
     assert code == 130 and err.strip().splitlines()[-1] == (
-        f"SIGINT: stopped; nothing was kept; run again with: {util.python_cmd()} {REPO}/rigsa.py {' '.join(argv)}"), err
+        f"SIGINT: stopped; nothing was kept; run again with: {interrupts.python_cmd()} {REPO}/rigsa.py {' '.join(argv)}"), err
     assert not (tmp_path / "r").exists()
 
 
@@ -402,7 +403,7 @@ def test_an_interrupt_while_the_model_loads_blames_no_file(world, tmp_path, caps
     w, m, _ = world
 
     def cut_short(path):   # what a read stopped by Ctrl-C looks like from here: the signal, then an error
-        util.SIGNALS.append(signal.SIGINT)
+        interrupts.SIGNALS.append(signal.SIGINT)
         raise OSError("Interrupted system call")
     monkeypatch.setattr(M, "load_file", cut_short)
     monkeypatch.chdir(tmp_path)

@@ -13,8 +13,8 @@ import pytest
 
 import mnist
 import rigsa
+import interrupts
 import tiny
-import util
 from conftest import one_thread
 from evals import run as R
 
@@ -224,7 +224,7 @@ def test_sigterm_during_merge_leaves_no_temporary_folder(world, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
-    assert err == (f"SIGTERM: stopped; nothing was kept; run again with: {util.python_cmd()} {REPO}/rigsa.py merge --adapter "
+    assert err == (f"SIGTERM: stopped; nothing was kept; run again with: {interrupts.python_cmd()} {REPO}/rigsa.py merge --adapter "
                    f"{world / 'run' / 'iter2'} --out {out}\n")
     assert sorted(os.listdir(tmp_path)) == ["ready"]
 

@@ -19,23 +19,19 @@ import datetime
 import hashlib
 import json
 import os
-import signal
-import shlex
 import re
 import sys
 import time
 from pathlib import Path
 
-if __name__ == "__main__":   # a signal while torch loads (a second or two): one line, no traceback; then main()'s
-    def _stop(n, f):
-        os.environ.get("RIGSA_QUIET_STOP") or print(f"{signal.Signals(n).name}: stopped; nothing was kept; run again "
-                                                    f"with: {shlex.join([sys.executable, *sys.argv])}", file=sys.stderr)
-        sys.exit(128 + n)
-    signal.signal(signal.SIGINT, _stop), signal.signal(signal.SIGTERM, _stop)
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run as a script: make model.py, rigsa.py, qlora.py and evals/ importable
     sys.path.insert(0, REPO)
+
+import interrupts  # noqa: E402  (standard library only)
+
+if __name__ == "__main__":   # a signal while torch loads (a second or two): one line, no traceback; then main()'s
+    interrupts.early()
 
 import torch  # noqa: E402
 
@@ -551,7 +547,7 @@ def task_error(task, e):
 def main(argv=None):
     args = parse_args(argv)
     util.keep_freed_memory()
-    util.stop_as_interrupt()
+    interrupts.stop_as_interrupt()
     FINISHED.clear()
     try:
         result = evaluate(args)
@@ -568,9 +564,9 @@ def main(argv=None):
         util.abandon_distributed()
         kept = (f"kept: {', '.join(FINISHED)} in {' and '.join(x for x in (args.output, args.output_path) if x)}"
                 if FINISHED and (args.output or args.output_path) else "nothing was written")
-        util.exit_interrupted(f"{kept}; run again with: {util.command(__file__, sys.argv[1:] if argv is None else argv)}")
+        interrupts.exit_interrupted(f"{kept}; run again with: {interrupts.command(__file__, sys.argv[1:] if argv is None else argv)}")
     finally:
-        util.stop_as_interrupt(False)
+        interrupts.stop_as_interrupt(False)
     util.exit_distributed()
     return result
 

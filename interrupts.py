@@ -1,0 +1,82 @@
+"""
+interrupts.py: Ctrl-C and SIGTERM are ordinary ways to stop a command: one line (what was kept, and
+the command that continues), exit 130 / 143, no traceback. Standard library only, so that the
+scripts can call early() before torch loads.
+
+  early                  from the scripts' first lines: a signal while the imports run (a second or two)
+  stop_as_interrupt      from main(): both signals raise KeyboardInterrupt, so that cleanups run
+  interrupted            the signal that stopped this process (an error after it is not a broken file)
+  command, exit_interrupted   the pasteable command line, and the one line at the end
+"""
+import os
+import shlex
+import shutil
+import signal
+import sys
+
+
+SIGNALS = []   # the stopping signals this process received, in order
+
+
+_BEFORE = {}   # the handlers stop_as_interrupt replaced, put back by stop_as_interrupt(False)
+
+
+def stop_as_interrupt(on_=True):
+    """From here on SIGINT and SIGTERM (a job scheduler's, `kill`) raise KeyboardInterrupt, so that
+    every `finally` and cleanup runs on both (SIGTERM's default ends the process on the spot), and
+    are remembered: an error that surfaces after one (a read cut short) is the interrupt, not a
+    broken file (interrupted()). on_=False, once the work is done: the handlers as they were."""
+    def on(signum, frame):
+        SIGNALS.append(signum)
+        raise KeyboardInterrupt
+    try:
+        if not on_:
+            for s, h in _BEFORE.items():   # early()'s line says "nothing was kept": not once the work is done
+                signal.signal(s, signal.SIG_DFL if h is _early else h)
+            _BEFORE.clear()
+            return
+        SIGNALS.clear()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            _BEFORE.setdefault(s, signal.getsignal(s))
+            signal.signal(s, on)
+    except ValueError:   # not the main thread: signals stay as they are
+        pass
+
+
+def interrupted():
+    """The signal that stopped this process (0: none): 128 + it is the exit code shells expect."""
+    return SIGNALS[-1] if SIGNALS else 0
+
+
+def python_cmd():
+    """How to call this interpreter from a shell: `python` when that is the one on PATH, else its path."""
+    w = shutil.which("python")
+    return "python" if w and os.path.abspath(w) == os.path.abspath(sys.executable) else sys.executable
+
+
+def command(script, argv):
+    """`python <script> <argv>` as a shell line to paste in the current directory."""
+    rel = os.path.relpath(script)
+    return shlex.join([python_cmd(), os.path.abspath(script) if rel.startswith("..") else rel, *map(str, argv)])
+
+
+def exit_interrupted(what):
+    """The CLIs' end on Ctrl-C or SIGTERM: one line (the signal, then `what`: what was kept and the
+    command that continues), exit 128 + the signal (130, 143), no traceback."""
+    sig = interrupted() or signal.SIGINT
+    if not os.environ.get("RIGSA_QUIET_STOP"):   # reproduce.py's steps: it says what to do, once
+        print(f"{signal.Signals(sig).name}: stopped; {what}", file=sys.stderr)
+    sys.exit(128 + sig)
+
+
+def _early(signum, frame):
+    if not os.environ.get("RIGSA_QUIET_STOP"):
+        print(f"{signal.Signals(signum).name}: stopped; nothing was kept; run again with: "
+              f"{shlex.join([python_cmd(), *sys.argv])}", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+def early():
+    """A script's first lines, before its heavy imports: a signal then ends it in one line."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, _early)

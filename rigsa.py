@@ -199,10 +199,10 @@ def check_config(cfg, given=None):
     `needs` do not hold), and combinations. given: the fields the user typed (the CLI's), else
     those that differ from their default. ValueError."""
     check_fields(cfg)
-    defaults = Config()
+    typed = rundir.typed_by(cfg, given)
     for f in dataclasses.fields(Config):
         v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
-        if not (f.name in given if given is not None else v != getattr(defaults, f.name)):
+        if not typed(f.name):
             continue
         flag = f"{flag} {v}" if not isinstance(v, bool) else flag if v else "--no-" + flag[2:]   # as typed
         users = [m for m, d in METHODS.items() if f.name in d["flags"]]
@@ -724,7 +724,7 @@ def setup(cfg, resume=None, given=None):
     steps = math.ceil(len(data["train"][0]) * epochs / cfg.batch_size)
     steps = min(steps, cfg.steps) if cfg.steps else steps
     left = (n_iters(cfg) - (resume or {}).get("iteration", 1) + 1) * steps - (resume or {}).get("step", 0)
-    typed = (lambda f: f in given) if given is not None else (lambda f: getattr(cfg, f) != getattr(Config(), f))
+    typed = rundir.typed_by(cfg, given)
     for flag, idle, why in (("halt_after", cfg.halt_after >= left, f"the run has {left} steps left"),
                             ("save_every", typed("save_every") and cfg.save_every >= steps,
                              f"an iteration is {steps} steps, and its end always saves")):

@@ -54,6 +54,13 @@ def config_from(saved, source, cls, check=None):
     return cfg
 
 
+def typed_by(cfg, given):
+    """f -> whether the user gave flag f: in `given` (the CLI's typed flags), or else (a config made in
+    Python) set to another value than its default."""
+    defaults = type(cfg)()
+    return (lambda f: f in given) if given is not None else (lambda f: getattr(cfg, f) != getattr(defaults, f))
+
+
 def resumed(cfg, given, resumable, check=None):
     """--resume: the run's saved config (a flag the user typed, default or not, whose value differs
     from the saved one is refused, naming it, unless it is in `resumable`; given=None: the flags that
@@ -72,13 +79,12 @@ def resumed(cfg, given, resumable, check=None):
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ValueError(f"{out / 'config.json'}: not a run's config ({type(e).__name__}: {e}); "
                          f"start a new run with another --out") from None
-    defaults = type(cfg)()
     if (cfg.revision and cfg.revision != saved.get("revision") and not M.COMMIT.fullmatch(cfg.revision)
             and M.COMMIT.fullmatch(saved.get("revision") or "")):   # a branch or tag: it named that commit then
         util.say(f"note: --revision {cfg.revision}: the run continues on the commit it started from, "
                  f"{saved['revision']}", file=sys.stderr)
         cfg = dataclasses.replace(cfg, revision=saved["revision"])
-    typed = (lambda f: f in given) if given is not None else (lambda f: getattr(cfg, f) != getattr(defaults, f))
+    typed = typed_by(cfg, given)
     same = lambda a, b: a == b or isinstance(a, str) and os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
     changed = [f for f in saved if f not in resumable and typed(f) and not same(getattr(cfg, f), saved[f])]
     if changed:

@@ -433,17 +433,14 @@ def run_inputs(args, tasks):
     model = args.model
     if model is None and found:
         try:   # the recorded base, from the metadata alone
-            from safetensors import safe_open
-            with safe_open(found[0][1], "pt") as f:
-                model = json.loads((f.metadata() or {})["config"]).get("model")
-        except Exception:
+            model = AF.read(args.adapter, tensors=False)[2].get("model")
+        except (ValueError, OSError):
             pass   # not an adapter: said where the adapter is read
     if model and os.path.isdir(model):
         found.append(("in the model directory", model, True))
     for t in tasks:
         names = mnist.MNIST_FILES if t == "mnist" else [f[0] for f in T.FILES[t]]
-        folders = [os.path.join(args.data_dir, t)] + ([args.data_dir] if t == "mnist" else [])   # the old MNIST layout
-        found += [(f"a data file of --task {t}", os.path.join(d, n), False) for d in folders for n in names]
+        found += [(f"a data file of --task {t}", os.path.join(args.data_dir, t, n), False) for n in names]
     return found
 
 

@@ -30,6 +30,23 @@ import util
 POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)])   # set bits of each byte value
 
 
+# byte -> its 8 bits, most significant first (np.packbits' order, the adapter file's)
+_BITS = ((torch.arange(256)[:, None] >> torch.arange(7, -1, -1)) & 1).bool()   # (256, 8)
+
+
+def pack_bits(index, n, device):
+    """Sorted flat positions (k,) of n entries -> the packed mask, uint8 (ceil(n/8),)."""
+    bits = torch.zeros(-(-n // 8) * 8, dtype=torch.bool, device=device)
+    bits[index] = True
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=device)
+    return (bits.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed, n):
+    """The packed mask -> bool (n,)."""
+    return util.on_device(_BITS, packed.device).index_select(0, packed.int()).view(-1)[:n]
+
+
 def all_free_mask(n):
     """The packed mask of n entries all free: every bit set, the padding bits of the last byte 0."""
     packed = torch.full((-(-n // 8),), 255, dtype=torch.uint8)
@@ -86,6 +103,17 @@ def set_adapter_tensors(layers, tensors, source):
         L.alpha.fill_(float(tensors[f"{n}.alpha"]))
 
 
+@torch.no_grad()
+def set_trainable(model, layers, state):
+    """--resume: the trainable tensors as tensors_of saved them, into the gated sparse `layers`, or
+    (LoRA: no such layers) into the model's parameters of the same names."""
+    if layers:
+        return set_adapter_tensors(layers, state, "resume.pt")
+    own = dict(model.named_parameters())
+    for n, t in state.items():
+        own[n].copy_(t)
+
+
 def write(path, tensors, config, extra=None):
     """The adapter file: `tensors` (tensors_of), and as metadata the run's config (a dict) and `extra`."""
     meta = {"format": "rigsa-adapter", "config": json.dumps(config), **(extra or {})}
@@ -126,6 +154,12 @@ def read(spec, tensors=True):
         raise ValueError(f"{p}: its metadata is not readable ({type(e).__name__}: {e}); it was not written "
                          f"by rigsa.py train, or was damaged") from None
     return t, meta, config
+
+
+def mask_counts(spec):
+    """Per-layer free-entry counts of a saved adapter, RUN/iterK (--mask-like)."""
+    tensors = read(spec)[0]
+    return {k[:-len(".delta")]: v.numel() for k, v in tensors.items() if k.endswith(".delta")}
 
 
 def check_base(recorded, have, what, allow=False):

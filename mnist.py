@@ -1,7 +1,8 @@
 """
 mnist.py: MNIST's files for Textual MNIST (paper §4.2): the four IDX files (downloaded, size- and
 md5-checked), read into uint8 arrays, the 60k training images split into train and validation, and
-synthetic stand-in digits in the same files for the demo and the tests. The text and the prompt
+synthetic stand-in digits in the same files for the demo and the tests; run_splits: a training
+run's splits and the files' hashes. The text and the prompt
 the model sees are the paper's, in rigsa.py (to_text, prompt).
 """
 import gzip
@@ -142,3 +143,20 @@ def write_synthetic_mnist(data_dir, n_train=2000, n_test=200, size=28, seed=0, n
         write_idx(d / f"{stem}-images-idx3-ubyte.gz", x.numpy())
         write_idx(d / f"{stem}-labels-idx1-ubyte.gz", y.numpy())
     return d
+
+
+def run_splits(cfg):
+    """A training run's data (§4.2): train, val (none with --val-frac 0) and test (none with
+    --no-eval-test), --limit cutting val and test, and the sha256 of the MNIST files, which the run
+    records. A split left empty (it would train on nothing, or report NaN) is refused. -> (data, hashes)."""
+    folder = mnist_dir(cfg.data_dir)
+    splits = ("train",) + ("val",) * (cfg.val_frac > 0) + ("test",) * cfg.eval_test
+    data = load_mnist_splits(folder, splits, cfg.val_frac, cfg.split_seed, not cfg.offline, cfg.verify)
+    if cfg.limit:
+        data.update({k: (x[:cfg.limit], y[:cfg.limit]) for k, (x, y) in data.items() if k != "train"})
+    for split, (x, _) in data.items():
+        if not len(x):
+            raise ValueError(f"--val-frac {cfg.val_frac} leaves the {split} split of the training images empty; choose "
+                             f"a --val-frac that leaves images in both (0: no validation split)" if split != "test" else
+                             f"{folder}: the test split holds no images; use other data, or --no-eval-test")
+    return data, {n: util.file_hash(folder / n, "sha256") for n in MNIST_FILES if (folder / n).is_file()}

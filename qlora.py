@@ -9,7 +9,7 @@ bfloat16 base, written from scratch in PyTorch (no bitsandbytes, no PEFT).
 
 NF4 is bit-exact with bitsandbytes 0.50.2 (packed bytes, absmax, double-quant codes and the
 dequantized weights; bitsandbytes/functional.py's quantize_4bit and dequantize_4bit, and
-test_qlora.py). LoRA follows PEFT's semantics (peft 0.21, src/peft/tuners/lora). Shapes: B batch,
+tests/test_qlora.py). LoRA follows PEFT's semantics (peft 0.21, src/peft/tuners/lora). Shapes: B batch,
 T time, N elements of a flattened weight, nb number of 64-element blocks, r LoRA rank.
 """
 import json
@@ -39,7 +39,7 @@ NF4_CODE = torch.tensor([
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], dtype=torch.float32)
 # the 15 decision thresholds, midpoints computed in float32; they equal the constants hard-coded in
-# bitsandbytes' CUDA dQuantizeNF4 (checked in test_qlora.py)
+# bitsandbytes' CUDA dQuantizeNF4 (checked in tests/test_qlora.py)
 NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
 
 
@@ -289,6 +289,11 @@ def quantize_model(model, double_quant=True, blocksize=64, compute_dtype=None):
     return model
 
 
+def is_quantized(model):
+    """Whether the base is 4-bit: bare NF4 layers, or LoRA layers holding the NF4 state themselves."""
+    return any(isinstance(m, Linear4bit) or getattr(m, "quantized", False) is True for m in model.modules())
+
+
 def apply_lora(model, rank, alpha, dropout=0.0):
     """Freeze everything and put a LoRA adapter on the 7 projections of every layer (quantized or
     not). Seed torch before calling for reproducible A. Returns the trainable parameters, in module
@@ -309,6 +314,26 @@ def apply_lora(model, rank, alpha, dropout=0.0):
     for p in params:
         p.requires_grad_(True)
     return params
+
+
+def attach(model, quantize, seed, rank, alpha, dropout):
+    """rigsa.py train --method lora | qlora (§5.3): the base made 4-bit first for qlora (unless it was
+    loaded so), then LoRA on every target, its A initialised from `seed`."""
+    if quantize and not is_quantized(model):
+        quantize_model(model)
+    torch.manual_seed(seed)
+    apply_lora(model, rank, alpha, dropout)
+
+
+def load_adapter(model, tensors, quantized, rank, alpha, path):
+    """A saved LoRA (quantized=False) or QLoRA adapter's tensors into a loaded base, in place: a QLoRA
+    adapter makes the base 4-bit; a LoRA adapter is refused on a 4-bit base (`path` names it)."""
+    if quantized and not is_quantized(model):
+        quantize_model(model)
+    if not quantized and is_quantized(model):
+        raise ValueError(f"{path}: a LoRA adapter of the unquantized base, and this base is 4-bit (NF4); "
+                         f"drop --quantize (a QLoRA adapter is trained on the 4-bit base)")
+    load_lora(model, tensors, rank, alpha)
 
 
 def lora_num_params(cfg, rank):

@@ -1,15 +1,17 @@
 """
 rigsa.py: Random Initialization of Gated Sparse Adapters (arXiv 2511.01794), from scratch.
 
-  config                        Config: every hyperparameter, the paper's numbers as defaults; TABLE4
+  config                        Config: every hyperparameter, the paper's numbers as defaults; TABLE4; METHODS
+  Textual MNIST (§4.2)          to_text (28 lines of 28 digits) -> prompt (ChatML); mnist_accuracy
   the gated sparse adapter      GatedSparseLinear (§3.2): y = x W0^T + alpha * x (m * dW)^T, dW full-rank
                                 random, alpha = 1e-6; install_adapters swaps it in for every nn.Linear
-  the IMP rule                  prune (§3.2, §4.4): keep 80% of the sign-preserving free entries, rewind
-  training                      get_lr, accumulate, train_iteration (§4.4: AdamW, wd 1.0, lr 2e-3 with
-                                1000 warmup steps, effective batch 16); train: the IMP loop, x5
-  Textual MNIST (§4.2)          IDX files -> to_text (28 lines of 28 digits) -> prompt (ChatML); mnist_accuracy
-  adapter files, merge          save_adapter / load_adapter (any method), merge into the official layout
+  the IMP rule                  prune (§3.2, §4.4): keep 80% of the sign-preserving free entries, rewind;
+                                the score is one function of CRITERIA (--criterion)
+  training                      get_lr, accumulate, train_step (§4.4: AdamW, wd 1.0, lr 2e-3 with 1000
+                                warmup steps, effective batch 16); train: the IMP loop, x5
+  adapter files                 save_adapter / load_adapter (any method); the format: adapter_files.py
   baselines                     random-mask (§4.4), lt-sft (§6), dense, lora/qlora (§5.3, qlora.py)
+  machinery                     flags, rundir, memory, mnist (the IDX files), util; commands: cli.py
 
   python rigsa.py train --iters 5          the paper, on SmolLM2-1.7B-Instruct
   python rigsa.py demo                     the whole pipeline offline on a tiny model (under a minute, CPU)
@@ -17,18 +19,15 @@ rigsa.py: Random Initialization of Gated Sparse Adapters (arXiv 2511.01794), fro
   python rigsa.py merge --adapter runs/x/iter5 --out merged/
   (Textual MNIST accuracy of a base model or an adapter: python evals/run.py --task mnist)
 """
-import argparse
 import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import interrupts  # standard library only: before torch
@@ -38,17 +37,16 @@ if __name__ == "__main__":   # a signal while torch loads (a second or two): one
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import adapter_files as AF
+import flags
 import memory
 import mnist
 import model as M
 import qlora
 import rundir
-import tiny
 import util
 
 # -----------------------------------------------------------------------------
@@ -59,14 +57,7 @@ import util
 # warmup steps are §4.4's, so they are --batch-size's and --warmup's defaults, shared with RIGSA.
 TABLE4 = dict(ranks=(1, 4, 8, 16), alpha=32.0, dropout=0.0, lr=2e-4, weight_decay=0.1, epochs=4.0)
 
-
-def _f(default, help, check=None, choices=None, needs=None):
-    """A Config field: its default, its help, its valid values (check: a util.number range; choices),
-    and needs = (when, why): the condition on the rest of the config without which it cannot act
-    (a flag this run would silently ignore is refused; which methods use a flag: METHODS)."""
-    return field(default=default, metadata={"help": help, "check": check, "choices": choices, "needs": needs})
-
-
+_f = flags.field   # one line per hyperparameter: its flag, range, help, refusal and record (flags.py)
 POS, NONNEG, FRAC = util.number(float, 0, lo_open=True), util.number(float, 0), util.number(float, 0, 1, hi_open=True)
 INT0, INT1 = util.number(int, 0), util.number(int, 1)
 PRUNES = (lambda c: c.iters > 1, "--iters above 1 (one iteration never prunes)")
@@ -96,7 +87,7 @@ METHODS = {
 CRITERIA = {}   # pruning criteria, name -> score(name, layer) (IMP section); filled below, --criterion picks one
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     # what to train
     model: str = _f(M.DEFAULT_MODEL, "base model: hub id or local directory (§4.1)")
@@ -176,40 +167,12 @@ class Config:
     verify_model: bool = _f(False, "hash the base model's cached hub files against the hub's checksums (slow at 1.7B)")
 
 
-def check_fields(cfg):
-    """Each field's own check (its type, choices and range), as its flag's parser would: for a Config
-    made in Python, or read from a file (rundir.config_from names the file). ValueError."""
-    for f in dataclasses.fields(Config):
-        v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
-        if f.metadata["choices"] and v not in f.metadata["choices"]:
-            raise ValueError(f"{flag} {v!r}: not one of {', '.join(f.metadata['choices'])}")
-        kind = type(f.default)
-        if kind in (bool, str) and not isinstance(v, kind) or kind in (int, float) and isinstance(v, (bool, str)):
-            raise ValueError(f"{flag} {v!r}: not {'an' if kind is int else 'a'} {kind.__name__}")
-        if f.metadata["check"]:
-            try:
-                f.metadata["check"](str(v))
-            except argparse.ArgumentTypeError as e:
-                raise ValueError(f"{flag}: {e}") from None
-
-
 def check_config(cfg, given=None):
-    """Everything the flags' own checks (Config's check and choices) cannot see: the values of a
-    Config made in Python, a flag that cannot act on this run (another method's, or one whose
-    `needs` do not hold), and combinations. given: the fields the user typed (the CLI's), else
-    those that differ from their default. ValueError."""
-    check_fields(cfg)
-    typed = rundir.typed_by(cfg, given)
-    for f in dataclasses.fields(Config):
-        v, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
-        if not typed(f.name):
-            continue
-        flag = f"{flag} {v}" if not isinstance(v, bool) else flag if v else "--no-" + flag[2:]   # as typed
-        users = [m for m, d in METHODS.items() if f.name in d["flags"]]
-        if users and cfg.method not in users:
-            raise ValueError(f"{flag}: --method {cfg.method} does not use it (only {', '.join(users)} do); drop it")
-        if f.metadata["needs"] and not f.metadata["needs"][0](cfg):
-            raise ValueError(f"{flag}: acts only with {f.metadata['needs'][1]}; drop it")
+    """What the flags' own checks cannot see: a Config made in Python, a flag that cannot act on this
+    run, and combinations. given: the fields the user typed, else those not at their default."""
+    flags.check(cfg)
+    flags.refuse_idle(cfg, rundir.typed_by(cfg, given), lambda name: [m for m, d in METHODS.items() if name in d["flags"]],
+                      cfg.method, "--method")
     if cfg.method == "random-mask" and bool(cfg.mask_like) == (cfg.density > 0):
         raise ValueError("--method random-mask: needs exactly one of --mask-like RUN/iterK or --density D")
     if cfg.val_frac == 0 and not cfg.eval_test:
@@ -232,6 +195,78 @@ def n_iters(cfg):
     return cfg.iters if METHODS[cfg.method]["prunes"] else 1   # the others train once
 
 # -----------------------------------------------------------------------------
+# Textual MNIST (paper §4.2)
+
+QUESTION = "Below is a digit as text. Which digit is it?\n"  # Figure 5
+PREFIX = "The digit is "  # §4.2: appended to the assistant turn, the answer is the next token
+
+
+def to_text(image):
+    """(H, W) uint8 -> H lines of W digits: pixel p becomes floor(p * 10 / 256) in 0..9 (§4.2, Figure 1)."""
+    q = (np.asarray(image, dtype=np.int32) * 10 // 256).astype(np.uint8) + ord("0")
+    return "\n".join(row.tobytes().decode() for row in q)
+
+
+def prompt(tok, image, shots=()):
+    """Figure 5: ChatML with the default system prompt; earlier turns are the few-shot examples."""
+    msgs = []
+    for img, lab in shots:
+        msgs += [{"role": "user", "content": QUESTION + to_text(img)},
+                 {"role": "assistant", "content": PREFIX + str(int(lab))}]
+    msgs.append({"role": "user", "content": QUESTION + to_text(image)})
+    return tok.chat(msgs, add_generation_prompt=True) + PREFIX
+
+
+def digit_ids(tok):
+    """Token ids of '0'..'9'. Checks that each digit after the prefix is exactly one token, so the
+    answer is one greedy step and the loss covers exactly that token (§4.2)."""
+    ids = []
+    text = tok.chat([{"role": "user", "content": QUESTION + "0"}]) + PREFIX
+    head = tok.encode(text)
+    for d in range(10):
+        one = tok.encode(str(d))
+        if len(one) != 1 or tok.encode(text + str(d)) != head + one:
+            raise ValueError(f"tokenizer {tok.path}: digit {d} after {PREFIX!r} is not a single token")
+        ids.append(one[0])
+    return ids
+
+
+def end_id(tok):
+    ids = tok.encode("<|im_end|>")
+    if len(ids) != 1:
+        raise ValueError(f"tokenizer {tok.path}: <|im_end|> is not a special token")
+    return ids[0]
+
+
+@torch.no_grad()
+def mnist_accuracy(model, tok, images, labels, shots=None, batch_size=16, progress=True):
+    """-> (accuracy, predictions (N,) long, -1 = not a digit): the greedy next token after the
+    prefix; a non-digit token counts as wrong (§4.2). shots[i]: image i's few-shot examples, a
+    list of (image, label) (Table 2's 5-shot column: evals/run.py draws them)."""
+    was_training = model.training
+    model.eval()
+    dev = model.lm_head.weight.device
+    ids = torch.tensor(digit_ids(tok))
+    preds = []
+    bar = util.progress(total=len(images), desc=f"mnist {len(shots[0]) if shots else 0}-shot", unit="img",
+                        enabled=progress)
+    for b in range(0, len(images), batch_size):
+        rows = [tok.encode(prompt(tok, images[i], shots[i] if shots else ()))
+                for i in range(b, min(b + batch_size, len(images)))]
+        L = max(map(len, rows))                                 # left padding: the last position is the prefix's end
+        x = torch.tensor([[tok.pad_id] * (L - len(r)) + r for r in rows], device=dev)
+        am = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], device=dev)
+        h = model(x, am, hidden_only=True)[:, -1]               # (B, C)
+        nxt = model.lm_head(h).argmax(-1).cpu()                 # (B,) over the whole vocabulary
+        hit = nxt[:, None] == ids[None]                         # (B, 10)
+        preds.append(torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(nxt, -1)))
+        bar.update(len(rows))
+    bar.close()
+    model.train(was_training)
+    preds = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    return (preds == labels.long()).float().mean().item() if len(preds) else float("nan"), preds
+
+# -----------------------------------------------------------------------------
 # the gated sparse adapter (paper §3.2)
 
 def layer_seed(seed, name):
@@ -239,32 +274,12 @@ def layer_seed(seed, name):
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
 
 
-# byte -> its 8 bits, most significant first (np.packbits' order, the adapter file's)
-_BITS = ((torch.arange(256)[:, None] >> torch.arange(7, -1, -1)) & 1).bool()   # (256, 8)
-
-
-def pack_bits(index, n, device):
-    """Sorted flat positions (k,) of n entries -> the packed mask, uint8 (ceil(n/8),)."""
-    bits = torch.zeros(-(-n // 8) * 8, dtype=torch.bool, device=device)
-    bits[index] = True
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=device)
-    return (bits.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
-
-
-def unpack_bits(packed, n):
-    """The packed mask -> bool (n,)."""
-    return util.on_device(_BITS, packed.device).index_select(0, packed.int()).view(-1)[:n]
-
-
 class GatedDelta(torch.autograd.Function):
-    """y = x (W0 + alpha (m * dW))^T for a GatedSparseLinear, saving for backward only what the
-    backward needs: x (shared by the projections that read the same input) and the free entries'
-    positions; the parameters by reference. m * dW is rebuilt in each pass from the compact
-    storage, one layer at a time, so no weight-sized copy outlives its layer (docs/memory.md).
-    float32 (CPU): the ops of a plain autograd graph over W0 + alpha * (dW * mask), so gradients
-    are bitwise those of the dense layer. Low precision (bfloat16 on CUDA): the delta keeps its
-    own path, x W0^T + alpha x (m dW)^T, as W0 + alpha dW formed in bfloat16 would round away
-    deltas under half an ulp of W0."""
+    """y = x (W0 + alpha (m * dW))^T, saving for backward only x and the free entries' positions:
+    m * dW is rebuilt from the compact storage in each pass, one layer at a time (docs/memory.md).
+    float32: the ops of a plain autograd graph over W0 + alpha (m * dW), so gradients are bitwise
+    the dense layer's. Low precision: the delta keeps its own GEMM, as W0 + alpha dW formed in
+    bfloat16 would round away deltas under half an ulp of W0."""
     @staticmethod
     def forward(ctx, x, delta, alpha, layer):                  # x (B, T, in) -> (B, T, out)
         index = layer.free_index()                             # (k,) or None (every entry free)
@@ -302,13 +317,10 @@ class GatedDelta(torch.autograd.Function):
 
 class GatedSparseLinear(nn.Module):
     """Drop-in for nn.Linear: y = x (W0 + alpha (m * dW))^T (§3.2). `weight` is the frozen base
-    tensor (so checkpoints load unchanged); `alpha` is one scalar gate. dW is stored for the free
-    entries only: `delta` (k,) float32 holds their values in row-major order (a float32 master
-    copy even when W0 is bfloat16, so that weight decay's per-step factor 1 - 2e-3 is not rounded
-    away), and `mask` (ceil(out*in/8),) uint8 is the mask bit-packed as in the adapter files, or
-    None while every entry is free (the first IMP iteration). Memory is thus 16 bytes per free
-    entry with AdamW's state plus one bit per entry (docs/memory.md). dW0 is not stored: it is
-    regenerated from `init_seed`."""
+    tensor (checkpoints load unchanged), `alpha` one scalar gate. dW is stored at the free entries
+    only: `delta` (k,) float32 in row-major order (a float32 master copy even when W0 is bfloat16,
+    so that weight decay's factor 1 - 2e-3 is not rounded away), and `mask` bit-packed as in the
+    adapter files, None while every entry is free. dW0 is regenerated from `init_seed`."""
     def __init__(self, base, init_seed, init="uniform", init_std=0.02, alpha_init=1e-6, gated=True):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -323,8 +335,8 @@ class GatedSparseLinear(nn.Module):
         self.register_buffer("mask", None)
 
     def init_delta(self):
-        """dW0, (out, in) float32 on the CPU, from a CPU generator: bitwise reproducible, so rewinding
-        needs no stored copy (1.6B values would be 6.4 GB). lt-sft starts from zero (§6)."""
+        """dW0, (out, in) float32, from a CPU generator: rewinding needs no stored copy (6.4 GB at
+        1.7B). lt-sft starts from zero (§6)."""
         if not self.gated:
             return torch.zeros(self.out_features, self.in_features)
         g = torch.Generator().manual_seed(self.init_seed)
@@ -339,18 +351,18 @@ class GatedSparseLinear(nn.Module):
 
     def free_index(self):
         """Flat row-major positions (k,) of the free entries, in `delta`'s order; None if all are.
-        Derived from the packed mask at each use (an int64 index kept per layer would cost 8 bytes
-        per free entry); on the CPU through numpy, whose nonzero is several times faster than torch's."""
+        From the packed mask at each use (a kept int64 index costs 8 bytes per entry); numpy's
+        nonzero on the CPU, several times faster than torch's."""
         if self.mask is None:
             return None
         if self.mask.device.type == "cpu":
             return torch.from_numpy(np.nonzero(np.unpackbits(self.mask.numpy(), count=self.numel()).view(bool))[0])
-        return unpack_bits(self.mask, self.numel()).nonzero().view(-1)
+        return AF.unpack_bits(self.mask, self.numel()).nonzero().view(-1)
 
     def set_free(self, index, values):
         """Make the entries at sorted flat positions `index` the free ones, with dW = values."""
         dev = self.weight.device
-        self.set_packed(None if len(index) == self.numel() else pack_bits(index.to(dev), self.numel(), dev), values)
+        self.set_packed(None if len(index) == self.numel() else AF.pack_bits(index.to(dev), self.numel(), dev), values)
 
     def set_packed(self, mask, values):
         """The same from a packed mask (None: every entry free), as the adapter files hold it."""
@@ -368,10 +380,9 @@ class GatedSparseLinear(nn.Module):
         return md.index_copy_(0, index, delta).view(self.out_features, self.in_features)
 
     def merged(self, delta, alpha, index):
-        """W0 + alpha * (m * dW) in float32, the same numbers however it is formed (a pruned entry's
-        alpha * 0 adds nothing; addition commutes). Under a quarter of the entries free: W0 copied and
-        alpha * dW added at the free ones only; above: alpha md + W0 in streaming passes, which then
-        beat the scatter (bench-memory)."""
+        """W0 + alpha * (m * dW) in float32, the same numbers however it is formed (addition
+        commutes): under a quarter of the entries free, a scatter-add into a copy of W0; above,
+        alpha md + W0 in streaming passes, which are then faster (bench-memory)."""
         if index is None:
             return self.weight + alpha * delta.view(self.out_features, self.in_features)
         if len(index) > self.numel() // 4:
@@ -422,25 +433,6 @@ def adapters(model):
 # -----------------------------------------------------------------------------
 # iterative magnitude pruning (paper §3.2, §4.4)
 
-def kth_largest(chunks, k):
-    """The k-th largest value of non-negative float32 tensors (a callable yielding them, so that
-    nothing is concatenated): two histogram passes over the bit patterns, whose integer order is
-    the float order for x >= 0. Exact, memory O(largest chunk), any number of elements."""
-    hist = torch.zeros(1 << 16, dtype=torch.long)
-    for x in chunks():
-        hist += torch.bincount((x.view(torch.int32) >> 16).long(), minlength=1 << 16).cpu()
-    at_least = hist.flip(0).cumsum(0).flip(0)               # [b] = count with high bits >= b
-    hi = int((at_least >= k).nonzero().max())
-    above = int(at_least[hi + 1]) if hi + 1 < (1 << 16) else 0
-    hist = torch.zeros(1 << 16, dtype=torch.long)
-    for x in chunks():
-        bits = x.view(torch.int32)
-        hist += torch.bincount((bits[(bits >> 16) == hi] & 0xFFFF).long(), minlength=1 << 16).cpu()
-    at_least = hist.flip(0).cumsum(0).flip(0) + above
-    lo = int((at_least >= k).nonzero().max())
-    return torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32).item()
-
-
 def magnitude(name, L):
     """§4.4's criterion: |dW| at the layer's free entries, (k,) float32 in `delta`'s order."""
     return L.delta.abs()
@@ -451,8 +443,7 @@ CRITERIA["magnitude"] = magnitude
 
 def eligible(L, sign=True):
     """bool (k,): the free entries that may be kept. §3.2: those whose sign is still that of their
-    initial value (a flipped or exactly zero one is not); sign=False (lt-sft, init 0): all. dW0 is
-    regenerated and read at the free positions."""
+    initial value (a flipped or exactly zero one is not); sign=False (lt-sft, init 0): all."""
     if not sign:
         return torch.ones_like(L.delta, dtype=torch.bool)
     d0 = L.init_delta().view(-1).to(L.delta.device)
@@ -469,7 +460,7 @@ def select(layers, elig, keep, scope="global", score=magnitude):
     chosen = {}
     for group in groups:  # the threshold, exact, over the group's eligible entries (two histogram passes)
         k = round(keep * sum(int(elig[n].count_nonzero()) for n in group))
-        thr = kth_largest(lambda: (score(n, layers[n])[elig[n]] for n in group), k) if k else math.inf
+        thr = util.kth_largest(lambda: (score(n, layers[n])[elig[n]] for n in group), k) if k else math.inf
         quota = k - sum(int(((score(n, layers[n]) > thr) & elig[n]).count_nonzero()) for n in group)
         for n in group:
             s = score(n, layers[n])
@@ -519,7 +510,7 @@ def random_masks(layers, counts, seed):
 def random_mask_init(run):
     """--method random-mask's initial mask: --mask-like's per-layer counts, or --density's."""
     cfg, layers = run.cfg, run.layers
-    counts = (mask_counts(cfg.mask_like) if cfg.mask_like else
+    counts = (AF.mask_counts(cfg.mask_like) if cfg.mask_like else
               {n: round(cfg.density * L.numel()) for n, L in layers.items()})
     if set(counts) != set(layers):
         raise ValueError(f"--mask-like {cfg.mask_like}: its layers are not this model's gated layers; pass a RIGSA "
@@ -612,67 +603,14 @@ def train_step(run, opt, rows, lr):
     loss = accumulate(run.model, rows[util.shard(len(rows))], run.cfg.micro_batch, run.tok.pad_id, run.device,
                       run.amp, n_sup)
     params = [p for grp in opt.param_groups for p in grp["params"]]
-    if util.world()[1] > 1:
-        # one all-reduce per tensor after the whole accumulation (DDP's no_sync, then sync), without
-        # wrapping the model: a pruning replaces the compact layers' tensors, and DDP's buckets with them
-        t0 = time.perf_counter()
-        for p in params:
-            dist.all_reduce(_grad(p))
-        t = torch.tensor(loss, dtype=torch.float64, device=run.device)
-        dist.all_reduce(t)
-        loss = t.item()
-        run.comm_s += time.perf_counter() - t0   # ends with a host sync (.item()): the transfers are done
+    if util.world()[1] > 1:   # torchrun: the ranks' gradients and losses summed (DDP's no_sync, then sync)
+        loss, seconds = util.all_reduce_grads(params, loss, run.device)
+        run.comm_s += seconds
     if run.cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip)
     memory.adamw_step(opt)
     opt.zero_grad(set_to_none=True)
     return loss
-
-
-def _grad(p):
-    """p's gradient; zeros if this rank's rows gave it none, so that every rank joins the all-reduce."""
-    if p.grad is None:
-        p.grad = torch.zeros_like(p)
-    return p.grad
-
-
-@dataclass
-class Run:
-    """What a training run holds between its phases: set up once by setup(), read and updated by
-    the IMP loop's steps."""
-    cfg: Config
-    out: Path
-    model: nn.Module
-    tok: M.Tokenizer
-    device: torch.device
-    amp: object                 # bfloat16 autocast on CUDA, else a null context
-    layers: dict                # {name: GatedSparseLinear}; empty for LoRA/QLoRA
-    data: dict                  # split -> (images, labels)
-    digits: list                # token ids of '0'..'9'
-    eos: int
-    steps: int                  # optimizer steps per IMP iteration
-    lr: float                   # peak learning rate
-    epochs: float
-    moments: str                # where AdamW's moments live (choose_moments, once the adapters are in place)
-    log: list                   # every metrics.jsonl record so far
-    base: dict = None           # the base model's identity (model.base_identity), recorded with every adapter
-    checks: dict = None         # check_base's verdicts (--resume, --mask-like), recorded likewise
-    start_iter: int = 1         # where this process starts (a resumed run: where it stopped)
-    start_step: int = 0
-    resume: dict = None         # resume.pt's content, until the iteration it belongs to has started
-    done_steps: int = 0         # optimizer steps taken by this process (--halt-after)
-    comm_s: float = 0.0         # seconds in the gradients' all-reduce (torchrun), this process
-
-    def record(self, r):
-        self.log.append(r)
-        if util.world()[0] == 0:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(r) + "\n")
-
-
-# flags a resumed run may change: how it runs, not what it computes
-RESUMABLE = {"resume", "halt_after", "save_every", "log_every", "device", "moments", "eval_batch", "offline", "verify",
-             "data_dir", "out", "allow_other_base"}
 
 
 def setup(cfg, resume=None, given=None):
@@ -687,67 +625,34 @@ def setup(cfg, resume=None, given=None):
     base = util.rank_zero_first(lambda: M.resolve(cfg.model, cfg.revision or None, cfg.verify_model, cfg.offline))
     cfg.revision = M.hub_commit(base) or cfg.revision
     ident = {"model": cfg.model, **M.base_identity(base)}   # recorded in config.json and every adapter
-    started = json.loads((out / "config.json").read_text()) if cfg.resume else {}
-    checks = dict(started.get("base_check") or {})   # what each check said, kept with the run and its adapters
-    if cfg.resume:          # the run continues on the base it started on (which config.json keeps naming)
-        checks["resume"] = AF.check_base(started.get("base"), ident, f"--resume {out}", cfg.allow_other_base)
-    if cfg.mask_like and resume is None:   # the mask's layer counts come from an adapter of this base
-        checks["mask_like"] = AF.check_base(read_adapter(cfg.mask_like, tensors=False)[1].get("base"), ident,
-                                            f"--mask-like {cfg.mask_like}", cfg.allow_other_base)
+    mask_like = read_adapter(cfg.mask_like, tensors=False)[1] if cfg.mask_like and resume is None else None
+    started, checks = rundir.check_bases(cfg, ident, mask_like)   # --resume's run and --mask-like's adapter
     util.say("config:", json.dumps(dataclasses.asdict(cfg)))
     torch.manual_seed(cfg.seed)
-
     # data (§4.2): encoded on the fly, 16 prompts per step cost nothing next to the model
-    folder = mnist.mnist_dir(cfg.data_dir)
-    kw = dict(val_frac=cfg.val_frac, seed=cfg.split_seed, download=not cfg.offline, verify=cfg.verify)
-    splits = ("train",) + ("val",) * (cfg.val_frac > 0) + ("test",) * cfg.eval_test   # --val-frac 0: no validation
-    data = util.rank_zero_first(lambda: mnist.load_mnist_splits(folder, splits, **kw))
-    if cfg.limit:
-        data.update({k: (x[:cfg.limit], y[:cfg.limit]) for k, (x, y) in data.items() if k != "train"})
-    hashes = {n: util.file_hash(folder / n, "sha256") for n in mnist.MNIST_FILES if (folder / n).is_file()}
-    if cfg.resume:          # the run continues on the data it started on (--data-dir may move, not change)
-        saved = json.loads((out / "config.json").read_text()).get("data") or {}
-        for n in sorted(set(saved) & set(hashes)):
-            if saved[n] != hashes[n]:
-                raise ValueError(f"--resume {out}: {folder / n} is not the file the run started on (sha256 "
-                                 f"{saved[n][:12]}... then, {hashes[n][:12]}... now); continue on the run's data, or "
-                                 f"start a new run with another --out")
-    for split, (x, _) in data.items():   # an empty split would train on nothing, or report NaN accuracies
-        if not len(x):
-            why = (f"--val-frac {cfg.val_frac} leaves the {split} split of the training images empty; choose a "
-                   f"--val-frac that leaves images in both (0: no validation split)" if split != "test" else
-                   f"{folder}: the test split holds no images; use other data, or --no-eval-test")
-            raise ValueError(why)
+    data, hashes = util.rank_zero_first(lambda: mnist.run_splits(cfg))
+    if cfg.resume:   # the run continues on the data it started on (--data-dir may move, not change)
+        rundir.check_data(out, mnist.mnist_dir(cfg.data_dir), started.get("data") or {}, hashes)
 
-    # the schedule's length (§4.4: epochs of the training split, or --steps), and the flags it leaves idle
+    # the schedule's length (§4.4: epochs of the training split, or --steps)
     epochs = cfg.lora_epochs if lora else cfg.epochs
     steps = math.ceil(len(data["train"][0]) * epochs / cfg.batch_size)
     steps = min(steps, cfg.steps) if cfg.steps else steps
     left = (n_iters(cfg) - (resume or {}).get("iteration", 1) + 1) * steps - (resume or {}).get("step", 0)
-    typed = rundir.typed_by(cfg, given)
-    for flag, idle, why in (("halt_after", cfg.halt_after >= left, f"the run has {left} steps left"),
-                            ("save_every", typed("save_every") and cfg.save_every >= steps,
-                             f"an iteration is {steps} steps, and its end always saves")):
-        if idle:
-            raise ValueError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: {why}, so it would not act; drop it")
-    model, tok, device = load_base(cfg, base)
-    if cfg.batch_size < util.world()[1]:
-        raise ValueError(f"--batch-size {cfg.batch_size}: fewer sequences than the {util.world()[1]} processes; "
-                         f"use at least one per process")
+    rundir.check_steps(cfg, given, steps, left)
+    device, dtype = util.init_distributed(cfg.device), None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    # qlora.load_model also reads pre-quantized bnb-4bit checkpoints (§5.3: Unsloth's)
+    model, tok = (qlora.load_model if cfg.method == "qlora" else M.load)(base, device, dtype)
     amp = (torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and model.lm_head.weight.dtype == torch.bfloat16
            else contextlib.nullcontext())
-    if lora:  # the baseline lives in its own file (§5.3)
-        if cfg.method == "qlora" and not is_quantized(model):
-            qlora.quantize_model(model)
-        torch.manual_seed(cfg.seed)  # LoRA's A init
-        qlora.apply_lora(model, cfg.rank, cfg.lora_alpha, cfg.lora_dropout)
-        layers = {}
-    else:
-        layers = install_adapters(model, cfg)
-    run = Run(cfg, out, model, tok, device, amp, layers, data, digit_ids(tok), end_id(tok), steps,
+    # the baseline lives in its own file (§5.3): 4-bit base (qlora), LoRA's A seeded by --seed
+    layers = {} if lora else install_adapters(model, cfg)
+    if lora:
+        qlora.attach(model, cfg.method == "qlora", cfg.seed, cfg.rank, cfg.lora_alpha, cfg.lora_dropout)
+    run = rundir.Run(cfg, out, model, tok, device, amp, layers, data, digit_ids(tok), end_id(tok), steps,
               cfg.lora_lr if lora else cfg.lr, epochs, None, [], base=ident, checks=checks)
     if resume is not None:   # the adapters as they were (a later iteration is smaller), for the estimate
-        load_trainable_state(model, resume["state"])
+        AF.set_trainable(model, layers, resume["state"])
     elif METHODS[cfg.method]["init_mask"]:   # the method's initial mask (random-mask: §4.4), in the estimate too
         METHODS[cfg.method]["init_mask"](run)
     tokens = cfg.micro_batch * len(encode_example(tok, data["train"][0][0], 0, run.digits, run.eos)[0])
@@ -756,8 +661,7 @@ def setup(cfg, resume=None, given=None):
     # rank 0 only, as every file of the run: the ranks hold the same adapters)
     rank, ranks = util.world()
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        rundir.write_config(out, cfg, started.get("base") or ident, hashes, ranks, checks)
+        rundir.begin(out, cfg, started.get("base") or ident, hashes, checks, resume["log"] if resume else [])
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     util.say(f"{cfg.method}: {len(layers) or 'LoRA on the'} adapted layers, {n_trainable:,} trainable tensor entries"
              + (f"; {ranks} processes, {cfg.batch_size // ranks}-{-(-cfg.batch_size // ranks)} sequences each a step"
@@ -768,10 +672,6 @@ def setup(cfg, resume=None, given=None):
     if resume is not None:
         run.start_iter, run.start_step, run.log, run.resume = resume["iteration"], resume["step"], resume["log"], resume
         torch.set_rng_state(resume["rng"])
-
-    # metrics.jsonl holds what the checkpoint holds: lines written after it are dropped
-    if rank == 0:
-        util.atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in run.log)))
     return run
 
 
@@ -890,15 +790,9 @@ def train(cfg, given=None):
 
 
 def _train(cfg, given):
-    cfg, resume = rundir.resumed(cfg, given, RESUMABLE, check_fields)
-    if cfg.resume and resume is None:
-        if (Path(cfg.out) / f"iter{n_iters(cfg)}.safetensors").exists():   # a finished run: nothing to do
-            util.say(f"{cfg.out}: the run is complete (iter{n_iters(cfg)}.safetensors is there)")
-            return [json.loads(line) for line in open(Path(cfg.out) / "metrics.jsonl")]
-        # stopped before its first resume checkpoint: the run starts again from its first step, which
-        # gives the same numbers (every seed is in its config)
-        util.say(f"note: {cfg.out} has no resume checkpoint yet; the run starts again from its first step",
-                 file=sys.stderr)
+    cfg, resume = rundir.resumed(cfg, given, rundir.RESUMABLE, flags.check)
+    if cfg.resume and resume is None and rundir.finished(cfg.out, n_iters(cfg)):   # nothing left to do
+        return [json.loads(line) for line in open(Path(cfg.out) / "metrics.jsonl")]
     run = setup(check_config(cfg, given), resume, given)
     with rundir.stop_on_signals():
         for it in range(run.start_iter, n_iters(run.cfg) + 1):
@@ -914,49 +808,12 @@ def _train(cfg, given):
                     return None
     if util.world()[0] == 0:
         (run.out / "resume.pt").unlink(missing_ok=True)   # complete: its adapters are the iterK files
-        print_summary(run.log)
+        rundir.print_summary(run.log)
     return run.log
 
 
-def print_summary(log):
-    """The density report: one row per IMP iteration (the paper reports 3.46% after 5, §4.4)."""
-    flips = {r["iter"]: r["sign_flip"] for r in log if r.get("event") == "prune"}
-    pct = lambda v, p=1: "-" if v is None or v != v else f"{v:.{p}%}"
-    print("\n| iteration | density | sign flips at its end | val acc | test acc |\n|---|---|---|---|---|")
-    for r in log:
-        if r.get("event") == "iteration":
-            print(f"| {r['iter']} | {pct(r.get('density'), 2)} | {pct(flips.get(r['iter']))} | "
-                  f"{pct(r.get('val_acc'))} | {pct(r.get('test_acc'))} |")
-
 # -----------------------------------------------------------------------------
-# the run's machinery: base model, resume checkpoints, provenance
-
-def load_base(cfg, path):
-    """The base model from its resolved directory, on the run's device (this rank's GPU under
-    torchrun) and dtype."""
-    device = util.init_distributed(cfg.device)
-    dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-    if cfg.method == "qlora":  # also reads pre-quantized bnb-4bit checkpoints (§5.3: Unsloth's)
-        model, tok = qlora.load_model(path, device, dtype)
-    else:
-        model, tok = M.load(path, device, dtype)
-    return model, tok, device
-
-
-def is_quantized(model):
-    """Whether the base is 4-bit: bare NF4 layers, or LoRA layers holding the NF4 state themselves."""
-    return any(isinstance(m, qlora.Linear4bit) or getattr(m, "quantized", False) is True for m in model.modules())
-
-
-def load_trainable_state(model, state):
-    """Resume: the adapters' tensors as adapter_tensors saved them (each layer's compact storage)."""
-    if adapters(model):
-        return AF.set_adapter_tensors(adapters(model), state, "resume.pt")
-    own = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, t in state.items():
-            own[n].copy_(t)
-
+# resume checkpoints
 
 def save_resume(run, opt, it, step):
     """resume.pt: the trainable state, the optimizer, where the run is, the RNG and the log."""
@@ -965,296 +822,48 @@ def save_resume(run, opt, it, step):
                                  "rng": torch.get_rng_state(), "log": run.log})
 
 # -----------------------------------------------------------------------------
-# Textual MNIST (paper §4.2)
-
-QUESTION = "Below is a digit as text. Which digit is it?\n"  # Figure 5
-PREFIX = "The digit is "  # §4.2: appended to the assistant turn, the answer is the next token
-
-
-def to_text(image):
-    """(H, W) uint8 -> H lines of W digits: pixel p becomes floor(p * 10 / 256) in 0..9 (§4.2, Figure 1)."""
-    q = (np.asarray(image, dtype=np.int32) * 10 // 256).astype(np.uint8) + ord("0")
-    return "\n".join(row.tobytes().decode() for row in q)
-
-
-def prompt(tok, image, shots=()):
-    """Figure 5: ChatML with the default system prompt; earlier turns are the few-shot examples."""
-    msgs = []
-    for img, lab in shots:
-        msgs += [{"role": "user", "content": QUESTION + to_text(img)},
-                 {"role": "assistant", "content": PREFIX + str(int(lab))}]
-    msgs.append({"role": "user", "content": QUESTION + to_text(image)})
-    return tok.chat(msgs, add_generation_prompt=True) + PREFIX
-
-
-def digit_ids(tok):
-    """Token ids of '0'..'9'. Checks that each digit after the prefix is exactly one token, so the
-    answer is one greedy step and the loss covers exactly that token (§4.2)."""
-    ids = []
-    text = tok.chat([{"role": "user", "content": QUESTION + "0"}]) + PREFIX
-    head = tok.encode(text)
-    for d in range(10):
-        one = tok.encode(str(d))
-        if len(one) != 1 or tok.encode(text + str(d)) != head + one:
-            raise ValueError(f"tokenizer {tok.path}: digit {d} after {PREFIX!r} is not a single token")
-        ids.append(one[0])
-    return ids
-
-
-def end_id(tok):
-    ids = tok.encode("<|im_end|>")
-    if len(ids) != 1:
-        raise ValueError(f"tokenizer {tok.path}: <|im_end|> is not a special token")
-    return ids[0]
-
-
-SHOT_SEED = 1234  # the few-shot draw's seed (Table 2's 5-shot column; the paper does not give one)
-
-
-def shot_draws(n, pool_size, shots, seed=SHOT_SEED):
-    """Each of n images' `shots` training examples: one generator seeded `seed`, one randperm per image."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randperm(pool_size, generator=g)[:shots].tolist() for _ in range(n)]
-
-
-@torch.no_grad()
-def mnist_accuracy(model, tok, images, labels, shots=0, batch_size=16, seed=SHOT_SEED, progress=True, shot_pool=None,
-                   draws=None):
-    """-> (accuracy, predictions (N,) long, -1 = not a digit). The prediction is the greedy next
-    token after the prefix; a non-digit token counts as wrong (§4.2). shots > 0: each image gets
-    its own `shots` training examples, drawn without replacement by one generator seeded with
-    `seed` from shot_pool = (images, labels), the train split (Table 2); or, given, draws[i] for
-    image i (a share of images whose shots were drawn over all of them: evals/run.py on torchrun)."""
-    was_training = model.training
-    model.eval()
-    dev = model.lm_head.weight.device
-    ids = torch.tensor(digit_ids(tok))
-    if shots:
-        if shot_pool is None:
-            raise ValueError("few-shot Textual MNIST needs the shot pool (the train split's images, labels)")
-        pool_x, pool_y = shot_pool
-        draws = shot_draws(len(images), len(pool_x), shots, seed) if draws is None else draws
-    preds = []
-    bar = util.progress(total=len(images), desc=f"mnist {shots}-shot", unit="img", enabled=progress)
-    for b in range(0, len(images), batch_size):
-        rows = []
-        for i in range(b, min(b + batch_size, len(images))):
-            ex = [(pool_x[j], pool_y[j]) for j in draws[i]] if shots else ()
-            rows.append(tok.encode(prompt(tok, images[i], ex)))
-        L = max(map(len, rows))                                 # left padding: the last position is the prefix's end
-        x = torch.tensor([[tok.pad_id] * (L - len(r)) + r for r in rows], device=dev)
-        am = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], device=dev)
-        h = model(x, am, hidden_only=True)[:, -1]               # (B, C)
-        nxt = model.lm_head(h).argmax(-1).cpu()                 # (B,) over the whole vocabulary
-        hit = nxt[:, None] == ids[None]                         # (B, 10)
-        preds.append(torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(nxt, -1)))
-        bar.update(len(rows))
-    bar.close()
-    model.train(was_training)
-    preds = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
-    return (preds == labels.long()).float().mean().item() if len(preds) else float("nan"), preds
-
-# -----------------------------------------------------------------------------
-# adapters in files (adapters.py holds the format) and merged into their base
+# adapters in files (adapter_files.py holds the format)
 
 def save_adapter(model, path, cfg, extra=None):
-    """Write the trained adapter, with its config and `extra` (adapters.write)."""
+    """Write the trained adapter, with its config and `extra` (adapter_files.write)."""
     AF.write(path, AF.tensors_of(adapters(model), qlora.lora_state_dict(model)),
                       dataclasses.asdict(cfg), extra)
 
 
 def read_adapter(spec, tensors=True):
-    """-> (its tensors or None, its metadata, its Config) (adapters.read)."""
+    """-> (its tensors or None, its metadata, its Config) (adapter_files.read)."""
     t, meta, config = AF.read(spec, tensors)
-    return t, meta, rundir.config_from(config, AF.adapter_path(spec), Config, check_fields)
-
-
-def mask_counts(spec):
-    """Per-layer free-entry counts of a saved adapter (for --mask-like)."""
-    tensors, _, _ = read_adapter(spec)
-    return {k[:-len(".delta")]: v.numel() for k, v in tensors.items() if k.endswith(".delta")}
+    return t, meta, rundir.config_from(config, AF.adapter_path(spec), Config, flags.check)
 
 
 @torch.no_grad()
 def load_adapter(model, path, base=None, allow_other_base=False):
     """Install a saved adapter (any method) into a loaded base model, in place, every tensor into
     exactly one layer of its shape and kind. base: the model's identity ({"model", **model.base_identity}),
-    checked against the one the adapter recorded (adapters.check_base). -> (its Config, the verdict)."""
+    checked against the one the adapter recorded (adapter_files.check_base). -> (its Config, the verdict)."""
     tensors, meta, cfg = read_adapter(path)
     verdict = (AF.check_base(meta["base"], base, str(AF.adapter_path(path)), allow_other_base)
                if base else "unchecked")
     if METHODS[cfg.method]["lora"]:
-        if cfg.method == "qlora" and not is_quantized(model):
-            qlora.quantize_model(model)
-        if cfg.method == "lora" and is_quantized(model):
-            raise ValueError(f"{path}: a LoRA adapter of the unquantized base, and this base is 4-bit (NF4); "
-                             f"drop --quantize (a QLoRA adapter is trained on the 4-bit base)")
-        qlora.load_lora(model, tensors, cfg.rank, cfg.lora_alpha)
+        qlora.load_adapter(model, tensors, cfg.method == "qlora", cfg.rank, cfg.lora_alpha, path)
         return cfg, verdict
-    if is_quantized(model):
+    if qlora.is_quantized(model):
         raise ValueError(f"{path}: a {cfg.method} adapter adds to the unquantized weights, and this base is 4-bit "
                          f"(NF4); drop --quantize")
     AF.set_adapter_tensors(install_adapters(model, cfg), tensors, path)
     return cfg, verdict
 
 
-def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=False, allow_other_base=False):
-    """`rigsa.py merge`: base + adapter, merged in float32 and cast once, written as a checkpoint in
-    the official layout (adapters.write_merged). A bfloat16 cast that loses more than 1% of
-    sum |alpha m dW| (small deltas round away under bfloat16's ulp of W0) is refused unless
-    allow_lossy: the merged model would be closer to the base than to the adapted one."""
-    _, meta, cfg = read_adapter(adapter, tensors=False)
-    if cfg.method == "qlora":
-        raise ValueError(f"{adapter}: a QLoRA adapter sits on a 4-bit base, and merging would re-quantize it "
-                         f"(lossy); use it unmerged (evals/run.py --adapter) or its PEFT copy in iterK-peft/")
-    out = Path(out)
-    if out.is_symlink() or out.exists() and (not out.is_dir() or any(out.iterdir())):
-        what = "a link" if out.is_symlink() else "a file" if not out.is_dir() else "a directory that is not empty"
-        raise FileExistsError(f"--out {out}: is {what}; name a new folder (or an empty one)")
-    src = M.resolve(base or cfg.model, revision or (cfg.revision if not base or base == cfg.model else None) or None)
-    ident = {"model": base or cfg.model, **M.base_identity(src)}
-    verdict = AF.check_base(meta["base"], ident, f"--adapter {adapter}", allow_other_base)   # before the load
-    model, _ = M.load(src, "cpu", torch.float32)   # merge in float32, then cast
-    load_adapter(model, adapter)
-    lost, total = AF.merge_adapters(model, getattr(torch, dtype))
-    frac = lost / max(total, 1e-30)
-    if frac > 0.01 and not allow_lossy:
-        raise ValueError(f"--dtype {dtype}: the cast loses {frac:.2%} of sum|alpha*m*dW| (more than 1%); merge in "
-                         f"float32 (the default), or pass --allow-lossy to write it anyway")
-    AF.write_merged(out, src, model, getattr(torch, dtype),
-                             {"adapter": str(AF.adapter_path(adapter)), "base": ident,
-                              "adapter_base": meta["base"], "base_check": verdict, "dtype": dtype})
-    print(f"merged {adapter} into {out} ({dtype}); the cast lost {frac:.2%} of sum|alpha*m*dW|")
-    return out
-
 # -----------------------------------------------------------------------------
-# demo: the whole pipeline offline on a tiny random model (make demo)
-
-DEMO_ENTRIES = ("DEMO", "tiny-model", "mnist", "run")   # what `rigsa.py demo` writes under --out
-
-
-def demo(out="runs/demo"):
-    """A tiny random model with SmolLM2's architecture and tokenizer structure learns synthetic 8x8
-    digits (a 5x7 font with 5% of the pixels noise) through two IMP iterations. The lr is higher and
-    the weight decay lower than the paper's (§4.4): 2 x 300 steps instead of 2 x 3,713."""
-    t0 = time.time()
-    torch.set_num_threads(1)  # a tiny model is all per-op overhead: threads only add to it
-    out = Path(out)
-    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "DEMO").is_file())):
-        raise FileExistsError(f"{out}: exists and is not a demo directory (no DEMO file in it); "
-                              f"choose another --out, or an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
-    with util.lock_dir(out, "rigsa.py demo"):   # one demo per folder; and its run is not another's to delete
-        with util.lock_dir(out / "run") if (out / "run").is_dir() else contextlib.nullcontext():
-            for name in DEMO_ENTRIES:   # what an earlier demo wrote; anything else there is the user's, and stays
-                p = out / name
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p)
-                elif p.exists() or p.is_symlink():
-                    p.unlink()
-        (out / "DEMO").write_text("written by rigsa.py demo\n")
-        tiny.write_tiny_checkpoint(out / "tiny-model", shape="gqa", seed=0)
-        mnist.write_synthetic_mnist(out / "mnist", n_train=400, n_test=100, size=8, seed=0, noise=0.05, shift=False)
-        cfg = Config(model=str(out / "tiny-model"), out=str(out / "run"), data_dir=str(out), device="cpu", iters=2,
-                     steps=300, epochs=100.0, warmup=10, lr=1e-2, weight_decay=0.1, val_frac=0.05, micro_batch=16,
-                     log_every=10, save_every=0, offline=True, verify=False)
-        print("demo: tiny SmolLM2-shaped random model, 380 synthetic 8x8 training digits, 2 IMP iterations")
-        if train(cfg) is None:   # stopped by a signal (it said so, with the command that continues)
-            return None
-        model, tok = M.load(cfg.model, "cpu")
-        x, y = mnist.load_mnist(out / "mnist", "test", verify=False)
-        base_acc, _ = mnist_accuracy(model, tok, x, y, progress=False)
-        print(f"base model (no adapter) test acc {base_acc:.1%}; chance is 10%")
-        print(f"demo done in {time.time() - t0:.0f} s; adapters in {cfg.out}/iterK.safetensors")
-        return cfg.out
-
-# -----------------------------------------------------------------------------
-# CLI
-
-def config_parser(ap):
-    """One flag per Config field, checked as it is parsed (its range or choices)."""
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        check = f.metadata["check"]
-        h = f"{f.metadata['help']} [default: {f.default}" + (f"; {check.want}]" if check else "]")
-        if f.type in (bool, "bool"):
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=h)
-        else:
-            ap.add_argument(flag, type=f.metadata["check"] or type(f.default), choices=f.metadata["choices"],
-                            default=f.default, help=h)
-    return ap
-
-
-def typed_flags(parser, argv):
-    """The Config fields whose flags argv gives, at their default value or not (argparse fills in a
-    default only where the namespace has no value yet, so a sentinel marks the ones not typed)."""
-    unset = object()
-    ns = parser.parse_args(argv, argparse.Namespace(**{f.name: unset for f in dataclasses.fields(Config)}))
-    return {f.name for f in dataclasses.fields(Config) if getattr(ns, f.name) is not unset}
-
+# the command line
 
 def main(argv=None):
-    ap = util.ArgumentParser(prog="rigsa.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    train_ap = config_parser(sub.add_parser("train", help="train adapters with IMP (§3.2, §4.4)"))
-    p = sub.add_parser("show", help="print one image as Textual MNIST (§4.2, Figure 1)")
-    p.add_argument("--index", type=INT0, default=0, help="image index [default: 0]")
-    p.add_argument("--split", default="train", choices=["train", "val", "test"], help="[default: train]")
-    p.add_argument("--data-dir", default="data", help="data root, MNIST in <root>/mnist/ [default: data]")
-    p.add_argument("--offline", action="store_true", help="never download: a missing MNIST file is an error")
-    p.add_argument("--no-verify", action="store_true", help="skip the MNIST checksums (stand-in data)")
-    p = sub.add_parser("merge", help="merge an adapter into its base model, official layout")
-    p.add_argument("--adapter", required=True, help="RUN/iterK")
-    p.add_argument("--out", required=True, help="output directory (new, or empty)")
-    p.add_argument("--model", default=None, help="base model [default: the one the adapter was trained on]")
-    p.add_argument("--revision", default=None, help="hub revision of --model [default: the adapter's recorded one]")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="of the merged weights [default: float32: bfloat16 rounds away small deltas, so a "
-                        "cast that loses more than 1%% of the adapter is refused without --allow-lossy]")
-    p.add_argument("--allow-lossy", action="store_true", help="write a bfloat16 merge whatever the cast loses")
-    p.add_argument("--allow-other-base", action="store_true",
-                   help="merge into a base other than the one the adapter was trained on (recorded in rigsa-merge.json)")
-    p = sub.add_parser("demo", help="the whole pipeline offline on a tiny model (under a minute on 2 CPU cores)")
-    p.add_argument("--out", default="runs/demo", help="[default: runs/demo]")
-    argv = sys.argv[1:] if argv is None else argv
-    a = ap.parse_args(argv)
-    util.keep_freed_memory()
-    interrupts.stop_as_interrupt()   # SIGTERM as Ctrl-C: cleanup runs, one line, exit 143 (training: resume.pt first)
-    try:
-        if a.cmd == "train":
-            given = typed_flags(train_ap, argv[argv.index("train") + 1:])
-            done = train(Config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Config)}), given)
-            interrupts.stop_as_interrupt(False)   # its files are written: a signal from here on needs no word
-            code = 128 + rundir.STOP[0] if done is None and rundir.STOP else 0   # interrupted by a signal: saved, and the shell sees why
-            util.exit_distributed(code)
-            if code:
-                sys.exit(code)
-        elif a.cmd == "show":
-            x, y = mnist.load_mnist(mnist.mnist_dir(a.data_dir), a.split, download=not a.offline, verify=not a.no_verify)
-            if not a.index < len(x):
-                raise ValueError(f"--index {a.index}: outside the {a.split} split (0..{len(x) - 1})")
-            print(to_text(x[a.index]))
-            print(f"label: {int(y[a.index])}")
-        elif a.cmd == "merge":
-            merge(a.adapter, a.out, a.model, a.dtype, a.revision, a.allow_lossy, a.allow_other_base)
-        elif a.cmd == "demo" and demo(a.out) is None and rundir.STOP:   # stopped: as train, 128 + the signal
-            sys.exit(128 + rundir.STOP[0])
-    except (OSError, ValueError, RuntimeError) as e:   # OSError: FileNotFoundError, FileExistsError, a full disk
-        util.abandon_distributed()
-        sys.exit(f"error: {' '.join(str(e).split())}")
-    except KeyboardInterrupt:   # Ctrl-C outside training, or a second signal during it: at once, in one line
-        util.abandon_distributed()
-        if rundir.STOP:
-            interrupts.SIGNALS.append(rundir.STOP[-1])
-        if a.cmd == "train" and (Path(a.out) / "config.json").exists():
-            what = (f"{interrupts.command(__file__, ['train', '--resume', '--out', a.out])} continues from the last "
-                    f"resume checkpoint")
-        else:
-            what = f"nothing was kept; run again with: {interrupts.command(__file__, argv)}"
-        interrupts.exit_interrupted(what)
-    finally:
-        interrupts.stop_as_interrupt(False)
+    """python rigsa.py train | show | merge | demo (cli.py: their flags, merge, the demo, and what an
+    error or a signal prints)."""
+    import cli   # sits on top of this file
+    cli.main(argv)
 
 
 if __name__ == "__main__":
+    sys.modules["rigsa"] = sys.modules["__main__"]   # cli's `import rigsa` is this module, not a second copy
     main()

@@ -22,11 +22,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import adapter_files as AF
 import model as M
 import util
 
 # -----------------------------------------------------------------------------
 # the config, saved and read back
+
+# flags a resumed run may change: how it runs, not what it computes
+RESUMABLE = {"resume", "halt_after", "save_every", "log_every", "device", "moments", "eval_batch", "offline", "verify",
+             "data_dir", "out", "allow_other_base"}
 
 _WARNED = set()
 
@@ -107,15 +112,108 @@ def resumed(cfg, given, resumable, check=None):
 
 
 
-def write_config(out, cfg, base, data, processes, checks=None):
-    """config.json: the run's config, the identity of the base it started on (and the base checks'
-    verdicts: an --allow-other-base is recorded), its data files' sha256 and the code and machine
-    that ran it."""
-    util.write_json(Path(out) / "config.json", {"config": dataclasses.asdict(cfg), "base": base, "data": data,
-                                                "base_check": checks or {},
-                                                "git_commit": util.git_commit(),
-                                                "torch": torch.__version__, "python": sys.version.split()[0],
-                                                "processes": processes})
+# -----------------------------------------------------------------------------
+# the run in memory
+
+@dataclasses.dataclass
+class Run:
+    """What a training run holds between its phases: set up once by rigsa.setup(), read and updated
+    by the IMP loop's steps; record() appends to metrics.jsonl (rank 0)."""
+    cfg: object                 # rigsa.Config
+    out: Path
+    model: torch.nn.Module
+    tok: M.Tokenizer
+    device: torch.device
+    amp: object                 # bfloat16 autocast on CUDA, else a null context
+    layers: dict                # {name: GatedSparseLinear}; empty for LoRA/QLoRA
+    data: dict                  # split -> (images, labels)
+    digits: list                # token ids of '0'..'9'
+    eos: int
+    steps: int                  # optimizer steps per IMP iteration
+    lr: float                   # peak learning rate
+    epochs: float
+    moments: str                # where AdamW's moments live (choose_moments, once the adapters are in place)
+    log: list                   # every metrics.jsonl record so far
+    base: dict = None           # the base model's identity (model.base_identity), recorded with every adapter
+    checks: dict = None         # check_base's verdicts (--resume, --mask-like), recorded likewise
+    start_iter: int = 1         # where this process starts (a resumed run: where it stopped)
+    start_step: int = 0
+    resume: dict = None         # resume.pt's content, until the iteration it belongs to has started
+    done_steps: int = 0         # optimizer steps taken by this process (--halt-after)
+    comm_s: float = 0.0         # seconds in the gradients' all-reduce (torchrun), this process
+
+    def record(self, r):
+        self.log.append(r)
+        if util.world()[0] == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(r) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# provenance: what the run was made from
+
+def check_bases(cfg, ident, mask_like=None):
+    """The base the run loads (ident: {"model", **model.base_identity}) against those it builds on:
+    --resume's run continues on the base it started on (config.json keeps naming it), and --mask-like's
+    adapter (its metadata, mask_like) was trained on it. -> (config.json's content, {} for a new run;
+    the checks' verdicts, kept with the run and its adapters). adapter_files.check_base refuses."""
+    out = Path(cfg.out)
+    started = json.loads((out / "config.json").read_text()) if cfg.resume else {}
+    checks = dict(started.get("base_check") or {})
+    if cfg.resume:
+        checks["resume"] = AF.check_base(started.get("base"), ident, f"--resume {out}", cfg.allow_other_base)
+    if mask_like is not None:
+        checks["mask_like"] = AF.check_base(mask_like.get("base"), ident, f"--mask-like {cfg.mask_like}",
+                                            cfg.allow_other_base)
+    return started, checks
+
+
+def check_data(out, folder, saved, hashes):
+    """--resume: each data file the run recorded (saved: name -> sha256) is the one in `folder` now."""
+    for n in sorted(set(saved) & set(hashes)):
+        if saved[n] != hashes[n]:
+            raise ValueError(f"--resume {out}: {folder / n} is not the file the run started on (sha256 "
+                             f"{saved[n][:12]}... then, {hashes[n][:12]}... now); continue on the run's data, or "
+                             f"start a new run with another --out")
+
+
+def finished(out, last):
+    """--resume without a resume.pt: True if the run is complete (its last adapter, iter{last}, is
+    there: said). Else it stopped before its first resume checkpoint, and starts again from its first
+    step, which gives the same numbers (every seed is in its config): said too."""
+    if (Path(out) / f"iter{last}.safetensors").exists():
+        util.say(f"{out}: the run is complete (iter{last}.safetensors is there)")
+        return True
+    util.say(f"note: {out} has no resume checkpoint yet; the run starts again from its first step", file=sys.stderr)
+    return False
+
+
+def check_steps(cfg, given, steps, left):
+    """Flags the run's length leaves idle, and a batch the processes cannot share (steps: an iteration's
+    optimizer steps; left: this run's steps to go; given: the flags the user typed)."""
+    typed = typed_by(cfg, given)
+    for flag, idle, why in (("halt_after", cfg.halt_after >= left, f"the run has {left} steps left"),
+                            ("save_every", typed("save_every") and cfg.save_every >= steps,
+                             f"an iteration is {steps} steps, and its end always saves")):
+        if idle:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)}: {why}, so it would not act; drop it")
+    if cfg.batch_size < util.world()[1]:
+        raise ValueError(f"--batch-size {cfg.batch_size}: fewer sequences than the {util.world()[1]} processes; "
+                         f"use at least one per process")
+
+
+def begin(out, cfg, base, data, checks, log):
+    """The run directory once the data and the model have loaded and the step fits (rank 0):
+    config.json with the run's config, the identity of the base it started on (and the base checks'
+    verdicts: an --allow-other-base is recorded), its data files' sha256 and the code and machine that
+    ran it; metrics.jsonl holding what resume.pt holds (`log`: lines written after it are dropped)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    util.write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "base": base, "data": data,
+                                          "base_check": checks or {}, "git_commit": util.git_commit(),
+                                          "torch": torch.__version__, "python": sys.version.split()[0],
+                                          "processes": util.world()[1]})
+    util.atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in log)))
 
 
 def save_resume(out, state):
@@ -210,4 +308,15 @@ def stop_on_signals():
         for s, h in old.items():
             signal.signal(s, h)
 
+# -----------------------------------------------------------------------------
+# the report
 
+def print_summary(log):
+    """The density report: one row per IMP iteration (the paper reports 3.46% after 5, §4.4)."""
+    flips = {r["iter"]: r["sign_flip"] for r in log if r.get("event") == "prune"}
+    pct = lambda v, p=1: "-" if v is None or v != v else f"{v:.{p}%}"
+    print("\n| iteration | density | sign flips at its end | val acc | test acc |\n|---|---|---|---|---|")
+    for r in log:
+        if r.get("event") == "iteration":
+            print(f"| {r['iter']} | {pct(r.get('density'), 2)} | {pct(flips.get(r['iter']))} | "
+                  f"{pct(r.get('val_acc'))} | {pct(r.get('test_acc'))} |")

@@ -11,12 +11,14 @@ import torch
 import torch.nn as nn
 
 import adapter_files as AF
+import cli
 import memory
 import mnist
 import model as M
 import qlora
 import rigsa
 import rundir
+import util
 from conftest import hf_model, one_thread
 
 
@@ -172,7 +174,7 @@ def test_kth_largest_matches_sort():
     chunks = [torch.rand(1000, generator=g), torch.rand(10, generator=g).round(), torch.zeros(0), torch.rand(77, generator=g)]
     allv = torch.cat(chunks).sort(descending=True).values
     for k in (1, 5, 500, 1087):
-        assert rigsa.kth_largest(lambda: iter(chunks), k) == allv[k - 1].item()
+        assert util.kth_largest(lambda: iter(chunks), k) == allv[k - 1].item()
 
 
 def test_pruned_entries_stay_zero_and_weight_decay_is_exact():
@@ -247,7 +249,7 @@ def test_adapter_roundtrip_merge_and_random_mask(tiny_run, tiny_dir, tmp_path, m
     y = m(x)
     it2 = [r for r in full if r.get("event") == "iteration"][-1]
     assert rigsa.density_report(rigsa.adapters(m))[0] == pytest.approx(it2["density"])
-    out = rigsa.merge(tmp / "run" / "iter2", tmp_path / "merged", dtype="float32")
+    out = cli.merge(tmp / "run" / "iter2", tmp_path / "merged", dtype="float32")
     merged, _ = M.load(out)
     torch.testing.assert_close(merged(x), y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(hf_model(out)(x).logits, y, rtol=1e-4, atol=1e-4)  # transformers reads it too
@@ -259,11 +261,11 @@ def test_adapter_roundtrip_merge_and_random_mask(tiny_run, tiny_dir, tmp_path, m
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(M, "save_checkpoint", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        rigsa.merge(tmp / "run" / "iter2", tmp_path / "again" / "merged", dtype="float32")
+        cli.merge(tmp / "run" / "iter2", tmp_path / "again" / "merged", dtype="float32")
     monkeypatch.undo()
     assert list((tmp_path / "again").iterdir()) == []
     # random-mask: the per-layer counts of the RIGSA mask, at other positions; or a uniform density
-    counts = rigsa.mask_counts(tmp / "run" / "iter2")
+    counts = AF.mask_counts(tmp / "run" / "iter2")
     m2, _ = M.load(tiny_dir)
     layers = rigsa.install_adapters(m2, rigsa.Config(method="random-mask", density=0.25))
     rigsa.random_masks(layers, counts, seed=5)
@@ -278,7 +280,7 @@ def test_adapter_roundtrip_merge_and_random_mask(tiny_run, tiny_dir, tmp_path, m
     cfg = tiny_cfg(tiny_dir, tmp, out=str(tmp_path / "rm"), method="random-mask", mask_like=str(tmp / "run" / "iter2"), steps=2)
     with one_thread():
         log = rigsa.train(cfg)
-    assert rigsa.mask_counts(tmp_path / "rm" / "iter1") == counts and len([r for r in log if r.get("event")]) == 1
+    assert AF.mask_counts(tmp_path / "rm" / "iter1") == counts and len([r for r in log if r.get("event")]) == 1
 
 
 def test_learns_tiny_textual_digits(tiny_dir, tmp_path):
@@ -333,7 +335,7 @@ def test_lora_merge(tiny_dir, tmp_path):
     x = torch.tensor([tok.encode("The digit is 7")])
     y = m(x)
     assert (y - M.load(tiny_dir)[0](x)).abs().max() > 1e-4          # the adapter does something
-    out = rigsa.merge(tmp_path / "run" / "iter1", tmp_path / "merged", dtype="float32")
+    out = cli.merge(tmp_path / "run" / "iter1", tmp_path / "merged", dtype="float32")
     torch.testing.assert_close(M.load(out)[0](x), y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(hf_model(out)(x).logits, y, rtol=1e-4, atol=1e-4)
     q = tmp_path / "q"
@@ -341,7 +343,7 @@ def test_lora_merge(tiny_dir, tmp_path):
     with one_thread():
         rigsa.train(tiny_cfg(tiny_dir, q, method="qlora", rank=2, steps=1, warmup=1))
     with pytest.raises(ValueError, match="4-bit base"):
-        rigsa.merge(q / "run" / "iter1", tmp_path / "merged-q")
+        cli.merge(q / "run" / "iter1", tmp_path / "merged-q")
 
 
 def test_merge_adapters_folds_lora_in_float32_and_refuses_4bit(tiny_dir):
@@ -391,7 +393,7 @@ def dense_prune(layers, keep, scope, sign):
             for n, L in layers.items()}
     for group in ([list(layers)] if scope == "global" else [[n] for n in layers]):
         k = round(keep * sum(int(elig[n].sum()) for n in group))
-        thr = rigsa.kth_largest(lambda: (layers[n].delta.abs()[elig[n]] for n in group), k) if k else math.inf
+        thr = util.kth_largest(lambda: (layers[n].delta.abs()[elig[n]] for n in group), k) if k else math.inf
         quota = k - sum(int(((layers[n].delta.abs() > thr) & elig[n]).sum()) for n in group)
         for n in group:
             L = layers[n]
@@ -642,10 +644,10 @@ def test_resume_takes_a_branch_name_as_the_recorded_commit(tmp_path):
     sha = "a" * 40
     saved = rigsa.Config(model="org/name", revision=sha, out=str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"config": dataclasses.asdict(saved)}))
-    cfg, state = rundir.resumed(rigsa.Config(model="org/name", revision="main", out=str(tmp_path), resume=True), None, rigsa.RESUMABLE)
+    cfg, state = rundir.resumed(rigsa.Config(model="org/name", revision="main", out=str(tmp_path), resume=True), None, rundir.RESUMABLE)
     assert cfg.revision == sha and state is None
     with pytest.raises(ValueError, match="--revision 'b{40}' \\(saved: 'a{40}'\\)"):
-        rundir.resumed(rigsa.Config(model="org/name", revision="b" * 40, out=str(tmp_path), resume=True), None, rigsa.RESUMABLE)
+        rundir.resumed(rigsa.Config(model="org/name", revision="b" * 40, out=str(tmp_path), resume=True), None, rundir.RESUMABLE)
 
 
 def test_init_check_is_dw0s_first_values_and_guards_loading(tiny_dir):

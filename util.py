@@ -14,6 +14,8 @@ tasks or the method; model.py, qlora.py, rigsa.py, evals/ and the scripts import
   init_distributed, world    torchrun: one process per GPU (gloo processes on the CPU); say: rank 0 prints
   exit_distributed           torchrun: all ranks done, then the process group left and the process ended
   keep_freed_memory          CPU runs: glibc keeps freed blocks for reuse
+  kth_largest                an exact k-th largest over chunks of floats (IMP's threshold), nothing concatenated
+  all_reduce_grads           torchrun: the gradients summed across ranks after an accumulated batch
 """
 import argparse
 import contextlib
@@ -556,6 +558,40 @@ def gather(part):
     parts = [None] * world()[1]
     dist.all_gather_object(parts, part)
     return [x for p in parts for x in p]
+
+
+def all_reduce_grads(params, loss, device):
+    """The gradients of `params` and the float `loss` summed across ranks, after a whole accumulated
+    batch: one all-reduce per tensor, without wrapping the model in DDP (a pruning replaces the
+    compact layers' tensors, and DDP's buckets with them). A tensor this rank's rows gave no gradient
+    joins with zeros. -> (the summed loss, the seconds it took)."""
+    t0 = time.perf_counter()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+    t = torch.tensor(loss, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item(), time.perf_counter() - t0   # ends with a host sync (.item()): the transfers are done
+
+
+def kth_largest(chunks, k):
+    """The k-th largest value of non-negative float32 tensors (a callable yielding them, so that
+    nothing is concatenated): two histogram passes over the bit patterns, whose integer order is
+    the float order for x >= 0. Exact, memory O(largest chunk), any number of elements."""
+    hist = torch.zeros(1 << 16, dtype=torch.long)
+    for x in chunks():
+        hist += torch.bincount((x.view(torch.int32) >> 16).long(), minlength=1 << 16).cpu()
+    at_least = hist.flip(0).cumsum(0).flip(0)               # [b] = count with high bits >= b
+    hi = int((at_least >= k).nonzero().max())
+    above = int(at_least[hi + 1]) if hi + 1 < (1 << 16) else 0
+    hist = torch.zeros(1 << 16, dtype=torch.long)
+    for x in chunks():
+        bits = x.view(torch.int32)
+        hist += torch.bincount((bits[(bits >> 16) == hi] & 0xFFFF).long(), minlength=1 << 16).cpu()
+    at_least = hist.flip(0).cumsum(0).flip(0) + above
+    lo = int((at_least >= k).nonzero().max())
+    return torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32).item()
 
 
 _on_device = {}

@@ -287,12 +287,12 @@ def part2(a):
 
 def part3(a):
     """What 8-bit moments cost (the README's --moments table): the demo's run (tiny model, synthetic
-    8x8 digits, two IMP iterations, rigsa.demo's hyperparameters) with AdamW's moments on the device,
+    8x8 digits, two IMP iterations, cli.demo's hyperparameters) with AdamW's moments on the device,
     in host memory and in 8 bits, in float32 on the CPU: accuracy, density, and how far the adapters
     are from the exact ones."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-moments-"))
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # as rigsa.demo: its exact rows are the demo's own output
+    torch.set_num_threads(1)   # as cli.demo: its exact rows are the demo's own output
     try:
         tiny.write_tiny_checkpoint(tmp / "tiny", shape="gqa", seed=0)
         mnist.write_synthetic_mnist(tmp / "mnist", n_train=400, n_test=100, size=8, seed=0, noise=0.05, shift=False)

@@ -14,7 +14,7 @@ For each of PIQA, HellaSwag and GSM8k it
    writes its files with its EvaluationTracker; then compares every sample line (fields, their order,
    doc_hash, prompt_hash, target_hash, arguments, responses, metrics), the task hash, the results
    (metrics, stderrs, n-samples, versions, n-shot, higher_is_better) and our configs subset.
-It exits 1 on any difference. It prints the task hashes that evals/test_evals.py pins.
+It exits 1 on any difference. It prints the task hashes that tests/test_evals.py pins.
 """
 import argparse
 import glob
@@ -32,7 +32,7 @@ TASKS = ["piqa", "hellaswag", "gsm8k"]
 def write_data(root, n=5):
     """Tiny data/<task>/ files with what moves a hash or a request: text beyond ASCII (lm-eval dumps
     documents with ensure_ascii=False), whitespace kept inside and around choices, HellaSwag's [tags]
-    and int labels, GSM8k's 5 shots drawn from 8 train lines. evals/test_evals.py runs on them and
+    and int labels, GSM8k's 5 shots drawn from 8 train lines. tests/test_evals.py runs on them and
     pins the task hashes this script prints."""
     root = Path(root)
     for t in TASKS:

@@ -171,17 +171,27 @@ def mnist_fits(images, tok, P, k):
     return longest
 
 
+SHOT_SEED = 1234  # the few-shot draw's seed (Table 2's 5-shot column; the paper does not give one)
+
+
+def shot_draws(n, pool_size, shots, seed=SHOT_SEED):
+    """Each of n images' `shots` training examples, without replacement: one generator seeded `seed`,
+    one randperm per image, drawn over every image before a rank takes its share."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randperm(pool_size, generator=g)[:shots].tolist() for _ in range(n)]
+
+
 def eval_mnist(data, model, tok, args, k):
     (images, labels), pool = data
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
     longest = mnist_fits(images, tok, model.config.max_position_embeddings, k)
     bs = batch_size_for(args, model, longest, 1)
-    seed = rigsa.SHOT_SEED if args.seed is None else args.seed
-    draws = rigsa.shot_draws(len(images), len(pool[0]), k, seed) if k else None   # over every image, first
-    part = util.shard(len(images))                                              # then this rank's share
-    _, preds = rigsa.mnist_accuracy(model, tok, images[part], labels[part], shots=k, batch_size=bs, shot_pool=pool,
-                                    draws=draws[part] if k else None)
+    seed = SHOT_SEED if args.seed is None else args.seed
+    draws = shot_draws(len(images), len(pool[0]), k, seed) if k else None   # over every image, first
+    part = util.shard(len(images))                                        # then this rank's share
+    shots = [[(pool[0][j], pool[1][j]) for j in d] for d in draws[part]] if k else None
+    _, preds = rigsa.mnist_accuracy(model, tok, images[part], labels[part], shots, batch_size=bs)
     preds = torch.tensor(util.gather(preds.tolist()), dtype=torch.long)
     draws = draws if k else [[]] * len(images)   # every rank drew them all
     samples, accs = [], []
@@ -336,7 +346,7 @@ def run_info(args, model, tok, name, revision, quantize, device):
                        "batch_size": str(args.batch_size), "device": str(device), "limit": args.limit or None,
                        "bootstrap_iters": 100000,   # lm-eval's default; means get the closed form
                        "gen_kwargs": None, "fewshot_seed": T.GSM8K_SEED,
-                       "mnist_seed": rigsa.SHOT_SEED if args.seed is None else args.seed}}
+                       "mnist_seed": SHOT_SEED if args.seed is None else args.seed}}
 
 
 def write_file(flag, path, write):
@@ -620,7 +630,7 @@ def evaluate(args):
         qlora.quantize_model(model)
     if args.adapter:
         install_adapter(model, args.adapter, name)
-    quantize = "nf4" if rigsa.is_quantized(model) else None   # --quantize, a QLoRA adapter or a 4-bit checkpoint
+    quantize = "nf4" if qlora.is_quantized(model) else None   # --quantize, a QLoRA adapter or a 4-bit checkpoint
     info = run_info(args, model, tok, name, revision, quantize, device)
     util.say(f"model {name} adapter {args.adapter} dtype {info['dtype']} device {model.lm_head.weight.device} "
              f"chat {args.chat} quantize {quantize}" + (f" processes {util.world()[1]}" if util.world()[1] > 1 else ""),

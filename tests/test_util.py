@@ -80,7 +80,7 @@ def test_sigterm_during_atomic_write_removes_the_temporary_and_exits_143(tmp_pat
     p.write_bytes(b"old")
     code = f"""if 1:
         import sys, time
-        sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+        sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
         import util
         def write(tmp):
             with open(tmp, "wb") as f:

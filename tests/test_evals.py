@@ -377,12 +377,12 @@ def test_cli_end_to_end(task, tiny_dir, tmp_path, monkeypatch):
         x, y = mnist.load_mnist(tmp_path / "mnist", "test", verify=False)
         if shots:   # the training images each prompt showed: the draw of --seed (-7 here) over all documents
             pool = len(mnist.load_mnist(tmp_path / "mnist", "train", verify=False)[1])
-            assert [t["shots"] for t in r["samples"]] == rigsa.shot_draws(4, pool, 5, -7)
+            assert [t["shots"] for t in r["samples"]] == R.shot_draws(4, pool, 5, -7)
         assert [t["target"] for t in r["samples"]] == y[:4].tolist()
         assert all(t["acc"] == int(t["prediction"] == t["target"]) for t in r["samples"])
         # the logged prompts are the ones rigsa.mnist_accuracy scored (its calls follow the length probes, before the model loads and before scoring)
         assert [x["prompt_hash"] for x in lines] == [R.sha256(p) for p in prompts[2:6]]
-        assert len(set(prompts[2:6])) == 4 and res["config"]["mnist_seed"] == (-7 if shots else rigsa.SHOT_SEED)
+        assert len(set(prompts[2:6])) == 4 and res["config"]["mnist_seed"] == (-7 if shots else R.SHOT_SEED)
 
 
 def test_cli_all_continues_past_a_failing_task(tiny_dir, tmp_path, monkeypatch, capsys):

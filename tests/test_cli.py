@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import flags
 import model as M
 import reproduce
 import mnist
@@ -26,7 +27,7 @@ import util
 from evals import run as evals_run
 from conftest import one_thread
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository, above tests/
 
 
 @pytest.fixture(scope="module")
@@ -329,7 +330,7 @@ def test_a_signal_during_training_loses_nothing(world, tmp_path, sig):
             "--log-every", "1", "--save-every", "3"]
     ref = tmp_path / "ref"
     with one_thread():
-        rigsa.train(rigsa.Config(**vars(rigsa.config_parser(util.ArgumentParser()).parse_args(args + ["--out", str(ref)]))))
+        rigsa.train(rigsa.Config(**vars(flags.add_flags(util.ArgumentParser(), rigsa.Config).parse_args(args + ["--out", str(ref)]))))
     out = tmp_path / "run"
     proc = launch(args + ["--out", str(out)], tmp_path)
     wait_for_steps(out, 8, proc)
@@ -388,7 +389,7 @@ def test_ctrl_c_before_the_run_exists_says_run_again_not_resume(world, tmp_path,
     # rule 7: an interrupt while the data or the model loads keeps nothing, and says so
     w, m, _ = world
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(rigsa, "load_base", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(M, "load", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     argv = T("--model", m, "--data-dir", str(w / "data"), "--val-frac", "0.25", "--out", "r")
     code, _, err = run_main(rigsa.main, argv, capsys)
     assert code == 130 and err.strip().splitlines()[-1] == (

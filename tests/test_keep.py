@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+import cli
 import mnist
 import rigsa
 import interrupts
@@ -18,7 +19,7 @@ import tiny
 from conftest import one_thread
 from evals import run as R
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository, above tests/
 
 
 def base(model, data, **kw):
@@ -102,7 +103,7 @@ def test_a_previous_result_is_replaced(world, tmp_path):
 
 def test_demo_deletes_only_its_own_entries(tmp_path, monkeypatch, capsys):
     out = tmp_path / "demo"
-    for d in rigsa.DEMO_ENTRIES[1:]:
+    for d in cli.DEMO_ENTRIES[1:]:
         (out / d).mkdir(parents=True)
         (out / d / "old").write_text("an earlier demo's")
     (out / "DEMO").write_text("written by rigsa.py demo\n")
@@ -112,7 +113,7 @@ def test_demo_deletes_only_its_own_entries(tmp_path, monkeypatch, capsys):
     trained = []
     monkeypatch.setattr(rigsa, "train", lambda cfg: trained.append(sorted(os.listdir(out))) or [])   # the rest as it is
     monkeypatch.setattr(rigsa, "mnist_accuracy", lambda *a, **k: (0.1, None))
-    rigsa.demo(str(out))
+    cli.demo(str(out))
     # the old run/ gone, new data there, and the demo's LOCK while it runs
     assert trained == [["DEMO", "LOCK", "mine", "mnist", "results.json", "tiny-model"]]
     assert not (out / "LOCK").exists()
@@ -120,7 +121,7 @@ def test_demo_deletes_only_its_own_entries(tmp_path, monkeypatch, capsys):
     assert not list(out.rglob("old")) and (out / "DEMO").exists()
     empty = tmp_path / "empty"   # an empty folder is as good as none; a folder of the user's is refused (test_cli)
     empty.mkdir()
-    rigsa.demo(str(empty))
+    cli.demo(str(empty))
     assert sorted(os.listdir(empty)) == ["DEMO", "mnist", "tiny-model"]
 
 # ---- one process writes a run directory at a time ----
@@ -237,7 +238,7 @@ def test_outputs_have_the_modes_the_umask_says(world, tmp_path, mask):
         with one_thread():
             rigsa.train(rigsa.Config(out=str(tmp_path / "lora"), method="lora", rank=2, lora_lr=5e-2,
                                      **base(world / "model", world / "data")))
-            rigsa.merge(tmp_path / "lora" / "iter1", tmp_path / "merged")
+            cli.merge(tmp_path / "lora" / "iter1", tmp_path / "merged")
     finally:
         os.umask(old)
     made = [tmp_path / "lora", tmp_path / "lora" / "iter1.safetensors", tmp_path / "lora" / "iter1-peft",

@@ -336,7 +336,7 @@ def test_a_damaged_cached_file_names_the_blob_to_delete(hub, damage):
 
 def test_cli_hub_errors(hub, tmp_path, capsys):
     s = hub("404")  # a subprocess, to see the exit code and that no traceback is printed; it reads the fixture's env
-    r = subprocess.run([sys.executable, "model.py", "--model", REPO, "--prompt", "hi"], cwd=Path(__file__).parent,
+    r = subprocess.run([sys.executable, "model.py", "--model", REPO, "--prompt", "hi"], cwd=Path(__file__).parent.parent,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stdout == "", r
     assert r.stderr.splitlines() == [r.stderr.strip()] and r.stderr.startswith(f"error: {REPO}: repository not found")

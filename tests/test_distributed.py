@@ -15,7 +15,7 @@ import rigsa
 from conftest import one_thread
 from evals import run as R
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository, above tests/
 # measured (tiny model, lr 2e-2, 4 steps an iteration): the dW values of a 2-process run differ from
 # the single process's by a median of 0 to 4e-9 (the last bit of values near 0.1) and at most
 # 1.1e-4, where AdamW divides a near-zero gradient by its near-zero second moment and the last bit

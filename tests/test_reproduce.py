@@ -206,7 +206,7 @@ def test_an_interrupted_reproduction_continues_from_another_directory(world, tmp
     argv[argv.index("--steps") + 1] = "4"
     fake([str(here / x) if x.startswith("..") else x for x in argv], 10)   # the base model's evaluations
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "reproduce.py"),
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reproduce.py"),
                              *argv], cwd=here, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "out" / "rigsa" / "metrics.jsonl"

@@ -1,0 +1,175 @@
+"""
+cli.py: rigsa.py's commands. `python rigsa.py ...` arrives here through rigsa.main; this file sits on
+top of rigsa.py (it imports the method; the method does not import it).
+
+  train     rigsa.train with one flag per Config field (flags.py)
+  show      one image as Textual MNIST (§4.2, Figure 1)
+  merge     an adapter merged into its base, written in the official layout
+  demo      the whole pipeline offline on a tiny random model, under a minute on a CPU (make demo)
+  main      the parser, and what an error or a signal prints: one line, and the command that continues
+"""
+import argparse
+import contextlib
+import dataclasses
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import adapter_files as AF
+import flags
+import interrupts
+import mnist
+import model as M
+import rigsa
+import rundir
+import tiny
+import util
+
+
+def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=False, allow_other_base=False):
+    """`rigsa.py merge`: base + adapter, merged in float32 and cast once, written as a checkpoint in
+    the official layout (adapter_files.write_merged). A bfloat16 cast that loses more than 1% of
+    sum |alpha m dW| (small deltas round away under bfloat16's ulp of W0) is refused unless
+    allow_lossy: the merged model would be closer to the base than to the adapted one."""
+    _, meta, cfg = rigsa.read_adapter(adapter, tensors=False)
+    if cfg.method == "qlora":
+        raise ValueError(f"{adapter}: a QLoRA adapter sits on a 4-bit base, and merging would re-quantize it "
+                         f"(lossy); use it unmerged (evals/run.py --adapter) or its PEFT copy in iterK-peft/")
+    out = Path(out)
+    if out.is_symlink() or out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "a link" if out.is_symlink() else "a file" if not out.is_dir() else "a directory that is not empty"
+        raise FileExistsError(f"--out {out}: is {what}; name a new folder (or an empty one)")
+    src = M.resolve(base or cfg.model, revision or (cfg.revision if not base or base == cfg.model else None) or None)
+    ident = {"model": base or cfg.model, **M.base_identity(src)}
+    verdict = AF.check_base(meta["base"], ident, f"--adapter {adapter}", allow_other_base)   # before the load
+    model, _ = M.load(src, "cpu", torch.float32)   # merge in float32, then cast
+    rigsa.load_adapter(model, adapter)
+    lost, total = AF.merge_adapters(model, getattr(torch, dtype))
+    frac = lost / max(total, 1e-30)
+    if frac > 0.01 and not allow_lossy:
+        raise ValueError(f"--dtype {dtype}: the cast loses {frac:.2%} of sum|alpha*m*dW| (more than 1%); merge in "
+                         f"float32 (the default), or pass --allow-lossy to write it anyway")
+    AF.write_merged(out, src, model, getattr(torch, dtype),
+                    {"adapter": str(AF.adapter_path(adapter)), "base": ident,
+                     "adapter_base": meta["base"], "base_check": verdict, "dtype": dtype})
+    print(f"merged {adapter} into {out} ({dtype}); the cast lost {frac:.2%} of sum|alpha*m*dW|")
+    return out
+
+# -----------------------------------------------------------------------------
+# demo: the whole pipeline offline on a tiny random model (make demo)
+
+DEMO_ENTRIES = ("DEMO", "tiny-model", "mnist", "run")   # what `rigsa.py demo` writes under --out
+
+
+def demo(out="runs/demo"):
+    """A tiny random model with SmolLM2's architecture and tokenizer structure learns synthetic 8x8
+    digits (a 5x7 font with 5% of the pixels noise) through two IMP iterations. The lr is higher and
+    the weight decay lower than the paper's (§4.4): 2 x 300 steps instead of 2 x 3,713. float32: the
+    exact path, so that what it prints is what the README says."""
+    t0 = time.time()
+    torch.set_num_threads(1)  # a tiny model is all per-op overhead: threads only add to it
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "DEMO").is_file())):
+        raise FileExistsError(f"{out}: exists and is not a demo directory (no DEMO file in it); "
+                              f"choose another --out, or an empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    with util.lock_dir(out, "rigsa.py demo"):   # one demo per folder; and its run is not another's to delete
+        with util.lock_dir(out / "run") if (out / "run").is_dir() else contextlib.nullcontext():
+            for name in DEMO_ENTRIES:   # what an earlier demo wrote; anything else there is the user's, and stays
+                p = out / name
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                elif p.exists() or p.is_symlink():
+                    p.unlink()
+        (out / "DEMO").write_text("written by rigsa.py demo\n")
+        tiny.write_tiny_checkpoint(out / "tiny-model", shape="gqa", seed=0)
+        mnist.write_synthetic_mnist(out / "mnist", n_train=400, n_test=100, size=8, seed=0, noise=0.05, shift=False)
+        cfg = rigsa.Config(model=str(out / "tiny-model"), out=str(out / "run"), data_dir=str(out), device="cpu",
+                           dtype="float32", iters=2, steps=300, epochs=100.0, warmup=10, lr=1e-2, weight_decay=0.1,
+                           val_frac=0.05, micro_batch=16, log_every=10, save_every=0, offline=True, verify=False)
+        print("demo: tiny SmolLM2-shaped random model, 380 synthetic 8x8 training digits, 2 IMP iterations")
+        if rigsa.train(cfg) is None:   # stopped by a signal (it said so, with the command that continues)
+            return None
+        model, tok = M.load(cfg.model, "cpu")
+        x, y = mnist.load_mnist(out / "mnist", "test", verify=False)
+        base_acc, _ = rigsa.mnist_accuracy(model, tok, x, y, progress=False)
+        print(f"base model (no adapter) test acc {base_acc:.1%}; chance is 10%")
+        print(f"demo done in {time.time() - t0:.0f} s; adapters in {cfg.out}/iterK.safetensors")
+        return cfg.out
+
+# -----------------------------------------------------------------------------
+# the command line
+
+def parser():
+    """rigsa.py's parser, and train's (whose flags are Config's fields)."""
+    ap = util.ArgumentParser(prog="rigsa.py", description=rigsa.__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    train_ap = flags.add_flags(sub.add_parser("train", help="train adapters with IMP (§3.2, §4.4)"), rigsa.Config)
+    p = sub.add_parser("show", help="print one image as Textual MNIST (§4.2, Figure 1)")
+    p.add_argument("--index", type=rigsa.INT0, default=0, help="image index [default: 0]")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"], help="[default: train]")
+    p.add_argument("--data-dir", default="data", help="data root, MNIST in <root>/mnist/ [default: data]")
+    p.add_argument("--offline", action="store_true", help="never download: a missing MNIST file is an error")
+    p.add_argument("--no-verify", action="store_true", help="skip the MNIST checksums (stand-in data)")
+    p = sub.add_parser("merge", help="merge an adapter into its base model, official layout")
+    p.add_argument("--adapter", required=True, help="RUN/iterK")
+    p.add_argument("--out", required=True, help="output directory (new, or empty)")
+    p.add_argument("--model", default=None, help="base model [default: the one the adapter was trained on]")
+    p.add_argument("--revision", default=None, help="hub revision of --model [default: the adapter's recorded one]")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="of the merged weights [default: float32: bfloat16 rounds away small deltas, so a "
+                        "cast that loses more than 1%% of the adapter is refused without --allow-lossy]")
+    p.add_argument("--allow-lossy", action="store_true", help="write a bfloat16 merge whatever the cast loses")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="merge into a base other than the one the adapter was trained on (recorded in rigsa-merge.json)")
+    p = sub.add_parser("demo", help="the whole pipeline offline on a tiny model (under a minute on 2 CPU cores)")
+    p.add_argument("--out", default="runs/demo", help="[default: runs/demo]")
+    return ap, train_ap
+
+
+def main(argv=None):
+    ap, train_ap = parser()
+    argv = sys.argv[1:] if argv is None else argv
+    a = ap.parse_args(argv)
+    util.keep_freed_memory()
+    interrupts.stop_as_interrupt()   # SIGTERM as Ctrl-C: cleanup runs, one line, exit 143 (training: resume.pt first)
+    here = rigsa.__file__            # the continue commands name rigsa.py, as typed
+    try:
+        if a.cmd == "train":
+            given = flags.typed(train_ap, argv[argv.index("train") + 1:], rigsa.Config)
+            done = rigsa.train(rigsa.Config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(rigsa.Config)}),
+                               given)
+            interrupts.stop_as_interrupt(False)   # its files are written: a signal from here on needs no word
+            code = 128 + rundir.STOP[0] if done is None and rundir.STOP else 0   # interrupted by a signal: saved, and the shell sees why
+            util.exit_distributed(code)
+            if code:
+                sys.exit(code)
+        elif a.cmd == "show":
+            x, y = mnist.load_mnist(mnist.mnist_dir(a.data_dir), a.split, download=not a.offline, verify=not a.no_verify)
+            if not a.index < len(x):
+                raise ValueError(f"--index {a.index}: outside the {a.split} split (0..{len(x) - 1})")
+            print(rigsa.to_text(x[a.index]))
+            print(f"label: {int(y[a.index])}")
+        elif a.cmd == "merge":
+            merge(a.adapter, a.out, a.model, a.dtype, a.revision, a.allow_lossy, a.allow_other_base)
+        elif a.cmd == "demo" and demo(a.out) is None and rundir.STOP:   # stopped: as train, 128 + the signal
+            sys.exit(128 + rundir.STOP[0])
+    except (OSError, ValueError, RuntimeError) as e:   # OSError: FileNotFoundError, FileExistsError, a full disk
+        util.abandon_distributed()
+        sys.exit(f"error: {' '.join(str(e).split())}")
+    except KeyboardInterrupt:   # Ctrl-C outside training, or a second signal during it: at once, in one line
+        util.abandon_distributed()
+        if rundir.STOP:
+            interrupts.SIGNALS.append(rundir.STOP[-1])
+        if a.cmd == "train" and (Path(a.out) / "config.json").exists():
+            what = (f"{interrupts.command(here, ['train', '--resume', '--out', a.out])} continues from the last "
+                    f"resume checkpoint")
+        else:
+            what = f"nothing was kept; run again with: {interrupts.command(here, argv)}"
+        interrupts.exit_interrupted(what)
+    finally:
+        interrupts.stop_as_interrupt(False)

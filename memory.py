@@ -142,16 +142,16 @@ def saved_bytes(model, n_tokens, device, amp, checkpoint=None):
     was = model.checkpoint_layers
     try:
         model.checkpoint_layers = checkpoint
-        total = _saved(model, ids, amp)
+        total = forward_saved(model, ids, amp)
         if checkpoint:   # the last layer run plainly (layer 0's input needs no gradient: it saves less)
             model.checkpoint_layers = False
-            total += _saved(model, ids, amp, inside=model.model.layers[-1])
+            total += forward_saved(model, ids, amp, inside=model.model.layers[-1])
         return total
     finally:
         model.checkpoint_layers = was
 
 
-def _saved(model, ids, amp, inside=None):
+def forward_saved(model, ids, amp, inside=None):
     """saved_bytes of one forward; inside: only what that module's forward saves beyond its inputs."""
     own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     seen, on = {}, [inside is None]

@@ -131,22 +131,49 @@ MOMENT_BYTES = {"device": 8.0, "host": 0.0, "8bit": 2 * (1 + 4 / 256)}  # per tr
 
 
 @torch.no_grad()
-def saved_bytes(model, n_tokens, device, amp):
+def saved_bytes(model, n_tokens, device, amp, checkpoint=None):
     """Bytes autograd saves for backward in one forward of n_tokens random tokens (parameters and
-    buffers not counted; a storage saved twice counted once)."""
+    buffers not counted; a storage saved twice counted once). With checkpointed decoder layers
+    (checkpoint, default model.checkpoint_layers): what the checkpoints save (each layer's input)
+    plus what one layer saves again while the backward recomputes it, the peak."""
+    checkpoint = model.checkpoint_layers if checkpoint is None else checkpoint
+    g = torch.Generator().manual_seed(0)  # not the global generator: the run's RNG stays as it was
+    ids = torch.randint(3, model.config.vocab_size, (1, n_tokens), generator=g).to(device)
+    was = model.checkpoint_layers
+    try:
+        model.checkpoint_layers = checkpoint
+        total = forward_saved(model, ids, amp)
+        if checkpoint:   # the last layer run plainly (layer 0's input needs no gradient: it saves less)
+            model.checkpoint_layers = False
+            total += forward_saved(model, ids, amp, inside=model.model.layers[-1])
+        return total
+    finally:
+        model.checkpoint_layers = was
+
+
+def forward_saved(model, ids, amp, inside=None):
+    """saved_bytes of one forward; inside: only what that module's forward saves beyond its inputs."""
     own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    seen = {}
+    seen, on = {}, [inside is None]
 
     def pack(t):
         s = t.untyped_storage()
-        if s.data_ptr() not in own:
+        if on[0] and s.data_ptr() not in own:
             seen[s.data_ptr()] = s.nbytes()
         return t
-    g = torch.Generator().manual_seed(0)  # not the global generator: the run's RNG stays as it was
-    ids = torch.randint(3, model.config.vocab_size, (1, n_tokens), generator=g).to(device)
-    with torch.enable_grad(), amp, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        h = model(ids, hidden_only=True)
-        model.lm_head(h[0, -2:]).float().sum()    # the supervised positions only, as batch_loss
+
+    def enter(m, args):   # the layer's inputs are the checkpoint's, counted there
+        own.update(a.untyped_storage().data_ptr() for a in args if torch.is_tensor(a))
+        on[0] = True
+    hooks = [inside.register_forward_pre_hook(enter),
+             inside.register_forward_hook(lambda *_: on.__setitem__(0, False))] if inside is not None else []
+    try:
+        with torch.enable_grad(), amp, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            h = model(ids, hidden_only=True)
+            model.lm_head(h[0, -2:]).float().sum()    # the supervised positions only, as batch_loss
+    finally:
+        for hk in hooks:
+            hk.remove()
     return sum(seen.values())
 
 
@@ -157,7 +184,8 @@ def memory_plan(model, layers, device, amp, tokens):
       adapters     per trainable entry its value and gradient (4 + 4 bytes) and AdamW's moments
                    (MOMENT_BYTES), plus the packed masks
       activations  what one micro-batch of `tokens` tokens saves for backward: measured on two short
-                   forwards (a + b * tokens: the saved free-entry positions do not grow with tokens)
+                   forwards (a + b * tokens: the saved free-entry positions do not grow with tokens);
+                   with model.checkpoint_layers, the layers' inputs and one layer recomputed (saved_bytes)
       transients   one layer at a time: its dense m * dW, their copies and gradient, the optimizer's
                    per-tensor buffers: 32 bytes per entry of the largest adapted layer (bench-memory)"""
     train = [p for p in model.parameters() if p.requires_grad]

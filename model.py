@@ -28,6 +28,7 @@ if __name__ == "__main__":   # a signal while torch loads (a second or two): one
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 
 import util
@@ -305,6 +306,9 @@ class Model(nn.Module):
         # RoPE frequencies, computed on the CPU in float32 exactly as transformers does
         hd = cfg.head_dim
         self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd))
+        # set by a trainer: keep only each decoder layer's input for the backward and recompute the
+        # layer there (activation memory ~ one layer's instead of all of them, for a second forward)
+        self.checkpoint_layers = False
 
     def forward(self, input_ids, attention_mask=None, hidden_only=False, cache=None, position_ids=None):
         """input_ids (B, T); attention_mask (B, T) with 1 for real tokens, 0 for padding (left or
@@ -346,8 +350,12 @@ class Model(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)                                # (B, T, hd)
         x = self.model.embed_tokens(input_ids)                                 # (B, T, C)
         cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]  # (B, 1, T, hd)
+        ckpt = self.checkpoint_layers and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, mask, cache, i)
+            # non-reentrant: the recomputation replays autocast and the RNG (dropout) as they were,
+            # so the gradients are those of the plain graph
+            x = (torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False) if ckpt
+                 else block(x, cos, sin, mask, cache, i))
         x = self.model.norm(x)
         return x if hidden_only else self.lm_head(x)
 

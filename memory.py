@@ -208,7 +208,7 @@ def capacity(device):
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") + rss
 
 
-def choose_moments(plan, device, want):
+def choose_moments(plan, device, want, checkpointed=True):
     """--moments auto: on the device if the step fits there; else in host memory (exact, slower) if
     the host also has room for them (each process on this machine pins its own); else 8-bit. Prints
     the estimate; a run that cannot fit is refused in one line, naming the placements that would
@@ -233,11 +233,11 @@ def choose_moments(plan, device, want):
              f"{have / GB:.1f} GB available" + (f"; {host_need / GB:.1f} GB of host memory, {host_have / GB:.1f} "
                                                 f"available" if moments == "host" and device.type == "cuda" else ""))
     fix = [f"--moments {m} (~{total[m] / GB:.1f} GB)" for m in ("host", "8bit") if m != moments and fits[m]]
-    fix = " or ".join(fix + ["a smaller --micro-batch"])
+    fix = " or ".join(fix + ([] if checkpointed else ["--checkpoint-activations"]) + ["a smaller --micro-batch"])
     if total[moments] > have:
         raise ValueError(f"memory: the run needs ~{total[moments] / GB:.1f} GB on {device}, which has "
                          f"{have / GB:.1f} GB; try {fix}")
     if moments == "host" and not host_ok:
         raise ValueError(f"memory: --moments host needs ~{host_need / GB:.1f} GB of host memory, which has "
-                         f"{host_have / GB:.1f} GB; try {fix.replace(' or a smaller --micro-batch', '')}")
+                         f"{host_have / GB:.1f} GB; try {fix.split(' or --checkpoint')[0].split(' or a smaller')[0]}")
     return moments

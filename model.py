@@ -848,8 +848,9 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=util.number(int, 1), default=256,
                     help="default 256; at most what the model's positions leave beside the prompt (clamped, with a note)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="default bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="auto (default): bfloat16 where the device computes it natively (CUDA, a CPU with AMX or "
+                         "AVX512-BF16), else float32")
     ap.add_argument("--revision", default=None, help="pin a hub revision: commit, branch or tag (default: the latest, main)")
     ap.add_argument("--verify-model", action="store_true",
                     help="hash the cached files against the hub's checksums (finds a corrupted byte; slow for 1.7B)")
@@ -869,7 +870,8 @@ def main(argv=None):
 
 def chat(a):
     """model.py's one message: load, clamp --max-new-tokens to the model's positions, generate."""
-    model, tok = load(a.model, a.device, getattr(torch, a.dtype) if a.dtype else None, a.revision, a.verify_model)
+    device = util.pick_device(a.device)
+    model, tok = load(a.model, device, util.auto_dtype(a.dtype, device)[0], a.revision, a.verify_model)
     msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
     text, P = tok.chat(msgs), model.config.max_position_embeddings
     n = len(tok.encode(text))

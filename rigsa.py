@@ -131,6 +131,8 @@ class Config:
     eps: float = _f(1e-8, "AdamW eps (silent in §4.4: torch default)", check=POS)
     batch_size: int = _f(16, "effective batch, by gradient accumulation (§4.4)", check=INT1)
     micro_batch: int = _f(1, "sequences per forward pass (§4.4: one fits a 24 GB GPU)", check=INT1)
+    checkpoint_activations: bool = _f(False, "recompute each decoder layer in the backward instead of keeping its "
+                                             "activations: a bigger --micro-batch fits, the same gradients, ~1/3 slower")
     epochs: float = _f(1.0, "epochs of the training split per IMP iteration (§4.4)", check=POS)
     steps: int = _f(0, "cap on optimizer steps per iteration, for quick runs (0 = no cap)", check=INT0)
     grad_clip: float = _f(0.0, "max gradient norm (0 = off; silent in §4.4)", check=NONNEG)
@@ -154,8 +156,9 @@ class Config:
     eval_test: bool = _f(True, "also evaluate the test split after every iteration (§5.1, Figure 2a)")
     # machinery
     device: str = _f("auto", "cpu | cuda | cuda:N | auto")
-    dtype: str = _f("auto", "base weights: auto (bfloat16 autocast on CUDA, float32 on CPU) | float32 | bfloat16 | float16",
-                    choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = _f("auto", "auto (bfloat16 where the device computes it natively: CUDA, a CPU with AMX or AVX512-BF16; "
+                            "else float32) | float32 (exact) | bfloat16 (weights and autocast; dW, LoRA and AdamW's "
+                            "state in float32) | float16; saved resolved", choices=("auto", "float32", "bfloat16", "float16"))
     log_every: int = _f(10, "optimizer steps between metrics.jsonl lines", check=INT1)
     save_every: int = _f(500, "optimizer steps between resume checkpoints (0 = only at iteration ends)", check=INT0)
     halt_after: int = _f(0, "stop (resumably) after this many optimizer steps in this process (0 = never)", check=INT0)
@@ -289,7 +292,7 @@ class GatedDelta(torch.autograd.Function):
         if layer.exact(x):
             return F.linear(x, layer.merged(delta, alpha, index))
         md = layer.dense(delta, index)                         # (out, in) float32, pruned entries 0
-        return F.linear(x, layer.weight) + alpha.to(x.dtype) * F.linear(x, md.to(x.dtype))
+        return F.linear(x, layer.weight.to(x.dtype)) + alpha.to(x.dtype) * F.linear(x, md.to(x.dtype))
 
     @staticmethod
     def backward(ctx, gy):
@@ -306,9 +309,11 @@ class GatedDelta(torch.autograd.Function):
                 gx = gy2.mm(torch.mul(md, alpha).add_(L.weight)).view_as(x)
             gw = gy2.t().mm(x2)                                # (out, in): the gradient of W0 + alpha md
         else:
-            a = alpha.to(x.dtype)
+            # one GEMM on W0 + alpha md formed in float32 and rounded once, where gy W0 + alpha gy md
+            # would take two: in the input's gradient a delta under half an ulp of W0 is lost to that
+            # rounding as W0's own bits are to bfloat16 (the forward keeps it: its own GEMM)
             if ctx.needs_input_grad[0]:
-                gx = (gy2.mm(L.weight) + (gy2 * a).mm(md.to(x.dtype))).view_as(x)
+                gx = gy2.mm(torch.mul(md, alpha).add_(L.weight).to(x.dtype)).view_as(x)
             gw = gy2.t().mm(x2).float()                        # one weight-gradient GEMM, fp32 from here
         g_alpha = (gw * md).sum() if ctx.needs_input_grad[2] else None
         g = gw.view(-1) if index is None else gw.view(-1).index_select(0, index)
@@ -621,13 +626,17 @@ def setup(cfg, resume=None, given=None):
     lora = METHODS[cfg.method]["lora"]
     # the base model's files first: a hub id resolves to one commit, which the run records (in its
     # config and every adapter's) and a resumed run loads again, whatever the hub's main is by then
-    util.init_distributed(cfg.device)   # torchrun: rank 0 downloads, the others wait (rank_zero_first)
+    device = util.init_distributed(cfg.device)   # torchrun: rank 0 downloads, the others wait (rank_zero_first)
+    dtype, why = rundir.run_dtype(cfg, device)   # auto: bfloat16 where the device computes it natively
+    cfg.dtype = str(dtype).removeprefix("torch.")
     base = util.rank_zero_first(lambda: M.resolve(cfg.model, cfg.revision or None, cfg.verify_model, cfg.offline))
     cfg.revision = M.hub_commit(base) or cfg.revision
     ident = {"model": cfg.model, **M.base_identity(base)}   # recorded in config.json and every adapter
     mask_like = read_adapter(cfg.mask_like, tensors=False)[1] if cfg.mask_like and resume is None else None
     started, checks = rundir.check_bases(cfg, ident, mask_like)   # --resume's run and --mask-like's adapter
     util.say("config:", json.dumps(dataclasses.asdict(cfg)))
+    util.say(f"dtype: {cfg.dtype} ({why.removeprefix('auto: ')})" + ("; a CPU without native bfloat16 emulates it, slowly"
+             if dtype == torch.bfloat16 and not util.native_bf16(device) else ""))
     torch.manual_seed(cfg.seed)
     # data (§4.2): encoded on the fly, 16 prompts per step cost nothing next to the model
     data, hashes = util.rank_zero_first(lambda: mnist.run_splits(cfg))
@@ -640,11 +649,11 @@ def setup(cfg, resume=None, given=None):
     steps = min(steps, cfg.steps) if cfg.steps else steps
     left = (n_iters(cfg) - (resume or {}).get("iteration", 1) + 1) * steps - (resume or {}).get("step", 0)
     rundir.check_steps(cfg, given, steps, left)
-    device, dtype = util.init_distributed(cfg.device), None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     # qlora.load_model also reads pre-quantized bnb-4bit checkpoints (§5.3: Unsloth's)
     model, tok = (qlora.load_model if cfg.method == "qlora" else M.load)(base, device, dtype)
-    amp = (torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and model.lm_head.weight.dtype == torch.bfloat16
-           else contextlib.nullcontext())
+    # mixed precision, one recipe on CUDA and the CPU: bfloat16 weights and autocast, float32 master dW
+    # (GatedSparseLinear.delta), LoRA matrices and AdamW state
+    amp = torch.autocast(device.type, torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
     # the baseline lives in its own file (§5.3): 4-bit base (qlora), LoRA's A seeded by --seed
     layers = {} if lora else install_adapters(model, cfg)
     if lora:
@@ -655,13 +664,15 @@ def setup(cfg, resume=None, given=None):
         AF.set_trainable(model, layers, resume["state"])
     elif METHODS[cfg.method]["init_mask"]:   # the method's initial mask (random-mask: §4.4), in the estimate too
         METHODS[cfg.method]["init_mask"](run)
+    model.checkpoint_layers = cfg.checkpoint_activations   # model.py: per decoder layer; the estimate knows it
     tokens = cfg.micro_batch * len(encode_example(tok, data["train"][0][0], 0, run.digits, run.eos)[0])
-    run.moments = memory.choose_moments(memory.memory_plan(model, layers, device, amp, tokens), device, cfg.moments)
+    run.moments = memory.choose_moments(memory.memory_plan(model, layers, device, amp, tokens), device, cfg.moments,
+                                        cfg.checkpoint_activations)
     # the run directory is written once the data and the model have loaded, and the step fits (by
     # rank 0 only, as every file of the run: the ranks hold the same adapters)
     rank, ranks = util.world()
     if rank == 0:
-        rundir.begin(out, cfg, started.get("base") or ident, hashes, checks, resume["log"] if resume else [])
+        rundir.begin(out, cfg, started.get("base") or ident, hashes, checks, resume["log"] if resume else [], why)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     util.say(f"{cfg.method}: {len(layers) or 'LoRA on the'} adapted layers, {n_trainable:,} trainable tensor entries"
              + (f"; {ranks} processes, {cfg.batch_size // ranks}-{-(-cfg.batch_size // ranks)} sequences each a step"

@@ -31,7 +31,7 @@ import util
 
 # flags a resumed run may change: how it runs, not what it computes
 RESUMABLE = {"resume", "halt_after", "save_every", "log_every", "device", "moments", "eval_batch", "offline", "verify",
-             "data_dir", "out", "allow_other_base"}
+             "data_dir", "out", "allow_other_base", "checkpoint_activations"}
 
 _WARNED = set()
 
@@ -168,6 +168,16 @@ def check_bases(cfg, ident, mask_like=None):
     return started, checks
 
 
+def run_dtype(cfg, device):
+    """--dtype resolved once (util.auto_dtype) and saved resolved, so that a resumed run keeps it on any
+    machine; a run that an older version saved as "auto" ran bfloat16 on CUDA, float32 on the CPU.
+    -> (torch dtype, why)."""
+    if not cfg.resume:
+        return util.auto_dtype(cfg.dtype, device)
+    legacy = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return (legacy if cfg.dtype == "auto" else getattr(torch, cfg.dtype)), "as the run started"
+
+
 def check_data(out, folder, saved, hashes):
     """--resume: each data file the run recorded (saved: name -> sha256) is the one in `folder` now."""
     for n in sorted(set(saved) & set(hashes)):
@@ -202,15 +212,16 @@ def check_steps(cfg, given, steps, left):
                          f"use at least one per process")
 
 
-def begin(out, cfg, base, data, checks, log):
+def begin(out, cfg, base, data, checks, log, dtype_why=None):
     """The run directory once the data and the model have loaded and the step fits (rank 0):
     config.json with the run's config, the identity of the base it started on (and the base checks'
     verdicts: an --allow-other-base is recorded), its data files' sha256 and the code and machine that
-    ran it; metrics.jsonl holding what resume.pt holds (`log`: lines written after it are dropped)."""
+    ran it, and why the dtype is what it is; metrics.jsonl holding what resume.pt holds (`log`: lines written after it are dropped)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     util.write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "base": base, "data": data,
-                                          "base_check": checks or {}, "git_commit": util.git_commit(),
+                                          "base_check": checks or {}, "dtype_choice": dtype_why,
+                                          "git_commit": util.git_commit(),
                                           "torch": torch.__version__, "python": sys.version.split()[0],
                                           "processes": util.world()[1]})
     util.atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in log)))

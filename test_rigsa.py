@@ -23,7 +23,7 @@ from conftest import hf_model, one_thread
 
 
 def tiny_cfg(tiny_dir, tmp, **kw):
-    base = dict(model=str(tiny_dir), out=str(tmp / "run"), data_dir=str(tmp), device="cpu", steps=4, warmup=2,
+    base = dict(model=str(tiny_dir), out=str(tmp / "run"), data_dir=str(tmp), device="cpu", dtype="float32", steps=4, warmup=2,
                 batch_size=4, micro_batch=2, val_frac=0.1, limit=8, log_every=1, save_every=0, offline=True, verify=False)
     method = kw.get("method", "rigsa")
     base.update({"iters": 2} if rigsa.METHODS[method]["prunes"] else {})   # flags a method would ignore are refused

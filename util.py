@@ -11,6 +11,7 @@ tasks or the method; model.py, qlora.py, rigsa.py, evals/ and the scripts import
   progress                   tqdm with a rate and ETA; in a log file one line per interval
   ArgumentParser, number     one-line usage errors; numeric flags checked where they are parsed
   pick_device, on_device     "auto" -> cuda if available ("cuda" without CUDA is an error); constants per device
+  native_bf16, auto_dtype    --dtype auto: bfloat16 where the device computes it natively (CUDA, AMX, AVX512-BF16)
   init_distributed, world    torchrun: one process per GPU (gloo processes on the CPU); say: rank 0 prints
   exit_distributed           torchrun: all ranks done, then the process group left and the process ended
   keep_freed_memory          CPU runs: glibc keeps freed blocks for reuse
@@ -462,6 +463,30 @@ def pick_device(name=None):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return dev
+
+
+def native_bf16(device):
+    """Why `device` computes bfloat16 natively, or None: "CUDA", or a CPU with "AMX" or "AVX512-BF16"
+    (read at run time: the same wheel runs on CPUs with and without them, where bfloat16 is emulated
+    and slower than float32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "CUDA" if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        for why, has in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported")):
+            if getattr(torch.cpu, has, lambda: False)():
+                return why
+    return None
+
+
+def auto_dtype(name, device):
+    """A --dtype flag's value -> (torch dtype, why): auto is bfloat16 where `device` computes it natively
+    (mixed precision: autocast, float32 master weights and optimizer state), else float32; any other
+    name is itself, as asked."""
+    if name not in (None, "auto"):
+        return getattr(torch, name), "as asked"
+    why = native_bf16(device)
+    return (torch.bfloat16, f"auto: {why}") if why else (torch.float32, f"auto: no native bfloat16 on this {torch.device(device).type}")
 
 
 # -----------------------------------------------------------------------------

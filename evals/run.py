@@ -401,8 +401,9 @@ def parse_args(argv):
     ap.add_argument("--batch-size", type=util.number(int, 1, auto=True), default="auto",
                     help="documents per batch, or 'auto' (default)")
     ap.add_argument("--num-fewshot", type=util.number(int, 0), default=None, help="default: gsm8k 5, others 0")
-    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="default float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="the weights' dtype: auto (default) is bfloat16 where the device computes it natively (CUDA, "
+                         "a CPU with AMX or AVX512-BF16), else float32, the exact reference")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--data-dir", default=os.path.join(REPO, "data"), help="holds <task>/ folders (default data/)")
     ap.add_argument("--output", default=None, help="write results JSON here")
@@ -611,7 +612,7 @@ def evaluate(args):
     if not data:
         raise ValueError("--task all: no task has its data (each said why above); fix those, then run again")
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    dtype, why = util.auto_dtype(args.dtype, device)   # auto: bfloat16 where the device computes it natively
     path = util.rank_zero_first(lambda: M.resolve(name, revision, offline=args.offline))
     base = {"model": name, **M.base_identity(path)}
     check = (AF.check_base(ameta["base"], base, f"--adapter {args.adapter}", args.allow_other_base)
@@ -632,7 +633,8 @@ def evaluate(args):
         install_adapter(model, args.adapter, name)
     quantize = "nf4" if qlora.is_quantized(model) else None   # --quantize, a QLoRA adapter or a 4-bit checkpoint
     info = run_info(args, model, tok, name, revision, quantize, device)
-    util.say(f"model {name} adapter {args.adapter} dtype {info['dtype']} device {model.lm_head.weight.device} "
+    info["dtype_choice"] = why
+    util.say(f"model {name} adapter {args.adapter} dtype {info['dtype']} ({why.removeprefix('auto: ')}) device {model.lm_head.weight.device} "
              f"chat {args.chat} quantize {quantize}" + (f" processes {util.world()[1]}" if util.world()[1] > 1 else ""),
              file=sys.stderr)
 

@@ -55,7 +55,7 @@ def data(tmp_path_factory):
 
 
 def args_for(tiny_dir, data, method, **kw):
-    a = dict(model=str(tiny_dir), data_dir=str(data), device="cpu", steps=4, warmup=2, batch_size=4, micro_batch=1, val_frac=0.1,
+    a = dict(model=str(tiny_dir), data_dir=str(data), device="cpu", dtype="float32", steps=4, warmup=2, batch_size=4, micro_batch=1, val_frac=0.1,
              limit=6, log_every=1, save_every=0, offline=True, verify=False, method=method)
     a.update({"iters": 2} if rigsa.METHODS[method]["prunes"] else {})
     a.update({"rank": 2, "lora_lr": 1e-2} if rigsa.METHODS[method]["lora"] else {"lr": 2e-2})
@@ -188,3 +188,18 @@ util.exit_distributed(3 if sys.argv[1] == "ok" else 0)
             assert codes == [1, 1] and "error: rank 0 failed" in outs[0][1], (codes, outs)
             err = outs[1][1]
             assert "error: rank 1: another process stopped before the end" in err and "Traceback" not in err, err
+
+
+def test_two_processes_in_bfloat16_follow_one(tiny_dir, data, tmp_path):
+    # the low-precision path on torchrun: each rank's share of a batch in bfloat16, the float32 gradients
+    # summed across ranks; the losses follow the single process's within bfloat16's rounding, and IMP
+    # keeps the same number of entries (the masks may differ where scores tie within that rounding)
+    cfg, flags = args_for(tiny_dir, data, "rigsa", dtype="bfloat16")
+    with one_thread():
+        one = rigsa.train(rigsa.Config(**cfg, out=str(tmp_path / "one")))
+    torchrun(2, "rigsa.py", ["train", *flags, "--out", str(tmp_path / "two")], tmp_path)
+    two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
+    loss = lambda log: [r["loss"] for r in log if "loss" in r]
+    assert len(loss(one)) == len(loss(two)) and all(abs(a - b) <= 0.02 * abs(a) for a, b in zip(loss(one), loss(two)))
+    dens = lambda log: [r["density"] for r in log if r.get("event") == "prune"]
+    assert dens(one) == dens(two) and json.loads((tmp_path / "two" / "config.json").read_text())["config"]["dtype"] == "bfloat16"

@@ -322,7 +322,7 @@ def test_cli_end_to_end(task, tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(rigsa, "prompt", lambda *a: prompts.append(real(*a)) or prompts[-1])
     R.main(["--task", task, "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-verify", "--offline",
             "--limit", "4", "--batch-size", "4" if task == "gsm8k" else "3", "--output", str(out),
-            "--output_path", str(lm), "--log_samples"] + shots)
+            "--output_path", str(lm), "--log_samples", "--dtype", "float32"] + shots)
     r = json.loads(out.read_text())
     assert {"task", "model", "adapter", "dtype", "num_fewshot", "limit", "seconds", "metrics", "samples"} <= set(r)
     assert r["task"] == task and r["dtype"] == "float32" and r["limit"] == 4 and r["adapter"] is None
@@ -535,7 +535,7 @@ def test_cli_adapter_in_memory(tiny_dir, tmp_path):
     for name, extra in (("base", []), ("adapted", ["--adapter", str(tmp_path / "iter1")])):
         out = tmp_path / f"{name}.json"
         R.main(["--task", "piqa", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-verify", "--offline",
-                "--limit", "2", "--output", str(out)] + extra)
+                "--limit", "2", "--output", str(out), "--dtype", "float32"] + extra)
         runs[name] = json.loads(out.read_text())
     assert runs["adapted"]["adapter"] == str(tmp_path / "iter1")
     d = T.mc_docs("piqa", T.load_piqa(T.ensure_files("piqa", str(tmp_path), download=False, verify=False))[:1])[0]
@@ -639,7 +639,8 @@ def test_limits_are_the_models(case, tiny_dir, tmp_path, monkeypatch, capsys):
     short = _with_positions(tiny_dir, tmp_path / "short", P)
     model, tok = M.load(str(short))
     out = tmp_path / "out.json"
-    run = ["--model", str(short), "--data-dir", str(tmp_path), "--no-verify", "--offline", "--output", str(out)]
+    run = ["--model", str(short), "--data-dir", str(tmp_path), "--no-verify", "--offline", "--output", str(out),
+           "--dtype", "float32"]
     if case == "loglikelihood":
         _write_data(tmp_path)
         rows = [{"goal": "How do I " + "the of and to " * (90 if i % 2 == 0 else 1), "sol1": f" a {i} the of ",

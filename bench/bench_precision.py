@@ -1,0 +1,110 @@
+"""
+The low-precision training step against the exact float32 one, both sides in one process on the same
+machine: what --dtype auto buys where the hardware computes bfloat16 natively.
+
+    python bench/bench_precision.py [--preset SmolLM2-135M-Instruct] [--tokens 850] [--steps 5]
+
+One step = one 850-token sequence (a Textual MNIST prompt), its 2 supervised tokens, forward,
+backward and AdamW, as rigsa.batch_loss and train_step do; random weights. Variants, their steps
+interleaved (median of --steps after a warm-up each), so that other load slows them alike:
+  rigsa float32       the exact path: one GEMM on W0 + alpha m dW, float32 everywhere (--dtype float32)
+  rigsa bfloat16      --dtype auto on such hardware: bfloat16 W0 under autocast, dW and AdamW in float32;
+                      GatedDelta's 4 GEMMs (forward x W0^T + alpha x (m dW)^T; dx on the merged weight
+                      rounded once; dW one GEMM)
+  rigsa bf16 5-GEMM   the same with dx = gy W0 + alpha gy (m dW): the form that keeps a sub-ulp delta in dx
+  full bfloat16       plain full fine-tuning under the same autocast, every weight trained (3 GEMMs)
+"""
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import model as M  # noqa: E402
+import rigsa  # noqa: E402
+import util  # noqa: E402
+
+
+def five_gemm_backward(ctx, gy):
+    """GatedDelta's backward with the input gradient in two GEMMs (the previous form), for comparison."""
+    x, delta, alpha, index = ctx.saved_tensors
+    L = ctx.layer
+    index = None if index is None else index.long()
+    md = L.dense(delta, index)
+    gy2, x2 = gy.reshape(-1, L.out_features), x.reshape(-1, L.in_features)
+    gx = (gy2.mm(L.weight) + (gy2 * alpha.to(x.dtype)).mm(md.to(x.dtype))).view_as(x)
+    gw = gy2.t().mm(x2).float()
+    g = gw.view(-1) if index is None else gw.view(-1).index_select(0, index)
+    return gx, g * alpha, (gw * md).sum(), None
+
+
+def make_step(variant, a):
+    torch.manual_seed(0)
+    cfg = M.PRESETS[a.preset]
+    dtype = torch.float32 if variant == "rigsa float32" else torch.bfloat16
+    m = M.Model(cfg).to(dtype=dtype).train()
+    if variant.startswith("full"):
+        params = list(m.parameters())
+    else:
+        layers = rigsa.install_adapters(m, rigsa.Config())
+        params = [p for L in layers.values() for p in (L.delta, L.alpha)]
+    amp = torch.autocast("cpu", torch.bfloat16) if dtype == torch.bfloat16 else torch.autocast("cpu", enabled=False)
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1.0, foreach=False)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, cfg.vocab_size, (1, a.tokens), generator=g)
+    pos = torch.tensor([a.tokens - 2, a.tokens - 1])
+    backward = five_gemm_backward if variant.endswith("5-GEMM") else rigsa.GatedDelta.backward
+
+    def step():
+        rigsa.GatedDelta.backward = staticmethod(backward)
+        with amp:
+            h = m(ids, hidden_only=True)                               # (1, T, C)
+            logits = m.lm_head(h[0, pos - 1]).float()                  # (2, V)
+        F.cross_entropy(logits, ids[0, pos]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+VARIANTS = ("rigsa float32", "rigsa bfloat16", "rigsa bf16 5-GEMM", "full bfloat16")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="SmolLM2-135M-Instruct", choices=list(M.PRESETS))
+    ap.add_argument("--layers", type=int, default=0, help="keep only the first N decoder layers (0: all)")
+    ap.add_argument("--tokens", type=int, default=850)
+    ap.add_argument("--steps", type=int, default=5)
+    a = ap.parse_args()
+    util.keep_freed_memory()
+    if a.layers:
+        import dataclasses
+        M.PRESETS[a.preset] = dataclasses.replace(M.PRESETS[a.preset], num_hidden_layers=a.layers)
+    real = rigsa.GatedDelta.backward
+    steps = {v: make_step(v, a) for v in VARIANTS}
+    ts = {v: [] for v in VARIANTS}
+    for v in VARIANTS:
+        steps[v]()   # warm-up: AdamW's state, the thread pools
+    for _ in range(a.steps):
+        for v in VARIANTS:
+            t0 = time.perf_counter()
+            steps[v]()
+            ts[v].append(time.perf_counter() - t0)
+    rigsa.GatedDelta.backward = real
+    med = {v: statistics.median(t) for v, t in ts.items()}
+    cfg = M.PRESETS[a.preset]
+    print(f"\n{a.preset} shape ({cfg.num_hidden_layers} layers), one {a.tokens}-token sequence per step, CPU, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+          f" (native bfloat16: {util.native_bf16('cpu') or 'no'}), load avg {os.getloadavg()[0]:.1f}\n")
+    print("| training step | s/step | tokens/s | x rigsa float32 |\n|---|---:|---:|---:|")
+    for v in VARIANTS:
+        print(f"| {v} | {med[v]:.3f} | {a.tokens / med[v]:.0f} | {med['rigsa float32'] / med[v]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,6 +14,7 @@ NPROC    ?= 1
 RUN      := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --standalone --nproc-per-node=$(NPROC))
 
 .PHONY: help test demo docs train eval paper plots chat bench bench-model bench-train bench-memory bench-layer bench-distributed \
+        bench-precision bench-checkpoint bench-evals-bf16 \
         bench-evals bench-generate bench-attention bench-qlora check-lm-eval parity-gsm8k
 
 help:            ## this list
@@ -63,7 +64,7 @@ plots: .venv/.installed .plots/.installed  ## TABLES.md and Figures 2-4 (PNG) fr
 chat: .venv/.installed          ## one chat message to MODEL (the paper's Figure 6)
 	$(PY) model.py --model $(MODEL) --prompt "What is the capital of France?"
 
-bench: bench-model bench-train bench-memory bench-layer bench-distributed bench-evals bench-generate bench-attention bench-qlora  ## every benchmark, side by side with the peers
+bench: bench-model bench-train bench-memory bench-layer bench-distributed bench-evals bench-generate bench-attention bench-qlora bench-precision bench-checkpoint bench-evals-bf16  ## every benchmark, side by side with the peers
 
 bench-model: .venv/.installed   ## prefill and batched decode against transformers (135M shape, CPU)
 	$(PY) bench/bench_model.py
@@ -79,6 +80,16 @@ bench-layer: .venv/.installed   ## one gated projection: compact vs dense forwar
 
 bench-distributed: .venv/.installed  ## 2 gloo processes against 1 (CPU): training and evaluation speed-up, all-reduce share
 	$(PY) bench/bench_distributed.py
+
+bench-precision: .venv/.installed  ## the bfloat16 training step (--dtype auto on such CPUs) against float32's, 135M shape, CPU
+	$(PY) bench/bench_precision.py
+
+bench-checkpoint: .venv/.installed  ## --checkpoint-activations: saved bytes and step time (135M shape), the 1.7B projection per card
+	$(PY) bench/bench_checkpoint.py
+
+bench-evals-bf16: .venv-bench/.installed  ## evals/ in bfloat16 against its float32 run and lm-eval's bfloat16 batch-16 run (needs data/)
+	$(BENCH_PY) bench/bench_evals.py --data-dir data --dtype bfloat16 --also-float32 --lm-eval-batch-size 16 --tasks piqa,gsm8k \
+	    --limit-piqa 200 --limit-gsm8k 16 --limit-gsm8k-lm-eval 16 --repeats 1
 
 bench-evals: .venv-bench/.installed  ## evals/ against lm-eval's HF backend (needs data/ files)
 	$(BENCH_PY) bench/bench_evals.py --data-dir data --limit-gsm8k 128 --limit-gsm8k-lm-eval 8

@@ -292,7 +292,8 @@ class GatedDelta(torch.autograd.Function):
         if layer.exact(x):
             return F.linear(x, layer.merged(delta, alpha, index))
         md = layer.dense(delta, index)                         # (out, in) float32, pruned entries 0
-        return F.linear(x, layer.weight.to(x.dtype)) + alpha.to(x.dtype) * F.linear(x, md.to(x.dtype))
+        # x W0^T + alpha x md^T: the delta's own GEMM, then one rounding of the sum (addcmul)
+        return torch.addcmul(F.linear(x, layer.weight.to(x.dtype)), F.linear(x, md.to(x.dtype)), alpha.to(x.dtype))
 
     @staticmethod
     def backward(ctx, gy):
@@ -308,16 +309,19 @@ class GatedDelta(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 gx = gy2.mm(torch.mul(md, alpha).add_(L.weight)).view_as(x)
             gw = gy2.t().mm(x2)                                # (out, in): the gradient of W0 + alpha md
-        else:
-            # one GEMM on W0 + alpha md formed in float32 and rounded once, where gy W0 + alpha gy md
-            # would take two: in the input's gradient a delta under half an ulp of W0 is lost to that
-            # rounding as W0's own bits are to bfloat16 (the forward keeps it: its own GEMM)
-            if ctx.needs_input_grad[0]:
-                gx = gy2.mm(torch.mul(md, alpha).add_(L.weight).to(x.dtype)).view_as(x)
-            gw = gy2.t().mm(x2).float()                        # one weight-gradient GEMM, fp32 from here
-        g_alpha = (gw * md).sum() if ctx.needs_input_grad[2] else None
-        g = gw.view(-1) if index is None else gw.view(-1).index_select(0, index)
-        return gx, g * alpha, g_alpha, None                    # dW's gradient only at the free entries
+            g_alpha = (gw * md).sum() if ctx.needs_input_grad[2] else None
+            g = gw.view(-1) if index is None else gw.view(-1).index_select(0, index)
+            return gx, g * alpha, g_alpha, None                # dW's gradient only at the free entries
+        # low precision: one GEMM on W0 + alpha md in the input's dtype, where gy W0 + alpha gy md would
+        # take two; a delta under half an ulp of W0 is lost to that rounding here as W0's own bits are
+        # (the forward keeps it: its own GEMM). Weight-sized passes are fused: they cost as much as a GEMM
+        if ctx.needs_input_grad[0]:
+            w = torch.addcmul(L.weight.to(x.dtype), md.to(x.dtype), alpha.to(x.dtype))   # (out, in)
+            gx = gy2.mm(w).view_as(x)
+        gw = gy2.t().mm(x2).float().view(-1)                   # one weight-gradient GEMM, fp32 from here
+        g_alpha = torch.dot(gw, md.reshape(-1)) if ctx.needs_input_grad[2] else None
+        g = gw.mul_(alpha) if index is None else gw.index_select(0, index).mul_(alpha)
+        return gx, g, g_alpha, None
 
 
 class GatedSparseLinear(nn.Module):

@@ -142,6 +142,9 @@ def main():
                          "e.g. bench/train_text_model.py's, whose generations are text")
     ap.add_argument("--device", default="cpu", help="cpu or cuda, for both sides")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--also-float32", action="store_true",
+                    help="also time evals/ with float32 weights in the same run (the exact reference), and compare "
+                         "both bfloat16 sides' predictions and log-likelihoods with it (with --dtype bfloat16)")
     ap.add_argument("--ours-only", action="store_true",
                     help="time evals/ alone (no lm-eval), e.g. the full three-task run on a GPU")
     ap.add_argument("--batch-size", default="auto", help="ours")
@@ -216,6 +219,7 @@ def main():
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             raise SystemExit(f"--model: {e}")
         cfg = ours.config
+        ours32 = M.load(mdir, device=a.device, dtype=torch.float32)[0] if a.also_float32 else None
         what = f"{mdir} ({cfg.hidden_size} wide, {cfg.num_hidden_layers} layers)" if a.model else \
             f"{a.preset}-shaped random model"
         sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
@@ -232,13 +236,20 @@ def main():
               f"; tokenizer vocab {tok.vocab_size}, model vocab {cfg.vocab_size}; hellaswag {'real' if hs_real else 'SYNTHETIC'}"
               + ("; data checksums NOT verified (--no-verify)" if a.no_verify else ""), flush=True)
 
-        def our_args(limit):
+        def our_args(limit, softmax="float32"):
             return SimpleNamespace(limit=limit, chat=False, no_verify=True, offline=True, batch_size=a.batch_size, seed=None,
-                                   model=mdir, adapter=None, quantize=None, num_fewshot=None, data_dir=ddir)
+                                   model=mdir, adapter=None, quantize=None, num_fewshot=None, data_dir=ddir,
+                                   softmax_dtype=softmax)
 
-        def ours_run(task, limit):
+        data = {}
+
+        def ours_run(task, limit, model=None, softmax="float32"):
+            args = our_args(limit, softmax)
+            if task not in data:   # read once, as evals/run.py does before the model loads
+                data[task] = R.load_data(task, args)
+            info = {"model": mdir, "dtype": "float32" if model else dtype_name, "quantize": None}
             sync()
-            r = R.run_task(task, ours, tok, our_args(limit), dtype_name)
+            r = R.run_task(task, data[task], model or ours, tok, args, info)[0]
             sync()
             return r
 
@@ -259,10 +270,13 @@ def main():
             ref_limit = (a.limit_gsm8k_lm_eval or limit) if task == "gsm8k" else limit
             # alternate the two sides `repeats` times and keep each one's fastest: other processes on
             # a shared machine then slow both alike instead of whichever ran at the wrong moment
-            t_ours, t_ref = [], []
+            t_ours, t_ref, t_32 = [], [], []
             for _ in range(a.repeats_gsm8k if task == "gsm8k" else a.repeats):
                 mine = ours_run(task, limit)
                 t_ours.append(mine["seconds"])
+                if ours32 is not None:
+                    exact = ours_run(task, limit, ours32)
+                    t_32.append(exact["seconds"])
                 sync()
                 t0 = time.time()
                 res = lm_eval.simple_evaluate(model=lm, tasks=[f"bench_{task}"], task_manager=tm, limit=ref_limit,
@@ -278,6 +292,26 @@ def main():
                    "lm_eval_docs_per_s": round(ref_rate, 4), "speedup": round(ours_rate / ref_rate, 2),
                    "ours_batch": mine["batch_size"], "lm_eval_batch": a.lm_eval_batch_size,
                    "ours_runs_s": t_ours, "lm_eval_runs_s": [round(t, 3) for t in t_refs]}
+            if ours32 is not None:   # both bfloat16 sides against the float32 reference, on the same documents
+                row.update(ours_float32_s=min(t_32), speedup_vs_float32=round(min(t_32) / mine["seconds"], 2))
+                if task in ("piqa", "hellaswag"):
+                    ex = {s["doc_id"]: s for s in exact["samples"]}
+                    for side, samples in (("ours", mine["samples"]),
+                                          ("lm_eval", [{"doc_id": r["doc_id"], "acc": r["acc"],
+                                                        "loglikelihoods": [x[0] for x in r["filtered_resps"]]} for r in ref])):
+                        d = [abs(x - y) for s in samples for x, y in zip(s["loglikelihoods"], ex[s["doc_id"]]["loglikelihoods"])]
+                        flips = sum(s["acc"] != ex[s["doc_id"]]["acc"] for s in samples)
+                        row[f"{side}_vs_float32"] = dict(flips=flips, mean_abs_dll=round(sum(d) / len(d), 4),
+                                                         max_abs_dll=round(max(d), 4))
+                    f32 = ours_run(task, limit, softmax="model")   # ours, the log-softmax in bfloat16 as lm-eval's
+                    d = [abs(x - y) for s in f32["samples"] for x, y in zip(s["loglikelihoods"], ex[s["doc_id"]]["loglikelihoods"])]
+                    row["ours_softmax_model_vs_float32"] = dict(
+                        flips=sum(s["acc"] != ex[s["doc_id"]]["acc"] for s in f32["samples"]),
+                        mean_abs_dll=round(sum(d) / len(d), 4), max_abs_dll=round(max(d), 4), seconds=f32["seconds"])
+                else:
+                    ex = {s["doc_id"]: s["generation"] for s in exact["samples"]}
+                    row["ours_vs_float32"] = dict(same_generations=sum(s["generation"] == ex[s["doc_id"]]
+                                                                       for s in mine["samples"]))
             if task in ("piqa", "hellaswag"):
                 diffs, same = [], 0
                 for s, r in zip(mine["samples"], ref):

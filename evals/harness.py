@@ -52,20 +52,21 @@ def left_truncate(ctx, cont, max_length):
 LOGITS_BLOCK = 512
 
 
-def _cont_scores(model, h, at, targets):
+def _cont_scores(model, h, at, targets, softmax_dtype=None):
     """h: (U, C) hidden states at distinct predicting positions; target k (N targets) is scored
     from row at[k] of h (choices that share a prefix share those rows, and lm_head runs once per
     row). Returns per-target log-probs (N,) in the logits' dtype and whether each target is the
     argmax (N,). log_softmax runs in the logits' dtype, as lm-eval does with softmax_dtype=None
-    (HFLM._loglikelihood_tokens)."""
-    lp = torch.empty(len(targets), dtype=model.lm_head.weight.dtype, device=h.device)
+    (HFLM._loglikelihood_tokens), or in `softmax_dtype` (lm-eval's model_args softmax_dtype=float32):
+    then the per-token log-probs and their sums are float32 too."""
+    lp = torch.empty(len(targets), dtype=softmax_dtype or model.lm_head.weight.dtype, device=h.device)
     greedy = torch.empty(len(targets), dtype=torch.bool, device=h.device)
     n = LOGITS_BLOCK
     for s in range(0, h.shape[0], n):
         logits = model.lm_head(h[s:s + n])                                     # (n, V)
         k = ((at >= s) & (at < s + n)).nonzero()[:, 0]                        # targets scored here
         u, t = at[k] - s, targets[k]
-        lp[k] = F.log_softmax(logits, dim=-1)[u, t]
+        lp[k] = F.log_softmax(logits if softmax_dtype is None else logits.to(softmax_dtype), dim=-1)[u, t]
         greedy[k] = logits.max(-1).indices[u] == t  # = argmax (the first maximum), and faster on CPU
     return lp, greedy
 
@@ -88,7 +89,7 @@ def _forward_rows(model, rows):
 
 
 @torch.inference_mode()
-def score_separate(model, reqs, batch_size=16):
+def score_separate(model, reqs, batch_size=16, softmax_dtype=None):
     """reqs: list of (ctx_ids, cont_ids). One row per request: ctx + cont[:-1], right padded,
     length-sorted. Returns [(loglikelihood, is_greedy)] in input order."""
     dev = model.lm_head.weight.device
@@ -105,7 +106,7 @@ def score_separate(model, reqs, batch_size=16):
             tg += cont
             counts.append(len(cont))
         lp, g = _cont_scores(model, h[torch.tensor(ri, device=dev), torch.tensor(pi, device=dev)],
-                             torch.arange(len(tg), device=dev), torch.tensor(tg, device=dev))
+                             torch.arange(len(tg), device=dev), torch.tensor(tg, device=dev), softmax_dtype)
         for i, r in zip(idx, _collect(lp, g, counts)):
             res[i] = r
     return res
@@ -169,7 +170,7 @@ def _pack(lens, budget):
 
 
 @torch.inference_mode()
-def score_shared(model, docs, batch_size=16, bar=None, row_tokens=256):
+def score_shared(model, docs, batch_size=16, bar=None, row_tokens=256, softmax_dtype=None):
     """docs: list of (ctx_ids, [cont_ids per choice]). Returns [[(loglikelihood, is_greedy) per
     choice]] in input order. Each document's context, and the prefix its continuations share, is
     computed ONCE: the document is one segment (_segment) in which every continuation's rest
@@ -215,7 +216,7 @@ def score_shared(model, docs, batch_size=16, bar=None, row_tokens=256):
                 ((br[:, None, :] == 0) | (br[:, :, None] == br[:, None, :])))         # key in P or own branch
         h = model(ids.to(dev), mask, hidden_only=True, position_ids=pos.to(dev))       # (R, T, C)
         lp, g = _cont_scores(model, h[torch.tensor(ri, device=dev), torch.tensor(pi, device=dev)],
-                             torch.tensor(at, device=dev), torch.tensor(tg, device=dev))
+                             torch.tensor(at, device=dev), torch.tensor(tg, device=dev), softmax_dtype)
         flat = iter(_collect(lp, g, counts))
         for row in rows:        # the same order as counts was built in
             for j in row:

@@ -89,7 +89,8 @@ def eval_mc(task, docs, model, tok, args):
     bs = batch_size_for(args, model, longest, max(len(xs) for _, xs in enc))
     part = enc[util.shard(len(enc))]       # on torchrun this rank's documents; every rank's, gathered
     bar = util.progress(total=len(part), desc=task, unit="doc")
-    scored = util.gather(H.score_shared(model, part, batch_size=bs, bar=bar))
+    soft = None if getattr(args, "softmax_dtype", "float32") == "model" else getattr(torch, args.softmax_dtype)
+    scored = util.gather(H.score_shared(model, part, batch_size=bs, bar=bar, softmax_dtype=soft))
     bar.close()
     scores = [[] for _ in mc]
     for i, sc in zip(owner, scored):
@@ -334,7 +335,9 @@ def run_info(args, model, tok, name, revision, quantize, device):
     """What every output records about the run (lm-eval's config / tokenizer fields where they exist)."""
     dtype = str(model.lm_head.weight.dtype).replace("torch.", "")
     model_args = ",".join(f"{k}={v}" for k, v in (("pretrained", name), ("peft", args.adapter),
-                                                  ("revision", revision), ("dtype", dtype)) if v)
+                                                  ("revision", revision), ("dtype", dtype),
+                                                  ("softmax_dtype", getattr(args, "softmax_dtype", "float32") != "model"
+                                                   and dtype != "float32" and args.softmax_dtype)) if v)
     tokens = {f"tokenizer_{w}_token": [tok.decode([i]), str(i)]
               for w, i in (("pad", tok.pad_id), ("eos", tok.eos_id), ("bos", tok.bos_id))}
     return {"model": name, "dtype": dtype, "quantize": quantize, "start": time.time(), "git_hash": util.git_commit(),
@@ -401,6 +404,10 @@ def parse_args(argv):
     ap.add_argument("--batch-size", type=util.number(int, 1, auto=True), default="auto",
                     help="documents per batch, or 'auto' (default)")
     ap.add_argument("--num-fewshot", type=util.number(int, 0), default=None, help="default: gsm8k 5, others 0")
+    ap.add_argument("--softmax-dtype", default="float32", choices=["float32", "model"],
+                    help="PIQA/HellaSwag: the log-softmax and the log-likelihood sums in float32 (default; lm-eval's "
+                         "model_args softmax_dtype=float32), or in the logits' dtype as lm-eval's default does "
+                         "(model). Equal in float32; in bfloat16, float32 is ~30x closer to the float32 numbers")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="the weights' dtype: auto (default) is bfloat16 where the device computes it natively (CUDA, "
                          "a CPU with AMX or AVX512-BF16), else float32, the exact reference")

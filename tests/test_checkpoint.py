@@ -2,6 +2,7 @@
 place in the training-memory estimate (memory.saved_bytes, memory.memory_plan). CPU only, tiny
 checkpoints written by the tests."""
 import contextlib
+import json
 
 import pytest
 import torch
@@ -29,9 +30,8 @@ def grads(m, rows, tok, amp):
     return [p.grad.clone() for p in m.parameters() if p.requires_grad]
 
 
-# (adapter, base weights' dtype, bfloat16 autocast). rigsa's layer does not take float32 weights
-# under autocast (not a combination the trainer makes: autocast only with bfloat16 weights)
-CASES = [("rigsa", torch.float32, False), ("rigsa-pruned", torch.float32, False),
+# (adapter, base weights' dtype, bfloat16 autocast)
+CASES = [("rigsa", torch.float32, False), ("rigsa", torch.float32, True), ("rigsa-pruned", torch.float32, False),
          ("rigsa-pruned", torch.bfloat16, True), ("lora", torch.float32, False), ("lora", torch.float32, True),
          ("lora", torch.bfloat16, True)]
 
@@ -106,3 +106,21 @@ def test_estimate_matches_what_autograd_saves(deep_dir, checkpoint):
     assert est == pytest.approx(saved, rel=0.005)
     if not checkpoint:
         assert saved == pytest.approx(plain * 2, rel=0.005)
+
+
+def test_a_run_with_checkpointing_trains_the_same_adapters_and_may_resume_without(tiny_dir, tmp_path):
+    # the flag changes how the step runs, not what it computes: a run halted without it and continued
+    # with it (--resume may change it) ends with the plain run's adapters, bit for bit
+    import mnist
+    from conftest import one_thread
+    from test_rigsa import tiny_cfg
+    from safetensors.torch import load_file
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=8, size=8)
+    with one_thread():
+        rigsa.train(tiny_cfg(tiny_dir, tmp_path, out=str(tmp_path / "plain")))
+        assert rigsa.train(tiny_cfg(tiny_dir, tmp_path, out=str(tmp_path / "ckpt"), halt_after=3)) is None
+        rigsa.train(rigsa.Config(out=str(tmp_path / "ckpt"), resume=True, checkpoint_activations=True))
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["config"]["checkpoint_activations"] is True
+    for k in (1, 2):
+        a, b = (load_file(tmp_path / d / f"iter{k}.safetensors") for d in ("plain", "ckpt"))
+        assert a.keys() == b.keys() and all(a[n].equal(b[n]) for n in a), k

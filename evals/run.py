@@ -225,6 +225,7 @@ def run_task(task, data, model, tok, args, info):
         n_all = len(data[0][1])
     dt = time.time() - t0
     result = {"task": task, "model": info["model"], "adapter": args.adapter, "dtype": info["dtype"],
+              "dtype_choice": info.get("dtype_choice"),   # why: as asked, or --dtype auto's reason
               "num_fewshot": k, "limit": args.limit or None, "seconds": round(dt, 3), "metrics": metrics, "samples": samples,
               "docs": len(samples), "docs_per_s": len(samples) / max(dt, 1e-9), "batch_size": bs,
               "truncated": cut,   # documents longer than the model, left-truncated as lm-eval does

@@ -127,7 +127,7 @@ def test_every_method_trains_saves_and_evaluates_in_bfloat16(tiny_dir, tmp_path,
     R.main(["--task", "mnist", "--model", str(tiny_dir), "--adapter", str(tmp_path / "run" / last), "--data-dir",
             str(tmp_path), "--no-verify", "--offline", "--limit", "4", "--dtype", "bfloat16", "--output", str(out)])
     r = json.loads(out.read_text())
-    assert r["dtype"] == "bfloat16" and 0 <= r["metrics"]["acc"] <= 1
+    assert r["dtype"] == "bfloat16" and r["dtype_choice"] == "as asked" and 0 <= r["metrics"]["acc"] <= 1
     if method in ("random-mask", "lt-sft"):
         merged, _ = M.load(cli.merge(tmp_path / "run" / last, tmp_path / "merged"))
         assert merged.lm_head.weight.dtype == torch.float32

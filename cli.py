@@ -64,11 +64,12 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
 DEMO_ENTRIES = ("DEMO", "tiny-model", "mnist", "run")   # what `rigsa.py demo` writes under --out
 
 
-def demo(out="runs/demo"):
+def demo(out="runs/demo", dtype="float32"):
     """A tiny random model with SmolLM2's architecture and tokenizer structure learns synthetic 8x8
     digits (a 5x7 font with 5% of the pixels noise) through two IMP iterations. The lr is higher and
-    the weight decay lower than the paper's (§4.4): 2 x 300 steps instead of 2 x 3,713. float32: the
-    exact path, so that what it prints is what the README says."""
+    the weight decay lower than the paper's (§4.4): 2 x 300 steps instead of 2 x 3,713. float32 by
+    default: the exact path, so that what it prints is what the README says (--dtype bfloat16: the
+    low-precision path on the same run, for comparison)."""
     t0 = time.time()
     torch.set_num_threads(1)  # a tiny model is all per-op overhead: threads only add to it
     out = Path(out)
@@ -88,12 +89,12 @@ def demo(out="runs/demo"):
         tiny.write_tiny_checkpoint(out / "tiny-model", shape="gqa", seed=0)
         mnist.write_synthetic_mnist(out / "mnist", n_train=400, n_test=100, size=8, seed=0, noise=0.05, shift=False)
         cfg = rigsa.Config(model=str(out / "tiny-model"), out=str(out / "run"), data_dir=str(out), device="cpu",
-                           dtype="float32", iters=2, steps=300, epochs=100.0, warmup=10, lr=1e-2, weight_decay=0.1,
+                           dtype=dtype, iters=2, steps=300, epochs=100.0, warmup=10, lr=1e-2, weight_decay=0.1,
                            val_frac=0.05, micro_batch=16, log_every=10, save_every=0, offline=True, verify=False)
         print("demo: tiny SmolLM2-shaped random model, 380 synthetic 8x8 training digits, 2 IMP iterations")
         if rigsa.train(cfg) is None:   # stopped by a signal (it said so, with the command that continues)
             return None
-        model, tok = M.load(cfg.model, "cpu")
+        model, tok = M.load(cfg.model, "cpu", getattr(torch, dtype))
         x, y = mnist.load_mnist(out / "mnist", "test", verify=False)
         base_acc, _ = rigsa.mnist_accuracy(model, tok, x, y, progress=False)
         print(f"base model (no adapter) test acc {base_acc:.1%}; chance is 10%")
@@ -128,6 +129,9 @@ def parser():
                    help="merge into a base other than the one the adapter was trained on (recorded in rigsa-merge.json)")
     p = sub.add_parser("demo", help="the whole pipeline offline on a tiny model (under a minute on 2 CPU cores)")
     p.add_argument("--out", default="runs/demo", help="[default: runs/demo]")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="float32 (default: the exact path, what the README shows) or bfloat16 (weights and autocast, "
+                        "dW and AdamW in float32) to compare")
     return ap, train_ap
 
 
@@ -156,7 +160,7 @@ def main(argv=None):
             print(f"label: {int(y[a.index])}")
         elif a.cmd == "merge":
             merge(a.adapter, a.out, a.model, a.dtype, a.revision, a.allow_lossy, a.allow_other_base)
-        elif a.cmd == "demo" and demo(a.out) is None and rundir.STOP:   # stopped: as train, 128 + the signal
+        elif a.cmd == "demo" and demo(a.out, a.dtype) is None and rundir.STOP:   # stopped: as train, 128 + the signal
             sys.exit(128 + rundir.STOP[0])
     except (OSError, ValueError, RuntimeError) as e:   # OSError: FileNotFoundError, FileExistsError, a full disk
         util.abandon_distributed()

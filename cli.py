@@ -35,7 +35,7 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
     sum |alpha m dW| (small deltas round away under bfloat16's ulp of W0) is refused unless
     allow_lossy: the merged model would be closer to the base than to the adapted one."""
     _, meta, cfg = rigsa.read_adapter(adapter, tensors=False)
-    if cfg.method == "qlora":
+    if rigsa.METHODS[cfg.method]["nf4"]:
         raise ValueError(f"{adapter}: a QLoRA adapter sits on a 4-bit base, and merging would re-quantize it "
                          f"(lossy); use it unmerged (evals/run.py --adapter) or its PEFT copy in iterK-peft/")
     out = Path(out)

@@ -3,7 +3,8 @@ flags.py: a flat config dataclass as command-line flags. Each field made by `fie
 help, its valid values and what it needs, so that one line is at once the flag, its range check,
 its help text, the refusal of a value out of range and the record in config.json.
 
-  field        a dataclass field with help, check (a util.number range), choices, needs = (when, why)
+  field        a dataclass field with help, check (a util.number range), choices, needs = (when, why), resumable
+  typed_by     which fields the user gave: typed on the command line, or (in Python) not at their default
   check        each field's own check on a config made in Python or read from a file (ValueError)
   refuse_idle  a flag the user typed that cannot act on this config (another method's; `needs` not met)
   add_flags    one flag per field, checked as it is parsed
@@ -13,12 +14,25 @@ import argparse
 import dataclasses
 
 
-def field(default, help, check=None, choices=None, needs=None):
+def field(default, help, check=None, choices=None, needs=None, resumable=False):
     """A config field: its default, its help, its valid values (check: a util.number range; choices),
-    and needs = (when, why): the condition on the rest of the config without which it cannot act
-    (a flag the run would silently ignore is refused)."""
+    needs = (when, why): the condition on the rest of the config without which it cannot act (a flag
+    the run would silently ignore is refused), and resumable: --resume may change it (how a run
+    runs, not what it computes)."""
     return dataclasses.field(default=default, metadata={"help": help, "check": check, "choices": choices,
-                                                        "needs": needs})
+                                                        "needs": needs, "resumable": resumable})
+
+
+def resumable(cls):
+    """The fields of `cls` that --resume may change."""
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("resumable")}
+
+
+def typed_by(cfg, given):
+    """f -> whether the user gave flag f: in `given` (the command line's typed flags), or else (a
+    config made in Python) set to another value than its default."""
+    defaults = type(cfg)()
+    return (lambda f: f in given) if given is not None else (lambda f: getattr(cfg, f) != getattr(defaults, f))
 
 
 def flag(name):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import interrupts  # standard library only: before torch
 
-if __name__ == "__main__":   # a signal while torch loads (a second or two): one line, no traceback; then main()'s
+if __name__ == "__main__":   # a signal while torch loads (a second or two): one line, no traceback; main() then takes over
     interrupts.early()
 
 import torch

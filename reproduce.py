@@ -52,7 +52,7 @@ from pathlib import Path
 
 import interrupts  # standard library only: before torch
 
-if __name__ == "__main__":   # a signal while torch loads (a second or two): one line, no traceback; then main()'s
+if __name__ == "__main__":   # a signal while torch loads (a second or two): one line, no traceback; main() then takes over
     interrupts.early()
 
 import model as M
@@ -97,10 +97,11 @@ def plan(a):
             steps.append((f, ev + ["--task", t, "--output", str(f)] + qa))
     for seed in a.seeds:  # Figures 2 and 3: train, then evaluate every iteration's adapter
         rig = out / run_name("rigsa", seed)  # the random mask copies this seed's last per-layer density
-        runs = [("rigsa", ["--method", "rigsa", "--iters", str(IMP_ITERS)], IMP_ITERS),
-                ("random-mask", ["--method", "random-mask", "--mask-like", str(rig / f"iter{IMP_ITERS}")], 1)]
-        runs += [(f"qlora-r{r}", ["--method", "qlora", "--rank", str(r)], 1) for r in QLORA_RANKS]
-        for name, args, iters in runs:
+        runs = [("rigsa", "rigsa", ["--iters", str(IMP_ITERS)]),
+                ("random-mask", "random-mask", ["--mask-like", str(rig / f"iter{IMP_ITERS}")])]
+        runs += [(f"qlora-r{r}", "qlora", ["--rank", str(r)]) for r in QLORA_RANKS]
+        for name, method, args in runs:   # one adapter per IMP iteration; the methods that do not prune: one
+            iters, args = IMP_ITERS if rigsa.METHODS[method]["prunes"] else 1, ["--method", method] + args
             run = out / run_name(name, seed)
             steps.append((run / f"iter{iters}.safetensors", tr + ["--out", str(run), "--seed", str(seed)] + args
                           + (["--resume"] if (run / "config.json").exists() else [])))

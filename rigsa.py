@@ -32,7 +32,7 @@ from pathlib import Path
 
 import interrupts  # standard library only: before torch
 
-if __name__ == "__main__":   # a signal while torch loads (a second or two): one line, no traceback; then main()'s
+if __name__ == "__main__":   # a signal while torch loads (a second or two): one line, no traceback; main() then takes over
     interrupts.early()
 
 import numpy as np
@@ -66,23 +66,23 @@ SEED_MAX = (2 ** 64 - 1) // 1000 - 1000   # the data order's generator is seeded
 # The methods, one entry each: what check_config, setup, the IMP loop, the help and reproduce.py read.
 #   gated      the ReZero gate alpha (§3.2); lt-sft has none (§6)
 #   prunes     IMP iterations (§3.2, §4.4); the others train once
-#   lora       LoRA layers (qlora.py, §5.3) instead of the gated sparse layer
-#   init_mask  f(run): the mask it starts from, set after setup and inside the memory estimate, not on
-#              resume (None: every entry free)
+#   lora       LoRA layers (qlora.py, §5.3) instead of the gated sparse layer; nf4: on the 4-bit base
+#   init_mask  f(run): the mask it starts from, set once the adapters are installed, before the memory
+#              estimate, not on resume (None: every entry free)
 #   flags      the Config fields it uses beyond the common ones (another method's flag is refused)
 GATE = ("alpha_init", "init", "init_std", "decay_gate")
 IMP = ("iters", "keep", "prune_scope", "criterion")
 SPARSE_OPT = ("lr", "weight_decay", "epochs")
 LORA = ("rank", "lora_alpha", "lora_dropout", "lora_lr", "lora_weight_decay", "lora_epochs")
 METHODS = {
-    "rigsa":       dict(gated=True, prunes=True, lora=False, init_mask=None,
+    "rigsa":       dict(gated=True, prunes=True, lora=False, nf4=False, init_mask=None,
                         flags=GATE + IMP + SPARSE_OPT + ("reset_alpha",)),
-    "random-mask": dict(gated=True, prunes=False, lora=False, init_mask=lambda run: random_mask_init(run),   # §4.4
-                        flags=GATE + SPARSE_OPT + ("mask_like", "density")),
-    "lt-sft":      dict(gated=False, prunes=True, lora=False, init_mask=None, flags=IMP + SPARSE_OPT),      # §6
-    "dense":       dict(gated=True, prunes=False, lora=False, init_mask=None, flags=GATE + SPARSE_OPT),
-    "lora":        dict(gated=False, prunes=False, lora=True, init_mask=None, flags=LORA),                 # §5.3
-    "qlora":       dict(gated=False, prunes=False, lora=True, init_mask=None, flags=LORA),                 # §5.3, 4-bit
+    "random-mask": dict(gated=True, prunes=False, lora=False, nf4=False, init_mask=lambda run: random_mask_init(run),
+                        flags=GATE + SPARSE_OPT + ("mask_like", "density")),                              # §4.4
+    "lt-sft":      dict(gated=False, prunes=True, lora=False, nf4=False, init_mask=None, flags=IMP + SPARSE_OPT),  # §6
+    "dense":       dict(gated=True, prunes=False, lora=False, nf4=False, init_mask=None, flags=GATE + SPARSE_OPT),
+    "lora":        dict(gated=False, prunes=False, lora=True, nf4=False, init_mask=None, flags=LORA),     # §5.3
+    "qlora":       dict(gated=False, prunes=False, lora=True, nf4=True, init_mask=None, flags=LORA),      # §5.3
 }
 CRITERIA = {}   # pruning criteria, name -> score(name, layer) (IMP section); filled below, --criterion picks one
 
@@ -93,10 +93,10 @@ class Config:
     model: str = _f(M.DEFAULT_MODEL, "base model: hub id or local directory (§4.1)")
     revision: str = _f("", "hub revision of --model (commit, branch or tag; default: the latest); the run records "
                            "the commit it resolved to and resumes on it")
-    method: str = _f("rigsa", "rigsa | random-mask | lt-sft | dense | lora | qlora (§3.2, §4.4, §5.3; lt-sft: §6): "
-                              "METHODS", choices=METHODS)
-    out: str = _f("runs/rigsa", "run directory: config.json, metrics.jsonl, iterK.safetensors")
-    data_dir: str = _f("data", "data root: the four MNIST IDX files are in <root>/mnist/ (§4.2)")
+    method: str = _f("rigsa", " | ".join(METHODS) + " (§3.2, §4.4, §5.3; lt-sft: §6): the table METHODS",
+                     choices=METHODS)
+    out: str = _f("runs/rigsa", "run directory: config.json, metrics.jsonl, iterK.safetensors", resumable=True)
+    data_dir: str = _f("data", "data root: the four MNIST IDX files are in <root>/mnist/ (§4.2)", resumable=True)
     seed: int = _f(1234, "seed of dW's init (per layer), of the random mask and of the data order",
                    check=util.number(int, 0, SEED_MAX))
     # the gated adapter (§3.2)
@@ -117,7 +117,7 @@ class Config:
                      check=util.numbers(float, 0, 1, lo_open=True), needs=PRUNES)
     prune_scope: str = _f("global", "global | layer: where the magnitude threshold is taken (silent in §4.4)",
                           choices=("global", "layer"), needs=PRUNES)
-    criterion: str = _f("magnitude", "the pruning score: magnitude = |dW| (§4.4); CRITERIA holds the others",
+    criterion: str = _f("magnitude", "the pruning score: magnitude = |dW| (§4.4); a score added to CRITERIA is a choice",
                         choices=CRITERIA, needs=PRUNES)
     mask_like: str = _f("", "random-mask: copy the per-layer counts of this adapter, RUN/iterK (§4.4)")
     density: float = _f(0.0, "random-mask: uniform density instead of --mask-like",
@@ -131,14 +131,15 @@ class Config:
     eps: float = _f(1e-8, "AdamW eps (silent in §4.4: torch default)", check=POS)
     batch_size: int = _f(16, "effective batch, by gradient accumulation (§4.4)", check=INT1)
     micro_batch: int = _f(1, "sequences per forward pass (§4.4: one fits a 24 GB GPU)", check=INT1)
-    checkpoint_activations: bool = _f(False, "recompute each decoder layer in the backward instead of keeping its "
-                                             "activations: a bigger --micro-batch fits, the same gradients, ~1/3 slower")
+    checkpoint_activations: bool = _f(False, "recompute each decoder layer in the backward instead of keeping "
+                                             "its activations: a bigger --micro-batch fits, the same gradients, "
+                                             "~1/3 slower", resumable=True)
     epochs: float = _f(1.0, "epochs of the training split per IMP iteration (§4.4)", check=POS)
     steps: int = _f(0, "cap on optimizer steps per iteration, for quick runs (0 = no cap)", check=INT0)
     grad_clip: float = _f(0.0, "max gradient norm (0 = off; silent in §4.4)", check=NONNEG)
     moments: str = _f("auto", "where AdamW's moments live: device | host (pinned, streamed per tensor: exact, slower) | "
-                              "8bit (approximate) | auto: device if the step fits, else host (README: Method notes, Memory)",
-                      choices=("auto", "device", "host", "8bit"))
+                              "8bit (approximate) | auto: device if the step fits, else host (docs/memory.md)",
+                      choices=("auto", "device", "host", "8bit"), resumable=True)
     # LoRA / QLoRA baseline (§5.3, Table 4); used when --method lora or qlora
     rank: int = _f(TABLE4["ranks"][-1], "LoRA rank (Table 4: 1/4/8/16)", check=INT1)
     lora_alpha: float = _f(TABLE4["alpha"], "LoRA alpha (Table 4)", check=POS)
@@ -152,21 +153,27 @@ class Config:
     split_seed: int = _f(0, "seed of the validation split", check=util.number(int, 0, 2 ** 63 - 1),
                          needs=(lambda c: c.val_frac > 0, "--val-frac above 0 (a validation split)"))
     limit: int = _f(0, "evaluate on the first N val/test images only (0 = all)", check=INT0)
-    eval_batch: int = _f(16, "batch size of the accuracy evaluation", check=INT1)
+    eval_batch: int = _f(16, "batch size of the accuracy evaluation", check=INT1, resumable=True)
     eval_test: bool = _f(True, "also evaluate the test split after every iteration (§5.1, Figure 2a)")
     # machinery
-    device: str = _f("auto", "cpu | cuda | cuda:N | auto")
-    dtype: str = _f("auto", "auto (bfloat16 where the device computes it natively: CUDA, a CPU with AMX or AVX512-BF16; "
-                            "else float32) | float32 (exact) | bfloat16 (weights and autocast; dW, LoRA and AdamW's "
-                            "state in float32) | float16; saved resolved", choices=("auto", "float32", "bfloat16", "float16"))
-    log_every: int = _f(10, "optimizer steps between metrics.jsonl lines", check=INT1)
-    save_every: int = _f(500, "optimizer steps between resume checkpoints (0 = only at iteration ends)", check=INT0)
-    halt_after: int = _f(0, "stop (resumably) after this many optimizer steps in this process (0 = never)", check=INT0)
-    resume: bool = _f(False, "continue the run in --out where it stopped (its saved config is used)")
+    device: str = _f("auto", "cpu | cuda | cuda:N | auto", resumable=True)
+    dtype: str = _f("auto", "auto (bfloat16 where the device computes it natively: CUDA, a CPU with AMX or "
+                            "AVX512-BF16; else float32) | float32 (exact) | bfloat16 (weights and autocast; dW, LoRA "
+                            "and AdamW's state in float32) | float16 (weights only, no autocast); saved resolved",
+                    choices=("auto", "float32", "bfloat16", "float16"))
+    log_every: int = _f(10, "optimizer steps between metrics.jsonl lines", check=INT1, resumable=True)
+    save_every: int = _f(500, "optimizer steps between resume checkpoints (0 = only at iteration ends)", check=INT0,
+                         resumable=True)
+    halt_after: int = _f(0, "stop (resumably) after this many optimizer steps in this process (0 = never)", check=INT0,
+                         resumable=True)
+    resume: bool = _f(False, "continue the run in --out where it stopped (its saved config is used)",
+                      resumable=True)
     allow_other_base: bool = _f(False, "accept a base model other than the one --mask-like's adapter, or the resumed "
-                                       "run, was made on (said, and recorded in config.json)")
-    offline: bool = _f(False, "never download (the MNIST files, the base model): a missing one is an error")
-    verify: bool = _f(True, "check the MNIST files' pinned sizes and md5s (--no-verify: stand-in data)")
+                                       "run, was made on (said, and recorded in config.json)", resumable=True)
+    offline: bool = _f(False, "never download (the MNIST files, the base model): a missing one is an error",
+                       resumable=True)
+    verify: bool = _f(True, "check the MNIST files' pinned sizes and md5s (--no-verify: stand-in data)",
+                      resumable=True)
     verify_model: bool = _f(False, "hash the base model's cached hub files against the hub's checksums (slow at 1.7B)")
 
 
@@ -174,7 +181,7 @@ def check_config(cfg, given=None):
     """What the flags' own checks cannot see: a Config made in Python, a flag that cannot act on this
     run, and combinations. given: the fields the user typed, else those not at their default."""
     flags.check(cfg)
-    flags.refuse_idle(cfg, rundir.typed_by(cfg, given), lambda name: [m for m, d in METHODS.items() if name in d["flags"]],
+    flags.refuse_idle(cfg, flags.typed_by(cfg, given), lambda name: [m for m, d in METHODS.items() if name in d["flags"]],
                       cfg.method, "--method")
     if cfg.method == "random-mask" and bool(cfg.mask_like) == (cfg.density > 0):
         raise ValueError("--method random-mask: needs exactly one of --mask-like RUN/iterK or --density D")
@@ -391,7 +398,7 @@ class GatedSparseLinear(nn.Module):
     def merged(self, delta, alpha, index):
         """W0 + alpha * (m * dW) in float32, the same numbers however it is formed (addition
         commutes): under a quarter of the entries free, a scatter-add into a copy of W0; above,
-        alpha md + W0 in streaming passes, which are then faster (bench-memory)."""
+        alpha md + W0 in streaming passes, which are then faster (make bench-layer)."""
         if index is None:
             return self.weight + alpha * delta.view(self.out_features, self.in_features)
         if len(index) > self.numel() // 4:
@@ -412,7 +419,7 @@ class GatedSparseLinear(nn.Module):
         return GatedDelta.apply(x, self.delta, self.alpha, self)
 
     def delta_weight(self):
-        """alpha * (m * dW), (out, in) float32: what the adapter adds to W0 (merge_adapters)."""
+        """alpha * (m * dW), (out, in) float32: what the adapter adds to W0 (adapter_files.merge_adapters)."""
         return self.alpha.detach().float() * self.dense().detach()
 
     def extra_repr(self):
@@ -582,7 +589,7 @@ def accumulate(model, rows, micro_batch, pad_id, device, amp=contextlib.nullcont
 def make_optimizer(model, cfg, moments="device"):
     """AdamW (§4.4) on the trainable tensors: dW decayed by --weight-decay, the gate not (unless
     --decay-gate); LoRA: every LoRA matrix decayed by --lora-weight-decay (Table 4). Its moments
-    live where `moments` says (adamw_step)."""
+    live where `moments` says (memory.adamw_step)."""
     if METHODS[cfg.method]["lora"]:
         params = [p for p in model.parameters() if p.requires_grad]
         groups = [{"params": params, "weight_decay": cfg.lora_weight_decay}]
@@ -617,7 +624,7 @@ def train_step(run, opt, rows, lr):
         run.comm_s += seconds
     if run.cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip)
-    memory.adamw_step(opt)
+    memory.adamw_step(opt)   # torch's AdamW step; with host or 8-bit moments, streamed per tensor (memory.py)
     opt.zero_grad(set_to_none=True)
     return loss
 
@@ -628,11 +635,11 @@ def setup(cfg, resume=None, given=None):
     content, puts the adapters back as they were; given: the flags the user typed (check_config)."""
     out = Path(cfg.out)
     lora = METHODS[cfg.method]["lora"]
-    # the base model's files first: a hub id resolves to one commit, which the run records (in its
-    # config and every adapter's) and a resumed run loads again, whatever the hub's main is by then
     device = util.init_distributed(cfg.device)   # torchrun: rank 0 downloads, the others wait (rank_zero_first)
     dtype, why = rundir.run_dtype(cfg, device)   # auto: bfloat16 where the device computes it natively
     cfg.dtype = str(dtype).removeprefix("torch.")
+    # the base model's files first: a hub id resolves to one commit, which the run records (in its
+    # config and every adapter's) and a resumed run loads again, whatever the hub's main is by then
     base = util.rank_zero_first(lambda: M.resolve(cfg.model, cfg.revision or None, cfg.verify_model, cfg.offline))
     cfg.revision = M.hub_commit(base) or cfg.revision
     ident = {"model": cfg.model, **M.base_identity(base)}   # recorded in config.json and every adapter
@@ -654,14 +661,14 @@ def setup(cfg, resume=None, given=None):
     left = (n_iters(cfg) - (resume or {}).get("iteration", 1) + 1) * steps - (resume or {}).get("step", 0)
     rundir.check_steps(cfg, given, steps, left)
     # qlora.load_model also reads pre-quantized bnb-4bit checkpoints (§5.3: Unsloth's)
-    model, tok = (qlora.load_model if cfg.method == "qlora" else M.load)(base, device, dtype)
+    model, tok = (qlora.load_model if METHODS[cfg.method]["nf4"] else M.load)(base, device, dtype)
     # mixed precision, one recipe on CUDA and the CPU: bfloat16 weights and autocast, float32 master dW
     # (GatedSparseLinear.delta), LoRA matrices and AdamW state
     amp = torch.autocast(device.type, torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
     # the baseline lives in its own file (§5.3): 4-bit base (qlora), LoRA's A seeded by --seed
     layers = {} if lora else install_adapters(model, cfg)
     if lora:
-        qlora.attach(model, cfg.method == "qlora", cfg.seed, cfg.rank, cfg.lora_alpha, cfg.lora_dropout)
+        qlora.attach(model, METHODS[cfg.method]["nf4"], cfg.seed, cfg.rank, cfg.lora_alpha, cfg.lora_dropout)
     run = rundir.Run(cfg, out, model, tok, device, amp, layers, data, digit_ids(tok), end_id(tok), steps,
               cfg.lora_lr if lora else cfg.lr, epochs, None, [], base=ident, checks=checks)
     if resume is not None:   # the adapters as they were (a later iteration is smaller), for the estimate
@@ -805,7 +812,7 @@ def train(cfg, given=None):
 
 
 def _train(cfg, given):
-    cfg, resume = rundir.resumed(cfg, given, rundir.RESUMABLE, flags.check)
+    cfg, resume = rundir.resumed(cfg, given, flags.check)
     if cfg.resume and resume is None and rundir.finished(cfg.out, n_iters(cfg)):   # nothing left to do
         return [json.loads(line) for line in open(Path(cfg.out) / "metrics.jsonl")]
     run = setup(check_config(cfg, given), resume, given)
@@ -860,7 +867,7 @@ def load_adapter(model, path, base=None, allow_other_base=False):
     verdict = (AF.check_base(meta["base"], base, str(AF.adapter_path(path)), allow_other_base)
                if base else "unchecked")
     if METHODS[cfg.method]["lora"]:
-        qlora.load_adapter(model, tensors, cfg.method == "qlora", cfg.rank, cfg.lora_alpha, path)
+        qlora.load_adapter(model, tensors, METHODS[cfg.method]["nf4"], cfg.rank, cfg.lora_alpha, path)
         return cfg, verdict
     if qlora.is_quantized(model):
         raise ValueError(f"{path}: a {cfg.method} adapter adds to the unquantized weights, and this base is 4-bit "

@@ -1,14 +1,18 @@
 """
 rundir.py: a training run directory's life, for rigsa.py's loop. Knows nothing of the method: a
-run's config is any dataclass (rigsa.Config), its trainable state a dict of tensors.
+run's config is any flags.py dataclass (rigsa.Config), its trainable state a dict of tensors.
 
   config_from, resumed     a saved config read back (keys of another version named and dropped);
                            --resume: the flags the user typed against the saved ones, resume.pt
+  finished, check_steps    --resume of a complete run; flags the run's length leaves idle
+  Run                      what a training run holds between its phases; record() appends to metrics.jsonl
+  check_bases, run_dtype,  provenance: the base against --resume's run and --mask-like's adapter; --dtype
+  check_data, begin        resolved once; the data files' hashes; config.json and metrics.jsonl at the start
+  save_resume              resume.pt, written whole or not at all
   run_lock                 one process writes a run directory at a time (<out>/LOCK)
   STOP, stop_on_signals    Ctrl-C / SIGTERM during training: finish the step, save, stop; on torchrun
                            every rank after the same step (stop_signal)
-  write_config             the run's provenance: config.json with the base's identity, the code's commit
-  save_resume              resume.pt, written whole or not at all
+  print_summary            the density report at the end
 """
 import contextlib
 import dataclasses
@@ -23,15 +27,12 @@ import torch
 import torch.distributed as dist
 
 import adapter_files as AF
+import flags
 import model as M
 import util
 
 # -----------------------------------------------------------------------------
 # the config, saved and read back
-
-# flags a resumed run may change: how it runs, not what it computes
-RESUMABLE = {"resume", "halt_after", "save_every", "log_every", "device", "moments", "eval_batch", "offline", "verify",
-             "data_dir", "out", "allow_other_base", "checkpoint_activations"}
 
 _WARNED = set()
 
@@ -59,16 +60,9 @@ def config_from(saved, source, cls, check=None):
     return cfg
 
 
-def typed_by(cfg, given):
-    """f -> whether the user gave flag f: in `given` (the CLI's typed flags), or else (a config made in
-    Python) set to another value than its default."""
-    defaults = type(cfg)()
-    return (lambda f: f in given) if given is not None else (lambda f: getattr(cfg, f) != getattr(defaults, f))
-
-
-def resumed(cfg, given, resumable, check=None):
+def resumed(cfg, given, check=None):
     """--resume: the run's saved config (a flag the user typed, default or not, whose value differs
-    from the saved one is refused, naming it, unless it is in `resumable`; given=None: the flags that
+    from the saved one is refused, naming it, unless its field is resumable (flags.field); given=None: the flags that
     differ from their default), its resume.pt (None if there is none), and stale .tmp files from an
     interrupted write removed. A new run: cfg, None."""
     out = Path(cfg.out)
@@ -89,12 +83,13 @@ def resumed(cfg, given, resumable, check=None):
         util.say(f"note: --revision {cfg.revision}: the run continues on the commit it started from, "
                  f"{saved['revision']}", file=sys.stderr)
         cfg = dataclasses.replace(cfg, revision=saved["revision"])
-    typed = typed_by(cfg, given)
+    typed = flags.typed_by(cfg, given)
     same = lambda a, b: a == b or isinstance(a, str) and os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
+    resumable = flags.resumable(type(cfg))
     changed = [f for f in saved if f not in resumable and typed(f) and not same(getattr(cfg, f), saved[f])]
     if changed:
-        flags = ", ".join(f"--{f.replace('_', '-')} {getattr(cfg, f)!r} (saved: {saved[f]!r})" for f in changed)
-        raise ValueError(f"--resume: {flags} differ from the run's saved config; drop them to continue the run "
+        said = ", ".join(f"--{f.replace('_', '-')} {getattr(cfg, f)!r} (saved: {saved[f]!r})" for f in changed)
+        raise ValueError(f"--resume: {said} differ from the run's saved config; drop them to continue the run "
                          f"as it was, or start a new run with another --out")
     keep = {f: getattr(cfg, f) for f in resumable if typed(f)}
     cfg = type(cfg)(**{**saved, **keep, "resume": True, "halt_after": cfg.halt_after})   # a halt is this process's
@@ -124,7 +119,7 @@ class Run:
     model: torch.nn.Module
     tok: M.Tokenizer
     device: torch.device
-    amp: object                 # bfloat16 autocast on CUDA, else a null context
+    amp: object                 # bfloat16 autocast (--dtype bfloat16, on CUDA or the CPU), else a null context
     layers: dict                # {name: GatedSparseLinear}; empty for LoRA/QLoRA
     data: dict                  # split -> (images, labels)
     digits: list                # token ids of '0'..'9'
@@ -201,7 +196,7 @@ def finished(out, last):
 def check_steps(cfg, given, steps, left):
     """Flags the run's length leaves idle, and a batch the processes cannot share (steps: an iteration's
     optimizer steps; left: this run's steps to go; given: the flags the user typed)."""
-    typed = typed_by(cfg, given)
+    typed = flags.typed_by(cfg, given)
     for flag, idle, why in (("halt_after", cfg.halt_after >= left, f"the run has {left} steps left"),
                             ("save_every", typed("save_every") and cfg.save_every >= steps,
                              f"an iteration is {steps} steps, and its end always saves")):

@@ -2,6 +2,8 @@
 merge (paper §3.2, §4.2, §4.4). CPU only, no network, tiny checkpoints and synthetic digits
 written by the tests. Correctness is invariants plus parity with a plain reference."""
 import copy
+import os
+import sys
 import dataclasses
 import json
 import math
@@ -20,6 +22,9 @@ import rigsa
 import rundir
 import util
 from conftest import hf_model, one_thread
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))
+from dense_layer import DenseGatedLinear  # noqa: E402  (the reference the compact layer replaced; benches use it too)
 
 
 def tiny_cfg(tiny_dir, tmp, **kw):
@@ -368,24 +373,6 @@ def test_merge_adapters_folds_lora_in_float32_and_refuses_4bit(tiny_dir):
 
 # ---- the compact layer against today's dense one (nothing changes numerically) ----
 
-class DenseGatedLinear(nn.Module):
-    """The reference: the gated layer as it was before its storage became compact, a plain
-    autograd graph over a dense dW and a bool mask: y = x (W0 + alpha (dW * mask))^T (float32)."""
-    def __init__(self, base, init_seed, init="uniform", init_std=0.02, alpha_init=1e-6, gated=True):
-        super().__init__()
-        self.weight = base.weight
-        self.init_seed, self.init, self.init_std, self.gated = init_seed, init, init_std, gated
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.delta = nn.Parameter(self.init_delta())
-        self.alpha = nn.Parameter(torch.tensor(alpha_init if gated else 1.0), requires_grad=gated)
-        self.register_buffer("mask", torch.ones_like(self.delta, dtype=torch.bool))
-
-    init_delta = rigsa.GatedSparseLinear.init_delta   # dW0 from the same seed, the same way
-
-    def forward(self, x):
-        return torch.nn.functional.linear(x, self.weight + self.alpha * (self.delta * self.mask))
-
-
 @torch.no_grad()
 def dense_prune(layers, keep, scope, sign):
     """The IMP rule on dense tensors, as rigsa.prune was written before it became compact."""
@@ -644,10 +631,10 @@ def test_resume_takes_a_branch_name_as_the_recorded_commit(tmp_path):
     sha = "a" * 40
     saved = rigsa.Config(model="org/name", revision=sha, out=str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"config": dataclasses.asdict(saved)}))
-    cfg, state = rundir.resumed(rigsa.Config(model="org/name", revision="main", out=str(tmp_path), resume=True), None, rundir.RESUMABLE)
+    cfg, state = rundir.resumed(rigsa.Config(model="org/name", revision="main", out=str(tmp_path), resume=True), None)
     assert cfg.revision == sha and state is None
     with pytest.raises(ValueError, match="--revision 'b{40}' \\(saved: 'a{40}'\\)"):
-        rundir.resumed(rigsa.Config(model="org/name", revision="b" * 40, out=str(tmp_path), resume=True), None, rundir.RESUMABLE)
+        rundir.resumed(rigsa.Config(model="org/name", revision="b" * 40, out=str(tmp_path), resume=True), None)
 
 
 def test_init_check_is_dw0s_first_values_and_guards_loading(tiny_dir):
@@ -702,7 +689,7 @@ def test_a_new_method_is_one_table_entry(tiny_dir, tmp_path, monkeypatch):
                               score=lambda n, L: grads[n])
         for n, L in run.layers.items():
             rigsa.rewind(L, chosen[n])
-    monkeypatch.setitem(rigsa.METHODS, "grad-mask", dict(gated=True, prunes=False, lora=False, init_mask=grad_mask,
+    monkeypatch.setitem(rigsa.METHODS, "grad-mask", dict(gated=True, prunes=False, lora=False, nf4=False, init_mask=grad_mask,
                                                          flags=rigsa.GATE + rigsa.SPARSE_OPT))
     mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=4, size=8)
     with one_thread():

@@ -1,7 +1,7 @@
 """
 Data parallel on this CPU: the same training steps and the same evaluation in 1 process
 of 1 thread, and on torchrun in 2 gloo processes of 1 thread each; the speed-up, and the share of
-the 2-process training step spent in the gradients' all-reduce (rigsa.py's comm_s).
+the 2-process training step spent in the gradients' all-reduce (metrics.jsonl's comm_s).
 
     python bench/bench_distributed.py [--layers 4] [--steps 6] [--docs 40]
 

@@ -4,7 +4,7 @@ Where one gated projection's training step time goes, on this machine:
     python bench/bench_layer.py [--out 1536 --in 576 --tokens 850 --density 0.52]
 
 1. One projection's forward and backward (float32, CPU, x (1, T, in)), the compact layer
-   (rigsa.GatedSparseLinear) against the dense one it replaced (test_rigsa.DenseGatedLinear):
+   (rigsa.GatedSparseLinear) against the dense one it replaced (bench/dense_layer.py's DenseGatedLinear):
    median ms, and torch.profiler's split into the GEMMs (aten::mm) and everything else.
 2. The index kernels the compact layer could use for the same numbers, median ms each: building
    m*dW (a scatter), reading the gradient at the free entries (a gather), the free positions from
@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import rigsa  # noqa: E402
 import util  # noqa: E402
-from test_rigsa import DenseGatedLinear  # noqa: E402  (the dense layer the compact one replaced)
+from dense_layer import DenseGatedLinear  # noqa: E402  (the dense layer the compact one replaced)
 
 
 def ms(f, repeats):

@@ -6,7 +6,7 @@ Training memory and step time of the gated layer, measured on this machine:
 
 Part 1, SmolLM2-135M's shape on the CPU in float32, one 850-token sequence with 2 supervised tokens
 (a Textual MNIST example) per micro-batch: the compact layer (rigsa.GatedSparseLinear) against the
-dense one it replaced (test_rigsa.DenseGatedLinear, kept as the tests' reference), at densities
+dense one it replaced (bench/dense_layer.py's DenseGatedLinear, kept as the tests' reference), at densities
 100, 52, 27, 7 and 3.46% (random masks, as after IMP's prunings):
   state B/entry   parameters + gradients + buffers + AdamW's state beyond the base, per adapted
                   entry, during accumulation (the storages, each counted once)
@@ -51,7 +51,7 @@ import mnist  # noqa: E402
 import rigsa  # noqa: E402
 import tiny  # noqa: E402
 import util  # noqa: E402
-from test_rigsa import DenseGatedLinear  # noqa: E402  (the dense layer the compact one replaced)
+from dense_layer import DenseGatedLinear  # noqa: E402  (the dense layer the compact one replaced)
 
 DENSITIES = (1.0, 0.52, 0.27, 0.07, 0.0346)   # 3.46%: the paper's final density (§4.4)
 GB, MB = 1e9, 1e6

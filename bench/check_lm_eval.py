@@ -93,7 +93,7 @@ def lm_eval_task(task, data_dir, tmp):
 def replay_lm(samples, missing):
     """An lm-eval LM that answers with what our run answered, keyed by the document and the request
     itself (the same request in two documents can differ in the last float bits: our batches pack
-    documents differently, README "Evaluation")."""
+    documents differently, docs/evaluation.md)."""
     from lm_eval.api.model import LM
     lls, gens = {}, {}
     for s in samples:

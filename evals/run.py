@@ -30,7 +30,7 @@ if REPO not in sys.path:  # run as a script: make model.py, rigsa.py, qlora.py a
 
 import interrupts  # noqa: E402  (standard library only)
 
-if __name__ == "__main__":   # a signal while torch loads (a second or two): one line, no traceback; then main()'s
+if __name__ == "__main__":   # a signal while torch loads (a second or two): one line, no traceback; main() then takes over
     interrupts.early()
 
 import torch  # noqa: E402
@@ -520,7 +520,7 @@ def load_data(task, args):
     kw = dict(download=not args.offline, verify=not args.no_verify)
     k = shots_for(task, args)
     if task == "mnist":
-        folder = mnist.mnist_dir(args.data_dir)  # rigsa.py owns MNIST's files, prompt and scoring (§4.2)
+        folder = mnist.mnist_dir(args.data_dir)  # mnist.py owns MNIST's files; rigsa.py its prompt and scoring (§4.2)
         test = mnist.load_mnist(folder, "test", **kw)
         pool = mnist.load_mnist(folder, "train", **kw) if k else None   # the shots come from the train split
         n_pool = len(pool[0]) if k else 0
@@ -604,7 +604,7 @@ def evaluate(args):
         _, ameta, acfg = rigsa.read_adapter(args.adapter, tensors=False) if args.adapter else (None, None, None)
     except (ValueError, OSError) as e:
         raise ValueError(f"--adapter: {e}") from None
-    if args.quantize and acfg is not None and acfg.method != "qlora":   # it would land in no layer, or another kind
+    if args.quantize and acfg is not None and not rigsa.METHODS[acfg.method]["nf4"]:   # it would land in no layer, or another kind
         raise ValueError(f"--quantize {args.quantize}: --adapter {args.adapter} is a {acfg.method} adapter of the "
                          f"unquantized base; drop --quantize (only a qlora adapter sits on the 4-bit base)")
     name, revision = base_model(args, acfg)
@@ -635,7 +635,7 @@ def evaluate(args):
             failed.append(data.pop("mnist") and "mnist")
             util.say(f"error: {task_error('mnist', e)}", file=sys.stderr)
     model, tok = qlora.load_model(str(path), str(device), dtype)   # model.load, or a bnb-4bit checkpoint
-    if args.quantize and (acfg is None or acfg.method != "qlora"):  # a qlora adapter quantizes its base itself
+    if args.quantize and (acfg is None or not rigsa.METHODS[acfg.method]["nf4"]):  # a qlora adapter quantizes its base itself
         qlora.quantize_model(model)
     if args.adapter:
         install_adapter(model, args.adapter, name)

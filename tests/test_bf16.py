@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import adapter_files as AF
 import cli
 import mnist
 import model as M

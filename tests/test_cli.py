@@ -1,6 +1,6 @@
 """The command lines' bad-input matrix: every foreseeable fault gives one line that
 names the thing, `error: ...`, exit 1 (2 for usage), no traceback and no new file; Ctrl-C, SIGTERM
-and SIGKILL during training lose nothing. evals/run.py's own matrix is in evals/test_evals.py."""
+and SIGKILL during training lose nothing. evals/run.py's own matrix is in tests/test_evals.py."""
 import json
 import os
 import shutil

@@ -647,7 +647,8 @@ def setup(cfg, resume=None, given=None):
     started, checks = rundir.check_bases(cfg, ident, mask_like)   # --resume's run and --mask-like's adapter
     util.say("config:", json.dumps(dataclasses.asdict(cfg)))
     util.say(f"dtype: {cfg.dtype} ({why.removeprefix('auto: ')})" + ("; a CPU without native bfloat16 emulates it, slowly"
-             if dtype == torch.bfloat16 and not util.native_bf16(device) else ""))
+             if dtype == torch.bfloat16 and not util.native_bf16(device) else "; weights only: no autocast, no loss "
+             "scaling" if dtype == torch.float16 else ""))
     torch.manual_seed(cfg.seed)
     # data (§4.2): encoded on the fly, 16 prompts per step cost nothing next to the model
     data, hashes = util.rank_zero_first(lambda: mnist.run_splits(cfg))
@@ -683,7 +684,8 @@ def setup(cfg, resume=None, given=None):
     # rank 0 only, as every file of the run: the ranks hold the same adapters)
     rank, ranks = util.world()
     if rank == 0:
-        rundir.begin(out, cfg, started.get("base") or ident, hashes, checks, resume["log"] if resume else [], why)
+        rundir.begin(out, cfg, started.get("base") or ident, hashes, checks, resume["log"] if resume else [],
+                     started.get("dtype_choice", why))   # a resumed run keeps why its dtype is what it is
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     util.say(f"{cfg.method}: {len(layers) or 'LoRA on the'} adapted layers, {n_trainable:,} trainable tensor entries"
              + (f"; {ranks} processes, {cfg.batch_size // ranks}-{-(-cfg.batch_size // ranks)} sequences each a step"

@@ -459,7 +459,9 @@ def pick_device(name=None):
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name!r}: not a device (cpu, cuda, cuda:N or auto)") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):   # meta, mps, xpu, ...: not devices this toolkit runs on
+        raise ValueError(f"--device {name!r}: not a device this toolkit runs on; use cpu, cuda, cuda:N or auto")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return dev

@@ -226,6 +226,7 @@ def run_task(task, data, model, tok, args, info):
     dt = time.time() - t0
     result = {"task": task, "model": info["model"], "adapter": args.adapter, "dtype": info["dtype"],
               "dtype_choice": info.get("dtype_choice"),   # why: as asked, or --dtype auto's reason
+              "softmax_dtype": getattr(args, "softmax_dtype", "float32") if task in ("piqa", "hellaswag") else None,
               "num_fewshot": k, "limit": args.limit or None, "seconds": round(dt, 3), "metrics": metrics, "samples": samples,
               "docs": len(samples), "docs_per_s": len(samples) / max(dt, 1e-9), "batch_size": bs,
               "truncated": cut,   # documents longer than the model, left-truncated as lm-eval does
@@ -620,8 +621,12 @@ def evaluate(args):
     if not data:
         raise ValueError("--task all: no task has its data (each said why above); fix those, then run again")
 
-    dtype, why = util.auto_dtype(args.dtype, device)   # auto: bfloat16 where the device computes it natively
     path = util.rank_zero_first(lambda: M.resolve(name, revision, offline=args.offline))
+    dtype, why = util.auto_dtype(args.dtype, device)   # auto: bfloat16 where the device computes it natively
+    merged = path / "rigsa-merge.json"
+    if args.dtype == "auto" and dtype != torch.float32 and merged.is_file() and json.loads(merged.read_text()).get(
+            "dtype") == "float32":   # rigsa.py merge kept float32: bfloat16 would round its deltas away (merge says how much)
+        dtype, why = torch.float32, "auto: a float32 merge of an adapter, whose small deltas bfloat16 would round away"
     base = {"model": name, **M.base_identity(path)}
     check = (AF.check_base(ameta["base"], base, f"--adapter {args.adapter}", args.allow_other_base)
              if args.adapter else None)   # before the model loads: an adapter applies to its own base

@@ -83,17 +83,20 @@ def test_a_delta_under_half_an_ulp_of_w0_still_counts():
     assert rel(moved, want) < 0.35 and (moved != 0).float().mean() > 0.9, rel(moved, want)
 
 
-def test_an_imp_run_in_bfloat16_resumes_bit_for_bit(tiny_dir, tmp_path):
+@pytest.mark.parametrize("moments", ["device", "host", "8bit"])
+def test_an_imp_run_in_bfloat16_resumes_bit_for_bit(tiny_dir, tmp_path, moments):
     # accumulation (2 micro-batches a step), 3 iterations (2 prunings, rewinds, gate resets), a halt
-    # inside iteration 2 and a resume: the adapters equal the uninterrupted run's, bit for bit
+    # inside iteration 2 and a resume, with AdamW's moments in each placement: the adapters equal the
+    # uninterrupted run's, bit for bit
     mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=8, size=8)
     with one_thread():
-        full = rigsa.train(bf16_cfg(tiny_dir, tmp_path, iters=3))
-        assert rigsa.train(bf16_cfg(tiny_dir, tmp_path, iters=3, out=str(tmp_path / "cut"), halt_after=6)) is None
+        full = rigsa.train(bf16_cfg(tiny_dir, tmp_path, iters=3, moments=moments))
+        assert rigsa.train(bf16_cfg(tiny_dir, tmp_path, iters=3, moments=moments, out=str(tmp_path / "cut"),
+                                    halt_after=6)) is None
         state = torch.load(tmp_path / "cut" / "resume.pt", weights_only=True)
         resumed = rigsa.train(rigsa.Config(out=str(tmp_path / "cut"), resume=True))
     assert all(t.dtype == torch.float32 for s in state["optimizer"]["state"].values() for t in s.values()
-               if t.is_floating_point())                           # AdamW's state: float32
+               if t.is_floating_point())                           # AdamW's state: float32 (8bit: its absmax)
     assert [r.get("loss") for r in full] == [r.get("loss") for r in resumed]
     for k in (1, 2, 3):
         a, _, cfg = rigsa.read_adapter(tmp_path / "run" / f"iter{k}")
@@ -184,7 +187,7 @@ def test_evaluation_in_bfloat16_is_near_float32s(tiny_dir, tmp_path):
         R.main(["--task", "piqa", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-verify", "--offline",
                 "--dtype", dtype, "--output", str(out)])
         res[dtype] = json.loads(out.read_text())
-    assert res["bfloat16"]["dtype"] == "bfloat16"
+    assert res["bfloat16"]["dtype"] == "bfloat16" and res["bfloat16"]["softmax_dtype"] == "float32"
     a = [ll for s in res["float32"]["samples"] for ll in s["loglikelihoods"]]
     b = [ll for s in res["bfloat16"]["samples"] for ll in s["loglikelihoods"]]
     assert len(a) == len(b) and max(abs(x - y) for x, y in zip(a, b)) < 0.05 * max(abs(x) for x in a), (a, b)

@@ -344,8 +344,9 @@ def part3(a):
 def gpu(a):
     """bench/gpu.sh: torch.cuda.max_memory_allocated at the real shape, random bf16 weights, one
     850-token sequence (2 supervised tokens) per micro-batch, a step of 16: micro-batch 1 (16
-    accumulated; moments on the device and in host memory) and 16 (one pass), densities 100% and
-    3.46%; seconds per step, tokens/s and MFU (10 N T FLOPs a step: 5 GEMMs of 2 N T per gated layer)."""
+    accumulated; moments on the device and in host memory) and 16 (one pass), each micro-batch also with
+    --checkpoint-activations, densities 100% and 3.46%; seconds per step, tokens/s and MFU (8 N T FLOPs
+    a step: GatedDelta's 4 GEMMs of 2 N T per gated layer; a recomputed forward is not counted)."""
     dev = util.pick_device(a.device)
     cfg = preset(a)
     cuda = dev.type == "cuda"
@@ -353,9 +354,9 @@ def gpu(a):
     dtype = torch.bfloat16 if cuda else torch.float32
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     gb = lambda f: f(dev) / GB if cuda else float("nan")  # noqa: E731
-    print("| preset | layers | density | micro-batch | moments | rigsa's estimate GB | before the step GB | peak GB | "
-          "s/step | tokens/s | MFU |")
-    print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    print("| preset | layers | density | micro-batch | moments | checkpoint | rigsa's estimate GB | before the step GB | "
+          "peak GB | s/step | tokens/s | MFU |")
+    print("|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|")
     for d in (1.0, 0.0346):
         with torch.device("meta"):
             model = M.Model(cfg)
@@ -368,7 +369,9 @@ def gpu(a):
         if d < 1:
             rigsa.random_masks(layers, {n: round(d * L.numel()) for n, L in layers.items()}, 0)
         n = sum(L.numel() for L in layers.values())
-        for mb, moments in ((1, "device"), (1, "host"), (16, "device")):
+        for mb, moments, ckpt in ((1, "device", False), (1, "host", False), (16, "device", False), (1, "device", True),
+                                  (16, "device", True)):
+            model.checkpoint_layers = ckpt
             opt = rigsa.make_optimizer(model, rigsa.Config(), moments)
             rows = batch(cfg, a.tokens) * 16
             est = sum(memory.memory_plan(model, layers, dev, amp, mb * a.tokens)[moments].values()) / GB
@@ -387,12 +390,13 @@ def gpu(a):
                     sync()
                     times.append(time.perf_counter() - t0)
             except torch.cuda.OutOfMemoryError:
-                print(f"| {a.preset} | {cfg.num_hidden_layers} | {d:.2%} | {mb} | {moments} | {est:.1f} | {before:.2f} | OOM | | | |")
+                print(f"| {a.preset} | {cfg.num_hidden_layers} | {d:.2%} | {mb} | {moments} | {ckpt} | {est:.1f} | "
+                      f"{before:.2f} | OOM | | | |")
                 opt.zero_grad(set_to_none=True)
                 continue
             s = statistics.median(times[1:]) if len(times) > 1 else times[0]
-            mfu = 10 * n * 16 * a.tokens / s / (a.peak_tflops * 1e12)
-            print(f"| {a.preset} | {cfg.num_hidden_layers} | {d:.2%} | {mb} | {moments} | {est:.1f} | {before:.2f} | "
+            mfu = 8 * n * 16 * a.tokens / s / (a.peak_tflops * 1e12)
+            print(f"| {a.preset} | {cfg.num_hidden_layers} | {d:.2%} | {mb} | {moments} | {ckpt} | {est:.1f} | {before:.2f} | "
                   f"{gb(torch.cuda.max_memory_allocated):.2f} | {s:.2f} | {16 * a.tokens / s:.0f} | {mfu:.1%} |", flush=True)
         del model, layers, opt
 

@@ -289,18 +289,23 @@ def test_adapter_roundtrip_merge_and_random_mask(tiny_run, tiny_dir, tmp_path, m
 
 
 def test_learns_tiny_textual_digits(tiny_dir, tmp_path):
-    # the whole method (gate, IMP-ready adapters, AdamW loop) on a task small enough for CPU:
-    # 32 synthetic 8x8 digits, learnt by a random tiny model through --method rigsa
+    # the whole method (gate, IMP-ready adapters, AdamW loop) on a task small enough for CPU: 32
+    # synthetic 8x8 digits, learnt by a random tiny model through --method rigsa; and in bfloat16
+    # (--dtype auto on such CPUs) as in float32: the same accuracy, the loss curves close
     mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=32, n_test=8, size=8, noise=0.05)
-    cfg = tiny_cfg(tiny_dir, tmp_path, iters=1, steps=160, epochs=100.0, lr=3e-2, weight_decay=0.0,
-                   warmup=5, batch_size=16, micro_batch=16, val_frac=0.0, log_every=20)
+    kw = dict(iters=1, steps=160, epochs=100.0, lr=3e-2, weight_decay=0.0, warmup=5, batch_size=16, micro_batch=16,
+              val_frac=0.0, log_every=20)
+    logs, accs = {}, {}
+    x, y = mnist.load_mnist(tmp_path / "mnist", "train", val_frac=0.0, verify=False)
     with one_thread():
-        rigsa.train(cfg)
-        m, tok = M.load(tiny_dir)
-        rigsa.load_adapter(m, tmp_path / "run" / "iter1")
-        x, y = mnist.load_mnist(tmp_path / "mnist", "train", val_frac=0.0, verify=False)
-        acc, preds = rigsa.mnist_accuracy(m, tok, x, y, progress=False)
-    assert acc >= 0.9, acc
+        for dtype in ("float32", "bfloat16"):
+            logs[dtype] = rigsa.train(tiny_cfg(tiny_dir, tmp_path, out=str(tmp_path / dtype), **kw, dtype=dtype))
+            m, tok = M.load(tiny_dir, dtype=getattr(torch, dtype))
+            rigsa.load_adapter(m, tmp_path / dtype / "iter1")
+            accs[dtype] = rigsa.mnist_accuracy(m, tok, x, y, progress=False)[0]
+    assert accs["float32"] >= 0.9 and accs["bfloat16"] >= 0.9 and abs(accs["bfloat16"] - accs["float32"]) <= 1 / 16, accs
+    l32, l16 = ([r["loss"] for r in logs[d] if "loss" in r] for d in ("float32", "bfloat16"))
+    assert len(l32) == len(l16) and max(abs(a - b) for a, b in zip(l32, l16)) < 0.1 + 0.1 * l32[0], (l32, l16)
 
 
 def test_cli_help_and_bad_flags(capsys):

@@ -135,24 +135,6 @@ def test_every_method_trains_saves_and_evaluates_in_bfloat16(tiny_dir, tmp_path,
         assert merged.lm_head.weight.dtype == torch.float32
 
 
-def test_bfloat16_learns_as_float32_does(tiny_dir, tmp_path):
-    # test_learns_tiny_textual_digits in both dtypes: the same accuracy, the loss curves close
-    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=32, n_test=8, size=8, noise=0.05)
-    kw = dict(iters=1, steps=160, epochs=100.0, lr=3e-2, weight_decay=0.0, warmup=5, batch_size=16, micro_batch=16,
-              val_frac=0.0, log_every=20)
-    logs, accs = {}, {}
-    x, y = mnist.load_mnist(tmp_path / "mnist", "train", val_frac=0.0, verify=False)
-    with one_thread():
-        for dtype in ("float32", "bfloat16"):
-            logs[dtype] = rigsa.train(tiny_cfg(tiny_dir, tmp_path, out=str(tmp_path / dtype), dtype=dtype, **kw))
-            m, tok = M.load(tiny_dir, dtype=getattr(torch, dtype))
-            rigsa.load_adapter(m, tmp_path / dtype / "iter1")
-            accs[dtype] = rigsa.mnist_accuracy(m, tok, x, y, progress=False)[0]
-    assert accs["bfloat16"] >= 0.9 and abs(accs["bfloat16"] - accs["float32"]) <= 1 / 16, accs
-    l32, l16 = ([r["loss"] for r in logs[d] if "loss" in r] for d in ("float32", "bfloat16"))
-    assert len(l32) == len(l16) and max(abs(a - b) for a, b in zip(l32, l16)) < 0.1 + 0.1 * l32[0], (l32, l16)
-
-
 def test_auto_is_bfloat16_only_where_the_cpu_computes_it(tiny_dir, tmp_path, monkeypatch, capsys):
     has = {"_is_amx_tile_supported": False, "_is_avx512_bf16_supported": False}
     for name in has:

@@ -22,7 +22,6 @@ rigsa.py: Random Initialization of Gated Sparse Adapters (arXiv 2511.01794), fro
 import contextlib
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import signal
@@ -636,19 +635,11 @@ def setup(cfg, resume=None, given=None):
     out = Path(cfg.out)
     lora = METHODS[cfg.method]["lora"]
     device = util.init_distributed(cfg.device)   # torchrun: rank 0 downloads, the others wait (rank_zero_first)
-    dtype, why = rundir.run_dtype(cfg, device)   # auto: bfloat16 where the device computes it natively
-    cfg.dtype = str(dtype).removeprefix("torch.")
-    # the base model's files first: a hub id resolves to one commit, which the run records (in its
-    # config and every adapter's) and a resumed run loads again, whatever the hub's main is by then
-    base = util.rank_zero_first(lambda: M.resolve(cfg.model, cfg.revision or None, cfg.verify_model, cfg.offline))
-    cfg.revision = M.hub_commit(base) or cfg.revision
-    ident = {"model": cfg.model, **M.base_identity(base)}   # recorded in config.json and every adapter
+    # the base model's files (one hub commit, recorded and resumed on), --dtype resolved (auto: bfloat16
+    # where the device computes it natively), both checked against --resume's run and --mask-like's
+    # adapter, and the config printed: rundir.start
     mask_like = read_adapter(cfg.mask_like, tensors=False)[1] if cfg.mask_like and resume is None else None
-    started, checks = rundir.check_bases(cfg, ident, mask_like)   # --resume's run and --mask-like's adapter
-    util.say("config:", json.dumps(dataclasses.asdict(cfg)))
-    util.say(f"dtype: {cfg.dtype} ({why.removeprefix('auto: ')})" + ("; a CPU without native bfloat16 emulates it, slowly"
-             if dtype == torch.bfloat16 and not util.native_bf16(device) else "; weights only: no autocast, no loss "
-             "scaling" if dtype == torch.float16 else ""))
+    base, ident, dtype, started, checks = rundir.start(cfg, device, mask_like)
     torch.manual_seed(cfg.seed)
     # data (§4.2): encoded on the fly, 16 prompts per step cost nothing next to the model
     data, hashes = util.rank_zero_first(lambda: mnist.run_splits(cfg))
@@ -685,7 +676,7 @@ def setup(cfg, resume=None, given=None):
     rank, ranks = util.world()
     if rank == 0:
         rundir.begin(out, cfg, started.get("base") or ident, hashes, checks, resume["log"] if resume else [],
-                     started.get("dtype_choice", why))   # a resumed run keeps why its dtype is what it is
+                     started["dtype_choice"])
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     util.say(f"{cfg.method}: {len(layers) or 'LoRA on the'} adapted layers, {n_trainable:,} trainable tensor entries"
              + (f"; {ranks} processes, {cfg.batch_size // ranks}-{-(-cfg.batch_size // ranks)} sequences each a step"
@@ -703,7 +694,7 @@ def train_iteration(run, it):
     """Train IMP iteration `it` (§4.4): a fresh AdamW and schedule (§3.2), the training split in a
     seeded order, one optimizer step per effective batch. Continues a resumed iteration where it
     stopped, writes resume checkpoints every --save-every steps. -> False if halted (--halt-after)."""
-    cfg, model, layers = run.cfg, run.model, run.layers
+    cfg, model = run.cfg, run.model
     model.train()
     opt = make_optimizer(model, cfg, run.moments)
     step = 0
@@ -728,12 +719,7 @@ def train_iteration(run, it):
         bar.set_postfix(loss=loss, lr=lr, tok_s=tokens / (time.time() - t0), refresh=False)
         bar.update(1)
         if step % cfg.log_every == 0 or step == run.steps:
-            r = {"iter": it, "step": step, "loss": loss, "lr": lr, "tok_s": tokens / (time.time() - t0),
-                 **({"comm_s": run.comm_s} if util.world()[1] > 1 else {})}
-            if layers:
-                a = torch.stack([L.alpha.detach().float() for L in layers.values()])
-                r.update(alpha_mean=a.mean().item(), alpha_min=a.min().item(), alpha_max=a.max().item())
-            run.record(r)
+            run.log_step(it, step, loss, lr, tokens / (time.time() - t0))   # metrics.jsonl, with the gates' range
         sig = rundir.stop_signal(run.device)
         halt = (cfg.halt_after and run.done_steps >= cfg.halt_after or sig) and step < run.steps
         if halt or (cfg.save_every and step % cfg.save_every == 0 and step < run.steps):
@@ -815,8 +801,8 @@ def train(cfg, given=None):
 
 def _train(cfg, given):
     cfg, resume = rundir.resumed(cfg, given, flags.check)
-    if cfg.resume and resume is None and rundir.finished(cfg.out, n_iters(cfg)):   # nothing left to do
-        return [json.loads(line) for line in open(Path(cfg.out) / "metrics.jsonl")]
+    if cfg.resume and resume is None and (log := rundir.finished(cfg.out, n_iters(cfg))) is not None:
+        return log                                # a complete run: nothing left to do
     run = setup(check_config(cfg, given), resume, given)
     with rundir.stop_on_signals():
         for it in range(run.start_iter, n_iters(run.cfg) + 1):

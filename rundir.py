@@ -141,6 +141,16 @@ class Run:
     done_steps: int = 0         # optimizer steps taken by this process (--halt-after)
     comm_s: float = 0.0         # seconds in the gradients' all-reduce (torchrun), this process
 
+    def log_step(self, it, step, loss, lr, tok_s):
+        """A training step's metrics.jsonl line: loss, lr, tokens/s, the all-reduce's seconds under
+        torchrun, and the gates' mean and range (§3.2's alpha)."""
+        r = {"iter": it, "step": step, "loss": loss, "lr": lr, "tok_s": tok_s,
+             **({"comm_s": self.comm_s} if util.world()[1] > 1 else {})}
+        if self.layers:
+            a = torch.stack([L.alpha.detach().float() for L in self.layers.values()])
+            r.update(alpha_mean=a.mean().item(), alpha_min=a.min().item(), alpha_max=a.max().item())
+        self.record(r)
+
     def record(self, r):
         self.log.append(r)
         if util.world()[0] == 0:
@@ -177,6 +187,26 @@ def run_dtype(cfg, device):
     return (legacy if cfg.dtype == "auto" else getattr(torch, cfg.dtype)), "as the run started"
 
 
+def start(cfg, device, mask_like=None):
+    """A run's provenance, before its data and model load: --dtype resolved (run_dtype) and the base's
+    files (a hub id resolves to one commit, which the run records in its config and every adapter's,
+    and a resumed run loads again, whatever the hub's main is by then), both written into cfg; the
+    base checked (check_bases); the config and the dtype's reason printed. -> (the base's folder, its
+    identity, the dtype, config.json's content or {}, the checks' verdicts)."""
+    dtype, why = run_dtype(cfg, device)
+    cfg.dtype = str(dtype).removeprefix("torch.")
+    base = util.rank_zero_first(lambda: M.resolve(cfg.model, cfg.revision or None, cfg.verify_model, cfg.offline))
+    cfg.revision = M.hub_commit(base) or cfg.revision
+    ident = {"model": cfg.model, **M.base_identity(base)}   # recorded in config.json and every adapter
+    started, checks = check_bases(cfg, ident, mask_like)
+    started.setdefault("dtype_choice", why)   # a resumed run keeps why its dtype is what it is
+    util.say("config:", json.dumps(dataclasses.asdict(cfg)))
+    util.say(f"dtype: {cfg.dtype} ({why.removeprefix('auto: ')})" + ("; a CPU without native bfloat16 emulates it, slowly"
+             if dtype == torch.bfloat16 and not util.native_bf16(device) else "; weights only: no autocast, no loss "
+             "scaling" if dtype == torch.float16 else ""))
+    return base, ident, dtype, started, checks
+
+
 def check_data(out, folder, saved, hashes):
     """--resume: each data file the run recorded (saved: name -> sha256) is the one in `folder` now."""
     for n in sorted(set(saved) & set(hashes)):
@@ -187,14 +217,14 @@ def check_data(out, folder, saved, hashes):
 
 
 def finished(out, last):
-    """--resume without a resume.pt: True if the run is complete (its last adapter, iter{last}, is
-    there: said). Else it stopped before its first resume checkpoint, and starts again from its first
-    step, which gives the same numbers (every seed is in its config): said too."""
+    """--resume without a resume.pt: the run's log if it is complete (its last adapter, iter{last}, is
+    there: said). Else None: it stopped before its first resume checkpoint, and starts again from its
+    first step, which gives the same numbers (every seed is in its config): said too."""
     if (Path(out) / f"iter{last}.safetensors").exists():
         util.say(f"{out}: the run is complete (iter{last}.safetensors is there)")
-        return True
+        return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
     util.say(f"note: {out} has no resume checkpoint yet; the run starts again from its first step", file=sys.stderr)
-    return False
+    return None
 
 
 def check_steps(cfg, given, steps, left):

@@ -81,6 +81,7 @@ def plan(a):
     if getattr(a, "nproc", 1) > 1:   # each step data-parallel on torchrun (PyTorch's own launcher)
         py += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}"]
     common = (["--limit", str(a.limit)] if a.limit else []) + (["--data-dir", a.data_dir] if a.data_dir else []) \
+        + (["--dtype", a.dtype] if getattr(a, "dtype", "") else []) \
         + ["--no-verify"] * a.no_verify + ["--offline"] * a.offline \
         + (["--revision", a.revision] if getattr(a, "revision", "") else [])
     ev = py + ["evals/run.py", "--model", a.model] + common
@@ -745,6 +746,8 @@ def parse_args(argv):
     ap.add_argument("--steps", type=util.number(int, 0), default=0, help="cap optimizer steps per training iteration (0 = the paper's epochs)")
     ap.add_argument("--data-dir", default="", help="data root holding <task>/ folders, mnist/ included, for training and "
                     "evaluation [default: data]")
+    ap.add_argument("--dtype", default="", choices=["", "auto", "float32", "bfloat16"],
+                    help="every step's --dtype [default: theirs, auto: bfloat16 where the device computes it natively]")
     ap.add_argument("--no-verify", action="store_true", help="skip the data checksums (stand-in data files)")
     ap.add_argument("--offline", action="store_true", help="never download: a missing model or data file is an error")
     ap.add_argument("--nproc", type=util.number(int, 1), default=1,
@@ -754,7 +757,7 @@ def parse_args(argv):
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     ap.add_argument("--tables-only", action="store_true", help="only (re)write TABLES.md and the figures from what exists")
     a = ap.parse_args(argv)
-    idle = [d for d in ("model", "revision", "limit", "steps", "data_dir", "no_verify", "offline", "nproc",
+    idle = [d for d in ("model", "revision", "limit", "steps", "data_dir", "dtype", "no_verify", "offline", "nproc",
                         "rerun_changed", "dry_run") if a.tables_only and getattr(a, d) != ap.get_default(d)]
     if idle:   # the tables come from what OUT holds, whatever these say: TABLES.md names what made each cell
         ap.error(f"--tables-only: --{idle[0].replace('_', '-')} cannot act (the tables are read from what --out "

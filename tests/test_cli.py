@@ -35,7 +35,7 @@ def world(tmp_path_factory, tiny_dir, tiny_mha_dir):
     """Data, a finished run with its adapters, a QLoRA adapter, broken files: what the cases point at."""
     w = tmp_path_factory.mktemp("world")
     mnist.write_synthetic_mnist(w / "data" / "mnist", n_train=24, n_test=4, size=8)
-    cfg = dict(model=str(tiny_dir), data_dir=str(w / "data"), device="cpu", steps=2, warmup=1, batch_size=4, val_frac=0.25,
+    cfg = dict(model=str(tiny_dir), data_dir=str(w / "data"), device="cpu", dtype="float32", steps=2, warmup=1, batch_size=4, val_frac=0.25,
                micro_batch=2, limit=2, log_every=1, save_every=0, offline=True, verify=False)
     with one_thread():
         rigsa.train(rigsa.Config(out=str(w / "run"), iters=2, lr=2e-2, **cfg))
@@ -93,7 +93,7 @@ def safe_open_meta(path):
 
 
 def T(*argv):
-    return ["train", "--device", "cpu", "--offline", "--no-verify", *argv]
+    return ["train", "--device", "cpu", "--dtype", "float32", "--offline", "--no-verify", *argv]
 
 
 def E(*argv):
@@ -285,8 +285,8 @@ def test_files_of_another_version_load_with_one_warning(world, tmp_path, capsys)
 def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(world, tmp_path, capsys):
     # rule 7: a kill before resume.pt leaves config.json alone; --resume then starts again, with the same result
     w, m, _ = world
-    args = ["train", "--model", m, "--data-dir", str(w / "data"), "--device", "cpu", "--offline", "--no-verify",
-            "--steps", "3", "--warmup", "1", "--batch-size", "4", "--micro-batch", "2", "--iters", "2", "--limit", "2",
+    args = ["train", "--model", m, "--data-dir", str(w / "data"), "--device", "cpu", "--dtype", "float32", "--offline",
+            "--no-verify", "--steps", "3", "--warmup", "1", "--batch-size", "4", "--micro-batch", "2", "--iters", "2", "--limit", "2",
             "--val-frac", "0.25", "--save-every", "0"]
     with one_thread():
         assert run_main(rigsa.main, args + ["--out", str(tmp_path / "ref")], capsys)[0] == 0
@@ -325,7 +325,8 @@ def adapters_equal(a, b):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL, "twice"])
 def test_a_signal_during_training_loses_nothing(world, tmp_path, sig):
     w, m, _ = world
-    args = ["--model", m, "--data-dir", str(w / "data"), "--device", "cpu", "--offline", "--no-verify", "--steps", "30",
+    args = ["--model", m, "--data-dir", str(w / "data"), "--device", "cpu", "--dtype", "float32", "--offline", "--no-verify",
+            "--steps", "30",
             "--warmup", "2", "--lr", "2e-2", "--batch-size", "4", "--micro-batch", "2", "--iters", "2", "--limit", "2", "--val-frac", "0.25", "--epochs", "10",
             "--log-every", "1", "--save-every", "3"]
     ref = tmp_path / "ref"

@@ -23,8 +23,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repos
 
 
 def base(model, data, **kw):
-    return dict(model=str(model), data_dir=str(data), device="cpu", steps=2, warmup=1, batch_size=4, micro_batch=2,
-                limit=2, log_every=1, save_every=0, offline=True, verify=False, **kw)
+    return dict(model=str(model), data_dir=str(data), device="cpu", dtype="float32", steps=2, warmup=1, batch_size=4,
+                micro_batch=2, limit=2, log_every=1, save_every=0, offline=True, verify=False, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -64,7 +64,7 @@ def world(tmp_path_factory, tiny_dir):
 
 def quick(model, out, data, *more):
     return ["--model", str(model), "--out", str(out), "--data-dir", str(data), "--limit", "2", "--steps", "2",
-            "--offline", "--no-verify", *more]
+            "--dtype", "float32", "--offline", "--no-verify", *more]
 
 
 def fake(argv, upto):

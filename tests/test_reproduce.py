@@ -40,7 +40,7 @@ def test_plan_one_seed_keeps_the_single_seed_layout(tmp_path):
 
 
 def test_plan_with_seeds(tmp_path):
-    steps = P.plan(args(tmp_path, [0, 1], offline=True, no_verify=True, data_dir="D"))
+    steps = P.plan(args(tmp_path, [0, 1], offline=True, no_verify=True, data_dir="D", dtype="float32"))
     assert len(steps) == 10 + 2 * 36  # the base model's evaluations once, every training per seed
     cmds = [" ".join(c) for _, c in steps]
     trains = [c for c in cmds if "rigsa.py train" in c]
@@ -50,7 +50,7 @@ def test_plan_with_seeds(tmp_path):
     assert f"--mask-like {tmp_path / 'rigsa-seed1' / 'iter5'}" in cmds[mask1]
     assert cmds.index(next(c for c in trains if f"--out {tmp_path / 'rigsa-seed1'} " in c)) < mask1
     assert tmp_path / "evals" / "qlora-r4-seed0-iter1-gsm8k.json" in [f for f, _ in steps]
-    assert all("--offline" in c and "--no-verify" in c and "--data-dir D" in c for c in cmds)
+    assert all("--offline" in c and "--no-verify" in c and "--data-dir D" in c and "--dtype float32" in c for c in cmds)
     assert not any("--seed" in c for c in cmds if "evals/run.py" in c)
 
 

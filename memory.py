@@ -232,12 +232,12 @@ def choose_moments(plan, device, want, checkpointed=True):
     util.say(f"memory: ~{total[moments] / GB:.1f} GB on {device} with AdamW's moments {moments} ({parts}); "
              f"{have / GB:.1f} GB available" + (f"; {host_need / GB:.1f} GB of host memory, {host_have / GB:.1f} "
                                                 f"available" if moments == "host" and device.type == "cuda" else ""))
-    fix = [f"--moments {m} (~{total[m] / GB:.1f} GB)" for m in ("host", "8bit") if m != moments and fits[m]]
-    fix = " or ".join(fix + ([] if checkpointed else ["--checkpoint-activations"]) + ["a smaller --micro-batch"])
-    if total[moments] > have:
+    places = [f"--moments {m} (~{total[m] / GB:.1f} GB)" for m in ("host", "8bit") if m != moments and fits[m]]
+    if total[moments] > have:   # activations shrink too: checkpointing, a smaller micro-batch
+        fix = places + ([] if checkpointed else ["--checkpoint-activations"]) + ["a smaller --micro-batch"]
         raise ValueError(f"memory: the run needs ~{total[moments] / GB:.1f} GB on {device}, which has "
-                         f"{have / GB:.1f} GB; try {fix}")
-    if moments == "host" and not host_ok:
+                         f"{have / GB:.1f} GB; try {' or '.join(fix)}")
+    if moments == "host" and not host_ok:   # only another placement of the moments frees host memory
         raise ValueError(f"memory: --moments host needs ~{host_need / GB:.1f} GB of host memory, which has "
-                         f"{host_have / GB:.1f} GB; try {fix.split(' or --checkpoint')[0].split(' or a smaller')[0]}")
+                         f"{host_have / GB:.1f} GB; try {' or '.join(places) or '--moments 8bit'}")
     return moments

@@ -2,7 +2,7 @@
 The low-precision training step against the exact float32 one, both sides in one process on the same
 machine: what --dtype auto buys where the hardware computes bfloat16 natively.
 
-    python bench/bench_precision.py [--preset SmolLM2-135M-Instruct] [--tokens 850] [--steps 5]
+    python bench/bench_precision.py [--preset SmolLM2-135M-Instruct] [--tokens 850] [--steps 5] [--part step,dx,gemm]
 
 One step = one 850-token sequence (a Textual MNIST prompt), its 2 supervised tokens, forward,
 backward and AdamW, as rigsa.batch_loss and train_step do; random weights. Variants, their steps
@@ -13,6 +13,10 @@ interleaved (median of --steps after a warm-up each), so that other load slows t
                       rounded once; dW one GEMM)
   rigsa bf16 5-GEMM   the same with dx = gy W0 + alpha gy (m dW): the form that keeps a sub-ulp delta in dx
   full bfloat16       plain full fine-tuning under the same autocast, every weight trained (3 GEMMs)
+--part dx: the input gradient of a 576x576 layer over 2,048 tokens, one GEMM on the rounded merged
+weight against two, for deltas of a quarter and 4 ulps of W0: the error against float32, and the share
+of the delta's own contribution that reaches dx. --part gemm: this CPU's float32 and bfloat16 GEMM
+rates; a dense bfloat16 product against torch's CSR one at three densities (850x576 @ 576x1536).
 """
 import argparse
 import os
@@ -74,14 +78,66 @@ def make_step(variant, a):
 VARIANTS = ("rigsa float32", "rigsa bfloat16", "rigsa bf16 5-GEMM", "full bfloat16")
 
 
+def rate(f, reps=20):
+    f()
+    t = time.perf_counter()
+    for _ in range(reps):
+        f()
+    return (time.perf_counter() - t) / reps
+
+
+def dx_part():
+    """dx = gy (W0 + delta) with one GEMM on the merged weight rounded to bfloat16, or two (gy W0 + gy delta)."""
+    torch.manual_seed(0)
+    w0 = (torch.randn(576, 576) * 0.02).bfloat16().float()
+    ulp = 2.0 ** (torch.frexp(w0)[1].float() - 8)                      # bfloat16's ulp at each entry of W0
+    gy = torch.randn(2048, 576)
+    print("\n| delta | dx error, 4 GEMMs | dx error, 5 GEMMs | delta's share in dx, 4 | in dx, 5 |\n|---|---:|---:|---:|---:|")
+    for name, delta in (("0.25 ulp, random signs", 0.25 * ulp * torch.sign(torch.randn_like(w0))),
+                        ("4 ulps, random signs", 4 * ulp * torch.sign(torch.randn_like(w0)))):
+        exact, g16 = gy @ (w0 + delta), gy.bfloat16()
+        four = g16.mm((w0 + delta).bfloat16()).float()
+        five = (g16.mm(w0.bfloat16()) + g16.mm(delta.bfloat16())).float()
+        base, dc = g16.mm(w0.bfloat16()).float(), gy @ delta
+        err = lambda a: ((a - exact).norm() / exact.norm()).item()    # noqa: E731
+        kept = lambda a: (((a - base) * dc).sum() / (dc * dc).sum()).item()   # noqa: E731
+        print(f"| {name} | {err(four):.1e} | {err(five):.1e} | {kept(four):.0%} | {kept(five):.0%} |")
+
+
+def gemm_part():
+    print("\n| product | float32 GFLOP/s | bfloat16 GFLOP/s | ratio |\n|---|---:|---:|---:|")
+    for m, k, n in ((850, 576, 1536), (850, 2048, 8192)):
+        r = {}
+        for dt in (torch.float32, torch.bfloat16):
+            a, b = torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)
+            r[dt] = 2 * m * k * n / rate(lambda: a @ b) / 1e9
+        print(f"| {m}x{k} @ {k}x{n} | {r[torch.float32]:.0f} | {r[torch.bfloat16]:.0f} | "
+              f"{r[torch.bfloat16] / r[torch.float32]:.2f} |")
+    x = torch.randn(850, 576)
+    print("\n| density of m dW | dense bfloat16 ms | CSR float32 ms |\n|---:|---:|---:|")
+    for d in (0.8, 0.25, 0.035):
+        md = torch.randn(1536, 576) * (torch.rand(1536, 576) < d)
+        dense, csr, x16 = md.bfloat16(), md.to_sparse_csr(), x.bfloat16()
+        print(f"| {d:.1%} | {rate(lambda: x16 @ dense.t()) * 1e3:.2f} | "
+              f"{rate(lambda: torch.sparse.mm(csr, x.t())) * 1e3:.2f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="SmolLM2-135M-Instruct", choices=list(M.PRESETS))
     ap.add_argument("--layers", type=int, default=0, help="keep only the first N decoder layers (0: all)")
     ap.add_argument("--tokens", type=int, default=850)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--part", default="step,dx,gemm", help="which tables: step, dx, gemm [default: all]")
     a = ap.parse_args()
     util.keep_freed_memory()
+    parts = a.part.split(",")
+    if "dx" in parts:
+        dx_part()
+    if "gemm" in parts:
+        gemm_part()
+    if "step" not in parts:
+        return
     if a.layers:
         import dataclasses
         M.PRESETS[a.preset] = dataclasses.replace(M.PRESETS[a.preset], num_hidden_layers=a.layers)

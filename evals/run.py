@@ -89,7 +89,7 @@ def eval_mc(task, docs, model, tok, args):
     bs = batch_size_for(args, model, longest, max(len(xs) for _, xs in enc))
     part = enc[util.shard(len(enc))]       # on torchrun this rank's documents; every rank's, gathered
     bar = util.progress(total=len(part), desc=task, unit="doc")
-    soft = None if getattr(args, "softmax_dtype", "float32") == "model" else getattr(torch, args.softmax_dtype)
+    soft = None if args.softmax_dtype == "model" else getattr(torch, args.softmax_dtype)
     scored = util.gather(H.score_shared(model, part, batch_size=bs, bar=bar, softmax_dtype=soft))
     bar.close()
     scores = [[] for _ in mc]
@@ -226,7 +226,7 @@ def run_task(task, data, model, tok, args, info):
     dt = time.time() - t0
     result = {"task": task, "model": info["model"], "adapter": args.adapter, "dtype": info["dtype"],
               "dtype_choice": info.get("dtype_choice"),   # why: as asked, or --dtype auto's reason
-              "softmax_dtype": getattr(args, "softmax_dtype", "float32") if task in ("piqa", "hellaswag") else None,
+              "softmax_dtype": args.softmax_dtype if task in ("piqa", "hellaswag") else None,
               "num_fewshot": k, "limit": args.limit or None, "seconds": round(dt, 3), "metrics": metrics, "samples": samples,
               "docs": len(samples), "docs_per_s": len(samples) / max(dt, 1e-9), "batch_size": bs,
               "truncated": cut,   # documents longer than the model, left-truncated as lm-eval does
@@ -338,7 +338,7 @@ def run_info(args, model, tok, name, revision, quantize, device):
     dtype = str(model.lm_head.weight.dtype).replace("torch.", "")
     model_args = ",".join(f"{k}={v}" for k, v in (("pretrained", name), ("peft", args.adapter),
                                                   ("revision", revision), ("dtype", dtype),
-                                                  ("softmax_dtype", getattr(args, "softmax_dtype", "float32") != "model"
+                                                  ("softmax_dtype", args.softmax_dtype != "model"
                                                    and dtype != "float32" and args.softmax_dtype)) if v)
     tokens = {f"tokenizer_{w}_token": [tok.decode([i]), str(i)]
               for w, i in (("pad", tok.pad_id), ("eos", tok.eos_id), ("bos", tok.bos_id))}

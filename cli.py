@@ -2,6 +2,7 @@
 cli.py: rigsa.py's commands. `python rigsa.py ...` arrives here through rigsa.main; this file sits on
 top of rigsa.py (it imports the method; the method does not import it).
 
+  read_adapter, load_adapter   a saved adapter (any method) back into a model, checked against its base
   train     rigsa.train with one flag per Config field (flags.py)
   show      one image as Textual MNIST (§4.2, Figure 1)
   merge     an adapter merged into its base, written in the official layout
@@ -23,10 +24,35 @@ import flags
 import interrupts
 import mnist
 import model as M
+import qlora
 import rigsa
 import rundir
 import tiny
 import util
+
+
+def read_adapter(spec, tensors=True):
+    """-> (its tensors or None, its metadata, its Config) (adapter_files.read)."""
+    t, meta, config = AF.read(spec, tensors)
+    return t, meta, rundir.config_from(config, AF.adapter_path(spec), rigsa.Config, flags.check)
+
+
+@torch.no_grad()
+def load_adapter(model, path, base=None, allow_other_base=False):
+    """Install a saved adapter (any method) into a loaded base model, in place, every tensor into
+    exactly one layer of its shape and kind. base: the model's identity ({"model", **model.base_identity}),
+    checked against the one the adapter recorded (adapter_files.check_base). -> (its Config, the verdict)."""
+    tensors, meta, cfg = read_adapter(path)
+    verdict = (AF.check_base(meta["base"], base, str(AF.adapter_path(path)), allow_other_base)
+               if base else "unchecked")
+    if rigsa.METHODS[cfg.method]["lora"]:
+        qlora.load_adapter(model, tensors, rigsa.METHODS[cfg.method]["nf4"], cfg.rank, cfg.lora_alpha, path)
+        return cfg, verdict
+    if qlora.is_quantized(model):
+        raise ValueError(f"{path}: a {cfg.method} adapter adds to the unquantized weights, and this base is 4-bit "
+                         f"(NF4); drop --quantize")
+    AF.set_adapter_tensors(rigsa.install_adapters(model, cfg), tensors, path)
+    return cfg, verdict
 
 
 def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=False, allow_other_base=False):
@@ -34,7 +60,7 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
     the official layout (adapter_files.write_merged). A bfloat16 cast that loses more than 1% of
     sum |alpha m dW| (small deltas round away under bfloat16's ulp of W0) is refused unless
     allow_lossy: the merged model would be closer to the base than to the adapted one."""
-    _, meta, cfg = rigsa.read_adapter(adapter, tensors=False)
+    _, meta, cfg = read_adapter(adapter, tensors=False)
     if rigsa.METHODS[cfg.method]["nf4"]:
         raise ValueError(f"{adapter}: a QLoRA adapter sits on a 4-bit base, and merging would re-quantize it "
                          f"(lossy); use it unmerged (evals/run.py --adapter) or its PEFT copy in iterK-peft/")
@@ -46,7 +72,7 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
     ident = {"model": base or cfg.model, **M.base_identity(src)}
     verdict = AF.check_base(meta["base"], ident, f"--adapter {adapter}", allow_other_base)   # before the load
     model, _ = M.load(src, "cpu", torch.float32)   # merge in float32, then cast
-    rigsa.load_adapter(model, adapter)
+    load_adapter(model, adapter)
     lost, total = AF.merge_adapters(model, getattr(torch, dtype))
     frac = lost / max(total, 1e-30)
     if frac > 0.01 and not allow_lossy:
@@ -170,7 +196,7 @@ def main(argv=None):
         if rundir.STOP:
             interrupts.SIGNALS.append(rundir.STOP[-1])
         if a.cmd == "train" and (Path(a.out) / "config.json").exists():
-            what = (f"{interrupts.command(here, ['train', '--resume', '--out', a.out])} continues from the last "
+            what = (f"{rundir.continue_command(a.out)} continues from the last "
                     f"resume checkpoint")
         else:
             what = f"nothing was kept; run again with: {interrupts.command(here, argv)}"

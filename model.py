@@ -753,6 +753,28 @@ def save_checkpoint(path, config, state_dict, dtype=torch.bfloat16):
 # -----------------------------------------------------------------------------
 # generation
 
+@torch.no_grad()
+def next_tokens(model, prompts, n, pad_id, batch_size=16, progress=True, desc="next token", unit="prompt"):
+    """The greedy next token of each of n prompts (an iterable of token-id lists, read a batch at a
+    time), over the whole vocabulary -> (n,) long on the CPU. Batches are left padded, so the last
+    position is every prompt's end, and only that position goes through lm_head (no (B, T, V) logits)."""
+    was_training = model.training
+    model.eval()
+    dev, it, out = model.lm_head.weight.device, iter(prompts), []
+    bar = util.progress(total=n, desc=desc, unit=unit, enabled=progress)
+    for b in range(0, n, batch_size):
+        rows = [next(it) for _ in range(min(batch_size, n - b))]
+        L = max(map(len, rows))
+        x = torch.tensor([[pad_id] * (L - len(r)) + r for r in rows], device=dev)     # (B, T)
+        am = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], device=dev)
+        h = model(x, am, hidden_only=True)[:, -1]                                     # (B, C)
+        out.append(model.lm_head(h).argmax(-1).cpu())                                 # (B,)
+        bar.update(len(rows))
+    bar.close()
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
 @torch.inference_mode()
 def generate_ids(model, prompts, max_new_tokens, eos_id, stop_fn=None):
     """Greedy decoding of a batch of token-id lists with a static KV cache. Each prompt is

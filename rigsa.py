@@ -9,22 +9,17 @@ rigsa.py: Random Initialization of Gated Sparse Adapters (arXiv 2511.01794), fro
                                 the score is one function of CRITERIA (--criterion)
   training                      get_lr, accumulate, train_step (§4.4: AdamW, wd 1.0, lr 2e-3 with 1000
                                 warmup steps, effective batch 16); train: the IMP loop, x5
-  adapter files                 save_adapter / load_adapter (any method); the format: adapter_files.py
   baselines                     random-mask (§4.4), lt-sft (§6), dense, lora/qlora (§5.3, qlora.py)
-  machinery                     flags, rundir, memory, mnist (the IDX files), util; commands: cli.py
+  machinery                     sparse (dW's storage and product), flags, rundir, memory, adapter_files,
+                                mnist (the IDX files), util; the commands, and loading an adapter: cli.py
 
-  python rigsa.py train --iters 5          the paper, on SmolLM2-1.7B-Instruct
-  python rigsa.py demo                     the whole pipeline offline on a tiny model (under a minute, CPU)
-  python rigsa.py show --index 0           one image as the model sees it
-  python rigsa.py merge --adapter runs/x/iter5 --out merged/
-  (Textual MNIST accuracy of a base model or an adapter: python evals/run.py --task mnist)
+  python rigsa.py train --iters 5 | demo | show --index 0 | merge --adapter runs/x/iter5 --out merged/
 """
 import contextlib
 import dataclasses
 import hashlib
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -46,6 +41,7 @@ import mnist
 import model as M
 import qlora
 import rundir
+import sparse
 import util
 
 # -----------------------------------------------------------------------------
@@ -247,32 +243,16 @@ def end_id(tok):
     return ids[0]
 
 
-@torch.no_grad()
 def mnist_accuracy(model, tok, images, labels, shots=None, batch_size=16, progress=True):
     """-> (accuracy, predictions (N,) long, -1 = not a digit): the greedy next token after the
     prefix; a non-digit token counts as wrong (§4.2). shots[i]: image i's few-shot examples, a
     list of (image, label) (Table 2's 5-shot column: evals/run.py draws them)."""
-    was_training = model.training
-    model.eval()
-    dev = model.lm_head.weight.device
     ids = torch.tensor(digit_ids(tok))
-    preds = []
-    bar = util.progress(total=len(images), desc=f"mnist {len(shots[0]) if shots else 0}-shot", unit="img",
-                        enabled=progress)
-    for b in range(0, len(images), batch_size):
-        rows = [tok.encode(prompt(tok, images[i], shots[i] if shots else ()))
-                for i in range(b, min(b + batch_size, len(images)))]
-        L = max(map(len, rows))                                 # left padding: the last position is the prefix's end
-        x = torch.tensor([[tok.pad_id] * (L - len(r)) + r for r in rows], device=dev)
-        am = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], device=dev)
-        h = model(x, am, hidden_only=True)[:, -1]               # (B, C)
-        nxt = model.lm_head(h).argmax(-1).cpu()                 # (B,) over the whole vocabulary
-        hit = nxt[:, None] == ids[None]                         # (B, 10)
-        preds.append(torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(nxt, -1)))
-        bar.update(len(rows))
-    bar.close()
-    model.train(was_training)
-    preds = torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    rows = (tok.encode(prompt(tok, images[i], shots[i] if shots else ())) for i in range(len(images)))
+    nxt = M.next_tokens(model, rows, len(images), tok.pad_id, batch_size, progress,
+                        f"mnist {len(shots[0]) if shots else 0}-shot", "img")   # (N,) over the whole vocabulary
+    hit = nxt[:, None] == ids[None]                                              # (N, 10)
+    preds = torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(nxt, -1))
     return (preds == labels.long()).float().mean().item() if len(preds) else float("nan"), preds
 
 # -----------------------------------------------------------------------------
@@ -281,53 +261,6 @@ def mnist_accuracy(model, tok, images, labels, shots=None, batch_size=16, progre
 def layer_seed(seed, name):
     """A per-layer seed from the run seed and the module's name (independent of traversal order)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
-
-
-class GatedDelta(torch.autograd.Function):
-    """y = x (W0 + alpha (m * dW))^T, saving for backward only x and the free entries' positions:
-    m * dW is rebuilt from the compact storage in each pass, one layer at a time (docs/memory.md).
-    float32: the ops of a plain autograd graph over W0 + alpha (m * dW), so gradients are bitwise
-    the dense layer's. Low precision: the delta keeps its own GEMM, as W0 + alpha dW formed in
-    bfloat16 would round away deltas under half an ulp of W0."""
-    @staticmethod
-    def forward(ctx, x, delta, alpha, layer):                  # x (B, T, in) -> (B, T, out)
-        index = layer.free_index()                             # (k,) or None (every entry free)
-        ctx.layer = layer
-        # the positions as int32 (4 bytes per free entry until the backward, not 8): int64 again there
-        ctx.save_for_backward(x, delta, alpha, None if index is None else index.int())
-        if layer.exact(x):
-            return F.linear(x, layer.merged(delta, alpha, index))
-        md = layer.dense(delta, index)                         # (out, in) float32, pruned entries 0
-        # x W0^T + alpha x md^T: the delta's own GEMM, then one rounding of the sum (addcmul)
-        return torch.addcmul(F.linear(x, layer.weight.to(x.dtype)), F.linear(x, md.to(x.dtype)), alpha.to(x.dtype))
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, delta, alpha, index = ctx.saved_tensors
-        L = ctx.layer
-        index = None if index is None else index.long()
-        md = L.dense(delta, index)                             # (out, in)
-        gy2, x2 = gy.reshape(-1, L.out_features), x.reshape(-1, L.in_features)   # (B*T, out), (B*T, in)
-        gx = None
-        if L.exact(x):
-            # the forward's W0 + alpha md, from md (needed below for alpha's gradient): alpha md + W0
-            # is the same sum (addition commutes), in two passes instead of a copy and a scatter
-            if ctx.needs_input_grad[0]:
-                gx = gy2.mm(torch.mul(md, alpha).add_(L.weight)).view_as(x)
-            gw = gy2.t().mm(x2)                                # (out, in): the gradient of W0 + alpha md
-            g_alpha = (gw * md).sum() if ctx.needs_input_grad[2] else None
-            g = gw.view(-1) if index is None else gw.view(-1).index_select(0, index)
-            return gx, g * alpha, g_alpha, None                # dW's gradient only at the free entries
-        # low precision: one GEMM on W0 + alpha md in the input's dtype, where gy W0 + alpha gy md would
-        # take two; a delta under half an ulp of W0 is lost to that rounding here as W0's own bits are
-        # (the forward keeps it: its own GEMM). Weight-sized passes are fused: they cost as much as a GEMM
-        if ctx.needs_input_grad[0]:
-            w = torch.addcmul(L.weight.to(x.dtype), md.to(x.dtype), alpha.to(x.dtype))   # (out, in)
-            gx = gy2.mm(w).view_as(x)
-        gw = gy2.t().mm(x2).float().view(-1)                   # one weight-gradient GEMM, fp32 from here
-        g_alpha = torch.dot(gw, md.reshape(-1)) if ctx.needs_input_grad[2] else None
-        g = gw.mul_(alpha) if index is None else gw.index_select(0, index).mul_(alpha)
-        return gx, g, g_alpha, None
 
 
 class GatedSparseLinear(nn.Module):
@@ -365,19 +298,13 @@ class GatedSparseLinear(nn.Module):
         return self.in_features * self.out_features
 
     def free_index(self):
-        """Flat row-major positions (k,) of the free entries, in `delta`'s order; None if all are.
-        From the packed mask at each use (a kept int64 index costs 8 bytes per entry); numpy's
-        nonzero on the CPU, several times faster than torch's."""
-        if self.mask is None:
-            return None
-        if self.mask.device.type == "cpu":
-            return torch.from_numpy(np.nonzero(np.unpackbits(self.mask.numpy(), count=self.numel()).view(bool))[0])
-        return AF.unpack_bits(self.mask, self.numel()).nonzero().view(-1)
+        """Flat row-major positions (k,) of the free entries, in `delta`'s order; None if all are."""
+        return sparse.free_index(self.mask, self.numel())
 
     def set_free(self, index, values):
         """Make the entries at sorted flat positions `index` the free ones, with dW = values."""
-        dev = self.weight.device
-        self.set_packed(None if len(index) == self.numel() else AF.pack_bits(index.to(dev), self.numel(), dev), values)
+        n, dev = self.numel(), self.weight.device
+        self.set_packed(None if len(index) == n else AF.pack_bits(index.to(dev), n, dev), values)
 
     def set_packed(self, mask, values):
         """The same from a packed mask (None: every entry free), as the adapter files hold it."""
@@ -387,35 +314,17 @@ class GatedSparseLinear(nn.Module):
 
     def dense(self, delta=None, index=None):
         """m * dW as a dense (out, in) float32 tensor, the pruned entries exactly 0."""
-        delta = self.delta if delta is None else delta
-        if self.mask is None:
-            return delta.view(self.out_features, self.in_features)
-        index = self.free_index() if index is None else index
-        md = torch.zeros(self.numel(), dtype=torch.float32, device=delta.device)
-        return md.index_copy_(0, index, delta).view(self.out_features, self.in_features)
-
-    def merged(self, delta, alpha, index):
-        """W0 + alpha * (m * dW) in float32, the same numbers however it is formed (addition
-        commutes): under a quarter of the entries free, a scatter-add into a copy of W0; above,
-        alpha md + W0 in streaming passes, which are then faster (make bench-layer)."""
-        if index is None:
-            return self.weight + alpha * delta.view(self.out_features, self.in_features)
-        if len(index) > self.numel() // 4:
-            return self.dense(delta, index).mul_(alpha).add_(self.weight)
-        w = self.weight.clone()
-        w.view(-1).index_add_(0, index, alpha * delta)
-        return w
-
-    def exact(self, x):
-        """float32 weights and input without autocast: one GEMM on the merged weight is exact."""
-        return x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type)
+        return sparse.dense(self.delta if delta is None else delta, self.free_index() if index is None else index,
+                            self.weight.shape)
 
     def forward(self, x):  # x (B, T, in) -> (B, T, out)
+        # x W0^T + alpha x (m dW)^T, one autograd Function that keeps only x and rebuilds m * dW from
+        # the free entries in each pass (sparse.py: memory; float32 exact, bfloat16 keeps tiny deltas)
         if torch.is_autocast_enabled(x.device.type):  # autocast's dtype, but the layer casts itself
             x = x.to(torch.get_autocast_dtype(x.device.type))
             with torch.autocast(x.device.type, enabled=False):
-                return GatedDelta.apply(x, self.delta, self.alpha, self)
-        return GatedDelta.apply(x, self.delta, self.alpha, self)
+                return sparse.GatedDelta.apply(x, self.delta, self.alpha, self)
+        return sparse.GatedDelta.apply(x, self.delta, self.alpha, self)
 
     def delta_weight(self):
         """alpha * (m * dW), (out, in) float32: what the adapter adds to W0 (adapter_files.merge_adapters)."""
@@ -635,10 +544,9 @@ def setup(cfg, resume=None, given=None):
     out = Path(cfg.out)
     lora = METHODS[cfg.method]["lora"]
     device = util.init_distributed(cfg.device)   # torchrun: rank 0 downloads, the others wait (rank_zero_first)
-    # the base model's files (one hub commit, recorded and resumed on), --dtype resolved (auto: bfloat16
-    # where the device computes it natively), both checked against --resume's run and --mask-like's
-    # adapter, and the config printed: rundir.start
-    mask_like = read_adapter(cfg.mask_like, tensors=False)[1] if cfg.mask_like and resume is None else None
+    # the base's files (one hub commit, resumed on) and --dtype resolved (auto: bfloat16 where the device
+    # computes it natively), checked against --resume's run and --mask-like's adapter: rundir.start
+    mask_like = AF.read(cfg.mask_like, tensors=False)[1] if cfg.mask_like and resume is None else None
     base, ident, dtype, started, checks = rundir.start(cfg, device, mask_like)
     torch.manual_seed(cfg.seed)
     # data (§4.2): encoded on the fly, 16 prompts per step cost nothing next to the model
@@ -671,22 +579,9 @@ def setup(cfg, resume=None, given=None):
     tokens = cfg.micro_batch * len(encode_example(tok, data["train"][0][0], 0, run.digits, run.eos)[0])
     run.moments = memory.choose_moments(memory.memory_plan(model, layers, device, amp, tokens), device, cfg.moments,
                                         cfg.checkpoint_activations)
-    # the run directory is written once the data and the model have loaded, and the step fits (by
-    # rank 0 only, as every file of the run: the ranks hold the same adapters)
-    rank, ranks = util.world()
-    if rank == 0:
-        rundir.begin(out, cfg, started.get("base") or ident, hashes, checks, resume["log"] if resume else [],
-                     started["dtype_choice"])
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    util.say(f"{cfg.method}: {len(layers) or 'LoRA on the'} adapted layers, {n_trainable:,} trainable tensor entries"
-             + (f"; {ranks} processes, {cfg.batch_size // ranks}-{-(-cfg.batch_size // ranks)} sequences each a step"
-                if ranks > 1 else ""))
-    if steps <= cfg.warmup:
-        util.say(f"note: {steps} steps per iteration <= warmup {cfg.warmup}: the lr never reaches "
-                 f"its peak and does not decay to 0", file=sys.stderr)
-    if resume is not None:
-        run.start_iter, run.start_step, run.log, run.resume = resume["iteration"], resume["step"], resume["log"], resume
-        torch.set_rng_state(resume["rng"])
+    # the run directory is written once the data and the model have loaded, and the step fits; a
+    # resumed run takes up its log, position and RNG
+    rundir.begin(run, started, hashes, resume)
     return run
 
 
@@ -720,15 +615,10 @@ def train_iteration(run, it):
         bar.update(1)
         if step % cfg.log_every == 0 or step == run.steps:
             run.log_step(it, step, loss, lr, tokens / (time.time() - t0))   # metrics.jsonl, with the gates' range
-        sig = rundir.stop_signal(run.device)
-        halt = (cfg.halt_after and run.done_steps >= cfg.halt_after or sig) and step < run.steps
-        if halt or (cfg.save_every and step % cfg.save_every == 0 and step < run.steps):
-            save_resume(run, opt, it, step)
-        if halt:
+        stop = rundir.checkpoint(run, it, step, lambda: save_resume(run, opt, it, step))   # --save-every, --halt-after, signals
+        if stop:
             bar.close()
-            why = f"stopped by {signal.Signals(sig).name}" if sig else "halted"
-            util.say(f"{why} after {run.done_steps} steps (iteration {it}, step {step}); continue with: "
-                     f"{interrupts.command(__file__, ['train', '--resume', '--out', run.out])}")
+            util.say(stop)
             return False
     bar.close()
     run.resume = None
@@ -753,6 +643,19 @@ def evaluate(run, it):
         res["density"], res["layer_density"] = density_report(layers)
         res["alpha"] = {n: L.alpha.item() for n, L in layers.items()}
     return res
+
+
+def save_resume(run, opt, it, step):
+    """resume.pt: the trainable state, the optimizer, where the run is, the RNG and the log."""
+    rundir.save_resume(run.out, {"iteration": it, "step": step, "optimizer": opt.state_dict() if opt is not None else None,
+                                 "state": AF.tensors_of(adapters(run.model), qlora.lora_state_dict(run.model)),
+                                 "rng": torch.get_rng_state(), "log": run.log})
+
+
+def save_adapter(model, path, cfg, extra=None):
+    """Write the trained adapter, with its config and `extra` (adapter_files.write)."""
+    AF.write(path, AF.tensors_of(adapters(model), qlora.lora_state_dict(model)),
+                      dataclasses.asdict(cfg), extra)
 
 
 def save_iteration(run, it, res):
@@ -795,73 +698,26 @@ def train(cfg, given=None):
     is 5 trainings and 4 prunings. given: the flags the user typed (check_config). -> the metrics
     log, or None if halted (--halt-after)."""
     util.init_distributed(cfg.device)             # under torchrun: this rank's process group, first
-    with rundir.run_lock(cfg):                           # one writer per run directory, before resume.pt is read
-        return _train(cfg, given)
-
-
-def _train(cfg, given):
-    cfg, resume = rundir.resumed(cfg, given, flags.check)
-    if cfg.resume and resume is None and (log := rundir.finished(cfg.out, n_iters(cfg))) is not None:
-        return log                                # a complete run: nothing left to do
-    run = setup(check_config(cfg, given), resume, given)
-    with rundir.stop_on_signals():
-        for it in range(run.start_iter, n_iters(run.cfg) + 1):
-            if not train_iteration(run, it):
-                return None                       # halted or stopped: continue with --resume
-            res = evaluate(run, it)               # Figure 2a: each iteration before its pruning
-            save_iteration(run, it, res)
-            if it < n_iters(run.cfg):
-                prune_and_rewind(run, it)         # writes resume.pt for iteration it + 1
-                if rundir.stop_signal(run.device):
-                    util.say(f"stopped after iteration {it}; continue with: "
-                             f"{interrupts.command(__file__, ['train', '--resume', '--out', run.out])}")
-                    return None
-    if util.world()[0] == 0:
-        (run.out / "resume.pt").unlink(missing_ok=True)   # complete: its adapters are the iterK files
-        rundir.print_summary(run.log)
-    return run.log
-
-
-# -----------------------------------------------------------------------------
-# resume checkpoints
-
-def save_resume(run, opt, it, step):
-    """resume.pt: the trainable state, the optimizer, where the run is, the RNG and the log."""
-    rundir.save_resume(run.out, {"iteration": it, "step": step, "optimizer": opt.state_dict() if opt is not None else None,
-                                 "state": AF.tensors_of(adapters(run.model), qlora.lora_state_dict(run.model)),
-                                 "rng": torch.get_rng_state(), "log": run.log})
-
-# -----------------------------------------------------------------------------
-# adapters in files (adapter_files.py holds the format)
-
-def save_adapter(model, path, cfg, extra=None):
-    """Write the trained adapter, with its config and `extra` (adapter_files.write)."""
-    AF.write(path, AF.tensors_of(adapters(model), qlora.lora_state_dict(model)),
-                      dataclasses.asdict(cfg), extra)
-
-
-def read_adapter(spec, tensors=True):
-    """-> (its tensors or None, its metadata, its Config) (adapter_files.read)."""
-    t, meta, config = AF.read(spec, tensors)
-    return t, meta, rundir.config_from(config, AF.adapter_path(spec), Config, flags.check)
-
-
-@torch.no_grad()
-def load_adapter(model, path, base=None, allow_other_base=False):
-    """Install a saved adapter (any method) into a loaded base model, in place, every tensor into
-    exactly one layer of its shape and kind. base: the model's identity ({"model", **model.base_identity}),
-    checked against the one the adapter recorded (adapter_files.check_base). -> (its Config, the verdict)."""
-    tensors, meta, cfg = read_adapter(path)
-    verdict = (AF.check_base(meta["base"], base, str(AF.adapter_path(path)), allow_other_base)
-               if base else "unchecked")
-    if METHODS[cfg.method]["lora"]:
-        qlora.load_adapter(model, tensors, METHODS[cfg.method]["nf4"], cfg.rank, cfg.lora_alpha, path)
-        return cfg, verdict
-    if qlora.is_quantized(model):
-        raise ValueError(f"{path}: a {cfg.method} adapter adds to the unquantized weights, and this base is 4-bit "
-                         f"(NF4); drop --quantize")
-    AF.set_adapter_tensors(install_adapters(model, cfg), tensors, path)
-    return cfg, verdict
+    with rundir.run_lock(cfg):                    # one writer per run directory, before resume.pt is read
+        cfg, resume = rundir.resumed(cfg, given, flags.check)
+        if cfg.resume and resume is None and (log := rundir.finished(cfg.out, n_iters(cfg))) is not None:
+            return log                            # a complete run: nothing left to do
+        run = setup(check_config(cfg, given), resume, given)
+        with rundir.stop_on_signals():
+            for it in range(run.start_iter, n_iters(run.cfg) + 1):
+                if not train_iteration(run, it):
+                    return None                   # halted or stopped: continue with --resume
+                res = evaluate(run, it)           # Figure 2a: each iteration before its pruning
+                save_iteration(run, it, res)
+                if it < n_iters(run.cfg):
+                    prune_and_rewind(run, it)     # writes resume.pt for iteration it + 1
+                    if rundir.stop_signal(run.device):
+                        util.say(f"stopped after iteration {it}; continue with: {rundir.continue_command(run.out)}")
+                        return None
+        if util.world()[0] == 0:
+            (run.out / "resume.pt").unlink(missing_ok=True)   # complete: its adapters are the iterK files
+            rundir.print_summary(run.log)
+        return run.log
 
 
 # -----------------------------------------------------------------------------

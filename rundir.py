@@ -7,8 +7,10 @@ run's config is any flags.py dataclass (rigsa.Config), its trainable state a dic
   finished, check_steps    --resume of a complete run; flags the run's length leaves idle
   Run                      what a training run holds between its phases; record() appends to metrics.jsonl
   check_bases, run_dtype,  provenance: the base against --resume's run and --mask-like's adapter; --dtype
-  check_data, begin        resolved once; the data files' hashes; config.json and metrics.jsonl at the start
-  save_resume              resume.pt, written whole or not at all
+  check_data, begin        resolved once; the data files' hashes; config.json and metrics.jsonl at the start,
+                           and a resumed run's place
+  save_resume, checkpoint  resume.pt, written whole or not at all; when the loop writes it and stops
+  continue_command         the line that continues a run (--resume)
   run_lock                 one process writes a run directory at a time (<out>/LOCK)
   STOP, stop_on_signals    Ctrl-C / SIGTERM during training: finish the step, save, stop; on torchrun
                            every rank after the same step (stop_signal)
@@ -28,6 +30,7 @@ import torch.distributed as dist
 
 import adapter_files as AF
 import flags
+import interrupts
 import model as M
 import util
 
@@ -241,19 +244,55 @@ def check_steps(cfg, given, steps, left):
                          f"use at least one per process")
 
 
-def begin(out, cfg, base, data, checks, log, dtype_why=None):
-    """The run directory once the data and the model have loaded and the step fits (rank 0):
-    config.json with the run's config, the identity of the base it started on (and the base checks'
-    verdicts: an --allow-other-base is recorded), its data files' sha256 and the code and machine that
-    ran it, and why the dtype is what it is; metrics.jsonl holding what resume.pt holds (`log`: lines written after it are dropped)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    util.write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "base": base, "data": data,
-                                          "base_check": checks or {}, "dtype_choice": dtype_why,
-                                          "git_commit": util.git_commit(),
-                                          "torch": torch.__version__, "python": sys.version.split()[0],
-                                          "processes": util.world()[1]})
-    util.atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in log)))
+def continue_command(out):
+    """The shell line that continues the run in `out`."""
+    return interrupts.command(Path(__file__).with_name("rigsa.py"), ["train", "--resume", "--out", out])
+
+
+def checkpoint(run, it, step, save):
+    """After optimizer step `step` of iteration `it`: save() (resume.pt) every --save-every steps, and
+    at --halt-after or a stop signal (every rank after the same step). -> what to say if the run stops
+    here, else None."""
+    cfg = run.cfg
+    sig = stop_signal(run.device)
+    halt = (cfg.halt_after and run.done_steps >= cfg.halt_after or sig) and step < run.steps
+    if halt or (cfg.save_every and step % cfg.save_every == 0 and step < run.steps):
+        save()
+    if halt:
+        why = f"stopped by {signal.Signals(sig).name}" if sig else "halted"
+        return (f"{why} after {run.done_steps} steps (iteration {it}, step {step}); continue with: "
+                f"{continue_command(run.out)}")
+    return None
+
+
+def begin(run, started, hashes, resume=None):
+    """The run directory once the data and the model have loaded and the step fits, written by rank 0
+    (the ranks hold the same adapters): config.json with the run's config, the identity of the base
+    it started on (and the base checks' verdicts: an --allow-other-base is recorded), its data files'
+    sha256, the code and machine that ran it, and why the dtype is what it is (start()'s `started`);
+    metrics.jsonl holding what resume.pt holds (lines written after it are dropped). Then what is
+    trained is said, and a resumed run (`resume`: resume.pt's content) takes up where it stopped."""
+    cfg, out = run.cfg, Path(run.out)
+    rank, ranks = util.world()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        util.write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "base": started.get("base") or run.base,
+                                              "data": hashes, "base_check": run.checks or {},
+                                              "dtype_choice": started["dtype_choice"], "git_commit": util.git_commit(),
+                                              "torch": torch.__version__, "python": sys.version.split()[0],
+                                              "processes": ranks})
+        log = resume["log"] if resume else []
+        util.atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in log)))
+    n_trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    util.say(f"{cfg.method}: {len(run.layers) or 'LoRA on the'} adapted layers, {n_trainable:,} trainable tensor "
+             f"entries" + (f"; {ranks} processes, {cfg.batch_size // ranks}-{-(-cfg.batch_size // ranks)} sequences "
+                           f"each a step" if ranks > 1 else ""))
+    if run.steps <= cfg.warmup:
+        util.say(f"note: {run.steps} steps per iteration <= warmup {cfg.warmup}: the lr never reaches "
+                 f"its peak and does not decay to 0", file=sys.stderr)
+    if resume is not None:
+        run.start_iter, run.start_step, run.log, run.resume = resume["iteration"], resume["step"], resume["log"], resume
+        torch.set_rng_state(resume["rng"])
 
 
 def save_resume(out, state):

@@ -233,8 +233,8 @@ def test_resume_gives_the_same_result(tiny_run):
     tmp, full, resumed = tiny_run
     assert [r.get("loss") for r in full] == [r.get("loss") for r in resumed]
     for k in (1, 2):
-        a, meta_a, _ = rigsa.read_adapter(tmp / "run" / f"iter{k}")
-        b, meta_b, _ = rigsa.read_adapter(tmp / "halted" / f"iter{k}")
+        a, meta_a, _ = cli.read_adapter(tmp / "run" / f"iter{k}")
+        b, meta_b, _ = cli.read_adapter(tmp / "halted" / f"iter{k}")
         assert a.keys() == b.keys() and all(a[n].equal(b[n]) for n in a)
         assert meta_a["val_acc"] == meta_b["val_acc"]
     lines = (tmp / "halted" / "metrics.jsonl").read_text().splitlines()
@@ -248,7 +248,7 @@ def test_resume_gives_the_same_result(tiny_run):
 def test_adapter_roundtrip_merge_and_random_mask(tiny_run, tiny_dir, tmp_path, monkeypatch):
     tmp, full, _ = tiny_run
     m, tok = M.load(tiny_dir)
-    cfg, _ = rigsa.load_adapter(m, tmp / "run" / "iter2")
+    cfg, _ = cli.load_adapter(m, tmp / "run" / "iter2")
     assert cfg.method == "rigsa"
     x = torch.tensor([tok.encode("The digit is 7")])
     y = m(x)
@@ -301,7 +301,7 @@ def test_learns_tiny_textual_digits(tiny_dir, tmp_path):
         for dtype in ("float32", "bfloat16"):
             logs[dtype] = rigsa.train(tiny_cfg(tiny_dir, tmp_path, out=str(tmp_path / dtype), **kw, dtype=dtype))
             m, tok = M.load(tiny_dir, dtype=getattr(torch, dtype))
-            rigsa.load_adapter(m, tmp_path / dtype / "iter1")
+            cli.load_adapter(m, tmp_path / dtype / "iter1")
             accs[dtype] = rigsa.mnist_accuracy(m, tok, x, y, progress=False)[0]
     assert accs["float32"] >= 0.9 and accs["bfloat16"] >= 0.9 and abs(accs["bfloat16"] - accs["float32"]) <= 1 / 16, accs
     l32, l16 = ([r["loss"] for r in logs[d] if "loss" in r] for d in ("float32", "bfloat16"))
@@ -329,7 +329,7 @@ def test_qlora_wiring(tiny_dir, tmp_path):
     assert [r["iter"] for r in log if r.get("event") == "iteration"] == [1]   # no pruning
     assert (tmp_path / "run" / "iter1-peft" / "adapter_model.safetensors").exists()
     m, tok = M.load(tiny_dir)
-    assert rigsa.load_adapter(m, tmp_path / "run" / "iter1")[0].method == "qlora"
+    assert cli.load_adapter(m, tmp_path / "run" / "iter1")[0].method == "qlora"
     q = m.model.layers[0].self_attn.q_proj
     assert isinstance(q, qlora.LoRALinear) and q.lora_B.weight.abs().sum() > 0       # trained B was loaded
 
@@ -341,7 +341,7 @@ def test_lora_merge(tiny_dir, tmp_path):
     with one_thread():
         rigsa.train(cfg)
     m, tok = M.load(tiny_dir)
-    rigsa.load_adapter(m, tmp_path / "run" / "iter1")
+    cli.load_adapter(m, tmp_path / "run" / "iter1")
     x = torch.tensor([tok.encode("The digit is 7")])
     y = m(x)
     assert (y - M.load(tiny_dir)[0](x)).abs().max() > 1e-4          # the adapter does something
@@ -460,7 +460,7 @@ def test_compact_layer_trains_the_dense_layers_adapters_bitwise(tiny_dir, tmp_pa
         want = dense_reference_run(tiny_dir, cfg)
     for it, ref in enumerate(want, 1):
         m, _ = M.load(tiny_dir)
-        rigsa.load_adapter(m, tmp_path / "run" / f"iter{it}")
+        cli.load_adapter(m, tmp_path / "run" / f"iter{it}")
         assert rigsa.adapters(m).keys() == ref.keys()
         for n, L in rigsa.adapters(m).items():
             assert torch.equal(L.dense(), ref[n][0]) and torch.equal(L.alpha.detach(), ref[n][1]), (it, n)
@@ -668,8 +668,8 @@ def test_a_new_criterion_is_one_function(tiny_dir, tmp_path, monkeypatch):
     with one_thread():
         rigsa.train(tiny_cfg(tiny_dir, tmp_path, criterion="movement"))
         before, after = M.load(tiny_dir)[0], M.load(tiny_dir)[0]
-        rigsa.load_adapter(before, tmp_path / "run" / "iter1")   # iteration 1's trained dW (every entry free)
-        rigsa.load_adapter(after, tmp_path / "run" / "iter2")    # the mask the pruning chose
+        cli.load_adapter(before, tmp_path / "run" / "iter1")   # iteration 1's trained dW (every entry free)
+        cli.load_adapter(after, tmp_path / "run" / "iter2")    # the mask the pruning chose
     layers, kept = rigsa.adapters(before), {n: L.free_index() for n, L in rigsa.adapters(after).items()}
     elig = {n: rigsa.eligible(L) for n, L in layers.items()}
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import model as M  # noqa: E402
 import rigsa  # noqa: E402
+import sparse  # noqa: E402
 import util  # noqa: E402
 
 
@@ -62,10 +63,10 @@ def make_step(variant, a):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, cfg.vocab_size, (1, a.tokens), generator=g)
     pos = torch.tensor([a.tokens - 2, a.tokens - 1])
-    backward = five_gemm_backward if variant.endswith("5-GEMM") else rigsa.GatedDelta.backward
+    backward = five_gemm_backward if variant.endswith("5-GEMM") else sparse.GatedDelta.backward
 
     def step():
-        rigsa.GatedDelta.backward = staticmethod(backward)
+        sparse.GatedDelta.backward = staticmethod(backward)
         with amp:
             h = m(ids, hidden_only=True)                               # (1, T, C)
             logits = m.lm_head(h[0, pos - 1]).float()                  # (2, V)
@@ -141,7 +142,7 @@ def main():
     if a.layers:
         import dataclasses
         M.PRESETS[a.preset] = dataclasses.replace(M.PRESETS[a.preset], num_hidden_layers=a.layers)
-    real = rigsa.GatedDelta.backward
+    real = sparse.GatedDelta.backward
     steps = {v: make_step(v, a) for v in VARIANTS}
     ts = {v: [] for v in VARIANTS}
     for v in VARIANTS:
@@ -151,7 +152,7 @@ def main():
             t0 = time.perf_counter()
             steps[v]()
             ts[v].append(time.perf_counter() - t0)
-    rigsa.GatedDelta.backward = real
+    sparse.GatedDelta.backward = real
     med = {v: statistics.median(t) for v, t in ts.items()}
     cfg = M.PRESETS[a.preset]
     print(f"\n{a.preset} shape ({cfg.num_hidden_layers} layers), one {a.tokens}-token sequence per step, CPU, "

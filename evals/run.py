@@ -36,6 +36,7 @@ if __name__ == "__main__":   # a signal while torch loads (a second or two): one
 import torch  # noqa: E402
 
 import adapter_files as AF  # noqa: E402
+import cli  # noqa: E402
 import mnist  # noqa: E402
 import model as M  # noqa: E402
 import qlora  # noqa: E402
@@ -549,7 +550,7 @@ def base_model(args, acfg):
 
 def install_adapter(model, spec, base):
     try:
-        rigsa.load_adapter(model, spec)  # in memory only: nothing is merged on disk (the base was checked before)
+        cli.load_adapter(model, spec)  # in memory only: nothing is merged on disk (the base was checked before)
     except (ValueError, RuntimeError) as e:  # another base's adapter: layer names, shapes or dW0 differ
         why = " ".join(str(e).split())
         raise ValueError(f"--adapter {spec}: does not fit the base model {base} ({why}); evaluate it on the model "
@@ -602,7 +603,7 @@ def evaluate(args):
         check_output("--output_path", args.output_path, folder=not args.output_path.endswith(".json"), inputs=inputs)
     device = util.init_distributed(args.device)   # torchrun: this rank's process group and device
     try:
-        _, ameta, acfg = rigsa.read_adapter(args.adapter, tensors=False) if args.adapter else (None, None, None)
+        _, ameta, acfg = cli.read_adapter(args.adapter, tensors=False) if args.adapter else (None, None, None)
     except (ValueError, OSError) as e:
         raise ValueError(f"--adapter: {e}") from None
     if args.quantize and acfg is not None and not rigsa.METHODS[acfg.method]["nf4"]:   # it would land in no layer, or another kind

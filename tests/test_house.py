@@ -7,7 +7,8 @@ import os
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository, above tests/
 OURS = {f[:-3] for f in os.listdir(REPO) if f.endswith(".py") and not f.startswith("test_")} | {"evals"}
 ON_TOP = {"rigsa", "cli", "reproduce", "evals", "conftest"}          # what sits on top of the method
-BELOW = {"util", "flags", "interrupts", "model", "tiny", "mnist", "qlora", "memory", "adapter_files", "rundir"}
+BELOW = {"util", "flags", "interrupts", "model", "tiny", "mnist", "qlora", "memory", "adapter_files", "rundir",
+         "sparse"}
 
 
 def imports(path):

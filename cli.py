@@ -3,7 +3,7 @@ cli.py: rigsa.py's commands. `python rigsa.py ...` arrives here through rigsa.ma
 top of rigsa.py (it imports the method; the method does not import it).
 
   read_adapter, load_adapter   a saved adapter (any method) back into a model, checked against its base
-  train     rigsa.train with one flag per Config field (flags.py)
+  train     rigsa.train with one flag per Config field (lib/flags.py)
   show      one image as Textual MNIST (§4.2, Figure 1)
   merge     an adapter merged into its base, written in the official layout
   demo      the whole pipeline offline on a tiny random model, under a minute on a CPU (make demo)
@@ -19,16 +19,16 @@ from pathlib import Path
 
 import torch
 
-import adapter_files as AF
-import flags
-import interrupts
-import mnist
 import model as M
 import qlora
 import rigsa
-import rundir
-import tiny
-import util
+from lib import adapter_files as AF
+from lib import flags
+from lib import interrupts
+from lib import mnist
+from lib import rundir
+from lib import tiny
+from lib import util
 
 
 def read_adapter(spec, tensors=True):

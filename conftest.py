@@ -9,7 +9,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"                # tests never touch the networ
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import tiny  # noqa: E402
+from lib import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, fields, asdict
 from pathlib import Path
 
-import interrupts  # standard library only: before torch
+from lib import interrupts  # standard library only: before torch
 
 if __name__ == "__main__":   # a signal while torch loads (a second or two): one line, no traceback; main() then takes over
     interrupts.early()
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 
-import util
+from lib import util
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-1.7B-Instruct"
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import model as M
-import util
+from lib import util
 
 # the seven projections of every decoder layer (Unsloth's default target_modules in get_peft_model)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -50,15 +50,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import interrupts  # standard library only: before torch
+from lib import interrupts  # standard library only: before torch
 
 if __name__ == "__main__":   # a signal while torch loads (a second or two): one line, no traceback; main() then takes over
     interrupts.early()
 
 import model as M
-import mnist
 import rigsa
-import util
+from lib import mnist
+from lib import util
 from evals import tasks as T
 
 REPO = Path(__file__).resolve().parent

@@ -10,7 +10,7 @@ rigsa.py: Random Initialization of Gated Sparse Adapters (arXiv 2511.01794), fro
   training                      get_lr, accumulate, train_step (§4.4: AdamW, wd 1.0, lr 2e-3 with 1000
                                 warmup steps, effective batch 16); train: the IMP loop, x5
   baselines                     random-mask (§4.4), lt-sft (§6), dense, lora/qlora (§5.3, qlora.py)
-  machinery                     sparse (dW's storage and product), flags, rundir, memory, adapter_files,
+  machinery                     lib/: sparse (dW's storage and product), flags, rundir, memory, adapter_files,
                                 mnist (the IDX files), util; the commands, and loading an adapter: cli.py
 
   python rigsa.py train --iters 5 | demo | show --index 0 | merge --adapter runs/x/iter5 --out merged/
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-import interrupts  # standard library only: before torch
+from lib import interrupts  # standard library only: before torch
 
 if __name__ == "__main__":   # a signal while torch loads (a second or two): one line, no traceback; main() then takes over
     interrupts.early()
@@ -34,15 +34,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import adapter_files as AF
-import flags
-import memory
-import mnist
 import model as M
 import qlora
-import rundir
-import sparse
-import util
+from lib import adapter_files as AF, flags, memory, mnist, rundir, sparse, util   # the machinery (lib/__init__.py)
 
 # -----------------------------------------------------------------------------
 # config: every hyperparameter in one place, printed at start and saved with the run
@@ -52,7 +46,7 @@ import util
 # warmup steps are §4.4's, so they are --batch-size's and --warmup's defaults, shared with RIGSA.
 TABLE4 = dict(ranks=(1, 4, 8, 16), alpha=32.0, dropout=0.0, lr=2e-4, weight_decay=0.1, epochs=4.0)
 
-_f = flags.field   # one line per hyperparameter: its flag, range, help, refusal and record (flags.py)
+_f = flags.field   # one line per hyperparameter: its flag, range, help, refusal and record (lib/flags.py)
 POS, NONNEG, FRAC = util.number(float, 0, lo_open=True), util.number(float, 0), util.number(float, 0, 1, hi_open=True)
 INT0, INT1 = util.number(int, 0), util.number(int, 1)
 PRUNES = (lambda c: c.iters > 1, "--iters above 1 (one iteration never prunes)")
@@ -319,7 +313,7 @@ class GatedSparseLinear(nn.Module):
 
     def forward(self, x):  # x (B, T, in) -> (B, T, out)
         # x W0^T + alpha x (m dW)^T, one autograd Function that keeps only x and rebuilds m * dW from
-        # the free entries in each pass (sparse.py: memory; float32 exact, bfloat16 keeps tiny deltas)
+        # the free entries in each pass (lib/sparse.py: memory; float32 exact, bfloat16 keeps tiny deltas)
         if torch.is_autocast_enabled(x.device.type):  # autocast's dtype, but the layer casts itself
             x = x.to(torch.get_autocast_dtype(x.device.type))
             with torch.autocast(x.device.type, enabled=False):
@@ -532,7 +526,7 @@ def train_step(run, opt, rows, lr):
         run.comm_s += seconds
     if run.cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip)
-    memory.adamw_step(opt)   # torch's AdamW step; with host or 8-bit moments, streamed per tensor (memory.py)
+    memory.adamw_step(opt)   # torch's AdamW step; with host or 8-bit moments, streamed per tensor (lib/memory.py)
     opt.zero_grad(set_to_none=True)
     return loss
 

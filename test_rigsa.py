@@ -12,15 +12,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-import adapter_files as AF
 import cli
-import memory
-import mnist
 import model as M
 import qlora
 import rigsa
-import rundir
-import util
+from lib import adapter_files as AF
+from lib import memory
+from lib import mnist
+from lib import rundir
+from lib import util
 from conftest import hf_model, one_thread
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench"))

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import model as M  # noqa: E402
-import tiny  # noqa: E402
-import util  # noqa: E402
+from lib import tiny  # noqa: E402
+from lib import util  # noqa: E402
 from bench_model import timeit  # noqa: E402  (the median of `repeats` runs after a warm-up)
 
 

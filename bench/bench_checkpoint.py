@@ -29,10 +29,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import memory  # noqa: E402
 import model as M  # noqa: E402
 import rigsa  # noqa: E402
-import util  # noqa: E402
+from lib import memory  # noqa: E402
+from lib import util  # noqa: E402
 from bench_memory import batch, build  # noqa: E402  (random SmolLM2-shaped model with adapters; a row)
 
 GB, GiB = 1e9, 2**30

@@ -22,9 +22,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import model as M  # noqa: E402
-import mnist  # noqa: E402
 import rigsa  # noqa: E402
-import tiny  # noqa: E402
+from lib import mnist  # noqa: E402
+from lib import tiny  # noqa: E402
 
 
 def run(n, script, args, cwd):

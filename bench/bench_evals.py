@@ -48,8 +48,8 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 
 import model as M  # noqa: E402
-import tiny  # noqa: E402
-import util  # noqa: E402
+from lib import tiny  # noqa: E402
+from lib import util  # noqa: E402
 from evals import run as R  # noqa: E402
 from evals import tasks as T  # noqa: E402
 

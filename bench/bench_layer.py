@@ -24,7 +24,7 @@ from torch.profiler import profile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import rigsa  # noqa: E402
-import util  # noqa: E402
+from lib import util  # noqa: E402
 from dense_layer import DenseGatedLinear  # noqa: E402  (the dense layer the compact one replaced)
 
 

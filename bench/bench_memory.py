@@ -46,11 +46,11 @@ from torch.utils._pytree import tree_leaves
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import model as M  # noqa: E402
-import memory  # noqa: E402
-import mnist  # noqa: E402
 import rigsa  # noqa: E402
-import tiny  # noqa: E402
-import util  # noqa: E402
+from lib import memory  # noqa: E402
+from lib import mnist  # noqa: E402
+from lib import tiny  # noqa: E402
+from lib import util  # noqa: E402
 from dense_layer import DenseGatedLinear  # noqa: E402  (the dense layer the compact one replaced)
 
 DENSITIES = (1.0, 0.52, 0.27, 0.07, 0.0346)   # 3.46%: the paper's final density (§4.4)
@@ -175,7 +175,7 @@ def measure(layer, cfg, density, tokens, dtype=torch.float32, amp=None):
 def rss_case(a, layer, density):
     """Peak RSS of one case alone: a fresh process, two steps."""
     code = (f"import sys; sys.path.insert(0, {REPO!r}); sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-            f"import bench_memory as B, model as M, util, torch; util.keep_freed_memory(); torch.set_num_threads({a.threads}); "
+            f"import bench_memory as B, model as M, torch; from lib import util; util.keep_freed_memory(); torch.set_num_threads({a.threads}); "
             f"cfg = B.preset(B.argparse.Namespace(preset={a.preset!r}, layers={a.layers})); "
             f"m, L, o, _ = B.build({layer!r}, cfg, {density}); r = B.batch(cfg, {a.tokens}); "
             f"[(B.micro_step(m, r, torch.autocast('cpu', enabled=False)), B.memory.adamw_step(o), o.zero_grad()) for _ in range(2)]; "

@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import model as M  # noqa: E402
-import tiny  # noqa: E402
-import util  # noqa: E402
+from lib import tiny  # noqa: E402
+from lib import util  # noqa: E402
 
 
 def timeit(fn, repeats):

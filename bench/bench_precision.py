@@ -31,8 +31,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import model as M  # noqa: E402
 import rigsa  # noqa: E402
-import sparse  # noqa: E402
-import util  # noqa: E402
+from lib import sparse  # noqa: E402
+from lib import util  # noqa: E402
 
 
 def five_gemm_backward(ctx, gy):

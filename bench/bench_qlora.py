@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import model as M  # noqa: E402
 import qlora as Q  # noqa: E402
-import util  # noqa: E402
+from lib import util  # noqa: E402
 
 
 def timeit(fn, repeats, sync):

@@ -186,7 +186,7 @@ def main(argv=None):
     from lm_eval.utils import make_table
     sys.path.insert(0, str(REPO))
     if a.model is None:
-        import tiny
+        from lib import tiny
         a.model = tiny.write_tiny_checkpoint(Path(tmp) / "tiny", shape="gqa", seed=0)
     data_dir, stand_in = (a.data_dir, False) if a.data_dir else (write_data(Path(tmp) / "data"), True)
     failures, hashes = 0, {}

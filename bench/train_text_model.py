@@ -30,8 +30,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import model as M  # noqa: E402
-import tiny  # noqa: E402
-import util  # noqa: E402
+from lib import tiny  # noqa: E402
+from lib import util  # noqa: E402
 from evals import tasks as T  # noqa: E402
 
 

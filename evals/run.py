@@ -28,20 +28,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run as a script: make model.py, rigsa.py, qlora.py and evals/ importable
     sys.path.insert(0, REPO)
 
-import interrupts  # noqa: E402  (standard library only)
+from lib import interrupts  # noqa: E402  (standard library only)
 
 if __name__ == "__main__":   # a signal while torch loads (a second or two): one line, no traceback; main() then takes over
     interrupts.early()
 
 import torch  # noqa: E402
 
-import adapter_files as AF  # noqa: E402
 import cli  # noqa: E402
-import mnist  # noqa: E402
 import model as M  # noqa: E402
 import qlora  # noqa: E402
 import rigsa  # noqa: E402
-import util  # noqa: E402
+from lib import adapter_files as AF  # noqa: E402
+from lib import mnist  # noqa: E402
+from lib import util  # noqa: E402
 from evals import harness as H  # noqa: E402
 from evals import tasks as T  # noqa: E402
 
@@ -522,7 +522,7 @@ def load_data(task, args):
     kw = dict(download=not args.offline, verify=not args.no_verify)
     k = shots_for(task, args)
     if task == "mnist":
-        folder = mnist.mnist_dir(args.data_dir)  # mnist.py owns MNIST's files; rigsa.py its prompt and scoring (§4.2)
+        folder = mnist.mnist_dir(args.data_dir)  # lib/mnist.py owns MNIST's files; rigsa.py its prompt and scoring (§4.2)
         test = mnist.load_mnist(folder, "test", **kw)
         pool = mnist.load_mnist(folder, "train", **kw) if k else None   # the shots come from the train split
         n_pool = len(pool[0]) if k else 0

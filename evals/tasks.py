@@ -7,7 +7,7 @@ so each piece can be checked against lm-eval's own outputs on its own.
   piqa       0-shot multiple choice, "Question: {goal}\nAnswer:" + " " + sol     (lm_eval/tasks/piqa)
   hellaswag  0-shot multiple choice, preprocessed "{label}: {ctx}" + " " + ending (lm_eval/tasks/hellaswag)
   gsm8k      5-shot generation, shots drawn by one random.Random(1234) over the train split (lm_eval/tasks/gsm8k)
-  mnist      Textual MNIST (paper §4.2); its files are mnist.py's, its prompt and scoring rigsa.py's
+  mnist      Textual MNIST (paper §4.2); its files are lib/mnist.py's, its prompt and scoring rigsa.py's
 """
 
 import io
@@ -17,7 +17,7 @@ import os
 import random
 import re
 
-import util
+from lib import util
 
 # -----------------------------------------------------------------------------
 # data files: (path under data/<task>/, url, hash kind, hash)
@@ -280,7 +280,7 @@ LM_EVAL_CONFIGS = {
                                                                        "regex_pattern": FLEX_RX},
                                                                       {"function": "take_first"}]}],
               "should_decontaminate": False, "metadata": {"version": 3.0}},
-    # not an lm-eval task: the same shape, for the paper's target task (§4.2; its files are mnist.py's)
+    # not an lm-eval task: the same shape, for the paper's target task (§4.2; its files are lib/mnist.py's)
     "mnist": {"task": "mnist", "dataset_path": "mnist (IDX files; mnist.load_mnist)", "test_split": "test",
               "fewshot_split": "train", "num_fewshot": 0, "output_type": "generate_until",
               "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],

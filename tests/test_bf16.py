@@ -10,11 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cli
-import mnist
 import model as M
 import rigsa
-import rundir
-import util
+from lib import mnist
+from lib import rundir
+from lib import util
 from conftest import one_thread
 from test_rigsa import tiny_cfg
 from evals import run as R

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-import memory
-import mnist
 import rigsa
-import rundir
-import util
+from lib import memory
+from lib import mnist
+from lib import rundir
+from lib import util
 from conftest import one_thread
 from test_rigsa import tiny_cfg
 from evals import run as R

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-import memory
 import model as M
 import qlora
 import rigsa
-import tiny
+from lib import memory
+from lib import tiny
 
 NO_AMP = contextlib.nullcontext()
 
@@ -111,7 +111,7 @@ def test_estimate_matches_what_autograd_saves(deep_dir, checkpoint):
 def test_a_run_with_checkpointing_trains_the_same_adapters_and_may_resume_without(tiny_dir, tmp_path):
     # the flag changes how the step runs, not what it computes: a run halted without it and continued
     # with it (--resume may change it) ends with the plain run's adapters, bit for bit
-    import mnist
+    from lib import mnist
     from conftest import one_thread
     from test_rigsa import tiny_cfg
     from safetensors.torch import load_file

@@ -15,15 +15,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import flags
 import model as M
 import reproduce
-import mnist
 import rigsa
-import rundir
-import interrupts
-import tiny
-import util
+from lib import flags
+from lib import mnist
+from lib import rundir
+from lib import interrupts
+from lib import tiny
+from lib import util
 from evals import run as evals_run
 from conftest import one_thread
 

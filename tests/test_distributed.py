@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import mnist
 import rigsa
+from lib import mnist
 from conftest import one_thread
 from evals import run as R
 
@@ -136,7 +136,7 @@ def test_rank_zero_first_stops_the_others_when_rank_zero_fails(tmp_path):
     script = tmp_path / "rzf.py"
     script.write_text(f"""import sys, torch.distributed as dist
 sys.path.insert(0, {REPO!r})
-import util
+from lib import util
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 def fn():
@@ -164,7 +164,8 @@ def test_the_end_of_a_run_waits_for_every_rank_and_exits_with_its_code(tmp_path)
     import socket
     script = tmp_path / "end.py"
     script.write_text(f"""import sys; sys.path.insert(0, {REPO!r})
-import torch.distributed as dist, util
+import torch.distributed as dist
+from lib import util
 util.init_distributed("cpu")
 if sys.argv[1] == "fail" and dist.get_rank() == 0:
     util.abandon_distributed()

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
 import qlora  # noqa: E402
-import mnist  # noqa: E402
 import rigsa  # noqa: E402
+from lib import mnist  # noqa: E402
 from evals import harness as H  # noqa: E402
 from evals import run as R  # noqa: E402
 from evals import tasks as T  # noqa: E402

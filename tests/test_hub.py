@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import model as M
-import tiny
+from lib import tiny
 
 REPO = "mock-org/tiny-smollm2"
 SHA = "0123456789abcdef0123456789abcdef01234567"       # the commit the mock reports for main

@@ -12,10 +12,10 @@ import time
 import pytest
 
 import cli
-import mnist
 import rigsa
-import interrupts
-import tiny
+from lib import mnist
+from lib import interrupts
+from lib import tiny
 from conftest import one_thread
 from evals import run as R
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import model as M
-import tiny
+from lib import tiny
 from conftest import hf_model
 
 

@@ -16,10 +16,10 @@ import time
 import numpy as np
 import pytest
 
-import mnist
 import model as M
 import reproduce as P
-import tiny
+from lib import mnist
+from lib import tiny
 
 
 def args(out, seeds, **kw):

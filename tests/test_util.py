@@ -1,4 +1,4 @@
-"""Tests for util.py: atomic writes (whole, with the umask's mode, gone on SIGTERM), the run-directory lock,
+"""Tests for lib/util.py: atomic writes (whole, with the umask's mode, gone on SIGTERM), the run-directory lock,
 the progress bar in a log and on/off, the device, malloc settings."""
 import errno
 import os
@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-import util
+from lib import util
 
 
 def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path):
@@ -81,7 +81,7 @@ def test_sigterm_during_atomic_write_removes_the_temporary_and_exits_143(tmp_pat
     code = f"""if 1:
         import sys, time
         sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
-        import util
+        from lib import util
         def write(tmp):
             with open(tmp, "wb") as f:
                 f.write(b"half")

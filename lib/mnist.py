@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import util
+from lib import util
 
 MNIST_FILES = {  # name: (bytes, md5) of LeCun's originals
     "train-images-idx3-ubyte.gz": (9912422, "f68b3c2dcbeaaa9fbdd348bbdeb94873"),

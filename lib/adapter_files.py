@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import model as M
-import util
+from lib import util
 
 POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)])   # set bits of each byte value
 

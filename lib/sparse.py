@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import adapter_files as AF
+from lib import adapter_files as AF
 
 
 def free_index(mask, numel):

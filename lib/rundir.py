@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import adapter_files as AF
-import flags
-import interrupts
 import model as M
-import util
+from lib import adapter_files as AF
+from lib import flags
+from lib import interrupts
+from lib import util
 
 # -----------------------------------------------------------------------------
 # the config, saved and read back
@@ -246,7 +246,7 @@ def check_steps(cfg, given, steps, left):
 
 def continue_command(out):
     """The shell line that continues the run in `out`."""
-    return interrupts.command(Path(__file__).with_name("rigsa.py"), ["train", "--resume", "--out", out])
+    return interrupts.command(Path(__file__).parent.parent / "rigsa.py", ["train", "--resume", "--out", out])
 
 
 def checkpoint(run, it, step, save):

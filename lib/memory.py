@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.optim.adam import adam as adam_update  # the per-tensor function torch.optim.AdamW runs
 
 import qlora
-import util
+from lib import util
 
 
 # 8-bit moments: bitsandbytes' dynamic codes, signed for the first moment, unsigned for the second

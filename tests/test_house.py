@@ -56,3 +56,28 @@ def test_the_top_level_is_the_architecture():
     # the method, its commands, the model, the 4-bit baseline, the paper's runs, the tests' fixtures;
     # the machinery is in lib/ (README's code map)
     assert TOP == {"rigsa", "cli", "model", "qlora", "reproduce", "conftest"}, TOP
+
+
+def test_the_benches_still_load():
+    # the benches sit on top of everything and no other test runs them: each script's --help, in one
+    # process (runpy), so that a moved or renamed module breaks this test rather than `make bench`
+    import subprocess
+    import sys
+    scripts = sorted(os.path.join("bench", f) for f in os.listdir(os.path.join(REPO, "bench"))
+                     if f.endswith(".py") and f != "dense_layer.py")
+    code = ("import runpy, sys, io, contextlib\n"
+            "bad = []\n"
+            "for s in sys.argv[1:]:\n"
+            "    sys.argv = [s, '--help']\n"
+            "    try:\n"
+            "        with contextlib.redirect_stdout(io.StringIO()):\n"
+            "            runpy.run_path(s, run_name='__main__')\n"
+            "        bad.append(s + ': no exit')\n"
+            "    except SystemExit as e:\n"
+            "        bad += [] if e.code in (0, None) else [f'{s}: exit {e.code}']\n"
+            "    except Exception as e:\n"
+            "        bad.append(f'{s}: {type(e).__name__}: {e}')\n"
+            "print('\\n'.join(bad))\n")
+    p = subprocess.run([sys.executable, "-c", code, *scripts], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and not p.stdout.strip(), (p.stdout, p.stderr[-2000:])
+    assert subprocess.run(["bash", "-n", os.path.join(REPO, "bench", "gpu.sh")]).returncode == 0

@@ -100,8 +100,9 @@ check-lm-eval: .venv-bench/.installed  ## our --output_path/--log_samples files 
 bench-generate: .venv/.installed  ## GSM8k-shaped generation alone, rows stopping at different steps (needs data/gsm8k)
 	$(PY) bench/bench_generate.py --data-dir data --docs 64 --stop-after 60,200
 
-bench-attention: .venv/.installed  ## a GSM8k decode step's split, and its attention's read rate against a plain read (CPU)
+bench-attention: .venv/.installed  ## a GSM8k decode step's split, and its attention's read rate against a plain read (CPU), float32 then bfloat16
 	$(PY) bench/bench_attention.py
+	$(PY) bench/bench_attention.py --dtype bfloat16
 
 # a small model trained on GSM8k's training set (~35 min on 2 CPU cores), whose generations are text;
 # 1500 steps rather than the script's 400: half of its generations end in "#### N" and 10% stop early

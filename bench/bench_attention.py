@@ -4,7 +4,7 @@ a plain read of the same memory: the measurement behind "GSM8k's CPU decode is b
 per core" in BENCHMARKS.md. No lm-eval, no data files: a random SmolLM2-shaped model and a KV
 cache of random keys and values whose rows have GSM8k-like lengths.
 
-    python bench/bench_attention.py [--rows 128] [--lengths 839,1548] [--threads 2,1]
+    python bench/bench_attention.py [--rows 128] [--lengths 839,1548] [--threads 2,1] [--dtype bfloat16]
 
 1. A decode step of model.py (one new token for every row, lm_head and argmax included), timed,
    and split by torch.profiler into attention (SDPA), matmuls and the rest.
@@ -12,6 +12,9 @@ cache of random keys and values whose rows have GSM8k-like lengths.
    own longest row) written three ways, in GB/s of keys and values read: a plain sum over the same
    slices (the memory's streaming rate), SDPA as model.py calls it, and q @ K^T, softmax, @ V as
    batched matmuls; with 2 and 1 threads, which tells a per-core limit from a memory-bus one.
+3. With --dtype bfloat16: how far each of the two from part 2 lands from float32 attention over the
+   same (rounded) keys and values. The matmul form rounds the scores q K^T to bfloat16 (a CPU
+   bfloat16 matmul returns bfloat16); SDPA keeps them in float32.
 """
 import argparse
 import os
@@ -38,6 +41,7 @@ def main():
                          "prompts, 711-1420 tokens with bench_generate's tokenizer, 128 tokens into their generation)")
     ap.add_argument("--threads", default="2,1", help="thread counts for part 2")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights, cache and queries")
     a = ap.parse_args()
     try:
         lo, hi = (int(x) for x in a.lengths.split(","))
@@ -50,15 +54,17 @@ def main():
     util.keep_freed_memory()
     cfg, B = M.PRESETS[a.preset], a.rows
     torch.manual_seed(0)
+    dt = getattr(torch, a.dtype)
     model = M.Model(cfg).eval().requires_grad_(False)
     model.load_state_dict(tiny.random_state_dict(cfg, seed=0))
+    model.to(dt)
     lens = torch.linspace(hi, lo, B).round().long()     # longest first, as generate_ids orders rows
-    cache = M.KVCache(cfg, B, hi + 1, "cpu", torch.float32)
+    cache = M.KVCache(cfg, B, hi + 1, "cpu", dt)
     for buf in cache.k + cache.v:
         buf.normal_()
-    kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4 * int(lens.sum())
+    kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dt.itemsize * int(lens.sum())
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}; "
-          f"{a.preset}, {B} rows, {lo}-{hi} filled slots, {kv_bytes / 1e9:.2f} GB of keys and values a step")
+          f"{a.preset}, {B} rows, {lo}-{hi} filled slots, {kv_bytes / 1e9:.2f} GB of keys and values a step, {a.dtype}")
 
     # 1. the real decode step, and its split
     nxt = torch.randint(0, cfg.vocab_size, (B, 1))
@@ -82,13 +88,13 @@ def main():
 
     # 2. one step's attention alone, three ways
     g, hd = cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
-    q = torch.randn(B, cfg.num_key_value_heads, g, hd)
+    q = torch.randn(B, cfg.num_key_value_heads, g, hd).to(dt)
     blocks = []
     for s in range(0, B, M.DECODE_GROUP):
         n = min(M.DECODE_GROUP, B - s)
         S = int(lens[s:s + n].max())
         m = (torch.arange(S) < lens[s:s + n, None])[:, None, None, :]           # (n, 1, 1, S)
-        blocks.append((s, n, S, m, torch.zeros(m.shape).masked_fill(~m, float("-inf"))))
+        blocks.append((s, n, S, m, torch.zeros(m.shape, dtype=dt).masked_fill(~m, float("-inf"))))
 
     def read(l, s, n, S, m, fm):
         return cache.k[l][s:s + n, :, :S].sum() + cache.v[l][s:s + n, :, :S].sum()
@@ -109,6 +115,21 @@ def main():
                 t = timeit(lambda: [f(l, *blk) for l in range(cfg.num_hidden_layers) for blk in blocks], a.repeats)
             row.append(f"{name} {kv_bytes / t / 1e9:.1f} GB/s ({t * 1000:.0f} ms)")
         print(f"attention of one step, {th} thread{'s' if th > 1 else ''}: " + ", ".join(row))
+
+    # 3. in bfloat16: each form's distance from float32 attention over the same keys and values, on
+    # the first block of the first layer, with queries scaled so that the scores spread as a trained
+    # model's do (std 1, 3 and 6: the larger, the more a rounded score moves the softmax)
+    if dt != torch.float32:
+        s0, n, S, m, fm = blocks[0]
+        k, v = cache.k[0][s0:s0 + n, :, :S], cache.v[0][s0:s0 + n, :, :S]
+        for spread in (1, 3, 6):
+            qs = (q[s0:s0 + n].float() * spread).to(dt)
+            ref = F.scaled_dot_product_attention(qs.float(), k.float(), v.float(), attn_mask=m)
+            err = lambda y: ((y.float() - ref).norm() / ref.norm()).item()   # noqa: E731
+            sd = F.scaled_dot_product_attention(qs, k, v, attn_mask=m)
+            mm = torch.softmax((qs * hd ** -0.5 @ k.transpose(-1, -2)).float() + fm.float(), -1).to(dt) @ v
+            print(f"score spread {spread}: relative error against float32, SDPA {err(sd):.1e}, batched matmuls "
+                  f"(the softmax in float32) {err(mm):.1e}")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 cli.py: rigsa.py's commands. `python rigsa.py ...` arrives here through rigsa.main; this file sits on
 top of rigsa.py (it imports the method; the method does not import it).
 
-  read_adapter, load_adapter   a saved adapter (any method) back into a model, checked against its base
   train     rigsa.train with one flag per Config field (lib/flags.py)
   show      one image as Textual MNIST (§4.2, Figure 1)
   merge     an adapter merged into its base, written in the official layout
   demo      the whole pipeline offline on a tiny random model, under a minute on a CPU (make demo)
   main      the parser, and what an error or a signal prints: one line, and the command that continues
+also: read_adapter, load_adapter: a saved adapter (any method) back into a model, checked against its
+base (evals/run.py and merge use them)
 """
 import argparse
 import contextlib

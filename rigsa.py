@@ -10,8 +10,9 @@ rigsa.py: Random Initialization of Gated Sparse Adapters (arXiv 2511.01794), fro
   training                      get_lr, accumulate, train_step (§4.4: AdamW, wd 1.0, lr 2e-3 with 1000
                                 warmup steps, effective batch 16); train: the IMP loop, x5
   baselines                     random-mask (§4.4), lt-sft (§6), dense, lora/qlora (§5.3, qlora.py)
-  machinery                     lib/: sparse (dW's storage and product), flags, rundir, memory, adapter_files,
-                                mnist (the IDX files), util; the commands, and loading an adapter: cli.py
+  machinery                     lib/: sparse (dW's arithmetic, the product), flags, rundir, memory, adapter_files
+                                (save_adapter's format), mnist (the IDX files), interrupts, util; cli.py: the
+                                commands, and loading a saved adapter
 
   python rigsa.py train --iters 5 | demo | show --index 0 | merge --adapter runs/x/iter5 --out merged/
 """
@@ -540,7 +541,10 @@ def setup(cfg, resume=None, given=None):
     device = util.init_distributed(cfg.device)   # torchrun: rank 0 downloads, the others wait (rank_zero_first)
     # the base's files (one hub commit, resumed on) and --dtype resolved (auto: bfloat16 where the device
     # computes it natively), checked against --resume's run and --mask-like's adapter: rundir.start
-    mask_like = AF.read(cfg.mask_like, tensors=False)[1] if cfg.mask_like and resume is None else None
+    mask_like = None
+    if cfg.mask_like and resume is None:   # its config read as any adapter's: a key this version lacks is said
+        _, mask_like, conf = AF.read(cfg.mask_like, tensors=False)
+        rundir.config_from(conf, AF.adapter_path(cfg.mask_like), Config, flags.check)
     base, ident, dtype, started, checks = rundir.start(cfg, device, mask_like)
     torch.manual_seed(cfg.seed)
     # data (§4.2): encoded on the fly, 16 prompts per step cost nothing next to the model

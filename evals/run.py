@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # run as a script: make model.py, rigsa.py, qlora.py and evals/ importable
+if REPO not in sys.path:  # run as a script: make model.py, rigsa.py, cli.py, qlora.py, lib/ and evals/ importable
     sys.path.insert(0, REPO)
 
 from lib import interrupts  # noqa: E402  (standard library only)

@@ -1,8 +1,8 @@
 """
 adapter_files.py: the adapter files, and merging an adapter into its base. It knows the layers only by
 what they hold (a gated sparse layer: mask, delta, alpha, init_seed, init_check; LoRA: its two
-matrices; either: delta_weight()), so rigsa.py, rundir.py, cli.py and evals/run.py import it, not the
-other way round.
+matrices; either: delta_weight()), so rigsa.py, cli.py, evals/run.py and lib's rundir.py and sparse.py
+import it, not the other way round.
 
 A RIGSA-family adapter file (safetensors), per adapted layer `{name}`:
   {name}.mask        uint8 (ceil(out*in/8),)  the row-major mask bit-packed as np.packbits does

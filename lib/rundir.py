@@ -1,11 +1,14 @@
 """
-rundir.py: a training run directory's life, for rigsa.py's loop. Knows nothing of the method: a
-run's config is any flags.py dataclass (rigsa.Config), its trainable state a dict of tensors.
+rundir.py: a training run directory's life, for rigsa.py's loop. Knows nothing of the method's
+arithmetic: a run's config is a flags.py dataclass (rigsa.Config), read here for its machinery (the
+base, the paths, --dtype, the resume and stop flags) and for the lines a run prints; its trainable
+state is a dict of tensors.
 
   config_from, resumed     a saved config read back (keys of another version named and dropped);
                            --resume: the flags the user typed against the saved ones, resume.pt
   finished, check_steps    --resume of a complete run; flags the run's length leaves idle
   Run                      what a training run holds between its phases; record() appends to metrics.jsonl
+  start                    before the data and model load: the base's files, --dtype resolved, the checks
   check_bases, run_dtype,  provenance: the base against --resume's run and --mask-like's adapter; --dtype
   check_data, begin        resolved once; the data files' hashes; config.json and metrics.jsonl at the start,
                            and a resumed run's place

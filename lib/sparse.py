@@ -1,6 +1,6 @@
 """
-sparse.py: m * dW held at its free entries only, and the gated layer's product computed from that
-storage, for rigsa.py's GatedSparseLinear (§3.2). It knows the layer only by what it holds (weight,
+sparse.py: the arithmetic of m * dW held at its free entries only (the storage itself, `delta` and the
+packed `mask`, is rigsa.py's GatedSparseLinear's, §3.2), and the gated layer's product computed from it. It knows the layer only by what it holds (weight,
 delta, alpha, mask, the shape), so rigsa.py imports it, not the other way round.
 
   free_index, dense, merged     the free entries' positions, m * dW as a dense tensor, W0 + alpha m dW

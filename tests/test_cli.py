@@ -169,6 +169,8 @@ CASES = [
     ("evals", E("--task", "mnist", "--adapter", "{w}/run/iter2", "--model", "{w}/tweak"), 1, "made on the base"),
     ("evals", E("--task", "mnist", "--adapter", "{w}/badmethod", "--model", "{m}"), 1,
      "badmethod.safetensors: a saved value this version cannot use, --method 'frobnicate'"),
+    ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--val-frac", "0.25", "--method", "random-mask",
+                "--mask-like", "{w}/badmethod"), 1, "badmethod.safetensors: a saved value this version cannot use"),
     ("rigsa", T("--resume", "--out", "{w}/halted", "--data-dir", "{w}/otherdata"), 1,
      "is not the file the run started on"),
     ("evals", E("--task", "mnist", "--model", "{m}", "--data-dir", "{w}/noimages"), 1, "holds no images"),

@@ -7,8 +7,8 @@ top of rigsa.py (it imports the method; the method does not import it).
   merge     an adapter merged into its base, written in the official layout
   demo      the whole pipeline offline on a tiny random model, under a minute on a CPU (make demo)
   main      the parser, and what an error or a signal prints: one line, and the command that continues
-also: read_adapter, load_adapter: a saved adapter (any method) back into a model, checked against its
-base (evals/run.py and merge use them)
+also: load_adapter: a saved adapter (any method, read by rigsa.read_adapter) back into a model, checked
+against its base (evals/run.py and merge use it)
 """
 import argparse
 import contextlib
@@ -32,18 +32,12 @@ from lib import tiny
 from lib import util
 
 
-def read_adapter(spec, tensors=True):
-    """-> (its tensors or None, its metadata, its Config) (adapter_files.read)."""
-    t, meta, config = AF.read(spec, tensors)
-    return t, meta, rundir.config_from(config, AF.adapter_path(spec), rigsa.Config, flags.check)
-
-
 @torch.no_grad()
 def load_adapter(model, path, base=None, allow_other_base=False):
     """Install a saved adapter (any method) into a loaded base model, in place, every tensor into
     exactly one layer of its shape and kind. base: the model's identity ({"model", **model.base_identity}),
     checked against the one the adapter recorded (adapter_files.check_base). -> (its Config, the verdict)."""
-    tensors, meta, cfg = read_adapter(path)
+    tensors, meta, cfg = rigsa.read_adapter(path)
     verdict = (AF.check_base(meta["base"], base, str(AF.adapter_path(path)), allow_other_base)
                if base else "unchecked")
     if rigsa.METHODS[cfg.method]["lora"]:
@@ -61,7 +55,7 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
     the official layout (adapter_files.write_merged). A bfloat16 cast that loses more than 1% of
     sum |alpha m dW| (small deltas round away under bfloat16's ulp of W0) is refused unless
     allow_lossy: the merged model would be closer to the base than to the adapted one."""
-    _, meta, cfg = read_adapter(adapter, tensors=False)
+    _, meta, cfg = rigsa.read_adapter(adapter, tensors=False)
     if rigsa.METHODS[cfg.method]["nf4"]:
         raise ValueError(f"{adapter}: a QLoRA adapter sits on a 4-bit base, and merging would re-quantize it "
                          f"(lossy); use it unmerged (evals/run.py --adapter) or its PEFT copy in iterK-peft/")

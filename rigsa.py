@@ -541,10 +541,7 @@ def setup(cfg, resume=None, given=None):
     device = util.init_distributed(cfg.device)   # torchrun: rank 0 downloads, the others wait (rank_zero_first)
     # the base's files (one hub commit, resumed on) and --dtype resolved (auto: bfloat16 where the device
     # computes it natively), checked against --resume's run and --mask-like's adapter: rundir.start
-    mask_like = None
-    if cfg.mask_like and resume is None:   # its config read as any adapter's: a key this version lacks is said
-        _, mask_like, conf = AF.read(cfg.mask_like, tensors=False)
-        rundir.config_from(conf, AF.adapter_path(cfg.mask_like), Config, flags.check)
+    mask_like = read_adapter(cfg.mask_like, tensors=False)[1] if cfg.mask_like and resume is None else None
     base, ident, dtype, started, checks = rundir.start(cfg, device, mask_like)
     torch.manual_seed(cfg.seed)
     # data (§4.2): encoded on the fly, 16 prompts per step cost nothing next to the model
@@ -648,6 +645,12 @@ def save_resume(run, opt, it, step):
     rundir.save_resume(run.out, {"iteration": it, "step": step, "optimizer": opt.state_dict() if opt is not None else None,
                                  "state": AF.tensors_of(adapters(run.model), qlora.lora_state_dict(run.model)),
                                  "rng": torch.get_rng_state(), "log": run.log})
+
+
+def read_adapter(spec, tensors=True):
+    """-> (its tensors or None, its metadata, its Config) (adapter_files.read; a key this version lacks is said)."""
+    t, meta, config = AF.read(spec, tensors)
+    return t, meta, rundir.config_from(config, AF.adapter_path(spec), Config, flags.check)
 
 
 def save_adapter(model, path, cfg, extra=None):

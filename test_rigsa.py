@@ -233,8 +233,8 @@ def test_resume_gives_the_same_result(tiny_run):
     tmp, full, resumed = tiny_run
     assert [r.get("loss") for r in full] == [r.get("loss") for r in resumed]
     for k in (1, 2):
-        a, meta_a, _ = cli.read_adapter(tmp / "run" / f"iter{k}")
-        b, meta_b, _ = cli.read_adapter(tmp / "halted" / f"iter{k}")
+        a, meta_a, _ = rigsa.read_adapter(tmp / "run" / f"iter{k}")
+        b, meta_b, _ = rigsa.read_adapter(tmp / "halted" / f"iter{k}")
         assert a.keys() == b.keys() and all(a[n].equal(b[n]) for n in a)
         assert meta_a["val_acc"] == meta_b["val_acc"]
     lines = (tmp / "halted" / "metrics.jsonl").read_text().splitlines()

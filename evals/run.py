@@ -603,7 +603,7 @@ def evaluate(args):
         check_output("--output_path", args.output_path, folder=not args.output_path.endswith(".json"), inputs=inputs)
     device = util.init_distributed(args.device)   # torchrun: this rank's process group and device
     try:
-        _, ameta, acfg = cli.read_adapter(args.adapter, tensors=False) if args.adapter else (None, None, None)
+        _, ameta, acfg = rigsa.read_adapter(args.adapter, tensors=False) if args.adapter else (None, None, None)
     except (ValueError, OSError) as e:
         raise ValueError(f"--adapter: {e}") from None
     if args.quantize and acfg is not None and not rigsa.METHODS[acfg.method]["nf4"]:   # it would land in no layer, or another kind

@@ -99,8 +99,8 @@ def test_an_imp_run_in_bfloat16_resumes_bit_for_bit(tiny_dir, tmp_path, moments)
                if t.is_floating_point())                           # AdamW's state: float32 (8bit: its absmax)
     assert [r.get("loss") for r in full] == [r.get("loss") for r in resumed]
     for k in (1, 2, 3):
-        a, _, cfg = cli.read_adapter(tmp_path / "run" / f"iter{k}")
-        b, _, _ = cli.read_adapter(tmp_path / "cut" / f"iter{k}")
+        a, _, cfg = rigsa.read_adapter(tmp_path / "run" / f"iter{k}")
+        b, _, _ = rigsa.read_adapter(tmp_path / "cut" / f"iter{k}")
         assert a.keys() == b.keys() and all(a[n].equal(b[n]) for n in a), k
         assert cfg.dtype == "bfloat16" and all(a[n].dtype == torch.float32 for n in a if n.endswith((".delta", ".alpha")))
     dens = [r["density"] for r in full if r.get("event") == "iteration"]
@@ -122,7 +122,7 @@ def test_every_method_trains_saves_and_evaluates_in_bfloat16(tiny_dir, tmp_path,
     losses = [r["loss"] for r in log if "loss" in r]
     assert all(l == l for l in losses) and losses[-1] < losses[0]   # finite, and it learns
     last = f"iter{rigsa.n_iters(bf16_cfg(tiny_dir, tmp_path, **kw))}"
-    tensors, _, cfg = cli.read_adapter(tmp_path / "run" / last)
+    tensors, _, cfg = rigsa.read_adapter(tmp_path / "run" / last)
     assert cfg.dtype == "bfloat16" and all(t.dtype == torch.float32 for n, t in tensors.items() if t.is_floating_point())
     # evaluation of that adapter in bfloat16 (evals/run.py) and, for the gated ones, a float32 merge
     out = tmp_path / "eval.json"

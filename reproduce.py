@@ -21,6 +21,8 @@ again; a training run this script recorded is deleted and trained again; one wit
 never deleted). So an interrupted reproduction (Ctrl-C, SIGTERM: exit 130 or 143, with the command
 that continues) continues exactly where it stopped, from any working directory: a half-trained run
 with `rigsa.py train --resume`. Relative paths are the caller's; the steps run in the repository.
+Before the first step, every data file the steps read is checked and a missing one downloaded
+(with --offline, every missing one is named in one line), not found hours in by the step reading it.
 
 Seeds. The paper ran every training once and names that as its limitation (§5.2, §6). With
 --seeds, each training (RIGSA, the random mask, the four QLoRA ranks) runs once per seed
@@ -200,6 +202,25 @@ class Inputs:
         shots = f.get("--num-fewshot", "0") != "0"
         got.update(self.data(None if is_training(cmd) else f["--task"], shots))
         return got
+
+
+def fetch_data(a, steps):
+    """Every data file the steps read, before the first step starts: a missing one is downloaded now
+    (with --offline: named, all of them in one line) and a present one checked, rather than found
+    by the step that reads it after the steps before it ran for hours."""
+    root = Path(a.data_dir or REPO / "data")
+    tasks = {"mnist"} | {flags(cmd)["--task"] for _, cmd in steps if not is_training(cmd)}
+    missing = []
+    for t in sorted(tasks):
+        try:
+            if t == "mnist":   # the trainings read all four files, the evaluations the test split and shots
+                mnist.ensure_mnist(mnist.mnist_dir(root), download=not a.offline, verify=not a.no_verify)
+            else:
+                T.ensure_files(t, str(root), download=not a.offline, verify=not a.no_verify)
+        except FileNotFoundError as e:
+            missing.append(str(e))
+    if missing:
+        raise FileNotFoundError("; ".join(missing) + ("; or run without --offline to download them" if a.offline else ""))
 
 
 def show(key, value, model):
@@ -677,6 +698,8 @@ def script():
 
 def run_steps(a, again):
     steps = plan(a)
+    if not a.dry_run:
+        fetch_data(a, steps)
     inputs = Inputs(a)
     env = {**os.environ, "RIGSA_QUIET_STOP": "1", **({"HF_HUB_OFFLINE": "1"} if a.offline else {})}  # offline:
     # also keeps huggingface-hub off the hub; quiet: a step stopped by a signal leaves the one line to reproduce.py

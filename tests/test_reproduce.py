@@ -18,6 +18,7 @@ import pytest
 
 import model as M
 import reproduce as P
+from evals import tasks as T
 from lib import mnist
 from lib import tiny
 
@@ -54,11 +55,22 @@ def test_plan_with_seeds(tmp_path):
     assert not any("--seed" in c for c in cmds if "evals/run.py" in c)
 
 
+def unreadable_tasks(data):
+    """PIQA, HellaSwag and GSM8k files that are there (reproduce.py checks every step's data before the
+    first step) but hold no records: a step that evaluates one of them fails at once, in one line."""
+    for task in P.SOURCE_TASKS:
+        (data / task).mkdir(parents=True, exist_ok=True)
+        for name, *_ in T.FILES[task]:
+            (data / task / name).write_text("not a record\n")
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_dir):
-    """Digits, and two tiny models of the same shapes with other weights (A, B)."""
+    """Digits, the other tasks' files (unreadable), and two tiny models of the same shapes with other
+    weights (A, B)."""
     w = tmp_path_factory.mktemp("repro")
     mnist.write_synthetic_mnist(w / "data" / "mnist", n_train=60, n_test=4, size=8)
+    unreadable_tasks(w / "data")
     return w, str(tiny_dir), str(tiny.write_tiny_checkpoint(w / "B", shape="gqa", seed=1))
 
 
@@ -165,9 +177,9 @@ def test_another_model_is_refused_or_rerun(world, tmp_path, capsys, monkeypatch,
     w, A, B = world
     monkeypatch.setenv("OMP_NUM_THREADS", "1")   # tiny models: threads only add overhead
     data, out = tmp_path / "data", tmp_path / "out"
-    (data / "mnist").mkdir(parents=True)
-    for f in P.MNIST_TEST:  # the test split only: the 0-shot evaluation runs, the 5-shot one stops the reproduction
-        shutil.copy(w / "data" / "mnist" / f, data / "mnist" / f)
+    shutil.copytree(w / "data", data)
+    for f in set(mnist.MNIST_FILES) - set(P.MNIST_TEST):  # the training split unreadable: the 0-shot evaluation
+        (data / "mnist" / f).write_bytes(b"not gzip")     # runs, the 5-shot one stops the reproduction
 
     def run(model, *more):
         with pytest.raises(SystemExit) as e:
@@ -224,13 +236,39 @@ def test_an_interrupted_reproduction_continues_from_another_directory(world, tmp
     assert shlex.split(again)[-len(argv):] == argv
     assert (tmp_path / "out" / "rigsa" / "resume.pt").exists()
     r = subprocess.run(again, shell=True, cwd=here, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr  # no PIQA data: step 12 stops it
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr  # unreadable PIQA data: step 12 stops it
     assert r.stderr.strip().splitlines()[-1].startswith("error: step 12 of 46: failed"), r.stderr
     steps = [x for x in r.stdout.splitlines() if x.startswith("[")]
     assert steps[0].startswith("[11/46]") and steps[0].endswith(" --resume") and steps[1].startswith("[12/46]")
     assert json.loads(P.record_path(tmp_path / "out" / "rigsa").read_text())["status"] == "done"
     logged = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [r["iter"] for r in logged if r.get("event") == "iteration"] == [1, 2, 3, 4, 5]   # each once
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_missing_data_is_named_before_the_first_step(world, tmp_path, capsys, monkeypatch, offline):
+    """A data file that a later step would read, missing: with --offline it is named in one line, with
+    every other missing one, before any step runs and with nothing written; without, it is fetched
+    first (here from an empty mirror, so the fetch fails in one line, before any step too)."""
+    w, A, _ = world
+    data, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(w / "data", data)
+    gone = [data / "gsm8k" / "test.jsonl", data / "mnist" / "train-labels-idx1-ubyte.gz"]
+    for f in gone:
+        f.unlink()
+    (tmp_path / "mirror").mkdir()
+    monkeypatch.setenv("RIGSA_DATA_MIRROR", (tmp_path / "mirror").as_uri())
+    argv = quick(A, out, data)
+    if not offline:
+        argv.remove("--offline")
+    with pytest.raises(SystemExit) as e:
+        P.main(argv)
+    o, err = capsys.readouterr()
+    assert e.value.code == 1 and len(err.splitlines()) == 1 and "[1/" not in o, (o, err)
+    assert all(f"{f} <- https://" in err for f in gone), err
+    assert ("(offline)" in err and err.rstrip().endswith("or run without --offline to download them")) == offline, err
+    assert ("download failed" in err) == (not offline), err
+    assert not out.exists() and not any(p.suffix == ".tmp" for p in data.rglob("*"))
 
 
 def t_cdf(q, df, n=20000):

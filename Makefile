@@ -13,7 +13,7 @@ PAPER    ?= runs/paper
 NPROC    ?= 1
 RUN      := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --standalone --nproc-per-node=$(NPROC))
 
-.PHONY: help test demo docs train eval paper plots chat bench bench-model bench-train bench-memory bench-layer bench-distributed \
+.PHONY: help test demo docs train eval paper plots chat bench bench-model bench-train bench-memory bench-layer bench-distributed device-check \
         bench-precision bench-checkpoint bench-evals-bf16 \
         bench-evals bench-generate bench-attention bench-qlora check-lm-eval parity-gsm8k
 
@@ -114,3 +114,6 @@ parity-gsm8k: .venv-bench/.installed runs/text-model/model.safetensors  ## GSM8k
 
 bench-qlora: .venv/.installed   ## NF4 bytes per parameter, QLoRA step and forward (135M shape, CPU)
 	$(PY) bench/bench_qlora.py
+
+device-check: .venv/.installed  ## the GPU window's script (bench/device.sh) at a small shape on the CPU, as it must pass before a device runs it (needs data/)
+	SMALL=1 bash bench/device.sh

@@ -74,4 +74,5 @@ def test_the_benches_still_load(tmp_path):
     with ThreadPoolExecutor(2) as pool:
         bad = [r for r in pool.map(run, scripts) if r]
     assert not bad, "\n".join(bad)
-    assert subprocess.run(["bash", "-n", os.path.join(REPO, "bench", "gpu.sh")]).returncode == 0
+    for sh in ("gpu.sh", "device.sh"):
+        assert subprocess.run(["bash", "-n", os.path.join(REPO, "bench", sh)]).returncode == 0, sh

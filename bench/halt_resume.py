@@ -1,0 +1,112 @@
+"""
+A training halted and resumed is the uninterrupted one, bit for bit, at a real shape on a real
+device: `rigsa.py train` as a user runs it, three times (the CPU tests check the same on tiny models).
+
+    python bench/halt_resume.py [--device cuda] [--preset SmolLM2-1.7B-Instruct] [--layers 0]
+                                [--steps 3] [--halt-after 4] [--batch-size 16] [--dtype auto]
+
+Writes a random checkpoint of --preset in the official layout (no download; --layers N keeps the
+first N decoder layers), a small BPE tokenizer and synthetic 28x28 digits, then runs two IMP
+iterations of --steps optimizer steps each (so the halt can fall after the prune, the rewind and
+the gate reset of iteration 2):
+  reference   rigsa.py train, uninterrupted
+  halted      the same with --halt-after K (it writes resume.pt and stops)
+  resumed     rigsa.py train --resume on the halted run's folder
+and compares every tensor of both iterations' adapters and every logged loss. Prints each run's
+wall time and the last step line it logged (tokens/s); exit 1 if anything differs.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import model as M  # noqa: E402
+from lib import mnist  # noqa: E402
+from lib import tiny  # noqa: E402
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def run(argv, what):
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, os.path.join(REPO, "rigsa.py"), "train", *argv], cwd=REPO,
+                       capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    lines = (p.stdout + p.stderr).strip().splitlines()
+    said = [x for x in lines if x.startswith(("dtype:", "memory:", "device:"))]
+    print(f"{what}: exit {p.returncode}, {time.perf_counter() - t:.0f} s" + "".join(f"\n    {x}" for x in said), flush=True)
+    if p.returncode != 0:
+        print("\n".join(lines[-20:]))
+    return p.returncode
+
+
+def check(a, work):
+    cfg = M.PRESETS[a.preset]
+    if a.layers:
+        cfg = dataclasses.replace(cfg, num_hidden_layers=a.layers)
+    mdir, data = os.path.join(work, "model"), os.path.join(work, "data")
+    t = time.perf_counter()
+    tiny.write_tokenizer(mdir, 512)
+    tiny.write_random_checkpoint(mdir, cfg, seed=0)
+    mnist.write_synthetic_mnist(os.path.join(data, "mnist"), n_train=200, n_test=8, size=28)
+    print(f"{a.preset} shape, {cfg.num_hidden_layers} layers, random weights, written in {time.perf_counter() - t:.0f} s "
+          f"to {work}; {a.device}, --dtype {a.dtype}, 2 iterations of {a.steps} steps of {a.batch_size} sequences, "
+          f"halt after {a.halt_after}", flush=True)
+    common = ["--model", mdir, "--data-dir", data, "--device", a.device, "--dtype", a.dtype, "--offline", "--no-verify",
+              "--iters", "2", "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--warmup", "2",
+              "--val-frac", "0.02", "--limit", "4", "--log-every", "1"]
+    ref, halted = os.path.join(work, "reference"), os.path.join(work, "halted")
+    rcs = [run(common + ["--out", ref], "reference"),
+           run(common + ["--out", halted, "--halt-after", str(a.halt_after)], f"halted after {a.halt_after} steps"),
+           run(["--out", halted, "--resume"], "resumed")]
+    if any(rcs[i] != 0 for i in (0, 2)) or not os.path.exists(os.path.join(halted, "iter2.safetensors")):
+        raise SystemExit("error: a run failed (its last lines are above)")
+    from safetensors.torch import load_file
+    import torch
+    bad = []
+    for k in (1, 2):
+        x, y = (load_file(os.path.join(d, f"iter{k}.safetensors")) for d in (ref, halted))
+        bad += [f"iter{k}: {n}" for n in sorted(set(x) | set(y)) if n not in x or n not in y or not torch.equal(x[n], y[n])]
+    logs = [[json.loads(s) for s in open(os.path.join(d, "metrics.jsonl"))] for d in (ref, halted)]
+    losses = [[(r["iter"], r["step"], r["loss"]) for r in log if "loss" in r] for log in logs]
+    if losses[0] != losses[1]:
+        bad.append(f"losses: {len(losses[0])} logged uninterrupted, {len(losses[1])} halted and resumed, first difference at "
+                   f"{next((u for u, v in zip(*losses) if u != v), 'the end')}")
+    last = [r for r in logs[0] if "tok_s" in r][-1:]
+    print(f"last step of the reference: {json.dumps(last[0]) if last else '-'}")
+    if bad:
+        print("DIFFERENT: " + "; ".join(bad[:10]) + (f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""))
+        sys.exit(1)
+    n = sum(len(load_file(os.path.join(ref, f"iter{k}.safetensors"))) for k in (1, 2))
+    print(f"halted after {a.halt_after} steps and resumed = uninterrupted, bit for bit: {n} tensors of 2 adapters, "
+          f"{len(losses[0])} losses")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--preset", default="SmolLM2-1.7B-Instruct", choices=list(M.PRESETS))
+    ap.add_argument("--layers", type=int, default=0, help="keep only the first N decoder layers (0: all)")
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps per IMP iteration (two iterations)")
+    ap.add_argument("--halt-after", type=int, default=4, help="halt after this many steps (default: in iteration 2)")
+    ap.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step (the paper's 16)")
+    ap.add_argument("--dtype", default="auto", help="rigsa.py's --dtype (auto: bfloat16 on CUDA)")
+    ap.add_argument("--work", default=None, help="folder for the checkpoint, data and runs [default: a temporary one]")
+    a = ap.parse_args()
+    if not 0 < a.halt_after < 2 * a.steps:
+        raise SystemExit(f"--halt-after {a.halt_after}: must fall inside the {2 * a.steps} steps of the two iterations")
+    work = a.work or tempfile.mkdtemp(prefix="halt_resume_")
+    try:
+        check(a, work)
+    finally:
+        if not a.work:   # at 1.7B: a 3.4 GB checkpoint, four adapters of ~6 GB and a resume.pt
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -21,8 +21,9 @@ again; a training run this script recorded is deleted and trained again; one wit
 never deleted). So an interrupted reproduction (Ctrl-C, SIGTERM: exit 130 or 143, with the command
 that continues) continues exactly where it stopped, from any working directory: a half-trained run
 with `rigsa.py train --resume`. Relative paths are the caller's; the steps run in the repository.
-Before the first step, every data file the steps read is checked and a missing one downloaded
-(with --offline, every missing one is named in one line), not found hours in by the step reading it.
+Before the first step, every data file the steps read is checked (its checksum, and its format as
+the step reads it) and a missing one downloaded (with --offline, every missing one is named in one
+line), not found hours in by the step reading it.
 
 Seeds. The paper ran every training once and names that as its limitation (§5.2, §6). With
 --seeds, each training (RIGSA, the random mask, the four QLoRA ranks) runs once per seed
@@ -205,22 +206,46 @@ class Inputs:
 
 
 def fetch_data(a, steps):
-    """Every data file the steps read, before the first step starts: a missing one is downloaded now
-    (with --offline: named, all of them in one line) and a present one checked, rather than found
-    by the step that reads it after the steps before it ran for hours."""
+    """Every data file the steps read, before the first step starts, rather than by the step that
+    reads it after the steps before it ran for hours: what is there is checked (its checksum, unless
+    --no-verify), then what is missing is fetched (with --offline: named, all of it in one line),
+    then every file is read as its step will read it (its format: stand-in data under --no-verify)."""
     root = Path(a.data_dir or REPO / "data")
-    tasks = {"mnist"} | {flags(cmd)["--task"] for _, cmd in steps if not is_training(cmd)}
-    missing = []
-    for t in sorted(tasks):
+    tasks = sorted({"mnist"} | {flags(cmd)["--task"] for _, cmd in steps if not is_training(cmd)})
+    folders = {t: mnist.mnist_dir(root) if t == "mnist" else root / t for t in tasks}
+    for d in [root, *folders.values()]:
+        if d.exists() and not d.is_dir():
+            raise ValueError(f"{d}: not a directory; --data-dir is a folder of <task>/ folders (mnist/, piqa/, ...)")
+
+    def ensure(t, fetch, verify=not a.no_verify):   # the trainings read MNIST's four files, the evaluations their task's
+        if t == "mnist":
+            return mnist.ensure_mnist(folders[t], download=fetch, verify=verify)
+        return T.ensure_files(t, str(root), download=fetch, verify=verify)
+    missing, bad = [], []
+    for t in tasks:         # 1. nothing fetched yet: what is there checked, what is not listed
         try:
-            if t == "mnist":   # the trainings read all four files, the evaluations the test split and shots
-                mnist.ensure_mnist(mnist.mnist_dir(root), download=not a.offline, verify=not a.no_verify)
-            else:
-                T.ensure_files(t, str(root), download=not a.offline, verify=not a.no_verify)
-        except FileNotFoundError as e:
-            missing.append(str(e))
-    if missing:
-        raise FileNotFoundError("; ".join(missing) + ("; or run without --offline to download them" if a.offline else ""))
+            ensure(t, False)
+        except util.MissingData:
+            missing.append(t)
+        except ValueError as e:
+            bad.append(str(e))
+    if bad:
+        raise ValueError("; ".join(bad) + (f" (and missing: {', '.join(missing)} files)" if missing else ""))
+    failed = []
+    for t in missing:       # 2. fetched, or with --offline named
+        try:
+            ensure(t, not a.offline)
+        except util.MissingData as e:
+            failed.append(e)
+    if failed:
+        raise FileNotFoundError(f"missing data files{'' if failed[0].fetch else ' (offline)'}; put them at: "
+                                + "; ".join(x for e in failed for x in e.failed) + failed[0].hint
+                                + ("; or run without --offline to download them" if a.offline else ""))
+    for t in tasks:         # 3. read as the steps will read them
+        if t == "mnist":
+            mnist.load_mnist_splits(folders[t], ("train", "test"), verify=not a.no_verify)
+        else:
+            getattr(T, f"load_{t}")(ensure(t, False, verify=False))   # checked in 1 or 2
 
 
 def show(key, value, model):

@@ -284,14 +284,17 @@ def download(url, dest, check=None, timeout=60):
     URL; the .tmp stays for the next try to resume."""
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".tmp")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     have = tmp.stat().st_size if tmp.exists() else 0
-    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    except ValueError as e:   # 'unknown url type', a malformed host: nothing to connect to
+        raise OSError(f"{url}: not a URL that can be fetched ({e})") from None
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             if have and getattr(r, "status", None) != 206:
                 have = 0                                   # the range was ignored: from the start
             size = r.headers.get("Content-Length")
+            dest.parent.mkdir(parents=True, exist_ok=True)  # only once there is something to write
             with open(tmp, "ab" if have else "wb") as f, \
                     progress(total=int(size) + have if size else None, desc=dest.name, unit="B") as bar:
                 bar.update(have)
@@ -308,7 +311,8 @@ def download(url, dest, check=None, timeout=60):
             raise OSError(f"{tmp}: cannot write ({e.strerror}); free space or choose another data folder") from None
         why = "the connection closed early" if isinstance(e, http.client.IncompleteRead) else \
             getattr(e, "reason", None) or f"{type(e).__name__} {e}".strip()
-        raise OSError(f"{url}: download failed ({why}); run again to resume {tmp.name}") from None
+        again = f"; run again to resume {tmp.name}" if tmp.exists() and tmp.stat().st_size else ""
+        raise OSError(f"{url}: download failed ({why}){again}") from None
     if check is not None:
         try:
             check(tmp)
@@ -329,45 +333,63 @@ def file_hash(path, kind):
     return h.hexdigest()
 
 
+class MissingData(FileNotFoundError):
+    """Data files that are not there and could not be fetched: `failed` lists each as 'path <- where
+    it comes from[: why]', so that a caller checking several datasets can name them all in one line."""
+    def __init__(self, what, failed, fetch, hint=""):
+        self.failed, self.fetch, self.hint = failed, fetch, hint
+        super().__init__(f"{what}: missing data files{'' if fetch else ' (offline)'}; put them at: " + "; ".join(failed) + hint)
+
+
 def ensure_files(what, key, folder, files, fetch=True, verify=True):
     """{name: path} of pinned data files in folder, fetching the missing ones (download():
     resumable, checked, renamed into place; from the mirror's <key>/<name> under RIGSA_DATA_MIRROR).
     files: [(name, url, kind, digest, size or None)]. A file that is there with another size or
     checksum is an error (it is not the pinned data); verify=False accepts the files there as they
     are (stand-in data: the demo, the tests). Missing files that could not be fetched are named all
-    at once, each with where to put it and where it comes from. `what` names the data in errors."""
+    at once, each with where to put it and where it comes from (MissingData). `what` names the data
+    in errors."""
     folder = Path(folder)
+    mirror = os.environ.get(DATA_MIRROR)
     paths, failed = {}, []
     for name, url, kind, digest, size in files:
         path = paths[name] = folder / name
 
-        def check(p, path=path, url=url, kind=kind, digest=digest, size=size):
+        def differs(p, kind=kind, digest=digest, size=size):
             have = os.path.getsize(p)
-            bad = f"{have} bytes, expected {size}" if size is not None and have != size else None
-            if bad is None and (got := file_hash(p, kind)) != digest:   # the size first: a cheap check
-                bad = f"{kind} {got}, expected {digest}"
-            if bad:
-                raise ValueError(f"{path}: not the original {what} file ({bad}; pinned from {url})")
-        if path.exists():
-            if verify:
-                try:
-                    check(path)
-                except ValueError as e:
-                    raise ValueError(f"{e}; delete it to download it again") from None
+            if size is not None and have != size:   # the size first: a cheap check
+                return f"{have} bytes, expected {size}"
+            got = file_hash(p, kind)
+            return None if got == digest else f"{kind} {got}, expected {digest}"
+        if path.exists() or path.is_symlink():
+            if path.is_dir() or not path.exists():
+                raise ValueError(f"{path}: not a file" + (" (a broken link)" if not path.exists() else "")
+                                 + f"; put the {what} file {name} there (from {url})")
+            if verify and (bad := differs(path)):
+                raise ValueError(f"{path}: not the original {what} file ({bad}; pinned from {url}); "
+                                 + ("delete it to download it again" if fetch else "replace it with the original")
+                                 + ", or pass --no-verify for stand-in data")
             continue
-        why = ""
-        if fetch:
-            try:
-                download(data_url(url, f"{key}/{name}"), path, check)
-                continue
-            except OSError as e:  # offline or unreachable: listed below, all at once
-                why = f" ({e})"
-        failed.append(f"{path} <- {url}{why}")
+        src = data_url(url, f"{key}/{name}")
+
+        def check(p, src=src, name=name):
+            if bad := differs(p):
+                raise ValueError(f"{src}: served a file that is not the original {what} {name} ({bad}); "
+                                 + (f"fix the mirror or unset {DATA_MIRROR}" if mirror else f"put the original at {path}"))
+        where = f"{src} (from {DATA_MIRROR}, a copy of {url})" if mirror else url
+        if not fetch:
+            failed.append(f"{path} <- {where}")
+            continue
+        try:
+            download(src, path, check)
+        except OSError as e:  # offline or unreachable: listed below, all at once
+            why = str(e)
+            failed.append(f"{path} <- {where}: {why[len(src) + 2:] if why.startswith(src + ': ') else why}")
     if failed:
-        hint = f" (or set {DATA_MIRROR} to a mirror holding {key}/<file>)" if fetch and not os.environ.get(DATA_MIRROR) else ""
-        raise FileNotFoundError(f"{what}: missing data files{'' if fetch else ' (offline)'}; put them at: "
-                                + "; ".join(failed) + hint)
+        raise MissingData(what, failed, fetch, f" (or set {DATA_MIRROR} to a mirror holding {key}/<file>)"
+                          if fetch and not mirror else "")
     return paths
+
 
 # -----------------------------------------------------------------------------
 # progress: tqdm on a terminal; in a log file, one whole line per interval

@@ -18,7 +18,6 @@ import pytest
 
 import model as M
 import reproduce as P
-from evals import tasks as T
 from lib import mnist
 from lib import tiny
 
@@ -55,22 +54,33 @@ def test_plan_with_seeds(tmp_path):
     assert not any("--seed" in c for c in cmds if "evals/run.py" in c)
 
 
-def unreadable_tasks(data):
-    """PIQA, HellaSwag and GSM8k files that are there (reproduce.py checks every step's data before the
-    first step) but hold no records: a step that evaluates one of them fails at once, in one line."""
-    for task in P.SOURCE_TASKS:
-        (data / task).mkdir(parents=True, exist_ok=True)
-        for name, *_ in T.FILES[task]:
-            (data / task / name).write_text("not a record\n")
+def jsonl(path, docs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+
+
+def stand_in_tasks(data):
+    """PIQA, HellaSwag and GSM8k files of a few documents each (reproduce.py reads every step's data
+    before the first step). PIQA's first document has a continuation longer than the tiny models'
+    2048 positions, so that the step evaluating an adapter on it fails, in one line."""
+    jsonl(data / "piqa" / "valid.jsonl", [{"goal": "Stay dry", "sol1": "1" * 3000, "sol2": "use an umbrella"},
+                                          {"goal": "Cut paper", "sol1": "use scissors", "sol2": "use a spoon"}])
+    (data / "piqa" / "valid-labels.lst").write_text("1\n0\n")
+    jsonl(data / "hellaswag" / "hellaswag_val.jsonl", [{"activity_label": "Cooking", "ctx_a": "A man cracks an egg.",
+                                                        "ctx_b": "he", "endings": ["stirs", "sings", "runs", "naps"],
+                                                        "label": 0}] * 2)
+    jsonl(data / "gsm8k" / "train.jsonl", [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"}
+                                           for i in range(6)])
+    jsonl(data / "gsm8k" / "test.jsonl", [{"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"}] * 2)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_dir):
-    """Digits, the other tasks' files (unreadable), and two tiny models of the same shapes with other
+    """Digits, a few documents of the other tasks, and two tiny models of the same shapes with other
     weights (A, B)."""
     w = tmp_path_factory.mktemp("repro")
     mnist.write_synthetic_mnist(w / "data" / "mnist", n_train=60, n_test=4, size=8)
-    unreadable_tasks(w / "data")
+    stand_in_tasks(w / "data")
     return w, str(tiny_dir), str(tiny.write_tiny_checkpoint(w / "B", shape="gqa", seed=1))
 
 
@@ -178,8 +188,8 @@ def test_another_model_is_refused_or_rerun(world, tmp_path, capsys, monkeypatch,
     monkeypatch.setenv("OMP_NUM_THREADS", "1")   # tiny models: threads only add overhead
     data, out = tmp_path / "data", tmp_path / "out"
     shutil.copytree(w / "data", data)
-    for f in set(mnist.MNIST_FILES) - set(P.MNIST_TEST):  # the training split unreadable: the 0-shot evaluation
-        (data / "mnist" / f).write_bytes(b"not gzip")     # runs, the 5-shot one stops the reproduction
+    run_step = P.run_step                  # the 0-shot evaluation runs, the 5-shot one fails and stops the reproduction
+    monkeypatch.setattr(P, "run_step", lambda cmd, env: 1 if "5shot" in " ".join(cmd) else run_step(cmd, env))
 
     def run(model, *more):
         with pytest.raises(SystemExit) as e:
@@ -236,7 +246,7 @@ def test_an_interrupted_reproduction_continues_from_another_directory(world, tmp
     assert shlex.split(again)[-len(argv):] == argv
     assert (tmp_path / "out" / "rigsa" / "resume.pt").exists()
     r = subprocess.run(again, shell=True, cwd=here, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr  # unreadable PIQA data: step 12 stops it
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr  # a PIQA document too long: step 12 stops it
     assert r.stderr.strip().splitlines()[-1].startswith("error: step 12 of 46: failed"), r.stderr
     steps = [x for x in r.stdout.splitlines() if x.startswith("[")]
     assert steps[0].startswith("[11/46]") and steps[0].endswith(" --resume") and steps[1].startswith("[12/46]")
@@ -245,30 +255,52 @@ def test_an_interrupted_reproduction_continues_from_another_directory(world, tmp
     assert [r["iter"] for r in logged if r.get("event") == "iteration"] == [1, 2, 3, 4, 5]   # each once
 
 
-@pytest.mark.parametrize("offline", [True, False])
-def test_missing_data_is_named_before_the_first_step(world, tmp_path, capsys, monkeypatch, offline):
-    """A data file that a later step would read, missing: with --offline it is named in one line, with
-    every other missing one, before any step runs and with nothing written; without, it is fetched
-    first (here from an empty mirror, so the fetch fails in one line, before any step too)."""
+BAD_DATA = [   # (case, what is done to a copy of the data, what the one line says)
+    ("offline", "missing", "missing data files (offline); put them at: {gsm}test.jsonl <- https://"),
+    ("online", "missing", "missing data files; put them at: {gsm}test.jsonl <- {mirror}/gsm8k/test.jsonl (from "
+     "RIGSA_DATA_MIRROR, a copy of https://"),
+    ("offline", "malformed", "gsm8k: {gsm}train.jsonl line 1: malformed JSON"),
+    ("offline", "a folder", "{gsm}test.jsonl: not a file; put the gsm8k file test.jsonl there"),
+    ("offline", "data dir a file", "{data}: not a directory; --data-dir is a folder of <task>/ folders"),
+]
+
+
+@pytest.mark.parametrize("mode,change,text", BAD_DATA, ids=[f"{m}-{c}" for m, c, _ in BAD_DATA])
+def test_bad_data_is_named_before_the_first_step(world, tmp_path, capsys, monkeypatch, mode, change, text):
+    """A data file that a later step would read, missing or not readable as that step reads it: named in
+    one line before any step runs, with nothing written. Missing: with --offline, every missing file
+    (of every task) is named; without, they are fetched first (from an empty mirror here, so the
+    fetch fails, before any step too); --no-verify skips checksums, never the format."""
     w, A, _ = world
     data, out = tmp_path / "data", tmp_path / "out"
     shutil.copytree(w / "data", data)
-    gone = [data / "gsm8k" / "test.jsonl", data / "mnist" / "train-labels-idx1-ubyte.gz"]
-    for f in gone:
-        f.unlink()
+    if change == "missing":
+        for f in (data / "gsm8k" / "test.jsonl", data / "mnist" / "train-labels-idx1-ubyte.gz"):
+            f.unlink()
+    elif change == "malformed":
+        (data / "gsm8k" / "train.jsonl").write_text("not a record\n")
+    elif change == "a folder":
+        (data / "gsm8k" / "test.jsonl").unlink()
+        (data / "gsm8k" / "test.jsonl").mkdir()
+    else:
+        shutil.rmtree(data)
+        data.write_text("not a folder")
     (tmp_path / "mirror").mkdir()
-    monkeypatch.setenv("RIGSA_DATA_MIRROR", (tmp_path / "mirror").as_uri())
     argv = quick(A, out, data)
-    if not offline:
+    if mode == "online":
+        monkeypatch.setenv("RIGSA_DATA_MIRROR", (tmp_path / "mirror").as_uri())
         argv.remove("--offline")
+    before = files(tmp_path)
     with pytest.raises(SystemExit) as e:
         P.main(argv)
     o, err = capsys.readouterr()
     assert e.value.code == 1 and len(err.splitlines()) == 1 and "[1/" not in o, (o, err)
-    assert all(f"{f} <- https://" in err for f in gone), err
-    assert ("(offline)" in err and err.rstrip().endswith("or run without --offline to download them")) == offline, err
-    assert ("download failed" in err) == (not offline), err
-    assert not out.exists() and not any(p.suffix == ".tmp" for p in data.rglob("*"))
+    assert err.startswith("error: " + text.format(gsm=f"{data / 'gsm8k'}/", mirror=(tmp_path / "mirror").as_uri(),
+                                                  data=data)), err
+    if change == "missing":
+        assert f"{data / 'mnist' / 'train-labels-idx1-ubyte.gz'} <- " in err   # every missing file, of every task
+        assert ("or run without --offline to download them" in err) == (mode == "offline"), err
+    assert files(tmp_path) == before and not out.exists()
 
 
 def t_cdf(q, df, n=20000):

@@ -285,7 +285,8 @@ def test_ensure_files_fetches_checks_and_names_what_is_missing(server, tmp_path,
     util.ensure_files("toy", "toy", tmp_path / "toy", [good])     # there and right: not fetched again
     assert state["ranges"] == [0]
     wrong = ("b.bin", good[1], "md5", "0" * 32, None)              # a download that is not the pinned file
-    with pytest.raises(ValueError, match=r"toy/b.bin: not the original toy file \(md5 [0-9a-f]{32}, expected 0{32}"):
+    with pytest.raises(ValueError, match=rf"{url}/toy/b.bin: served a file that is not the original toy b.bin \(md5 [0-9a-f]{{32}}, "
+                                         r"expected 0{32}\); fix the mirror or unset RIGSA_DATA_MIRROR"):
         util.ensure_files("toy", "toy", tmp_path / "toy", [wrong])
     assert sorted(p.name for p in (tmp_path / "toy").iterdir()) == ["a.bin"]   # nothing half-written
     (tmp_path / "toy" / "c.bin").write_bytes(body[:-1])            # a present file of another size
@@ -297,7 +298,20 @@ def test_ensure_files_fetches_checks_and_names_what_is_missing(server, tmp_path,
         util.ensure_files("toy", "toy", tmp_path / "toy", missing, fetch=False)
     msg = str(e.value)
     assert msg.startswith("toy: missing data files (offline); put them at: ") and "\n" not in msg
-    assert f"{tmp_path / 'toy' / 'd.bin'} <- https://example.invalid/d.bin" in msg and "x.invalid/e" in msg
+    assert f"{tmp_path / 'toy' / 'd.bin'} <- {url}/toy/d.bin (from RIGSA_DATA_MIRROR, a copy of https://example.invalid/d.bin)" \
+        in msg and "x.invalid/e" in msg
+    monkeypatch.setenv("RIGSA_DATA_MIRROR", "no-scheme")           # a mirror that is no URL: named, with each file
+    with pytest.raises(FileNotFoundError, match=r"d.bin <- no-scheme/toy/d.bin \(from RIGSA_DATA_MIRROR, .*\): not a URL"):
+        util.ensure_files("toy", "toy", tmp_path / "toy2", missing)
+    assert not (tmp_path / "toy2").exists()                        # nothing fetched: no folder made
+    (tmp_path / "toy" / "f.bin").mkdir()                           # a folder, or a broken link, where a file should be
+    (tmp_path / "toy" / "g.bin").symlink_to(tmp_path / "nowhere")
+    for name in ("f.bin", "g.bin"):
+        with pytest.raises(ValueError, match=f"toy/{name}: not a file"):
+            util.ensure_files("toy", "toy", tmp_path / "toy", [(name, *good[1:])], verify=False)
+    assert (tmp_path / "toy" / "g.bin").is_symlink()
+    monkeypatch.setenv("RIGSA_DATA_MIRROR", url)
     state["mode"] = "404"                                          # unreachable: the failure says why
-    with pytest.raises(FileNotFoundError, match=r"d.bin <- https://example.invalid/d.bin \(.*HTTP 404"):
+    with pytest.raises(FileNotFoundError, match=r"d.bin <- http://127.0.0.1:\d+/toy/d.bin \(from RIGSA_DATA_MIRROR, a copy of "
+                                                r"https://example.invalid/d.bin\): HTTP 404"):
         util.ensure_files("toy", "toy", tmp_path / "toy", missing[:1])

@@ -217,35 +217,36 @@ def fetch_data(a, steps):
         if d.exists() and not d.is_dir():
             raise ValueError(f"{d}: not a directory; --data-dir is a folder of <task>/ folders (mnist/, piqa/, ...)")
 
-    def ensure(t, fetch, verify=not a.no_verify):   # the trainings read MNIST's four files, the evaluations their task's
+    def ensure(t, verify=not a.no_verify):   # the trainings read MNIST's four files, the evaluations their task's
         if t == "mnist":
-            return mnist.ensure_mnist(folders[t], download=fetch, verify=verify)
-        return T.ensure_files(t, str(root), download=fetch, verify=verify)
-    missing, bad = [], []
-    for t in tasks:         # 1. nothing fetched yet: what is there checked, what is not listed
+            return mnist.ensure_mnist(folders[t], download=not a.offline, verify=verify)
+        return T.ensure_files(t, str(root), download=not a.offline, verify=verify)
+    names = {t: list(mnist.MNIST_FILES) if t == "mnist" else [f[0] for f in T.FILES[t]] for t in tasks}
+    missing = [t for t in tasks if not all((folders[t] / n).exists() for n in names[t])]
+    bad, failed = [], []
+    for t in tasks:         # 1. the tasks whose files are all there: checked, nothing to fetch
+        if t not in missing:
+            try:
+                ensure(t)
+            except ValueError as e:
+                bad.append(str(e))
+    if bad:                 # before any download
+        raise ValueError("; ".join(bad) + (f" (and {', '.join(missing)} files are missing)" if missing else ""))
+    for t in missing:       # 2. the others: fetched, or with --offline named
         try:
-            ensure(t, False)
-        except util.MissingData:
-            missing.append(t)
-        except ValueError as e:
-            bad.append(str(e))
-    if bad:
-        raise ValueError("; ".join(bad) + (f" (and missing: {', '.join(missing)} files)" if missing else ""))
-    failed = []
-    for t in missing:       # 2. fetched, or with --offline named
-        try:
-            ensure(t, not a.offline)
+            ensure(t)
         except util.MissingData as e:
             failed.append(e)
     if failed:
         raise FileNotFoundError(f"missing data files{'' if failed[0].fetch else ' (offline)'}; put them at: "
-                                + "; ".join(x for e in failed for x in e.failed) + failed[0].hint
+                                + "; ".join(x for e in failed for x in e.failed)
+                                + (f" (or set {util.DATA_MIRROR} to a mirror holding <task>/<file>)" if failed[0].hint else "")
                                 + ("; or run without --offline to download them" if a.offline else ""))
     for t in tasks:         # 3. read as the steps will read them
         if t == "mnist":
             mnist.load_mnist_splits(folders[t], ("train", "test"), verify=not a.no_verify)
         else:
-            getattr(T, f"load_{t}")(ensure(t, False, verify=False))   # checked in 1 or 2
+            getattr(T, f"load_{t}")(ensure(t, verify=False))   # all there now, checked above
 
 
 def show(key, value, model):

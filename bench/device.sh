@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The bfloat16 path's GPU window in one script, for one device command of under 10 minutes on an
 # H200 (estimated: not run on a GPU yet). Three parts, each logged to $LOG/<part>.log as it runs
-# ($LOG: the device tool's $OUT where it is set, else runs/device); a part that fails does not stop
-# the next, and the exit code says whether any failed:
+# ($LOG: the device tool's $OUT where it is set, else runs/device) and cut at its own time limit
+# (seconds: T_GPU, T_HALT, T_EVALS), so that one slow part leaves the others their time; a part
+# that fails does not stop the next, and the exit code says whether any failed:
 #   gpu          bash bench/gpu.sh: the 1.7B shape's peaks, s/step, tokens/s and MFU at micro-batch 1
 #                and 16, with and without --checkpoint-activations, moments on the device and host
-#   halt_resume  bench/halt_resume.py: a 1.7B-shape rigsa.py train halted after 4 steps and resumed
+#   halt_resume  bench/halt_resume.py: a rigsa.py train of the 1.7B shape's first 12 layers (its
+#                widths, half its depth: half the disk and time) halted after 4 steps and resumed
 #                trains the uninterrupted run's adapters, bit for bit, in bfloat16 on the device
-#   evals        bench/bench_evals.py --ours-only on the device: PIQA, HellaSwag, GSM8k in bfloat16
+#   evals        bench/bench_evals.py --ours-only on the device: PIQA, HellaSwag, GSM8k in bfloat16 at
+#                its default limits, 135M shape (the CUDA path, not the paper's full evaluation)
 #                (DATA, default data/, must hold piqa/ and gsm8k/: carry it to the device machine)
 # On a CPU first, at a small shape (a minute):  SMALL=1 DATA=path/to/data bash bench/device.sh
 set -uo pipefail
@@ -23,24 +26,29 @@ if [ "${SMALL:-0}" = 1 ]; then
     E=(--device cpu --limit-piqa 4 --limit-hellaswag 4 --limit-gsm8k 2 --limit-gsm8k-lm-eval 0 --repeats 1)
 else
     G=()
-    H=(--device cuda)
+    H=(--device cuda --layers 12)
     E=(--device cuda)
 fi
 failed=""
-part() {
-    local name=$1 t=$SECONDS rc
-    shift
-    echo "== $name: $*"
-    "$@" 2>&1 | tee "$LOG/$name.log"
+part() {   # part NAME SECONDS COMMAND...: 124 in its exit line is its time limit
+    local name=$1 limit=$2 t=$SECONDS rc
+    shift 2
+    echo "== $name: $* (at most $limit s, $(date +%T))"
+    timeout "$limit" "$@" 2>&1 | tee "$LOG/$name.log"
     rc=${PIPESTATUS[0]}
     echo "== $name: exit $rc, $((SECONDS - t)) s"
     [ "$rc" = 0 ] || failed="$failed $name"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'no cuda')"
-part gpu bash bench/gpu.sh "${G[@]}"
-part halt_resume "$PY" bench/halt_resume.py "${H[@]}"
-part evals "$PY" bench/bench_evals.py --ours-only --data-dir "${DATA:-data}" "${E[@]}"
+# every runtime package at once, before any part: a missing one is one line, not three failed parts
+"$PY" -c "import torch, numpy, safetensors, tokenizers, tqdm, huggingface_hub
+print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')" || {
+    echo "error: $PY lacks a runtime package (requirements.txt); carry its wheels"
+    exit 1
+}
+part gpu "${T_GPU:-240}" bash bench/gpu.sh "${G[@]}"
+part halt_resume "${T_HALT:-210}" "$PY" bench/halt_resume.py "${H[@]}"
+part evals "${T_EVALS:-120}" "$PY" bench/bench_evals.py --ours-only --data-dir "${DATA:-data}" "${E[@]}"
 if [ -n "$failed" ]; then
     echo "failed:$failed (their logs: $LOG)"
     exit 1

@@ -276,6 +276,10 @@ def data_url(url, rel):
     return f"{mirror.rstrip('/')}/{rel}" if mirror else url
 
 
+class _Local(OSError):
+    """A download that failed on this machine's side (its folder), not the network's."""
+
+
 def download(url, dest, check=None, timeout=60):
     """Fetch url into dest, whole or not at all: the bytes stream into dest.tmp (resumed with an
     HTTP Range request when an interrupted download left one; restarted if the server ignores
@@ -294,7 +298,10 @@ def download(url, dest, check=None, timeout=60):
             if have and getattr(r, "status", None) != 206:
                 have = 0                                   # the range was ignored: from the start
             size = r.headers.get("Content-Length")
-            dest.parent.mkdir(parents=True, exist_ok=True)  # only once there is something to write
+            try:   # only once there is something to write
+                dest.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise _Local(f"{dest.parent}: cannot create it ({e.strerror}); choose another data folder") from None
             with open(tmp, "ab" if have else "wb") as f, \
                     progress(total=int(size) + have if size else None, desc=dest.name, unit="B") as bar:
                 bar.update(have)
@@ -303,6 +310,8 @@ def download(url, dest, check=None, timeout=60):
                     bar.update(len(chunk))
                 if size and f.tell() != have + int(size):  # the server closed early: http.client does not say
                     raise http.client.IncompleteRead(b"", have + int(size) - f.tell())
+    except _Local:
+        raise
     except urllib.error.HTTPError as e:
         if not (e.code == 416 and have):                  # 416 with a .tmp: it is already whole
             raise OSError(f"{url}: HTTP {e.code} {e.reason}") from None
@@ -350,6 +359,11 @@ def ensure_files(what, key, folder, files, fetch=True, verify=True):
     at once, each with where to put it and where it comes from (MissingData). `what` names the data
     in errors."""
     folder = Path(folder)
+    for d in (folder, *folder.parents):   # a file where the folder or one above it should be: no fetch can help
+        if d.exists():
+            if not d.is_dir():
+                raise ValueError(f"{d}: not a directory; the {what} files go in {folder}")
+            break
     mirror = os.environ.get(DATA_MIRROR)
     paths, failed = {}, []
     for name, url, kind, digest, size in files:

@@ -262,6 +262,8 @@ BAD_DATA = [   # (case, what is done to a copy of the data, what the one line sa
     ("offline", "malformed", "gsm8k: {gsm}train.jsonl line 1: malformed JSON"),
     ("offline", "a folder", "{gsm}test.jsonl: not a file; put the gsm8k file test.jsonl there"),
     ("offline", "data dir a file", "{data}: not a directory; --data-dir is a folder of <task>/ folders"),
+    ("offline", "checksums", "{gsm}train.jsonl: not the original gsm8k file (sha256 "),   # the stand-ins, verified
+    ("online", "checksums", "{gsm}train.jsonl: not the original gsm8k file (sha256 "),
 ]
 
 
@@ -270,15 +272,19 @@ def test_bad_data_is_named_before_the_first_step(world, tmp_path, capsys, monkey
     """A data file that a later step would read, missing or not readable as that step reads it: named in
     one line before any step runs, with nothing written. Missing: with --offline, every missing file
     (of every task) is named; without, they are fetched first (from an empty mirror here, so the
-    fetch fails, before any step too); --no-verify skips checksums, never the format."""
+    fetch fails, before any step too); --no-verify skips checksums, never the format; without it, every
+    stand-in is named by its checksum, before any download."""
     w, A, _ = world
     data, out = tmp_path / "data", tmp_path / "out"
     shutil.copytree(w / "data", data)
+    without = []            # flags taken out of quick()'s
     if change == "missing":
         for f in (data / "gsm8k" / "test.jsonl", data / "mnist" / "train-labels-idx1-ubyte.gz"):
             f.unlink()
     elif change == "malformed":
         (data / "gsm8k" / "train.jsonl").write_text("not a record\n")
+    elif change == "checksums":
+        without = ["--no-verify"]
     elif change == "a folder":
         (data / "gsm8k" / "test.jsonl").unlink()
         (data / "gsm8k" / "test.jsonl").mkdir()
@@ -286,7 +292,7 @@ def test_bad_data_is_named_before_the_first_step(world, tmp_path, capsys, monkey
         shutil.rmtree(data)
         data.write_text("not a folder")
     (tmp_path / "mirror").mkdir()
-    argv = quick(A, out, data)
+    argv = [x for x in quick(A, out, data) if x not in without]
     if mode == "online":
         monkeypatch.setenv("RIGSA_DATA_MIRROR", (tmp_path / "mirror").as_uri())
         argv.remove("--offline")
@@ -300,6 +306,9 @@ def test_bad_data_is_named_before_the_first_step(world, tmp_path, capsys, monkey
     if change == "missing":
         assert f"{data / 'mnist' / 'train-labels-idx1-ubyte.gz'} <- " in err   # every missing file, of every task
         assert ("or run without --offline to download them" in err) == (mode == "offline"), err
+    if change == "checksums":   # every task's stand-in named; what to do depends on whether it may download
+        assert all(f"{data / t}" in err for t in ("gsm8k", "hellaswag", "mnist", "piqa")) and "--no-verify" in err, err
+        assert ("delete it to download it again" in err) == (mode == "online"), err
     assert files(tmp_path) == before and not out.exists()
 
 

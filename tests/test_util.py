@@ -310,6 +310,9 @@ def test_ensure_files_fetches_checks_and_names_what_is_missing(server, tmp_path,
         with pytest.raises(ValueError, match=f"toy/{name}: not a file"):
             util.ensure_files("toy", "toy", tmp_path / "toy", [(name, *good[1:])], verify=False)
     assert (tmp_path / "toy" / "g.bin").is_symlink()
+    (tmp_path / "afile").write_text("")                            # a file where the folder goes: said, not fetched
+    with pytest.raises(ValueError, match=f"{tmp_path / 'afile'}: not a directory; the toy files go in "):
+        util.ensure_files("toy", "toy", tmp_path / "afile" / "toy", missing)
     monkeypatch.setenv("RIGSA_DATA_MIRROR", url)
     state["mode"] = "404"                                          # unreachable: the failure says why
     with pytest.raises(FileNotFoundError, match=r"d.bin <- http://127.0.0.1:\d+/toy/d.bin \(from RIGSA_DATA_MIRROR, a copy of "

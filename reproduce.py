@@ -237,11 +237,10 @@ def fetch_data(a, steps):
             ensure(t)
         except util.MissingData as e:
             failed.append(e)
-    if failed:
-        raise FileNotFoundError(f"missing data files{'' if failed[0].fetch else ' (offline)'}; put them at: "
-                                + "; ".join(x for e in failed for x in e.failed)
-                                + (f" (or set {util.DATA_MIRROR} to a mirror holding <task>/<file>)" if failed[0].hint else "")
-                                + ("; or run without --offline to download them" if a.offline else ""))
+    if failed:              # every task's, in one line
+        raise util.MissingData(None, [x for e in failed for x in e.failed], not a.offline,
+                               (f" (or set {util.DATA_MIRROR} to a mirror holding <task>/<file>)" if failed[0].hint else "")
+                               + ("; or run without --offline to download them" if a.offline else ""))
     for t in tasks:         # 3. read as the steps will read them
         if t == "mnist":
             mnist.load_mnist_splits(folders[t], ("train", "test"), verify=not a.no_verify)

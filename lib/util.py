@@ -344,10 +344,12 @@ def file_hash(path, kind):
 
 class MissingData(FileNotFoundError):
     """Data files that are not there and could not be fetched: `failed` lists each as 'path <- where
-    it comes from[: why]', so that a caller checking several datasets can name them all in one line."""
+    it comes from[: why]', so that a caller checking several datasets (what=None) can name them all
+    in one line."""
     def __init__(self, what, failed, fetch, hint=""):
         self.failed, self.fetch, self.hint = failed, fetch, hint
-        super().__init__(f"{what}: missing data files{'' if fetch else ' (offline)'}; put them at: " + "; ".join(failed) + hint)
+        super().__init__(f"{what + ': ' if what else ''}missing data files{'' if fetch else ' (offline)'}; put them at: "
+                         + "; ".join(failed) + hint)
 
 
 def ensure_files(what, key, folder, files, fetch=True, verify=True):
@@ -386,7 +388,7 @@ def ensure_files(what, key, folder, files, fetch=True, verify=True):
             continue
         src = data_url(url, f"{key}/{name}")
 
-        def check(p, src=src, name=name):
+        def check(p, src=src, name=name, path=path):
             if bad := differs(p):
                 raise ValueError(f"{src}: served a file that is not the original {what} {name} ({bad}); "
                                  + (f"fix the mirror or unset {DATA_MIRROR}" if mirror else f"put the original at {path}"))

@@ -3,6 +3,7 @@ The low-precision training step against the exact float32 one, both sides in one
 machine: what --dtype auto buys where the hardware computes bfloat16 natively.
 
     python bench/bench_precision.py [--preset SmolLM2-135M-Instruct] [--tokens 850] [--steps 5] [--part step,dx,gemm]
+    python bench/bench_precision.py --part profile,attention     # where a step's time goes
 
 One step = one 850-token sequence (a Textual MNIST prompt), its 2 supervised tokens, forward,
 backward and AdamW, as rigsa.batch_loss and train_step do; random weights. Variants, their steps
@@ -17,6 +18,10 @@ interleaved (median of --steps after a warm-up each), so that other load slows t
 weight against two, for deltas of a quarter and 4 ulps of W0: the error against float32, and the share
 of the delta's own contribution that reaches dx. --part gemm: this CPU's float32 and bfloat16 GEMM
 rates; a dense bfloat16 product against torch's CSR one at three densities (850x576 @ 576x1536).
+--part profile: one step of rigsa float32, rigsa bfloat16 and full bfloat16 under torch.profiler
+(after two warm-up steps): GEMMs, flash attention (forward and backward) and the rest, self time.
+--part attention: one layer's causal attention over --tokens tokens, forward and backward, in both
+dtypes: SDPA with enable_gqa (model.py), with K/V expanded, and the math backend.
 """
 import argparse
 import os
@@ -123,13 +128,51 @@ def gemm_part():
               f"{rate(lambda: torch.sparse.mm(csr, x.t())) * 1e3:.2f} |")
 
 
+def profile_part(a):
+    from torch.profiler import ProfilerActivity, profile
+    print("\n| one step | s | GEMMs s | flash attention s | the rest s |\n|---|---:|---:|---:|---:|")
+    for v in ("rigsa float32", "rigsa bfloat16", "full bfloat16"):
+        step = make_step(v, a)
+        step()
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as p:
+            step()
+        own = {e.key: e.self_cpu_time_total / 1e6 for e in p.key_averages()}
+        total, mm = sum(own.values()), own.get("aten::mm", 0.0)
+        attn = sum(t for k, t in own.items() if "scaled_dot_product" in k)
+        print(f"| {v} | {total:.2f} | {mm:.2f} | {attn:.2f} | {total - mm - attn:.2f} |")
+
+
+def attention_part(a):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    cfg = M.PRESETS[a.preset]
+    H, KV, D, g = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
+    print(f"\n| one layer's attention, {a.tokens} tokens, forward + backward | float32 ms | bfloat16 ms |\n|---|---:|---:|")
+    forms = {"SDPA, enable_gqa (model.py)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+             "SDPA, K/V expanded": lambda q, k, v: F.scaled_dot_product_attention(
+                 q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), is_causal=True)}
+
+    def math(q, k, v):
+        with sdpa_kernel(SDPBackend.MATH):
+            return forms["SDPA, K/V expanded"](q, k, v)
+    forms["math backend"] = math
+    for name, f in forms.items():
+        ms = []
+        for dt in (torch.float32, torch.bfloat16):
+            torch.manual_seed(0)
+            q, k, v = (torch.randn(1, h, a.tokens, D, dtype=dt, requires_grad=True) for h in (H, KV, KV))
+            ms.append(rate(lambda: f(q, k, v).sum().backward(), reps=10) * 1e3)
+        print(f"| {name} | {ms[0]:.1f} | {ms[1]:.1f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="SmolLM2-135M-Instruct", choices=list(M.PRESETS))
     ap.add_argument("--layers", type=int, default=0, help="keep only the first N decoder layers (0: all)")
     ap.add_argument("--tokens", type=int, default=850)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--part", default="step,dx,gemm", help="which tables: step, dx, gemm [default: all]")
+    ap.add_argument("--part", default="step,dx,gemm", help="which tables: step, dx, gemm, profile, attention "
+                    "[default: step,dx,gemm]")
     a = ap.parse_args()
     util.keep_freed_memory()
     parts = a.part.split(",")
@@ -137,6 +180,10 @@ def main():
         dx_part()
     if "gemm" in parts:
         gemm_part()
+    if "attention" in parts:
+        attention_part(a)
+    if "profile" in parts:
+        profile_part(a)
     if "step" not in parts:
         return
     if a.layers:

@@ -644,7 +644,7 @@ def save_resume(run, opt, it, step):
     """resume.pt: the trainable state, the optimizer, where the run is, the RNG and the log."""
     rundir.save_resume(run.out, {"iteration": it, "step": step, "optimizer": opt.state_dict() if opt is not None else None,
                                  "state": AF.tensors_of(adapters(run.model), qlora.lora_state_dict(run.model)),
-                                 "rng": torch.get_rng_state(), "log": run.log})
+                                 "rng": rundir.rng_states(run.device), "log": run.log})
 
 
 def read_adapter(spec, tensors=True):

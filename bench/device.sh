@@ -2,7 +2,7 @@
 # The bfloat16 path's GPU window in one script, for one device command of under 10 minutes on an
 # H200 (estimated: not run on a GPU yet). Three parts, each logged to $LOG/<part>.log as it runs
 # ($LOG: the device tool's $OUT where it is set, else runs/device) and cut at its own time limit
-# (seconds: T_GPU, T_HALT, T_EVALS), so that one slow part leaves the others their time; a part
+# (seconds: T_GPU, T_HALT, T_EVALS; 240, 210, 100), so that one slow part leaves the others their time; a part
 # that fails does not stop the next, and the exit code says whether any failed:
 #   gpu          bash bench/gpu.sh: the 1.7B shape's peaks, s/step, tokens/s and MFU at micro-batch 1
 #                and 16, with and without --checkpoint-activations, moments on the device and host
@@ -25,10 +25,11 @@ if [ "${SMALL:-0}" = 1 ]; then
     H=(--device cpu --preset SmolLM2-135M-Instruct --layers 2 --steps 2 --halt-after 3 --batch-size 2)
     E=(--device cpu --limit-piqa 4 --limit-hellaswag 4 --limit-gsm8k 2 --limit-gsm8k-lm-eval 0 --repeats 1)
 else
-    G=()
+    G=(--device cuda)
     H=(--device cuda --layers 12)
     E=(--device cuda)
 fi
+DATA=${DATA:-data}
 failed=""
 part() {   # part NAME SECONDS COMMAND...: 124 in its exit line is its time limit
     local name=$1 limit=$2 t=$SECONDS rc
@@ -46,9 +47,17 @@ print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_
     echo "error: $PY lacks a runtime package (requirements.txt); carry its wheels"
     exit 1
 }
+# what the window is for, checked before any part: a GPU that torch sees, the evaluation's data files
+if [ "${SMALL:-0}" != 1 ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "error: $PY's torch sees no CUDA device (a CPU-only wheel, or no driver); SMALL=1 runs the CPU check instead"
+    exit 1
+fi
+for t in piqa gsm8k; do
+    [ -d "$DATA/$t" ] || { echo "error: $DATA/$t: not there; the evals part needs PIQA's and GSM8k's files (DATA=folder)"; exit 1; }
+done
 part gpu "${T_GPU:-240}" bash bench/gpu.sh "${G[@]}"
 part halt_resume "${T_HALT:-210}" "$PY" bench/halt_resume.py "${H[@]}"
-part evals "${T_EVALS:-120}" "$PY" bench/bench_evals.py --ours-only --data-dir "${DATA:-data}" "${E[@]}"
+part evals "${T_EVALS:-100}" "$PY" bench/bench_evals.py --ours-only --data-dir "$DATA" "${E[@]}"
 if [ -n "$failed" ]; then
     echo "failed:$failed (their logs: $LOG)"
     exit 1

@@ -13,10 +13,12 @@ the gate reset of iteration 2):
   halted      the same with --halt-after K: it must stop there, resume.pt written, iter2 not yet
   resumed     rigsa.py train --resume on the halted run's folder
 and compares every tensor of both iterations' adapters and every logged loss. Each run has
-torch.use_deterministic_algorithms on (and CUBLAS_WORKSPACE_CONFIG set), since CUDA's attention
-backward may otherwise sum in another order from one run to the next; a loss that differs before
-the halt is said to be the device's run-to-run noise, not the resume's. Prints each run's wall time
-and the reference's last step line (tokens/s); exit 1 if anything differs or a run failed.
+torch.use_deterministic_algorithms(True) (and CUBLAS_WORKSPACE_CONFIG set), strict: CUDA's flash
+attention backward sums dQ with atomics, in another order from one run to the next, unless the
+deterministic mode is strict (warn_only only warns, and runs that kernel anyway); an op with no
+deterministic form then fails the run naming itself. A loss that differs before the halt is said
+to be the device's run-to-run noise, not the resume's. Prints each run's wall time and the
+reference's last step line (tokens/s); exit 1 if anything differs or a run failed.
 """
 import argparse
 import dataclasses
@@ -36,13 +38,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import model as M  # noqa: E402
 from lib import mnist  # noqa: E402
 from lib import tiny  # noqa: E402
+from lib import util  # noqa: E402
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
-# rigsa.py as its command line runs it, with deterministic kernels asked for (warn_only: an op
-# without a deterministic form runs anyway, and a difference it makes shows before the halt)
-DETERMINISTIC = ("import runpy, sys, torch; torch.use_deterministic_algorithms(True, warn_only=True); "
+# rigsa.py as its command line runs it, with deterministic kernels required (strict: see above)
+DETERMINISTIC = ("import runpy, sys, torch; torch.use_deterministic_algorithms(True); "
                  "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
@@ -77,7 +79,7 @@ def check(a, work):
                          f"{cfg.num_hidden_layers} layers; pass --layers fewer, or --work on a larger disk")
     t = time.perf_counter()
     tiny.write_tokenizer(mdir, 512)
-    tiny.write_random_checkpoint(mdir, cfg, seed=0)
+    tiny.write_random_checkpoint(mdir, cfg, seed=0, device=util.pick_device(a.device))   # a GPU: seconds, not a minute
     mnist.write_synthetic_mnist(os.path.join(data, "mnist"), n_train=200, n_test=8, size=28)
     print(f"{a.preset} shape, {cfg.num_hidden_layers} layers, random weights, written in {time.perf_counter() - t:.0f} s "
           f"to {work}; {a.device}, --dtype {a.dtype}, 2 iterations of {a.steps} steps of {a.batch_size} sequences, "
@@ -128,6 +130,8 @@ def main():
     a = ap.parse_args()
     if not 0 < a.halt_after < 2 * a.steps:
         raise SystemExit(f"--halt-after {a.halt_after}: must fall inside the {2 * a.steps} steps of the two iterations")
+    if a.work:
+        os.makedirs(a.work, exist_ok=True)
     work = a.work or tempfile.mkdtemp(prefix="halt_resume_")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a time limit's SIGTERM still cleans up below
     try:

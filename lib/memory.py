@@ -84,8 +84,9 @@ def adamw_step(opt):
                     st[k].copy_(buf, non_blocking=True)  # in stream order: the next copy into buf waits for it
                 else:
                     st[k], st[k + "_absmax"] = quantize_8bit(buf, CODES[k])
-    if host and torch.cuda.is_available():
-        torch.cuda.synchronize()  # the host copies are complete before anything reads them (a save)
+    if host:   # the host copies are complete before anything reads them (a save), on every device used
+        for dev in {p.device for group in opt.param_groups for p in group["params"] if p.is_cuda}:
+            torch.cuda.synchronize(dev)
 
 
 def _staging(opt, p):
@@ -200,10 +201,11 @@ def memory_plan(model, layers, device, amp, tokens):
 
 
 def capacity(device):
-    """Bytes the device can give this run: CUDA's free memory plus what this process already holds;
-    on the CPU, the available RAM plus this process's resident set."""
+    """Bytes the device can give this run: CUDA's free memory plus what this process's caching
+    allocator already holds (reserved, in use or not: mem_get_info counts neither as free); on the
+    CPU, the available RAM plus this process's resident set."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
     rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") if os.path.exists("/proc/self/statm") else 0
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") + rss
 

@@ -12,7 +12,8 @@ state is a dict of tensors.
   check_bases, run_dtype,  provenance: the base against --resume's run and --mask-like's adapter; --dtype
   check_data, begin        resolved once; the data files' hashes; config.json and metrics.jsonl at the start,
                            and a resumed run's place
-  save_resume, checkpoint  resume.pt, written whole or not at all; when the loop writes it and stops
+  save_resume, checkpoint  resume.pt, written whole or not at all; when the loop writes it and stops;
+  rng_states               every rank's random state in it (CPU and CUDA), restored rank by rank
   continue_command         the line that continues a run (--resume)
   run_lock                 one process writes a run directory at a time (<out>/LOCK)
   STOP, stop_on_signals    Ctrl-C / SIGTERM during training: finish the step, save, stop; on torchrun
@@ -295,7 +296,26 @@ def begin(run, started, hashes, resume=None):
                  f"its peak and does not decay to 0", file=sys.stderr)
     if resume is not None:
         run.start_iter, run.start_step, run.log, run.resume = resume["iteration"], resume["step"], resume["log"], resume
-        torch.set_rng_state(resume["rng"])
+        set_rng_states(resume["rng"], run.device)
+
+
+def rng_states(device):
+    """Every rank's random state (the dropout of --lora-dropout draws from it), in rank order: the
+    CPU's, and the CUDA device's where the run computes there. Every rank calls it (a gather)."""
+    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    return util.gather([mine])
+
+
+def set_rng_states(saved, device):
+    """This rank's state from rng_states() (rank 0's if the run had another number of processes:
+    then its draws cannot repeat anyway); a resume.pt of an earlier version holds the CPU's alone."""
+    if isinstance(saved, torch.Tensor):
+        return torch.set_rng_state(saved)
+    rank, ranks = util.world()
+    mine = saved[rank] if len(saved) == ranks else saved[0]
+    torch.set_rng_state(mine["cpu"])
+    if mine["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(mine["cuda"], device)
 
 
 def save_resume(out, state):

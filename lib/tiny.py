@@ -50,20 +50,23 @@ def write_tokenizer(path, vocab_size=512, texts=None, chat_template=CHAT_TEMPLAT
     return tok.get_vocab_size()
 
 
-def random_state_dict(cfg, seed=0, std=0.02, norm_jitter=0.0):
-    """Random weights for a config: N(0, std) matrices, norms 1 + jitter."""
+def random_state_dict(cfg, seed=0, std=0.02, norm_jitter=0.0, device="cpu"):
+    """Random weights for a config: N(0, std) matrices, norms 1 + jitter, drawn on `device` (a GPU
+    draws the 1.7B shape in a second where the CPU takes a minute; its numbers are not the CPU's)."""
     torch.manual_seed(seed)
-    m = M.Model(cfg)
+    with torch.device(device):
+        m = M.Model(cfg)
     with torch.no_grad():
         for n, p in m.named_parameters():
             p.copy_(1.0 + norm_jitter * torch.randn_like(p) if n.endswith("norm.weight") else std * torch.randn_like(p))
     return m.state_dict()
 
 
-def write_random_checkpoint(path, cfg, seed=0, std=0.02, norm_jitter=0.0, head_dim_in_config=True):
+def write_random_checkpoint(path, cfg, seed=0, std=0.02, norm_jitter=0.0, head_dim_in_config=True, device="cpu"):
     """Random weights for cfg in the official layout (bfloat16, as SmolLM2's own files)."""
     path = Path(path)
-    M.save_checkpoint(path, M.hf_config(cfg, head_dim_in_config), random_state_dict(cfg, seed, std, norm_jitter))
+    sd = {k: v.cpu() for k, v in random_state_dict(cfg, seed, std, norm_jitter, device).items()}
+    M.save_checkpoint(path, M.hf_config(cfg, head_dim_in_config), sd)
     (path / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}))
     return path

@@ -1,12 +1,17 @@
 """More of the low-precision path's rules, each a test that fails when its rule is broken: a bfloat16 run
-steps under bfloat16 autocast, an older run saved as "auto" resumes in float32 on any CPU, evaluation's
-log-softmax is float32 unless asked otherwise, and a run that does not fit names --checkpoint-activations
-as a fix (unless it is on). CPU only, tiny checkpoints written by the tests."""
+steps under bfloat16 autocast (every method, fresh and resumed, seen where the forward runs), IMP's
+prune and rewind on bfloat16 weights are float32's, --dtype auto is bfloat16 on CUDA and on a CPU that
+computes it (training and evaluation) and float32 elsewhere, an older run saved as "auto" resumes in
+float32 on any CPU, evaluation in bfloat16 applies the adapter and takes its log-softmax in float32
+unless asked otherwise, the demo trains in float32, and a run that does not fit names
+--checkpoint-activations as a fix (unless it is on). CPU only, tiny checkpoints written by the tests."""
 import json
 
 import pytest
 import torch
 
+import cli
+import model as M
 import rigsa
 from lib import memory
 from lib import mnist
@@ -108,3 +113,107 @@ def test_auto_keeps_a_float32_merge_in_float32(tiny_dir, tmp_path, monkeypatch):
             "--offline", "--limit", "2", "--output", str(out)])
     r = json.loads(out.read_text())
     assert r["dtype"] == "float32" and r["dtype_choice"].startswith("auto: a float32 merge"), r["dtype_choice"]
+
+
+def bf16_cfg(tiny_dir, tmp, **kw):
+    return tiny_cfg(tiny_dir, tmp, **{"dtype": "bfloat16", **kw})
+
+
+@pytest.mark.parametrize("method", ["rigsa", "lt-sft", "lora", "qlora"])
+def test_every_method_computes_in_bfloat16_under_autocast(tiny_dir, tmp_path, monkeypatch, method):
+    # gaps M1b, M9c, M11, M12, M12c: what each micro-batch's forward actually runs under, seen from
+    # inside accumulate (not the amp object handed to it), fresh and after a resume
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=8, size=8)
+    seen, batch_loss = [], rigsa.batch_loss
+
+    def spy(model, rows, pad_id, device):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                     model.model.embed_tokens.weight.dtype))
+        return batch_loss(model, rows, pad_id, device)
+    monkeypatch.setattr(rigsa, "batch_loss", spy)
+    kw = dict(method=method, steps=3)
+    if method in ("lora", "qlora"):
+        kw.update(rank=2, lora_lr=1e-2)
+    with one_thread():
+        assert rigsa.train(bf16_cfg(tiny_dir, tmp_path, halt_after=1, **kw)) is None
+        rigsa.train(rigsa.Config(out=str(tmp_path / "run"), resume=True))
+    assert len(seen) >= 4 and all(on and d == torch.bfloat16 and w == torch.bfloat16 for on, d, w in seen), seen
+
+
+def test_prune_and_rewind_in_bfloat16_equal_float32s(tiny_dir):
+    # gaps M7, M8: the IMP rule (sign-preserving, rewind to dW0) on bfloat16 weights is float32's
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        m, _ = M.load(tiny_dir, dtype=dtype)
+        layers = rigsa.install_adapters(m, rigsa.Config())
+        g = torch.Generator().manual_seed(0)
+        for L in layers.values():   # trained-looking deltas: some signs flipped
+            L.set_packed(None, L.delta.detach() + 0.05 * torch.randn(L.delta.shape, generator=g))
+        rigsa.prune(layers, 0.8)
+        out[dtype] = {n: (L.mask.clone(), L.delta.detach().clone(),
+                          L.init_delta().view(-1)[L.free_index()]) for n, L in layers.items()}
+    for n, (mask, delta, d0) in out[torch.bfloat16].items():
+        assert torch.equal(mask, out[torch.float32][n][0]), n          # the same entries kept
+        assert delta.dtype == torch.float32 and torch.equal(delta, d0), n   # rewound to dW0
+
+
+def test_auto_is_bfloat16_on_cuda_that_computes_it(monkeypatch):
+    # gap D4
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert util.auto_dtype("auto", "cuda") == (torch.bfloat16, "auto: CUDA")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert util.auto_dtype("auto", "cuda")[0] == torch.float32
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_evaluation_auto_follows_the_cpu(tiny_dir, tmp_path, monkeypatch, native):
+    # gap E5: evals/run.py --dtype auto (the default) gives bfloat16 only to a CPU that computes it
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=8, size=8)
+    out = tmp_path / "r.json"
+    R.main(["--task", "mnist", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-verify", "--offline",
+            "--limit", "2", "--output", str(out)])
+    r = json.loads(out.read_text())
+    assert (r["dtype"], r["dtype_choice"]) == (("bfloat16", "auto: AVX512-BF16") if native
+                                               else ("float32", "auto: no native bfloat16 on this cpu"))
+
+
+def test_evaluation_in_bfloat16_uses_the_adapter(tiny_dir, tmp_path):
+    # gap E1: test_evals.test_cli_adapter_in_memory, pinned to bfloat16: the adapter changes the scores
+    from test_evals import _write_data
+    _write_data(tmp_path)
+    model, tok = M.load(str(tiny_dir))
+    cfg = rigsa.Config(method="dense", model=str(tiny_dir))
+    for L in rigsa.install_adapters(model, cfg).values():
+        L.alpha.data.fill_(0.5)
+    rigsa.save_adapter(model, str(tmp_path / "iter1.safetensors"), cfg)
+    runs = {}
+    for name, extra in (("base", []), ("adapted", ["--adapter", str(tmp_path / "iter1")])):
+        out = tmp_path / f"{name}.json"
+        R.main(["--task", "piqa", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-verify", "--offline",
+                "--limit", "2", "--output", str(out), "--dtype", "bfloat16"] + extra)
+        runs[name] = json.loads(out.read_text())
+    got, base = (runs[k]["samples"][0]["loglikelihoods"] for k in ("adapted", "base"))
+    assert runs["adapted"]["dtype"] == "bfloat16" and all(abs(a - b) > 1e-2 for a, b in zip(got, base, strict=True))
+
+
+def test_the_log_softmax_itself_runs_in_float32(tiny_dir):
+    # gap E2b: not only the sums: each token's log-prob is float32's log_softmax of the bfloat16 logits
+    from evals import harness as H
+    m, _ = M.load(tiny_dir, dtype=torch.bfloat16)
+    h = torch.randn(5, m.lm_head.weight.shape[1], dtype=torch.bfloat16)
+    at, tg = torch.tensor([0, 1, 2, 3, 4]), torch.tensor([3, 7, 11, 13, 17])
+    lp, _ = H._cont_scores(m, h, at, tg, torch.float32)
+    want = torch.log_softmax(m.lm_head(h).float(), -1)[at, tg]
+    assert lp.dtype == torch.float32 and torch.equal(lp, want)
+
+
+def test_the_demo_trains_in_float32_by_default(tmp_path, monkeypatch):
+    # gap DM1
+    seen = []
+    monkeypatch.setattr(rigsa, "train", lambda cfg: seen.append(cfg.dtype) or [])
+    monkeypatch.setattr(rigsa, "mnist_accuracy", lambda *a, **k: (0.1, None))
+    cli.demo(str(tmp_path / "demo"))
+    assert seen == ["float32"]

@@ -108,18 +108,24 @@ def test_estimate_matches_what_autograd_saves(deep_dir, checkpoint):
         assert saved == pytest.approx(plain * 2, rel=0.005)
 
 
-def test_a_run_with_checkpointing_trains_the_same_adapters_and_may_resume_without(tiny_dir, tmp_path):
+def test_a_run_with_checkpointing_trains_the_same_adapters_and_may_resume_without(tiny_dir, tmp_path, monkeypatch):
     # the flag changes how the step runs, not what it computes: a run halted without it and continued
-    # with it (--resume may change it) ends with the plain run's adapters, bit for bit
+    # with it (--resume may change it) ends with the plain run's adapters, bit for bit; and it does
+    # reach the model: the decoder layers are checkpointed in the continued part only
+    import torch.utils.checkpoint as C
     from lib import mnist
     from conftest import one_thread
     from test_rigsa import tiny_cfg
     from safetensors.torch import load_file
+    calls, checkpoint = [], C.checkpoint
+    monkeypatch.setattr(C, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
     mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=8, size=8)
     with one_thread():
         rigsa.train(tiny_cfg(tiny_dir, tmp_path, out=str(tmp_path / "plain")))
         assert rigsa.train(tiny_cfg(tiny_dir, tmp_path, out=str(tmp_path / "ckpt"), halt_after=3)) is None
+        assert not calls
         rigsa.train(rigsa.Config(out=str(tmp_path / "ckpt"), resume=True, checkpoint_activations=True))
+    assert calls
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["config"]["checkpoint_activations"] is True
     for k in (1, 2):
         a, b = (load_file(tmp_path / d / f"iter{k}.safetensors") for d in ("plain", "ckpt"))

@@ -84,6 +84,7 @@ bench-distributed: .venv/.installed  ## 2 gloo processes against 1 (CPU): traini
 bench-precision: .venv/.installed  ## the bfloat16 training step (--dtype auto on such CPUs) against float32's, 135M shape, CPU
 	$(PY) bench/bench_precision.py
 	$(PY) bench/bench_precision.py --part attention,profile
+	$(PY) bench/bench_precision.py --part loop --loop-steps 2
 
 bench-checkpoint: .venv/.installed  ## --checkpoint-activations: saved bytes and step time (135M shape), the 1.7B projection per card
 	$(PY) bench/bench_checkpoint.py

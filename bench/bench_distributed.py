@@ -43,6 +43,8 @@ def main():
     ap.add_argument("--layers", type=int, default=4, help="decoder layers of the 135M shape [default: 4]")
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps (batch 4, micro-batch 1) [default: 6]")
     ap.add_argument("--docs", type=int, default=40, help="PIQA-shaped documents evaluated [default: 40]")
+    ap.add_argument("--dtype", default="float32", help="rigsa.py's and evals/run.py's --dtype [default: float32, as the "
+                    "recorded tables; auto: bfloat16 on a CPU that computes it]")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         texts = ["".join(str(i % 10) for i in range(28)) + "\n", "Question: How do I open a jar? Answer: twist the lid"]
@@ -60,11 +62,11 @@ def main():
         with open(os.path.join(tmp, "data", "piqa", "valid-labels.lst"), "w") as f:
             f.write("".join(f"{i % 2}\n" for i in range(a.docs)))
         train = ["train", "--model", os.path.join(tmp, "m"), "--data-dir", os.path.join(tmp, "data"), "--device", "cpu",
-                 "--offline", "--no-verify", "--method", "rigsa", "--iters", "1", "--steps", str(a.steps), "--warmup", "2",
+                 "--dtype", a.dtype, "--offline", "--no-verify", "--method", "rigsa", "--iters", "1", "--steps", str(a.steps), "--warmup", "2",
                  "--batch-size", "4", "--micro-batch", "1", "--limit", "2", "--no-eval-test", "--save-every", "0",
                  "--log-every", str(a.steps)]
         ev = ["--task", "piqa", "--model", os.path.join(tmp, "m"), "--data-dir", os.path.join(tmp, "data"),
-              "--no-verify", "--offline", "--batch-size", "8"]
+              "--no-verify", "--offline", "--batch-size", "8", "--dtype", a.dtype]
         t = {}
         for n in (1, 2):
             t["train", n] = run(n, "rigsa.py", train + ["--out", os.path.join(tmp, f"run{n}")], tmp)
@@ -77,7 +79,7 @@ def main():
         ev = {n: json.load(open(os.path.join(tmp, f"ev{n}.json"))) for n in (1, 2)}
     loop2 = a.steps * 4 * T / last[2]["tok_s"]                   # seconds of the 2-process training loop
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
-          f"{a.layers} layers of the 135M shape, {a.steps} steps of 4 sequences of {T} tokens (micro-batch 1); "
+          f"{a.dtype}, {a.layers} layers of the 135M shape, {a.steps} steps of 4 sequences of {T} tokens (micro-batch 1); "
           f"PIQA-shaped, {a.docs} documents\n")
     print("| work | 1 process (1 thread) | 2 gloo processes (1 thread each) | speed-up | all-reduce share |")
     print("|---|---:|---:|---:|---:|")

@@ -22,6 +22,10 @@ rates; a dense bfloat16 product against torch's CSR one at three densities (850x
 (after two warm-up steps): GEMMs, flash attention (forward and backward) and the rest, self time.
 --part attention: one layer's causal attention over --tokens tokens, forward and backward, in both
 dtypes: SDPA with enable_gqa (model.py), with K/V expanded, and the math backend.
+--part loop: `rigsa.py train` itself, as a user runs it, in float32 and in bfloat16, one after the
+other: a random --preset checkpoint, synthetic digits, one IMP iteration of --loop-steps optimizer
+steps of 16 sequences (--micro-batch, default the paper's 1: AdamW once per 16 sequences, where the
+step table above runs it after every sequence); tokens/s as the run logs it (its last step's).
 """
 import argparse
 import os
@@ -165,14 +169,53 @@ def attention_part(a):
         print(f"| {name} | {ms[0]:.1f} | {ms[1]:.1f} |")
 
 
+def loop_part(a):
+    import dataclasses
+    import json
+    import subprocess
+    import tempfile
+    from lib import mnist, tiny
+    cfg = M.PRESETS[a.preset]
+    if a.layers:
+        cfg = dataclasses.replace(cfg, num_hidden_layers=a.layers)
+    repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    with tempfile.TemporaryDirectory(prefix="bench_loop_") as work:
+        mdir, data = os.path.join(work, "model"), os.path.join(work, "data")
+        tiny.write_tokenizer(mdir, 512)                      # digits one per token, as SmolLM2's
+        tiny.write_random_checkpoint(mdir, cfg, seed=0)
+        mnist.write_synthetic_mnist(os.path.join(data, "mnist"), n_train=16 * a.loop_steps + 40, n_test=4, size=28)
+        tok = M.load_tokenizer(mdir)
+        T = len(rigsa.encode_example(tok, [[0] * 28] * 28, 0, rigsa.digit_ids(tok), rigsa.end_id(tok))[0])
+        print(f"\n| rigsa.py train, {a.loop_steps} steps of 16 sequences of {T} tokens, --micro-batch {a.micro_batch} "
+              f"| s/step | tokens/s (the run's log) | x float32 |\n|---|---:|---:|---:|")
+        res = {}
+        for dt in ("float32", "bfloat16"):
+            out = os.path.join(work, dt)
+            t = time.perf_counter()
+            p = subprocess.run([sys.executable, os.path.join(repo, "rigsa.py"), "train", "--model", mdir,
+                                "--data-dir", data, "--offline", "--no-verify", "--dtype", dt, "--iters", "1",
+                                "--steps", str(a.loop_steps), "--micro-batch", str(a.micro_batch), "--val-frac", "0.02",
+                                "--limit", "4", "--log-every", "1", "--out", out],
+                               cwd=repo, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            if p.returncode:
+                raise SystemExit(f"rigsa.py train --dtype {dt} failed:\n" + (p.stdout + p.stderr)[-3000:])
+            log = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+            steps = [r for r in log if "tok_s" in r]
+            res[dt] = steps[-1]["tok_s"]
+            print(f"| {dt} | {16 * T / res[dt]:.1f} | {res[dt]:.0f} | {res[dt] / res['float32']:.2f} |"
+                  f"  <!-- whole run {time.perf_counter() - t:.0f} s -->", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="SmolLM2-135M-Instruct", choices=list(M.PRESETS))
     ap.add_argument("--layers", type=int, default=0, help="keep only the first N decoder layers (0: all)")
     ap.add_argument("--tokens", type=int, default=850)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--part", default="step,dx,gemm", help="which tables: step, dx, gemm, profile, attention "
-                    "[default: step,dx,gemm]")
+    ap.add_argument("--part", default="step,dx,gemm", help="which tables: step, dx, gemm, profile, attention, "
+                    "loop [default: step,dx,gemm]")
+    ap.add_argument("--loop-steps", type=int, default=3, help="--part loop: optimizer steps per run")
+    ap.add_argument("--micro-batch", type=int, default=1, help="--part loop: rigsa.py's --micro-batch")
     a = ap.parse_args()
     util.keep_freed_memory()
     parts = a.part.split(",")
@@ -184,6 +227,8 @@ def main():
         attention_part(a)
     if "profile" in parts:
         profile_part(a)
+    if "loop" in parts:
+        loop_part(a)
     if "step" not in parts:
         return
     if a.layers:

@@ -25,7 +25,8 @@ dtypes: SDPA with enable_gqa (model.py), with K/V expanded, and the math backend
 --part loop: `rigsa.py train` itself, as a user runs it, in float32 and in bfloat16, one after the
 other: a random --preset checkpoint, synthetic digits, one IMP iteration of --loop-steps optimizer
 steps of 16 sequences (--micro-batch, default the paper's 1: AdamW once per 16 sequences, where the
-step table above runs it after every sequence); tokens/s as the run logs it (its last step's).
+step table above runs it after every sequence); tokens/s as the run logs it: its average over the
+steps so far (the last logged line), the first step's warm-up included.
 """
 import argparse
 import os
@@ -187,7 +188,7 @@ def loop_part(a):
         tok = M.load_tokenizer(mdir)
         T = len(rigsa.encode_example(tok, [[0] * 28] * 28, 0, rigsa.digit_ids(tok), rigsa.end_id(tok))[0])
         print(f"\n| rigsa.py train, {a.loop_steps} steps of 16 sequences of {T} tokens, --micro-batch {a.micro_batch} "
-              f"| s/step | tokens/s (the run's log) | x float32 |\n|---|---:|---:|---:|")
+              f"| s/step | tokens/s (the run's average) | x float32 |\n|---|---:|---:|---:|")
         res = {}
         for dt in ("float32", "bfloat16"):
             out = os.path.join(work, dt)

@@ -80,6 +80,8 @@ def check(a, work):
     t = time.perf_counter()
     tiny.write_tokenizer(mdir, 512)
     tiny.write_random_checkpoint(mdir, cfg, seed=0, device=util.pick_device(a.device))   # a GPU: seconds, not a minute
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()   # the runs below see the device's memory as a user's run would
     mnist.write_synthetic_mnist(os.path.join(data, "mnist"), n_train=200, n_test=8, size=28)
     print(f"{a.preset} shape, {cfg.num_hidden_layers} layers, random weights, written in {time.perf_counter() - t:.0f} s "
           f"to {work}; {a.device}, --dtype {a.dtype}, 2 iterations of {a.steps} steps of {a.batch_size} sequences, "

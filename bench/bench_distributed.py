@@ -43,7 +43,7 @@ def main():
     ap.add_argument("--layers", type=int, default=4, help="decoder layers of the 135M shape [default: 4]")
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps (batch 4, micro-batch 1) [default: 6]")
     ap.add_argument("--docs", type=int, default=40, help="PIQA-shaped documents evaluated [default: 40]")
-    ap.add_argument("--dtype", default="float32", help="rigsa.py's and evals/run.py's --dtype [default: float32, as the "
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"], help="rigsa.py's and evals/run.py's --dtype [default: float32, as the "
                     "recorded tables; auto: bfloat16 on a CPU that computes it]")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

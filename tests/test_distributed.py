@@ -109,6 +109,17 @@ def test_each_process_resumes_its_own_random_state(tiny_dir, data, tmp_path):
     assert losses[0] == losses[1]
 
 
+def test_a_resume_pt_of_either_form_restores_the_random_state():
+    # rng_states' per-rank list (here one process), and an earlier version's bare CPU state
+    from lib import rundir
+    cpu = torch.device("cpu")
+    for form in (rundir.rng_states, lambda _: torch.get_rng_state()):
+        saved = form(cpu)
+        want = torch.rand(4)
+        rundir.set_rng_states(saved, cpu)
+        assert torch.equal(torch.rand(4), want)
+
+
 def test_evaluation_on_two_processes_equals_one(tiny_dir, tmp_path):
     # documents sharded across ranks, the few-shot draws over all of them first (1 shot: 2 would pass the tiny
     # model's 2,048 positions), rank 0 gathering:

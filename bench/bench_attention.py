@@ -7,14 +7,18 @@ cache of random keys and values whose rows have GSM8k-like lengths.
     python bench/bench_attention.py [--rows 128] [--lengths 839,1548] [--threads 2,1] [--dtype bfloat16]
 
 1. A decode step of model.py (one new token for every row, lm_head and argmax included), timed,
-   and split by torch.profiler into attention (SDPA), matmuls and the rest.
+   and split by torch.profiler into attention, the weight matmuls and the rest; in bfloat16 on a
+   CPU where it is exact (model.exact_bf16_scores), once with each of model.py's decode attentions:
+   attend_bf16 (what KVCache runs there) and SDPA (what it runs elsewhere).
 2. One step's attention alone (30 layers, the step's blocks of DECODE_GROUP rows, each over its
-   own longest row) written three ways, in GB/s of keys and values read: a plain sum over the same
-   slices (the memory's streaming rate), SDPA as model.py calls it, and q @ K^T, softmax, @ V as
-   batched matmuls; with 2 and 1 threads, which tells a per-core limit from a memory-bus one.
-3. With --dtype bfloat16: how far each of the two from part 2 lands from float32 attention over the
-   same (rounded) keys and values. The matmul form rounds the scores q K^T to bfloat16 (a CPU
-   bfloat16 matmul returns bfloat16); SDPA keeps them in float32.
+   own longest row) written up to four ways, in GB/s of keys and values read: a plain sum over the
+   same slices (the memory's streaming rate; a bfloat16 sum is slow in itself), SDPA as model.py
+   calls it, q @ K^T, softmax, @ V as batched matmuls, and model.attend_bf16; with 2 and 1 threads,
+   which tells a per-core limit from a memory-bus one.
+3. With --dtype bfloat16: how far each form lands from float32 attention over the same (rounded)
+   keys and values. The plain matmul form rounds the scores q K^T to bfloat16 (a CPU bfloat16
+   matmul returns bfloat16); SDPA keeps them in float32, and attend_bf16 recovers them with a
+   second GEMM.
 """
 import argparse
 import os
@@ -59,14 +63,14 @@ def main():
     model.load_state_dict(tiny.random_state_dict(cfg, seed=0))
     model.to(dt)
     lens = torch.linspace(hi, lo, B).round().long()     # longest first, as generate_ids orders rows
-    cache = M.KVCache(cfg, B, hi + 1, "cpu", dt)
-    for buf in cache.k + cache.v:
+    cache = M.KVCache(cfg, B, (lens + 1).tolist(), "cpu", dt)   # each block's buffer: its longest row + 1
+    for buf in cache.buffers():
         buf.normal_()
     kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dt.itemsize * int(lens.sum())
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}; "
           f"{a.preset}, {B} rows, {lo}-{hi} filled slots, {kv_bytes / 1e9:.2f} GB of keys and values a step, {a.dtype}")
 
-    # 1. the real decode step, and its split
+    # 1. the real decode step, and its split; in bfloat16 with both of model.py's attentions
     nxt = torch.randint(0, cfg.vocab_size, (B, 1))
 
     @torch.inference_mode()
@@ -75,42 +79,53 @@ def main():
         h = model(nxt, hidden_only=True, cache=cache)
         return model.lm_head(h[:, -1]).max(-1).indices
 
-    t = timeit(step, a.repeats)
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
-    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
-    total = sum(self_us.values())
-    attn = sum(v for k, v in self_us.items() if "scaled_dot_product" in k)
-    mm = sum(v for k, v in self_us.items() if k in ("aten::mm", "aten::addmm", "aten::bmm"))
-    print(f"decode step: {t * 1000:.0f} ms, {t / B * 1000:.2f} ms a row; attention {attn / total:.0%}, "
-          f"matmuls {mm / total:.0%}, the rest {(total - attn - mm) / total:.0%} (profiler, self time)")
+    for fused in sorted({cache.fused, False}, reverse=True):
+        cache.fused = fused
+        t = timeit(step, a.repeats)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+        total = sum(self_us.values())
+        attn = sum(v for k, v in self_us.items() if "scaled_dot_product" in k or k in ("aten::bmm", "aten::baddbmm"))
+        mm = sum(v for k, v in self_us.items() if k in ("aten::mm", "aten::addmm"))
+        print(f"decode step, attention by {'attend_bf16' if fused else 'SDPA'}: {t * 1000:.0f} ms, {t / B * 1000:.2f} ms a row; "
+              f"attention's GEMMs or kernel {attn / total:.0%}, weight matmuls {mm / total:.0%}, the rest "
+              f"{(total - attn - mm) / total:.0%} (profiler, self time)")
+    cache.fused = M.KVCache(cfg, 1, 1, "cpu", dt).fused
 
-    # 2. one step's attention alone, three ways
+    # 2. one step's attention alone (every layer, every block over its longest row), four ways
     g, hd = cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
     q = torch.randn(B, cfg.num_key_value_heads, g, hd).to(dt)
     blocks = []
-    for s in range(0, B, M.DECODE_GROUP):
-        n = min(M.DECODE_GROUP, B - s)
+    for j, (s, n) in enumerate(cache.blocks):
         S = int(lens[s:s + n].max())
         m = (torch.arange(S) < lens[s:s + n, None])[:, None, None, :]           # (n, 1, 1, S)
-        blocks.append((s, n, S, m, torch.zeros(m.shape, dtype=dt).masked_fill(~m, float("-inf"))))
+        blocks.append((j, s, n, S, m, torch.zeros(m.shape, dtype=dt).masked_fill(~m, float("-inf"))))
 
-    def read(l, s, n, S, m, fm):
-        return cache.k[l][s:s + n, :, :S].sum() + cache.v[l][s:s + n, :, :S].sum()
+    def read(l, j, s, n, S, m, fm):
+        return cache.k[l][j][:, :, :S].sum() + cache.v[l][j][:, :, :S].sum()
 
-    def sdpa(l, s, n, S, m, fm):  # model.KVCache.attend's decode call
-        k, v = cache.k[l][s:s + n, :, :S], cache.v[l][s:s + n, :, :S]
+    def sdpa(l, j, s, n, S, m, fm):  # model.KVCache.attend's decode call where it is not fused
+        k, v = cache.k[l][j][:, :, :S], cache.v[l][j][:, :, :S]
         return F.scaled_dot_product_attention(q[s:s + n], k, v, attn_mask=m)
 
-    def bmm(l, s, n, S, m, fm):
-        w = torch.softmax(q[s:s + n] * hd ** -0.5 @ cache.k[l][s:s + n, :, :S].transpose(-1, -2) + fm, -1)
-        return w @ cache.v[l][s:s + n, :, :S]
+    def bmm(l, j, s, n, S, m, fm):
+        w = torch.softmax(q[s:s + n] * hd ** -0.5 @ cache.k[l][j][:, :, :S].transpose(-1, -2) + fm, -1)
+        return w @ cache.v[l][j][:, :, :S]
 
+    def fused(l, j, s, n, S, m, fm):  # model.attend_bf16: the block's whole buffer (here S + 1 slots)
+        k, v = cache.k[l][j], cache.v[l][j]
+        ok = (torch.arange(k.shape[2]) < lens[s:s + n, None])[:, None, None, :]
+        return M.attend_bf16(q[s:s + n], k, v, torch.zeros(ok.shape).masked_fill(~ok, float("-inf")))
+
+    ways = [("plain read", read), ("SDPA", sdpa), ("batched matmuls", bmm)]
+    if cache.fused:
+        ways.append(("attend_bf16", fused))
     for th in threads:
         torch.set_num_threads(th)
         row = []
-        for name, f in (("plain read", read), ("SDPA (model.py)", sdpa), ("batched matmuls", bmm)):
+        for name, f in ways:
             with torch.inference_mode():
                 t = timeit(lambda: [f(l, *blk) for l in range(cfg.num_hidden_layers) for blk in blocks], a.repeats)
             row.append(f"{name} {kv_bytes / t / 1e9:.1f} GB/s ({t * 1000:.0f} ms)")
@@ -120,16 +135,17 @@ def main():
     # the first block of the first layer, with queries scaled so that the scores spread as a trained
     # model's do (std 1, 3 and 6: the larger, the more a rounded score moves the softmax)
     if dt != torch.float32:
-        s0, n, S, m, fm = blocks[0]
-        k, v = cache.k[0][s0:s0 + n, :, :S], cache.v[0][s0:s0 + n, :, :S]
+        j, s0, n, S, m, fm = blocks[0]
+        k, v = cache.k[0][j][:, :, :S].contiguous(), cache.v[0][j][:, :, :S].contiguous()
         for spread in (1, 3, 6):
             qs = (q[s0:s0 + n].float() * spread).to(dt)
             ref = F.scaled_dot_product_attention(qs.float(), k.float(), v.float(), attn_mask=m)
             err = lambda y: ((y.float() - ref).norm() / ref.norm()).item()   # noqa: E731
             sd = F.scaled_dot_product_attention(qs, k, v, attn_mask=m)
             mm = torch.softmax((qs * hd ** -0.5 @ k.transpose(-1, -2)).float() + fm.float(), -1).to(dt) @ v
+            two = f", attend_bf16 {err(M.attend_bf16(qs, k, v, fm.float())):.1e}" if M.exact_bf16_scores() else ""
             print(f"score spread {spread}: relative error against float32, SDPA {err(sd):.1e}, batched matmuls "
-                  f"(the softmax in float32) {err(mm):.1e}")
+                  f"(the softmax in float32) {err(mm):.1e}{two}")
 
 
 if __name__ == "__main__":

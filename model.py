@@ -11,7 +11,6 @@ nothing of adapters, tasks or benchmarks. Shapes: B batch, T time, C hidden, nh 
 nkv key/value heads, hd head dim, V vocab.
 """
 import copy
-import functools
 import hashlib
 import json
 import os
@@ -133,74 +132,27 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
-DECODE_GROUP = 16  # decoding rows attend in blocks of this many, each over its own block's slots only
-
-
-@functools.cache
-def exact_bf16_scores():
-    """Whether this CPU's bfloat16 baddbmm adds its input before it rounds (oneDNN applies a sum in
-    float32): then q k - bf16(q k), in one more GEMM, holds the bits that a bfloat16 score loses, and
-    decoding attends with float32-accurate scores at the bfloat16 GEMMs' speed (KVCache.attend).
-    Checked once, on the shapes and layout decoding uses: q k = 1 + 2^-10 rounds to 1 in bfloat16, and
-    the second GEMM must give 2^-10 exactly; where it does not, decoding keeps SDPA."""
-    q = torch.zeros(4, 3, 64, dtype=torch.bfloat16)
-    q[..., 0], q[..., 1] = 1.0, 2.0 ** -10
-    k = torch.zeros(4, 128, 64, dtype=torch.bfloat16)
-    k[..., :2] = 1.0
-    k = k.transpose(1, 2)                                                   # (4, 64, 128), as attend's K^T
-    r = torch.bmm(q, k)                                                     # (4, 3, 128): all 1.0
-    return bool((r == 1).all()) and bool((torch.baddbmm(r, q, k, beta=-1) == 2.0 ** -10).all())
-
-
-def attend_bf16(q, K, V, bias):
-    """Decoding attention of a block on the CPU in bfloat16, with float32-accurate scores (SDPA keeps
-    its scores in float32 too, but calls its GEMMs per row and head, slower than the whole block's
-    batched GEMMs; BENCHMARKS.md). q (n, nkv, g, hd), K and V (n, nkv, S, hd) contiguous, bias (n, 1, 1, S)
-    float32, 0 where a slot is visible and -inf where not (an added mask: a broadcast masked_fill is
-    several times slower) -> (n, nkv, g, hd). A bfloat16 GEMM rounds each score to 8 bits (0.06
-    at 20, which moves a softmax weight by 6%), so the scores take two: r = bf16(q K^T), then
-    bf16(q K^T - r), summed in float32 (exact_bf16_scores). The weights are rounded to bfloat16 for
-    the product with V, as SDPA's kernel does."""
-    n, nkv, g, hd = q.shape
-    S = K.shape[2]
-    q3, k3 = q.reshape(n * nkv, g, hd), K.view(n * nkv, S, hd).transpose(1, 2)   # (n nkv, g, hd), (n nkv, hd, S)
-    r = torch.bmm(q3, k3)                                                   # (n nkv, g, S) bfloat16
-    s = torch.baddbmm(r, q3, k3, beta=-1).float().add_(r)                   # q K^T, float32-accurate
-    s = torch.add(bias, s.view(n, nkv, g, S), alpha=hd ** -0.5)              # (n, nkv, g, S) scaled, masked
-    p = torch.softmax(s, dim=-1).to(q.dtype)                                # (n, nkv, g, S)
-    return torch.bmm(p.view(n * nkv, g, S), V.view(n * nkv, S, hd)).view(n, nkv, g, hd)
+DECODE_GROUP = 16  # decoding rows attend in blocks of this many, each over its own longest row only
 
 
 class KVCache:
-    """Static key/value buffers in KV-head space. Row b holds its own tokens in slots 0 .. len[b]-1,
-    with no padding in between: prompts of different lengths are prefilled one by one (row(i)) and
-    then decode side by side, each new token written at its row's own next slot. Rows come in blocks
-    of DECODE_GROUP (filled in order of length), and each block has its own buffers, k[layer][j] and
-    v[layer][j] of (rows, nkv, slots, hd), as many slots as its longest row may fill: a block reads
-    few slots beyond its own rows', and on the CPU it is one contiguous tensor, so one batched GEMM
-    (attend_bf16). `blocks` lists each block's first row and how many of its rows are live, always
-    its first ones; the live rows, block after block, are the batch. A forward pass calls prepare()
-    before the layers, attend() in each layer and advance() after them."""
+    """Static per-layer key/value buffers in KV-head space, (B, nkv, Smax, hd). Row b holds its
+    own tokens in slots 0 .. len[b]-1, with no padding in between: prompts of different lengths
+    are prefilled one by one (row(i)) and then decode side by side, each new token written at its
+    row's own next slot. Decoding rows attend in blocks of DECODE_GROUP rows (filled in order of
+    length, so a block reads few slots beyond its own rows'). `blocks` lists each block's first
+    row and how many of its rows are live, always its first ones; the live rows, block after
+    block, are the batch. A forward pass calls prepare() before the layers, attend() in each
+    layer and advance() after them."""
     def __init__(self, cfg, batch_size, max_len, device, dtype):
-        # max_len: the slots a row may fill, one number for every row or a list of one per row
-        cap = [max_len] * batch_size if isinstance(max_len, int) else list(max_len)
-        if len(cap) != batch_size:
-            raise ValueError(f"max_len has {len(cap)} rows, the batch {batch_size}")
-        self.group = DECODE_GROUP
-        self.blocks = [[a, min(self.group, batch_size - a)] for a in range(0, batch_size, self.group)]
-        shapes = [(n, cfg.num_key_value_heads, max(cap[a:a + n]), cfg.head_dim) for a, n in self.blocks]
-        self.k = [[torch.zeros(s, device=device, dtype=dtype) for s in shapes] for _ in range(cfg.num_hidden_layers)]
-        self.v = [[torch.zeros(s, device=device, dtype=dtype) for s in shapes] for _ in range(cfg.num_hidden_layers)]
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.len = torch.zeros(batch_size, dtype=torch.long, device=device)  # filled slots per row
-        # decoding's attention: attend_bf16 where it is exact (bfloat16 on this CPU), else SDPA
-        self.fused = torch.device(device).type == "cpu" and dtype == torch.bfloat16 and exact_bf16_scores()
+        self.blocks = [[a, min(DECODE_GROUP, batch_size - a)] for a in range(0, batch_size, DECODE_GROUP)]
         # the current step's placement, set by prepare(): cache rows (B,), their first free slot (B,),
-        # and each block's (batch offset, block, rows, slots to read, mask: SDPA's boolean, attend_bf16's added)
+        # and for decoding the blocks' (batch offset, first row, rows, slots to read, mask)
         self.rows, self.start, self.plan = None, None, []
-
-    def buffers(self):
-        """Every key and value buffer: (rows, nkv, slots, hd) each."""
-        return [b for per_layer in self.k + self.v for b in per_layer]
 
     def live(self):
         """The cache rows of the batch's rows, in batch order."""
@@ -208,10 +160,9 @@ class KVCache:
 
     def row(self, i):
         """Row i as a batch-1 cache on the same buffers: prefilling it fills the batch's row in place."""
-        j, o = divmod(i, self.group)
         c = copy.copy(self)
-        c.k, c.v = [[k[j][o:o + 1]] for k in self.k], [[v[j][o:o + 1]] for v in self.v]
-        c.len, c.blocks = self.len[i:i + 1], [[0, 1]]
+        c.k, c.v, c.len = [k[i:i + 1] for k in self.k], [v[i:i + 1] for v in self.v], self.len[i:i + 1]
+        c.blocks = [[0, 1]]
         return c
 
     def drop(self, rows):
@@ -222,13 +173,12 @@ class KVCache:
         gone, moved = set(rows), {}
         for blk in self.blocks:
             a, n = blk
-            bufs = [b[a // self.group] for b in self.k + self.v]
             live = [r for r in range(a, a + n) if r not in gone]
             holes = [r for r in range(a, a + len(live)) if r in gone]
             for dst, src in zip(holes, [r for r in live if r >= a + len(live)]):
                 used = int(self.len[src])
-                for buf in bufs:
-                    buf[dst - a, :, :used] = buf[src - a, :, :used]
+                for buf in self.k + self.v:
+                    buf[dst, :, :used] = buf[src, :, :used]
                 self.len[dst] = self.len[src]
                 moved[src] = dst
             blk[1] = len(live)
@@ -247,43 +197,35 @@ class KVCache:
         self.start = self.len[self.rows]                                        # (B,) first free slot
         if T > 1 and bool(self.start.any()):
             raise ValueError("a multi-token input to a KV cache must fill empty rows (a prompt's prefill)")
-        # each block of rows attends over the slots its longest row has filled (SDPA), or over all of
-        # its slots (attend_bf16: a contiguous tensor); a (n, 1, 1, S) mask hides the rest from each row.
-        # One host sync per step
-        ends, self.plan, i = self.len.tolist(), [], 0
-        for a, n in self.blocks:
-            j = a // self.group
-            S = self.k[0][j].shape[2] if self.fused else max(ends[a:a + n]) + 1
-            m = None if T > 1 or (not self.fused and min(ends[a:a + n]) + 1 == S) else \
-                (torch.arange(S, device=dev) <= self.len[a:a + n, None])[:, None, None, :]
-            if m is not None and self.fused:    # attend_bf16's added mask: 0 or -inf
-                m = torch.zeros(m.shape, device=dev).masked_fill_(~m, float("-inf"))
-            self.plan.append((i, j, n, S, m))
-            i += n
+        if T == 1:
+            # each block of rows attends over the slots its longest row has filled; a
+            # (n, 1, 1, S) mask hides the rest from shorter rows. One host sync per step
+            ends, self.plan, i = self.len.tolist(), [], 0
+            for a, n in self.blocks:
+                S = max(ends[a:a + n]) + 1
+                m = None if min(ends[a:a + n]) + 1 == S else \
+                    (torch.arange(S, device=dev) <= self.len[a:a + n, None])[:, None, None, :]
+                self.plan.append((i, a, n, S, m))
+                i += n
         return self.start[:, None] + torch.arange(T, device=dev)
 
     def attend(self, layer, q, k, v):
         """Store this layer's new keys and values, then attend. q (B, nh, T, hd), k, v (B, nkv, T, hd)
         -> (B, nh, T, hd)."""
+        K, V = self.k[layer], self.v[layer]                                     # (B, nkv, Smax, hd)
         B, nh, T, hd = q.shape
-        nkv = k.shape[1]
+        nkv = K.shape[1]
         if T > 1:  # prefill of empty rows: store, then attend to its own k, v (the causal kernel)
-            for i, j, n, _, _ in self.plan:
-                self.k[layer][j][:n, :, :T], self.v[layer][j][:n, :, :T] = k[i:i + n], v[i:i + n]
+            K[:, :, :T], V[:, :, :T] = k, v
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nkv != nh)
-        # The g query heads of KV group j become g query rows of that group, so attention runs over
-        # nkv heads: no K/V expansion, and faster on CPU than enable_gqa with a mask
+        K[self.rows, :, self.start], V[self.rows, :, self.start] = k[:, :, 0], v[:, :, 0]
+        # a block of rows reads only the slots its longest row has filled, not the batch's longest.
+        # The g query heads of KV group j become g query rows of that group, so SDPA sees plain
+        # attention over nkv heads: no K/V expansion, and faster on CPU than enable_gqa with a mask
         qg = q.reshape(B, nkv, nh // nkv, hd)                                   # (B, nkv, g, hd)
-        ys = []
-        for i, j, n, S, m in self.plan:
-            K, V = self.k[layer][j][:n], self.v[layer][j][:n]                   # (n, nkv, slots, hd)
-            r, at = torch.arange(n, device=k.device), self.start[i:i + n]
-            K[r, :, at], V[r, :, at] = k[i:i + n, :, 0], v[i:i + n, :, 0]
-            if self.fused:
-                ys.append(attend_bf16(qg[i:i + n], K, V, m))
-            else:
-                ys.append(F.scaled_dot_product_attention(qg[i:i + n], K[:, :, :S], V[:, :, :S], attn_mask=m))
-        return torch.cat(ys).reshape(B, nh, 1, hd)
+        y = torch.cat([F.scaled_dot_product_attention(qg[i:i + n], K[a:a + n, :, :S], V[a:a + n, :, :S], attn_mask=m)
+                       for i, a, n, S, m in self.plan])                        # (B, nkv, g, hd)
+        return y.reshape(B, nh, 1, hd)
 
     def advance(self, T):
         """After the layers: the T tokens now fill their slots."""
@@ -844,8 +786,8 @@ def generate_ids(model, prompts, max_new_tokens, eos_id, stop_fn=None):
     stop_fn(row_index, new_ids) is true; finished rows leave the batch (KVCache.drop). Returns
     the new ids of each row (eos not included).
     The model's limit is kept: a row stops when its prompt and new tokens fill max_position_embeddings
-    (transformers' generate with max_length = that), so a row needs min(its prompt + max_new_tokens,
-    max_position_embeddings) slots whatever max_new_tokens is (a block of rows, its longest's). A prompt that leaves no
+    (transformers' generate with max_length = that), so the KV cache needs min(longest prompt +
+    max_new_tokens, max_position_embeddings) slots whatever max_new_tokens is. A prompt that leaves no
     room is a ValueError (callers left-truncate, as evals/run.py does for GSM8k)."""
     dev = model.lm_head.weight.device
     P = model.config.max_position_embeddings
@@ -853,7 +795,7 @@ def generate_ids(model, prompts, max_new_tokens, eos_id, stop_fn=None):
     if L >= P:
         raise ValueError(f"a prompt of {L} tokens leaves no room to generate in the model's {P} positions; shorten it")
     lim = [min(max_new_tokens, P - len(p)) for p in prompts]                 # new tokens each row may make
-    cache = KVCache(model.config, B, [min(len(p) + max_new_tokens, P) for p in prompts], dev, model.lm_head.weight.dtype)
+    cache = KVCache(model.config, B, min(L + max_new_tokens, P), dev, model.lm_head.weight.dtype)
     last = []
     for i, p in enumerate(prompts):
         h = model(torch.tensor([p], device=dev), hidden_only=True, cache=cache.row(i))   # (1, len, C)

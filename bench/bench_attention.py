@@ -7,18 +7,18 @@ cache of random keys and values whose rows have GSM8k-like lengths.
     python bench/bench_attention.py [--rows 128] [--lengths 839,1548] [--threads 2,1] [--dtype bfloat16]
 
 1. A decode step of model.py (one new token for every row, lm_head and argmax included), timed,
-   and split by torch.profiler into attention, the weight matmuls and the rest; in bfloat16 on a
-   CPU where it is exact (model.exact_bf16_scores), once with each of model.py's decode attentions:
-   attend_bf16 (what KVCache runs there) and SDPA (what it runs elsewhere).
+   and split by torch.profiler into attention (SDPA), matmuls and the rest.
 2. One step's attention alone (30 layers, the step's blocks of DECODE_GROUP rows, each over its
-   own longest row) written up to four ways, in GB/s of keys and values read: a plain sum over the
-   same slices (the memory's streaming rate; a bfloat16 sum is slow in itself), SDPA as model.py
-   calls it, q @ K^T, softmax, @ V as batched matmuls, and model.attend_bf16; with 2 and 1 threads,
-   which tells a per-core limit from a memory-bus one.
+   own longest row) written four ways, in GB/s of keys and values read: a plain sum over the same
+   slices (the memory's streaming rate; a bfloat16 sum is slow in itself), SDPA as model.py calls
+   it, q @ K^T, softmax, @ V as batched matmuls, and in bfloat16 two_gemm (below) over each block
+   copied to a contiguous tensor of exactly its filled slots beforehand (its best case: model.py's
+   cache holds every row's slots in one buffer); with 2 and 1 threads, which tells a per-core limit
+   from a memory-bus one.
 3. With --dtype bfloat16: how far each form lands from float32 attention over the same (rounded)
    keys and values. The plain matmul form rounds the scores q K^T to bfloat16 (a CPU bfloat16
-   matmul returns bfloat16); SDPA keeps them in float32, and attend_bf16 recovers them with a
-   second GEMM.
+   matmul returns bfloat16); SDPA keeps them in float32; two_gemm recovers what the rounding lost
+   with a second GEMM.
 """
 import argparse
 import os
@@ -34,6 +34,35 @@ import model as M  # noqa: E402
 from lib import tiny  # noqa: E402
 from lib import util  # noqa: E402
 from bench_model import timeit  # noqa: E402  (the median of `repeats` runs after a warm-up)
+
+
+def two_gemm(q, K, V, bias):
+    """Decoding attention in bfloat16 as batched GEMMs with nearly exact scores, measured here and not
+    used by model.py (BENCHMARKS.md, "Where GSM8k's bfloat16 decode goes"). q (n, nkv, g, hd), K and V
+    (n, nkv, S, hd) contiguous (a slice of fewer slots than the buffer runs one GEMM per matrix), bias
+    (n, 1, 1, S) float32, 0 or -inf. A bfloat16 GEMM rounds each score to 8 bits, so the scores take
+    two: r = bf16(q K^T), then baddbmm(r, q, K^T, beta=-1) = bf16(q K^T - r), which oneDNN sums in
+    float32 before it rounds: r + that carries about 16 bits, as good as exact for the softmax."""
+    n, nkv, g, hd = q.shape
+    S = K.shape[2]
+    q3, k3 = q.reshape(n * nkv, g, hd), K.view(n * nkv, S, hd).transpose(1, 2)   # (n nkv, g, hd), (n nkv, hd, S)
+    r = torch.bmm(q3, k3)                                                   # (n nkv, g, S) bfloat16
+    s = torch.baddbmm(r, q3, k3, beta=-1).float().add_(r)                   # q K^T, ~16 bits
+    s = torch.add(bias, s.view(n, nkv, g, S), alpha=hd ** -0.5)              # scaled, masked (an added mask:
+    p = torch.softmax(s, dim=-1).to(q.dtype)                                # a broadcast masked_fill is slower)
+    return torch.bmm(p.view(n * nkv, g, S), V.view(n * nkv, S, hd)).view(n, nkv, g, hd)
+
+
+def exact_residual():
+    """Whether this CPU's bfloat16 baddbmm adds its input before it rounds (two_gemm needs it): q k =
+    1 + 2^-10 rounds to 1 in bfloat16, and the second GEMM must leave 2^-10."""
+    q = torch.zeros(4, 3, 64, dtype=torch.bfloat16)
+    q[..., 0], q[..., 1] = 1.0, 2.0 ** -10
+    k = torch.zeros(4, 128, 64, dtype=torch.bfloat16)
+    k[..., :2] = 1.0
+    k = k.transpose(1, 2)
+    r = torch.bmm(q, k)
+    return bool((r == 1).all()) and bool((torch.baddbmm(r, q, k, beta=-1) == 2.0 ** -10).all())
 
 
 def main():
@@ -63,14 +92,14 @@ def main():
     model.load_state_dict(tiny.random_state_dict(cfg, seed=0))
     model.to(dt)
     lens = torch.linspace(hi, lo, B).round().long()     # longest first, as generate_ids orders rows
-    cache = M.KVCache(cfg, B, (lens + 1).tolist(), "cpu", dt)   # each block's buffer: its longest row + 1
-    for buf in cache.buffers():
+    cache = M.KVCache(cfg, B, hi + 1, "cpu", dt)
+    for buf in cache.k + cache.v:
         buf.normal_()
     kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dt.itemsize * int(lens.sum())
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}; "
           f"{a.preset}, {B} rows, {lo}-{hi} filled slots, {kv_bytes / 1e9:.2f} GB of keys and values a step, {a.dtype}")
 
-    # 1. the real decode step, and its split; in bfloat16 with both of model.py's attentions
+    # 1. the real decode step, and its split
     nxt = torch.randint(0, cfg.vocab_size, (B, 1))
 
     @torch.inference_mode()
@@ -79,49 +108,46 @@ def main():
         h = model(nxt, hidden_only=True, cache=cache)
         return model.lm_head(h[:, -1]).max(-1).indices
 
+    t = timeit(step, a.repeats)
     from torch.profiler import ProfilerActivity, profile
-    for fused in sorted({cache.fused, False}, reverse=True):
-        cache.fused = fused
-        t = timeit(step, a.repeats)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step()
-        self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
-        total = sum(self_us.values())
-        attn = sum(v for k, v in self_us.items() if "scaled_dot_product" in k or k in ("aten::bmm", "aten::baddbmm"))
-        mm = sum(v for k, v in self_us.items() if k in ("aten::mm", "aten::addmm"))
-        print(f"decode step, attention by {'attend_bf16' if fused else 'SDPA'}: {t * 1000:.0f} ms, {t / B * 1000:.2f} ms a row; "
-              f"attention's GEMMs or kernel {attn / total:.0%}, weight matmuls {mm / total:.0%}, the rest "
-              f"{(total - attn - mm) / total:.0%} (profiler, self time)")
-    cache.fused = M.KVCache(cfg, 1, 1, "cpu", dt).fused
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(self_us.values())
+    attn = sum(v for k, v in self_us.items() if "scaled_dot_product" in k)
+    mm = sum(v for k, v in self_us.items() if k in ("aten::mm", "aten::addmm", "aten::bmm"))
+    print(f"decode step: {t * 1000:.0f} ms, {t / B * 1000:.2f} ms a row; attention {attn / total:.0%}, "
+          f"matmuls {mm / total:.0%}, the rest {(total - attn - mm) / total:.0%} (profiler, self time)")
 
-    # 2. one step's attention alone (every layer, every block over its longest row), four ways
+    # 2. one step's attention alone, three ways
     g, hd = cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
     q = torch.randn(B, cfg.num_key_value_heads, g, hd).to(dt)
     blocks = []
-    for j, (s, n) in enumerate(cache.blocks):
+    for s in range(0, B, M.DECODE_GROUP):
+        n = min(M.DECODE_GROUP, B - s)
         S = int(lens[s:s + n].max())
         m = (torch.arange(S) < lens[s:s + n, None])[:, None, None, :]           # (n, 1, 1, S)
-        blocks.append((j, s, n, S, m, torch.zeros(m.shape, dtype=dt).masked_fill(~m, float("-inf"))))
+        blocks.append((s, n, S, m, torch.zeros(m.shape, dtype=dt).masked_fill(~m, float("-inf"))))
 
-    def read(l, j, s, n, S, m, fm):
-        return cache.k[l][j][:, :, :S].sum() + cache.v[l][j][:, :, :S].sum()
+    def read(l, s, n, S, m, fm):
+        return cache.k[l][s:s + n, :, :S].sum() + cache.v[l][s:s + n, :, :S].sum()
 
-    def sdpa(l, j, s, n, S, m, fm):  # model.KVCache.attend's decode call where it is not fused
-        k, v = cache.k[l][j][:, :, :S], cache.v[l][j][:, :, :S]
+    def sdpa(l, s, n, S, m, fm):  # model.KVCache.attend's decode call
+        k, v = cache.k[l][s:s + n, :, :S], cache.v[l][s:s + n, :, :S]
         return F.scaled_dot_product_attention(q[s:s + n], k, v, attn_mask=m)
 
-    def bmm(l, j, s, n, S, m, fm):
-        w = torch.softmax(q[s:s + n] * hd ** -0.5 @ cache.k[l][j][:, :, :S].transpose(-1, -2) + fm, -1)
-        return w @ cache.v[l][j][:, :, :S]
+    def bmm(l, s, n, S, m, fm):
+        w = torch.softmax(q[s:s + n] * hd ** -0.5 @ cache.k[l][s:s + n, :, :S].transpose(-1, -2) + fm, -1)
+        return w @ cache.v[l][s:s + n, :, :S]
 
-    def fused(l, j, s, n, S, m, fm):  # model.attend_bf16: the block's whole buffer (here S + 1 slots)
-        k, v = cache.k[l][j], cache.v[l][j]
-        ok = (torch.arange(k.shape[2]) < lens[s:s + n, None])[:, None, None, :]
-        return M.attend_bf16(q[s:s + n], k, v, torch.zeros(ok.shape).masked_fill(~ok, float("-inf")))
+    ways = [("plain read", read), ("SDPA (model.py)", sdpa), ("batched matmuls", bmm)]
+    if dt == torch.bfloat16 and exact_residual():
+        exact = {(l, s): (cache.k[l][s:s + n, :, :S].contiguous(), cache.v[l][s:s + n, :, :S].contiguous())
+                 for l in range(cfg.num_hidden_layers) for s, n, S, m, fm in blocks}   # best case: no slot to spare
 
-    ways = [("plain read", read), ("SDPA", sdpa), ("batched matmuls", bmm)]
-    if cache.fused:
-        ways.append(("attend_bf16", fused))
+        def two(l, s, n, S, m, fm):
+            return two_gemm(q[s:s + n], *exact[l, s], fm.float())
+        ways.append(("two_gemm, contiguous", two))
     for th in threads:
         torch.set_num_threads(th)
         row = []
@@ -135,15 +161,16 @@ def main():
     # the first block of the first layer, with queries scaled so that the scores spread as a trained
     # model's do (std 1, 3 and 6: the larger, the more a rounded score moves the softmax)
     if dt != torch.float32:
-        j, s0, n, S, m, fm = blocks[0]
-        k, v = cache.k[0][j][:, :, :S].contiguous(), cache.v[0][j][:, :, :S].contiguous()
+        s0, n, S, m, fm = blocks[0]
+        k, v = cache.k[0][s0:s0 + n, :, :S], cache.v[0][s0:s0 + n, :, :S]
         for spread in (1, 3, 6):
             qs = (q[s0:s0 + n].float() * spread).to(dt)
             ref = F.scaled_dot_product_attention(qs.float(), k.float(), v.float(), attn_mask=m)
             err = lambda y: ((y.float() - ref).norm() / ref.norm()).item()   # noqa: E731
             sd = F.scaled_dot_product_attention(qs, k, v, attn_mask=m)
             mm = torch.softmax((qs * hd ** -0.5 @ k.transpose(-1, -2)).float() + fm.float(), -1).to(dt) @ v
-            two = f", attend_bf16 {err(M.attend_bf16(qs, k, v, fm.float())):.1e}" if M.exact_bf16_scores() else ""
+            two = f", two_gemm {err(two_gemm(qs, k.contiguous(), v.contiguous(), fm.float())):.1e}" \
+                if exact_residual() else ""
             print(f"score spread {spread}: relative error against float32, SDPA {err(sd):.1e}, batched matmuls "
                   f"(the softmax in float32) {err(mm):.1e}{two}")
 

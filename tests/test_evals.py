@@ -676,8 +676,8 @@ def test_limits_are_the_models(case, tiny_dir, tmp_path, monkeypatch, capsys):
         monkeypatch.setattr(M, "KVCache", lambda cfg, B, n, *a: sizes.append(n) or real(cfg, B, n, *a))
         prompts = [[5 + i % 40 for i in range(n)] for n in (300, 310, 12)]
         got = M.generate_ids(model, prompts, 10 ** 11, eos_id=-1)
-        assert [len(g) for g in got] == [P - 300, P - 310, P - 12] and sizes == [[P, P, P]]
-        assert M.generate_ids(model, prompts[2:], 5, eos_id=-1) == [got[2][:5]] and sizes[-1] == [12 + 5]
+        assert [len(g) for g in got] == [P - 300, P - 310, P - 12] and sizes == [P]
+        assert M.generate_ids(model, prompts[2:], 5, eos_id=-1) == [got[2][:5]] and sizes[-1] == 12 + 5
         with pytest.raises(ValueError, match="a prompt of 320 tokens leaves no room"):
             M.generate_ids(model, [[5] * P], 1, eos_id=-1)
     elif case == "model_cli":

@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import model as M
 from lib import tiny
@@ -141,95 +140,13 @@ def test_rows_that_stop_leave_the_batch_without_disturbing_the_rest(tiny_dir, mo
     cache = M.KVCache(m.config, 5, 8, "cpu", torch.float32)
     for r in range(5):
         cache.len[r] = r + 1
-        for buf in cache.buffers():   # (rows, nkv, slots, hd) of one block: [0, 3) or [3, 5)
-            if r - 3 * (buf.shape[0] == 2) in range(buf.shape[0]):
-                buf[r - 3 * (buf.shape[0] == 2), :, :r + 1] = r
+        for buf in cache.k + cache.v:
+            buf[r, :, :r + 1] = r
     assert cache.drop([0, 4]) == {2: 0}
     assert cache.live() == [0, 1, 3] and cache.blocks == [[0, 2], [3, 1]]
-    assert cache.len[0] == 3 and all(bool((b[0][0, :, :3] == 2).all()) for b in cache.k + cache.v)
+    assert cache.len[0] == 3 and all(bool((buf[0, :, :3] == 2).all()) for buf in cache.k + cache.v)
     with pytest.raises(ValueError, match="live rows"):
         m(torch.tensor([[5]] * 5), cache=cache)
-
-
-def test_bf16_decoding_attends_with_float32_accurate_scores():
-    # attend_bf16 (the CPU's bfloat16 decoding attention): as close to float32 attention over the same
-    # bfloat16 keys and values as SDPA is, with scores spread like a trained model's (std ~4, up to ~20,
-    # which one bfloat16 GEMM would round by up to 0.06); what the slots a row may not see hold changes nothing
-    if not M.exact_bf16_scores():
-        pytest.skip("this CPU's bfloat16 baddbmm rounds before it adds: decoding keeps SDPA (KVCache.fused)")
-    torch.manual_seed(0)
-    n, nkv, g, hd, S = 4, 3, 3, 64, 300
-    q = (torch.randn(n, nkv, g, hd) * 4).bfloat16()
-    K, V = torch.randn(n, nkv, S, hd).bfloat16(), torch.randn(n, nkv, S, hd).bfloat16()
-    m = (torch.arange(S) < torch.tensor([300, 250, 120, 7])[:, None])[:, None, None, :]
-    ref = F.scaled_dot_product_attention(q.float(), K.float(), V.float(), attn_mask=m)
-    err = lambda y: ((y.float() - ref).norm() / ref.norm()).item()   # noqa: E731
-    bias = torch.zeros(m.shape).masked_fill(~m, float("-inf"))
-    got = M.attend_bf16(q, K, V, bias)
-    assert err(got) < 1.5 * err(F.scaled_dot_product_attention(q, K, V, attn_mask=m)) and err(got) < 4e-3, err(got)
-    K2, V2 = K.clone(), V.clone()
-    for i, L in enumerate([300, 250, 120, 7]):
-        K2[i, :, L:], V2[i, :, L:] = 1e4, -3e4        # what an earlier row left there: anything finite
-    assert torch.equal(M.attend_bf16(q, K2, V2, bias), got)
-
-
-def test_the_probe_tells_a_baddbmm_that_rounds_before_it_adds(tiny_dir, monkeypatch):
-    # exact_bf16_scores: True for a baddbmm that adds its input to the exact product, False for one that
-    # rounds the product to bfloat16 first (then decoding keeps SDPA); KVCache.fused follows it, bfloat16 only
-    def fake(exact):
-        def baddbmm(inp, a, b, beta=1):
-            prod = a.float() @ b.float() if exact else torch.bmm(a, b).float()
-            return (beta * inp.float() + prod).to(inp.dtype)
-        return baddbmm
-    cfg = M.load(tiny_dir)[0].config
-    try:
-        for exact in (False, True):
-            M.exact_bf16_scores.cache_clear()
-            monkeypatch.setattr(torch, "baddbmm", fake(exact))
-            assert M.exact_bf16_scores() is exact
-            assert M.KVCache(cfg, 2, 8, "cpu", torch.bfloat16).fused is exact
-            assert M.KVCache(cfg, 2, 8, "cpu", torch.float32).fused is False
-    finally:
-        monkeypatch.undo()
-        M.exact_bf16_scores.cache_clear()
-
-
-def test_bf16_cache_decode_equals_sdpa_and_full_forward(tiny_dir, tiny_mha_dir, monkeypatch):
-    # bfloat16 weights on the CPU: a KVCache decodes with attend_bf16 where it is exact (KVCache.fused),
-    # over each block's own buffer, with rows leaving part-way (KVCache.drop). Its logits, step by
-    # step, are within bfloat16's rounding of SDPA's over the same cache and of a full forward pass
-    monkeypatch.setattr(M, "DECODE_GROUP", 2)
-    for d in (tiny_dir, tiny_mha_dir):
-        m, tok = M.load(d, dtype=torch.bfloat16)
-        prompts = [tok.encode(s) for s in ["Question: How do I 1 2 3 4 5 6", "The digit is", "Answer: 7",
-                                           "the of and to in is that for it", "5"]]
-        feed = [[(7 * i + 3 * t) % 200 + 5 for t in range(4)] for i in range(len(prompts))]
-
-        def decode(fused):
-            cache = M.KVCache(m.config, len(prompts), [len(p) + 4 for p in prompts], "cpu", torch.bfloat16)
-            cache.fused = fused
-            out, rows = {}, list(range(len(prompts)))      # prompt index of each cache row
-            with torch.no_grad():
-                for i, p in enumerate(prompts):
-                    m(torch.tensor([p]), cache=cache.row(i))
-                for t in range(4):
-                    if t == 2:                                  # rows 0 and 3 leave; row 1's block keeps 1 row
-                        moved = cache.drop([0, 3])
-                        who = {r: rows[r] for r in cache.live() if r not in moved.values()}
-                        who.update({dst: rows[src] for src, dst in moved.items()})
-                        rows = [who.get(r) for r in range(len(prompts))]
-                    live = cache.live()
-                    logits = m(torch.tensor([[feed[rows[r]][t]] for r in live]), cache=cache)[:, 0].float()
-                    for r, row in zip(live, logits):
-                        out[rows[r], t] = row
-            return out
-
-        fused, sdpa = decode(M.exact_bf16_scores()), decode(False)
-        assert sorted(fused) == sorted(sdpa) and len(fused) == 5 * 2 + 3 * 2
-        for (i, t), row in fused.items():
-            full = m(torch.tensor([prompts[i] + feed[i][:t + 1]]))[0, -1].float()
-            scale = full.abs().max()
-            assert (row - sdpa[i, t]).abs().max() <= 0.02 * scale and (row - full).abs().max() <= 0.02 * scale, (i, t)
 
 
 def test_generate_stops_each_row_independently(tiny_dir):

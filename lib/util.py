@@ -35,6 +35,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+try:
+    import fcntl          # POSIX: downloads take turns on a file (download)
+except ImportError:       # Windows: no lock
+    fcntl = None
+
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -285,10 +290,21 @@ def download(url, dest, check=None, timeout=60):
     HTTP Range request when an interrupted download left one; restarted if the server ignores
     the range), check(tmp) raises ValueError if they are not the expected file (the .tmp is then
     deleted), and only then is dest renamed into place. Network faults raise OSError naming the
-    URL; the .tmp stays for the next try to resume."""
+    URL; the .tmp stays for the next try to resume. Two processes fetching the same file take
+    turns: the writer holds a lock on the .tmp (flock, where there is one) until dest is in place,
+    and the other waits, then finds dest there (or, if the first failed, resumes its .tmp)."""
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".tmp")
-    have = tmp.stat().st_size if tmp.exists() else 0
+    while not _fetch(url, dest, tmp, check, timeout):
+        if dest.exists():
+            break                                          # another process fetched it meanwhile
+    return dest
+
+
+def _fetch(url, dest, tmp, check, timeout):
+    """One try of download(). -> True with dest in place, or False when another process held the
+    .tmp or wrote to it while this request went out (nothing written then: the caller looks again)."""
+    have = asked = tmp.stat().st_size if tmp.exists() else 0
     try:
         req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     except ValueError as e:   # 'unknown url type', a malformed host: nothing to connect to
@@ -302,14 +318,19 @@ def download(url, dest, check=None, timeout=60):
                 dest.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise _Local(f"{dest.parent}: cannot create it ({e.strerror}); choose another data folder") from None
-            with open(tmp, "ab" if have else "wb") as f, \
-                    progress(total=int(size) + have if size else None, desc=dest.name, unit="B") as bar:
-                bar.update(have)
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-                if size and f.tell() != have + int(size):  # the server closed early: http.client does not say
-                    raise http.client.IncompleteRead(b"", have + int(size) - f.tell())
+            with open(tmp, "ab") as f:                     # "ab": never truncate what another process writes
+                if not _my_turn(f, tmp, dest, asked):
+                    return False
+                with progress(total=int(size) + have if size else None, desc=dest.name, unit="B") as bar:
+                    bar.update(have)
+                    f.truncate(have)
+                    while chunk := r.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                    if size and f.tell() != have + int(size):  # the server closed early: http.client does not say
+                        raise http.client.IncompleteRead(b"", have + int(size) - f.tell())
+                _finish(tmp, dest, check)                  # still holding the .tmp's lock
+                return True
     except _Local:
         raise
     except urllib.error.HTTPError as e:
@@ -322,6 +343,32 @@ def download(url, dest, check=None, timeout=60):
             getattr(e, "reason", None) or f"{type(e).__name__} {e}".strip()
         again = f"; run again to resume {tmp.name}" if tmp.exists() and tmp.stat().st_size else ""
         raise OSError(f"{url}: download failed ({why}){again}") from None
+    with open(tmp, "ab") as f:                             # the 416: check the whole .tmp and rename it
+        if not _my_turn(f, tmp, dest, asked):
+            return False
+        _finish(tmp, dest, check)
+    return True
+
+
+def _my_turn(f, tmp, dest, asked):
+    """Lock the open .tmp f for this process (flock; waiting, with one note, while another process
+    holds it). -> whether it is this process's to write: False if it had to wait, if dest is in
+    place by now, or if the .tmp is no longer `asked` bytes long (another process wrote to it)."""
+    waited = False
+    if fcntl is not None:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"note: {dest}: another process is downloading it; waiting", file=sys.stderr)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            waited = True
+    end = f.seek(0, os.SEEK_END)
+    if dest.exists() and end == 0 and os.path.exists(tmp) and os.stat(tmp).st_ino == os.fstat(f.fileno()).st_ino:
+        tmp.unlink()                                       # the empty .tmp this open made after the other's rename
+    return not (waited or dest.exists() or end != asked)
+
+
+def _finish(tmp, dest, check):
     if check is not None:
         try:
             check(tmp)
@@ -329,7 +376,6 @@ def download(url, dest, check=None, timeout=60):
             tmp.unlink()
             raise
     os.replace(tmp, dest)
-    return dest
 
 
 def file_hash(path, kind):

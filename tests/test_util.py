@@ -200,7 +200,7 @@ def test_keep_freed_memory_settings_take_on_glibc():
 def server():
     """A local HTTP server of one file, /f (bytes 0..255 x 40), whose behaviour each test sets:
     mode ok (honours Range), short (closes after half of what it announced), norange (ignores
-    Range), 404. Bounded: it serves only while the test runs."""
+    Range), 404, slow (ok, over half a second). Bounded: it serves only while the test runs."""
     import http.server
     import threading
     body = bytes(range(256)) * 40
@@ -222,6 +222,12 @@ def server():
             part = body[start:]
             self.send_header("Content-Length", str(len(part)))
             self.end_headers()
+            if state["mode"] == "slow":                # in 10 pieces over half a second
+                for i in range(10):
+                    self.wfile.write(part[i * len(part) // 10:(i + 1) * len(part) // 10])
+                    self.wfile.flush()
+                    time.sleep(0.05)
+                return
             self.wfile.write(part[:len(part) // 2] if state["mode"] == "short" else part)
 
         def log_message(self, *a):
@@ -264,6 +270,39 @@ def test_download_resumes_restarts_checks_and_names_the_url(server, tmp_path, mo
     assert util.data_url("https://example.org/a/test.jsonl", "gsm8k/test.jsonl") == f"{url}/gsm8k/test.jsonl"
     monkeypatch.delenv("RIGSA_DATA_MIRROR")
     assert util.data_url("https://example.org/a/test.jsonl", "gsm8k/test.jsonl") == "https://example.org/a/test.jsonl"
+
+
+def test_two_downloads_of_one_file_take_turns(server, tmp_path, capsys):
+    # two data commands started at once fetch the same file: the second waits for the first's lock
+    # on the .tmp and then finds the file in place, where both used to write the same .tmp (garbled,
+    # then refused by its checksum as if the mirror had served another file); whole, no .tmp left
+    import threading
+    url, body, state = server
+    state["mode"] = "slow"
+    dest, tmp = tmp_path / "d" / "f", tmp_path / "d" / "f.tmp"
+    got, errors = [], []
+
+    def whole(path):
+        if path.read_bytes() != body:
+            raise ValueError("garbled")
+
+    def fetch():
+        try:
+            got.append(util.download(f"{url}/f", dest, whole))
+        except Exception as e:  # noqa: BLE001  (asserted empty below)
+            errors.append(e)
+    first = threading.Thread(target=fetch)
+    first.start()
+    for _ in range(200):                               # until the first is streaming (its .tmp open)
+        if tmp.exists():
+            break
+        time.sleep(0.01)
+    second = threading.Thread(target=fetch)
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert not errors and got == [dest, dest] and dest.read_bytes() == body and not tmp.exists()
+    assert capsys.readouterr().err.count("another process is downloading it; waiting") == 1
 
 
 def test_file_hash_kinds(tmp_path):

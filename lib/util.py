@@ -304,7 +304,10 @@ def download(url, dest, check=None, timeout=60):
 def _fetch(url, dest, tmp, check, timeout):
     """One try of download(). -> True with dest in place, or False when another process held the
     .tmp or wrote to it while this request went out (nothing written then: the caller looks again)."""
-    have = asked = tmp.stat().st_size if tmp.exists() else 0
+    try:
+        have = asked = tmp.stat().st_size
+    except FileNotFoundError:                              # none yet (or another process just renamed it)
+        have = asked = 0
     try:
         req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     except ValueError as e:   # 'unknown url type', a malformed host: nothing to connect to

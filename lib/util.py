@@ -327,6 +327,7 @@ def _fetch(url, dest, tmp, check, timeout):
                 with progress(total=int(size) + have if size else None, desc=dest.name, unit="B") as bar:
                     bar.update(have)
                     f.truncate(have)
+                    f.seek(have)                           # "ab" and _my_turn left it at the old end
                     while chunk := r.read(1 << 20):
                         f.write(chunk)
                         bar.update(len(chunk))
@@ -366,9 +367,13 @@ def _my_turn(f, tmp, dest, asked):
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             waited = True
     end = f.seek(0, os.SEEK_END)
-    if dest.exists() and end == 0 and os.path.exists(tmp) and os.stat(tmp).st_ino == os.fstat(f.fileno()).st_ino:
+    try:   # still the file at the .tmp's path (not one that another process renamed or deleted meanwhile)
+        ours = os.stat(tmp).st_ino == os.fstat(f.fileno()).st_ino
+    except FileNotFoundError:
+        ours = False
+    if ours and end == 0 and dest.exists():
         tmp.unlink()                                       # the empty .tmp this open made after the other's rename
-    return not (waited or dest.exists() or end != asked)
+    return ours and not (waited or dest.exists() or end != asked)
 
 
 def _finish(tmp, dest, check):

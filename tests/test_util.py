@@ -219,7 +219,7 @@ def server():
             else:
                 self.send_response(200)
                 start = 0
-            part = body[start:]
+            part = state.get("body", body)[start:]
             self.send_header("Content-Length", str(len(part)))
             self.end_headers()
             if state["mode"] == "slow":                # in 10 pieces over half a second
@@ -253,6 +253,11 @@ def test_download_resumes_restarts_checks_and_names_the_url(server, tmp_path, mo
     state["mode"] = "norange"                      # a server that ignores the range: from the start
     util.download(f"{url}/f", tmp_path / "d" / "g")
     assert (tmp_path / "d" / "g").read_bytes() == body
+    (tmp_path / "d" / "s.tmp").write_bytes(b"stale")  # the same with a file smaller than a write buffer
+    state["body"] = body[:1000]
+    util.download(f"{url}/f", tmp_path / "d" / "s")
+    assert (tmp_path / "d" / "s").read_bytes() == body[:1000]
+    del state["body"]
     (tmp_path / "d" / "h.tmp").write_bytes(body)   # a whole .tmp: 416, then checked and renamed
     state["mode"] = "ok"
     util.download(f"{url}/f", tmp_path / "d" / "h")

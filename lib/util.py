@@ -194,59 +194,81 @@ def _running(pid, start):
 @contextlib.contextmanager
 def lock_dir(path, what="rigsa.py"):
     """Hold <path>/LOCK while the block runs, so that one process writes the folder at a time. The
-    file is made with O_CREAT|O_EXCL and holds `pid host start-time`. A LOCK whose process runs
-    (on this host, or anywhere on another host, which cannot be checked) -> FileExistsError naming
-    its pid; one whose process is gone (a kill) is stale: taken over with one note line. Released
-    (the file removed, if still ours) on every way out, SIGTERM included (sigterm_cleanup)."""
+    file holds `pid host start-time`, and on POSIX an flock from the open to the release, so that the
+    kernel, not a read then a rename, decides between processes that race for it. A LOCK whose process
+    runs (its flock held; or, where nothing holds one, its pid alive on this host, or any pid on
+    another host, which cannot be checked) -> FileExistsError naming its pid; one whose process is
+    gone (a kill) is stale: taken over with one note line. Released (the file removed, if still ours)
+    on every way out, SIGTERM included (sigterm_cleanup)."""
     folder = os.path.abspath(path)
     lock = os.path.join(folder, "LOCK")
     host = socket.gethostname()
     me = f"{os.getpid()} {host} {_start_time(os.getpid()) or '-'}\n"
     if folder in _HELD:
         raise FileExistsError(f"{path}: this process already writes this run; a run directory has one writer")
-    stale = None
-    for _ in range(100):
+
+    def refuse(held):
+        pid, where = (held[0], held[1]) if held else ("?", host)
+        on = f" on host {where}" if where != host else ""
+        raise FileExistsError(f"{path}: another {what} (pid {pid}{on}) is writing this run; wait for it, or delete "
+                              f"{lock} if that process " + ("has ended" if on else f"is not {what}"))
+
+    def take():
+        """-> (the open LOCK, the stale holder it replaced: None, (pid, host, start) or () unreadable),
+        or None to try again (the file went or changed under us)."""
+        new = True
         try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
-            pass
+            new = False
+            try:
+                fd = os.open(lock, os.O_RDWR)
+            except FileNotFoundError:   # released meanwhile
+                return None
+            except OSError as e:
+                raise OSError(f"{path}: cannot write {lock} ({e.strerror}); the run's folder must be writable") from None
         except OSError as e:   # a read-only folder, ...
             raise OSError(f"{path}: cannot write {lock} ({e.strerror}); the run's folder must be writable") from None
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
+        with contextlib.ExitStack() as on_error:
+            f = on_error.enter_context(os.fdopen(fd, "r+"))
+            if fcntl is not None:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:   # a live holder, which may be writing its line this moment
+                    for _ in range(40):
+                        if held := _lock_holder(lock):
+                            break
+                        threading.Event().wait(0.05)
+                    refuse(held)
+                try:   # the holder before us may have removed the file since our open
+                    if os.stat(lock).st_ino != os.fstat(fd).st_ino:
+                        return None
+                except FileNotFoundError:
+                    return None
+            held = None if new else _lock_holder(lock)
+            if held is None and not new:   # removed between the open and the read
+                return None
+            if held == () and time_since_change(lock) < 2:   # its maker, before its flock or its line: not stale
+                held = None
+            if held:
+                pid, where, start = held
+                # no flock holds it, but its process may be writing: one on another host (which cannot be
+                # checked), or one that takes no flock (an older rigsa; no fcntl). Not a pid reused since
+                if where != host or _running(pid, None if start == "-" else start) and pid != os.getpid():
+                    refuse(held)
+            f.seek(0)
+            f.truncate()
+            f.write(me)
+            f.flush()
+            on_error.pop_all()
+            return f, held
+
+    for _ in range(100):
+        if (took := take()) is not None:
             break
-        held = _lock_holder(lock)
-        if held is None:         # released meanwhile: try again
-            continue
-        if held == () and time_since_change(lock) < 2:   # being written by its holder this moment
-            threading.Event().wait(0.05)
-            continue
-        if held:
-            pid, where, start = held
-            start = None if start == "-" else start
-            if where != host:
-                raise FileExistsError(f"{path}: another {what} (pid {pid} on host {where}) is writing this run; "
-                                      f"wait for it, or delete {lock} if that process has ended")
-            if _running(pid, start) and not (pid == os.getpid() and folder not in _HELD):
-                raise FileExistsError(f"{path}: another {what} (pid {pid}) is writing this run; wait for it, "
-                                      f"or delete {lock} if that process is not {what}")
-        # stale: moved aside under a name of ours, and removed only if it is still the stale one (another
-        # process may have taken it over between the read and the rename)
-        aside = f"{lock}.{os.getpid()}.stale"
-        try:
-            os.rename(lock, aside)
-        except FileNotFoundError:
-            continue
-        if _lock_holder(aside) != held:   # a live lock, moved by mistake: put back
-            with contextlib.suppress(FileExistsError):
-                os.link(aside, lock)
-            os.remove(aside)
-            continue
-        os.remove(aside)
-        stale = held
     else:
         raise FileExistsError(f"{path}: could not take {lock} (other processes keep taking it); try again")
+    f, stale = took
     if stale is not None:
         print(f"note: {lock}: " + (f"stale lock of pid {stale[0]} (not running)" if stale else "unreadable lock")
               + "; taken over", file=sys.stderr)
@@ -256,11 +278,12 @@ def lock_dir(path, what="rigsa.py"):
             yield
     finally:
         _HELD.discard(folder)
-        with contextlib.suppress(OSError):
-            with open(lock) as f:
-                ours = f.read() == me
+        with contextlib.suppress(OSError):   # removed while the flock is held, so no one takes a file that goes
+            with open(lock) as g:
+                ours = g.read() == me and os.fstat(g.fileno()).st_ino == os.fstat(f.fileno()).st_ino
             if ours:
                 os.remove(lock)
+        f.close()
 
 
 def time_since_change(path):

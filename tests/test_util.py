@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,6 +143,54 @@ def test_lock_dir_one_writer_stale_locks_taken_over(tmp_path, capsys):
     finally:
         live.kill()
         live.wait()
+
+
+LOCK_WORKER = """
+import os, random, socket, sys, time
+sys.path.insert(0, {root!r})
+from lib import util
+folder, seed, dead = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+random.seed(seed)
+read = util._lock_holder
+def slow(lock):   # a wider window between reading a LOCK and acting on it, as a busy machine gives
+    held = read(lock)
+    time.sleep(random.random() * 0.003)
+    return held
+util._lock_holder = slow
+both = 0
+for _ in range(60):
+    try:
+        with util.lock_dir(folder):
+            try:
+                os.close(os.open(os.path.join(folder, "in"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:   # another process holds it too
+                both += 1
+                continue
+            time.sleep(random.random() * 0.002)
+            os.remove(os.path.join(folder, "in"))
+            if random.random() < 0.5:   # killed while holding it: its LOCK names a dead process
+                with open(os.path.join(folder, "LOCK"), "w") as f:
+                    f.write(f"{{dead}} {{socket.gethostname()}} 1\\n")
+    except FileExistsError:
+        pass
+print(both)
+"""
+
+
+def test_lock_dir_stale_takeovers_racing_leave_one_writer(tmp_path):
+    # four processes take one folder's lock in turn, and half of the holders "die" with it (their LOCK
+    # names a dead pid), so the others race to take over stale locks: never two inside at once. (A
+    # read-then-rename takeover let a third process's fresh lock be removed: two writers, most runs)
+    worker = tmp_path / "worker.py"
+    worker.write_text(LOCK_WORKER.format(root=str(Path(__file__).resolve().parent.parent)))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "run").mkdir()
+    procs = [subprocess.Popen([sys.executable, str(worker), str(tmp_path / "run"), str(seed), str(dead.pid)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for seed in range(4)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outs
+    assert sum(int(o) for o in outs) == 0
 
 
 def test_progress_bar_in_a_log_one_line_per_interval(monkeypatch, capsys):

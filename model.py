@@ -695,6 +695,7 @@ def load(name_or_path=DEFAULT_MODEL, device=None, dtype=None, revision=None, ver
     is the commit loaded; verify: see resolve."""
     path = resolve(name_or_path, revision, verify)
     cfg = SmolLM2Config.from_json(path / "config.json")
+    tok = check_vocab(cfg, load_tokenizer(path), path)   # before the weights: a mismatch costs no load
     device = util.pick_device(device)
     dtype = dtype or default_dtype(device)
     tensors = read_safetensors(path)
@@ -720,7 +721,16 @@ def load(name_or_path=DEFAULT_MODEL, device=None, dtype=None, revision=None, ver
     model.to(device=device, dtype=dtype)
     assert not cfg.tie_word_embeddings or model.lm_head.weight is model.model.embed_tokens.weight
     model.eval().requires_grad_(False)
-    return model, load_tokenizer(path)
+    return model, tok
+
+
+def check_vocab(cfg, tok, path):
+    """A tokenizer that makes ids past the model's embeddings belongs to another model: refused here,
+    not as an IndexError in the first forward pass. -> tok."""
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{path}: tokenizer.json has {tok.vocab_size} tokens, more than config.json's vocab_size "
+                         f"{cfg.vocab_size}: the two files are not one model's; put the model's own tokenizer beside it")
+    return tok
 
 def default_dtype(device):
     """bfloat16 on CUDA (the checkpoints' own dtype), float32 on CPU."""
@@ -753,6 +763,15 @@ def save_checkpoint(path, config, state_dict, dtype=torch.bfloat16):
 # -----------------------------------------------------------------------------
 # generation
 
+def check_finite(ok, what):
+    """ok: whether every row's greatest logit was finite (max returns NaN if a row holds one). A greedy
+    token from NaN or inf logits is no token at all: ValueError, so that no number is made from it
+    (weights that a diverged training broke)."""
+    if not bool(ok):
+        raise ValueError(f"the model's logits are not finite (NaN or inf) {what}: its weights, or an adapter's, are "
+                         f"broken (a diverged training?); no result is given")
+
+
 @torch.no_grad()
 def next_tokens(model, prompts, n, pad_id, batch_size=16, progress=True, desc="next token", unit="prompt"):
     """The greedy next token of each of n prompts (an iterable of token-id lists, read a batch at a
@@ -768,7 +787,9 @@ def next_tokens(model, prompts, n, pad_id, batch_size=16, progress=True, desc="n
         x = torch.tensor([[pad_id] * (L - len(r)) + r for r in rows], device=dev)     # (B, T)
         am = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], device=dev)
         h = model(x, am, hidden_only=True)[:, -1]                                     # (B, C)
-        out.append(model.lm_head(h).argmax(-1).cpu())                                 # (B,)
+        top = model.lm_head(h).max(-1)                   # = argmax (the first maximum); NaN propagates to values
+        check_finite(torch.isfinite(top.values).all(), "choosing the next token")
+        out.append(top.indices.cpu())                                                 # (B,)
         bar.update(len(rows))
     bar.close()
     model.train(was_training)
@@ -801,7 +822,8 @@ def generate_ids(model, prompts, max_new_tokens, eos_id, stop_fn=None):
         h = model(torch.tensor([p], device=dev), hidden_only=True, cache=cache.row(i))   # (1, len, C)
         last.append(h[0, -1])
     # greedy token: max().indices is argmax (the first maximum), and faster than argmax on CPU
-    nxt = model.lm_head(torch.stack(last)).max(-1).indices                    # (B,)
+    top = model.lm_head(torch.stack(last)).max(-1)                            # NaN propagates to values
+    ok, nxt = torch.isfinite(top.values).all(), top.indices                   # (), (B,)
     out = [[] for _ in range(B)]
     who = list(range(B))                                                      # cache row -> prompt
     for step in range(max(lim)):
@@ -820,7 +842,9 @@ def generate_ids(model, prompts, max_new_tokens, eos_id, stop_fn=None):
             who[dst], tok[dst] = who[src], tok[src]
         nxt = torch.tensor([tok[r] for r in cache.live()], device=dev)
         h = model(nxt[:, None], hidden_only=True, cache=cache)                 # (n, 1, C)
-        nxt = model.lm_head(h[:, -1]).max(-1).indices
+        top = model.lm_head(h[:, -1]).max(-1)
+        ok, nxt = ok & torch.isfinite(top.values).all(), top.indices           # checked at the end: no sync a step
+    check_finite(ok, "while generating")
     return out
 
 

@@ -548,6 +548,7 @@ def load_model(name_or_path, device=None, dtype=None, revision=None):
     if qc.get("bnb_4bit_quant_type", "nf4") != "nf4":
         raise ValueError(f"{path}: 4-bit quant type {qc.get('bnb_4bit_quant_type')!r} is not supported (only nf4)")
     cfg = M.SmolLM2Config.from_json(path / "config.json")
+    tok = M.check_vocab(cfg, M.load_tokenizer(path), path)
     device = util.pick_device(device)
     dtype = dtype or _DTYPES.get(qc.get("bnb_4bit_compute_dtype"), torch.bfloat16)
     with torch.device("meta"):               # nothing allocated until the file's own tensors are assigned
@@ -555,4 +556,4 @@ def load_model(name_or_path, device=None, dtype=None, revision=None):
     sd = {k: v for k, (v, _) in M.read_safetensors(path).items()}
     sd.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
     load_prequantized(sd, model, compute_dtype=dtype, device=device)
-    return model, M.load_tokenizer(path)
+    return model, tok

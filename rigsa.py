@@ -51,7 +51,9 @@ _f = flags.field   # one line per hyperparameter: its flag, range, help, refusal
 POS, NONNEG, FRAC = util.number(float, 0, lo_open=True), util.number(float, 0), util.number(float, 0, 1, hi_open=True)
 INT0, INT1 = util.number(int, 0), util.number(int, 1)
 PRUNES = (lambda c: c.iters > 1, "--iters above 1 (one iteration never prunes)")
-SEED_MAX = (2 ** 64 - 1) // 1000 - 1000   # the data order's generator is seeded seed * 1000 + iteration
+# the data order's generator is seeded seed * 1000 + iteration, and a torch CPU generator keeps the low 32
+# bits of its seed: above 2**29 - 1, a seed would repeat a smaller one's data order
+SEED_MAX = 2 ** 29 - 1
 
 # The methods, one entry each: what check_config, setup, the IMP loop, the help and reproduce.py read.
 #   gated      the ReZero gate alpha (§3.2); lt-sft has none (§6)
@@ -181,9 +183,9 @@ def check_config(cfg, given=None):
     if cfg.micro_batch > cfg.batch_size:
         raise ValueError(f"--micro-batch {cfg.micro_batch}: larger than the effective batch (--batch-size "
                          f"{cfg.batch_size}); use at most {cfg.batch_size}")
-    if cfg.seed * 1000 + n_iters(cfg) >= 2 ** 64:
-        raise ValueError(f"--seed {cfg.seed}: the data order's seed, seed * 1000 + iteration, would pass 2**64 - 1; "
-                         f"use a seed of at most {SEED_MAX}")
+    if isinstance(cfg.keep, tuple) and len(cfg.keep) > n_iters(cfg) - 1:   # a value no pruning would use
+        raise ValueError(f"--keep {','.join(map(str, cfg.keep))}: {len(cfg.keep)} values for the {n_iters(cfg) - 1} "
+                         f"prunings of --iters {cfg.iters}; give at most {n_iters(cfg) - 1}")
     if cfg.revision and os.path.isdir(cfg.model) and not M.hub_commit(cfg.model):
         raise ValueError(f"--revision {cfg.revision}: --model {cfg.model} is a local directory, which has no "
                          f"revisions; drop --revision")
@@ -525,6 +527,9 @@ def train_step(run, opt, rows, lr):
     if util.world()[1] > 1:   # torchrun: the ranks' gradients and losses summed (DDP's no_sync, then sync)
         loss, seconds = util.all_reduce_grads(params, loss, run.device)
         run.comm_s += seconds
+    if not math.isfinite(loss):   # AdamW would write NaN into every dW; the last checkpoint stays as it was
+        raise ValueError(f"the training loss is {loss} at lr {lr:.3g}: the run diverged, and this step was not applied; "
+                         f"start again with a lower --lr (the finished iterations and the last resume checkpoint are kept)")
     if run.cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip)
     memory.adamw_step(opt)   # torch's AdamW step; with host or 8-bit moments, streamed per tensor (lib/memory.py)
@@ -594,7 +599,9 @@ def train_iteration(run, it):
             memory.load_optimizer_state(opt, run.resume["optimizer"])
     x, y = run.data["train"]
     g = torch.Generator().manual_seed(cfg.seed * 1000 + it)
-    order = torch.cat([torch.randperm(len(x), generator=g) for _ in range(math.ceil(run.epochs))])
+    # the epochs' orders that the steps reach, drawn in sequence (a huge --epochs cut short by --steps costs nothing)
+    n_orders = min(math.ceil(run.epochs), math.ceil(run.steps * cfg.batch_size / max(len(x), 1)))
+    order = torch.cat([torch.randperm(len(x), generator=g) for _ in range(max(n_orders, 1))])
     bar = util.progress(total=run.steps, desc=f"iter {it}/{n_iters(cfg)}", unit="step")
     bar.update(step)
     t0, tokens = time.time(), 0
@@ -665,12 +672,12 @@ def save_iteration(run, it, res):
     run.record(res)
     if util.world()[0] != 0:  # the adapters are the same on every rank: rank 0 writes them
         return
+    if METHODS[cfg.method]["lora"]:   # first: iterK.safetensors marks the iteration done (rundir.finished)
+        qlora.save_peft(run.model, run.out / f"iter{it}-peft", cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.model,
+                        cfg.revision or None)
     save_adapter(run.model, run.out / f"iter{it}.safetensors", cfg,
                  {"base": run.base, "base_check": run.checks,
                   **{k: v for k, v in res.items() if k in ("iter", "val_acc", "test_acc", "density", "trainable")}})
-    if METHODS[cfg.method]["lora"]:
-        qlora.save_peft(run.model, run.out / f"iter{it}-peft", cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.model,
-                        cfg.revision or None)
     print(f"iter {it}:" + "".join(f" {k} {res[k + '_acc']:.4f}" for k in ("val", "test") if k + "_acc" in res)
           + (f" density {res['density']:.4%}" if run.layers else ""))
 

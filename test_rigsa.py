@@ -729,3 +729,33 @@ def run_cli(argv):
     except SystemExit as e:
         return e.code
     return 0
+
+
+def test_a_diverged_run_stops_before_its_step_and_huge_epochs_draw_only_the_orders_used(tiny_dir, tmp_path, monkeypatch):
+    # a NaN loss would be applied by AdamW to every dW and printed as a run: the run stops in one line
+    # instead, before that step, and writes no adapter. And an --epochs far past what --steps uses
+    # draws only the data orders the steps reach (each order one randperm of the training split)
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=8, size=8)
+    with one_thread(), pytest.raises(ValueError, match=r"the training loss is nan at lr .*: the run diverged, and this "
+                                                       r"step was not applied; start again with a lower --lr"):
+        rigsa.train(tiny_cfg(tiny_dir, tmp_path, lr=1e30, iters=1, out=str(tmp_path / "nan")))
+    assert not list((tmp_path / "nan").glob("iter*"))
+    drawn, randperm = [], torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda n, **k: drawn.append(n) or randperm(n, **k))
+    with one_thread():
+        rigsa.train(tiny_cfg(tiny_dir, tmp_path, iters=1, epochs=1e12, steps=2, out=str(tmp_path / "long")))
+    assert len(drawn) <= 2, len(drawn)
+
+
+def test_a_lora_iterations_peft_copy_is_written_before_the_adapter_that_marks_it_done(tiny_dir, tmp_path, monkeypatch):
+    # iterK.safetensors tells --resume the iteration is done: a kill between the two writes must leave the
+    # PEFT copy whole and the adapter missing (the iteration is redone), not the other way round
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=8, size=8)
+    seen, save_peft = [], qlora.save_peft
+    def peft(model, out, *a, **k):
+        seen.append((out / "adapter_model.safetensors").exists() or (out.parent / "iter1.safetensors").exists())
+        return save_peft(model, out, *a, **k)
+    monkeypatch.setattr(qlora, "save_peft", peft)
+    with one_thread():
+        rigsa.train(tiny_cfg(tiny_dir, tmp_path, method="lora", rank=2))
+    assert seen == [False] and (tmp_path / "run" / "iter1-peft" / "adapter_model.safetensors").exists()

@@ -18,6 +18,7 @@ the data files is found before the model loads, and said in one line:
 import datetime
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -96,6 +97,11 @@ def eval_mc(task, docs, model, tok, args):
     scores = [[] for _ in mc]
     for i, sc in zip(owner, scored):
         scores[i] += sc
+    bad = sum(not all(math.isfinite(s[0]) for s in sc) for sc in scores)
+    if bad:   # NaN would win every argmax (numpy's, lm-eval's): an accuracy that measures nothing
+        raise ValueError(f"{task}: {bad} of {len(mc)} documents have a log-likelihood that is not finite (NaN or "
+                         f"inf): the model's weights{', or the adapter,' if args.adapter else ''} are broken (a "
+                         f"diverged training?); no result is given")
     samples, logged, accs, norms = [], [], [], []
     for i, (d, sc) in enumerate(zip(mc, scores)):
         lls = [s[0] for s in sc]
@@ -228,7 +234,8 @@ def run_task(task, data, model, tok, args, info):
     result = {"task": task, "model": info["model"], "adapter": args.adapter, "dtype": info["dtype"],
               "dtype_choice": info.get("dtype_choice"),   # why: as asked, or --dtype auto's reason
               "softmax_dtype": args.softmax_dtype if task in ("piqa", "hellaswag") else None,
-              "num_fewshot": k, "limit": args.limit or None, "seconds": round(dt, 3), "metrics": metrics, "samples": samples,
+              "num_fewshot": k, "fewshot_seed": (SHOT_SEED if args.seed is None else args.seed) if task == "mnist" and k
+              else T.GSM8K_SEED if task == "gsm8k" and k else None, "limit": args.limit or None, "seconds": round(dt, 3), "metrics": metrics, "samples": samples,
               "docs": len(samples), "docs_per_s": len(samples) / max(dt, 1e-9), "batch_size": bs,
               "truncated": cut,   # documents longer than the model, left-truncated as lm-eval does
               "chat": args.chat, "quantize": info["quantize"], "device": str(next(model.parameters()).device),
@@ -422,8 +429,8 @@ def parse_args(argv):
     ap.add_argument("--log_samples", "--log-samples", dest="log_samples", action="store_true",
                     help="with --output_path: lm-eval's samples_<task>_<date>.jsonl, one line per document")
     ap.add_argument("--chat", action="store_true", help="lm-eval --apply_chat_template mode (the paper used plain)")
-    # torch.Generator.manual_seed's range
-    ap.add_argument("--seed", type=util.number(int, -2 ** 63, 2 ** 64 - 1), default=None,
+    # a torch CPU generator keeps the low 32 bits of its seed: a larger one would repeat a smaller one's draw
+    ap.add_argument("--seed", type=util.number(int, 0, 2 ** 32 - 1), default=None,
                     help="Textual MNIST few-shot draw (default: rigsa's)")
     ap.add_argument("--no-verify", action="store_true", help="skip checksums of files already present")
     ap.add_argument("--offline", action="store_true", help="never download (data files, the base model): a missing one is an error")
@@ -485,7 +492,7 @@ def ours(path):
     except (OSError, ValueError):   # ValueError: not JSON, not UTF-8
         return False
     result = lambda r: isinstance(r, dict) and "task" in r and "metrics" in r   # noqa: E731
-    return isinstance(d, dict) and (result(d) or ("results" in d and "configs" in d)
+    return isinstance(d, dict) and (result(d) or d.get("model_source") == "rigsa" and "results" in d   # not lm-eval's own
                                     or bool(d) and all(result(r) for r in d.values()))
 
 
@@ -499,6 +506,8 @@ def check_output(flag, path, folder, inputs=()):
         raise ValueError(f"{flag} {path}: is a file, not a directory; pass a folder (lm-eval's layout goes in it)")
     if not folder and os.path.isdir(p):
         raise ValueError(f"{flag} {path}: is a directory; pass a file name, e.g. {os.path.join(path, 'results.json')}")
+    if not folder and os.path.exists(p) and not os.path.isfile(p):   # a device, a pipe: never replaced by a file
+        raise ValueError(f"{flag} {path}: is not a regular file (a device, a pipe, ...); pass a file name")
     target = p if folder or flag == "--output" else os.path.dirname(p)   # --output_path x.json: files beside it
     for what, q, is_dir in inputs:
         real = os.path.realpath(q)
@@ -514,6 +523,29 @@ def check_output(flag, path, folder, inputs=()):
         raise ValueError(f"{flag} {path}: {parent} is a file, not a directory; choose another path")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {path}: {parent} is not writable; choose another path")
+
+
+def check_lm_eval_layout(args, name):
+    """--output_path's folder for this model (lm_eval_paths), before any work: not a file, a name the
+    file system takes, and not --output (nor a folder --output would be)."""
+    _, folder = lm_eval_paths(args.output_path, lm_eval_name(name, args.adapter)[1], "x")
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"--output_path {args.output_path}: {folder} is a file, where lm-eval's layout puts this "
+                         f"model's folder; move it, or choose another --output_path")
+    try:
+        limit = os.pathconf(os.path.dirname(os.path.abspath(folder)) if os.path.isdir(os.path.dirname(
+            os.path.abspath(folder))) else "/", "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    if len(folder.name.encode()) > limit:
+        raise ValueError(f"--output_path {args.output_path}: the folder lm-eval's layout names after the model "
+                         f"({len(folder.name.encode())} bytes) is longer than this file system allows ({limit}); "
+                         f"pass a path ending in .json, which puts the files beside it")
+    if args.output:
+        o, f = os.path.realpath(args.output), os.path.realpath(folder)
+        if f == o or f.startswith(o.rstrip(os.sep) + os.sep):
+            raise ValueError(f"--output {args.output}: is where --output_path puts its folder {folder}; give the two "
+                             f"flags different paths")
 
 
 def load_data(task, args):
@@ -543,6 +575,9 @@ def base_model(args, acfg):
     recorded revision when the base is the one it was trained on."""
     name = args.model or (acfg.model if acfg else M.DEFAULT_MODEL)
     revision = args.revision
+    if revision and os.path.isdir(name) and not M.hub_commit(name):   # as rigsa.py train refuses it
+        raise ValueError(f"--revision {revision}: the model {name} is a local directory, which has no revisions "
+                         f"(its files are used as they are); drop --revision")
     if revision is None and acfg is not None and name == acfg.model:
         revision = acfg.revision or None
     return name, revision
@@ -610,6 +645,8 @@ def evaluate(args):
         raise ValueError(f"--quantize {args.quantize}: --adapter {args.adapter} is a {acfg.method} adapter of the "
                          f"unquantized base; drop --quantize (only a qlora adapter sits on the 4-bit base)")
     name, revision = base_model(args, acfg)
+    if args.output_path:
+        check_lm_eval_layout(args, name)
     data, failed = {}, []
     for t in tasks:
         try:

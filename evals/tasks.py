@@ -17,6 +17,8 @@ import os
 import random
 import re
 
+import numpy as np
+
 from lib import util
 
 # -----------------------------------------------------------------------------
@@ -296,12 +298,14 @@ def lm_eval_higher_is_better(task):
 # metrics (lm_eval/api/metrics.py)
 
 def mc_scores(lls, choices, target):
-    # np.argmax semantics: the first maximum wins ties. acc_norm divides by the character length
-    # of the choice as doc_to_choice returns it (no delimiter, inner/outer whitespace counted).
-    acc = int(max(range(len(lls)), key=lambda i: (lls[i], -i)) == target)
-    norm = [ll / float(len(c)) for ll, c in zip(lls, choices)]
-    acc_norm = int(max(range(len(norm)), key=lambda i: (norm[i], -i)) == target)
-    return acc, acc_norm
+    # ConfigurableTask.process_results: np.argmax(lls) and np.argmax(lls / completion_len), the
+    # first maximum winning ties; acc_norm divides by the character length of the choice as
+    # doc_to_choice returns it (no delimiter, inner/outer whitespace counted). An empty choice
+    # divides by 0 as numpy does (-inf for a log-likelihood below 0: never chosen), not an error
+    lls = np.asarray(lls, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        norm = lls / np.array([float(len(c)) for c in choices])
+    return int(np.argmax(lls) == target), int(np.argmax(norm) == target)
 
 
 def mean(xs):

@@ -76,6 +76,11 @@ def resumed(cfg, given, check=None):
     if not cfg.resume:
         if (out / "config.json").exists():
             raise FileExistsError(f"{out}: a run is already there; use --resume or another --out")
+        held = sorted(p.name for p in out.glob("*") if re.fullmatch(r"metrics\.jsonl|resume\.pt|iter\d+(\.safetensors|-peft)",
+                                                                    p.name)) if out.is_dir() else []
+        if held:   # a run's files without its config: not this run's to replace (nor resumable)
+            raise FileExistsError(f"{out}: holds {', '.join(held[:3])}{' ...' if len(held) > 3 else ''}, files a run "
+                                  f"writes, but no config.json; move them, or choose another --out")
         return cfg, None
     try:
         saved = dataclasses.asdict(config_from(json.loads((out / "config.json").read_text())["config"],
@@ -104,8 +109,10 @@ def resumed(cfg, given, check=None):
                          f"with another --out")
     keep = {f: getattr(cfg, f) for f in resumable if typed(f)}
     cfg = type(cfg)(**{**saved, **keep, "resume": True, "halt_after": cfg.halt_after})   # a halt is this process's
-    ours = r"(config\.json|metrics\.jsonl|resume\.pt|iter\d+\.safetensors)\.tmp"   # what a kill during a save leaves
-    for tmp in [*out.glob("*.tmp"), *out.glob("iter*-peft/*.tmp")] if util.world()[0] == 0 else ():
+    # what a kill during a save leaves: util.atomic_write's .NAME.XXXXXXXX.tmp (NAME.tmp from older versions)
+    ours = r"(config\.json|metrics\.jsonl|resume\.pt|iter\d+\.safetensors)\.tmp|\.(config\.json|metrics\.jsonl|" \
+           r"resume\.pt|iter\d+\.safetensors)\.\w{8}\.tmp"
+    for tmp in [*out.glob("*.tmp"), *out.glob("iter*-peft/*.tmp")] if util.world()[0] == 0 else ():   # hidden ones too
         if tmp.is_file() and (tmp.parent != out or re.fullmatch(ours, tmp.name)):   # only this run's own
             tmp.unlink()
     if not (out / "resume.pt").exists():

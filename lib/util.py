@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -68,21 +69,25 @@ def file_mode(folder=False):
 
 
 def atomic_write(path, write):
-    """write(tmp) writes the file's content to the temporary path `path.tmp`, which then replaces
-    `path` in one rename: a reader never sees half a file; a failed or interrupted write (SIGTERM
-    included: sigterm_cleanup) removes the .tmp, and only a hard kill leaves one (which the next
-    write of the same file replaces). The file gets the mode of the one it replaces, or if new the
-    umask's (some writers, safetensors among them, create 0600). The content is on disk before the
-    rename, and the rename before this returns (fsync of both): a power cut leaves the old file or
-    the new one, never an empty one."""
-    path = os.fspath(path)
-    tmp = path + ".tmp"
+    """write(tmp) writes the file's content to a temporary path beside it (`.NAME.XXXXXXXX.tmp`, a name
+    of its own, so that no file of the user's and no concurrent write of the same file is touched),
+    which then replaces `path` in one rename: a reader never sees half a file; a failed or
+    interrupted write (SIGTERM included: sigterm_cleanup) removes it, and only a hard kill leaves one.
+    A symbolic link is written through (its target replaced, the link kept). The file gets the mode
+    of the one it replaces, or if new the umask's (some writers, safetensors among them, create
+    0600). The content is on disk before the rename, and the rename before this returns (fsync of
+    both): a power cut leaves the old file or the new one, never an empty one."""
+    path = os.path.realpath(os.fspath(path)) if os.path.islink(os.fspath(path)) else os.fspath(path)
+    tmp = None
     with sigterm_cleanup(f"stopped while writing {path}; no temporary file is left, and no half file"):
         try:
             try:
                 mode = os.stat(path).st_mode & 0o7777
             except OSError:
                 mode = file_mode()
+            folder, name = os.path.split(os.path.abspath(path))
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+            os.close(fd)
             write(tmp)
             fd = os.open(tmp, os.O_RDONLY)
             try:
@@ -92,8 +97,9 @@ def atomic_write(path, write):
                 os.close(fd)
             os.replace(tmp, path)
         except BaseException as e:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            if tmp is not None and os.path.lexists(tmp):
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
             if isinstance(e, OSError) and e.errno is not None:   # a full disk, a read-only folder, ...
                 raise OSError(f"{path}: cannot write ({e.strerror}); free space or choose another path") from None
             raise
@@ -542,7 +548,7 @@ def number(kind=int, lo=None, hi=None, lo_open=False, hi_open=False, auto=False)
             x = kind(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{s!r} is not {want}") from None
-        if x != x or (lo is not None and (x < lo or lo_open and x == lo)) or \
+        if x != x or x in (float("inf"), float("-inf")) or (lo is not None and (x < lo or lo_open and x == lo)) or \
                 (hi is not None and (x > hi or hi_open and x == hi)):
             raise argparse.ArgumentTypeError(f"{s} is out of range: expected {want}")
         return x

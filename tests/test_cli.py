@@ -84,6 +84,18 @@ def world(tmp_path_factory, tiny_dir, tiny_mha_dir):
     shutil.copytree(w / "data", w / "noimages")
     mnist.write_idx(w / "noimages" / "mnist" / "t10k-images-idx3-ubyte.gz", np.zeros((0, 8, 8), np.uint8))
     mnist.write_idx(w / "noimages" / "mnist" / "t10k-labels-idx1-ubyte.gz", np.zeros((0,), np.uint8))
+    (w / "orphan").mkdir()                       # a run's files without its config.json: not a new run's to replace
+    (w / "orphan" / "metrics.jsonl").write_text("{}\n")
+    (w / "orphan" / "resume.pt").write_bytes(b"mine")
+    shutil.copytree(tiny_dir, w / "smallvocab")   # config.json's vocab_size below the tokenizer's
+    c = json.loads((w / "smallvocab" / "config.json").read_text())
+    (w / "smallvocab" / "config.json").write_text(json.dumps({**c, "vocab_size": 8}))
+    os.mkfifo(w / "fifo")                         # --output onto a pipe: never replaced by a file
+    (w / "opfile").mkdir()                        # --output_path whose model folder is a file
+    (w / "opfile" / evals_run.lm_eval_name(str(tiny_dir), None)[1]).write_text("mine")
+    d = dict(t)                                   # an adapter that a diverged training left NaN
+    d["model.layers.0.mlp.up_proj.delta"] = torch.full_like(d["model.layers.0.mlp.up_proj.delta"], float("nan"))
+    save_file(d, w / "nanadapter.safetensors", metadata=meta)
     return w, str(tiny_dir), str(tiny_mha_dir)
 
 
@@ -198,6 +210,19 @@ CASES = [
     ("rigsa", T("--model", "{m}", "--revision", "main"), 1, "--revision main: --model"),
     ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--val-frac", "0.01"), 1,
      "--val-frac 0.01 leaves the val split"),
+    ("rigsa", T("--lr", "inf"), 2, "--lr"),
+    ("rigsa", T("--epochs", "inf"), 2, "--epochs"),
+    ("rigsa", T("--iters", "2", "--keep", "0.8,0.7"), 1, "--keep 0.8,0.7: 2 values for the 1 prunings of --iters 2"),
+    ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--out", "{w}/orphan"), 1,
+     "metrics.jsonl, resume.pt, files a run writes, but no config.json"),
+    ("evals", E("--task", "mnist", "--model", "{w}/smallvocab"), 1, "tokenizer.json has"),
+    ("evals", E("--task", "mnist", "--model", "{m}", "--output", "{w}/fifo"), 1, "is not a regular file"),
+    ("evals", E("--task", "mnist", "--model", "{m}", "--output", "{w}/op", "--output_path", "{w}/op"), 1,
+     "is where --output_path puts its folder"),
+    ("evals", E("--task", "mnist", "--model", "{m}", "--output_path", "{w}/opfile"), 1, "is a file, where lm-eval's layout"),
+    ("evals", E("--task", "mnist", "--model", "{m}", "--seed", str(2 ** 32)), 2, "--seed"),
+    ("evals", E("--task", "mnist", "--model", "{m}", "--revision", "main"), 1, "--revision main: the model"),
+    ("evals", E("--task", "mnist", "--adapter", "{w}/nanadapter", "--model", "{m}"), 1, "logits are not finite"),
     ("reproduce", ["--limit", "-1", "--dry-run"], 2, "--limit"),
     ("reproduce", ["--tables-only", "--model", "{m}", "--out", "{w}/rp"], 2, "--tables-only: --model cannot act"),
     ("reproduce", ["--tables-only", "--limit", "2", "--out", "{w}/rp"], 2, "--tables-only: --limit cannot act"),
@@ -347,7 +372,8 @@ def test_a_signal_during_training_loses_nothing(world, tmp_path, sig):
     stdout, stderr = proc.communicate(timeout=120)
     if sig == signal.SIGKILL:     # nothing said; the last resume.pt (every 3 steps) and a stale .tmp remain
         assert proc.returncode == -signal.SIGKILL
-        (out / "iter1.safetensors.tmp").write_bytes(b"half an adapter")
+        (out / "iter1.safetensors.tmp").write_bytes(b"half an adapter")             # an older version's name
+        (out / ".iter1.safetensors.k3_x9qz0.tmp").write_bytes(b"half an adapter")   # util.atomic_write's
         (out / "iter1-peft").mkdir()
         (out / "iter1-peft" / "adapter_model.safetensors.tmp").write_bytes(b"half a PEFT export")
     elif sig == "twice":

@@ -314,7 +314,7 @@ def _with_positions(src, dst, n):
 def test_cli_end_to_end(task, tiny_dir, tmp_path, monkeypatch):
     _write_data(tmp_path)
     out, lm = tmp_path / "out.json", tmp_path / "lm"
-    shots = ["--num-fewshot", "5", "--seed", "-7"] if task == "mnist5" else []   # any int is a seed
+    shots = ["--num-fewshot", "5", "--seed", "7"] if task == "mnist5" else []
     if shots:   # 5-shot prompts are ~5,000 tokens: SmolLM2's 8,192 positions hold them, the tiny config's 2,048 not
         tiny_dir = _with_positions(tiny_dir, tmp_path / "tiny8k", 8192)
     task = task[:5] if task == "mnist5" else task
@@ -375,14 +375,14 @@ def test_cli_end_to_end(task, tiny_dir, tmp_path, monkeypatch):
         assert set(r["metrics"]) == {"acc", "acc_stderr"} and r["num_fewshot"] == (5 if shots else 0)
         assert set(s) == {"doc_id", "target", "prediction", "acc"} | ({"shots"} if shots else set())
         x, y = mnist.load_mnist(tmp_path / "mnist", "test", verify=False)
-        if shots:   # the training images each prompt showed: the draw of --seed (-7 here) over all documents
+        if shots:   # the training images each prompt showed: the draw of --seed (7 here) over all documents
             pool = len(mnist.load_mnist(tmp_path / "mnist", "train", verify=False)[1])
-            assert [t["shots"] for t in r["samples"]] == R.shot_draws(4, pool, 5, -7)
+            assert [t["shots"] for t in r["samples"]] == R.shot_draws(4, pool, 5, 7)
         assert [t["target"] for t in r["samples"]] == y[:4].tolist()
         assert all(t["acc"] == int(t["prediction"] == t["target"]) for t in r["samples"])
         # the logged prompts are the ones rigsa.mnist_accuracy scored (its calls follow the length probes, before the model loads and before scoring)
         assert [x["prompt_hash"] for x in lines] == [R.sha256(p) for p in prompts[2:6]]
-        assert len(set(prompts[2:6])) == 4 and res["config"]["mnist_seed"] == (-7 if shots else R.SHOT_SEED)
+        assert len(set(prompts[2:6])) == 4 and res["config"]["mnist_seed"] == (7 if shots else R.SHOT_SEED)
 
 
 def test_cli_all_continues_past_a_failing_task(tiny_dir, tmp_path, monkeypatch, capsys):
@@ -504,15 +504,17 @@ def test_cli_adapter_base_revision_and_quantize(tiny_dir, tmp_path, monkeypatch)
     monkeypatch.setattr(M, "resolve", lambda name, revision=None, *a, **k: calls.append((name, revision)) or
                         resolve(name, revision, *a, **k))
     runs = {}
-    for key, extra in (("recorded", ["--adapter", str(tmp_path / "q")]),
-                       ("revision", ["--adapter", str(tmp_path / "q"), "--revision", "v2.0"]),
-                       ("plain", ["--model", str(tiny_dir), "--revision", "abc123"])):
+    for extra in (["--adapter", str(tmp_path / "q"), "--revision", "v2.0"], ["--model", str(tiny_dir), "--revision", "abc123"]):
+        with pytest.raises(SystemExit, match=f"error: --revision {extra[-1]}: the model {tiny_dir} is a local directory, "
+                                             f"which has no revisions"):   # as rigsa.py train refuses it
+            R.main(["--task", "piqa", "--data-dir", str(tmp_path), "--no-verify", "--offline", "--limit", "1"] + extra)
+    for key, extra in (("recorded", ["--adapter", str(tmp_path / "q")]), ("plain", ["--model", str(tiny_dir)])):
         out = tmp_path / f"{key}.json"
         R.main(["--task", "piqa", "--data-dir", str(tmp_path), "--no-verify", "--offline", "--limit", "1",
                 "--output", str(out), "--output_path", str(tmp_path / key)] + extra)
         runs[key] = (json.loads(out.read_text()), next((tmp_path / key).glob("*/results_*.json")))
     # (the resolved directory is then loaded as a path, without a revision)
-    assert [(str(n), r) for n, r in calls if r] == [(str(tiny_dir), "v1.0"), (str(tiny_dir), "v2.0"), (str(tiny_dir), "abc123")]
+    assert [(str(n), r) for n, r in calls if r] == [(str(tiny_dir), "v1.0")]
     (r, res), (p, _) = runs["recorded"], runs["plain"]
     cfg = json.loads(res.read_text())["config"]
     assert r["model"] == str(tiny_dir) and r["quantize"] == "nf4" and p["quantize"] is None
@@ -701,3 +703,24 @@ def test_limits_are_the_models(case, tiny_dir, tmp_path, monkeypatch, capsys):
             assert msg.startswith("error: --num-fewshot 100: a 100-shot Textual MNIST prompt is ") and \
                 f"more than the model's {positions} positions; {then}" in msg and "\n" not in msg, msg
         assert not out.exists()
+
+
+def test_non_finite_scores_give_no_number_and_an_empty_choice_divides_as_numpy(tiny_dir, tmp_path):
+    # weights a diverged training left NaN: every log-likelihood is NaN and would win numpy's argmax (an
+    # "accuracy" that is the share of label 0), every greedy token is garbage; each task refuses instead
+    from safetensors.torch import load_file, save_file
+    _write_data(tmp_path)
+    bad = tmp_path / "nan-model"
+    shutil.copytree(tiny_dir, bad)
+    t = load_file(bad / "model.safetensors")
+    t["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(t, bad / "model.safetensors", metadata={"format": "pt"})
+    for task in ("piqa", "gsm8k", "mnist"):
+        out = tmp_path / f"{task}.json"
+        with pytest.raises(SystemExit, match="not finite"):
+            R.main(["--task", task, "--model", str(bad), "--data-dir", str(tmp_path), "--no-verify", "--offline",
+                    "--limit", "2", "--dtype", "float32", "--output", str(out)])
+        assert not out.exists()
+    # lm-eval's acc_norm is np.argmax(lls / completion_len): an empty choice gives -inf (never chosen), not an error
+    assert T.mc_scores([-1.0, -2.0], ["", "ab"], 1) == (0, 1)
+    assert T.mc_scores([-3.0, -3.0], ["ab", "ab"], 0) == (1, 1)   # ties: the first

@@ -81,7 +81,8 @@ def test_an_output_that_is_an_input_or_not_ours_is_refused_before_any_work(world
     ("", True),                                                           # holds nothing to lose
     ('{"task": "mnist", "metrics": {"acc": 0.5}}', True),                 # --output's result
     ('{"mnist": {"task": "mnist", "metrics": {}}}', True),                # --task all's
-    ('{"results": {}, "configs": {}}', True),                             # lm-eval's results_<date>.json
+    ('{"results": {}, "configs": {}, "model_source": "rigsa"}', True),    # our lm-eval-shaped results_<date>.json
+    ('{"results": {}, "configs": {}}', False),                            # lm-eval's own: not ours to replace
     ('{"metrics": 1}', False), ("{}", False), ("[1]", False), ("{oops", False), ("notes", False),
     (b"\x08\x00\x00\x00\x00\x00\x00\x00{}", False), (b'{"task": "\xff"', False),
 ])

@@ -1,8 +1,10 @@
 """Tests for lib/util.py: atomic writes (whole, with the umask's mode, gone on SIGTERM), the run-directory lock,
 the progress bar in a log and on/off, the device, malloc settings."""
 import errno
+import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -48,7 +50,24 @@ def test_atomic_write_syncs_the_content_before_the_rename(tmp_path, monkeypatch)
     p = tmp_path / "f.json"
     util.write_json(p, {"a": 1})
     # the .tmp's inode is the file's after the rename (file descriptors have no portable path)
-    assert calls == [("fsync", os.stat(p).st_ino), ("replace", f"{p}.tmp"), ("fsync", os.stat(tmp_path).st_ino)]
+    assert [c[0] for c in calls] == ["fsync", "replace", "fsync"]
+    assert calls[0][1] == os.stat(p).st_ino and calls[2][1] == os.stat(tmp_path).st_ino
+    assert re.fullmatch(re.escape(f"{tmp_path}/.f.json.") + r"\w{8}\.tmp", calls[1][1])   # a name of its own
+
+
+def test_atomic_write_touches_no_other_file_and_writes_through_a_link(tmp_path):
+    # the temporary is a name of its own: a file of the user's named like it stays; two writes of one
+    # file at once each land whole; a symbolic link keeps pointing at its target, which is replaced
+    p = tmp_path / "r.json"
+    (tmp_path / "r.json.tmp").write_text("mine")
+    util.write_json(p, {"a": 1})
+    assert (tmp_path / "r.json.tmp").read_text() == "mine" and json.loads(p.read_text()) == {"a": 1}
+    assert sorted(os.listdir(tmp_path)) == ["r.json", "r.json.tmp"]
+    real = tmp_path / "elsewhere.json"
+    real.write_text("{}")
+    (tmp_path / "link.json").symlink_to(real)
+    util.write_json(tmp_path / "link.json", {"b": 2})
+    assert (tmp_path / "link.json").is_symlink() and json.loads(real.read_text()) == {"b": 2}
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
@@ -92,7 +111,7 @@ def test_sigterm_during_atomic_write_removes_the_temporary_and_exits_143(tmp_pat
         util.atomic_write({str(p)!r}, write)"""
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
     _until(ready.exists, proc)
-    assert (tmp_path / "f.bin.tmp").exists()
+    assert len([f for f in os.listdir(tmp_path) if f.startswith(".f.bin.") and f.endswith(".tmp")]) == 1
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and err == f"SIGTERM: stopped while writing {p}; no temporary file is left, and no half file\n"

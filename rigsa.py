@@ -400,6 +400,12 @@ def rewind(L, kept):
     L.set_free(index, L.init_delta().view(-1)[index.cpu()])
 
 
+def flips(s, sign=True):
+    """The share of free entries whose dW changed sign from dW0: None where it was not measured (the
+    sign not checked, lt-sft; or no entry free), not 0% or 100%."""
+    return 1 - s["eligible"] / s["free"] if sign and s["free"] else None
+
+
 @torch.no_grad()
 def prune(layers, keep=0.8, scope="global", sign=True, score=magnitude):
     """One IMP step (§3.2, §4.4): the eligible free entries (eligible), the fraction `keep` of them
@@ -413,7 +419,7 @@ def prune(layers, keep=0.8, scope="global", sign=True, score=magnitude):
         stats["layers"][n]["kept"] = int(kept.count_nonzero())
     tot = lambda key: sum(s[key] for s in stats["layers"].values())
     stats.update(free=tot("free"), eligible=tot("eligible"), kept=tot("kept"), numel=tot("numel"))
-    stats["sign_flip"] = 1 - stats["eligible"] / max(stats["free"], 1)
+    stats["sign_flip"] = flips(stats, sign)
     stats["density"] = stats["kept"] / stats["numel"]
     return stats
 
@@ -693,9 +699,10 @@ def prune_and_rewind(run, it):
             L.alpha.data.fill_(cfg.alpha_init if L.gated else 1.0)
     run.record({"event": "prune", "iter": it, "sign_flip": st["sign_flip"], "density": st["density"],
                 "kept": st["kept"], "eligible": st["eligible"], "free": st["free"],
-                "layer_sign_flip": {n: 1 - s["eligible"] / max(s["free"], 1) for n, s in st["layers"].items()},
+                "layer_sign_flip": {n: flips(s, METHODS[cfg.method]["gated"]) for n, s in st["layers"].items()},
                 "layer_density": {n: s["kept"] / s["numel"] for n, s in st["layers"].items()}})
-    util.say(f"pruned after iter {it}: sign flips {st['sign_flip']:.2%} of free entries, "
+    said = "not measured" if st["sign_flip"] is None else f"{st['sign_flip']:.2%} of free entries"
+    util.say(f"pruned after iter {it}: sign flips {said}, "
              f"density now {st['density']:.4%}")
     save_resume(run, None, it + 1, 0)
 

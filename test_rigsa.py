@@ -130,6 +130,8 @@ def test_prune_sign_flips_counts_rewind_and_scope():
         st = rigsa.prune(layers, keep=0.5, scope=scope)
         m0, m1 = mask_of(layers["l0"]), mask_of(layers["l1"])
         assert st["eligible"] == 13 and st["sign_flip"] == pytest.approx(3 / 16)
+        # not measured is None, not 0% (lt-sft checks no sign) nor 100% (no entry free)
+        assert rigsa.flips(st, sign=False) is None and rigsa.flips({"free": 0, "eligible": 0}) is None
         if scope == "global":  # round(0.5 * 13) = 6 largest of all: 10, 9, 8, 7, 6, 5
             assert m0.tolist() == [[True] * 4, [True, True, False, False]] and not m1.any()
         else:                  # per layer: round(0.5 * 6) = 3 and round(0.5 * 7) = 4
@@ -759,3 +761,14 @@ def test_a_lora_iterations_peft_copy_is_written_before_the_adapter_that_marks_it
     with one_thread():
         rigsa.train(tiny_cfg(tiny_dir, tmp_path, method="lora", rank=2))
     assert seen == [False] and (tmp_path / "run" / "iter1-peft" / "adapter_model.safetensors").exists()
+
+
+def test_a_saved_config_lacking_keys_says_which_defaults_stand_for_them(capsys):
+    # an older version's config.json (or an edited one) without "keep": the run would prune at this
+    # version's default without a word; now one note names each missing key and the value used
+    saved = dataclasses.asdict(rigsa.Config(keep=0.5))
+    del saved["keep"], saved["lr"]
+    cfg = rundir.config_from(saved, "RUN/config.json", rigsa.Config)
+    assert cfg.keep == 0.8
+    assert capsys.readouterr().err == ("note: RUN/config.json: lacks config keys, so this version's defaults stand for "
+                                       "them: keep=0.8, lr=0.002 (written by another version, or edited)\n")

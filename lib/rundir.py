@@ -58,6 +58,13 @@ def config_from(saved, source, cls, check=None):
         _WARNED.add((str(source), *unknown))
         util.say(f"warning: {source}: ignoring config keys this version of rigsa does not know: {', '.join(unknown)} "
                  f"(written by another version)", file=sys.stderr)
+    missing = sorted(known - set(saved))
+    if missing and (str(source), "missing", *missing) not in _WARNED:   # an older version's file, or an edit
+        _WARNED.add((str(source), "missing", *missing))
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        util.say(f"note: {source}: lacks config keys, so this version's defaults stand for them: "
+                 + ", ".join(f"{k}={defaults[k]!r}" for k in missing) + " (written by another version, or edited)",
+                 file=sys.stderr)
     cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})   # JSON's lists
     try:
         check and check(cfg)   # a value this version cannot use (another version's, an edit): named as the file's
@@ -118,10 +125,16 @@ def resumed(cfg, given, check=None):
     if not (out / "resume.pt").exists():
         return cfg, None
     try:
-        return cfg, torch.load(out / "resume.pt", map_location="cpu", weights_only=True)
+        state = torch.load(out / "resume.pt", map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{out / 'resume.pt'}: unreadable ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
                          f"delete it, and --resume starts the run again from its first step") from None
+    lacks = sorted({"iteration", "step", "optimizer", "state", "rng", "log"} - set(state)) if isinstance(state, dict) \
+        else [f"everything (a {type(state).__name__})"]
+    if lacks:
+        raise ValueError(f"{out / 'resume.pt'}: not a resume checkpoint of rigsa.py train (it lacks {', '.join(lacks)}); "
+                         f"delete it, and --resume starts the run again from its first step")
+    return cfg, state
 
 
 

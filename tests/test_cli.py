@@ -84,6 +84,8 @@ def world(tmp_path_factory, tiny_dir, tiny_mha_dir):
     shutil.copytree(w / "data", w / "noimages")
     mnist.write_idx(w / "noimages" / "mnist" / "t10k-images-idx3-ubyte.gz", np.zeros((0, 8, 8), np.uint8))
     mnist.write_idx(w / "noimages" / "mnist" / "t10k-labels-idx1-ubyte.gz", np.zeros((0,), np.uint8))
+    shutil.copytree(w / "run", w / "emptyresume")   # a resume.pt that torch reads, but not a run's
+    torch.save({}, w / "emptyresume" / "resume.pt")
     (w / "orphan").mkdir()                       # a run's files without its config.json: not a new run's to replace
     (w / "orphan" / "metrics.jsonl").write_text("{}\n")
     (w / "orphan" / "resume.pt").write_bytes(b"mine")
@@ -210,6 +212,7 @@ CASES = [
     ("rigsa", T("--model", "{m}", "--revision", "main"), 1, "--revision main: --model"),
     ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--val-frac", "0.01"), 1,
      "--val-frac 0.01 leaves the val split"),
+    ("rigsa", T("--resume", "--out", "{w}/emptyresume"), 1, "resume.pt: not a resume checkpoint of rigsa.py train (it lacks"),
     ("rigsa", T("--lr", "inf"), 2, "--lr"),
     ("rigsa", T("--epochs", "inf"), 2, "--epochs"),
     ("rigsa", T("--iters", "2", "--keep", "0.8,0.7"), 1, "--keep 0.8,0.7: 2 values for the 1 prunings of --iters 2"),

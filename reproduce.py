@@ -639,6 +639,9 @@ def parse_seeds(s):
         raise ValueError(f"--seeds {s}: expected integers separated by commas, e.g. 0,1,2") from None
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {s}: a seed appears twice")
+    bad = [x for x in seeds if not 0 <= x <= rigsa.SEED_MAX]   # rigsa.py train's range: said now, not after hours
+    if bad:
+        raise ValueError(f"--seeds {s}: {bad[0]} is outside rigsa.py train's --seed range, 0 to {rigsa.SEED_MAX}")
     return seeds
 
 # -----------------------------------------------------------------------------

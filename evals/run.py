@@ -631,6 +631,9 @@ def evaluate(args):
     tasks = TASKS if args.task == "all" else [args.task]
     for t in tasks:
         shots_for(t, args)
+    if args.seed is not None and not ("mnist" in tasks and shots_for("mnist", args)):   # a flag that would not act
+        raise ValueError(f"--seed {args.seed}: only Textual MNIST's few-shot draw uses it (--task mnist with "
+                         f"--num-fewshot 5; GSM8k's shots are lm-eval's own draw); drop it")
     inputs = run_inputs(args, tasks) if args.output or args.output_path else ()
     if args.output:
         check_output("--output", args.output, folder=False, inputs=inputs)

@@ -225,11 +225,13 @@ CASES = [
     ("evals", E("--task", "mnist", "--model", "{m}", "--output_path", "{w}/opfile"), 1, "is a file, where lm-eval's layout"),
     ("evals", E("--task", "mnist", "--model", "{m}", "--seed", str(2 ** 32)), 2, "--seed"),
     ("evals", E("--task", "mnist", "--model", "{m}", "--revision", "main"), 1, "--revision main: the model"),
+    ("evals", E("--task", "mnist", "--model", "{m}", "--seed", "3"), 1, "--seed 3: only Textual MNIST's few-shot draw"),
     ("evals", E("--task", "mnist", "--adapter", "{w}/nanadapter", "--model", "{m}"), 1, "logits are not finite"),
     ("reproduce", ["--limit", "-1", "--dry-run"], 2, "--limit"),
     ("reproduce", ["--tables-only", "--model", "{m}", "--out", "{w}/rp"], 2, "--tables-only: --model cannot act"),
     ("reproduce", ["--tables-only", "--limit", "2", "--out", "{w}/rp"], 2, "--tables-only: --limit cannot act"),
     ("reproduce", ["--seeds", "a,b", "--dry-run"], 2, "--seeds"),
+    ("reproduce", ["--seeds", f"0,{2 ** 29}", "--dry-run"], 2, "--seeds 0,536870912: 536870912 is outside"),
 ]
 MAINS = {"rigsa": rigsa.main, "model": M.main, "reproduce": reproduce.main, "evals": evals_run.main}
 

@@ -382,6 +382,7 @@ class Tokenizer:
         self.bos_id = self._id(bos_token or "<|im_start|>")
         self.pad_id = self._id(pad_token) if pad_token else self.eos_id
         self.system_prompt = system_prompt  # None: the template injects no system turn
+        self.chat_template = None           # load_tokenizer: the checkpoint's own template, if any
 
     def _id(self, token):
         i = self.tok.token_to_id(token)
@@ -468,7 +469,9 @@ def load_tokenizer(path):
         except Exception as e:  # a template is code from the hub: any failure means "cannot tell"
             util.say(f"warning: {tc}: chat_template not understood ({type(e).__name__}: {' '.join(str(e).split())}); "
                   f"chat() writes ChatML with SmolLM2's default system prompt", file=sys.stderr)
-    return Tokenizer(path / "tokenizer.json", **kw)
+    tok = Tokenizer(path / "tokenizer.json", **kw)
+    tok.chat_template = template or None   # the checkpoint's own, if any (chat() writes ChatML either way)
+    return tok
 
 # -----------------------------------------------------------------------------
 # loading checkpoints

@@ -663,6 +663,9 @@ def evaluate(args):
         raise ValueError("--task all: no task has its data (each said why above); fix those, then run again")
 
     path = util.rank_zero_first(lambda: M.resolve(name, revision, offline=args.offline))
+    if args.chat and M.load_tokenizer(path).chat_template is None:   # lm-eval's --apply_chat_template refuses it too
+        raise ValueError(f"--chat: the model {name} has no chat template (tokenizer_config.json's chat_template, or "
+                         f"chat_template.jinja), so its chat format is unknown; drop --chat (the paper's plain prompts)")
     dtype, why = util.auto_dtype(args.dtype, device)   # auto: bfloat16 where the device computes it natively
     merged = path / "rigsa-merge.json"
     if args.dtype == "auto" and dtype != torch.float32 and merged.is_file() and json.loads(merged.read_text()).get(

@@ -92,6 +92,9 @@ def world(tmp_path_factory, tiny_dir, tiny_mha_dir):
     shutil.copytree(tiny_dir, w / "smallvocab")   # config.json's vocab_size below the tokenizer's
     c = json.loads((w / "smallvocab" / "config.json").read_text())
     (w / "smallvocab" / "config.json").write_text(json.dumps({**c, "vocab_size": 8}))
+    shutil.copytree(tiny_dir, w / "notemplate")   # a tokenizer without a chat template: --chat cannot know the format
+    c = json.loads((w / "notemplate" / "tokenizer_config.json").read_text())
+    (w / "notemplate" / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in c.items() if k != "chat_template"}))
     os.mkfifo(w / "fifo")                         # --output onto a pipe: never replaced by a file
     (w / "opfile").mkdir()                        # --output_path whose model folder is a file
     (w / "opfile" / evals_run.lm_eval_name(str(tiny_dir), None)[1]).write_text("mine")
@@ -225,6 +228,7 @@ CASES = [
     ("evals", E("--task", "mnist", "--model", "{m}", "--output_path", "{w}/opfile"), 1, "is a file, where lm-eval's layout"),
     ("evals", E("--task", "mnist", "--model", "{m}", "--seed", str(2 ** 32)), 2, "--seed"),
     ("evals", E("--task", "mnist", "--model", "{m}", "--revision", "main"), 1, "--revision main: the model"),
+    ("evals", E("--task", "mnist", "--model", "{w}/notemplate", "--chat"), 1, "--chat: the model {w}/notemplate has no chat"),
     ("evals", E("--task", "mnist", "--model", "{m}", "--seed", "3"), 1, "--seed 3: only Textual MNIST's few-shot draw"),
     ("evals", E("--task", "mnist", "--adapter", "{w}/nanadapter", "--model", "{m}"), 1, "logits are not finite"),
     ("reproduce", ["--limit", "-1", "--dry-run"], 2, "--limit"),

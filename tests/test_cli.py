@@ -89,9 +89,11 @@ def world(tmp_path_factory, tiny_dir, tiny_mha_dir):
     (w / "orphan").mkdir()                       # a run's files without its config.json: not a new run's to replace
     (w / "orphan" / "metrics.jsonl").write_text("{}\n")
     (w / "orphan" / "resume.pt").write_bytes(b"mine")
-    shutil.copytree(tiny_dir, w / "smallvocab")   # config.json's vocab_size below the tokenizer's
-    c = json.loads((w / "smallvocab" / "config.json").read_text())
-    (w / "smallvocab" / "config.json").write_text(json.dumps({**c, "vocab_size": 8}))
+    shutil.copytree(tiny_dir, w / "bigvocab")     # a tokenizer with more tokens than the model's embeddings
+    from tokenizers import AddedToken, Tokenizer
+    tk = Tokenizer.from_file(str(w / "bigvocab" / "tokenizer.json"))
+    tk.add_special_tokens([AddedToken(f"<|extra{i}|>", special=True) for i in range(8)])
+    tk.save(str(w / "bigvocab" / "tokenizer.json"))
     shutil.copytree(tiny_dir, w / "notemplate")   # a tokenizer without a chat template: --chat cannot know the format
     c = json.loads((w / "notemplate" / "tokenizer_config.json").read_text())
     (w / "notemplate" / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in c.items() if k != "chat_template"}))
@@ -219,14 +221,14 @@ CASES = [
     ("rigsa", T("--lr", "inf"), 2, "--lr"),
     ("rigsa", T("--epochs", "inf"), 2, "--epochs"),
     ("rigsa", T("--iters", "2", "--keep", "0.8,0.7"), 1, "--keep 0.8,0.7: 2 values for the 1 prunings of --iters 2"),
-    ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--out", "{w}/orphan"), 1,
+    ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--val-frac", "0.25", "--out", "{w}/orphan"), 1,
      "metrics.jsonl, resume.pt, files a run writes, but no config.json"),
-    ("evals", E("--task", "mnist", "--model", "{w}/smallvocab"), 1, "tokenizer.json has"),
+    ("evals", E("--task", "mnist", "--model", "{w}/bigvocab"), 1, "tokenizer.json has"),
     ("evals", E("--task", "mnist", "--model", "{m}", "--output", "{w}/fifo"), 1, "is not a regular file"),
     ("evals", E("--task", "mnist", "--model", "{m}", "--output", "{w}/op", "--output_path", "{w}/op"), 1,
      "is where --output_path puts its folder"),
     ("evals", E("--task", "mnist", "--model", "{m}", "--output_path", "{w}/opfile"), 1, "is a file, where lm-eval's layout"),
-    ("evals", E("--task", "mnist", "--model", "{m}", "--seed", str(2 ** 32)), 2, "--seed"),
+    ("evals", E("--task", "mnist", "--model", "{m}", "--num-fewshot", "5", "--seed", str(2 ** 32)), 2, "--seed"),
     ("evals", E("--task", "mnist", "--model", "{m}", "--revision", "main"), 1, "--revision main: the model"),
     ("evals", E("--task", "mnist", "--model", "{w}/notemplate", "--chat"), 1, "--chat: the model {w}/notemplate has no chat"),
     ("evals", E("--task", "mnist", "--model", "{m}", "--seed", "3"), 1, "--seed 3: only Textual MNIST's few-shot draw"),

@@ -173,7 +173,7 @@ random.seed(seed)
 read = util._lock_holder
 def slow(lock):   # a wider window between reading a LOCK and acting on it, as a busy machine gives
     held = read(lock)
-    time.sleep(random.random() * 0.003)
+    time.sleep(random.random() * 0.01)
     return held
 util._lock_holder = slow
 both = 0

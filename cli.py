@@ -176,7 +176,8 @@ def main(argv=None):
         elif a.cmd == "show":
             x, y = mnist.load_mnist(mnist.mnist_dir(a.data_dir), a.split, download=not a.offline, verify=not a.no_verify)
             if not a.index < len(x):
-                raise ValueError(f"--index {a.index}: outside the {a.split} split (0..{len(x) - 1})")
+                raise ValueError(f"--index {a.index}: outside the {a.split} split " + (f"(0..{len(x) - 1})" if len(x) else
+                                                                                        "(it holds no images)"))
             print(rigsa.to_text(x[a.index]))
             print(f"label: {int(y[a.index])}")
         elif a.cmd == "merge":

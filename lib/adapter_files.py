@@ -143,7 +143,8 @@ def read(spec, tensors=True):
             meta = f.metadata() or {}
             t = {k: f.get_tensor(k) for k in f.keys()} if tensors else None
     except Exception as e:
-        raise ValueError(f"{p}: not a readable safetensors file ({e})") from None
+        raise ValueError(f"{p}: not a readable safetensors file ({' '.join(str(e).split())}): truncated or damaged, "
+                         f"or not an adapter; point at the adapter its run wrote (RUN/iterK)") from None
     if meta.get("format") != "rigsa-adapter":
         raise ValueError(f"{p}: not a rigsa adapter file (no format=rigsa-adapter metadata)")
     try:

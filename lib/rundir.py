@@ -249,7 +249,13 @@ def finished(out, last):
     first step, which gives the same numbers (every seed is in its config): said too."""
     if (Path(out) / f"iter{last}.safetensors").exists():
         util.say(f"{out}: the run is complete (iter{last}.safetensors is there)")
-        return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+        log = Path(out) / "metrics.jsonl"
+        try:
+            with open(log) as f:
+                return [json.loads(line) for line in f]
+        except (OSError, ValueError) as e:   # ValueError: not JSON, not UTF-8
+            raise ValueError(f"{log}: the complete run's log is not readable ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:200]}); its adapters are whole, but its report needs the log") from None
     util.say(f"note: {out} has no resume checkpoint yet; the run starts again from its first step", file=sys.stderr)
     return None
 

@@ -86,6 +86,8 @@ def world(tmp_path_factory, tiny_dir, tiny_mha_dir):
     mnist.write_idx(w / "noimages" / "mnist" / "t10k-labels-idx1-ubyte.gz", np.zeros((0,), np.uint8))
     shutil.copytree(w / "run", w / "emptyresume")   # a resume.pt that torch reads, but not a run's
     torch.save({}, w / "emptyresume" / "resume.pt")
+    shutil.copytree(w / "run", w / "badlog")     # a complete run whose log was damaged
+    (w / "badlog" / "metrics.jsonl").write_text("{oops\n")
     (w / "orphan").mkdir()                       # a run's files without its config.json: not a new run's to replace
     (w / "orphan" / "metrics.jsonl").write_text("{}\n")
     (w / "orphan" / "resume.pt").write_bytes(b"mine")
@@ -218,6 +220,8 @@ CASES = [
     ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--val-frac", "0.01"), 1,
      "--val-frac 0.01 leaves the val split"),
     ("rigsa", T("--resume", "--out", "{w}/emptyresume"), 1, "resume.pt: not a resume checkpoint of rigsa.py train (it lacks"),
+    ("rigsa", T("--resume", "--out", "{w}/badlog"), 1, "metrics.jsonl: the complete run's log is not readable"),
+    ("rigsa", ["show", "--split", "val", "--data-dir", "{w}/data", "--no-verify"], 1, "outside the val split (it holds no images)"),
     ("rigsa", T("--lr", "inf"), 2, "--lr"),
     ("rigsa", T("--epochs", "inf"), 2, "--epochs"),
     ("rigsa", T("--iters", "2", "--keep", "0.8,0.7"), 1, "--keep 0.8,0.7: 2 values for the 1 prunings of --iters 2"),

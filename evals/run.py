@@ -532,9 +532,8 @@ def check_lm_eval_layout(args, name):
     if os.path.lexists(folder) and not os.path.isdir(folder):
         raise ValueError(f"--output_path {args.output_path}: {folder} is a file, where lm-eval's layout puts this "
                          f"model's folder; move it, or choose another --output_path")
-    try:
-        limit = os.pathconf(os.path.dirname(os.path.abspath(folder)) if os.path.isdir(os.path.dirname(
-            os.path.abspath(folder))) else "/", "PC_NAME_MAX")
+    try:   # the file system's longest name, where the folder's parent exists (else the usual 255)
+        limit = os.pathconf(os.path.dirname(os.path.abspath(folder)), "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):
         limit = 255
     if len(folder.name.encode()) > limit:

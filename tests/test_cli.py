@@ -232,6 +232,8 @@ CASES = [
     ("evals", E("--task", "mnist", "--model", "{m}", "--output", "{w}/op", "--output_path", "{w}/op"), 1,
      "is where --output_path puts its folder"),
     ("evals", E("--task", "mnist", "--model", "{m}", "--output_path", "{w}/opfile"), 1, "is a file, where lm-eval's layout"),
+    ("evals", E("--task", "mnist", "--model", "{w}/" + "a" * 200 + "/" + "b" * 100, "--output_path", "{w}/oplong"), 1,
+     "is longer than this file system allows"),
     ("evals", E("--task", "mnist", "--model", "{m}", "--num-fewshot", "5", "--seed", str(2 ** 32)), 2, "--seed"),
     ("evals", E("--task", "mnist", "--model", "{m}", "--revision", "main"), 1, "--revision main: the model"),
     ("evals", E("--task", "mnist", "--model", "{w}/notemplate", "--chat"), 1, "--chat: the model {w}/notemplate has no chat"),

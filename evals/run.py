@@ -231,11 +231,12 @@ def run_task(task, data, model, tok, args, info):
         metrics, samples, bs, logged, cut = eval_mnist(data, model, tok, args, k)
         n_all = len(data[0][1])
     dt = time.time() - t0
+    fewshot_seed = None if not k else T.GSM8K_SEED if task == "gsm8k" else SHOT_SEED if args.seed is None else args.seed
     result = {"task": task, "model": info["model"], "adapter": args.adapter, "dtype": info["dtype"],
               "dtype_choice": info.get("dtype_choice"),   # why: as asked, or --dtype auto's reason
               "softmax_dtype": args.softmax_dtype if task in ("piqa", "hellaswag") else None,
-              "num_fewshot": k, "fewshot_seed": (SHOT_SEED if args.seed is None else args.seed) if task == "mnist" and k
-              else T.GSM8K_SEED if task == "gsm8k" and k else None, "limit": args.limit or None, "seconds": round(dt, 3), "metrics": metrics, "samples": samples,
+              "num_fewshot": k, "fewshot_seed": fewshot_seed, "limit": args.limit or None, "seconds": round(dt, 3),
+              "metrics": metrics, "samples": samples,
               "docs": len(samples), "docs_per_s": len(samples) / max(dt, 1e-9), "batch_size": bs,
               "truncated": cut,   # documents longer than the model, left-truncated as lm-eval does
               "chat": args.chat, "quantize": info["quantize"], "device": str(next(model.parameters()).device),
@@ -662,7 +663,8 @@ def evaluate(args):
         raise ValueError("--task all: no task has its data (each said why above); fix those, then run again")
 
     path = util.rank_zero_first(lambda: M.resolve(name, revision, offline=args.offline))
-    if args.chat and M.load_tokenizer(path).chat_template is None:   # lm-eval's --apply_chat_template refuses it too
+    tok0 = M.load_tokenizer(path) if args.chat or "mnist" in data else None   # for the checks before the model loads
+    if args.chat and tok0.chat_template is None:   # lm-eval's --apply_chat_template refuses it too
         raise ValueError(f"--chat: the model {name} has no chat template (tokenizer_config.json's chat_template, or "
                          f"chat_template.jinja), so its chat format is unknown; drop --chat (the paper's plain prompts)")
     dtype, why = util.auto_dtype(args.dtype, device)   # auto: bfloat16 where the device computes it natively
@@ -676,7 +678,7 @@ def evaluate(args):
     if "mnist" in data:   # a prompt past the model's positions is refused now, not after the other tasks ran
         try:
             P = M.SmolLM2Config.from_json(path / "config.json").max_position_embeddings
-            mnist_fits(data["mnist"][0][0], M.load_tokenizer(path), P, shots_for("mnist", args))
+            mnist_fits(data["mnist"][0][0], tok0, P, shots_for("mnist", args))
         except ValueError as e:
             if args.task != "all" or len(data) == 1:
                 raise

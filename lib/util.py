@@ -77,7 +77,9 @@ def atomic_write(path, write):
     of the one it replaces, or if new the umask's (some writers, safetensors among them, create
     0600). The content is on disk before the rename, and the rename before this returns (fsync of
     both): a power cut leaves the old file or the new one, never an empty one."""
-    path = os.path.realpath(os.fspath(path)) if os.path.islink(os.fspath(path)) else os.fspath(path)
+    path = os.fspath(path)
+    if os.path.islink(path):
+        path = os.path.realpath(path)
     tmp = None
     with sigterm_cleanup(f"stopped while writing {path}; no temporary file is left, and no half file"):
         try:

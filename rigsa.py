@@ -149,6 +149,9 @@ class Config:
     eval_test: bool = _f(True, "also evaluate the test split after every iteration (§5.1, Figure 2a)")
     # machinery
     device: str = _f("auto", "cpu | cuda | cuda:N | auto", resumable=True)
+    threads: int = _f(0, "CPU threads of torch's math (0: torch's own count, $OMP_NUM_THREADS or the cores); saved "
+                         "resolved and kept by --resume: the last bits of a CPU run's numbers depend on it",
+                      check=util.number(int, 0, 1024), resumable=True)
     dtype: str = _f("auto", "auto (bfloat16 where the device computes it natively: CUDA, a CPU with AMX or "
                             "AVX512-BF16; else float32) | float32 (exact) | bfloat16 (weights and autocast; dW, LoRA "
                             "and AdamW's state in float32) | float16 (weights only, no autocast); saved resolved",
@@ -713,7 +716,7 @@ def train(cfg, given=None):
     is 5 trainings and 4 prunings. given: the flags the user typed (check_config). -> the metrics
     log, or None if halted (--halt-after)."""
     util.init_distributed(cfg.device)             # under torchrun: this rank's process group, first
-    with rundir.run_lock(cfg):                    # one writer per run directory, before resume.pt is read
+    with rundir.run_lock(cfg), rundir.own_threads():   # one writer per run directory, before resume.pt is read
         cfg, resume = rundir.resumed(cfg, given, flags.check)
         if cfg.resume and resume is None and (log := rundir.finished(cfg.out, n_iters(cfg))) is not None:
             return log                            # a complete run: nothing left to do

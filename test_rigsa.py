@@ -7,6 +7,7 @@ import sys
 import dataclasses
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from lib import adapter_files as AF
 from lib import memory
 from lib import mnist
 from lib import rundir
+from lib import tiny
 from lib import util
 from conftest import hf_model, one_thread
 
@@ -245,6 +247,39 @@ def test_resume_gives_the_same_result(tiny_run):
     assert saved["config"]["lr"] == 2e-2 and saved["torch"] == torch.__version__ and "git_commit" in saved
     prune = [r for r in full if r.get("event") == "prune"][0]
     assert 0 < prune["density"] < 1 and 0 <= prune["sign_flip"] < 1 and len(prune["layer_density"]) == 14
+
+
+def test_a_run_resumes_on_the_thread_count_it_started_with(tmp_path, capsys, monkeypatch):
+    # on the CPU a sum's last bits depend on how many threads split it: this model's adapters after
+    # 4 steps at 1 thread and at 2 differ; so config.json saves the count, and --resume takes it again
+    d = tiny.write_tiny_checkpoint(tmp_path / "wide", shape="wide", seed=0)
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=8, size=8)
+    cfg = lambda name, **kw: tiny_cfg(d, tmp_path, out=str(tmp_path / name), iters=1, eval_test=False, **kw)
+    adapter = lambda name: rigsa.read_adapter(tmp_path / name / "iter1")[0]
+    seen, step = [], rigsa.train_step
+    monkeypatch.setattr(rigsa, "train_step", lambda *a: seen.append(torch.get_num_threads()) or step(*a))
+    with one_thread():
+        rigsa.train(cfg("full"))
+        rigsa.train(cfg("two", threads=2))
+        assert json.loads((tmp_path / "full" / "config.json").read_text())["config"]["threads"] == 1   # resolved
+        a, b = adapter("full"), adapter("two")
+        assert any(not a[n].equal(b[n]) for n in a), "the premise: the thread count shows in the adapters"
+        assert rigsa.train(cfg("halted", halt_after=2)) is None
+        shutil.copytree(tmp_path / "halted", tmp_path / "other")
+        for name, typed in (("halted", {}), ("other", {"threads": 2})):
+            torch.set_num_threads(2)   # a process with another count resumes it
+            capsys.readouterr()
+            seen.clear()
+            rigsa.train(rigsa.Config(out=str(tmp_path / name), resume=True, **typed))
+            err = capsys.readouterr().err
+            assert seen == [2 if typed else 1] * 2 and torch.get_num_threads() == 2, err   # the caller's, after
+            c = adapter(name)
+            if not typed:   # the saved count: bit for bit the uninterrupted run, and said
+                assert "note: --resume: 1 CPU thread, as the run started (this process had 2)" in err, err
+                assert all(a[n].equal(c[n]) for n in a)
+            else:           # another count, typed: taken, and said to cost the bits
+                assert "note: --threads 2: the run started with 1 CPU thread;" in err, err
+                assert json.loads((tmp_path / name / "config.json").read_text())["config"]["threads"] == 2
 
 
 def test_adapter_roundtrip_merge_and_random_mask(tiny_run, tiny_dir, tmp_path, monkeypatch):

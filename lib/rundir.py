@@ -115,6 +115,15 @@ def resumed(cfg, given, check=None):
                          f"{'them' if len(changed) > 1 else 'it'} to continue the run as it was, or start a new run "
                          f"with another --out")
     keep = {f: getattr(cfg, f) for f in resumable if typed(f)}
+    threads = lambda n: f"{n} CPU thread{'s' * (n != 1)}"
+    if saved.get("threads") and util.pick_device(cfg.device).type == "cpu":   # the count the run's bits came from
+        if keep.get("threads", saved["threads"]) != saved["threads"]:
+            util.say(f"note: --threads {keep['threads']}: the run started with {threads(saved['threads'])}; its steps "
+                     f"from here may differ in their last bits from an uninterrupted run's", file=sys.stderr)
+        elif "threads" not in keep and torch.get_num_threads() != saved["threads"]:
+            util.say(f"note: --resume: {threads(saved['threads'])}, as the run started (this process had "
+                     f"{torch.get_num_threads()}), so that it ends bit for bit as an uninterrupted run; --threads N "
+                     f"to choose another count, at the cost of that", file=sys.stderr)
     cfg = type(cfg)(**{**saved, **keep, "resume": True, "halt_after": cfg.halt_after})   # a halt is this process's
     # what a kill during a save leaves: util.atomic_write's .NAME.XXXXXXXX.tmp (NAME.tmp from older versions)
     ours = r"(config\.json|metrics\.jsonl|resume\.pt|iter\d+\.safetensors)\.tmp|\.(config\.json|metrics\.jsonl|" \
@@ -222,6 +231,9 @@ def start(cfg, device, mask_like=None):
     identity, the dtype, config.json's content or {}, the checks' verdicts)."""
     dtype, why = run_dtype(cfg, device)
     cfg.dtype = str(dtype).removeprefix("torch.")
+    cfg.threads = cfg.threads or torch.get_num_threads()   # saved resolved: a resumed run takes it again (resumed)
+    if cfg.threads != torch.get_num_threads():
+        torch.set_num_threads(cfg.threads)
     base = util.rank_zero_first(lambda: M.resolve(cfg.model, cfg.revision or None, cfg.verify_model, cfg.offline))
     cfg.revision = M.hub_commit(base) or cfg.revision
     ident = {"model": cfg.model, **M.base_identity(base)}   # recorded in config.json and every adapter
@@ -232,6 +244,16 @@ def start(cfg, device, mask_like=None):
              if dtype == torch.bfloat16 and not util.native_bf16(device) else "; weights only: no autocast, no loss "
              "scaling" if dtype == torch.float16 else ""))
     return base, ident, dtype, started, checks
+
+
+@contextlib.contextmanager
+def own_threads():
+    """The block may set torch's CPU thread count to a run's own (start); the caller's comes back after."""
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def check_data(out, folder, saved, hashes):

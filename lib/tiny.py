@@ -16,6 +16,8 @@ TINY_SHAPES = {
     # GQA like 135M/360M (head_dim written in the config), MHA like 1.7B (head_dim absent)
     "gqa": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
     "mha": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
+    # wide enough that torch's CPU math splits its sums between threads (the thread count shows in the last bits)
+    "wide": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2),
 }
 # SmolLM2-Instruct's ChatML template, its newlines as '\n' escapes inside the template's string literals
 # (model.load_tokenizer renders this spelling and the official file's real newlines; test_model tests both)

@@ -429,8 +429,9 @@ def _on_signal(signum, frame):
         STOP.append(signum)
         raise KeyboardInterrupt
     STOP.append(signum)
-    print(f"\n{signal.Signals(signum).name}: finishing this optimizer step, then writing a resume checkpoint "
-          f"(send it again to stop at once, losing the steps since the last checkpoint)", file=sys.stderr)
+    print(f"\n{signal.Signals(signum).name}: finishing this optimizer step (or this iteration's evaluation and save), "
+          f"then writing a resume checkpoint and stopping; a run in its last evaluation completes instead (send "
+          f"it again to stop at once, losing the steps since the last checkpoint)", file=sys.stderr)
 
 
 def stop_signal(device):

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import cli
 import model as M
 import reproduce
 import rigsa
@@ -408,6 +409,29 @@ def test_a_signal_during_training_loses_nothing(world, tmp_path, sig):
     assert adapters_equal(out, ref)                       # bit for bit the uninterrupted run's
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("loss") for r in lines] == [json.loads(x).get("loss") for x in (ref / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_signal_during_the_last_evaluation_lets_the_run_complete_and_says_so(world, tmp_path, capsys, monkeypatch):
+    # nothing is left to stop after the last training step: the evaluation and the adapter finish, exit 0
+    w, m, _ = world
+    evaluate = rigsa.evaluate
+    monkeypatch.setattr(rundir, "STOP", [])   # the signal it records is this test's alone
+
+    def signalled(run, it):   # Ctrl-C as the last iteration's evaluation starts
+        if it == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(run, it)
+    monkeypatch.setattr(rigsa, "evaluate", signalled)
+    out = tmp_path / "run"
+    with one_thread():
+        cli.main(["train", "--model", m, "--data-dir", str(w / "data"), "--device", "cpu", "--dtype", "float32", "--offline",
+                  "--no-verify", "--steps", "2", "--warmup", "1", "--batch-size", "4", "--micro-batch", "2", "--iters", "2",
+                  "--limit", "2", "--val-frac", "0.25", "--out", str(out)])
+    stdout, stderr = capsys.readouterr()
+    assert "SIGINT: finishing this optimizer step (or this iteration's evaluation and save), then writing a resume " \
+           "checkpoint and stopping; a run in its last evaluation completes instead" in stderr, stderr
+    assert stdout.rstrip().endswith("SIGINT came after the last training step: the run completed"), stdout[-500:]
+    assert (out / "iter2.safetensors").exists() and not (out / "resume.pt").exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -102,15 +102,17 @@ def resumed(cfg, given, check=None):
         util.say(f"note: --revision {cfg.revision}: the run continues on the commit it started from, "
                  f"{saved['revision']}", file=sys.stderr)
         cfg = dataclasses.replace(cfg, revision=saved["revision"])
-    typed = flags.typed_by(cfg, given)
+    typed, shown = flags.typed_by(cfg, given), {}
     if typed("dtype") and cfg.dtype == "auto" and saved.get("dtype") != "auto":   # auto as it resolves here
         resolved = str(util.auto_dtype("auto", util.pick_device(cfg.device))[0]).removeprefix("torch.")
         cfg = dataclasses.replace(cfg, dtype=saved["dtype"] if resolved == saved["dtype"] else resolved)
+        shown["dtype"] = f"'auto' ({resolved} here)"   # named as typed
     same = lambda a, b: a == b or isinstance(a, str) and os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
     resumable = flags.resumable(type(cfg))
     changed = [f for f in saved if f not in resumable and typed(f) and not same(getattr(cfg, f), saved[f])]
     if changed:
-        said = ", ".join(f"--{f.replace('_', '-')} {getattr(cfg, f)!r} (saved: {saved[f]!r})" for f in changed)
+        said = ", ".join(f"--{f.replace('_', '-')} {shown.get(f, repr(getattr(cfg, f)))} (saved: {saved[f]!r})"
+                         for f in changed)
         raise ValueError(f"--resume: {said} differ{'s' * (len(changed) == 1)} from the run's saved config; drop "
                          f"{'them' if len(changed) > 1 else 'it'} to continue the run as it was, or start a new run "
                          f"with another --out")

@@ -93,6 +93,16 @@ def test_resume_accepts_the_auto_it_started_with_and_keeps_why(tiny_dir, tmp_pat
     assert (tmp_path / "run" / "iter2.safetensors").exists()
 
 
+def test_resume_refuses_an_auto_that_resolves_to_another_dtype_naming_it_as_typed(tiny_dir, tmp_path, monkeypatch):
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=8, size=8)
+    with one_thread():
+        rigsa.train(tiny_cfg(tiny_dir, tmp_path, steps=4, iters=1, halt_after=2))   # float32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    with pytest.raises(SystemExit) as e:
+        rigsa.main(["train", "--resume", "--out", str(tmp_path / "run"), "--dtype", "auto"])
+    assert "--dtype 'auto' (bfloat16 here) (saved: 'float32') differs from the run's saved config" in str(e.value), e.value
+
+
 @pytest.mark.parametrize("device", ["meta", "xpu", "mps", "tpu"])
 def test_a_device_this_toolkit_does_not_run_on_is_one_line(device):
     with pytest.raises(ValueError, match=f"--device '{device}': not a device this toolkit runs on; use cpu"):

@@ -15,6 +15,7 @@ config (JSON), the base's identity (model.base_identity) and the iteration's eva
 """
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -213,12 +214,18 @@ def write_merged(out, src, model, dtype, record):
     """The merged model as a checkpoint in the official layout, at `out`, with the base's other files
     (tokenizer, configs) from `src` and `record` as rigsa-merge.json. Written into a sibling folder
     renamed to `out` at the end: a failure (a full disk, Ctrl-C, SIGTERM) leaves no half checkpoint,
-    and the folder is removed."""
+    and the folder is removed; the folder a kill (SIGKILL) left, the next merge into `out` removes."""
     conf = json.loads((src / "config.json").read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
     with util.sigterm_cleanup(f"stopped; --out {out} not written, and its temporary folder removed"):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        for old in out.parent.iterdir():   # a merge into `out` killed (SIGKILL: no cleanup ran) left its folder
+            if re.fullmatch(rf"\.{re.escape(out.name)}\.\w{{8}}\.tmp", old.name) and old.is_dir() \
+                    and util.held_by_nobody(old):
+                shutil.rmtree(old, ignore_errors=True)
+                util.say(f"note: {old}: the temporary folder of a killed merge into {out}; removed", file=sys.stderr)
+        tmp, held = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)), None
         try:
+            held = util.hold_folder(tmp)   # in use: a merge after this one leaves it alone
             os.chmod(tmp, util.file_mode(folder=True))   # mkdtemp's is 0700: the umask's, as mkdir would
             for f in os.listdir(src):
                 if not f.endswith(".safetensors") and f != "model.safetensors.index.json" and os.path.isfile(src / f):
@@ -231,3 +238,6 @@ def write_merged(out, src, model, dtype, record):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            if held is not None:
+                os.close(held)

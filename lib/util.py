@@ -294,6 +294,33 @@ def lock_dir(path, what="rigsa.py"):
         f.close()
 
 
+def hold_folder(path):
+    """An flock on the folder itself, held until the returned descriptor is closed (None without fcntl):
+    a writer's temporary folder says it is in use, so that a later writer removes only a killed one's
+    (held_by_nobody)."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def held_by_nobody(path):
+    """True if no process holds `path`'s flock (hold_folder): the writer that made it was killed. False
+    where it cannot be told (no fcntl, no access)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except (OSError, AttributeError):   # held (BlockingIOError), or no fcntl
+        return False
+    finally:
+        os.close(fd)
+
+
 def time_since_change(path):
     try:
         return time.time() - os.stat(path).st_mtime

@@ -4,6 +4,7 @@ a run directory at a time; temporary files go on every way out, SIGTERM included
 folders get the modes the user's umask says."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -229,6 +230,36 @@ def test_sigterm_during_merge_leaves_no_temporary_folder(world, tmp_path):
     assert err == (f"SIGTERM: stopped; nothing was kept; run again with: {interrupts.python_cmd()} {REPO}/rigsa.py merge --adapter "
                    f"{world / 'run' / 'iter2'} --out {out}\n")
     assert sorted(os.listdir(tmp_path)) == ["ready"]
+
+def test_a_killed_merges_folder_goes_with_the_next_merge_and_a_live_ones_stays(world, tmp_path, capsys):
+    out, ready = tmp_path / "merged", tmp_path / "ready"
+    code = f"""if 1:
+        import sys, time
+        sys.path.insert(0, {REPO!r})
+        import model as M, rigsa
+        save = M.save_checkpoint
+        def slow(*a, **k):
+            save(*a, **k)
+            open({str(ready)!r}, "w").close()
+            time.sleep(60)
+        M.save_checkpoint = slow
+        rigsa.main(["merge", "--adapter", {str(world / "run" / "iter2")!r}, "--out", {str(out)!r}])"""
+    proc = launch(["-c", code], tmp_path)
+    try:
+        until(ready.exists, proc)
+        live, = tmp_path.glob(".merged.*.tmp")
+        with one_thread():   # another merge into the same folder meanwhile: the live one's folder is not its to remove
+            cli.merge(world / "run" / "iter2", out)
+        assert live.is_dir() and "note:" not in capsys.readouterr().err
+    finally:
+        proc.kill()   # SIGKILL: no cleanup runs
+        proc.communicate(timeout=60)
+    shutil.rmtree(out)
+    with one_thread():
+        cli.merge(world / "run" / "iter2", out)
+    assert capsys.readouterr().err == f"note: {live}: the temporary folder of a killed merge into {out}; removed\n"
+    assert sorted(os.listdir(tmp_path)) == ["merged", "ready"]
+
 
 # ---- new files and folders get the umask's modes ----
 

@@ -195,6 +195,7 @@ def test_the_end_of_a_run_waits_for_every_rank_and_exits_with_its_code(tmp_path)
 import torch.distributed as dist
 from lib import util
 util.init_distributed("cpu")
+dist.barrier()   # the last collective: both joined (a rank gone during the other's join is gloo's own error)
 if sys.argv[1] == "fail" and dist.get_rank() == 0:
     util.abandon_distributed()
     sys.exit("error: rank 0 failed")

@@ -282,6 +282,24 @@ def test_a_run_resumes_on_the_thread_count_it_started_with(tmp_path, capsys, mon
                 assert json.loads((tmp_path / name / "config.json").read_text())["config"]["threads"] == 2
 
 
+def test_a_resume_on_another_machine_or_torch_is_said_and_recorded(tiny_dir, tmp_path, capsys, monkeypatch):
+    # their kernels change the last bits: a resume there is no longer bit for bit, and config.json keeps both
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=8, size=8)
+    here = util.machine("cpu")
+    with one_thread():
+        assert rigsa.train(tiny_cfg(tiny_dir, tmp_path, steps=6, iters=1, halt_after=2)) is None
+        assert rigsa.train(rigsa.Config(out=str(tmp_path / "run"), resume=True, halt_after=2)) is None
+        assert "the run started on" not in capsys.readouterr().err   # the same machine: nothing to say
+        monkeypatch.setattr(util, "machine", lambda device: "cpu: Another CPU (AMX)")
+        rigsa.train(rigsa.Config(out=str(tmp_path / "run"), resume=True))
+    assert (f"note: --resume: the run started on torch {torch.__version__} machine {here}; this process has torch "
+            f"{torch.__version__} machine cpu: Another CPU (AMX): its steps from here may differ in their last bits "
+            f"from an uninterrupted run's") in capsys.readouterr().err
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["machine"] == here and saved["torch"] == torch.__version__
+    assert saved["resumed_on"] == [{"torch": torch.__version__, "machine": "cpu: Another CPU (AMX)"}]
+
+
 def test_adapter_roundtrip_merge_and_random_mask(tiny_run, tiny_dir, tmp_path, monkeypatch):
     tmp, full, _ = tiny_run
     m, tok = M.load(tiny_dir)

@@ -241,6 +241,15 @@ def start(cfg, device, mask_like=None):
     ident = {"model": cfg.model, **M.base_identity(base)}   # recorded in config.json and every adapter
     started, checks = check_bases(cfg, ident, mask_like)
     started.setdefault("dtype_choice", why)   # a resumed run keeps why its dtype is what it is
+    here = {"torch": torch.__version__, "machine": util.machine(device)}
+    then = {k: started[k] for k in here if k in started}   # where the run started (an older config: torch alone)
+    if then and any(then[k] != here[k] for k in then):   # the kernels its bits came from are not these
+        util.say(f"note: --resume: the run started on {' '.join(f'{k} {v}' for k, v in then.items())}; this process "
+                 f"has {' '.join(f'{k} {here[k]}' for k in then)}: its steps from here may differ in their last bits "
+                 f"from an uninterrupted run's (recorded in config.json as resumed_on)", file=sys.stderr)
+        started["resumed_on"] = started.get("resumed_on", []) + [here]
+    if not cfg.resume:
+        started.update(here)   # config.json keeps where the run started (null: an older version's, not recorded)
     util.say("config:", json.dumps(dataclasses.asdict(cfg)))
     util.say(f"dtype: {cfg.dtype} ({why.removeprefix('auto: ')})" + ("; a CPU without native bfloat16 emulates it, slowly"
              if dtype == torch.bfloat16 and not util.native_bf16(device) else "; weights only: no autocast, no loss "
@@ -323,7 +332,8 @@ def begin(run, started, hashes, resume=None):
     """The run directory once the data and the model have loaded and the step fits, written by rank 0
     (the ranks hold the same adapters): config.json with the run's config, the identity of the base
     it started on (and the base checks' verdicts: an --allow-other-base is recorded), its data files'
-    sha256, the code and machine that ran it, and why the dtype is what it is (start()'s `started`);
+    sha256, the code that ran it, the torch and machine it started on (and, as resumed_on, each other
+    one a resume ran on), and why the dtype is what it is (start()'s `started`);
     metrics.jsonl holding what resume.pt holds (lines written after it are dropped). Then what is
     trained is said, and a resumed run (`resume`: resume.pt's content) takes up where it stopped."""
     cfg, out = run.cfg, Path(run.out)
@@ -333,8 +343,9 @@ def begin(run, started, hashes, resume=None):
         util.write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "base": started.get("base") or run.base,
                                               "data": hashes, "base_check": run.checks or {},
                                               "dtype_choice": started["dtype_choice"], "git_commit": util.git_commit(),
-                                              "torch": torch.__version__, "python": sys.version.split()[0],
-                                              "processes": ranks})
+                                              "torch": started.get("torch"), "machine": started.get("machine"),
+                                              "python": sys.version.split()[0], "processes": ranks,
+                                              **{k: started[k] for k in ("resumed_on",) if k in started}})
         log = resume["log"] if resume else []
         util.atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in log)))
     n_trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)

@@ -25,6 +25,7 @@ import hashlib
 import http.client
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -629,6 +630,20 @@ def native_bf16(device):
             if getattr(torch.cpu, has, lambda: False)():
                 return why
     return None
+
+
+def machine(device):
+    """What, beyond torch's version, a run's last bits depend on: the device's kind and model (a CPU's
+    kernels differ with its instructions: AMX, AVX512-BF16). "cpu: AMD EPYC (AVX512-BF16)", "cuda: NVIDIA H200"."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{device.type}: {name}" + (f" ({why})" if (why := native_bf16(device)) else "")
 
 
 def auto_dtype(name, device):

@@ -21,7 +21,9 @@ again; a training run this script recorded is deleted and trained again; one wit
 never deleted). So an interrupted reproduction (Ctrl-C, SIGTERM: exit 130 or 143, with the command
 that continues) continues exactly where it stopped, from any working directory: a half-trained run
 with `rigsa.py train --resume`. Relative paths are the caller's; the steps run in the repository.
-Before the first step, every data file the steps read is checked (its checksum, and its format as
+TABLES.md's header says what made its numbers: per group of steps the base model, --limit, --steps
+and the machine each output records (torch's kernels there set the last bits), **mixed** where
+they differ. Before the first step, every data file the steps read is checked (its checksum, and its format as
 the step reads it) and a missing one downloaded (with --offline, every missing one is named in one
 line), not found hours in by the step reading it.
 
@@ -394,9 +396,19 @@ def results(out, seeds):
 # TABLES.md
 
 
+def machine(path):
+    """The machine an output was made on (its torch kernels set the last bits), as recorded: a run's
+    config.json, an evaluation's JSON; None for an older version's."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return d.get("machine") if isinstance(d, dict) else None
+
+
 def made_by(out):
     """TABLES.md's lines naming what made its numbers, from the outputs' records: per group of steps
-    the base model, its identity, --limit and --steps, and the outputs that have no record."""
+    the base model, its identity, --limit and --steps, the machine, and the outputs that have no record."""
     out = Path(out)
     outputs = [("base-model evaluations" if p.name.startswith("base-") else "adapter evaluations", p)
                for p in sorted((out / "evals").glob("*.json")) if not p.name.endswith(".inputs.json")]
@@ -411,7 +423,8 @@ def made_by(out):
         what = show("base model", i.get("base model"), f"`{rec.get('model')}`") \
             + (f", --limit {i['--limit']}" if "--limit" in i else ", no --limit (all)") \
             + ((f", --steps {i['--steps']}" if "--steps" in i else ", no --steps (the paper's epochs)")
-               if group == "trainings" else "")
+               if group == "trainings" else "") \
+            + (f", on {m}" if (m := machine(p / "config.json" if group == "trainings" else p)) else "")
         groups.setdefault(group, {}).setdefault(what, 0)
         groups[group][what] += 1
     L = ["Made by (each output's record, `<output>.inputs.json`):"] if groups or unrecorded else []

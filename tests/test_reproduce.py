@@ -20,6 +20,7 @@ import model as M
 import reproduce as P
 from lib import mnist
 from lib import tiny
+from lib import util
 
 
 def args(out, seeds, **kw):
@@ -210,9 +211,22 @@ def test_another_model_is_refused_or_rerun(world, tmp_path, capsys, monkeypatch,
     P.main(["--out", str(out), "--tables-only"])
     text = (out / "TABLES.md").read_text()
     fa, fb = (M.base_identity(m)["fingerprint"] for m in (A, B))
-    assert f"- base-model evaluations: `{B}` (fingerprint {fb}), --limit 2" in text and fa not in text
+    assert f"- base-model evaluations: `{B}` (fingerprint {fb}), --limit 2, on {util.machine('cpu')}\n" in text
+    assert fa not in text
     cell = P.fmt(P.interval([(ev["metrics"]["acc"], ev["metrics"]["acc_stderr"])]))
     assert f"| Full Precision | {cell} | - |" in text
+
+
+def test_tables_name_the_machine_and_a_mix_of_machines(tmp_path):
+    # each output records where it was made (its kernels set the last bits); outputs of two machines are said
+    (tmp_path / "evals").mkdir()
+    for name, made_on in (("base-piqa", "cpu: A CPU (AMX)"), ("base-gsm8k", "cuda: A GPU"), ("base-hellaswag", None)):
+        out = tmp_path / "evals" / f"{name}.json"
+        out.write_text(json.dumps({"task": name[5:], **({"machine": made_on} if made_on else {})}))
+        P.write_record(out, ["python", "evals/run.py"], {"base model": {"fingerprint": "f1"}, "--limit": 2}, "M", "done")
+    line = next(x for x in P.made_by(tmp_path) if x.startswith("- base-model evaluations"))
+    assert line == ("- base-model evaluations: **mixed**: 1 from `M` (fingerprint f1), --limit 2, on cuda: A GPU; "
+                    "1 from `M` (fingerprint f1), --limit 2; 1 from `M` (fingerprint f1), --limit 2, on cpu: A CPU (AMX)")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

@@ -206,10 +206,9 @@ def test_a_refused_new_run_leaves_nothing(world, tmp_path, case):
 
 # ---- temporaries go on SIGTERM too ----
 
-def test_sigterm_during_merge_leaves_no_temporary_folder(world, tmp_path):
-    # the hook holds the merge after the checkpoint is written into its temporary folder, before the rename
-    out, ready = tmp_path / "merged", tmp_path / "ready"
-    code = f"""if 1:
+def held_merge(world, out, ready):
+    """A merge held after the checkpoint is written into its temporary folder, before the rename."""
+    return f"""if 1:
         import sys, time
         sys.path.insert(0, {REPO!r})
         import model as M, rigsa
@@ -220,7 +219,12 @@ def test_sigterm_during_merge_leaves_no_temporary_folder(world, tmp_path):
             time.sleep(60)
         M.save_checkpoint = slow
         rigsa.main(["merge", "--adapter", {str(world / "run" / "iter2")!r}, "--out", {str(out)!r}])"""
-    proc = launch(["-c", code], tmp_path)
+
+
+def test_sigterm_during_merge_leaves_no_temporary_folder(world, tmp_path):
+    # the hook holds the merge after the checkpoint is written into its temporary folder, before the rename
+    out, ready = tmp_path / "merged", tmp_path / "ready"
+    proc = launch(["-c", held_merge(world, out, ready)], tmp_path)
     until(ready.exists, proc)
     tmp, = tmp_path.glob(".merged.*.tmp")
     assert (tmp / "model.safetensors").stat().st_size > 0
@@ -233,18 +237,7 @@ def test_sigterm_during_merge_leaves_no_temporary_folder(world, tmp_path):
 
 def test_a_killed_merges_folder_goes_with_the_next_merge_and_a_live_ones_stays(world, tmp_path, capsys):
     out, ready = tmp_path / "merged", tmp_path / "ready"
-    code = f"""if 1:
-        import sys, time
-        sys.path.insert(0, {REPO!r})
-        import model as M, rigsa
-        save = M.save_checkpoint
-        def slow(*a, **k):
-            save(*a, **k)
-            open({str(ready)!r}, "w").close()
-            time.sleep(60)
-        M.save_checkpoint = slow
-        rigsa.main(["merge", "--adapter", {str(world / "run" / "iter2")!r}, "--out", {str(out)!r}])"""
-    proc = launch(["-c", code], tmp_path)
+    proc = launch(["-c", held_merge(world, out, ready)], tmp_path)
     try:
         until(ready.exists, proc)
         live, = tmp_path.glob(".merged.*.tmp")

@@ -171,8 +171,9 @@ def main(argv=None):
                                given)
             interrupts.stop_as_interrupt(False)   # its files are written: a signal from here on needs no word
             code = 128 + rundir.STOP[0] if done is None and rundir.STOP else 0   # interrupted by a signal: saved, and the shell sees why
-            if done is not None and rundir.STOP:   # it came during the last evaluation: nothing was left to stop
-                util.say(f"{signal.Signals(rundir.STOP[0]).name} came after the last training step: the run completed")
+            if done is not None and rundir.STOP:   # it came during the last step or evaluation: nothing left to stop
+                util.say(f"{signal.Signals(rundir.STOP[0]).name} came during the run's last step or evaluation: the "
+                         f"run completed")
             util.exit_distributed(code)
             if code:
                 sys.exit(code)

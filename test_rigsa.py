@@ -286,18 +286,35 @@ def test_a_resume_on_another_machine_or_torch_is_said_and_recorded(tiny_dir, tmp
     # their kernels change the last bits: a resume there is no longer bit for bit, and config.json keeps both
     mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=8, size=8)
     here = util.machine("cpu")
+    assert here.startswith("cpu: ") and len(here) > 5 and (util.native_bf16("cpu") or "") in here
     with one_thread():
         assert rigsa.train(tiny_cfg(tiny_dir, tmp_path, steps=6, iters=1, halt_after=2)) is None
         assert rigsa.train(rigsa.Config(out=str(tmp_path / "run"), resume=True, halt_after=2)) is None
         assert "the run started on" not in capsys.readouterr().err   # the same machine: nothing to say
+        version = torch.__version__
         monkeypatch.setattr(util, "machine", lambda device: "cpu: Another CPU (AMX)")
+        monkeypatch.setattr(torch, "__version__", "9.9.9")
         rigsa.train(rigsa.Config(out=str(tmp_path / "run"), resume=True))
-    assert (f"note: --resume: the run started on torch {torch.__version__} machine {here}; this process has torch "
-            f"{torch.__version__} machine cpu: Another CPU (AMX): its steps from here may differ in their last bits "
-            f"from an uninterrupted run's") in capsys.readouterr().err
+    assert (f"note: --resume: the run started on torch {version}; machine {here}, this process has torch 9.9.9; "
+            f"machine cpu: Another CPU (AMX): its steps from here may differ in their last bits from an uninterrupted "
+            f"run's") in capsys.readouterr().err
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["machine"] == here and saved["torch"] == torch.__version__
-    assert saved["resumed_on"] == [{"torch": torch.__version__, "machine": "cpu: Another CPU (AMX)"}]
+    assert saved["machine"] == here and saved["torch"] == version   # where it started, not the resuming process's
+    assert saved["resumed_on"] == [{"torch": "9.9.9", "machine": "cpu: Another CPU (AMX)"}]
+
+
+def test_an_older_runs_config_without_a_machine_resumes_without_a_false_note(tiny_dir, tmp_path, capsys):
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=8, size=8)
+    with one_thread():
+        assert rigsa.train(tiny_cfg(tiny_dir, tmp_path, steps=6, iters=1, halt_after=2)) is None
+        c = json.loads((tmp_path / "run" / "config.json").read_text())
+        del c["machine"]   # as an older version wrote it
+        (tmp_path / "run" / "config.json").write_text(json.dumps(c))
+        for _ in range(2):   # the first resume writes machine null; the second reads it
+            assert rigsa.train(rigsa.Config(out=str(tmp_path / "run"), resume=True, halt_after=1)) is None
+    assert "the run started on" not in capsys.readouterr().err
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["machine"] is None and "resumed_on" not in saved
 
 
 def test_adapter_roundtrip_merge_and_random_mask(tiny_run, tiny_dir, tmp_path, monkeypatch):

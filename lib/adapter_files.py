@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -210,6 +211,33 @@ def merge_adapters(model, dtype=None):
     return lost, total
 
 
+MERGE_MARK = ".rigsa-merge-in-progress"   # in a merge's temporary folder from its flock to its rename
+
+
+def remove_killed_merges(out):
+    """The temporary folders that merges into `out` killed by SIGKILL (no cleanup ran) left: only real
+    folders of this user's, named as mkdtemp names them, holding MERGE_MARK (written once the flock
+    is held, so never a live merge's) and held by no process (util.held_by_nobody); anything else
+    that looks like one (a user's folder, a link, an older rigsa's) stays."""
+    if util.fcntl is None:   # no flock: a live merge could not be told from a killed one
+        return
+    try:
+        found = list(out.parent.iterdir())
+    except OSError:   # a folder one may write but not list: nothing to clean
+        return
+    for old in found:
+        try:
+            st = old.lstat()
+        except OSError:
+            continue
+        if (re.fullmatch(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}\.tmp", old.name) and stat.S_ISDIR(st.st_mode)
+                and st.st_uid == os.getuid() and (old / MERGE_MARK).is_file() and util.held_by_nobody(old)):
+            shutil.rmtree(old, ignore_errors=True)
+            util.say(f"note: {old}: the temporary folder of a killed merge into {out}; " +
+                     ("removed" if not os.path.lexists(old) else "could not be removed entirely; delete it"),
+                     file=sys.stderr)
+
+
 def write_merged(out, src, model, dtype, record):
     """The merged model as a checkpoint in the official layout, at `out`, with the base's other files
     (tokenizer, configs) from `src` and `record` as rigsa-merge.json. Written into a sibling folder
@@ -218,14 +246,11 @@ def write_merged(out, src, model, dtype, record):
     conf = json.loads((src / "config.json").read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
     with util.sigterm_cleanup(f"stopped; --out {out} not written, and its temporary folder removed"):
-        for old in out.parent.iterdir():   # a merge into `out` killed (SIGKILL: no cleanup ran) left its folder
-            if re.fullmatch(rf"\.{re.escape(out.name)}\.\w{{8}}\.tmp", old.name) and old.is_dir() \
-                    and util.held_by_nobody(old):
-                shutil.rmtree(old, ignore_errors=True)
-                util.say(f"note: {old}: the temporary folder of a killed merge into {out}; removed", file=sys.stderr)
+        remove_killed_merges(out)
         tmp, held = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)), None
         try:
-            held = util.hold_folder(tmp)   # in use: a merge after this one leaves it alone
+            held = util.hold_folder(tmp)   # in use: a later merge leaves it alone; then the mark that it is ours
+            (tmp / MERGE_MARK).touch()
             os.chmod(tmp, util.file_mode(folder=True))   # mkdtemp's is 0700: the umask's, as mkdir would
             for f in os.listdir(src):
                 if not f.endswith(".safetensors") and f != "model.safetensors.index.json" and os.path.isfile(src / f):
@@ -234,6 +259,7 @@ def write_merged(out, src, model, dtype, record):
             util.write_json(tmp / "rigsa-merge.json", record)
             if out.exists():
                 out.rmdir()           # empty (checked before)
+            (tmp / MERGE_MARK).unlink()
             os.replace(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

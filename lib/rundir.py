@@ -119,7 +119,7 @@ def resumed(cfg, given, check=None):
     keep = {f: getattr(cfg, f) for f in resumable if typed(f)}
     threads = lambda n: f"{n} CPU thread{'s' * (n != 1)}"
     if saved.get("threads") and util.pick_device(cfg.device).type == "cpu":   # the count the run's bits came from
-        if keep.get("threads", saved["threads"]) != saved["threads"]:
+        if (keep.get("threads", saved["threads"]) or torch.get_num_threads()) != saved["threads"]:   # 0: this count
             util.say(f"note: --threads {keep['threads']}: the run started with {threads(saved['threads'])}; its steps "
                      f"from here may differ in their last bits from an uninterrupted run's", file=sys.stderr)
         elif "threads" not in keep and torch.get_num_threads() != saved["threads"]:
@@ -242,11 +242,11 @@ def start(cfg, device, mask_like=None):
     started, checks = check_bases(cfg, ident, mask_like)
     started.setdefault("dtype_choice", why)   # a resumed run keeps why its dtype is what it is
     here = {"torch": torch.__version__, "machine": util.machine(device)}
-    then = {k: started[k] for k in here if k in started}   # where the run started (an older config: torch alone)
-    if then and any(then[k] != here[k] for k in then):   # the kernels its bits came from are not these
-        util.say(f"note: --resume: the run started on {' '.join(f'{k} {v}' for k, v in then.items())}; this process "
-                 f"has {' '.join(f'{k} {here[k]}' for k in then)}: its steps from here may differ in their last bits "
-                 f"from an uninterrupted run's (recorded in config.json as resumed_on)", file=sys.stderr)
+    then = {k: started[k] for k in here if started.get(k) is not None}   # where it started (older: torch alone)
+    if differ := [k for k in then if then[k] != here[k]]:   # the kernels its bits came from are not these
+        util.say(f"note: --resume: the run started on {'; '.join(f'{k} {then[k]}' for k in differ)}, this process "
+                 f"has {'; '.join(f'{k} {here[k]}' for k in differ)}: its steps from here may differ in their last "
+                 f"bits from an uninterrupted run's (recorded in config.json as resumed_on)", file=sys.stderr)
         started["resumed_on"] = started.get("resumed_on", []) + [here]
     if not cfg.resume:
         started.update(here)   # config.json keeps where the run started (null: an older version's, not recorded)
@@ -443,7 +443,7 @@ def _on_signal(signum, frame):
         raise KeyboardInterrupt
     STOP.append(signum)
     print(f"\n{signal.Signals(signum).name}: finishing this optimizer step (or this iteration's evaluation and save), "
-          f"then writing a resume checkpoint and stopping; a run in its last evaluation completes instead (send "
+          f"then writing a resume checkpoint and stopping; a run in its last step or evaluation completes instead (send "
           f"it again to stop at once, losing the steps since the last checkpoint)", file=sys.stderr)
 
 

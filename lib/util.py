@@ -302,7 +302,11 @@ def hold_folder(path):
     if fcntl is None:
         return None
     fd = os.open(path, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:   # a file system without flock: no mark of use, and held_by_nobody cannot tell either
+        os.close(fd)
+        return None
     return fd
 
 

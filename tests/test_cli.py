@@ -424,14 +424,19 @@ def test_a_signal_during_the_last_evaluation_lets_the_run_complete_and_says_so(w
     monkeypatch.setattr(rigsa, "evaluate", signalled)
     out = tmp_path / "run"
     with one_thread():
-        cli.main(["train", "--model", m, "--data-dir", str(w / "data"), "--device", "cpu", "--dtype", "float32", "--offline",
-                  "--no-verify", "--steps", "2", "--warmup", "1", "--batch-size", "4", "--micro-batch", "2", "--iters", "2",
-                  "--limit", "2", "--val-frac", "0.25", "--out", str(out)])
+        cli.main(argv := ["train", "--model", m, "--data-dir", str(w / "data"), "--device", "cpu", "--dtype", "float32",
+                          "--offline", "--no-verify", "--steps", "2", "--warmup", "1", "--batch-size", "4", "--micro-batch",
+                          "2", "--iters", "2", "--limit", "2", "--val-frac", "0.25", "--out", str(out)])
     stdout, stderr = capsys.readouterr()
     assert "SIGINT: finishing this optimizer step (or this iteration's evaluation and save), then writing a resume " \
-           "checkpoint and stopping; a run in its last evaluation completes instead" in stderr, stderr
-    assert stdout.rstrip().endswith("SIGINT came after the last training step: the run completed"), stdout[-500:]
+           "checkpoint and stopping; a run in its last step or evaluation completes instead" in stderr, stderr
+    assert stdout.rstrip().endswith("SIGINT came during the run's last step or evaluation: the run completed"), stdout
     assert (out / "iter2.safetensors").exists() and not (out / "resume.pt").exists()
+    monkeypatch.setattr(rigsa, "evaluate", evaluate)   # the same run without a signal: nothing of the kind said
+    shutil.rmtree(out)
+    with one_thread():
+        cli.main(argv)
+    assert "the run completed" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

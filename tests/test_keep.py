@@ -248,10 +248,16 @@ def test_a_killed_merges_folder_goes_with_the_next_merge_and_a_live_ones_stays(w
         proc.kill()   # SIGKILL: no cleanup runs
         proc.communicate(timeout=60)
     shutil.rmtree(out)
+    (tmp_path / ".merged.mine1234.tmp").mkdir()   # look-alikes that are not a merge's: the user's, a link
+    (tmp_path / ".merged.mine1234.tmp" / "notes.txt").write_text("the user's")
+    (tmp_path / "data").mkdir()
+    (tmp_path / ".merged.abcdefgh.tmp").symlink_to(tmp_path / "data")
     with one_thread():
         cli.merge(world / "run" / "iter2", out)
     assert capsys.readouterr().err == f"note: {live}: the temporary folder of a killed merge into {out}; removed\n"
-    assert sorted(os.listdir(tmp_path)) == ["merged", "ready"]
+    assert sorted(os.listdir(tmp_path)) == [".merged.abcdefgh.tmp", ".merged.mine1234.tmp", "data", "merged", "ready"]
+    assert (tmp_path / ".merged.mine1234.tmp" / "notes.txt").read_text() == "the user's"
+    assert not list(out.glob(".rigsa-merge*"))   # the mark of a merge in progress is not in the checkpoint
 
 
 # ---- new files and folders get the umask's modes ----

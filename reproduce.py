@@ -398,12 +398,15 @@ def results(out, seeds):
 
 def machine(path):
     """The machine an output was made on (its torch kernels set the last bits), as recorded: a run's
-    config.json, an evaluation's JSON; None for an older version's."""
+    config.json (and each other machine a resume ran on), an evaluation's JSON; None for an older version's."""
     try:
         d = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-    return d.get("machine") if isinstance(d, dict) else None
+    if not isinstance(d, dict) or not d.get("machine"):   # where it started unrecorded: none named
+        return None
+    on = [r.get("machine") for r in d.get("resumed_on") or [] if isinstance(r, dict)]
+    return " and ".join(dict.fromkeys(m for m in [d["machine"], *on] if m))
 
 
 def made_by(out):

@@ -278,8 +278,24 @@ def test_a_run_resumes_on_the_thread_count_it_started_with(tmp_path, capsys, mon
                 assert "note: --resume: 1 CPU thread, as the run started (this process had 2)" in err, err
                 assert all(a[n].equal(c[n]) for n in a)
             else:           # another count, typed: taken, and said to cost the bits
-                assert "note: --threads 2: the run started with 1 CPU thread;" in err, err
-                assert json.loads((tmp_path / name / "config.json").read_text())["config"]["threads"] == 2
+                assert "note: --threads 2: the run started on 1 CPU thread; this process has 2 CPU threads; so" in err
+                saved = json.loads((tmp_path / name / "config.json").read_text())
+                assert saved["config"]["threads"] == 2 and saved["resumed_on"][-1]["threads"] == 2
+        rigsa.train(rigsa.Config(out=str(tmp_path / "halted"), resume=True))   # complete: only that is said
+        out, err = capsys.readouterr()
+        assert "the run is complete" in out and "thread" not in err, err
+        with monkeypatch.context() as m:   # on CUDA the count is not in the bits: this host's, not the saved one
+            m.setattr(util, "pick_device", lambda name=None: torch.device("cuda"))
+            assert rundir.resumed(rigsa.Config(out=str(tmp_path / "full"), resume=True), None)[0].threads == 0
+            assert rundir.resumed(rigsa.Config(out=str(tmp_path / "full"), resume=True, threads=3), None)[0].threads == 3
+        c = json.loads((tmp_path / "other" / "config.json").read_text())   # as an older version wrote it
+        del c["config"]["threads"]
+        (tmp_path / "other" / "config.json").write_text(json.dumps(c))
+        (tmp_path / "other" / "iter1.safetensors").unlink()
+        rigsa.train(rigsa.Config(out=str(tmp_path / "other"), resume=True))
+        assert ("note: --resume: config.json does not say how many CPU threads the run started on (an older version's); "
+                "it continues on 2, recorded from here on;") in capsys.readouterr().err
+        assert json.loads((tmp_path / "other" / "config.json").read_text())["config"]["threads"] == 2
 
 
 def test_a_resume_on_another_machine_or_torch_is_said_and_recorded(tiny_dir, tmp_path, capsys, monkeypatch):
@@ -295,12 +311,12 @@ def test_a_resume_on_another_machine_or_torch_is_said_and_recorded(tiny_dir, tmp
         monkeypatch.setattr(util, "machine", lambda device: "cpu: Another CPU (AMX)")
         monkeypatch.setattr(torch, "__version__", "9.9.9")
         rigsa.train(rigsa.Config(out=str(tmp_path / "run"), resume=True))
-    assert (f"note: --resume: the run started on torch {version}; machine {here}, this process has torch 9.9.9; "
-            f"machine cpu: Another CPU (AMX): its steps from here may differ in their last bits from an uninterrupted "
-            f"run's") in capsys.readouterr().err
+    assert (f"note: --resume: the run started on torch {version}, {here}; this process has torch 9.9.9, cpu: Another "
+            f"CPU (AMX); so its steps from here may differ in their last bits from an uninterrupted run's") \
+        in capsys.readouterr().err
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["machine"] == here and saved["torch"] == version   # where it started, not the resuming process's
-    assert saved["resumed_on"] == [{"torch": "9.9.9", "machine": "cpu: Another CPU (AMX)"}]
+    assert saved["resumed_on"] == [{"torch": "9.9.9", "machine": "cpu: Another CPU (AMX)", "processes": 1, "threads": 1}]
 
 
 def test_an_older_runs_config_without_a_machine_resumes_without_a_false_note(tiny_dir, tmp_path, capsys):

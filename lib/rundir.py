@@ -106,26 +106,19 @@ def resumed(cfg, given, check=None):
     if typed("dtype") and cfg.dtype == "auto" and saved.get("dtype") != "auto":   # auto as it resolves here
         resolved = str(util.auto_dtype("auto", util.pick_device(cfg.device))[0]).removeprefix("torch.")
         cfg = dataclasses.replace(cfg, dtype=saved["dtype"] if resolved == saved["dtype"] else resolved)
-        shown["dtype"] = f"'auto' ({resolved} here)"   # named as typed
+        shown["dtype"] = f"; 'auto' is {resolved} here"   # named as typed, and what it is
     same = lambda a, b: a == b or isinstance(a, str) and os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
     resumable = flags.resumable(type(cfg))
     changed = [f for f in saved if f not in resumable and typed(f) and not same(getattr(cfg, f), saved[f])]
     if changed:
-        said = ", ".join(f"--{f.replace('_', '-')} {shown.get(f, repr(getattr(cfg, f)))} (saved: {saved[f]!r})"
-                         for f in changed)
+        said = ", ".join(f"--{f.replace('_', '-')} {'auto' if f in shown else getattr(cfg, f)!r} "
+                         f"(saved: {saved[f]!r}{shown.get(f, '')})" for f in changed)
         raise ValueError(f"--resume: {said} differ{'s' * (len(changed) == 1)} from the run's saved config; drop "
                          f"{'them' if len(changed) > 1 else 'it'} to continue the run as it was, or start a new run "
                          f"with another --out")
     keep = {f: getattr(cfg, f) for f in resumable if typed(f)}
-    threads = lambda n: f"{n} CPU thread{'s' * (n != 1)}"
-    if saved.get("threads") and util.pick_device(cfg.device).type == "cpu":   # the count the run's bits came from
-        if (keep.get("threads", saved["threads"]) or torch.get_num_threads()) != saved["threads"]:   # 0: this count
-            util.say(f"note: --threads {keep['threads']}: the run started with {threads(saved['threads'])}; its steps "
-                     f"from here may differ in their last bits from an uninterrupted run's", file=sys.stderr)
-        elif "threads" not in keep and torch.get_num_threads() != saved["threads"]:
-            util.say(f"note: --resume: {threads(saved['threads'])}, as the run started (this process had "
-                     f"{torch.get_num_threads()}), so that it ends bit for bit as an uninterrupted run; --threads N "
-                     f"to choose another count, at the cost of that", file=sys.stderr)
+    if "threads" not in keep and util.pick_device(cfg.device).type != "cpu":   # not in a CUDA run's bits: this host's
+        keep["threads"] = 0
     cfg = type(cfg)(**{**saved, **keep, "resume": True, "halt_after": cfg.halt_after})   # a halt is this process's
     # what a kill during a save leaves: util.atomic_write's .NAME.XXXXXXXX.tmp (NAME.tmp from older versions)
     ours = r"(config\.json|metrics\.jsonl|resume\.pt|iter\d+\.safetensors)\.tmp|\.(config\.json|metrics\.jsonl|" \
@@ -233,28 +226,54 @@ def start(cfg, device, mask_like=None):
     identity, the dtype, config.json's content or {}, the checks' verdicts)."""
     dtype, why = run_dtype(cfg, device)
     cfg.dtype = str(dtype).removeprefix("torch.")
-    cfg.threads = cfg.threads or torch.get_num_threads()   # saved resolved: a resumed run takes it again (resumed)
-    if cfg.threads != torch.get_num_threads():
+    had = torch.get_num_threads()
+    cfg.threads = cfg.threads or had   # saved resolved: a resumed run takes it again (resumed)
+    if cfg.threads != had:
         torch.set_num_threads(cfg.threads)
     base = util.rank_zero_first(lambda: M.resolve(cfg.model, cfg.revision or None, cfg.verify_model, cfg.offline))
     cfg.revision = M.hub_commit(base) or cfg.revision
     ident = {"model": cfg.model, **M.base_identity(base)}   # recorded in config.json and every adapter
     started, checks = check_bases(cfg, ident, mask_like)
     started.setdefault("dtype_choice", why)   # a resumed run keeps why its dtype is what it is
-    here = {"torch": torch.__version__, "machine": util.machine(device)}
-    then = {k: started[k] for k in here if started.get(k) is not None}   # where it started (older: torch alone)
-    if differ := [k for k in then if then[k] != here[k]]:   # the kernels its bits came from are not these
-        util.say(f"note: --resume: the run started on {'; '.join(f'{k} {then[k]}' for k in differ)}, this process "
-                 f"has {'; '.join(f'{k} {here[k]}' for k in differ)}: its steps from here may differ in their last "
-                 f"bits from an uninterrupted run's (recorded in config.json as resumed_on)", file=sys.stderr)
-        started["resumed_on"] = started.get("resumed_on", []) + [here]
-    if not cfg.resume:
+    here = {"torch": torch.__version__, "machine": util.machine(device), "processes": util.world()[1]}
+    if cfg.resume:
+        said_where(cfg, device, started, here, had)
+    else:
         started.update(here)   # config.json keeps where the run started (null: an older version's, not recorded)
     util.say("config:", json.dumps(dataclasses.asdict(cfg)))
     util.say(f"dtype: {cfg.dtype} ({why.removeprefix('auto: ')})" + ("; a CPU without native bfloat16 emulates it, slowly"
              if dtype == torch.bfloat16 and not util.native_bf16(device) else "; weights only: no autocast, no loss "
              "scaling" if dtype == torch.float16 else ""))
     return base, ident, dtype, started, checks
+
+
+def said_where(cfg, device, started, here, had):
+    """--resume: what the run's last bits depend on beyond its config and data (torch's kernels, the
+    machine, the number of processes, on the CPU the number of threads: `here`; `had`, the count this
+    process came with) against where it started (config.json, `started`): each difference said, and
+    recorded in started["resumed_on"]; the saved thread count said when it is not the process's own."""
+    here, then = dict(here), {k: started[k] for k in here if started.get(k) is not None}   # null: not recorded
+    saved = started.get("config", {}).get("threads")   # the run's count so far; None: an older version's config
+    cpu = torch.device(device).type == "cpu"
+    if cpu:
+        here["threads"] = cfg.threads
+        then.update({"threads": saved} if saved else {})
+    differ = [k for k in then if then[k] != here[k]]
+    name = {"torch": "torch {}", "machine": "{}", "processes": "{} process{}", "threads": "{} CPU thread{}"}
+    at = lambda d: ", ".join(name[k].format(d[k], ("es" if k == "processes" else "s") * (d[k] != 1)) for k in differ)
+    if differ:   # the kernels, or the split of the sums, its bits came from are not these
+        util.say(f"note: {'--threads ' + str(cfg.threads) if 'threads' in differ else '--resume'}: the run started "
+                 f"on {at(then)}; this process has {at(here)}; so its steps from here may differ in their last bits "
+                 f"from an uninterrupted run's (config.json records this in resumed_on)", file=sys.stderr)
+        started["resumed_on"] = started.get("resumed_on", []) + [here]
+    if cpu and saved and cfg.threads == saved != had:
+        util.say(f"note: --resume: {cfg.threads} CPU thread{'s' * (cfg.threads != 1)}, as the run started (this "
+                 f"process had {had})" + ("" if differ else ", so that it ends bit for bit as an uninterrupted run")
+                 + "; --threads N to choose another count, at the cost of its last bits", file=sys.stderr)
+    elif cpu and not saved:
+        util.say(f"note: --resume: config.json does not say how many CPU threads the run started on (an older "
+                 f"version's); it continues on {cfg.threads}, recorded from here on; its steps from here may differ in "
+                 f"their last bits from an uninterrupted run's if it started on another count", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -344,7 +363,7 @@ def begin(run, started, hashes, resume=None):
                                               "data": hashes, "base_check": run.checks or {},
                                               "dtype_choice": started["dtype_choice"], "git_commit": util.git_commit(),
                                               "torch": started.get("torch"), "machine": started.get("machine"),
-                                              "python": sys.version.split()[0], "processes": ranks,
+                                              "python": sys.version.split()[0], "processes": started.get("processes"),
                                               **{k: started[k] for k in ("resumed_on",) if k in started}})
         log = resume["log"] if resume else []
         util.atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in log)))

@@ -100,7 +100,7 @@ def test_resume_refuses_an_auto_that_resolves_to_another_dtype_naming_it_as_type
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     with pytest.raises(SystemExit) as e:
         rigsa.main(["train", "--resume", "--out", str(tmp_path / "run"), "--dtype", "auto"])
-    assert "--dtype 'auto' (bfloat16 here) (saved: 'float32') differs from the run's saved config" in str(e.value), e.value
+    assert "--dtype 'auto' (saved: 'float32'; 'auto' is bfloat16 here) differs from the run's saved config" in str(e.value), e.value
 
 
 @pytest.mark.parametrize("device", ["meta", "xpu", "mps", "tpu"])

@@ -90,6 +90,8 @@ def test_a_run_resumed_on_another_number_of_processes(tiny_dir, data, tmp_path):
     with one_thread():
         rigsa.train(rigsa.Config(out=str(tmp_path / "run"), resume=True))
     close(tmp_path / "one", tmp_path / "run", 2)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())   # where it started, and where it went on
+    assert saved["processes"] == 2 and saved["resumed_on"] == [{**saved["resumed_on"][0], "processes": 1}]
 
 
 def test_each_process_resumes_its_own_random_state(tiny_dir, data, tmp_path):

@@ -227,6 +227,14 @@ def test_tables_name_the_machine_and_a_mix_of_machines(tmp_path):
     line = next(x for x in P.made_by(tmp_path) if x.startswith("- base-model evaluations"))
     assert line == ("- base-model evaluations: **mixed**: 1 from `M` (fingerprint f1), --limit 2, on cuda: A GPU; "
                     "1 from `M` (fingerprint f1), --limit 2; 1 from `M` (fingerprint f1), --limit 2, on cpu: A CPU (AMX)")
+    # a training resumed on another machine is made on both: mixed with one that ran on the first alone
+    for name, on in (("rigsa", [{"machine": "cuda: A GPU"}, {"machine": "cpu: A CPU (AMX)"}]), ("lora", [])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"machine": "cpu: A CPU (AMX)", "resumed_on": on}))
+        P.write_record(tmp_path / name, ["python", "rigsa.py"], {"base model": {"fingerprint": "f1"}, "--limit": 2},
+                       "M", "done")
+    line = next(x for x in P.made_by(tmp_path) if x.startswith("- trainings"))
+    assert line.endswith("on cpu: A CPU (AMX); 1 from `M` (fingerprint f1), --limit 2, no --steps (the paper's epochs), on cpu: A CPU (AMX) and cuda: A GPU") and line.startswith("- trainings: **mixed**: "), line
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

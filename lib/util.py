@@ -554,8 +554,13 @@ def progress(iterable=None, total=None, desc="", unit="it", enabled=True):
     force a line."""
     tty = sys.stderr.isatty()
     off = not enabled or os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false") or world()[0] != 0
+    try:   # a terminal of size 0x0 (`script`, `docker run -t`) hides tqdm's bar: 100 columns, 24 rows instead
+        sized = tty and os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except (OSError, ValueError):
+        sized = False
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=off,
-                file=sys.stderr if tty else _LogLines(sys.stderr), dynamic_ncols=tty, ascii=not tty,
+                file=sys.stderr if tty else _LogLines(sys.stderr), dynamic_ncols=sized,
+                **({} if sized or not tty else {"ncols": 100, "nrows": 24}), ascii=not tty,
                 mininterval=0.5 if tty else 30.0, miniters=None if tty else 1)  # a log: exactly one line per 30 s
 
 # -----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -232,6 +233,26 @@ def test_progress_bar_in_a_log_one_line_per_interval(monkeypatch, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2 and "2/4" in lines[0] and "4/4" in lines[1] and "loss=1.5" in lines[1]
     assert all("\r" not in line and line == line.rstrip() for line in lines)
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="no pseudo-terminals here")
+def test_progress_bar_on_a_terminal_of_size_zero(monkeypatch):
+    # a pseudo-terminal nobody sized (`script`, `docker run -t`) reports 0x0, under which tqdm draws nothing
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    master, slave = os.openpty()
+    with open(slave, "w") as tty:
+        assert os.get_terminal_size(slave).columns == 0   # the premise
+        monkeypatch.setattr(sys, "stderr", tty)
+        bar = util.progress(total=3, desc="docs", unit="doc")
+        bar.update(3)
+        bar.close()
+        tty.flush()
+        seen = b""
+        while select.select([master], [], [], 0.2)[0]:   # all the bar wrote (the slave still open: no EIO)
+            seen += os.read(master, 4096)
+    os.close(master)
+    seen = seen.decode()
+    assert "docs" in seen and "3/3" in seen and "doc/s" in seen, repr(seen)
 
 
 def test_progress_bar_off(monkeypatch, capsys):

@@ -265,7 +265,8 @@ def test_a_run_resumes_on_the_thread_count_it_started_with(tmp_path, capsys, mon
         a, b = adapter("full"), adapter("two")
         assert any(not a[n].equal(b[n]) for n in a), "the premise: the thread count shows in the adapters"
         assert rigsa.train(cfg("halted", halt_after=2)) is None
-        shutil.copytree(tmp_path / "halted", tmp_path / "other")
+        for name in ("other", "older", "twice"):
+            shutil.copytree(tmp_path / "halted", tmp_path / name)
         for name, typed in (("halted", {}), ("other", {"threads": 2})):
             torch.set_num_threads(2)   # a process with another count resumes it
             capsys.readouterr()
@@ -275,27 +276,36 @@ def test_a_run_resumes_on_the_thread_count_it_started_with(tmp_path, capsys, mon
             assert seen == [2 if typed else 1] * 2 and torch.get_num_threads() == 2, err   # the caller's, after
             c = adapter(name)
             if not typed:   # the saved count: bit for bit the uninterrupted run, and said
-                assert "note: --resume: 1 CPU thread, as the run started (this process had 2)" in err, err
+                assert ("note: --resume: 1 CPU thread, as config.json says (this process had 2); so that it ends bit for "
+                        "bit as an uninterrupted run") in err, err
                 assert all(a[n].equal(c[n]) for n in a)
             else:           # another count, typed: taken, and said to cost the bits
-                assert "note: --threads 2: the run started on 1 CPU thread; this process has 2 CPU threads; so" in err
+                assert ("note: --resume: the run started on 1 CPU thread; this resume runs on 2 CPU threads; so its "
+                        "steps from here may differ") in err, err
                 saved = json.loads((tmp_path / name / "config.json").read_text())
-                assert saved["config"]["threads"] == 2 and saved["resumed_on"][-1]["threads"] == 2
+                assert saved["config"]["threads"] == 2 and saved["threads"] == 1 and saved["resumed_on"][-1]["threads"] == 2
         rigsa.train(rigsa.Config(out=str(tmp_path / "halted"), resume=True))   # complete: only that is said
         out, err = capsys.readouterr()
         assert "the run is complete" in out and "thread" not in err, err
-        with monkeypatch.context() as m:   # on CUDA the count is not in the bits: this host's, not the saved one
-            m.setattr(util, "pick_device", lambda name=None: torch.device("cuda"))
-            assert rundir.resumed(rigsa.Config(out=str(tmp_path / "full"), resume=True), None)[0].threads == 0
-            assert rundir.resumed(rigsa.Config(out=str(tmp_path / "full"), resume=True, threads=3), None)[0].threads == 3
-        c = json.loads((tmp_path / "other" / "config.json").read_text())   # as an older version wrote it
-        del c["config"]["threads"]
-        (tmp_path / "other" / "config.json").write_text(json.dumps(c))
-        (tmp_path / "other" / "iter1.safetensors").unlink()
-        rigsa.train(rigsa.Config(out=str(tmp_path / "other"), resume=True))
-        assert ("note: --resume: config.json does not say how many CPU threads the run started on (an older version's); "
-                "it continues on 2, recorded from here on;") in capsys.readouterr().err
-        assert json.loads((tmp_path / "other" / "config.json").read_text())["config"]["threads"] == 2
+        torch.set_num_threads(1)   # --threads 2 for a step, then a plain resume: 2 as config.json says, never "bit for bit"
+        rigsa.train(rigsa.Config(out=str(tmp_path / "twice"), resume=True, threads=2, halt_after=1))
+        capsys.readouterr()
+        rigsa.train(rigsa.Config(out=str(tmp_path / "twice"), resume=True))
+        err = capsys.readouterr().err
+        assert ("note: --resume: the run started on 1 CPU thread; this resume runs on 2 CPU threads; 2 CPU threads, "
+                "as config.json says (this process had 1); so its steps") in err and "bit for bit" not in err, err
+        c = json.loads((tmp_path / "older" / "config.json").read_text())   # as an older version wrote it
+        del c["config"]["threads"], c["threads"]
+        (tmp_path / "older" / "config.json").write_text(json.dumps(c))
+        torch.set_num_threads(2)
+        rigsa.train(rigsa.Config(out=str(tmp_path / "older"), resume=True))
+        assert ("note: --resume: config.json does not record the CPU threads the run started on (an older version's): "
+                "2 from here on; if it started on another count, its steps") in capsys.readouterr().err
+        assert json.loads((tmp_path / "older" / "config.json").read_text())["config"]["threads"] == 2
+    with monkeypatch.context() as m:   # a host with CUDA: a CPU run keeps its count; on CUDA the host's is taken
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        r = lambda **kw: rundir.resumed(rigsa.Config(out=str(tmp_path / "full"), resume=True, **kw), None)[0].threads
+        assert r() == 1 and r(device="cuda") == 0 and r(device="cuda", threads=3) == 3
 
 
 def test_a_resume_on_another_machine_or_torch_is_said_and_recorded(tiny_dir, tmp_path, capsys, monkeypatch):
@@ -308,15 +318,35 @@ def test_a_resume_on_another_machine_or_torch_is_said_and_recorded(tiny_dir, tmp
         assert rigsa.train(rigsa.Config(out=str(tmp_path / "run"), resume=True, halt_after=2)) is None
         assert "the run started on" not in capsys.readouterr().err   # the same machine: nothing to say
         version = torch.__version__
-        monkeypatch.setattr(util, "machine", lambda device: "cpu: Another CPU (AMX)")
-        monkeypatch.setattr(torch, "__version__", "9.9.9")
+        for name in ("restart", "edited"):
+            shutil.copytree(tmp_path / "run", tmp_path / name)
+        (tmp_path / "restart" / "resume.pt").unlink()   # killed before its first resume checkpoint
+        c = json.loads((tmp_path / "edited" / "config.json").read_text())
+        (tmp_path / "edited" / "config.json").write_text(json.dumps({**c, "resumed_on": 5, "processes": "1"}))
+        with monkeypatch.context() as m:
+            m.setattr(util, "machine", lambda device: "cpu: Another CPU (AMX)")
+            m.setattr(torch, "__version__", "9.9.9")
+            assert rigsa.train(rigsa.Config(out=str(tmp_path / "run"), resume=True, halt_after=1)) is None
+            assert (f"note: --resume: the run started on torch {version}, {here}; this resume runs on torch 9.9.9, cpu: "
+                    f"Another CPU (AMX); so its steps from here may differ in their last bits from an uninterrupted "
+                    f"run's") in capsys.readouterr().err
+            saved = json.loads((tmp_path / "run" / "config.json").read_text())
+            assert saved["machine"] == here and saved["torch"] == version   # where it started, not the resuming one's
+            assert saved["resumed_on"] == [{"torch": "9.9.9", "machine": "cpu: Another CPU (AMX)", "processes": 1,
+                                            "threads": 1}]
+            rigsa.train(rigsa.Config(out=str(tmp_path / "restart"), resume=True))   # from step 1: a new start there
+            assert "the run started on" not in capsys.readouterr().err
+            saved = json.loads((tmp_path / "restart" / "config.json").read_text())
+            assert saved["machine"] == "cpu: Another CPU (AMX)" and "resumed_on" not in saved
+            rigsa.train(rigsa.Config(out=str(tmp_path / "edited"), resume=True))   # values of the wrong kind: unrecorded
+            err = capsys.readouterr().err
+            assert "this resume runs on torch 9.9.9, cpu: Another CPU (AMX);" in err and "process" not in err, err
+            assert json.loads((tmp_path / "edited" / "config.json").read_text())["resumed_on"][0]["torch"] == "9.9.9"
+        torch.set_num_threads(2)   # back on the first machine, at another count: no promise now
         rigsa.train(rigsa.Config(out=str(tmp_path / "run"), resume=True))
-    assert (f"note: --resume: the run started on torch {version}, {here}; this process has torch 9.9.9, cpu: Another "
-            f"CPU (AMX); so its steps from here may differ in their last bits from an uninterrupted run's") \
-        in capsys.readouterr().err
-    saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["machine"] == here and saved["torch"] == version   # where it started, not the resuming process's
-    assert saved["resumed_on"] == [{"torch": "9.9.9", "machine": "cpu: Another CPU (AMX)", "processes": 1, "threads": 1}]
+    err = capsys.readouterr().err
+    assert ("note: --resume: 1 CPU thread, as config.json says (this process had 2); an earlier resume ran elsewhere "
+            "(config.json's resumed_on), so it cannot end bit for bit") in err, err
 
 
 def test_an_older_runs_config_without_a_machine_resumes_without_a_false_note(tiny_dir, tmp_path, capsys):

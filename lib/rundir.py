@@ -90,8 +90,8 @@ def resumed(cfg, given, check=None):
                                   f"writes, but no config.json; move them, or choose another --out")
         return cfg, None
     try:
-        saved = dataclasses.asdict(config_from(json.loads((out / "config.json").read_text())["config"],
-                                               out / "config.json", type(cfg), check))
+        raw = json.loads((out / "config.json").read_text())
+        saved = dataclasses.asdict(config_from(raw["config"], out / "config.json", type(cfg), check))
     except FileNotFoundError:
         raise FileNotFoundError(f"{out / 'config.json'}: nothing to resume; drop --resume to start a run") from None
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
@@ -117,7 +117,9 @@ def resumed(cfg, given, check=None):
                          f"{'them' if len(changed) > 1 else 'it'} to continue the run as it was, or start a new run "
                          f"with another --out")
     keep = {f: getattr(cfg, f) for f in resumable if typed(f)}
-    if "threads" not in keep and util.pick_device(cfg.device).type != "cpu":   # not in a CUDA run's bits: this host's
+    # the thread count is in a CPU run's bits only: a CUDA run (or one resumed on CUDA) takes this host's own
+    if "threads" not in keep and (util.pick_device(keep.get("device", saved["device"])).type != "cpu"
+                                  or str(raw.get("machine")).startswith("cuda")):
         keep["threads"] = 0
     cfg = type(cfg)(**{**saved, **keep, "resume": True, "halt_after": cfg.halt_after})   # a halt is this process's
     # what a kill during a save leaves: util.atomic_write's .NAME.XXXXXXXX.tmp (NAME.tmp from older versions)
@@ -218,11 +220,12 @@ def run_dtype(cfg, device):
     return (legacy if cfg.dtype == "auto" else getattr(torch, cfg.dtype)), "as the run started"
 
 
-def start(cfg, device, mask_like=None):
+def start(cfg, device, mask_like=None, resumes=False):
     """A run's provenance, before its data and model load: --dtype resolved (run_dtype) and the base's
     files (a hub id resolves to one commit, which the run records in its config and every adapter's,
     and a resumed run loads again, whatever the hub's main is by then), both written into cfg; the
-    base checked (check_bases); the config and the dtype's reason printed. -> (the base's folder, its
+    base checked (check_bases); the config and the dtype's reason printed; `resumes`: from a resume.pt,
+    where it runs against where it started said (said_where). -> (the base's folder, its
     identity, the dtype, config.json's content or {}, the checks' verdicts)."""
     dtype, why = run_dtype(cfg, device)
     cfg.dtype = str(dtype).removeprefix("torch.")
@@ -236,10 +239,11 @@ def start(cfg, device, mask_like=None):
     started, checks = check_bases(cfg, ident, mask_like)
     started.setdefault("dtype_choice", why)   # a resumed run keeps why its dtype is what it is
     here = {"torch": torch.__version__, "machine": util.machine(device), "processes": util.world()[1]}
-    if cfg.resume:
+    if cfg.resume and resumes:
         said_where(cfg, device, started, here, had)
-    else:
-        started.update(here)   # config.json keeps where the run started (null: an older version's, not recorded)
+    else:   # config.json keeps where the run started (null: an older version's, not recorded); a resume
+        started.update(here, threads=cfg.threads)   # without resume.pt starts it again from its first step
+        started.pop("resumed_on", None)
     util.say("config:", json.dumps(dataclasses.asdict(cfg)))
     util.say(f"dtype: {cfg.dtype} ({why.removeprefix('auto: ')})" + ("; a CPU without native bfloat16 emulates it, slowly"
              if dtype == torch.bfloat16 and not util.native_bf16(device) else "; weights only: no autocast, no loss "
@@ -248,32 +252,45 @@ def start(cfg, device, mask_like=None):
 
 
 def said_where(cfg, device, started, here, had):
-    """--resume: what the run's last bits depend on beyond its config and data (torch's kernels, the
-    machine, the number of processes, on the CPU the number of threads: `here`; `had`, the count this
-    process came with) against where it started (config.json, `started`): each difference said, and
-    recorded in started["resumed_on"]; the saved thread count said when it is not the process's own."""
-    here, then = dict(here), {k: started[k] for k in here if started.get(k) is not None}   # null: not recorded
-    saved = started.get("config", {}).get("threads")   # the run's count so far; None: an older version's config
-    cpu = torch.device(device).type == "cpu"
-    if cpu:
-        here["threads"] = cfg.threads
-        then.update({"threads": saved} if saved else {})
+    """--resume from a resume.pt: what the run's last bits depend on beyond its config and data
+    (torch's kernels, the machine, the number of processes and, in a CPU run, of threads: `here`) against
+    where it started (config.json, `started`), in one note: each difference, recorded in
+    started["resumed_on"]; the thread count taken from config.json when this process (`had`) has
+    another; "bit for bit" promised only when nothing differs now or in an earlier resume."""
+    kinds = {"torch": str, "machine": str, "processes": int, "threads": int}
+    ok = lambda k, v: isinstance(v, kinds[k]) and not isinstance(v, bool) and v != ""   # else: not recorded
+    cpu = torch.device(device).type == "cpu" and not str(started.get("machine")).startswith("cuda")
+    saved = started.get("config", {}).get("threads")   # the count resumes take (a typed --threads sets it)
+    start = started.get("threads") or saved             # the count it started on (older versions: the saved one)
+    here = {**here, **({"threads": cfg.threads} if cpu else {})}
+    then = {k: v for k, v in {**started, "threads": start}.items() if k in here and ok(k, v)}
     differ = [k for k in then if then[k] != here[k]]
-    name = {"torch": "torch {}", "machine": "{}", "processes": "{} process{}", "threads": "{} CPU thread{}"}
-    at = lambda d: ", ".join(name[k].format(d[k], ("es" if k == "processes" else "s") * (d[k] != 1)) for k in differ)
-    if differ:   # the kernels, or the split of the sums, its bits came from are not these
-        util.say(f"note: {'--threads ' + str(cfg.threads) if 'threads' in differ else '--resume'}: the run started "
-                 f"on {at(then)}; this process has {at(here)}; so its steps from here may differ in their last bits "
-                 f"from an uninterrupted run's (config.json records this in resumed_on)", file=sys.stderr)
-        started["resumed_on"] = started.get("resumed_on", []) + [here]
-    if cpu and saved and cfg.threads == saved != had:
-        util.say(f"note: --resume: {cfg.threads} CPU thread{'s' * (cfg.threads != 1)}, as the run started (this "
-                 f"process had {had})" + ("" if differ else ", so that it ends bit for bit as an uninterrupted run")
-                 + "; --threads N to choose another count, at the cost of its last bits", file=sys.stderr)
-    elif cpu and not saved:
-        util.say(f"note: --resume: config.json does not say how many CPU threads the run started on (an older "
-                 f"version's); it continues on {cfg.threads}, recorded from here on; its steps from here may differ in "
-                 f"their last bits from an uninterrupted run's if it started on another count", file=sys.stderr)
+    earlier = [r for r in started.get("resumed_on") or [] if isinstance(r, dict)] \
+        if isinstance(started.get("resumed_on"), list) else []
+    plural = lambda k, n: f"{n} {'process' if k == 'processes' else 'CPU thread'}{('es' if k == 'processes' else 's') * (n != 1)}"
+    at = lambda d: ", ".join(plural(k, d[k]) if k in ("processes", "threads") else
+                             f"torch {d[k]}" if k == "torch" else d[k] for k in differ)
+    said = [f"the run started on {at(then)}; this resume runs on {at(here)}"] if differ else []
+    if cpu and ok("threads", saved) and cfg.threads == saved != had:
+        said.append(f"{plural('threads', saved)}, as config.json says (this process had {had})")
+    elif cpu and not ok("threads", start):
+        said.append(f"config.json does not record the CPU threads the run started on (an older version's): "
+                    f"{cfg.threads} from here on")
+    if differ:
+        said.append("so its steps from here may differ in their last bits from an uninterrupted run's (config.json "
+                    "records this in resumed_on)")
+    elif cpu and not ok("threads", start):
+        said.append("if it started on another count, its steps from here may differ in their last bits from an "
+                    "uninterrupted run's")
+    elif said and earlier:
+        said.append("an earlier resume ran elsewhere (config.json's resumed_on), so it cannot end bit for bit as an "
+                    "uninterrupted run")
+    elif said:
+        said.append("so that it ends bit for bit as an uninterrupted run; --threads N for another count, at that cost")
+    if said:
+        util.say("note: --resume: " + "; ".join(said), file=sys.stderr)
+    if differ:
+        started["resumed_on"] = earlier + [here]
 
 
 @contextlib.contextmanager
@@ -364,7 +381,7 @@ def begin(run, started, hashes, resume=None):
                                               "dtype_choice": started["dtype_choice"], "git_commit": util.git_commit(),
                                               "torch": started.get("torch"), "machine": started.get("machine"),
                                               "python": sys.version.split()[0], "processes": started.get("processes"),
-                                              **{k: started[k] for k in ("resumed_on",) if k in started}})
+                                              **{k: started[k] for k in ("threads", "resumed_on") if k in started}})
         log = resume["log"] if resume else []
         util.atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in log)))
     n_trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)

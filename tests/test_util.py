@@ -241,7 +241,8 @@ def test_progress_bar_on_a_terminal_of_size_zero(monkeypatch):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     master, slave = os.openpty()
     with open(slave, "w") as tty:
-        assert os.get_terminal_size(slave).columns == 0   # the premise
+        if os.get_terminal_size(slave).columns:   # the premise: a platform whose new terminals come sized has no case
+            pytest.skip("a new pseudo-terminal has a size here")
         monkeypatch.setattr(sys, "stderr", tty)
         bar = util.progress(total=3, desc="docs", unit="doc")
         bar.update(3)

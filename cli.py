@@ -13,9 +13,11 @@ against its base (evals/run.py and merge use it)
 import argparse
 import contextlib
 import dataclasses
+import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,8 +66,23 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
     if out.is_symlink() or out.exists() and (not out.is_dir() or any(out.iterdir())):
         what = "a link" if out.is_symlink() else "a file" if not out.is_dir() else "a directory that is not empty"
         raise FileExistsError(f"--out {out}: is {what}; name a new folder (or an empty one)")
-    src = M.resolve(base or cfg.model, revision or (cfg.revision if not base or base == cfg.model else None) or None)
-    ident = {"model": base or cfg.model, **M.base_identity(src)}
+    name = base or cfg.model
+    if revision and os.path.isdir(name) and not M.hub_commit(name):   # as train and evals/run.py refuse it
+        raise ValueError(f"--revision {revision}: the model {name} is a local directory, which has no revisions "
+                         f"(its files are used as they are); drop --revision")
+    src = M.resolve(name, revision or (cfg.revision if not base or base == cfg.model else None) or None)
+    if os.path.realpath(out).startswith(os.path.realpath(src).rstrip(os.sep) + os.sep):   # a model's folder is its own
+        raise ValueError(f"--out {out}: is in the base model's directory {src}, which this merge reads; choose "
+                         f"another --out")
+    parent = out.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    try:   # before the load: a file made and removed where the merge will write (os.access says yes to root)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write in {parent} ({e.strerror}); choose another --out") from None
+    ident = {"model": name, **M.base_identity(src)}
     verdict = AF.check_base(meta["base"], ident, f"--adapter {adapter}", allow_other_base)   # before the load
     model, _ = M.load(src, "cpu", torch.float32)   # merge in float32, then cast
     load_adapter(model, adapter)

@@ -22,6 +22,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -439,6 +440,9 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     if args.log_samples and not args.output_path:
         ap.error("--log_samples: needs --output_path, where lm-eval's samples files go")
+    for flag in ("output", "output_path"):   # an empty one would write nothing, silently
+        if getattr(args, flag) == "":
+            ap.error(f"--{flag}: empty; name a {'file' if flag == 'output' else 'folder'}, or drop the flag")
     return args
 
 
@@ -498,6 +502,19 @@ def ours(path):
                                     or bool(d) and all(result(r) for r in d.values()))
 
 
+def merge_record(path):
+    """rigsa-merge.json, the record rigsa.py merge leaves in a merged model's folder, as a dict."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:   # ValueError: not JSON, not UTF-8
+        raise ValueError(f"{path}: not readable as rigsa.py merge's record ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:120]}); delete it, or merge again") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: not rigsa.py merge's record (a {type(d).__name__}, not a JSON object); "
+                         f"delete it, or merge again")
+    return d
+
+
 def check_output(flag, path, folder, inputs=()):
     """Before any work: the path is not of the wrong kind, it is none of the run's inputs (nor in the
     model directory), an existing file there is one this script wrote (results JSON: anything else is
@@ -523,8 +540,12 @@ def check_output(flag, path, folder, inputs=()):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise ValueError(f"{flag} {path}: {parent} is a file, not a directory; choose another path")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path}: {parent} is not writable; choose another path")
+    try:   # a file made and removed, not os.access: root passes that on a read-only or root-squashed mount
+        fd, probe = tempfile.mkstemp(prefix=".evals-probe.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write in {parent} ({e.strerror}); choose another path") from None
 
 
 def check_lm_eval_layout(args, name):
@@ -670,7 +691,7 @@ def evaluate(args):
                          f"chat_template.jinja), so its chat format is unknown; drop --chat (the paper's plain prompts)")
     dtype, why = util.auto_dtype(args.dtype, device)   # auto: bfloat16 where the device computes it natively
     merged = path / "rigsa-merge.json"
-    if args.dtype == "auto" and dtype != torch.float32 and merged.is_file() and json.loads(merged.read_text()).get(
+    if args.dtype == "auto" and dtype != torch.float32 and merged.is_file() and merge_record(merged).get(
             "dtype") == "float32":   # rigsa.py merge kept float32: bfloat16 would round its deltas away (merge says how much)
         dtype, why = torch.float32, "auto: a float32 merge of an adapter, whose small deltas bfloat16 would round away"
     base = {"model": name, **M.base_identity(path)}

@@ -4,6 +4,7 @@ a run directory at a time; temporary files go on every way out, SIGTERM included
 folders get the modes the user's umask says."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -59,10 +60,12 @@ OUTPUTS = [   # (flags, what the one line says); {w}: the world
     (["--output", "{w}/run/iter1.safetensors"], "exists and is not a results file of evals/run.py"),
     (["--output", "{w}/run/config.json"], "exists and is not a results file of evals/run.py"),
     (["--output", "{w}/run/metrics.jsonl"], "exists and is not a results file of evals/run.py"),
+    pytest.param(["--output", "/proc/rigsa-results.json"], "cannot write in /proc",   # os.access says yes to root there
+                 marks=pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc")),
 ]
 
 
-@pytest.mark.parametrize("flags,text", OUTPUTS, ids=[" ".join(f[0][:2]) for f in OUTPUTS])
+@pytest.mark.parametrize("flags,text", OUTPUTS, ids=[" ".join((f.values if hasattr(f, "values") else f)[0][:2]) for f in OUTPUTS])
 def test_an_output_that_is_an_input_or_not_ours_is_refused_before_any_work(world, flags, text, monkeypatch):
     w = world
     def no(*a, **k):
@@ -91,6 +94,43 @@ def test_only_our_results_are_replaced(tmp_path, content, replaced):
     p = tmp_path / "r.json"
     p.write_bytes(content if isinstance(content, bytes) else content.encode())
     assert R.ours(p) == replaced
+
+
+MERGES = [   # (--out, other arguments, what the one line says) before the model loads; {w}: the world
+    ("{w}/model/merged", {}, "is in the base model's directory"),
+    ("{w}/elsewhere", {"revision": "abc"}, "the model {w}/model is a local directory, which has no revisions"),
+    pytest.param("/proc/rigsa-merged", {}, "cannot write in /proc",
+                 marks=pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc")),
+]
+
+
+@pytest.mark.parametrize("out,kw,text", MERGES, ids=["in the base", "--revision local", "unwritable"])
+def test_a_merge_that_cannot_be_written_as_asked_is_refused_before_the_load(world, out, kw, text, monkeypatch):
+    def no(*a, **k):
+        raise AssertionError("the model loaded before --out was checked")
+    monkeypatch.setattr(cli.M, "load", no)
+    before = tree(world)
+    with pytest.raises(ValueError) as e:
+        cli.merge(world / "run" / "iter2", out.format(w=world), **kw)
+    assert text.format(w=world) in str(e.value) and "\n" not in str(e.value), e.value
+    assert tree(world) == before
+
+
+@pytest.mark.parametrize("flag", ["--output", "--output_path"])
+def test_an_empty_output_is_a_usage_error(flag, capsys):
+    with pytest.raises(SystemExit) as e:   # it would run and write nothing
+        R.parse_args(["--task", "mnist", flag, ""])
+    assert e.value.code == 2 and f"error: {flag}: empty; name a" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["[1]", "{oops", b"\xff\xfe", "5"])
+def test_a_damaged_merge_record_is_one_line_naming_it(tmp_path, content):
+    p = tmp_path / "rigsa-merge.json"
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=f"^{re.escape(str(p))}: not (readable as )?rigsa.py merge's record .*; delete it"):
+        R.merge_record(p)
+    p.write_text('{"dtype": "float32"}')
+    assert R.merge_record(p) == {"dtype": "float32"}
 
 
 def test_a_previous_result_is_replaced(world, tmp_path):

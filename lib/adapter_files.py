@@ -86,7 +86,9 @@ def set_adapter_tensors(layers, tensors, source):
             raise ValueError(f"{source}: no adapter for layer {n} (another base model?)")
         odd = [k for k in tensors if k.startswith(n + ".") and k[len(n) + 1:] not in parts]
         odd += [f"{n}.{k} missing" for k in parts[:3] if f"{n}.{k}" not in tensors]
-        if odd or tensors[f"{n}.delta"].dim() != 1 or not tensors[f"{n}.delta"].is_floating_point() \
+        odd += [f"{n}.{k} is {str(tensors[f'{n}.{k}'].dtype).removeprefix('torch.')}, not float32" for k in parts[1:3]
+                if f"{n}.{k}" in tensors and tensors[f"{n}.{k}"].dtype != torch.float32]   # rigsa writes float32
+        if odd or tensors[f"{n}.delta"].dim() != 1 \
                 or tensors[f"{n}.alpha"].numel() != 1 or tensors[f"{n}.mask"].dtype != torch.uint8 \
                 or tensors[f"{n}.mask"].dim() != 1:
             raise ValueError(f"{source}: layer {n}'s tensors are not an adapter's ({', '.join(odd) or 'shapes'}); "

@@ -81,6 +81,7 @@ def world(tmp_path_factory, tiny_dir, tiny_mha_dir):
     n0 = "model.layers.0.mlp.up_proj"   # damaged adapters: a part missing, a mask of the wrong dtype, a base not an identity
     save_file({k: v for k, v in t.items() if k != n0 + ".delta"}, w / "nodelta.safetensors", metadata=meta)
     save_file({**t, n0 + ".mask": t[n0 + ".mask"].float()}, w / "floatmask.safetensors", metadata=meta)
+    save_file({**t, n0 + ".delta": t[n0 + ".delta"].half()}, w / "halfdelta.safetensors", metadata=meta)
     save_file(t, w / "oddbase.safetensors", metadata={**meta, "base": '"abc"'})
     shutil.copytree(w / "data", w / "noimages")
     mnist.write_idx(w / "noimages" / "mnist" / "t10k-images-idx3-ubyte.gz", np.zeros((0, 8, 8), np.uint8))
@@ -198,6 +199,7 @@ CASES = [
     ("evals", E("--task", "mnist", "--model", "{m}", "--data-dir", "{w}/noimages"), 1, "holds no images"),
     ("evals", E("--task", "mnist", "--adapter", "{w}/nodelta", "--model", "{m}"), 1, "up_proj.delta missing"),
     ("evals", E("--task", "mnist", "--adapter", "{w}/floatmask", "--model", "{m}"), 1, "are not an adapter's"),
+    ("evals", E("--task", "mnist", "--adapter", "{w}/halfdelta", "--model", "{m}"), 1, "up_proj.delta is float16, not float32"),
     ("rigsa", ["merge", "--adapter", "{w}/oddbase", "--out", "{w}/m8"], 1, "oddbase.safetensors: its metadata"),
     ("rigsa", ["merge", "--adapter", "{w}/run/iter2", "--out", "{w}/full/x"], 1, "--out {w}/full/x: is a file"),
     # 4. a flag means what it says: typed at its default is typed; one that cannot act is refused

@@ -302,6 +302,8 @@ def test_peft_format_and_reload(tiny, tmp_path):
         Q.load_lora(Q.quantize_model(tiny()), bad, 4, 32)
     with pytest.raises(ValueError, match="shape"):
         Q.load_lora(tiny(), tensors, 8, 32)
+    with pytest.raises(ValueError, match="lora_A.weight' is float64, not a float of 32 bits or fewer"):
+        Q.load_lora(tiny(), {k: v.double() for k, v in tensors.items()}, 4, 32)   # it would be rounded on the way in
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         Q.read_peft(tmp_path)
     (tmp_path / "peft" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")

@@ -127,12 +127,21 @@ def write(path, tensors, config, extra=None):
 
 
 def adapter_path(spec):
+    """RUN/iterK (or RUN/iterK.safetensors) -> the adapter file's path; a name that is none, one line
+    naming the adapters there are: in the run directory given, or in the folder of the name."""
     p = Path(spec)
+    iters = lambda d: sorted((q.stem for q in d.glob("iter*.safetensors")), key=lambda n: (len(n), n)) \
+        if d.is_dir() else []                                              # iter2 before iter10
+    if p.is_dir() and re.fullmatch(r"iter\d+-peft", p.name):               # the LoRA run's copy for peft
+        raise FileNotFoundError(f"{spec}: the PEFT copy of {p.parent / p.name.removesuffix('-peft')} (for peft and "
+                                f"transformers); name the adapter itself, {p.parent / p.name.removesuffix('-peft')}")
+    if p.is_dir() and (have := iters(p)):                                  # a run directory
+        raise FileNotFoundError(f"{spec}: a run directory; name one of its adapters as RUN/iterK: "
+                                + ", ".join(str(p / n) for n in have))
     if p.suffix != ".safetensors":
         p = p.with_name(p.name + ".safetensors")
     if not p.exists():
-        have = sorted((q.stem for q in p.parent.glob("iter*.safetensors")), key=lambda n: (len(n), n)) \
-            if p.parent.is_dir() else []                                   # iter2 before iter10
+        have = iters(p.parent)
         raise FileNotFoundError(f"{p}: adapter file not found; name one as RUN/iterK ("
                                 + (f"{p.parent} has {', '.join(have)})" if have else f"{p.parent} holds none)"))
     return p

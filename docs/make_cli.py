@@ -3,6 +3,7 @@
     python docs/make_cli.py            # rewrite docs/cli.md below its marker line (the text above it is kept)
     python docs/make_cli.py --check    # exit 1 with one line if docs/cli.md differs from what --help prints now
 """
+import argparse
 import difflib
 import os
 import subprocess
@@ -38,7 +39,9 @@ def render(head):
 
 
 def main(argv=None):
-    check = "--check" in (argv if argv is not None else sys.argv[1:])
+    ap = argparse.ArgumentParser(description="docs/cli.md's command reference, from each command's own --help")
+    ap.add_argument("--check", action="store_true", help="exit 1 with one line if docs/cli.md differs from --help")
+    check = ap.parse_args(argv).check   # a typo or --help is argparse's, never a rewrite
     have = CLI_MD.read_text(encoding="utf-8") if CLI_MD.exists() else None
     head = have.split(MARK)[0] if have and MARK in have else HEAD
     want = render(head)

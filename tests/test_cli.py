@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -504,6 +505,11 @@ def test_the_command_line_reference_is_each_commands_help():
     r = subprocess.run([sys.executable, os.path.join(REPO, "docs", "make_cli.py"), "--check"], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
+    md = Path(REPO, "docs", "cli.md").stat().st_mtime_ns
+    for flag in ("--chek", "--help"):   # a typo, or a look at its usage, never rewrites the file
+        r = subprocess.run([sys.executable, os.path.join(REPO, "docs", "make_cli.py"), flag], capture_output=True, text=True)
+        assert r.returncode == (2 if flag == "--chek" else 0) and "wrote" not in r.stdout, r.stdout + r.stderr
+    assert Path(REPO, "docs", "cli.md").stat().st_mtime_ns == md
 
 
 def sigterm_caught(pid):

@@ -656,6 +656,12 @@ def evaluate(args):
     if args.seed is not None and not ("mnist" in tasks and shots_for("mnist", args)):   # a flag that would not act
         raise ValueError(f"--seed {args.seed}: only Textual MNIST's few-shot draw uses it (--task mnist with "
                          f"--num-fewshot 5; GSM8k's shots are lm-eval's own draw); drop it")
+    if args.softmax_dtype != "float32" and not {"piqa", "hellaswag"} & set(tasks):
+        raise ValueError(f"--softmax-dtype {args.softmax_dtype}: only PIQA's and HellaSwag's log-likelihoods use it, "
+                         f"and --task {args.task} has neither; drop it")
+    if args.allow_other_base and not args.adapter:
+        raise ValueError("--allow-other-base: lets an --adapter apply to another base, and there is no --adapter; "
+                         "drop it")
     inputs = run_inputs(args, tasks) if args.output or args.output_path else ()
     if args.output:
         check_output("--output", args.output, folder=False, inputs=inputs)

@@ -58,6 +58,8 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
     the official layout (adapter_files.write_merged). A bfloat16 cast that loses more than 1% of
     sum |alpha m dW| (small deltas round away under bfloat16's ulp of W0) is refused unless
     allow_lossy: the merged model would be closer to the base than to the adapted one."""
+    if allow_lossy and dtype == "float32":   # a flag that cannot act
+        raise ValueError("--allow-lossy: a float32 merge loses nothing; drop it, or use it with --dtype bfloat16")
     _, meta, cfg = rigsa.read_adapter(adapter, tensors=False)
     if rigsa.METHODS[cfg.method]["nf4"]:
         raise ValueError(f"{adapter}: a QLoRA adapter sits on a 4-bit base, and merging would re-quantize it "

@@ -202,6 +202,8 @@ CASES = [
     ("evals", E("--task", "mnist", "--adapter", "{w}/floatmask", "--model", "{m}"), 1, "are not an adapter's"),
     ("evals", E("--task", "mnist", "--adapter", "{w}/run", "--model", "{m}"), 1,
      "{w}/run: a run directory; name one of its adapters as RUN/iterK: {w}/run/iter1, {w}/run/iter2"),
+    ("rigsa", ["merge", "--adapter", "{w}/run/iter2", "--out", "{w}/m10", "--allow-lossy"], 1,
+     "--allow-lossy: a float32 merge loses nothing"),
     ("rigsa", ["merge", "--adapter", "{w}/qlora/iter1-peft", "--out", "{w}/m9"], 1,
      "{w}/qlora/iter1-peft: the PEFT copy of {w}/qlora/iter1 (for peft and transformers); name the adapter itself"),
     ("evals", E("--task", "mnist", "--adapter", "{w}/halfdelta", "--model", "{m}"), 1, "up_proj.delta is float16, not float32"),

@@ -474,8 +474,9 @@ def test_lora_merge(tiny_dir, tmp_path):
         cli.merge(q / "run" / "iter1", tmp_path / "merged-q")
 
 
-def test_merge_adapters_folds_lora_in_float32_and_refuses_4bit(tiny_dir):
-    # one merge for every adapter kind: W0 + delta in float32, cast to the weight's dtype
+def test_merge_adapters_folds_lora_in_float32_and_refuses_4bit(tiny_dir, monkeypatch, capsys):
+    # one merge for every adapter kind: W0 + delta in float32, cast to the weight's dtype; a bar, layer by layer
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
     m, tok = M.load(tiny_dir, dtype=torch.bfloat16)
     torch.manual_seed(0)
     for p in qlora.apply_lora(m, rank=2, alpha=32):
@@ -485,6 +486,7 @@ def test_merge_adapters_folds_lora_in_float32_and_refuses_4bit(tiny_dir):
     l0 = m.model.layers[0].self_attn.q_proj
     W = (l0.weight.float() + (l0.lora_B.weight @ l0.lora_A.weight) * 16.0).bfloat16()
     lost, total = AF.merge_adapters(m)
+    assert "merge: 100%" in (err := capsys.readouterr().err) and "layer/s" in err, err
     assert not rigsa.adapters(m) and all(type(mod) is nn.Linear for n, mod in m.named_modules() if n.endswith("_proj"))
     assert torch.equal(m.model.layers[0].self_attn.q_proj.weight, W) and 0 < lost < total
     assert (m(x).float() - want).abs().max() < 0.05 * want.abs().max()   # bf16 rounding of W only

@@ -325,7 +325,10 @@ def finished(out, last):
         except (OSError, ValueError) as e:   # ValueError: not JSON, not UTF-8
             raise ValueError(f"{log}: the complete run's log is not readable ({type(e).__name__}: "
                              f"{' '.join(str(e).split())[:200]}); its adapters are whole, but its report needs the log") from None
-    util.say(f"note: {out} has no resume checkpoint yet; the run starts again from its first step", file=sys.stderr)
+    have = sorted((q.stem for q in Path(out).glob("iter*.safetensors")), key=lambda n: (len(n), n))
+    util.say(f"note: {out} has no resume checkpoint" + (f" (it holds {', '.join(have)}, but not iter{last}, the last): "
+             f"the run trains again from its first step, and writes them again" if have else
+             " yet; the run starts again from its first step"), file=sys.stderr)
     return None
 
 

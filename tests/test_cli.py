@@ -352,6 +352,12 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(world,
         code, _, err = run_main(rigsa.main, ["train", "--resume", "--out", str(tmp_path / "cut")], capsys)
     assert code == 0 and "starts again from its first step" in err, err
     assert adapters_equal(tmp_path / "cut", tmp_path / "ref")
+    shutil.copytree(tmp_path / "ref", tmp_path / "gone")   # a complete run whose last adapter was removed: said
+    (tmp_path / "gone" / "iter2.safetensors").unlink()
+    with one_thread():
+        code, _, err = run_main(rigsa.main, ["train", "--resume", "--out", str(tmp_path / "gone")], capsys)
+    assert code == 0 and "(it holds iter1, but not iter2, the last): the run trains again from its first step" in err
+    assert adapters_equal(tmp_path / "gone", tmp_path / "ref")
 
 
 # ---- signals: Ctrl-C and SIGTERM save and say how to resume; SIGKILL loses only unsaved steps ----

@@ -53,6 +53,15 @@ def load_adapter(model, path, base=None, allow_other_base=False):
     return cfg, verdict
 
 
+def check_recorded_base(cfg, adapter):
+    """An adapter's recorded base (`cfg`: its run's config) is a hub id (a commit was recorded) or a
+    local folder as the run named it: a relative one that is not there from here is one line saying so."""
+    if not cfg.revision and not os.path.isdir(cfg.model):
+        raise ValueError(f"--adapter {adapter}: its base is recorded as the local folder {cfg.model}"
+                         + (", relative to where it was trained," if not os.path.isabs(cfg.model) else "")
+                         + " which is not there from here; pass --model with its path")
+
+
 def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=False, allow_other_base=False):
     """`rigsa.py merge`: base + adapter, merged in float32 and cast once, written as a checkpoint in
     the official layout (adapter_files.write_merged). A bfloat16 cast that loses more than 1% of
@@ -69,6 +78,8 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
         what = "a link" if out.is_symlink() else "a file" if not out.is_dir() else "a directory that is not empty"
         raise FileExistsError(f"--out {out}: is {what}; name a new folder (or an empty one)")
     name = base or cfg.model
+    if not base:
+        check_recorded_base(cfg, adapter)
     if revision and os.path.isdir(name) and not M.hub_commit(name):   # as train and evals/run.py refuse it
         raise ValueError(f"--revision {revision}: the model {name} is a local directory, which has no revisions "
                          f"(its files are used as they are); drop --revision")

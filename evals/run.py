@@ -596,6 +596,8 @@ def base_model(args, acfg):
     """--model, else the adapter's recorded base, else the default; --revision, else the adapter's
     recorded revision when the base is the one it was trained on."""
     name = args.model or (acfg.model if acfg else M.DEFAULT_MODEL)
+    if not args.model and acfg is not None:
+        cli.check_recorded_base(acfg, args.adapter)
     revision = args.revision
     if revision and os.path.isdir(name) and not M.hub_commit(name):   # as rigsa.py train refuses it
         raise ValueError(f"--revision {revision}: the model {name} is a local directory, which has no revisions "

@@ -84,6 +84,8 @@ def world(tmp_path_factory, tiny_dir, tiny_mha_dir):
     save_file({**t, n0 + ".mask": t[n0 + ".mask"].float()}, w / "floatmask.safetensors", metadata=meta)
     save_file({**t, n0 + ".delta": t[n0 + ".delta"].half()}, w / "halfdelta.safetensors", metadata=meta)
     save_file(t, w / "oddbase.safetensors", metadata={**meta, "base": '"abc"'})
+    save_file(t, w / "relbase.safetensors",   # trained with a relative --model, read from elsewhere
+              metadata={**meta, "config": json.dumps({**json.loads(meta["config"]), "model": "runs/gone", "revision": ""})})
     shutil.copytree(w / "data", w / "noimages")
     mnist.write_idx(w / "noimages" / "mnist" / "t10k-images-idx3-ubyte.gz", np.zeros((0, 8, 8), np.uint8))
     mnist.write_idx(w / "noimages" / "mnist" / "t10k-labels-idx1-ubyte.gz", np.zeros((0,), np.uint8))
@@ -202,6 +204,8 @@ CASES = [
     ("evals", E("--task", "mnist", "--adapter", "{w}/floatmask", "--model", "{m}"), 1, "are not an adapter's"),
     ("evals", E("--task", "mnist", "--adapter", "{w}/run", "--model", "{m}"), 1,
      "{w}/run: a run directory; name one of its adapters as RUN/iterK: {w}/run/iter1, {w}/run/iter2"),
+    ("evals", E("--task", "mnist", "--adapter", "{w}/relbase"), 1, "its base is recorded as the local folder runs/gone"),
+    ("rigsa", ["merge", "--adapter", "{w}/relbase", "--out", "{w}/m11"], 1, "its base is recorded as the local folder"),
     ("rigsa", ["merge", "--adapter", "{w}/run/iter2", "--out", "{w}/m10", "--allow-lossy"], 1,
      "--allow-lossy: a float32 merge loses nothing"),
     ("rigsa", ["merge", "--adapter", "{w}/qlora/iter1-peft", "--out", "{w}/m9"], 1,
@@ -337,6 +341,17 @@ def test_files_of_another_version_load_with_one_warning(world, tmp_path, capsys)
     with one_thread():
         code, _, err = run_main(rigsa.main, ["train", "--resume", "--out", str(tmp_path / "run")], capsys)
     assert code == 0 and "future_knob" in err and "Traceback" not in err
+
+
+def test_an_adapters_relative_base_not_there_from_here_is_said(tmp_path, monkeypatch):
+    # a run trained with --model runs/x records runs/x; from another folder that names nothing (a hub id has a commit)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here").mkdir()
+    with pytest.raises(ValueError, match=r"^--adapter R/iter1: its base is recorded as the local folder runs/x, relative "
+                                         r"to where it was trained, which is not there from here; pass --model"):
+        cli.check_recorded_base(rigsa.Config(model="runs/x"), "R/iter1")
+    cli.check_recorded_base(rigsa.Config(model="org/name", revision="a" * 40), "R/iter1")   # a hub id
+    cli.check_recorded_base(rigsa.Config(model="here"), "R/iter1")                          # there from here
 
 
 def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(world, tmp_path, capsys):

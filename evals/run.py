@@ -607,11 +607,14 @@ def base_model(args, acfg):
     return name, revision
 
 
-def install_adapter(model, spec, base):
+def install_adapter(model, spec, base, check=None):
     try:
         cli.load_adapter(model, spec)  # in memory only: nothing is merged on disk (the base was checked before)
     except (ValueError, RuntimeError) as e:  # another base's adapter: layer names, shapes or dW0 differ
         why = " ".join(str(e).split())
+        if check == "same":   # the base is the one it was trained on: the file itself is damaged or edited
+            raise ValueError(f"--adapter {spec}: does not fit the base model {base}, the very one it was trained on "
+                             f"({why}); the file is damaged or edited: use the one its run wrote") from None
         raise ValueError(f"--adapter {spec}: does not fit the base model {base} ({why}); evaluate it on the model "
                          f"it was trained on (without --model, its recorded base is used)") from None
 
@@ -718,7 +721,7 @@ def evaluate(args):
     if args.quantize and (acfg is None or not rigsa.METHODS[acfg.method]["nf4"]):  # a qlora adapter quantizes its base itself
         qlora.quantize_model(model)
     if args.adapter:
-        install_adapter(model, args.adapter, name)
+        install_adapter(model, args.adapter, name, check)
     quantize = "nf4" if qlora.is_quantized(model) else None   # --quantize, a QLoRA adapter or a 4-bit checkpoint
     info = run_info(args, model, tok, name, revision, quantize, device)
     info["dtype_choice"] = why

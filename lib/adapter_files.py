@@ -102,8 +102,8 @@ def set_adapter_tensors(layers, tensors, source):
         free = int(POPCOUNT[m.long()].sum()) if m.numel() == -(-L.numel() // 8) else -1
         if free != d.numel():
             raise ValueError(f"{source}: layer {n} has {d.numel()} dW values for a mask of "
-                             f"{'a wrong size' if free < 0 else f'{free} free entries'} (of {L.numel()}: "
-                             f"another base model?); pass an adapter trained on this base")
+                             f"{'a wrong size' if free < 0 else f'{free} free entries'} (of {L.numel()}): another "
+                             f"base model's adapter, or a damaged file; pass the one its run wrote for this base")
         L.set_packed(None if free == L.numel() else m, d)
         L.alpha.fill_(float(tensors[f"{n}.alpha"]))
 

@@ -83,6 +83,7 @@ def world(tmp_path_factory, tiny_dir, tiny_mha_dir):
     save_file({k: v for k, v in t.items() if k != n0 + ".delta"}, w / "nodelta.safetensors", metadata=meta)
     save_file({**t, n0 + ".mask": t[n0 + ".mask"].float()}, w / "floatmask.safetensors", metadata=meta)
     save_file({**t, n0 + ".delta": t[n0 + ".delta"].half()}, w / "halfdelta.safetensors", metadata=meta)
+    save_file({**t, n0 + ".delta": t[n0 + ".delta"][:-1]}, w / "shortdelta.safetensors", metadata=meta)
     save_file(t, w / "oddbase.safetensors", metadata={**meta, "base": '"abc"'})
     save_file(t, w / "relbase.safetensors",   # trained with a relative --model, read from elsewhere
               metadata={**meta, "config": json.dumps({**json.loads(meta["config"]), "model": "runs/gone", "revision": ""})})
@@ -204,6 +205,8 @@ CASES = [
     ("evals", E("--task", "mnist", "--adapter", "{w}/floatmask", "--model", "{m}"), 1, "are not an adapter's"),
     ("evals", E("--task", "mnist", "--adapter", "{w}/run", "--model", "{m}"), 1,
      "{w}/run: a run directory; name one of its adapters as RUN/iterK: {w}/run/iter1, {w}/run/iter2"),
+    ("evals", E("--task", "mnist", "--adapter", "{w}/shortdelta", "--model", "{m}"), 1,
+     "the very one it was trained on ("),
     ("evals", E("--task", "mnist", "--adapter", "{w}/relbase"), 1, "its base is recorded as the local folder runs/gone"),
     ("rigsa", ["merge", "--adapter", "{w}/relbase", "--out", "{w}/m11"], 1, "its base is recorded as the local folder"),
     ("rigsa", ["merge", "--adapter", "{w}/run/iter2", "--out", "{w}/m10", "--allow-lossy"], 1,

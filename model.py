@@ -476,6 +476,7 @@ def load_tokenizer(path):
 # -----------------------------------------------------------------------------
 # loading checkpoints
 
+READ_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")   # besides the weights
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
              "special_tokens_map.json", "*.safetensors", "model.safetensors.index.json"]
 COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -500,8 +501,8 @@ def base_identity(path, chunks=16, chunk_bytes=1 << 16):
     it, so that they are not applied to a base they were not trained on."""
     h = hashlib.sha256()
     path = Path(path)
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):   # what the numbers also depend on
-        if (path / name).is_file():
+    for name in READ_FILES:   # what the numbers also depend on: each file load() and load_tokenizer() read
+        if (path / name).is_file():   # a base without one hashes as before it was covered
             h.update(name.encode() + b"\n" + (path / name).read_bytes())
     for p in sorted(path.glob("*.safetensors")):
         size = p.stat().st_size

@@ -1,6 +1,7 @@
 """Tests for model.py: parity with transformers (a test-only reference), cache and padding
 invariants, loader errors. CPU only, no network, tiny checkpoints written by the tests (conftest.py)."""
 import json
+import os
 import shutil
 
 import pytest
@@ -346,3 +347,38 @@ def test_sharded_checkpoint_loads_like_single(tiny_dir, tmp_path):
     b, _ = M.load(d)
     ids = torch.tensor([tok.encode("Question: 12")])
     assert torch.equal(a(ids), b(ids))
+
+
+def test_the_base_fingerprint_covers_every_file_the_loaders_read(tmp_path, monkeypatch):
+    # adapters and runs are checked against it: a file that changes the numbers (chat_template.jinja sets the
+    # system prompt of every chat prompt) must change it; a base without a newly covered file keeps its old value
+    import hashlib
+    import io
+    d = tiny.write_tiny_checkpoint(tmp_path / "m", seed=0)
+    h = hashlib.sha256()   # the formula before chat_template.jinja was covered (recorded in earlier runs' files)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        h.update(name.encode() + b"\n" + (d / name).read_bytes())
+    w = d / "model.safetensors"
+    h.update(f"{w.name}:{w.stat().st_size}\n".encode())
+    with open(w, "rb") as f:
+        for i in range(16):
+            f.seek(max(0, w.stat().st_size - (1 << 16)) * i // 15)
+            h.update(f.read(1 << 16))
+    before = M.base_identity(d)["fingerprint"]
+    assert before == h.hexdigest()[:16]
+    read, real = [], io.open
+    monkeypatch.setattr(io, "open", lambda f, *a, **k: read.append(os.path.abspath(f)) or real(f, *a, **k))
+    shutil.copytree(d, tmp_path / "j")
+    (tmp_path / "j" / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if messages[0]['role'] != 'system' %}{% endif %}")
+    M.load_tokenizer(tmp_path / "j")
+    M.load(tmp_path / "j")
+    monkeypatch.undo()
+    read = {os.path.basename(n) for n in read if os.path.dirname(n) == str(tmp_path / "j")}
+    assert "chat_template.jinja" in read and {n for n in read if not n.endswith(".safetensors")} <= set(M.READ_FILES)
+    for name in M.READ_FILES:   # each one, added or changed, is another base
+        c = tmp_path / name
+        shutil.copytree(d, c)
+        (c / name).write_bytes(((c / name).read_bytes() if (c / name).exists() else b"") + b" ")
+        assert M.base_identity(c)["fingerprint"] != before, name

@@ -13,8 +13,9 @@ write, so every number in the tables can be re-made by hand with the command pri
 Each output records what made it, beside it: OUT/<run>.inputs.json for a training run,
 OUT/evals/<name>.inputs.json for an evaluation: the command, the base model's identity (hub commit
 and a fingerprint of its weights), --limit, --steps, the seed and method flags, and the sha256 of
-every data file and adapter the step reads. A step whose output exists is skipped only when its
-record matches what this command would do now; an output made from other inputs, or without a
+every data file and adapter the step reads (and an evaluation's own sha256 once done). A step whose
+output exists is skipped only when its record matches what this command would do now, and an
+evaluation only if its file is unchanged since; an output made from other inputs, or without a
 record (by hand, or an older reproduce.py), is refused in one line naming the first difference:
 choose another --out, or pass --rerun-changed to redo the changed steps (an evaluation is run
 again; a training run this script recorded is deleted and trained again; one without a record is
@@ -151,6 +152,8 @@ def read_record(output):
 def write_record(output, cmd, inputs, model, status):
     rec = {"made_by": "reproduce.py", "status": status, "model": model, "argv": cmd, "cwd": "the repository root",
            "inputs": inputs}
+    if status == "done" and Path(output).is_file():   # an evaluation's JSON as it was made: reused only unchanged
+        rec["sha256"] = util.file_hash(output, "sha256")
     util.atomic_write(record_path(output), lambda tmp: Path(tmp).write_text(json.dumps(rec, indent=2) + "\n"))
 
 
@@ -311,12 +314,24 @@ def binomial_stderr(p, n):
 
 
 def read(path, key):
-    """(value, stderr or None) of one metric in an evals JSON file, or None."""
+    """(value, stderr or None) of one metric in an evals JSON file; None if there is no such file, or it
+    has no such metric. A file that is not an evaluation's results (cut, edited) is a ValueError naming it."""
     try:
         m = json.loads(Path(path).read_text())["metrics"]
-        return m[key], m.get(key + "_stderr")
-    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        if not isinstance(m, dict):
+            raise TypeError(f"its metrics are a {type(m).__name__}")
+        if key not in m:
+            return None
+        v, se = m[key], m.get(key + "_stderr")
+    except FileNotFoundError:
         return None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:   # ValueError: not JSON, not UTF-8; TypeError: not an object
+        raise ValueError(f"{path}: not evals/run.py's results ({type(e).__name__}: {' '.join(str(e).split())[:100]}); "
+                         f"delete it, and run reproduce.py again to make it") from None
+    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+    if not num(v) or not (se is None or num(se)):
+        raise ValueError(f"{path}: its {key} is {v!r}, not a number; delete it, and run reproduce.py again to make it")
+    return v, se
 
 
 def run_metrics(run):
@@ -403,10 +418,10 @@ def machine(path):
         d = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(d, dict) or not d.get("machine"):   # where it started unrecorded: none named
+    if not isinstance(d, dict) or not isinstance(d.get("machine"), str) or not d["machine"]:   # unrecorded
         return None
-    on = [r.get("machine") for r in d.get("resumed_on") or [] if isinstance(r, dict)]
-    return " and ".join(dict.fromkeys(m for m in [d["machine"], *on] if m))
+    on = [r.get("machine") for r in d.get("resumed_on") if isinstance(r, dict)] if isinstance(d.get("resumed_on"), list) else []
+    return " and ".join(dict.fromkeys(m for m in [d["machine"], *on] if isinstance(m, str) and m))
 
 
 def made_by(out):
@@ -757,6 +772,11 @@ def run_steps(a, again):
         if made:
             rec = read_record(out)
             why = difference(rec, inputs.of(cmd), a.model) if rec else None
+            if rec and not why and not train and rec.get("sha256") not in (None, util.file_hash(out, "sha256")):
+                why = (f"changed after this step made it: sha256 {str(rec['sha256'])[:12]}... then, "
+                       f"{util.file_hash(out, 'sha256')[:12]}... now (edited, replaced or cut)")
+                if not a.rerun_changed:   # never tabulated as this step's
+                    raise ValueError(f"{out}: {why}; move it away, or pass --rerun-changed to make it again")
             if rec and not why and (not train or target.exists()):
                 if rec.get("status") != "done":   # it finished after its record was written
                     record(out, cmd, rec["inputs"], rec.get("model"), "done")

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shlex
+import re
 import shutil
 import signal
 import subprocess
@@ -136,6 +137,11 @@ def mutate(out, data, name):
         mnist.write_synthetic_mnist(data / "mnist", n_train=60, n_test=4, size=8, seed=1)
     elif name == "adapter":
         (out / "rigsa" / "iter1.safetensors").write_bytes(b"another adapter")
+    elif name == "output edited":   # another task's result written over it by hand, or a file cut short
+        write_eval(out / "evals" / "base-mnist-0shot.json", "acc", 0.9, 0.01)
+    elif name == "output cut":
+        p = out / "evals" / "base-mnist-0shot.json"
+        p.write_bytes(p.read_bytes()[:20])
     elif name.startswith("no record"):
         P.record_path(out / ("evals/base-mnist-0shot.json" if "evaluation" in name else "rigsa")).unlink()
 
@@ -150,6 +156,8 @@ CHANGES = [
     ("test digits", [], "{out}/evals/base-mnist-0shot.json: made from other inputs than this command's "
      "(mnist/t10k-images-idx3-ubyte.gz: sha256 "),
     ("adapter", [], "{out}/evals/rigsa-iter1-piqa.json: made from other inputs than this command's (--adapter: sha256 "),
+    ("output edited", [], "{out}/evals/base-mnist-0shot.json: changed after this step made it: sha256 "),
+    ("output cut", [], "{out}/evals/base-mnist-0shot.json: changed after this step made it: sha256 "),
     ("no record: evaluation", [], "{out}/evals/base-mnist-0shot.json: no record of the inputs that made it "
      "(base-mnist-0shot.inputs.json is missing"),
     ("no record: run", [], "{out}/rigsa: no record of the inputs that made it (rigsa.inputs.json is missing"),
@@ -234,6 +242,10 @@ def test_tables_name_the_machine_and_a_mix_of_machines(tmp_path):
         P.write_record(tmp_path / name, ["python", "rigsa.py"], {"base model": {"fingerprint": "f1"}, "--limit": 2},
                        "M", "done")
     line = next(x for x in P.made_by(tmp_path) if x.startswith("- trainings"))
+    for odd in ({"machine": 3}, {"machine": ["x"]}, {"machine": "cpu: A", "resumed_on": 5},
+                {"machine": "cpu: A", "resumed_on": [{"machine": 3}, "x"]}):   # hand-edited: read what can be read
+        (tmp_path / "odd.json").write_text(json.dumps(odd))
+        assert P.machine(tmp_path / "odd.json") == (None if "resumed_on" not in odd else "cpu: A")
     assert line.endswith("on cpu: A CPU (AMX); 1 from `M` (fingerprint f1), --limit 2, no --steps (the paper's epochs), on cpu: A CPU (AMX) and cuda: A GPU") and line.startswith("- trainings: **mixed**: "), line
 
 
@@ -429,3 +441,15 @@ def test_plan_on_torchrun(tmp_path):
     cmds = [c for _, c in P.plan(args(tmp_path, [P.DEFAULT_SEED], nproc=2))]
     assert all(c[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"] for c in cmds)
     assert any("rigsa.py" in c and "train" in c for c in cmds) and any("evals/run.py" in c for c in cmds)
+
+
+@pytest.mark.parametrize("content", ['{"metrics": {"acc": 0.5', "[1]", '{"task": "piqa"}', '{"metrics": {"acc": "0.5"}}',
+                                     '{"metrics": [1]}', b"\xff\xfe"])
+def test_a_damaged_evaluation_is_never_a_blank_cell(tmp_path, content):
+    # a cut or edited results file was read as "no result" ("-" in TABLES.md); now one line names it
+    p = tmp_path / "base-piqa.json"
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=f"^{re.escape(str(p))}: .*; delete it, and run reproduce.py again"):
+        P.read(p, "acc")
+    p.write_text('{"metrics": {"acc": 0.5, "acc_stderr": 0.1}}')
+    assert P.read(p, "acc") == (0.5, 0.1) and P.read(p, "acc_norm") is None and P.read(tmp_path / "none", "acc") is None

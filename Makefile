@@ -56,7 +56,7 @@ eval: .venv/.installed          ## evaluate MODEL (with ADAPTER if set) on TASK,
 	$(RUN) evals/run.py --task $(TASK) --model $(MODEL) $(if $(ADAPTER),--adapter $(ADAPTER))
 
 paper: .venv/.installed         ## from a fresh clone to the paper's tables and figures (PAPER/TABLES.md; days on one GPU)
-	$(PY) reproduce.py --model $(MODEL) --out $(PAPER) --nproc $(NPROC)
+	PYTHONPATH=$(if $(wildcard .plots/.installed),.plots,) $(PY) reproduce.py --model $(MODEL) --out $(PAPER) --nproc $(NPROC)
 
 plots: .venv/.installed .plots/.installed  ## TABLES.md and Figures 2-4 (PNG) from what PAPER holds
 	PYTHONPATH=.plots $(PY) reproduce.py --tables-only --out $(PAPER)

@@ -487,7 +487,7 @@ def fmt(c, n_seeds=1):
 def render(R, images=()):
     B, S, n = R["base"], SOURCE_TASKS, len(R["seeds"])
     picture = {f: ["", f"![Figure {f[6]}]({f})"] for f in images}  # figureN.png, drawn in this call
-    L = ["# The paper's tables, reproduced", ""] + R.get("made_by", []) + header(R["seeds"]) + [
+    L = [TITLE, ""] + R.get("made_by", []) + header(R["seeds"]) + [
          "## Table 2: Textual MNIST test accuracy of the base model (paper §4.2)", "",
          "| Variant | 0-shot | 5-shot |", "|---|---:|---:|"]
     for tag, name in (("base", "Full Precision"), ("base-nf4", "Quantized (4-bit)")):
@@ -582,7 +582,8 @@ def _save(fig, axes, out, name, title, seeds):
     handles = dict(sorted(handles.items(), key=lambda lh: not hasattr(lh[1], "has_yerr")))  # the series first
     if handles:  # one legend for all panels, under them
         fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=min(len(handles), 3), frameon=False)
-    util.atomic_write(Path(out) / name, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))   # no half PNG
+    util.atomic_write(Path(out) / name, lambda tmp: fig.savefig(tmp, dpi=110, format="png",   # no half PNG
+                                                                metadata={"Source": MARK}))
     return name
 
 
@@ -652,13 +653,44 @@ def figures(out, R):
     return written
 
 
+MARK = "rigsa reproduce.py"   # in the figures' PNG metadata: they are this script's to replace
+TITLE = "# The paper's tables, reproduced"
+FIGURES = ("figure2.png", "figure3.png", "figure4.png")
+
+
+def ours(p):
+    """Whether OUT's TABLES.md or figureN.png is this script's to replace: absent, TABLES.md with its
+    title, a PNG carrying MARK (or, from an older version, beside our TABLES.md)."""
+    p = Path(p)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(1 << 16)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    if p.name == "TABLES.md":
+        return head.startswith(TITLE.encode())
+    return MARK.encode() in head or (p.parent / "TABLES.md").is_file() and ours(p.parent / "TABLES.md")
+
+
 def tables(out, seeds=None):
     """Write OUT/TABLES.md and the figures from what exists; seeds: those of --seeds, default every
-    seed whose runs are in OUT. -> TABLES.md's text."""
+    seed whose runs are in OUT. A TABLES.md or figure there that is not ours is refused, not replaced;
+    figures that cannot be drawn (no matplotlib) are removed, not left to show other numbers.
+    -> TABLES.md's text."""
     out = Path(out)
+    if theirs := [n for n in ("TABLES.md", *FIGURES) if not ours(out / n)]:
+        raise ValueError(f"{out / theirs[0]}: exists and was not written by reproduce.py, so it is not replaced; "
+                         f"move it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     R = results(out, seeds or seeds_found(out))
-    text = render(R, figures(out, R))
+    drawn = figures(out, R)
+    if stale := [n for n in FIGURES if n not in drawn and (out / n).exists()]:   # drawn from earlier numbers
+        for n in stale:
+            (out / n).unlink()
+        print(f"plots: removed {', '.join(stale)}, drawn earlier from other numbers", file=sys.stderr)
+    text = render(R, drawn)
     util.atomic_write(out / "TABLES.md", lambda tmp: Path(tmp).write_text(text))
     return text
 
@@ -854,6 +886,8 @@ def parse_args(argv):
     except ValueError as e:
         ap.error(str(e))
     a.seeds = a.seeds_given or [DEFAULT_SEED]
+    if not a.out:   # abspath("") is the current folder: never a default by accident
+        ap.error("--out: empty; name the reproduction's folder")
     a.out = os.path.abspath(a.out)
     a.data_dir = a.data_dir and os.path.abspath(a.data_dir)
     if os.path.exists(a.model):

@@ -453,3 +453,33 @@ def test_a_damaged_evaluation_is_never_a_blank_cell(tmp_path, content):
         P.read(p, "acc")
     p.write_text('{"metrics": {"acc": 0.5, "acc_stderr": 0.1}}')
     assert P.read(p, "acc") == (0.5, 0.1) and P.read(p, "acc_norm") is None and P.read(tmp_path / "none", "acc") is None
+
+
+@pytest.mark.parametrize("theirs", ["TABLES.md", "figure2.png"])
+def test_a_users_tables_or_figures_are_never_replaced(tmp_path, theirs, capsys):
+    # --tables-only --out . in a folder of one's own replaced its TABLES.md and figure2.png
+    (tmp_path / theirs).write_text("my own")
+    with pytest.raises(SystemExit) as e:
+        P.main(["--tables-only", "--out", str(tmp_path)])
+    assert e.value.code == 1 and f"{tmp_path / theirs}: exists and was not written by reproduce.py" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == [theirs] and (tmp_path / theirs).read_text() == "my own"
+    with pytest.raises(SystemExit) as e:
+        P.parse_args(["--tables-only", "--out", ""])   # abspath("") would be the current folder
+    assert e.value.code == 2 and "--out: empty" in capsys.readouterr().err
+
+
+def test_figures_that_cannot_be_drawn_again_do_not_stay(tmp_path, monkeypatch, capsys):
+    # drawn, then the numbers change where matplotlib is missing: the old figures would show other numbers
+    write_eval(tmp_path / "evals" / "base-piqa.json", "acc", 0.754, 0.01)
+    pytest.importorskip("matplotlib")
+    P.tables(tmp_path)
+    assert all(P.ours(tmp_path / n) and (tmp_path / n).exists() for n in P.FIGURES)
+    (tmp_path / "solo").mkdir()   # without our TABLES.md beside it, a figure is ours by its mark alone
+    shutil.copy(tmp_path / "figure2.png", tmp_path / "solo" / "figure2.png")
+    (tmp_path / "solo" / "figure3.png").write_bytes(b"\x89PNG someone else's")
+    assert P.ours(tmp_path / "solo" / "figure2.png") and not P.ours(tmp_path / "solo" / "figure3.png")
+    (tmp_path / "figure3.png").write_bytes(b"\x89PNG an older version's, no mark")   # beside our TABLES.md: ours
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    P.tables(tmp_path)
+    assert not any((tmp_path / n).exists() for n in P.FIGURES)
+    assert "plots: removed figure2.png, figure3.png, figure4.png, drawn earlier" in capsys.readouterr().err

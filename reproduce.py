@@ -19,7 +19,7 @@ evaluation only if its file is unchanged since; an output made from other inputs
 record (by hand, or an older reproduce.py), is refused in one line naming the first difference:
 choose another --out, or pass --rerun-changed to redo the changed steps (an evaluation is run
 again; a training run this script recorded is deleted and trained again; one without a record is
-never deleted). So an interrupted reproduction (Ctrl-C, SIGTERM: exit 130 or 143, with the command
+never deleted). One reproduce.py writes an OUT at a time (OUT/LOCK). So an interrupted reproduction (Ctrl-C, SIGTERM: exit 130 or 143, with the command
 that continues) continues exactly where it stopped, from any working directory: a half-trained run
 with `rigsa.py train --resume`. Relative paths are the caller's; the steps run in the repository.
 TABLES.md's header says what made its numbers: per group of steps the base model, --limit, --steps
@@ -46,6 +46,7 @@ Written to OUT/ (the interval of each cell is defined in TABLES.md's header):
                 extra (pip install -r requirements-plots.txt); without it only the tables
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -895,6 +896,24 @@ def parse_args(argv):
     return a
 
 
+@contextlib.contextmanager
+def held(a):
+    """OUT/LOCK (util.lock_dir) while the steps and the tables write OUT; none for a dry run. An OUT made
+    here and left empty (a refusal before any step) is removed again."""
+    if a.dry_run:
+        yield
+        return
+    out = Path(a.out)
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with util.lock_dir(out, "reproduce.py"):
+            yield
+    finally:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     again = shlex.join([interrupts.python_cmd(), script()] + argv)  # pasteable where it was typed
@@ -907,10 +926,11 @@ def main(argv=None):
             old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         except ValueError:  # not the main thread: signals stay as they are
             pass
-        if not a.tables_only:
-            run_steps(a, again)
-        if not a.dry_run:
-            print(tables(a.out, a.seeds_given))
+        with held(a):   # one reproduce.py per OUT: two would each take the other's outputs as their own
+            if not a.tables_only:
+                run_steps(a, again)
+            if not a.dry_run:
+                print(tables(a.out, a.seeds_given))
     except Stopped:
         print(stopped_line(again), file=sys.stderr)
         sys.exit(128 + SIG["sig"])

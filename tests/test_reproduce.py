@@ -483,3 +483,23 @@ def test_figures_that_cannot_be_drawn_again_do_not_stay(tmp_path, monkeypatch, c
     P.tables(tmp_path)
     assert not any((tmp_path / n).exists() for n in P.FIGURES)
     assert "plots: removed figure2.png, figure3.png, figure4.png, drawn earlier" in capsys.readouterr().err
+
+
+def test_two_reproductions_of_one_out_do_not_run_at_once(tmp_path, capsys):
+    # each would take the other's outputs for its own (TABLES.md mixed another --limit's cells, silently)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, time; from lib import util\nwith util.lock_dir(sys.argv[1], 'reproduce.py'):\n"
+            "    print('held', flush=True); time.sleep(60)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=repo, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as e:
+            P.main(["--tables-only", "--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and f"another reproduce.py (pid {p.pid}) is writing this run" in err, err
+        assert sorted(x.name for x in tmp_path.iterdir()) == ["LOCK"]   # nothing written
+    finally:
+        p.kill()
+        p.wait()
+    P.main(["--tables-only", "--out", str(tmp_path / "new")])   # a folder made for the tables, its LOCK gone after
+    assert sorted(x.name for x in (tmp_path / "new").iterdir() if x.suffix != ".png") == ["TABLES.md"]

@@ -339,11 +339,21 @@ def run_metrics(run):
     """Per-iteration test accuracy, density and trainable count from a run's metrics.jsonl."""
     rows = {}
     p = Path(run) / "metrics.jsonl"
-    if p.exists():
-        for line in p.read_text().splitlines():
+    if not p.exists():
+        return rows
+    lines = p.read_text(errors="replace").splitlines()
+    for i, line in enumerate(lines, 1):
+        try:
             r = json.loads(line)
-            if r.get("event") == "iteration":
-                rows[r["iter"]] = r
+        except ValueError:
+            if i == len(lines):   # a last line cut by a kill mid-write: the run's --resume drops it too
+                break
+            r = None
+        if not isinstance(r, dict) or r.get("event") == "iteration" and not isinstance(r.get("iter"), int):
+            raise ValueError(f"{p}: line {i} is not a metrics record of rigsa.py train; the run's log is damaged: "
+                             f"train it again (--rerun-changed after moving it), or mend the line")
+        if r.get("event") == "iteration":
+            rows[r["iter"]] = r
     return rows
 
 
@@ -352,8 +362,9 @@ def test_images(run):
     capped by the test split's size in its data root's IDX header (10,000 if unreadable)."""
     try:
         cfg = json.loads((Path(run) / "config.json").read_text())["config"]
-    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+    except (FileNotFoundError, KeyError, TypeError, ValueError):   # ValueError: not JSON; TypeError: not an object
         cfg = {}
+    cfg = cfg if isinstance(cfg, dict) else {}
     try:
         labels = Path(mnist.mnist_dir(REPO / cfg.get("data_dir", "data"))) / "t10k-labels-idx1-ubyte.gz"
         n = len(mnist.read_idx(labels, 2049))

@@ -503,3 +503,18 @@ def test_two_reproductions_of_one_out_do_not_run_at_once(tmp_path, capsys):
         p.wait()
     P.main(["--tables-only", "--out", str(tmp_path / "new")])   # a folder made for the tables, its LOCK gone after
     assert sorted(x.name for x in (tmp_path / "new").iterdir() if x.suffix != ".png") == ["TABLES.md"]
+
+
+@pytest.mark.parametrize("line,ok", [('[1]', False), ('{"event": "iteration", "iter": "1"}', False), ("oops", False),
+                                     ('{"event": "iterat', True)])   # the last: cut mid-write, dropped as --resume does
+def test_a_damaged_metrics_line_is_one_line_naming_it(tmp_path, line, ok):
+    run = tmp_path / "rigsa"
+    write_run(tmp_path, "rigsa", [{"iter": 1, "test_acc": 0.9, "density": 1.0, "trainable": 5}])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(line + ("" if ok else "\n" + '{"event": "step"}\n'))
+    (run / "config.json").write_text('{"config": [1]}')   # a config that is not an object: the default test size, no traceback
+    if ok:
+        assert P.run_metrics(run)[1]["test_acc"] == 0.9 and P.test_images(run) == 10000
+    else:
+        with pytest.raises(ValueError, match=f"^{re.escape(str(run / 'metrics.jsonl'))}: line 2 is not a metrics record"):
+            P.run_metrics(run)

@@ -900,6 +900,12 @@ def parse_args(argv):
     a.seeds = a.seeds_given or [DEFAULT_SEED]
     if not a.out:   # abspath("") is the current folder: never a default by accident
         ap.error("--out: empty; name the reproduction's folder")
+    up = os.path.abspath(a.out)
+    while not os.path.exists(up):
+        up = os.path.dirname(up)
+    if not os.path.isdir(up):   # before the data checks, and for --dry-run too
+        ap.error(f"--out {a.out}: {'is' if up == os.path.abspath(a.out) else 'is under'} a file, not a folder; "
+                 f"choose another --out")
     a.out = os.path.abspath(a.out)
     a.data_dir = a.data_dir and os.path.abspath(a.data_dir)
     if os.path.exists(a.model):

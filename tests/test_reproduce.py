@@ -466,6 +466,11 @@ def test_a_users_tables_or_figures_are_never_replaced(tmp_path, theirs, capsys):
     with pytest.raises(SystemExit) as e:
         P.parse_args(["--tables-only", "--out", ""])   # abspath("") would be the current folder
     assert e.value.code == 2 and "--out: empty" in capsys.readouterr().err
+    (tmp_path / "f").write_text("a file")
+    for out, said in ((tmp_path / "f", "is a file"), (tmp_path / "f" / "sub", "is under a file")):
+        with pytest.raises(SystemExit) as e:
+            P.parse_args(["--dry-run", "--out", str(out)])
+        assert e.value.code == 2 and f"--out {out}: {said}, not a folder" in capsys.readouterr().err
 
 
 def test_figures_that_cannot_be_drawn_again_do_not_stay(tmp_path, monkeypatch, capsys):

@@ -894,7 +894,7 @@ def main(argv=None):
     ap = util.ArgumentParser(prog="model.py", description="Chat with a SmolLM2 checkpoint (one user message, greedy).")
     ap.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local directory (default {DEFAULT_MODEL})")
     ap.add_argument("--prompt", required=True, help="the user message")
-    ap.add_argument("--system", default=None, help="system prompt (default: the model's own default)")
+    ap.add_argument("--system", default=None, help="system prompt (default: the model's own default; \"\" an empty one)")
     ap.add_argument("--max-new-tokens", type=util.number(int, 1), default=256,
                     help="default 256; at most what the model's positions leave beside the prompt (clamped, with a note)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
@@ -922,7 +922,7 @@ def chat(a):
     """model.py's one message: load, clamp --max-new-tokens to the model's positions, generate."""
     device = util.pick_device(a.device)
     model, tok = load(a.model, device, util.auto_dtype(a.dtype, device)[0], a.revision, a.verify_model)
-    msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
+    msgs = ([{"role": "system", "content": a.system}] if a.system is not None else []) + [{"role": "user", "content": a.prompt}]
     text, P = tok.chat(msgs), model.config.max_position_embeddings
     n = len(tok.encode(text))
     if n >= P:

@@ -382,3 +382,17 @@ def test_the_base_fingerprint_covers_every_file_the_loaders_read(tmp_path, monke
         shutil.copytree(d, c)
         (c / name).write_bytes(((c / name).read_bytes() if (c / name).exists() else b"") + b" ")
         assert M.base_identity(c)["fingerprint"] != before, name
+
+
+@pytest.mark.parametrize("system,want", [("", "<|im_start|>system\n<|im_end|>\n"), (None, f"<|im_start|>system\n{M.DEFAULT_SYSTEM}")])
+def test_chat_sends_the_system_prompt_asked_for(tiny_dir, monkeypatch, system, want):
+    # --system "" is an empty system message (as transformers renders it), not the model's default
+    seen = []
+
+    def fake(model, tok, texts, new, stats, **kw):
+        seen.extend(texts)
+        stats.update(new_tokens=0, tokens_per_s=0.0)
+        return [""]
+    monkeypatch.setattr(M, "generate", fake)
+    M.main(["--model", str(tiny_dir), "--prompt", "hi", "--device", "cpu"] + (["--system", system] if system is not None else []))
+    assert seen[0].startswith(want), seen

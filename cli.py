@@ -53,10 +53,12 @@ def load_adapter(model, path, base=None, allow_other_base=False):
     return cfg, verdict
 
 
-def check_recorded_base(cfg, adapter):
-    """An adapter's recorded base (`cfg`: its run's config) is a hub id (a commit was recorded) or a
-    local folder as the run named it: a relative one that is not there from here is one line saying so."""
-    if not cfg.revision and not os.path.isdir(cfg.model):
+def check_recorded_base(cfg, base, adapter):
+    """An adapter's recorded base (`cfg`: its run's config; `base`: its base record, whose commit is
+    None for a local folder, a hub snapshot's sha else) is a hub id or a local folder as the run named
+    it: a folder that is not there from here (a relative path, from another folder) is one line saying
+    so. An older record without a commit says nothing either way: model.resolve decides, as before."""
+    if isinstance(base, dict) and "commit" in base and base["commit"] is None and not os.path.isdir(cfg.model):
         raise ValueError(f"--adapter {adapter}: its base is recorded as the local folder {cfg.model}"
                          + (", relative to where it was trained," if not os.path.isabs(cfg.model) else "")
                          + " which is not there from here; pass --model with its path")
@@ -79,7 +81,7 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
         raise FileExistsError(f"--out {out}: is {what}; name a new folder (or an empty one)")
     name = base or cfg.model
     if not base:
-        check_recorded_base(cfg, adapter)
+        check_recorded_base(cfg, meta.get("base"), adapter)
     if revision and os.path.isdir(name) and not M.hub_commit(name):   # as train and evals/run.py refuse it
         raise ValueError(f"--revision {revision}: the model {name} is a local directory, which has no revisions "
                          f"(its files are used as they are); drop --revision")

@@ -523,9 +523,6 @@ def load_prequantized(state_dict, model, compute_dtype=None, device=None):
         if k not in sd and k.rsplit(".", 1)[0] not in quant and not (tied and k == "lm_head.weight"):
             raise ValueError(f"load_prequantized: tensor '{k}' missing from the checkpoint")
     for k, v in sd.items():
-        if not v.is_floating_point() or v.dtype == torch.float64:   # float64 would be rounded on the way in
-            raise ValueError(f"load_lora: tensor '{k}' is {str(v.dtype).removeprefix('torch.')}, not a float of 32 bits "
-                             f"or fewer (rigsa writes float32)")
         if v.shape != own[k].shape:
             raise ValueError(f"load_prequantized: tensor '{k}' has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
     if any(p.is_meta for p in model.parameters()):    # embeddings and norms, straight into place

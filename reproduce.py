@@ -686,22 +686,28 @@ def ours(p):
     return MARK.encode() in head or (p.parent / "TABLES.md").is_file() and ours(p.parent / "TABLES.md")
 
 
+def check_tables(out):
+    """OUT's TABLES.md and figures are this script's to replace (ours), else a ValueError naming one."""
+    if theirs := [n for n in ("TABLES.md", *FIGURES) if not ours(Path(out) / n)]:
+        raise ValueError(f"{Path(out) / theirs[0]}: exists and was not written by reproduce.py, so it is not replaced; "
+                         f"move it, or choose another --out")
+
+
 def tables(out, seeds=None):
     """Write OUT/TABLES.md and the figures from what exists; seeds: those of --seeds, default every
     seed whose runs are in OUT. A TABLES.md or figure there that is not ours is refused, not replaced;
     figures that cannot be drawn (no matplotlib) are removed, not left to show other numbers.
     -> TABLES.md's text."""
     out = Path(out)
-    if theirs := [n for n in ("TABLES.md", *FIGURES) if not ours(out / n)]:
-        raise ValueError(f"{out / theirs[0]}: exists and was not written by reproduce.py, so it is not replaced; "
-                         f"move it, or choose another --out")
+    check_tables(out)
     out.mkdir(parents=True, exist_ok=True)
     R = results(out, seeds or seeds_found(out))
     drawn = figures(out, R)
     if stale := [n for n in FIGURES if n not in drawn and (out / n).exists()]:   # drawn from earlier numbers
         for n in stale:
             (out / n).unlink()
-        print(f"plots: removed {', '.join(stale)}, drawn earlier from other numbers", file=sys.stderr)
+        print(f"plots: removed {', '.join(stale)}: drawn earlier, and not drawn again from these numbers "
+              f"(no matplotlib here), so they could show others", file=sys.stderr)
     text = render(R, drawn)
     util.atomic_write(out / "TABLES.md", lambda tmp: Path(tmp).write_text(text))
     return text
@@ -915,9 +921,10 @@ def parse_args(argv):
 
 @contextlib.contextmanager
 def held(a):
-    """OUT/LOCK (util.lock_dir) while the steps and the tables write OUT; none for a dry run. An OUT made
-    here and left empty (a refusal before any step) is removed again."""
-    if a.dry_run:
+    """OUT/LOCK (util.lock_dir) while the steps and the tables write OUT; none for --dry-run or
+    --tables-only (make plots during make paper). An OUT made here and left empty (a refusal before any
+    step) is removed again."""
+    if a.dry_run or a.tables_only:   # the tables only read OUT's outputs (and TABLES.md is written whole)
         yield
         return
     out = Path(a.out)
@@ -943,6 +950,7 @@ def main(argv=None):
             old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         except ValueError:  # not the main thread: signals stay as they are
             pass
+        check_tables(a.out)   # before days of steps, not after them
         with held(a):   # one reproduce.py per OUT: two would each take the other's outputs as their own
             if not a.tables_only:
                 run_steps(a, again)

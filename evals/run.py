@@ -592,12 +592,12 @@ def load_data(task, args):
     return data
 
 
-def base_model(args, acfg):
+def base_model(args, acfg, ameta=None):
     """--model, else the adapter's recorded base, else the default; --revision, else the adapter's
     recorded revision when the base is the one it was trained on."""
     name = args.model or (acfg.model if acfg else M.DEFAULT_MODEL)
     if not args.model and acfg is not None:
-        cli.check_recorded_base(acfg, args.adapter)
+        cli.check_recorded_base(acfg, (ameta or {}).get("base"), args.adapter)
     revision = args.revision
     if revision and os.path.isdir(name) and not M.hub_commit(name):   # as rigsa.py train refuses it
         raise ValueError(f"--revision {revision}: the model {name} is a local directory, which has no revisions "
@@ -612,7 +612,8 @@ def install_adapter(model, spec, base, check=None):
         cli.load_adapter(model, spec)  # in memory only: nothing is merged on disk (the base was checked before)
     except (ValueError, RuntimeError) as e:  # another base's adapter: layer names, shapes or dW0 differ
         why = " ".join(str(e).split())
-        if check == "same":   # the base is the one it was trained on: the file itself is damaged or edited
+        if check == "same" and "regenerate identically" not in why:   # its own base: the file is damaged or edited
+            # (dW0 that this platform's generator draws otherwise is no fault of the file: said as it is)
             raise ValueError(f"--adapter {spec}: does not fit the base model {base}, the very one it was trained on "
                              f"({why}); the file is damaged or edited: use the one its run wrote") from None
         raise ValueError(f"--adapter {spec}: does not fit the base model {base} ({why}); evaluate it on the model "
@@ -680,7 +681,7 @@ def evaluate(args):
     if args.quantize and acfg is not None and not rigsa.METHODS[acfg.method]["nf4"]:   # it would land in no layer, or another kind
         raise ValueError(f"--quantize {args.quantize}: --adapter {args.adapter} is a {acfg.method} adapter of the "
                          f"unquantized base; drop --quantize (only a qlora adapter sits on the 4-bit base)")
-    name, revision = base_model(args, acfg)
+    name, revision = base_model(args, acfg, ameta)
     if args.output_path:
         check_lm_eval_layout(args, name)
     data, failed = {}, []

@@ -350,11 +350,14 @@ def test_an_adapters_relative_base_not_there_from_here_is_said(tmp_path, monkeyp
     # a run trained with --model runs/x records runs/x; from another folder that names nothing (a hub id has a commit)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "here").mkdir()
+    local, hub = {"commit": None, "fingerprint": "f"}, {"commit": "a" * 40, "fingerprint": "f"}
     with pytest.raises(ValueError, match=r"^--adapter R/iter1: its base is recorded as the local folder runs/x, relative "
                                          r"to where it was trained, which is not there from here; pass --model"):
-        cli.check_recorded_base(rigsa.Config(model="runs/x"), "R/iter1")
-    cli.check_recorded_base(rigsa.Config(model="org/name", revision="a" * 40), "R/iter1")   # a hub id
-    cli.check_recorded_base(rigsa.Config(model="here"), "R/iter1")                          # there from here
+        cli.check_recorded_base(rigsa.Config(model="runs/x"), local, "R/iter1")
+    cli.check_recorded_base(rigsa.Config(model="org/name", revision="a" * 40), hub, "R/iter1")   # a hub id
+    cli.check_recorded_base(rigsa.Config(model="org/name"), hub, "R/iter1")   # older: no revision in its config
+    cli.check_recorded_base(rigsa.Config(model="org/name"), None, "R/iter1")  # older still: no base record
+    cli.check_recorded_base(rigsa.Config(model="here"), local, "R/iter1")     # there from here
 
 
 def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(world, tmp_path, capsys):
@@ -574,3 +577,15 @@ def test_a_demo_stopped_by_a_signal_ends_as_a_training_does(tmp_path, monkeypatc
     monkeypatch.setattr(rigsa, "train", lambda cfg: rundir.STOP.append(signal.SIGTERM) or None)
     code, out, err = run_main(rigsa.main, ["demo", "--out", str(tmp_path / "d")], capsys)
     assert code == 143 and "demo done" not in out and not (tmp_path / "d" / "LOCK").exists()
+
+
+@pytest.mark.parametrize("why,damaged", [("layer L has 5 dW values for a mask of 6 free entries", True),
+                                         ("dW0 of L does not regenerate identically on this platform", False)])
+def test_an_adapter_that_does_not_fit_its_own_base_is_called_what_it_is(monkeypatch, why, damaged):
+    # on the base it was trained on, a file that does not fit is damaged, unless this platform draws dW0 otherwise
+    def load(model, spec):
+        raise ValueError(why)
+    monkeypatch.setattr(cli, "load_adapter", load)
+    with pytest.raises(ValueError) as e:
+        evals_run.install_adapter(None, "R/iter1", "B", "same")
+    assert ("the file is damaged or edited" in str(e.value)) == damaged and why in str(e.value), e.value

@@ -456,12 +456,16 @@ def test_a_damaged_evaluation_is_never_a_blank_cell(tmp_path, content):
 
 
 @pytest.mark.parametrize("theirs", ["TABLES.md", "figure2.png"])
-def test_a_users_tables_or_figures_are_never_replaced(tmp_path, theirs, capsys):
-    # --tables-only --out . in a folder of one's own replaced its TABLES.md and figure2.png
+def test_a_users_tables_or_figures_are_never_replaced(tmp_path, theirs, capsys, monkeypatch):
+    # --tables-only --out . in a folder of one's own replaced its TABLES.md and figure2.png; a full run or a dry
+    # run says so before its first step, not after days of them
     (tmp_path / theirs).write_text("my own")
-    with pytest.raises(SystemExit) as e:
-        P.main(["--tables-only", "--out", str(tmp_path)])
-    assert e.value.code == 1 and f"{tmp_path / theirs}: exists and was not written by reproduce.py" in capsys.readouterr().err
+    monkeypatch.setattr(P, "run_steps", lambda *a: pytest.fail("a step ran before the check"))
+    for more in (["--tables-only"], [], ["--dry-run"]):
+        with pytest.raises(SystemExit) as e:
+            P.main(more + ["--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and f"{tmp_path / theirs}: exists and was not written by reproduce.py" in err, err
     assert [p.name for p in tmp_path.iterdir()] == [theirs] and (tmp_path / theirs).read_text() == "my own"
     with pytest.raises(SystemExit) as e:
         P.parse_args(["--tables-only", "--out", ""])   # abspath("") would be the current folder
@@ -487,10 +491,10 @@ def test_figures_that_cannot_be_drawn_again_do_not_stay(tmp_path, monkeypatch, c
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     P.tables(tmp_path)
     assert not any((tmp_path / n).exists() for n in P.FIGURES)
-    assert "plots: removed figure2.png, figure3.png, figure4.png, drawn earlier" in capsys.readouterr().err
+    assert "plots: removed figure2.png, figure3.png, figure4.png: drawn earlier, and not drawn again" in capsys.readouterr().err
 
 
-def test_two_reproductions_of_one_out_do_not_run_at_once(tmp_path, capsys):
+def test_two_reproductions_of_one_out_do_not_run_at_once(tmp_path, capsys, monkeypatch):
     # each would take the other's outputs for its own (TABLES.md mixed another --limit's cells, silently)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import sys, time; from lib import util\nwith util.lock_dir(sys.argv[1], 'reproduce.py'):\n"
@@ -498,11 +502,13 @@ def test_two_reproductions_of_one_out_do_not_run_at_once(tmp_path, capsys):
     p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=repo, stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "held"
+        monkeypatch.setattr(P, "run_steps", lambda *a: pytest.fail("a step ran beside the other reproduce.py"))
         with pytest.raises(SystemExit) as e:
-            P.main(["--tables-only", "--out", str(tmp_path)])
+            P.main(["--out", str(tmp_path)])
         err = capsys.readouterr().err
         assert e.value.code == 1 and f"another reproduce.py (pid {p.pid}) is writing this run" in err, err
         assert sorted(x.name for x in tmp_path.iterdir()) == ["LOCK"]   # nothing written
+        P.main(["--tables-only", "--out", str(tmp_path)])   # a look at the tables meanwhile (make plots) is fine
     finally:
         p.kill()
         p.wait()

@@ -19,7 +19,7 @@ evaluation only if its file is unchanged since; an output made from other inputs
 record (by hand, or an older reproduce.py), is refused in one line naming the first difference:
 choose another --out, or pass --rerun-changed to redo the changed steps (an evaluation is run
 again; a training run this script recorded is deleted and trained again; one without a record is
-never deleted). One reproduce.py writes an OUT at a time (OUT/LOCK). So an interrupted reproduction (Ctrl-C, SIGTERM: exit 130 or 143, with the command
+never deleted). One reproduce.py runs an OUT's steps at a time (OUT/LOCK). So an interrupted reproduction (Ctrl-C, SIGTERM: exit 130 or 143, with the command
 that continues) continues exactly where it stopped, from any working directory: a half-trained run
 with `rigsa.py train --resume`. Relative paths are the caller's; the steps run in the repository.
 TABLES.md's header says what made its numbers: per group of steps the base model, --limit, --steps

@@ -470,6 +470,9 @@ def test_a_users_tables_or_figures_are_never_replaced(tmp_path, theirs, capsys, 
     with pytest.raises(SystemExit) as e:
         P.parse_args(["--tables-only", "--out", ""])   # abspath("") would be the current folder
     assert e.value.code == 2 and "--out: empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        P.parse_args(["--dry-run", "--model", str(tmp_path), "--revision", "main", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "--revision main: the model" in capsys.readouterr().err
     (tmp_path / "f").write_text("a file")
     for out, said in ((tmp_path / "f", "is a file"), (tmp_path / "f" / "sub", "is under a file")):
         with pytest.raises(SystemExit) as e:

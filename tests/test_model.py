@@ -377,6 +377,7 @@ def test_the_base_fingerprint_covers_every_file_the_loaders_read(tmp_path, monke
     monkeypatch.undo()
     read = {os.path.basename(n) for n in read if os.path.dirname(n) == str(tmp_path / "j")}
     assert "chat_template.jinja" in read and {n for n in read if not n.endswith(".safetensors")} <= set(M.READ_FILES)
+    assert set(M.READ_FILES) <= set(M.HUB_FILES)   # each file read is also downloaded from the hub
     for name in M.READ_FILES:   # each one, added or changed, is another base
         c = tmp_path / name
         shutil.copytree(d, c)

@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -82,9 +81,7 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
     name = base or cfg.model
     if not base:
         check_recorded_base(cfg, meta.get("base"), adapter)
-    if revision and os.path.isdir(name) and not M.hub_commit(name):   # as train and evals/run.py refuse it
-        raise ValueError(f"--revision {revision}: the model {name} is a local directory, which has no revisions "
-                         f"(its files are used as they are); drop --revision")
+    M.check_revision(name, revision)   # as train and evals/run.py refuse it
     src = M.resolve(name, revision or (cfg.revision if not base or base == cfg.model else None) or None)
     if os.path.realpath(out).startswith(os.path.realpath(src).rstrip(os.sep) + os.sep):   # a model's folder is its own
         raise ValueError(f"--out {out}: is in the base model's directory {src}, which this merge reads; choose "
@@ -92,9 +89,8 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
     parent = out.absolute()
     while not parent.exists():
         parent = parent.parent
-    try:   # before the load: a file made and removed where the merge will write (os.access says yes to root)
-        with tempfile.TemporaryFile(dir=parent):
-            pass
+    try:   # before the load
+        util.check_writable(parent)
     except OSError as e:
         raise ValueError(f"--out {out}: cannot write in {parent} ({e.strerror}); choose another --out") from None
     ident = {"model": name, **M.base_identity(src)}

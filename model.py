@@ -492,6 +492,14 @@ def hub_commit(path):
     return p.name if ok else None
 
 
+def check_revision(name, revision):
+    """--revision with a local model directory (not a hub snapshot) is refused: it has no revisions,
+    and silently ignoring the flag would name a version the numbers did not come from."""
+    if revision and os.path.isdir(name) and not hub_commit(name):
+        raise ValueError(f"--revision {revision}: the model {name} is a local directory, which has no revisions "
+                         f"(its files are used as they are); drop --revision")
+
+
 def base_identity(path, chunks=16, chunk_bytes=1 << 16):
     """A resolved checkpoint directory's identity, {"commit": hub commit or None, "fingerprint": 16
     hex}: sha256 over its config and tokenizer files, and each weight file's name, size and `chunks`

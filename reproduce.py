@@ -916,9 +916,10 @@ def parse_args(argv):
     a.data_dir = a.data_dir and os.path.abspath(a.data_dir)
     if os.path.exists(a.model):
         a.model = os.path.abspath(a.model)
-    if a.revision and os.path.isdir(a.model) and not M.hub_commit(a.model):   # as every step would refuse it, after
-        ap.error(f"--revision {a.revision}: the model {a.model} is a local directory, which has no revisions; drop "
-                 f"--revision")   # the data checks, with advice to run the same command again
+    try:   # as every step would refuse it, after the data checks, with advice to run the same command again
+        M.check_revision(a.model, a.revision)
+    except ValueError as e:
+        ap.error(str(e))
     return a
 
 

@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import hashlib
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -189,9 +188,7 @@ def check_config(cfg, given=None):
     if isinstance(cfg.keep, tuple) and len(cfg.keep) > n_iters(cfg) - 1:   # a value no pruning would use
         raise ValueError(f"--keep {','.join(map(str, cfg.keep))}: {len(cfg.keep)} values for the {n_iters(cfg) - 1} "
                          f"prunings of --iters {cfg.iters}; give at most {n_iters(cfg) - 1}")
-    if cfg.revision and os.path.isdir(cfg.model) and not M.hub_commit(cfg.model):
-        raise ValueError(f"--revision {cfg.revision}: --model {cfg.model} is a local directory, which has no "
-                         f"revisions; drop --revision")
+    M.check_revision(cfg.model, cfg.revision)
     util.pick_device(cfg.device)   # --device cuda without CUDA: said now, not after the data loaded
     return cfg
 

@@ -22,7 +22,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -540,10 +539,8 @@ def check_output(flag, path, folder, inputs=()):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise ValueError(f"{flag} {path}: {parent} is a file, not a directory; choose another path")
-    try:   # a file made and removed, not os.access: root passes that on a read-only or root-squashed mount
-        fd, probe = tempfile.mkstemp(prefix=".evals-probe.", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
+    try:
+        util.check_writable(parent)
     except OSError as e:
         raise ValueError(f"{flag} {path}: cannot write in {parent} ({e.strerror}); choose another path") from None
 
@@ -599,9 +596,7 @@ def base_model(args, acfg, ameta=None):
     if not args.model and acfg is not None:
         cli.check_recorded_base(acfg, (ameta or {}).get("base"), args.adapter)
     revision = args.revision
-    if revision and os.path.isdir(name) and not M.hub_commit(name):   # as rigsa.py train refuses it
-        raise ValueError(f"--revision {revision}: the model {name} is a local directory, which has no revisions "
-                         f"(its files are used as they are); drop --revision")
+    M.check_revision(name, revision)   # as rigsa.py train and merge refuse it
     if revision is None and acfg is not None and name == acfg.model:
         revision = acfg.revision or None
     return name, revision

@@ -265,8 +265,8 @@ def said_where(cfg, device, started, here, had):
     here = {**here, **({"threads": cfg.threads} if cpu else {})}
     then = {k: v for k, v in {**started, "threads": start}.items() if k in here and ok(k, v)}
     differ = [k for k in then if then[k] != here[k]]
-    earlier = [r for r in started.get("resumed_on") or [] if isinstance(r, dict)] \
-        if isinstance(started.get("resumed_on"), list) else []
+    on = started.get("resumed_on")
+    earlier = [r for r in on if isinstance(r, dict)] if isinstance(on, list) else []   # hand-edited: what can be read
     plural = lambda k, n: f"{n} {'process' if k == 'processes' else 'CPU thread'}{('es' if k == 'processes' else 's') * (n != 1)}"
     at = lambda d: ", ".join(plural(k, d[k]) if k in ("processes", "threads") else
                              f"torch {d[k]}" if k == "torch" else d[k] for k in differ)

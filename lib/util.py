@@ -69,6 +69,14 @@ def file_mode(folder=False):
     return (0o777 if folder else 0o666) & ~umask()
 
 
+def check_writable(folder):
+    """A file made in `folder` and removed at once; OSError if it cannot be. os.access is not asked: it
+    says yes to root on a read-only or root-squashed mount, where the real write fails after the work."""
+    fd, probe = tempfile.mkstemp(prefix=".rigsa-probe.", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+
+
 def atomic_write(path, write):
     """write(tmp) writes the file's content to a temporary path beside it (`.NAME.XXXXXXXX.tmp`, a name
     of its own, so that no file of the user's and no concurrent write of the same file is touched),

@@ -233,7 +233,7 @@ CASES = [
     ("rigsa", T("--method", "lora", "--lr", "2e-3"), 1, "--lr 0.002: --method lora does not use it"),
     ("rigsa", T("--micro-batch", "32"), 1, "--micro-batch 32: larger than the effective batch"),
     ("rigsa", T("--seed", str(2 ** 63 - 1)), 2, "--seed"),
-    ("rigsa", T("--model", "{m}", "--revision", "main"), 1, "--revision main: --model"),
+    ("rigsa", T("--model", "{m}", "--revision", "main"), 1, "--revision main: the model"),
     ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--val-frac", "0.01"), 1,
      "--val-frac 0.01 leaves the val split"),
     ("rigsa", T("--resume", "--out", "{w}/emptyresume"), 1, "resume.pt: not a resume checkpoint of rigsa.py train (it lacks"),

@@ -22,9 +22,10 @@ again; a training run this script recorded is deleted and trained again; one wit
 never deleted). One reproduce.py runs an OUT's steps at a time (OUT/LOCK). So an interrupted reproduction (Ctrl-C, SIGTERM: exit 130 or 143, with the command
 that continues) continues exactly where it stopped, from any working directory: a half-trained run
 with `rigsa.py train --resume`. Relative paths are the caller's; the steps run in the repository.
-TABLES.md's header says what made its numbers: per group of steps the base model, --limit, --steps
-and the machine each output records (torch's kernels there set the last bits), **mixed** where
-they differ. Before the first step, every data file the steps read is checked (its checksum, and its format as
+TABLES.md's header says what made its numbers: per group of steps the base model, --limit, --steps,
+the machine (torch's kernels there set the last bits) and the version of rigsa's code (its sources'
+sha256) each output records, **mixed** where they differ. The code is no input: outputs of another
+version (made before a git pull) are kept when their inputs match, and said in a note. Before the first step, every data file the steps read is checked (its checksum, and its format as
 the step reads it) and a missing one downloaded (with --offline, every missing one is named in one
 line), not found hours in by the step reading it.
 
@@ -423,22 +424,24 @@ def results(out, seeds):
 # TABLES.md
 
 
-def machine(path):
-    """The machine an output was made on (its torch kernels set the last bits), as recorded: a run's
-    config.json (and each other machine a resume ran on), an evaluation's JSON; None for an older version's."""
+def machine(path, key="machine"):
+    """The machine an output was made on (its torch kernels set the last bits), or with key "code" the
+    version of rigsa's code (util.code_version), as recorded: a run's config.json (and each other one a
+    resume ran on), an evaluation's JSON; None for an older version's."""
     try:
         d = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(d, dict) or not isinstance(d.get("machine"), str) or not d["machine"]:   # unrecorded
+    if not isinstance(d, dict) or not isinstance(d.get(key), str) or not d[key]:   # unrecorded
         return None
-    on = [r.get("machine") for r in d.get("resumed_on") if isinstance(r, dict)] if isinstance(d.get("resumed_on"), list) else []
-    return " and ".join(dict.fromkeys(m for m in [d["machine"], *on] if isinstance(m, str) and m))
+    on = [r.get(key) for r in d.get("resumed_on") if isinstance(r, dict)] if isinstance(d.get("resumed_on"), list) else []
+    return " and ".join(dict.fromkeys(m for m in [d[key], *on] if isinstance(m, str) and m))
 
 
 def made_by(out):
     """TABLES.md's lines naming what made its numbers, from the outputs' records: per group of steps
-    the base model, its identity, --limit and --steps, the machine, and the outputs that have no record."""
+    the base model, its identity, --limit and --steps, the machine, the code (util.code_version), and the
+    outputs that have no record."""
     out = Path(out)
     outputs = [("base-model evaluations" if p.name.startswith("base-") else "adapter evaluations", p)
                for p in sorted((out / "evals").glob("*.json")) if not p.name.endswith(".inputs.json")]
@@ -454,7 +457,8 @@ def made_by(out):
             + (f", --limit {i['--limit']}" if "--limit" in i else ", no --limit (all)") \
             + ((f", --steps {i['--steps']}" if "--steps" in i else ", no --steps (the paper's epochs)")
                if group == "trainings" else "") \
-            + (f", on {m}" if (m := machine(p / "config.json" if group == "trainings" else p)) else "")
+            + (f", on {m}" if (m := machine(p / "config.json" if group == "trainings" else p)) else "") \
+            + (f", rigsa's code {c}" if (c := machine(p / "config.json" if group == "trainings" else p, "code")) else "")
         groups.setdefault(group, {}).setdefault(what, 0)
         groups[group][what] += 1
     L = ["Made by (each output's record, `<output>.inputs.json`):"] if groups or unrecorded else []
@@ -813,6 +817,7 @@ def run_steps(a, again):
     env = {**os.environ, "RIGSA_QUIET_STOP": "1", **({"HF_HUB_OFFLINE": "1"} if a.offline else {})}  # offline:
     # also keeps huggingface-hub off the hub; quiet: a step stopped by a signal leaves the one line to reproduce.py
     AT["total"] = len(steps)
+    older = []   # outputs kept whose record names other code than this checkout's
     for i, (target, cmd) in enumerate(steps, 1):
         check_stop()
         AT.update(step=i, done=i - 1, output=None)
@@ -830,6 +835,8 @@ def run_steps(a, again):
             if rec and not why and (not train or target.exists()):
                 if rec.get("status") != "done":   # it finished after its record was written
                     record(out, cmd, rec["inputs"], rec.get("model"), "done")
+                if machine(out / "config.json" if train else out, "code") not in (None, util.code_version()):
+                    older.append(str(out))   # kept (code is no input), but said, and named in TABLES.md
                 continue
             if rec is None and (train or not a.rerun_changed):
                 raise ValueError(f"{out}: no record of the inputs that made it ({record_path(out).name} is missing: "
@@ -867,6 +874,11 @@ def run_steps(a, again):
             raise ValueError(f"step {i} of {len(steps)}: failed (exit {rc}); fix it, and continue with: {again}")
     check_stop()
     AT.update(done=len(steps), output=None)
+    if older:
+        print(f"note: {len(older)} of the outputs kept ({', '.join(older[:3])}{', ...' * (len(older) > 3)}) were made "
+              f"by another version of rigsa's code than this checkout's ({util.code_version()}, the sha256 of its sources); "
+              f"their inputs are this command's, so they are tabulated, and TABLES.md names each group's code; for "
+              f"numbers of this code alone, reproduce into another --out", file=sys.stderr, flush=True)
 
 
 def parse_args(argv):

@@ -317,8 +317,8 @@ def test_a_resume_on_another_machine_or_torch_is_said_and_recorded(tiny_dir, tmp
         assert rigsa.train(tiny_cfg(tiny_dir, tmp_path, steps=6, iters=1, halt_after=2)) is None
         assert rigsa.train(rigsa.Config(out=str(tmp_path / "run"), resume=True, halt_after=2)) is None
         assert "the run started on" not in capsys.readouterr().err   # the same machine: nothing to say
-        version = torch.__version__
-        for name in ("restart", "edited"):
+        version, code = torch.__version__, util.code_version()
+        for name in ("restart", "edited", "pulled"):
             shutil.copytree(tmp_path / "run", tmp_path / name)
         (tmp_path / "restart" / "resume.pt").unlink()   # killed before its first resume checkpoint
         c = json.loads((tmp_path / "edited" / "config.json").read_text())
@@ -333,7 +333,8 @@ def test_a_resume_on_another_machine_or_torch_is_said_and_recorded(tiny_dir, tmp
             saved = json.loads((tmp_path / "run" / "config.json").read_text())
             assert saved["machine"] == here and saved["torch"] == version   # where it started, not the resuming one's
             assert saved["resumed_on"] == [{"torch": "9.9.9", "machine": "cpu: Another CPU (AMX)", "processes": 1,
-                                            "threads": 1}]
+                                            "code": code, "threads": 1}]
+            assert saved["code"] == code and saved["git_commit"] == util.git_commit()
             rigsa.train(rigsa.Config(out=str(tmp_path / "restart"), resume=True))   # from step 1: a new start there
             assert "the run started on" not in capsys.readouterr().err
             saved = json.loads((tmp_path / "restart" / "config.json").read_text())
@@ -342,6 +343,16 @@ def test_a_resume_on_another_machine_or_torch_is_said_and_recorded(tiny_dir, tmp
             err = capsys.readouterr().err
             assert "this resume runs on torch 9.9.9, cpu: Another CPU (AMX);" in err and "process" not in err, err
             assert json.loads((tmp_path / "edited" / "config.json").read_text())["resumed_on"][0]["torch"] == "9.9.9"
+        with monkeypatch.context() as m:   # a git pull between the halt and the resume: said, recorded, no promise
+            m.setattr(util, "code_version", lambda: "0123456789ab")
+            m.setattr(util, "git_commit", lambda: "a later commit")
+            rigsa.train(rigsa.Config(out=str(tmp_path / "pulled"), resume=True, halt_after=1))
+            assert (f"note: --resume: the run started on rigsa's code {code}; this resume runs on rigsa's code "
+                    f"0123456789ab; so its steps from here may differ from an uninterrupted run's (rigsa's code changed"
+                    ) in capsys.readouterr().err
+            saved = json.loads((tmp_path / "pulled" / "config.json").read_text())
+            assert saved["code"] == code and saved["git_commit"] != "a later commit"   # where it started
+            assert saved["resumed_on"] == [{**saved["resumed_on"][0], "code": "0123456789ab"}]
         torch.set_num_threads(2)   # back on the first machine, at another count: no promise now
         rigsa.train(rigsa.Config(out=str(tmp_path / "run"), resume=True))
     err = capsys.readouterr().err

@@ -238,12 +238,13 @@ def start(cfg, device, mask_like=None, resumes=False):
     ident = {"model": cfg.model, **M.base_identity(base)}   # recorded in config.json and every adapter
     started, checks = check_bases(cfg, ident, mask_like)
     started.setdefault("dtype_choice", why)   # a resumed run keeps why its dtype is what it is
-    here = {"torch": torch.__version__, "machine": util.machine(device), "processes": util.world()[1]}
+    here = {"torch": torch.__version__, "machine": util.machine(device), "processes": util.world()[1],
+            "code": util.code_version()}
     if cfg.resume and resumes:
         said_where(cfg, device, started, here, had)
     else:   # config.json keeps where the run started (null: an older version's, not recorded); a resume
-        started.update(here, threads=cfg.threads)   # without resume.pt starts it again from its first step
-        started.pop("resumed_on", None)
+        started.update(here, threads=cfg.threads, git_commit=util.git_commit())   # without resume.pt starts it
+        started.pop("resumed_on", None)                                            # again from its first step
     util.say("config:", json.dumps(dataclasses.asdict(cfg)))
     util.say(f"dtype: {cfg.dtype} ({why.removeprefix('auto: ')})" + ("; a CPU without native bfloat16 emulates it, slowly"
              if dtype == torch.bfloat16 and not util.native_bf16(device) else "; weights only: no autocast, no loss "
@@ -253,11 +254,12 @@ def start(cfg, device, mask_like=None, resumes=False):
 
 def said_where(cfg, device, started, here, had):
     """--resume from a resume.pt: what the run's last bits depend on beyond its config and data
-    (torch's kernels, the machine, the number of processes and, in a CPU run, of threads: `here`) against
+    (torch's kernels, the machine, the number of processes and, in a CPU run, of threads; rigsa's own
+    code, util.code_version: `here`) against
     where it started (config.json, `started`), in one note: each difference, recorded in
     started["resumed_on"]; the thread count taken from config.json when this process (`had`) has
     another; "bit for bit" promised only when nothing differs now or in an earlier resume."""
-    kinds = {"torch": str, "machine": str, "processes": int, "threads": int}
+    kinds = {"torch": str, "machine": str, "processes": int, "threads": int, "code": str}
     ok = lambda k, v: isinstance(v, kinds[k]) and not isinstance(v, bool) and v != ""   # else: not recorded
     cpu = torch.device(device).type == "cpu" and not str(started.get("machine")).startswith("cuda")
     saved = started.get("config", {}).get("threads")   # the count resumes take (a typed --threads sets it)
@@ -269,7 +271,8 @@ def said_where(cfg, device, started, here, had):
     earlier = [r for r in on if isinstance(r, dict)] if isinstance(on, list) else []   # hand-edited: what can be read
     plural = lambda k, n: f"{n} {'process' if k == 'processes' else 'CPU thread'}{('es' if k == 'processes' else 's') * (n != 1)}"
     at = lambda d: ", ".join(plural(k, d[k]) if k in ("processes", "threads") else
-                             f"torch {d[k]}" if k == "torch" else d[k] for k in differ)
+                             f"torch {d[k]}" if k == "torch" else f"rigsa's code {d[k]}" if k == "code" else d[k]
+                             for k in differ)
     said = [f"the run started on {at(then)}; this resume runs on {at(here)}"] if differ else []
     if cpu and ok("threads", saved) and cfg.threads == saved != had:
         said.append(f"{plural('threads', saved)}, as config.json says (this process had {had})")
@@ -277,8 +280,10 @@ def said_where(cfg, device, started, here, had):
         said.append(f"config.json does not record the CPU threads the run started on (an older version's): "
                     f"{cfg.threads} from here on")
     if differ:
-        said.append("so its steps from here may differ in their last bits from an uninterrupted run's (config.json "
-                    "records this in resumed_on)")
+        said.append(("so its steps from here may differ from an uninterrupted run's (rigsa's code changed: its sources' "
+                     "sha256; a new run with another --out keeps one version)" if "code" in differ else
+                     "so its steps from here may differ in their last bits from an uninterrupted run's")
+                    + " (config.json records this in resumed_on)")
     elif cpu and not ok("threads", start):
         said.append("if it started on another count, its steps from here may differ in their last bits from an "
                     "uninterrupted run's")
@@ -371,8 +376,8 @@ def begin(run, started, hashes, resume=None):
     """The run directory once the data and the model have loaded and the step fits, written by rank 0
     (the ranks hold the same adapters): config.json with the run's config, the identity of the base
     it started on (and the base checks' verdicts: an --allow-other-base is recorded), its data files'
-    sha256, the code that ran it, the torch and machine it started on (and, as resumed_on, each other
-    one a resume ran on), and why the dtype is what it is (start()'s `started`);
+    sha256, the code (util.code_version, and the git commit), torch and machine it started on (and, as
+    resumed_on, each other one a resume ran on), and why the dtype is what it is (start()'s `started`);
     metrics.jsonl holding what resume.pt holds (lines written after it are dropped). Then what is
     trained is said, and a resumed run (`resume`: resume.pt's content) takes up where it stopped."""
     cfg, out = run.cfg, Path(run.out)
@@ -381,7 +386,8 @@ def begin(run, started, hashes, resume=None):
         out.mkdir(parents=True, exist_ok=True)
         util.write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "base": started.get("base") or run.base,
                                               "data": hashes, "base_check": run.checks or {},
-                                              "dtype_choice": started["dtype_choice"], "git_commit": util.git_commit(),
+                                              "dtype_choice": started["dtype_choice"], "code": started.get("code"),
+                                              "git_commit": started.get("git_commit"),
                                               "torch": started.get("torch"), "machine": started.get("machine"),
                                               "python": sys.version.split()[0], "processes": started.get("processes"),
                                               **{k: started[k] for k in ("threads", "resumed_on") if k in started}})

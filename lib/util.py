@@ -836,3 +836,20 @@ def git_commit():
         return (sha.stdout.strip() or "none") + ("-dirty" if dirty.stdout.strip() else "")
     except Exception:
         return "unknown"
+
+
+CODE = ("rigsa.py", "model.py", "qlora.py", "cli.py", "lib/*.py", "evals/*.py")   # every source a number passes through
+_CODE = []
+
+
+def code_version():
+    """The sources that compute a number (CODE), as the first 12 hex digits of one sha256 over their
+    paths and bytes: what a run and an evaluation record, so that results of other code are told apart.
+    The git commit is recorded too, but it moves with every commit (a README's too), reads "-dirty"
+    for an edit of any tracked file, and is unknown outside a git checkout."""
+    if not _CODE:   # once a process: the sources do not change under a running one
+        root, h = Path(__file__).resolve().parent.parent, hashlib.sha256()
+        for p in sorted(q for pattern in CODE for q in root.glob(pattern)):
+            h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+        _CODE.append(h.hexdigest()[:12])
+    return _CODE[0]

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
 import qlora  # noqa: E402
 import rigsa  # noqa: E402
-from lib import mnist  # noqa: E402
+from lib import mnist, util  # noqa: E402
 from evals import harness as H  # noqa: E402
 from evals import run as R  # noqa: E402
 from evals import tasks as T  # noqa: E402
@@ -326,6 +326,7 @@ def test_cli_end_to_end(task, tiny_dir, tmp_path, monkeypatch):
     r = json.loads(out.read_text())
     assert {"task", "model", "adapter", "dtype", "num_fewshot", "limit", "seconds", "metrics", "samples"} <= set(r)
     assert r["task"] == task and r["dtype"] == "float32" and r["limit"] == 4 and r["adapter"] is None
+    assert r["code"] == util.code_version() and r["machine"] == util.machine("cpu")   # what made it
     assert len(r["samples"]) == 4 and [s["doc_id"] for s in r["samples"]] == [0, 1, 2, 3]
     s = r["samples"][0]
     # lm-eval's files: DIR/<model, sanitized>/results_<date>.json and samples_<task>_<date>.jsonl

@@ -131,6 +131,26 @@ def test_main_skips_recorded_outputs_and_resumes(world, tmp_path, capsys):
     assert e.value.code == 2 and "--seeds" in capsys.readouterr().err
 
 
+def test_outputs_of_other_code_are_kept_and_said(world, tmp_path, capsys, no_plots):
+    # code is no input (a git pull would otherwise redo days of work), but what other code made is never silent
+    w, A, _ = world
+    argv = quick(A, tmp_path, w / "data")
+    fake(argv, 3)
+    evals = sorted(p for p in (tmp_path / "evals").glob("*.json") if not p.name.endswith(".inputs.json"))
+    for p, code in zip(evals, ("0123456789ab", util.code_version(), None)):   # another's, this one's, unrecorded
+        d = json.loads(p.read_text())
+        p.write_text(json.dumps({**d, **({"code": code} if code else {})}))
+        P.write_record(p, *[json.loads(P.record_path(p).read_text())[k] for k in ("argv", "inputs", "model")], "done")
+    P.main(argv + ["--dry-run"])
+    err = capsys.readouterr().err
+    assert err.startswith(f"note: 1 of the outputs kept ({evals[0]}) were made by another version of rigsa's code than "
+                          f"this checkout's ({util.code_version()}, the sha256 of its sources)"), err
+    P.main(["--out", str(tmp_path), "--tables-only"])
+    line = next(x for x in (tmp_path / "TABLES.md").read_text().splitlines() if x.startswith("- base-model"))
+    assert line.startswith("- base-model evaluations: **mixed**: ") and "rigsa's code 0123456789ab;" in line \
+        and f"rigsa's code {util.code_version()}" in line, line
+
+
 def mutate(out, data, name):
     """What changed since the fake reproduction, for the case `name`."""
     if name == "test digits":
@@ -219,7 +239,7 @@ def test_another_model_is_refused_or_rerun(world, tmp_path, capsys, monkeypatch,
     P.main(["--out", str(out), "--tables-only"])
     text = (out / "TABLES.md").read_text()
     fa, fb = (M.base_identity(m)["fingerprint"] for m in (A, B))
-    assert f"- base-model evaluations: `{B}` (fingerprint {fb}), --limit 2, on {util.machine('cpu')}\n" in text
+    assert f"- base-model evaluations: `{B}` (fingerprint {fb}), --limit 2, on {util.machine('cpu')}, rigsa's code {util.code_version()}\n" in text
     assert fa not in text
     cell = P.fmt(P.interval([(ev["metrics"]["acc"], ev["metrics"]["acc_stderr"])]))
     assert f"| Full Precision | {cell} | - |" in text
@@ -532,3 +552,15 @@ def test_a_damaged_metrics_line_is_one_line_naming_it(tmp_path, line, ok):
     else:
         with pytest.raises(ValueError, match=f"^{re.escape(str(run / 'metrics.jsonl'))}: line 2 is not a metrics record"):
             P.run_metrics(run)
+
+
+def test_docs_runs_table_names_every_flag(capsys):
+    # docs/runs.md's table of reproduce.py's flags is a second copy of --help: it must not lose one
+    with pytest.raises(SystemExit):
+        P.parse_args(["--help"])
+    options = re.split(r"\n(?:options|optional arguments):", capsys.readouterr().out)[1]   # not the description's
+    flags = set(re.findall(r"^  (--[a-z][a-z-]+)", options, re.M)) - {"--help"}
+    doc = open(os.path.join(os.path.dirname(P.__file__), "docs", "runs.md")).read()
+    table = "".join(x for x in doc[doc.index("## `reproduce.py`"):doc.index("## Data files")].splitlines(True)
+                    if x.startswith("| `"))   # its rows, not the prose around them
+    assert flags and not {f for f in flags if f"`{f}" not in table}, "undocumented in docs/runs.md"

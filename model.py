@@ -506,20 +506,29 @@ def base_identity(path, chunks=16, chunk_bytes=1 << 16):
     slices of `chunk_bytes` spread evenly through it (the header first): 1 MB of weights is read
     whatever the model's size. Another
     checkpoint of the same shapes (other weights) differs in every slice; adapters and runs record
-    it, so that they are not applied to a base they were not trained on."""
-    h = hashlib.sha256()
+    it, so that they are not applied to a base they were not trained on. A base with a
+    chat_template.jinja also gets "without_template": the fingerprint before that file was covered
+    (2026-12-05), which files recorded earlier hold (adapter_files.check_base names the case)."""
     path = Path(path)
-    for name in READ_FILES:   # what the numbers also depend on: each file load() and load_tokenizer() read
-        if (path / name).is_file():   # a base without one hashes as before it was covered
-            h.update(name.encode() + b"\n" + (path / name).read_bytes())
+    files = [n for n in READ_FILES if (path / n).is_file()]   # a base without one hashes as before it was covered
+    hs = {"fingerprint": hashlib.sha256()}
+    if "chat_template.jinja" in files:
+        hs["without_template"] = hashlib.sha256()
+    for name in files:   # what the numbers also depend on: each file load() and load_tokenizer() read
+        for k, h in hs.items():
+            if k == "fingerprint" or name != "chat_template.jinja":
+                h.update(name.encode() + b"\n" + (path / name).read_bytes())
     for p in sorted(path.glob("*.safetensors")):
         size = p.stat().st_size
-        h.update(f"{p.name}:{size}\n".encode())
         with open(p, "rb") as f:
+            data = [f"{p.name}:{size}\n".encode()]
             for i in range(chunks):
                 f.seek(max(0, size - chunk_bytes) * i // max(chunks - 1, 1))
-                h.update(f.read(chunk_bytes))
-    return {"commit": hub_commit(path), "fingerprint": h.hexdigest()[:16]}
+                data.append(f.read(chunk_bytes))
+        for h in hs.values():
+            for b in data:
+                h.update(b)
+    return {"commit": hub_commit(path), **{k: h.hexdigest()[:16] for k, h in hs.items()}}
 
 
 def resolve(name_or_path, revision=None, verify=False, offline=False):

@@ -189,10 +189,17 @@ def check_base(recorded, have, what, allow=False):
         return "unrecorded"
     if recorded["fingerprint"] == have["fingerprint"]:
         return "same"
+    older = recorded["fingerprint"] == have.get("without_template")   # recorded before chat_template.jinja counted
+    if older and recorded.get("commit") and recorded["commit"] == have.get("commit"):
+        return "same"   # one hub commit: the template too is the one it was made with
     at = lambda b: f"{b.get('model')} ({'commit ' + b['commit'] + ', ' if b.get('commit') else ''}weights {b['fingerprint']})"
     msg = f"{what}: made on the base {at(recorded)}, not on {at(have)}"
+    if older:   # the same weights and files but the template, which a version before 2026-12-05 did not fingerprint
+        msg = (f"{what}: recorded by an older rigsa, whose fingerprint of the base left out its chat_template.jinja: "
+               f"every other file of {have.get('model')} matches, the template cannot be compared")
     if not allow:
-        raise ValueError(f"{msg}; use the base it was made on, or pass --allow-other-base to apply it anyway")
+        raise ValueError(f"{msg}; use the base it was made on, or pass --allow-other-base to apply it anyway"
+                         + (" (if the template is the one it was made with, nothing differs)" if older else ""))
     util.say(f"warning: {msg}; applied anyway (--allow-other-base)", file=sys.stderr)
     return "other (allowed)"
 

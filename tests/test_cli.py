@@ -346,6 +346,28 @@ def test_files_of_another_version_load_with_one_warning(world, tmp_path, capsys)
     assert code == 0 and "future_knob" in err and "Traceback" not in err
 
 
+def test_a_record_from_before_the_template_was_fingerprinted_is_named(tmp_path):
+    # a base with chat_template.jinja got a new fingerprint; what an older version recorded on it is not "another base"
+    from lib import adapter_files as AF
+    d = tiny.write_tiny_checkpoint(tmp_path / "m", seed=0)
+    shutil.copytree(d, tmp_path / "t")
+    (tmp_path / "t" / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    have = {"model": "t", **M.base_identity(tmp_path / "t")}
+    assert have["without_template"] == M.base_identity(d)["fingerprint"] != have["fingerprint"]
+    assert "without_template" not in M.base_identity(d)   # a base without the file: as before
+    rec = {"model": "t", "commit": None, "fingerprint": have["without_template"]}
+    for recorded, now in ((rec, have), ({**rec, "commit": "a" * 40}, {**have, "commit": "b" * 40})):
+        with pytest.raises(ValueError, match=r"^--adapter A: recorded by an older rigsa, whose fingerprint of the base "
+                                             r"left out its chat_template.jinja: every other file of t matches, the "
+                                             r"template cannot be compared; use the base .* pass --allow-other-base .*"
+                                             r"\(if the template is the one it was made with, nothing differs\)$"):
+            AF.check_base(recorded, now, "--adapter A")
+    assert AF.check_base(rec, have, "--adapter A", allow=True) == "other (allowed)"
+    assert AF.check_base({**rec, "commit": "a" * 40}, {**have, "commit": "a" * 40}, "x") == "same"   # one hub commit
+    with pytest.raises(ValueError, match=r"^--adapter A: made on the base t \(weights 0{16}\), not on"):
+        AF.check_base({**rec, "fingerprint": "0" * 16}, have, "--adapter A")
+
+
 def test_an_adapters_relative_base_not_there_from_here_is_said(tmp_path, monkeypatch):
     # a run trained with --model runs/x records runs/x; from another folder that names nothing (a hub id has a commit)
     monkeypatch.chdir(tmp_path)

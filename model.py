@@ -716,6 +716,10 @@ def load(name_or_path=DEFAULT_MODEL, device=None, dtype=None, revision=None, ver
     is the commit loaded; verify: see resolve."""
     path = resolve(name_or_path, revision, verify)
     cfg = SmolLM2Config.from_json(path / "config.json")
+    if (json.loads((path / "config.json").read_text()).get("quantization_config") or {}).get("load_in_4bit"):
+        # else: a shape error on its first packed tensor
+        raise ValueError(f"{path}: a bitsandbytes 4-bit checkpoint (config.json's quantization_config), and this needs "
+                         f"the unquantized weights; pass the checkpoint it was quantized from")
     tok = check_vocab(cfg, load_tokenizer(path), path)   # before the weights: a mismatch costs no load
     device = util.pick_device(device)
     dtype = dtype or default_dtype(device)
@@ -949,9 +953,17 @@ def chat(a):
     if new < a.max_new_tokens:
         print(f"note: --max-new-tokens {a.max_new_tokens}: the prompt's {n} tokens leave room for {new} in the model's "
               f"{P} positions; generating at most {new}", file=sys.stderr)
-    stats = {}
-    print(generate(model, tok, [text], new, stop=["<|im_end|>"], progress_bar=False, stats=stats)[0])
-    print(f"[{stats['new_tokens']} tokens, {stats['tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
+    t0, bar = time.time(), util.progress(total=new, desc="generate", unit="tok")   # 256 tokens at 1.7B on a CPU: a minute
+
+    def stop_fn(i, ids):   # generate()'s stop on "<|im_end|>", and the bar over the reply's tokens
+        bar.update(len(ids) - bar.n)
+        return "<|im_end|>" in tok.decode(ids, skip_special_tokens=True)
+    ids = generate_ids(model, [tok.encode(text)], new, tok.eos_id, stop_fn)[0]
+    bar.update(len(ids) - bar.n)
+    bar.total = bar.n   # the reply ended before the cap: a full bar, not one cut short
+    bar.close()
+    print(tok.decode(ids, skip_special_tokens=True).split("<|im_end|>")[0])
+    print(f"[{len(ids)} tokens, {len(ids) / max(time.time() - t0, 1e-9):.1f} tokens/s]", file=sys.stderr)
 
 if __name__ == "__main__":
     main()

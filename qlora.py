@@ -305,6 +305,10 @@ def apply_lora(model, rank, alpha, dropout=0.0):
     todo = _targets(model, (nn.Linear, Linear4bit))
     if not todo:
         raise ValueError(f"apply_lora: no {'/'.join(TARGETS)} layer found")
+    narrow = min(min(getattr(p, c).in_features, getattr(p, c).out_features) for p, c, _ in todo)
+    if rank > narrow:   # no more than min(m, n) can be reached: a typo, found otherwise by running out of memory
+        raise ValueError(f"--rank {rank}: above the narrowest adapted layer's width, {narrow}; the product B A of an m x n "
+                         f"layer has rank at most min(m, n), so use --rank {narrow} or less")
     model.requires_grad_(False)
     params = []
     for parent, child, _ in todo:

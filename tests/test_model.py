@@ -390,10 +390,25 @@ def test_chat_sends_the_system_prompt_asked_for(tiny_dir, monkeypatch, system, w
     # --system "" is an empty system message (as transformers renders it), not the model's default
     seen = []
 
-    def fake(model, tok, texts, new, stats, **kw):
-        seen.extend(texts)
-        stats.update(new_tokens=0, tokens_per_s=0.0)
-        return [""]
-    monkeypatch.setattr(M, "generate", fake)
+    tok = M.load_tokenizer(tiny_dir)
+
+    def fake(model, prompts, new, eos_id, stop_fn):
+        seen.append(tok.decode(prompts[0]))
+        return [[]]
+    monkeypatch.setattr(M, "generate_ids", fake)
     M.main(["--model", str(tiny_dir), "--prompt", "hi", "--device", "cpu"] + (["--system", system] if system is not None else []))
     assert seen[0].startswith(want), seen
+
+
+def test_chat_prints_what_generate_gives_with_a_bar_over_its_tokens(tiny_dir, capsys, monkeypatch):
+    # model.py's one reply: generate()'s text, and a bar over the tokens while it comes (a minute at 1.7B on a CPU)
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    M.main(["--model", str(tiny_dir), "--prompt", "hi", "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "12"])
+    out, err = capsys.readouterr()
+    model, tok = M.load(tiny_dir, "cpu", torch.float32)
+    stats = {}
+    want = M.generate(model, tok, [tok.chat([{"role": "user", "content": "hi"}])], 12, stop=["<|im_end|>"],
+                      progress_bar=False, stats=stats)[0]
+    assert out == want + "\n" and stats["new_tokens"] > 0
+    assert "generate: 100%" in err and f"{stats['new_tokens']}/{stats['new_tokens']}" in err and "tok" in err, err
+    assert err.splitlines()[-1].startswith(f"[{stats['new_tokens']} tokens, ") and err.endswith(" tokens/s]\n"), err

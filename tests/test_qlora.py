@@ -229,6 +229,11 @@ def test_trainable_parameter_counts(tiny):
         by_hand = L * r * ((C + q) + (C + kv) + (C + kv) + (q + C) + (C + I) + (C + I) + (I + C))
         assert sum(p.numel() for p in params) == by_hand == Q.lora_num_params(cfg, r)
         assert len(params) == 2 * 7 * L
+    mm = tiny()   # a rank no layer can reach is a typo (at 1.7B found by running out of memory): refused, at the edge not
+    narrow = min(min(getattr(p, c).in_features, getattr(p, c).out_features) for p, c, _ in Q._targets(mm, torch.nn.Linear))
+    with pytest.raises(ValueError, match=rf"^--rank {narrow + 1}: above the narrowest adapted layer's width, {narrow};"):
+        Q.apply_lora(mm, rank=narrow + 1, alpha=32)
+    assert not Q._targets(mm, Q.LoRALinear) and len(Q.apply_lora(mm, rank=narrow, alpha=32)) == 2 * 7 * cfg.num_hidden_layers
     # SmolLM2-1.7B, rank 16 (the paper's largest QLoRA): 24 layers x 47,104 x 16, from shapes only
     big = M.PRESETS["SmolLM2-1.7B-Instruct"]
     assert Q.lora_num_params(big, 16) == 18_087_936
@@ -364,6 +369,9 @@ def test_prequantized_unsloth_layout(tiny, tiny_dir, tmp_path):
     assert torch.equal(loaded(x), want)
     plain, _ = Q.load_model(str(tiny_dir), device="cpu")                  # no quantization_config: model.load
     assert not Q._targets(plain, Q.Linear4bit)
+    with pytest.raises(ValueError, match=r"^\S+: a bitsandbytes 4-bit checkpoint \(config.json's quantization_config\), "
+                                         r"and this needs the unquantized weights; pass the checkpoint it was quantized from$"):
+        M.load(str(tmp_path), device="cpu")   # rigsa, lora, dense and merge read the weights themselves
     bad = dict(sd)
     bad.pop(f"{p}.weight.absmax")
     with pytest.raises(ValueError, match="absmax"):

@@ -56,6 +56,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from lib import interrupts  # standard library only: before torch
@@ -375,8 +376,8 @@ def test_images(run):
     return min(limit, n) if limit else n
 
 
-def seeds_found(out):
-    """The seeds whose runs are in OUT."""
+def seeds_found(out, default=(DEFAULT_SEED,)):
+    """The seeds whose runs are in OUT (none: `default`)."""
     found = set()
     for p in Path(out).glob("*/config.json"):
         base, _, s = p.parent.name.rpartition("-seed")
@@ -384,7 +385,22 @@ def seeds_found(out):
             found.add(DEFAULT_SEED)
         elif base in RUNS and s.lstrip("-").isdigit():
             found.add(int(s))
-    return sorted(found) or [DEFAULT_SEED]
+    return sorted(found) or list(default)
+
+
+def check_outputs(out, seeds):
+    """--tables-only: OUT holds an output of reproduce.py's, and a run of each of --seeds where it holds
+    runs (before any, the base model's rows alone are a fair look), not a table of dashes."""
+    out = Path(out)
+    if not out.is_dir():
+        raise ValueError(f"--out {out}: no such folder, so nothing to tabulate; run reproduce.py first, or fix the path")
+    found = seeds_found(out, default=())
+    if not found and not [p for p in (out / "evals").glob("*.json") if not p.name.endswith(".inputs.json")]:
+        raise ValueError(f"--out {out}: holds no output of reproduce.py (no evals/*.json, no run folder such as "
+                         f"rigsa/), so nothing to tabulate; run reproduce.py first, or fix the path")
+    if found and (missing := [str(s) for s in seeds or () if s not in found]):
+        raise ValueError(f"--seeds: {out} holds no run of seed {', '.join(missing)} (its runs are of seed "
+                         f"{', '.join(map(str, found))}); name those, or leave --seeds out for all of them")
 
 
 def results(out, seeds):
@@ -802,6 +818,29 @@ def check_stop():
         raise Stopped()
 
 
+def kind(cmd):
+    """Steps that take about as long as each other: a training per method, an evaluation per task,
+    shots, base precision and adapter kind (a QLoRA adapter runs on the 4-bit base)."""
+    f = flags(cmd)
+    if is_training(cmd):
+        return ("train", f.get("--method"))
+    return ("eval", f.get("--task"), f.get("--num-fewshot"), f.get("--quantize"), "qlora" in str(f.get("--adapter")))
+
+
+def duration(s):
+    s = int(round(s))
+    return (f"{s // 86400} d {s % 86400 // 3600} h" if s >= 86400 else f"{s // 3600} h {s % 3600 // 60:02d} min"
+            if s >= 3600 else f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s")
+
+
+def eta(took, left):
+    """The time the steps `left` should take, from the steps of each kind run here (took: kind -> their
+    seconds); None until a step of every kind left has run."""
+    if all(kind(cmd) in took for cmd in left):
+        return sum(sum(took[kind(c)]) / len(took[kind(c)]) for c in left)
+    return None
+
+
 def script():
     """This file as the caller typed it, or else its shorter spelling from the caller's directory."""
     if sys.argv[0] and os.path.exists(sys.argv[0]) and os.path.samefile(sys.argv[0], __file__):
@@ -818,6 +857,7 @@ def run_steps(a, again):
     # also keeps huggingface-hub off the hub; quiet: a step stopped by a signal leaves the one line to reproduce.py
     AT["total"] = len(steps)
     older = []   # outputs kept whose record names other code than this checkout's
+    took = {}    # kind of step -> the seconds each such step took here (the ETA's)
     for i, (target, cmd) in enumerate(steps, 1):
         check_stop()
         AT.update(step=i, done=i - 1, output=None)
@@ -863,10 +903,17 @@ def run_steps(a, again):
         record(out, cmd, inputs.of(cmd), a.model, "started")
         check_stop()
         AT.update(output=out, train=train)
+        t0 = time.time()
         rc = run_step(cmd, env)
         if rc == 0 and target.exists():
             record(out, cmd, inputs.of(cmd), a.model, "done")
             AT.update(done=i, output=None)
+            took.setdefault(kind(cmd), []).append(time.time() - t0)
+            todo = [c for t, c in steps[i:] if not t.exists()]   # those done already are skipped
+            left = eta(took, todo)
+            print(f"[{i}/{len(steps)}] done in {duration(took[kind(cmd)][-1])}"
+                  + (f"; the {len(todo)} steps left: about {duration(left)}" if todo and left is not None else ""),
+                  flush=True)
         if not target.exists() and not train:  # an evaluation keeps nothing partial: nor its record
             record_path(out).unlink(missing_ok=True)
         check_stop()
@@ -967,6 +1014,8 @@ def main(argv=None):
         except ValueError:  # not the main thread: signals stay as they are
             pass
         check_tables(a.out)   # before days of steps, not after them
+        if a.tables_only:
+            check_outputs(a.out, a.seeds_given)
         with held(a):   # one reproduce.py per OUT: two would each take the other's outputs as their own
             if not a.tables_only:
                 run_steps(a, again)

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,6 +152,43 @@ def test_outputs_of_other_code_are_kept_and_said(world, tmp_path, capsys, no_plo
         and f"rigsa's code {util.code_version()}" in line, line
 
 
+def test_the_eta_comes_from_the_steps_of_each_kind_run_here(tmp_path):
+    # reproduce.py runs for days: after each step, how long the rest should take (its steps' own bars restart)
+    steps = [c for _, c in P.plan(P.parse_args(["--out", str(tmp_path)]))]
+    kinds = {P.kind(c) for c in steps}   # 10 base evaluations (an adapter of full precision: as long), 3 trainings,
+    # and the 3 tasks on a QLoRA adapter
+    assert len(kinds) == 16 and ("train", "qlora") in kinds and ("eval", "piqa", None, "nf4", False) in kinds
+    took = {k: [10.0] for k in kinds}
+    assert P.eta(took, steps) == 10.0 * len(steps) == 460
+    took[("train", "rigsa")] = [100.0, 300.0]   # the mean of its kind
+    assert P.eta(took, steps) == 450 + 200 and P.eta(took, []) == 0
+    del took[("eval", "gsm8k", None, None, True)]
+    assert P.eta(took, steps) is None and P.eta(took, steps[:1]) == 10
+    assert [P.duration(x) for x in (0.4, 59, 61, 7500, 90000)] == ["0 s", "59 s", "1 min 01 s", "2 h 05 min", "1 d 1 h"]
+
+
+def test_each_step_says_its_time_and_then_the_rests(world, tmp_path, capsys, monkeypatch, no_plots):
+    w, A, _ = world
+
+    def step(cmd, env):   # each step made at once: its output, as the real one writes it
+        f = P.flags(cmd)
+        if P.is_training(cmd):
+            Path(f["--out"]).mkdir(parents=True, exist_ok=True)
+            (Path(f["--out"]) / "config.json").write_text("{}")
+            for k in range(1, P.IMP_ITERS + 1):
+                (Path(f["--out"]) / f"iter{k}.safetensors").write_bytes(b"adapter %d" % k)
+        else:
+            write_eval(Path(f["--output"]), "acc", 0.5, 0.01)
+        return 0
+    monkeypatch.setattr(P, "run_step", step)
+    P.main(quick(A, tmp_path / "out", w / "data"))
+    done = [x for x in capsys.readouterr().out.splitlines() if " done in " in x]
+    assert len(done) == 46 and done[0] == "[1/46] done in 0 s", done
+    first = next(i for i, x in enumerate(done) if "left" in x)   # once a step of each kind has run: the QLoRA adapter's
+    assert first == 33 and re.fullmatch(r"\[34/46\] done in 0 s; the 12 steps left: about 0 s", done[first]), done
+    assert all("left" in x for x in done[first:-1]) and "left" not in done[-1]
+
+
 def mutate(out, data, name):
     """What changed since the fake reproduction, for the case `name`."""
     if name == "test digits":
@@ -228,6 +266,7 @@ def test_another_model_is_refused_or_rerun(world, tmp_path, capsys, monkeypatch,
         return o, err.strip().splitlines()[-1]
     o, err = run(A)
     assert "[1/46]" in o and err.startswith("error: step 2 of 46: failed (exit 1)"), err
+    assert re.search(r"^\[1/46\] done in \d+ s$", o, re.M), o   # no ETA until a step of each kind has run
     assert json.loads((out / "evals" / "base-mnist-0shot.json").read_text())["model"] == A
     before = files(out)
     o, err = run(B)
@@ -303,7 +342,8 @@ def test_an_interrupted_reproduction_continues_from_another_directory(world, tmp
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr  # a PIQA document too long: step 12 stops it
     assert r.stderr.strip().splitlines()[-1].startswith("error: step 12 of 46: failed"), r.stderr
     steps = [x for x in r.stdout.splitlines() if x.startswith("[")]
-    assert steps[0].startswith("[11/46]") and steps[0].endswith(" --resume") and steps[1].startswith("[12/46]")
+    assert steps[0].startswith("[11/46]") and steps[0].endswith(" --resume") and steps[2].startswith("[12/46]")
+    assert re.fullmatch(r"\[11/46\] done in \d+ s", steps[1]), steps
     assert json.loads(P.record_path(tmp_path / "out" / "rigsa").read_text())["status"] == "done"
     logged = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [r["iter"] for r in logged if r.get("event") == "iteration"] == [1, 2, 3, 4, 5]   # each once
@@ -531,12 +571,37 @@ def test_two_reproductions_of_one_out_do_not_run_at_once(tmp_path, capsys, monke
         err = capsys.readouterr().err
         assert e.value.code == 1 and f"another reproduce.py (pid {p.pid}) is writing this run" in err, err
         assert sorted(x.name for x in tmp_path.iterdir()) == ["LOCK"]   # nothing written
+        write_eval(tmp_path / "evals" / "base-piqa.json", "acc", 0.5, 0.01)   # the first step's output, meanwhile
         P.main(["--tables-only", "--out", str(tmp_path)])   # a look at the tables meanwhile (make plots) is fine
     finally:
         p.kill()
         p.wait()
-    P.main(["--tables-only", "--out", str(tmp_path / "new")])   # a folder made for the tables, its LOCK gone after
-    assert sorted(x.name for x in (tmp_path / "new").iterdir() if x.suffix != ".png") == ["TABLES.md"]
+
+
+@pytest.mark.parametrize("case", ["no folder", "empty folder", "a training run", "no run of seed 7"])
+def test_tables_only_of_nothing_is_refused(tmp_path, capsys, case):
+    # a typo in --out gave exit 0 and a TABLES.md of dashes (written into whatever folder it named)
+    out = tmp_path / "out"
+    if case != "no folder":
+        out.mkdir()
+    if case == "a training run":   # a run directory of rigsa.py's own, not a reproduction
+        (out / "config.json").write_text("{}")
+        (out / "metrics.jsonl").write_text("")
+    if case == "no run of seed 7":
+        (out / "rigsa-seed0").mkdir()
+        (out / "rigsa-seed0" / "config.json").write_text("{}")
+    before = files(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        P.main(["--tables-only", "--out", str(out)] + ["--seeds", "0,7"] * (case == "no run of seed 7"))
+    err = capsys.readouterr().err
+    want = {"no folder": f"--out {out}: no such folder, so nothing to tabulate",
+            "no run of seed 7": f"--seeds: {out} holds no run of seed 7 (its runs are of seed 0)"}.get(
+        case, f"--out {out}: holds no output of reproduce.py (no evals/*.json, no run folder such as rigsa/)")
+    assert e.value.code == 1 and err.startswith("error: " + want) and len(err.splitlines()) == 1, err
+    assert files(tmp_path) == before and out.exists() == (case != "no folder")
+    if case == "no run of seed 7":   # the seed it has: tabulated
+        P.main(["--tables-only", "--out", str(out), "--seeds", "0"])
+        assert (out / "TABLES.md").exists()
 
 
 @pytest.mark.parametrize("line,ok", [('[1]', False), ('{"event": "iteration", "iter": "1"}', False), ("oops", False),

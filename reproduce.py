@@ -886,6 +886,9 @@ def run_steps(a, again):
                 raise ValueError(f"{out}: made from other inputs than this command's ({why}); use another --out, "
                                  "or pass --rerun-changed to redo the changed steps")
             if rec is None or why:  # --rerun-changed: made again from the start (a run only if this script recorded it)
+                if train and out.is_symlink():   # rmtree refuses a link in its own words; its target is not ours
+                    raise ValueError(f"{out}: a symbolic link (to {os.path.realpath(out)}), which --rerun-changed does "
+                                     f"not delete through; move the link away to train the run again here")
                 print(f"[{i}/{len(steps)}] {out}: {why or 'no record of its inputs'}; --rerun-changed: "
                       + ("it would be replaced" if a.dry_run else "replacing it"), flush=True)
                 if not a.dry_run and train:

@@ -167,6 +167,26 @@ def test_the_eta_comes_from_the_steps_of_each_kind_run_here(tmp_path):
     assert [P.duration(x) for x in (0.4, 59, 61, 7500, 90000)] == ["0 s", "59 s", "1 min 01 s", "2 h 05 min", "1 d 1 h"]
 
 
+def test_rerun_changed_never_deletes_through_a_link(world, tmp_path, capsys):
+    # a run folder linked from elsewhere (another disk): rmtree refused in its own words; its target is not ours
+    w, A, _ = world
+    out = tmp_path / "out"
+    fake(quick(A, out, w / "data"), 12)
+    (out / "rigsa").rename(tmp_path / "elsewhere")
+    (out / "rigsa").symlink_to(tmp_path / "elsewhere")
+    before = files(tmp_path / "elsewhere")
+    argv = quick(A, out, w / "data", "--rerun-changed")
+    argv[argv.index("--steps") + 1] = "3"
+    for more in (["--dry-run"], []):
+        with pytest.raises(SystemExit) as e:
+            P.main(argv + more)
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err == (f"error: {out / 'rigsa'}: a symbolic link (to {tmp_path / 'elsewhere'}), "
+                                             f"which --rerun-changed does not delete through; move the link away to "
+                                             f"train the run again here\n"), err
+        assert (out / "rigsa").is_symlink() and files(tmp_path / "elsewhere") == before
+
+
 def test_each_step_says_its_time_and_then_the_rests(world, tmp_path, capsys, monkeypatch, no_plots):
     w, A, _ = world
 

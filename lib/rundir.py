@@ -255,10 +255,10 @@ def start(cfg, device, mask_like=None, resumes=False):
 def said_where(cfg, device, started, here, had):
     """--resume from a resume.pt: what the run's last bits depend on beyond its config and data
     (torch's kernels, the machine, the number of processes and, in a CPU run, of threads; rigsa's own
-    code, util.code_version: `here`) against
-    where it started (config.json, `started`), in one note: each difference, recorded in
-    started["resumed_on"]; the thread count taken from config.json when this process (`had`) has
-    another; "bit for bit" promised only when nothing differs now or in an earlier resume."""
+    code, util.code_version: `here`) against where it started (config.json, `started`), in one note:
+    each difference, recorded in started["resumed_on"]; the thread count taken from config.json when
+    this process (`had`) has another; "bit for bit" promised only when nothing differs now or in an
+    earlier resume."""
     kinds = {"torch": str, "machine": str, "processes": int, "threads": int, "code": str}
     ok = lambda k, v: isinstance(v, kinds[k]) and not isinstance(v, bool) and v != ""   # else: not recorded
     cpu = torch.device(device).type == "cpu" and not str(started.get("machine")).startswith("cuda")

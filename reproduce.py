@@ -989,19 +989,20 @@ def parse_args(argv):
 def held(a):
     """OUT/LOCK (util.lock_dir) while the steps and the tables write OUT; none for --dry-run or
     --tables-only (make plots during make paper). An OUT made here and left empty (a refusal before any
-    step) is removed again."""
+    step) is removed again, with the folders made above it."""
     if a.dry_run or a.tables_only:   # the tables only read OUT's outputs (and TABLES.md is written whole)
         yield
         return
     out = Path(a.out)
-    made = not out.exists()
+    made = [d for d in [out, *out.parents] if not d.exists()]   # OUT and the folders above it made for it
     out.mkdir(parents=True, exist_ok=True)
     try:
         with util.lock_dir(out, "reproduce.py"):
             yield
     finally:
-        if made and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        for d in made:   # innermost first: each only if left empty
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
 
 
 def main(argv=None):

@@ -389,7 +389,7 @@ def test_bad_data_is_named_before_the_first_step(world, tmp_path, capsys, monkey
     fetch fails, before any step too); --no-verify skips checksums, never the format; without it, every
     stand-in is named by its checksum, before any download."""
     w, A, _ = world
-    data, out = tmp_path / "data", tmp_path / "out"
+    data, out = tmp_path / "data", tmp_path / "new" / "out"   # new/: made for OUT, and removed with it
     shutil.copytree(w / "data", data)
     without = []            # flags taken out of quick()'s
     if change == "missing":
@@ -423,7 +423,7 @@ def test_bad_data_is_named_before_the_first_step(world, tmp_path, capsys, monkey
     if change == "checksums":   # every task's stand-in named; what to do depends on whether it may download
         assert all(f"{data / t}" in err for t in ("gsm8k", "hellaswag", "mnist", "piqa")) and "--no-verify" in err, err
         assert ("delete it to download it again" in err) == (mode == "online"), err
-    assert files(tmp_path) == before and not out.exists()
+    assert files(tmp_path) == before and not (tmp_path / "new").exists()
 
 
 def t_cdf(q, df, n=20000):

@@ -12,6 +12,8 @@ import shutil
 import pytest
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import cli
 import model as M
@@ -379,6 +381,11 @@ def test_adapter_roundtrip_merge_and_random_mask(tiny_run, tiny_dir, tmp_path, m
     m, tok = M.load(tiny_dir)
     cfg, _ = cli.load_adapter(m, tmp / "run" / "iter2")
     assert cfg.method == "rigsa"
+    t, meta, _ = rigsa.read_adapter(tmp / "run" / "iter2")   # the tensors' checksum, written with them
+    assert meta["tensors_sha256"] == AF.checksum(t) and len(meta["tensors_sha256"]) == 64
+    save_file(t, tmp_path / "older.safetensors", metadata={k: v for k, v in safe_open(
+        str(tmp / "run" / "iter2.safetensors"), "pt").metadata().items() if k != "tensors_sha256"})
+    assert rigsa.read_adapter(tmp_path / "older")[0].keys() == t.keys()   # a file from before checksums: read as is
     x = torch.tensor([tok.encode("The digit is 7")])
     y = m(x)
     it2 = [r for r in full if r.get("event") == "iteration"][-1]

@@ -606,6 +606,8 @@ def base_model(args, acfg, ameta=None):
 def install_adapter(model, spec, base, check=None):
     try:
         cli.load_adapter(model, spec)  # in memory only: nothing is merged on disk (the base was checked before)
+    except AF.Damaged:   # changed since it was written: said as it is
+        raise
     except (ValueError, RuntimeError) as e:  # another base's adapter: layer names, shapes or dW0 differ
         why = " ".join(str(e).split())
         if check == "same" and "regenerate identically" not in why:   # its own base: the file is damaged or edited

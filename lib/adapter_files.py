@@ -11,8 +11,11 @@ A RIGSA-family adapter file (safetensors), per adapted layer `{name}`:
   {name}.init_seed   int64 (1,)               dW0's seed (dW0 is regenerated, not stored)
   {name}.init_check  float32 (16,)            dW0's first values: regeneration on another platform is checked
 A LoRA / QLoRA file holds the lora_A / lora_B matrices. The metadata: format=rigsa-adapter, the run's
-config (JSON), the base's identity (model.base_identity) and the iteration's evaluation.
+config (JSON), the base's identity (model.base_identity), the iteration's evaluation, and
+tensors_sha256 (checksum): a byte changed inside the tensor data, which safetensors cannot see,
+is found when the file is read.
 """
+import hashlib
 import json
 import os
 import re
@@ -119,9 +122,25 @@ def set_trainable(model, layers, state):
         own[n].copy_(t)
 
 
+class Damaged(ValueError):
+    """An adapter file whose tensors are not the ones written with it: nothing else to say of it."""
+
+
+def checksum(tensors):
+    """sha256 over the tensors in name order: each one's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        h.update(f"{k}:{str(t.dtype).removeprefix('torch.')}:{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())   # the bytes as they are, no copy
+    return h.hexdigest()
+
+
 def write(path, tensors, config, extra=None):
-    """The adapter file: `tensors` (tensors_of), and as metadata the run's config (a dict) and `extra`."""
-    meta = {"format": "rigsa-adapter", "config": json.dumps(config), **(extra or {})}
+    """The adapter file: `tensors` (tensors_of), and as metadata the run's config (a dict), `extra`
+    and the tensors' checksum."""
+    meta = {"format": "rigsa-adapter", "config": json.dumps(config), **(extra or {}),
+            "tensors_sha256": checksum(tensors)}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
     util.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
@@ -160,6 +179,10 @@ def read(spec, tensors=True):
                          f"or not an adapter; point at the adapter its run wrote (RUN/iterK)") from None
     if meta.get("format") != "rigsa-adapter":
         raise ValueError(f"{p}: not a rigsa adapter file (no format=rigsa-adapter metadata)")
+    if t is not None and "tensors_sha256" in meta and checksum(t) != meta["tensors_sha256"]:   # older files: none
+        raise Damaged(f"{p}: its tensors do not match the checksum written with them (changed since: a damaged "
+                         f"copy or disk); copy it again from where its run wrote it, or train it again (an edit on purpose: "
+                         f"save it with lib/adapter_files.write, which records its checksum)")
     try:
         config = json.loads(meta["config"])
         meta = {**meta, "base": json.loads(meta["base"]) if "base" in meta else None}

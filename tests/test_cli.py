@@ -65,8 +65,10 @@ def world(tmp_path_factory, tiny_dir, tiny_mha_dir):
                                  **{**cfg, "model": str(w / "moved"), "save_every": 1}))
     shutil.copy(w / "other" / "model.safetensors", w / "moved" / "model.safetensors")
     t, meta = load_file(w / "run" / "iter2.safetensors"), safe_open_meta(w / "run" / "iter2.safetensors")
-    save_file({**t, "model.layers.9.mlp.up_proj.mask": t["model.layers.0.mlp.up_proj.mask"].clone()},
-              w / "extralayer.safetensors", metadata=meta)                  # a layer this model lacks
+    from lib import adapter_files as AF   # files made wrong, not damaged since: their checksum is their tensors'
+    save = lambda d, name: save_file(d, w / name, metadata={**meta, "tensors_sha256": AF.checksum(d)})
+    save({**t, "model.layers.9.mlp.up_proj.mask": t["model.layers.0.mlp.up_proj.mask"].clone()},
+         "extralayer.safetensors")                                           # a layer this model lacks
     save_file(t, w / "noconfig.safetensors", metadata={k: v for k, v in meta.items() if k != "config"})
     save_file(t, w / "futurekey.safetensors",                               # a newer version's config key
               metadata={**meta, "config": json.dumps({**json.loads(meta["config"]), "future_knob": 3})})
@@ -80,10 +82,11 @@ def world(tmp_path_factory, tiny_dir, tiny_mha_dir):
     save_file(t, w / "badmethod.safetensors",                               # a value this version cannot use
               metadata={**meta, "config": json.dumps({**json.loads(meta["config"]), "method": "frobnicate"})})
     n0 = "model.layers.0.mlp.up_proj"   # damaged adapters: a part missing, a mask of the wrong dtype, a base not an identity
-    save_file({k: v for k, v in t.items() if k != n0 + ".delta"}, w / "nodelta.safetensors", metadata=meta)
-    save_file({**t, n0 + ".mask": t[n0 + ".mask"].float()}, w / "floatmask.safetensors", metadata=meta)
-    save_file({**t, n0 + ".delta": t[n0 + ".delta"].half()}, w / "halfdelta.safetensors", metadata=meta)
-    save_file({**t, n0 + ".delta": t[n0 + ".delta"][:-1]}, w / "shortdelta.safetensors", metadata=meta)
+    save({k: v for k, v in t.items() if k != n0 + ".delta"}, "nodelta.safetensors")
+    save({**t, n0 + ".mask": t[n0 + ".mask"].float()}, "floatmask.safetensors")
+    save({**t, n0 + ".delta": t[n0 + ".delta"].half()}, "halfdelta.safetensors")
+    save({**t, n0 + ".delta": t[n0 + ".delta"][:-1]}, "shortdelta.safetensors")
+    save_file({**t, n0 + ".delta": t[n0 + ".delta"] * 2}, w / "flipped.safetensors", metadata=meta)   # damaged since
     save_file(t, w / "oddbase.safetensors", metadata={**meta, "base": '"abc"'})
     save_file(t, w / "relbase.safetensors",   # trained with a relative --model, read from elsewhere
               metadata={**meta, "config": json.dumps({**json.loads(meta["config"]), "model": "runs/gone", "revision": ""})})
@@ -110,7 +113,7 @@ def world(tmp_path_factory, tiny_dir, tiny_mha_dir):
     (w / "opfile" / evals_run.lm_eval_name(str(tiny_dir), None)[1]).write_text("mine")
     d = dict(t)                                   # an adapter that a diverged training left NaN
     d["model.layers.0.mlp.up_proj.delta"] = torch.full_like(d["model.layers.0.mlp.up_proj.delta"], float("nan"))
-    save_file(d, w / "nanadapter.safetensors", metadata=meta)
+    save(d, "nanadapter.safetensors")
     return w, str(tiny_dir), str(tiny_mha_dir)
 
 
@@ -214,6 +217,8 @@ CASES = [
     ("rigsa", ["merge", "--adapter", "{w}/qlora/iter1-peft", "--out", "{w}/m9"], 1,
      "{w}/qlora/iter1-peft: the PEFT copy of {w}/qlora/iter1 (for peft and transformers); name the adapter itself"),
     ("evals", E("--task", "mnist", "--adapter", "{w}/halfdelta", "--model", "{m}"), 1, "up_proj.delta is float16, not float32"),
+    ("evals", E("--task", "mnist", "--adapter", "{w}/flipped", "--model", "{m}"), 1,
+     "error: {w}/flipped.safetensors: its tensors do not match the checksum written with them (changed since"),
     ("rigsa", ["merge", "--adapter", "{w}/oddbase", "--out", "{w}/m8"], 1, "oddbase.safetensors: its metadata"),
     ("rigsa", ["merge", "--adapter", "{w}/run/iter2", "--out", "{w}/full/x"], 1, "--out {w}/full/x: is a file"),
     # 4. a flag means what it says: typed at its default is typed; one that cannot act is refused

@@ -404,6 +404,8 @@ def _fetch(url, dest, tmp, check, timeout):
                         bar.update(len(chunk))
                     if size and f.tell() != have + int(size):  # the server closed early: http.client does not say
                         raise http.client.IncompleteRead(b"", have + int(size) - f.tell())
+                f.flush()                                  # the check reads the file: a file under one write
+                os.fsync(f.fileno())                       # buffer (4 KiB) was still all in memory here
                 _finish(tmp, dest, check)                  # still holding the .tmp's lock
                 return True
     except _Local:

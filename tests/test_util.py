@@ -347,6 +347,15 @@ def test_download_resumes_restarts_checks_and_names_the_url(server, tmp_path, mo
     state["body"] = body[:1000]
     util.download(f"{url}/f", tmp_path / "d" / "s")
     assert (tmp_path / "d" / "s").read_bytes() == body[:1000]
+
+    def same(n):   # the check sees the whole file, as it is on disk (PIQA's 3,676-byte labels were checked as empty)
+        def check(path):
+            if path.read_bytes() != body[:n]:
+                raise ValueError(f"{path.stat().st_size} bytes on disk of {n}")
+        return check
+    for n in (100, 3676, 5000):
+        state["body"] = body[:n]
+        util.download(f"{url}/f", tmp_path / "d" / f"small{n}", same(n))
     del state["body"]
     (tmp_path / "d" / "h.tmp").write_bytes(body)   # a whole .tmp: 416, then checked and renamed
     state["mode"] = "ok"

@@ -310,7 +310,7 @@ def interval(samples):
 def binomial_stderr(p, n):
     """The stderr of an accuracy p over n 0/1 scores, as evals/ and lm-eval compute it (sample
     standard deviation / sqrt(n)) for the test accuracy that training logs without its scores."""
-    return math.sqrt(p * (1 - p) / (n - 1)) if n >= 2 else None
+    return math.sqrt(p * (1 - p) / (n - 1)) if n is not None and n >= 2 else None
 
 # -----------------------------------------------------------------------------
 # reading what the steps wrote
@@ -359,9 +359,13 @@ def run_metrics(run):
     return rows
 
 
-def test_images(run):
-    """How many images a run's test_acc is over (metrics.jsonl has the accuracy only): its --limit,
-    capped by the test split's size in its data root's IDX header (10,000 if unreadable)."""
+def test_images(run, m=None):
+    """How many images a run's test_acc is over: as its iteration record `m` says (test_images), or in a
+    run from before it was recorded, its --limit capped by the test split's size in its data root's IDX
+    header, read again now (a relative --data-dir taken from the repository, where reproduce.py runs its
+    steps); None if unreadable: no interval, rather than one for another N."""
+    if isinstance((m or {}).get("test_images"), int) and not isinstance(m["test_images"], bool):
+        return m["test_images"]
     try:
         cfg = json.loads((Path(run) / "config.json").read_text())["config"]
     except (FileNotFoundError, KeyError, TypeError, ValueError):   # ValueError: not JSON; TypeError: not an object
@@ -370,10 +374,10 @@ def test_images(run):
     try:
         labels = Path(mnist.mnist_dir(REPO / cfg.get("data_dir", "data"))) / "t10k-labels-idx1-ubyte.gz"
         n = len(mnist.read_idx(labels, 2049))
-    except (OSError, ValueError):
-        n = mnist.MNIST_COUNTS["test"]
+    except (OSError, ValueError, TypeError):
+        return None
     limit = cfg.get("limit", cfg.get("eval_max", 0))  # eval_max: runs from before the flag's rename
-    return min(limit, n) if limit else n
+    return min(limit, n) if isinstance(limit, int) and limit > 0 else n
 
 
 def seeds_found(out, default=(DEFAULT_SEED,)):
@@ -422,7 +426,7 @@ def results(out, seeds):
             run = out / run_name(name, seed)
             m = run_metrics(run).get(k, {})
             if m.get("test_acc") is not None:
-                per["mnist"].append((m["test_acc"], binomial_stderr(m["test_acc"], test_images(run))))
+                per["mnist"].append((m["test_acc"], binomial_stderr(m["test_acc"], test_images(run, m))))
             for c in ("density", "trainable"):
                 if m.get(c) is not None:
                     per[c].append(m[c])

@@ -647,6 +647,7 @@ def evaluate(run, it):
         _, preds = mnist_accuracy(model, run.tok, x[part], y[part], batch_size=cfg.eval_batch)
         preds = torch.tensor(util.gather(preds.tolist()), dtype=torch.long)
         res[f"{split}_acc"] = (preds == y.long()).float().mean().item() if len(preds) else float("nan")
+        res[f"{split}_images"] = len(y)   # what the accuracy is over: its interval's N (reproduce.py)
     if layers:
         res["density"], res["layer_density"] = density_report(layers)
         res["alpha"] = {n: L.alpha.item() for n, L in layers.items()}

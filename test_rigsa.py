@@ -389,6 +389,7 @@ def test_adapter_roundtrip_merge_and_random_mask(tiny_run, tiny_dir, tmp_path, m
     x = torch.tensor([tok.encode("The digit is 7")])
     y = m(x)
     it2 = [r for r in full if r.get("event") == "iteration"][-1]
+    assert it2["test_images"] == 8   # what test_acc is over (reproduce's interval): the 8 synthetic test digits
     assert rigsa.density_report(rigsa.adapters(m))[0] == pytest.approx(it2["density"])
     out = cli.merge(tmp / "run" / "iter2", tmp_path / "merged", dtype="float32")
     merged, _ = M.load(out)

@@ -471,8 +471,11 @@ def test_tables_one_seed(tmp_path, no_plots):
     ev = tmp_path / "evals"
     write_eval(ev / "base-piqa.json", "acc", 0.754, 0.01)
     write_eval(ev / "base-nf4-gsm8k.json", "exact_match_strict", 0.199, 0.011)
-    write_run(tmp_path, "rigsa", [{"iter": 1, "test_acc": 0.9, "density": 1.0, "trainable": 1234567}], limit=101)
+    write_run(tmp_path, "rigsa", [{"iter": 1, "test_acc": 0.9, "test_images": 101, "density": 1.0,
+                                   "trainable": 1234567}])
+    write_run(tmp_path, "random-mask", [{"iter": 1, "test_acc": 0.8}])   # before test_images: its test file, not there
     text = P.tables(tmp_path)
+    assert "| Random mask | - | 80.00 |" in text, text   # no N: the value alone, not an interval for 10,000 images
     assert "| PIQA | 75.40 ± 1.96 | - |" in text and "| GSM8k (5-shot) | - | 19.90 ± 2.16 |" in text
     assert "| RIGSA iteration 1 | 100.00% | 90.00 ± 5.88 |" in text  # sqrt(.9 * .1 / 100) over the run's 101 images
     assert "| RIGSA iteration 1 | 1,234,567 | 90.00 ± 5.88 |" in text
@@ -486,7 +489,7 @@ def test_tables_with_seeds(tmp_path, no_plots):
     for s, acc, piqa in ((0, 0.5, 0.75), (1, 0.7, 0.77)):
         write_run(tmp_path, f"rigsa-seed{s}", [{"iter": 1, "test_acc": acc, "density": 1.0, "trainable": 10 + 2 * s}])
         write_eval(ev / f"rigsa-seed{s}-iter1-piqa.json", "acc", piqa, 0.01)
-    write_run(tmp_path, "qlora-r4-seed1", [{"iter": 1, "test_acc": 0.99, "trainable": 7}])  # seed 0 missing
+    write_run(tmp_path, "qlora-r4-seed1", [{"iter": 1, "test_acc": 0.99, "test_images": 10000, "trainable": 7}])  # seed 0 missing
     text = P.tables(tmp_path)  # without seeds: those found in OUT
     # n = 2: mean +- 12.7062 * s / sqrt(2), s = 0.1414 (MNIST), 0.01414 (PIQA)
     assert "| RIGSA iteration 1 | 100.00% | 60.00 ± 127.06 | 76.00 ± 12.71 | - | - |" in text
@@ -626,14 +629,15 @@ def test_tables_only_of_nothing_is_refused(tmp_path, capsys, case):
 
 @pytest.mark.parametrize("line,ok", [('[1]', False), ('{"event": "iteration", "iter": "1"}', False), ("oops", False),
                                      ('{"event": "iterat', True)])   # the last: cut mid-write, dropped as --resume does
-def test_a_damaged_metrics_line_is_one_line_naming_it(tmp_path, line, ok):
+def test_a_damaged_metrics_line_is_one_line_naming_it(tmp_path, line, ok, monkeypatch):
+    monkeypatch.setattr(P, "REPO", tmp_path)   # no data/ there, whatever this clone holds
     run = tmp_path / "rigsa"
     write_run(tmp_path, "rigsa", [{"iter": 1, "test_acc": 0.9, "density": 1.0, "trainable": 5}])
     with open(run / "metrics.jsonl", "a") as f:
         f.write(line + ("" if ok else "\n" + '{"event": "step"}\n'))
     (run / "config.json").write_text('{"config": [1]}')   # a config that is not an object: the default test size, no traceback
     if ok:
-        assert P.run_metrics(run)[1]["test_acc"] == 0.9 and P.test_images(run) == 10000
+        assert P.run_metrics(run)[1]["test_acc"] == 0.9 and P.test_images(run) is None   # no N: no interval
     else:
         with pytest.raises(ValueError, match=f"^{re.escape(str(run / 'metrics.jsonl'))}: line 2 is not a metrics record"):
             P.run_metrics(run)

@@ -157,7 +157,9 @@ CASES = [
     ("rigsa", T("--device", "cuda"), 1, "--device cuda: CUDA is not available"),
     ("rigsa", T("--device", "gpu"), 1, "--device 'gpu'"),
     # files: the model, the data, the run directory, resume (exit 1)
-    ("rigsa", T("--model", "{w}/nope", "--data-dir", "{w}/data"), 1, "nope: no such model directory"),
+    ("rigsa", T("--model", "{w}/nope", "--data-dir", "{w}/data", "--val-frac", "0"), 1, "nope: no such model directory"),
+    # the data before the base (its download is gigabytes): a bad data file is said first
+    ("rigsa", T("--model", "{w}/nope", "--data-dir", "{w}/emptydata"), 1, "{w}/emptydata/mnist/train-images-idx3"),
     ("rigsa", T("--model", "{m}", "--data-dir", "{w}/emptydata"), 1, "MNIST: missing data files"),
     ("rigsa", T("--model", "{m}", "--data-dir", "{w}/badmnist"), 1, "train-images-idx3-ubyte.gz"),
     ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--out", "{w}/run"), 1, "a run is already there"),

@@ -7,8 +7,10 @@ import sys
 import dataclasses
 import json
 import math
+import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -62,6 +64,18 @@ def test_quantizer_idx_and_split(tmp_path):
     assert mnist.read_idx(d / "train-images-idx3-ubyte.gz", 2051).shape == (100, 8, 8)
     with pytest.raises(ValueError, match="magic"):
         mnist.read_idx(d / "train-labels-idx1-ubyte.gz", 2051)
+    import gzip   # a header cut short, bytes beyond the shape, images of no pixels: one line each, even --no-verify
+    raw = gzip.open(d / "train-images-idx3-ubyte.gz").read()
+    for name, data, said in (("cut", raw[:8], "8 bytes end inside its header (3 dimensions): truncated"),
+                             ("long", raw + b"xx", "do not match the header shape (100, 8, 8) (bytes beyond it)"),
+                             ("short", raw[:-1], "do not match the header shape (100, 8, 8) (truncated)")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=re.escape(said)):
+            mnist.read_idx(tmp_path / name, 2051)
+    z = mnist.write_synthetic_mnist(tmp_path / "z", n_train=10, n_test=4, size=8)
+    mnist.write_idx(z / "t10k-images-idx3-ubyte.gz", np.zeros((4, 0, 0), np.uint8))
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte.gz: images of 0 x 0 pixels"):
+        mnist.load_mnist(z, "test", verify=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.gz.*data|put them"):
         mnist.load_mnist(tmp_path / "empty", "train", download=False)

@@ -49,9 +49,12 @@ def read_idx(path, magic):
         raise ValueError(f"{path}: bad magic number (expected {magic}, an IDX "
                          f"{'image' if magic == 2051 else 'label'} file); {again}")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: {len(data)} bytes end inside its header ({ndim} dimensions): truncated; {again}")
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     if len(data) != 4 + 4 * ndim + math.prod(dims):
-        raise ValueError(f"{path}: {len(data)} bytes do not match the header shape {dims} (truncated?); {again}")
+        raise ValueError(f"{path}: {len(data)} bytes do not match the header shape {dims} ("
+                         f"{'truncated' if len(data) < 4 + 4 * ndim + math.prod(dims) else 'bytes beyond it'}); {again}")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -88,6 +91,9 @@ def load_mnist_splits(data_dir, splits, val_frac=0.01, seed=0, download=False, v
         x, y = read_idx(files[0], 2051), read_idx(files[1], 2049)
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
             raise ValueError(f"{files[0]}: {x.shape} images do not match {y.shape} labels in {files[1].name}")
+        if min(x.shape[1:]) < 1:   # --no-verify skips the checksums and MNIST's size, never the structure
+            raise ValueError(f"{files[0]}: images of {x.shape[1]} x {x.shape[2]} pixels; replace it with real "
+                             f"(or stand-in) digits")
         if not len(y):
             raise ValueError(f"{files[1]}: holds no images; replace it (delete it to download it again)")
         if y.max() > 9:

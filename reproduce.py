@@ -250,8 +250,13 @@ def fetch_data(a, steps):
                                (f" (or set {util.DATA_MIRROR} to a mirror holding <task>/<file>)" if failed[0].hint else "")
                                + ("; or run without --offline to download them" if a.offline else ""))
     for t in tasks:         # 3. read as the steps will read them
-        if t == "mnist":
-            mnist.load_mnist_splits(folders[t], ("train", "test"), verify=not a.no_verify)
+        if t == "mnist":   # with the trainings' own split: reproduce.py runs them at the paper's --val-frac
+            d = mnist.load_mnist_splits(folders[t], ("train", "val", "test"), rigsa.Config.val_frac,
+                                        verify=not a.no_verify)
+            if not len(d["val"][0]) or not len(d["train"][0]):
+                raise ValueError(f"{folders[t]}: its {len(d['train'][0]) + len(d['val'][0])} training images leave "
+                                 f"rigsa.py train's validation split ({rigsa.Config.val_frac:.0%} of them, §4.2) empty; "
+                                 f"use MNIST's own files, or more stand-in training images")
         else:
             getattr(T, f"load_{t}")(ensure(t, verify=False))   # all there now, checked above
 

@@ -73,6 +73,8 @@ def test_quantizer_idx_and_split(tmp_path):
         with pytest.raises(ValueError, match=re.escape(said)):
             mnist.read_idx(tmp_path / name, 2051)
     z = mnist.write_synthetic_mnist(tmp_path / "z", n_train=10, n_test=4, size=8)
+    again = mnist.write_synthetic_mnist(tmp_path / "again", n_train=10, n_test=4, size=8)   # the same digits, later:
+    assert all((z / n).read_bytes() == (again / n).read_bytes() for n in mnist.MNIST_FILES)   # the same files
     mnist.write_idx(z / "t10k-images-idx3-ubyte.gz", np.zeros((4, 0, 0), np.uint8))
     with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte.gz: images of 0 x 0 pixels"):
         mnist.load_mnist(z, "test", verify=False)

@@ -63,8 +63,8 @@ def write_idx(path, array):
     a = np.ascontiguousarray(array, dtype=np.uint8)
     head = struct.pack(">I", 0x800 + a.ndim) + struct.pack(f">{a.ndim}I", *a.shape)
 
-    def write(tmp):
-        with gzip.open(tmp, "wb") as f:
+    def write(tmp):   # no mtime, no name: the same digits give the same file, and sha256 (runs record it)
+        with open(tmp, "wb") as raw, gzip.GzipFile("", "wb", fileobj=raw, mtime=0) as f:
             f.write(head + a.tobytes())
     util.atomic_write(path, write)
 

@@ -246,7 +246,7 @@ def main():
         def ours_run(task, limit, model=None, softmax="float32"):
             args = our_args(limit, softmax)
             if task not in data:   # read once, as evals/run.py does before the model loads
-                data[task] = R.load_data(task, args)
+                data[task] = R.load_data(task, args)[0]
             info = {"model": mdir, "dtype": "float32" if model else dtype_name, "quantize": None}
             sync()
             r = R.run_task(task, data[task], model or ours, tok, args, info)[0]

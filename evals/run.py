@@ -570,7 +570,8 @@ def check_lm_eval_layout(args, name):
 
 def load_data(task, args):
     """Every file the task reads: present (downloaded if missing), checksummed and parsed, so that
-    a missing or corrupt one stops the run before the model loads."""
+    a missing or corrupt one stops the run before the model loads. -> (the data, {<folder>/<file>:
+    sha256} of the files read: the results record them, checked or stand-in alike)."""
     kw = dict(download=not args.offline, verify=not args.no_verify)
     k = shots_for(task, args)
     if task == "mnist":
@@ -579,15 +580,17 @@ def load_data(task, args):
         pool = mnist.load_mnist(folder, "train", **kw) if k else None   # the shots come from the train split
         n_pool = len(pool[0]) if k else 0
         data = (test, pool)
+        read = [folder / n for n in mnist.MNIST_FILES if k or n.startswith("t10k")]
     else:
         paths = T.ensure_files(task, args.data_dir, **kw)
         data = T.load_piqa(paths) if task == "piqa" else T.load_hellaswag(paths) if task == "hellaswag" \
             else T.load_gsm8k(paths)
         n_pool = len(data[0]) if task == "gsm8k" else 0
+        read = [Path(p) for p in paths.values()]
     if k > n_pool and task in ("gsm8k", "mnist"):
         raise ValueError(f"--num-fewshot {k}: {task}'s training split has only {n_pool} examples to draw from; "
                          f"use at most {n_pool}")
-    return data
+    return data, {f"{p.parent.name}/{p.name}": util.file_hash(p, "sha256") for p in read}
 
 
 def base_model(args, acfg, ameta=None):
@@ -682,10 +685,10 @@ def evaluate(args):
     name, revision = base_model(args, acfg, ameta)
     if args.output_path:
         check_lm_eval_layout(args, name)
-    data, failed = {}, []
+    data, files, failed = {}, {}, []
     for t in tasks:
         try:
-            data[t] = util.rank_zero_first(lambda: load_data(t, args))   # torchrun: one download
+            data[t], files[t] = util.rank_zero_first(lambda: load_data(t, args))   # torchrun: one download
         except (ValueError, OSError, RuntimeError) as e:   # RuntimeError: rank 0 failed (torchrun's other ranks)
             if args.task != "all":
                 raise
@@ -738,7 +741,8 @@ def evaluate(args):
             failed.append(t)
             util.say(f"error: {task_error(t, e)}", file=sys.stderr)
             continue
-        r.update(base=base, base_check=check)    # what it ran on, and whether the adapter was made there
+        r.update(base=base, base_check=check,    # what it ran on, and whether the adapter was made there
+                 data_files=files[t], data_verified=not args.no_verify)   # and on which files, checked or not
         results.append(r)
         done.append(lm)
         if util.world()[0] == 0:                   # every rank holds the gathered results; one writes them

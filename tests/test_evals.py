@@ -326,7 +326,13 @@ def test_cli_end_to_end(task, tiny_dir, tmp_path, monkeypatch):
     r = json.loads(out.read_text())
     assert {"task", "model", "adapter", "dtype", "num_fewshot", "limit", "seconds", "metrics", "samples"} <= set(r)
     assert r["task"] == task and r["dtype"] == "float32" and r["limit"] == 4 and r["adapter"] is None
-    assert r["code"] == util.code_version() and r["machine"] == util.machine("cpu")   # what made it
+    assert r["code"] == util.code_version() and r["machine"] == util.machine("cpu")   # what made it, and from
+    folder = {"mnist": "mnist"}.get(task, task)                                        # which files, unchecked here
+    read = {"piqa": ["valid.jsonl", "valid-labels.lst"], "hellaswag": ["hellaswag_val.jsonl"],
+            "gsm8k": ["test.jsonl", "train.jsonl"]}.get(task) or \
+        [n for n in mnist.MNIST_FILES if shots or n.startswith("t10k")]
+    assert r["data_verified"] is False and sorted(r["data_files"]) == sorted(f"{folder}/{n}" for n in read), r["data_files"]
+    assert all(h == util.file_hash(tmp_path / k, "sha256") for k, h in r["data_files"].items())
     assert len(r["samples"]) == 4 and [s["doc_id"] for s in r["samples"]] == [0, 1, 2, 3]
     s = r["samples"][0]
     # lm-eval's files: DIR/<model, sanitized>/results_<date>.json and samples_<task>_<date>.jsonl

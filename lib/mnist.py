@@ -82,12 +82,13 @@ def load_mnist_splits(data_dir, splits, val_frac=0.01, seed=0, download=False, v
         if split not in ("train", "val", "test"):
             raise ValueError(f"split {split!r} is not train, val or test")
     out = {}
-    for part, stem in (("train", "train"), ("test", "t10k")):
+    parts = [(part, stem) for part, stem in (("train", "train"), ("test", "t10k"))
+             if any((s == "test") == (part == "test") for s in splits)]
+    names = lambda stem: [f"{stem}-{k}-idx{d}-ubyte.gz" for k, d in (("images", 3), ("labels", 1))]
+    ensure_mnist(data_dir, download, verify, [n for _, stem in parts for n in names(stem)])   # every one missing: said once
+    for part, stem in parts:
         wanted = [s for s in splits if (s == "test") == (part == "test")]
-        if not wanted:
-            continue
-        names = [f"{stem}-{k}-idx{d}-ubyte.gz" for k, d in (("images", 3), ("labels", 1))]
-        files = [ensure_mnist(data_dir, download, verify, names) / n for n in names]
+        files = [Path(data_dir) / n for n in names(stem)]
         x, y = read_idx(files[0], 2051), read_idx(files[1], 2049)
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
             raise ValueError(f"{files[0]}: {x.shape} images do not match {y.shape} labels in {files[1].name}")

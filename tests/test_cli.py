@@ -161,6 +161,7 @@ CASES = [
     # the data before the base (its download is gigabytes): a bad data file is said first
     ("rigsa", T("--model", "{w}/nope", "--data-dir", "{w}/emptydata"), 1, "{w}/emptydata/mnist/train-images-idx3"),
     ("rigsa", T("--model", "{m}", "--data-dir", "{w}/emptydata"), 1, "MNIST: missing data files"),
+    ("rigsa", T("--model", "{m}", "--data-dir", "{w}/emptydata"), 1, "t10k-labels-idx1-ubyte.gz <- "),   # all, at once
     ("rigsa", T("--model", "{m}", "--data-dir", "{w}/badmnist"), 1, "train-images-idx3-ubyte.gz"),
     ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--out", "{w}/run"), 1, "a run is already there"),
     ("rigsa", T("--resume", "--out", "{w}/emptydata"), 1, "nothing to resume"),

@@ -505,7 +505,7 @@ def ensure_files(what, key, folder, files, fetch=True, verify=True):
             got = file_hash(p, kind)
             return None if got == digest else f"{kind} {got}, expected {digest}"
         if path.exists() or path.is_symlink():
-            if path.is_dir() or not path.exists():
+            if not path.is_file():   # a folder, a broken link, a named pipe (its read would wait forever)
                 raise ValueError(f"{path}: not a file" + (" (a broken link)" if not path.exists() else "")
                                  + f"; put the {what} file {name} there (from {url})")
             if verify and (bad := differs(path)):

@@ -375,6 +375,7 @@ BAD_DATA = [   # (case, what is done to a copy of the data, what the one line sa
      "RIGSA_DATA_MIRROR, a copy of https://"),
     ("offline", "malformed", "gsm8k: {gsm}train.jsonl line 1: malformed JSON"),
     ("offline", "a folder", "{gsm}test.jsonl: not a file; put the gsm8k file test.jsonl there"),
+    ("offline", "a pipe", "{gsm}test.jsonl: not a file; put the gsm8k file test.jsonl there"),   # read: waits forever
     ("offline", "data dir a file", "{data}: not a directory; --data-dir is a folder of <task>/ folders"),
     ("offline", "few digits", "{data}/mnist: its 40 training images leave rigsa.py train's validation split (1% of "
      "them, §4.2) empty; use MNIST's own files"),   # found by the 11th step's training, after ten evaluations
@@ -403,9 +404,9 @@ def test_bad_data_is_named_before_the_first_step(world, tmp_path, capsys, monkey
         mnist.write_synthetic_mnist(data / "mnist", n_train=40, n_test=4, size=8)
     elif change == "checksums":
         without = ["--no-verify"]
-    elif change == "a folder":
+    elif change in ("a folder", "a pipe"):
         (data / "gsm8k" / "test.jsonl").unlink()
-        (data / "gsm8k" / "test.jsonl").mkdir()
+        (data / "gsm8k" / "test.jsonl").mkdir() if change == "a folder" else os.mkfifo(data / "gsm8k" / "test.jsonl")
     else:
         shutil.rmtree(data)
         data.write_text("not a folder")

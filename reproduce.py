@@ -175,11 +175,13 @@ class Inputs:
     sha256 of the data files and adapters it reads; each file hashed once (per size and mtime)."""
 
     def __init__(self, a):
-        self.a, self.base, self.hashes = a, None, {}
+        self.a, self.base, self.hashes, self.older = a, None, {}, None
 
     def identity(self):
         if self.base is None:  # only when needed: a hub id may have to be asked for its commit
-            self.base = M.base_identity(M.resolve(self.a.model, self.a.revision or None, offline=self.a.offline))
+            ident = M.base_identity(M.resolve(self.a.model, self.a.revision or None, offline=self.a.offline))
+            self.older = ident.pop("without_template", None)   # what records from before 2026-12-05 hold
+            self.base = ident
         return self.base
 
     def sha(self, path):
@@ -269,11 +271,17 @@ def show(key, value, model):
     return f"sha256 {value[:12]}" if "/" in key or key in ADAPTER_FLAGS else str(value)
 
 
-def difference(rec, now, model):
-    """The first input that differs between a record and now, said with both values; None if none."""
+def difference(rec, now, model, older=None):
+    """The first input that differs between a record and now, said with both values; None if none.
+    older: the base's fingerprint without chat_template.jinja, which a record made before that file was
+    covered holds: the same base at one hub commit (adapter_files.check_base)."""
     old = rec["inputs"]
     for k in list(now) + [k for k in old if k not in now]:
-        if old.get(k) != now.get(k):
+        a, b = old.get(k), now.get(k)
+        if k == "base model" and isinstance(a, dict) and isinstance(b, dict) and older and \
+                a.get("fingerprint") == older and a.get("commit") and a.get("commit") == b.get("commit"):
+            continue
+        if a != b:
             return f"{k}: {show(k, old.get(k), rec.get('model'))} then, {show(k, now.get(k), model)} now"
     return None
 
@@ -368,16 +376,21 @@ def test_images(run, m=None):
     """How many images a run's test_acc is over: as its iteration record `m` says (test_images), or in a
     run from before it was recorded, its --limit capped by the test split's size in its data root's IDX
     header, read again now (a relative --data-dir taken from the repository, where reproduce.py runs its
-    steps); None if unreadable: no interval, rather than one for another N."""
+    steps) if it is the file the run recorded (config.json's data sha256); None if unreadable or another
+    file: no interval, rather than one for another N."""
     if isinstance((m or {}).get("test_images"), int) and not isinstance(m["test_images"], bool):
         return m["test_images"]
     try:
-        cfg = json.loads((Path(run) / "config.json").read_text())["config"]
-    except (FileNotFoundError, KeyError, TypeError, ValueError):   # ValueError: not JSON; TypeError: not an object
-        cfg = {}
+        raw = json.loads((Path(run) / "config.json").read_text())
+        cfg, data = raw["config"], raw.get("data") or {}
+    except (FileNotFoundError, KeyError, TypeError, ValueError, AttributeError):   # not JSON, not an object
+        cfg, data = {}, {}
     cfg = cfg if isinstance(cfg, dict) else {}
+    name = "t10k-labels-idx1-ubyte.gz"
     try:
-        labels = Path(mnist.mnist_dir(REPO / cfg.get("data_dir", "data"))) / "t10k-labels-idx1-ubyte.gz"
+        labels = Path(mnist.mnist_dir(REPO / cfg.get("data_dir", "data"))) / name
+        if isinstance(data, dict) and data.get(name) not in (None, util.file_hash(labels, "sha256")):
+            return None   # its folder holds other test digits now (stand-ins then, MNIST's own now, or back)
         n = len(mnist.read_idx(labels, 2049))
     except (OSError, ValueError, TypeError):
         return None
@@ -833,7 +846,9 @@ def kind(cmd):
     f = flags(cmd)
     if is_training(cmd):
         return ("train", f.get("--method"))
-    return ("eval", f.get("--task"), f.get("--num-fewshot"), f.get("--quantize"), "qlora" in str(f.get("--adapter")))
+    adapter = f.get("--adapter")   # RUN/iterK: the run folder's name says its method (OUT's path may say anything)
+    return ("eval", f.get("--task"), f.get("--num-fewshot"), f.get("--quantize"),
+            bool(adapter) and Path(adapter).parent.name.startswith("qlora"))
 
 
 def duration(s):
@@ -875,7 +890,7 @@ def run_steps(a, again):
         made = (out / "config.json").exists() if train else out.exists()
         if made:
             rec = read_record(out)
-            why = difference(rec, inputs.of(cmd), a.model) if rec else None
+            why = difference(rec, inputs.of(cmd), a.model, inputs.older) if rec else None
             if rec and not why and not train and rec.get("sha256") not in (None, util.file_hash(out, "sha256")):
                 why = (f"changed after this step made it: sha256 {str(rec['sha256'])[:12]}... then, "
                        f"{util.file_hash(out, 'sha256')[:12]}... now (edited, replaced or cut)")

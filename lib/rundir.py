@@ -221,7 +221,8 @@ def run_dtype(cfg, device):
 
 
 def start(cfg, device, mask_like=None, resumes=False):
-    """A run's provenance, before its data and model load: --dtype resolved (run_dtype) and the base's
+    """A run's provenance, after its data are read (rigsa.setup: before the base's gigabytes) and before
+    its model loads: --dtype resolved (run_dtype) and the base's
     files (a hub id resolves to one commit, which the run records in its config and every adapter's,
     and a resumed run loads again, whatever the hub's main is by then), both written into cfg; the
     base checked (check_bases); the config and the dtype's reason printed; `resumes`: from a resume.pt,

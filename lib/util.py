@@ -841,17 +841,24 @@ def git_commit():
 
 
 CODE = ("rigsa.py", "model.py", "qlora.py", "cli.py", "lib/*.py", "evals/*.py")   # every source a number passes through
-_CODE = []
+
+
+def code_hash(root):
+    """The sources under `root` that compute a number (CODE), as the first 12 hex digits of one sha256
+    over their paths and bytes."""
+    h = hashlib.sha256()
+    for p in sorted(q for pattern in CODE for q in Path(root).glob(pattern)):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
+_CODE = code_hash(Path(__file__).resolve().parent.parent)   # at import: the code this process runs, even if a
+                                                            # git pull changes the files during hours of work
 
 
 def code_version():
-    """The sources that compute a number (CODE), as the first 12 hex digits of one sha256 over their
-    paths and bytes: what a run and an evaluation record, so that results of other code are told apart.
-    The git commit is recorded too, but it moves with every commit (a README's too), reads "-dirty"
-    for an edit of any tracked file, and is unknown outside a git checkout."""
-    if not _CODE:   # once a process: the sources do not change under a running one
-        root, h = Path(__file__).resolve().parent.parent, hashlib.sha256()
-        for p in sorted(q for pattern in CODE for q in root.glob(pattern)):
-            h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
-        _CODE.append(h.hexdigest()[:12])
-    return _CODE[0]
+    """What a run and an evaluation record of the code that made them (code_hash of this checkout, as
+    imported), so that results of other code are told apart. The git commit is recorded too, but it moves
+    with every commit (a README's too), reads "-dirty" for an edit of any tracked file, and is unknown
+    outside a git checkout."""
+    return _CODE

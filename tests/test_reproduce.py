@@ -154,10 +154,12 @@ def test_outputs_of_other_code_are_kept_and_said(world, tmp_path, capsys, no_plo
 
 def test_the_eta_comes_from_the_steps_of_each_kind_run_here(tmp_path):
     # reproduce.py runs for days: after each step, how long the rest should take (its steps' own bars restart)
-    steps = [c for _, c in P.plan(P.parse_args(["--out", str(tmp_path)]))]
+    steps = [c for _, c in P.plan(P.parse_args(["--out", str(tmp_path / "qlora-study")]))]   # OUT's name: no kind
     kinds = {P.kind(c) for c in steps}   # 10 base evaluations (an adapter of full precision: as long), 3 trainings,
     # and the 3 tasks on a QLoRA adapter
     assert len(kinds) == 16 and ("train", "qlora") in kinds and ("eval", "piqa", None, "nf4", False) in kinds
+    rig = next(c for c in steps if "--adapter" in c and P.flags(c)["--adapter"].endswith("/rigsa/iter1"))
+    assert P.kind(rig) == ("eval", "piqa", None, None, False)   # RIGSA's adapter, though OUT's name says qlora
     took = {k: [10.0] for k in kinds}
     assert P.eta(took, steps) == 10.0 * len(steps) == 460
     took[("train", "rigsa")] = [100.0, 300.0]   # the mean of its kind
@@ -658,3 +660,33 @@ def test_docs_runs_table_names_every_flag(capsys):
     table = "".join(x for x in doc[doc.index("## `reproduce.py`"):doc.index("## Data files")].splitlines(True)
                     if x.startswith("| `"))   # its rows, not the prose around them
     assert flags and not {f for f in flags if f"`{f}" not in table}, "undocumented in docs/runs.md"
+
+
+def test_a_record_from_before_the_template_was_fingerprinted_is_the_same_base(tiny_dir, tmp_path):
+    # a base with chat_template.jinja: its records hold only commit and fingerprint (not the older one beside)
+    d = tmp_path / "t"
+    shutil.copytree(tiny_dir, d)
+    (d / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    inputs = P.Inputs(P.parse_args(["--model", str(d), "--out", str(tmp_path / "out")]))
+    now = inputs.identity()
+    assert set(now) == {"commit", "fingerprint"} and inputs.older == M.base_identity(tiny_dir)["fingerprint"]
+    hub = {"commit": "a" * 40}
+    rec = lambda base: {"inputs": {"base model": base}, "model": "t"}
+    assert P.difference(rec({**hub, "fingerprint": inputs.older}), {"base model": {**hub, **{"fingerprint": "f"}}},
+                        "t", inputs.older) is None   # one hub commit: the template too was this one
+    for base in ({"commit": None, "fingerprint": inputs.older}, {**hub, "fingerprint": "0" * 16}):
+        assert P.difference(rec(base), {"base model": {**hub, "fingerprint": "f"}}, "t", inputs.older).startswith(
+            "base model: ")
+
+
+def test_an_older_runs_test_count_is_read_only_from_its_own_file(tmp_path, monkeypatch):
+    # a run from before test_images was recorded: its data folder now, if it holds the file the run recorded
+    monkeypatch.setattr(P, "REPO", tmp_path)
+    d = mnist.write_synthetic_mnist(tmp_path / "d" / "mnist", n_train=60, n_test=4, size=8)
+    sha = util.file_hash(d / "t10k-labels-idx1-ubyte.gz", "sha256")
+    run = tmp_path / "run"
+    run.mkdir()
+    for data, want in (({"t10k-labels-idx1-ubyte.gz": sha}, 4), ({}, 4), ({"t10k-labels-idx1-ubyte.gz": "0" * 64}, None)):
+        (run / "config.json").write_text(json.dumps({"config": {"data_dir": "d", "limit": 0}, "data": data}))
+        assert P.test_images(run) == want, data   # another file there now: no interval, not one for its N
+    assert P.test_images(run, {"test_images": 8}) == 8

@@ -3,6 +3,7 @@ the progress bar in a log and on/off, the device, malloc settings."""
 import errno
 import json
 import os
+import shutil
 import platform
 import re
 import select
@@ -461,3 +462,18 @@ def test_ensure_files_fetches_checks_and_names_what_is_missing(server, tmp_path,
     with pytest.raises(FileNotFoundError, match=r"d.bin <- http://127.0.0.1:\d+/toy/d.bin \(from RIGSA_DATA_MIRROR, a copy of "
                                                 r"https://example.invalid/d.bin\): HTTP 404"):
         util.ensure_files("toy", "toy", tmp_path / "toy", missing[:1])
+
+
+def test_the_code_version_moves_with_the_sources_only(tmp_path):
+    # recorded with every run and evaluation: a source edit is another version, a README's is not
+    repo = Path(util.__file__).resolve().parent.parent
+    tree = tmp_path / "tree"
+    for pattern in util.CODE + ("README.md",):
+        for p in repo.glob(pattern):
+            (tree / p.relative_to(repo)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, tree / p.relative_to(repo))
+    assert util.code_hash(tree) == util.code_version()   # as imported: this checkout's sources
+    (tree / "README.md").write_text("edited")
+    assert util.code_hash(tree) == util.code_version()
+    (tree / "lib" / "util.py").write_text((tree / "lib" / "util.py").read_text() + "\n# an edit\n")
+    assert util.code_hash(tree) != util.code_version()

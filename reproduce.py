@@ -66,6 +66,7 @@ if __name__ == "__main__":   # a signal while torch loads (a second or two): one
 
 import model as M
 import rigsa
+from lib import adapter_files as AF
 from lib import mnist
 from lib import util
 from evals import tasks as T
@@ -274,12 +275,12 @@ def show(key, value, model):
 def difference(rec, now, model, older=None):
     """The first input that differs between a record and now, said with both values; None if none.
     older: the base's fingerprint without chat_template.jinja, which a record made before that file was
-    covered holds: the same base at one hub commit (adapter_files.check_base)."""
+    covered holds: the same base at one hub commit (adapter_files.same_base)."""
     old = rec["inputs"]
     for k in list(now) + [k for k in old if k not in now]:
         a, b = old.get(k), now.get(k)
-        if k == "base model" and isinstance(a, dict) and isinstance(b, dict) and older and \
-                a.get("fingerprint") == older and a.get("commit") and a.get("commit") == b.get("commit"):
+        if k == "base model" and isinstance(a, dict) and isinstance(b, dict) and a.get("commit") == b.get("commit") \
+                and AF.same_base(a, {**b, "without_template": older}):
             continue
         if a != b:
             return f"{k}: {show(k, old.get(k), rec.get('model'))} then, {show(k, now.get(k), model)} now"
@@ -462,7 +463,7 @@ def results(out, seeds):
 # TABLES.md
 
 
-def machine(path, key="machine"):
+def recorded(path, key="machine"):
     """The machine an output was made on (its torch kernels set the last bits), or with key "code" the
     version of rigsa's code (util.code_version), as recorded: a run's config.json (and each other one a
     resume ran on), an evaluation's JSON; None for an older version's."""
@@ -495,8 +496,8 @@ def made_by(out):
             + (f", --limit {i['--limit']}" if "--limit" in i else ", no --limit (all)") \
             + ((f", --steps {i['--steps']}" if "--steps" in i else ", no --steps (the paper's epochs)")
                if group == "trainings" else "") \
-            + (f", on {m}" if (m := machine(p / "config.json" if group == "trainings" else p)) else "") \
-            + (f", rigsa's code {c}" if (c := machine(p / "config.json" if group == "trainings" else p, "code")) else "")
+            + (f", on {m}" if (m := recorded(p / "config.json" if group == "trainings" else p)) else "") \
+            + (f", rigsa's code {c}" if (c := recorded(p / "config.json" if group == "trainings" else p, "code")) else "")
         groups.setdefault(group, {}).setdefault(what, 0)
         groups[group][what] += 1
     L = ["Made by (each output's record, `<output>.inputs.json`):"] if groups or unrecorded else []
@@ -899,7 +900,7 @@ def run_steps(a, again):
             if rec and not why and (not train or target.exists()):
                 if rec.get("status") != "done":   # it finished after its record was written
                     record(out, cmd, rec["inputs"], rec.get("model"), "done")
-                if machine(out / "config.json" if train else out, "code") not in (None, util.code_version()):
+                if recorded(out / "config.json" if train else out, "code") not in (None, util.code_version()):
                     older.append(str(out))   # kept (code is no input), but said, and named in TABLES.md
                 continue
             if rec is None and (train or not a.rerun_changed):

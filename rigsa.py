@@ -550,12 +550,12 @@ def setup(cfg, resume=None, given=None):
     out = Path(cfg.out)
     lora = METHODS[cfg.method]["lora"]
     device = util.init_distributed(cfg.device)   # torchrun: rank 0 downloads, the others wait (rank_zero_first)
-    # the base's files (one hub commit, resumed on) and --dtype resolved (auto: bfloat16 where the device
-    # computes it natively), checked against --resume's run and --mask-like's adapter: rundir.start
     mask_like = read_adapter(cfg.mask_like, tensors=False)[1] if cfg.mask_like and resume is None else None
     # data (§4.2): encoded on the fly, 16 prompts per step cost nothing next to the model; read (and
     # fetched) before the base, whose download is gigabytes: a bad data file is said first
     data, hashes = util.rank_zero_first(lambda: mnist.run_splits(cfg))
+    # the base's files (one hub commit, resumed on) and --dtype resolved (auto: bfloat16 where the device
+    # computes it natively), checked against --resume's run and --mask-like's adapter: rundir.start
     base, ident, dtype, started, checks = rundir.start(cfg, device, mask_like, resumes=resume is not None)
     torch.manual_seed(cfg.seed)
     if cfg.resume:   # the run continues on the data it started on (--data-dir may move, not change)

@@ -200,6 +200,15 @@ def mask_counts(spec):
     return {k[:-len(".delta")]: v.numel() for k, v in tensors.items() if k.endswith(".delta")}
 
 
+def same_base(recorded, have):
+    """Whether a base record (adapter, run, reproduce's) names the base `have` (model.base_identity): its
+    fingerprint, or one recorded before chat_template.jinja was covered ("without_template") at one hub
+    commit, where the template too is the one it was made with."""
+    fp = recorded.get("fingerprint")
+    return bool(fp) and (fp == have.get("fingerprint") or (
+        fp == have.get("without_template") and bool(recorded.get("commit")) and recorded.get("commit") == have.get("commit")))
+
+
 def check_base(recorded, have, what, allow=False):
     """An adapter (or a run) applies to the base it was made on: recorded and have are
     {"model", "commit", "fingerprint"} (model.base_identity). Another base is refused, since dW0 and
@@ -210,11 +219,9 @@ def check_base(recorded, have, what, allow=False):
         util.say(f"warning: {what}: records no base identity (an older version wrote it), so whether it fits "
                  f"{have['model']} is not checked", file=sys.stderr)
         return "unrecorded"
-    if recorded["fingerprint"] == have["fingerprint"]:
+    if same_base(recorded, have):
         return "same"
     older = recorded["fingerprint"] == have.get("without_template")   # recorded before chat_template.jinja counted
-    if older and recorded.get("commit") and recorded["commit"] == have.get("commit"):
-        return "same"   # one hub commit: the template too is the one it was made with
     at = lambda b: f"{b.get('model')} ({'commit ' + b['commit'] + ', ' if b.get('commit') else ''}weights {b['fingerprint']})"
     msg = f"{what}: made on the base {at(recorded)}, not on {at(have)}"
     if older:   # the same weights and files but the template, which a version before 2026-12-05 did not fingerprint

@@ -326,7 +326,7 @@ def test_tables_name_the_machine_and_a_mix_of_machines(tmp_path):
     for odd in ({"machine": 3}, {"machine": ["x"]}, {"machine": "cpu: A", "resumed_on": 5},
                 {"machine": "cpu: A", "resumed_on": [{"machine": 3}, "x"]}):   # hand-edited: read what can be read
         (tmp_path / "odd.json").write_text(json.dumps(odd))
-        assert P.machine(tmp_path / "odd.json") == (None if "resumed_on" not in odd else "cpu: A")
+        assert P.recorded(tmp_path / "odd.json") == (None if "resumed_on" not in odd else "cpu: A")
     assert line.endswith("on cpu: A CPU (AMX); 1 from `M` (fingerprint f1), --limit 2, no --steps (the paper's epochs), on cpu: A CPU (AMX) and cuda: A GPU") and line.startswith("- trainings: **mixed**: "), line
 
 

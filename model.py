@@ -716,9 +716,8 @@ def load(name_or_path=DEFAULT_MODEL, device=None, dtype=None, revision=None, ver
     is the commit loaded; verify: see resolve."""
     path = resolve(name_or_path, revision, verify)
     cfg = SmolLM2Config.from_json(path / "config.json")
-    if (json.loads((path / "config.json").read_text()).get("quantization_config") or {}).get("load_in_4bit"):
-        # else: a shape error on its first packed tensor
-        raise ValueError(f"{path}: a bitsandbytes 4-bit checkpoint (config.json's quantization_config), and this needs "
+    if kind := quantized(path):   # else a shape error on its first packed tensor, or a dtype error
+        raise ValueError(f"{path}: {kind} checkpoint (config.json's quantization_config), and this needs "
                          f"the unquantized weights; pass the checkpoint it was quantized from")
     tok = check_vocab(cfg, load_tokenizer(path), path)   # before the weights: a mismatch costs no load
     device = util.pick_device(device)
@@ -747,6 +746,26 @@ def load(name_or_path=DEFAULT_MODEL, device=None, dtype=None, revision=None, ver
     assert not cfg.tie_word_embeddings or model.lm_head.weight is model.model.embed_tokens.weight
     model.eval().requires_grad_(False)
     return model, tok
+
+
+def quantization(path):
+    """config.json's quantization_config ({} for unquantized weights); one that is not a mapping is one line."""
+    qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+    if not isinstance(qc, dict):
+        raise ValueError(f"{Path(path) / 'config.json'}: quantization_config is a {type(qc).__name__}, not a mapping; "
+                         f"the file is damaged or hand-edited: use the model's own config.json")
+    return qc
+
+
+def quantized(path):
+    """What quantized checkpoint the folder holds ("a bitsandbytes 4-bit", "a quantized (gptq)", ...), or None: its
+    weights are not the unquantized ones model.load reads (transformers writes a bitsandbytes config
+    with both load_in flags false for a model that is not quantized)."""
+    qc = quantization(path)
+    if qc.get("load_in_4bit") or qc.get("load_in_8bit"):
+        return f"a bitsandbytes {'4' if qc.get('load_in_4bit') else '8'}-bit"
+    method = qc.get("quant_method")
+    return f"a quantized ({method})" if method and method != "bitsandbytes" else None
 
 
 def check_vocab(cfg, tok, path):

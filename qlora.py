@@ -547,8 +547,8 @@ def load_model(name_or_path, device=None, dtype=None, revision=None):
     load_in_4bit, e.g. unsloth/SmolLM2-1.7B-Instruct-bnb-4bit). -> (model, tokenizer)."""
     path = M.resolve(name_or_path, revision)
     try:
-        qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
-    except (FileNotFoundError, json.JSONDecodeError):
+        qc = M.quantization(path)
+    except (FileNotFoundError, json.JSONDecodeError):   # model.load says what is wrong with config.json
         qc = {}
     if not qc.get("load_in_4bit"):
         return M.load(path, device, dtype, revision=revision)

@@ -372,6 +372,23 @@ def test_prequantized_unsloth_layout(tiny, tiny_dir, tmp_path):
     with pytest.raises(ValueError, match=r"^\S+: a bitsandbytes 4-bit checkpoint \(config.json's quantization_config\), "
                                          r"and this needs the unquantized weights; pass the checkpoint it was quantized from$"):
         M.load(str(tmp_path), device="cpu")   # rigsa, lora, dense and merge read the weights themselves
+    for qc, kind in (({"quant_method": "bitsandbytes", "load_in_8bit": True}, "a bitsandbytes 8-bit"),
+                     ({"quant_method": "gptq", "bits": 4}, r"a quantized \(gptq\)"),
+                     ({"quant_method": "awq"}, r"a quantized \(awq\)")):   # else a shape or dtype error
+        (tmp_path / "config.json").write_text(json.dumps({**c, "quantization_config": qc}))
+        for load in (M.load, Q.load_model):
+            with pytest.raises(ValueError, match=rf"^\S+: {kind} checkpoint \(config.json's quantization_config\), and "):
+                load(str(tmp_path), device="cpu")
+    for qc in ("nf4", [4]):   # not a mapping: one line, not an AttributeError
+        (tmp_path / "config.json").write_text(json.dumps({**c, "quantization_config": qc}))
+        for load in (M.load, Q.load_model):
+            with pytest.raises(ValueError, match=r"config.json: quantization_config is a (str|list), not a mapping; "):
+                load(str(tmp_path), device="cpu")
+    # transformers' config of a model it did not quantize: both flags false, the weights plain
+    plain = shutil.copytree(tiny_dir, tmp_path / "plain")
+    (plain / "config.json").write_text(json.dumps({**c, "quantization_config": {
+        "quant_method": "bitsandbytes", "load_in_4bit": False, "load_in_8bit": False}}))
+    assert not Q._targets(M.load(str(plain), device="cpu")[0], Q.Linear4bit)
     bad = dict(sd)
     bad.pop(f"{p}.weight.absmax")
     with pytest.raises(ValueError, match="absmax"):

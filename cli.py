@@ -35,11 +35,13 @@ from lib import util
 
 
 @torch.no_grad()
-def load_adapter(model, path, base=None, allow_other_base=False):
+def load_adapter(model, path, base=None, allow_other_base=False, read=None):
     """Install a saved adapter (any method) into a loaded base model, in place, every tensor into
     exactly one layer of its shape and kind. base: the model's identity ({"model", **model.base_identity}),
-    checked against the one the adapter recorded (adapter_files.check_base). -> (its Config, the verdict)."""
-    tensors, meta, cfg = rigsa.read_adapter(path)
+    checked against the one the adapter recorded (adapter_files.check_base). read: rigsa.read_adapter(path),
+    where the caller read it before the base loaded (its checksum checked before that long work).
+    -> (its Config, the verdict)."""
+    tensors, meta, cfg = read or rigsa.read_adapter(path)
     verdict = (AF.check_base(meta["base"], base, str(AF.adapter_path(path)), allow_other_base)
                if base else "unchecked")
     if rigsa.METHODS[cfg.method]["lora"]:
@@ -95,8 +97,9 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
         raise ValueError(f"--out {out}: cannot write in {parent} ({e.strerror}); choose another --out") from None
     ident = {"model": name, **M.base_identity(src)}
     verdict = AF.check_base(meta["base"], ident, f"--adapter {adapter}", allow_other_base)   # before the load
+    read = rigsa.read_adapter(adapter)   # its tensors, checksum checked, before the load too
     model, _ = M.load(src, "cpu", torch.float32)   # merge in float32, then cast
-    load_adapter(model, adapter)
+    load_adapter(model, adapter, read=read)
     lost, total = AF.merge_adapters(model, getattr(torch, dtype))
     frac = lost / max(total, 1e-30)
     if frac > 0.01 and not allow_lossy:

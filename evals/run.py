@@ -606,11 +606,9 @@ def base_model(args, acfg, ameta=None):
     return name, revision
 
 
-def install_adapter(model, spec, base, check=None):
+def install_adapter(model, spec, base, check=None, read=None):
     try:
-        cli.load_adapter(model, spec)  # in memory only: nothing is merged on disk (the base was checked before)
-    except AF.Damaged:   # changed since it was written: said as it is
-        raise
+        cli.load_adapter(model, spec, read=read)  # in memory only: nothing is merged on disk (the base was checked before)
     except (ValueError, RuntimeError) as e:  # another base's adapter: layer names, shapes or dW0 differ
         why = " ".join(str(e).split())
         if check == "same" and "regenerate identically" not in why:   # its own base: the file is damaged or edited
@@ -719,11 +717,15 @@ def evaluate(args):
                 raise
             failed.append(data.pop("mnist") and "mnist")
             util.say(f"error: {task_error('mnist', e)}", file=sys.stderr)
+    try:   # the adapter's tensors, checksum checked, before the base loads (minutes at 1.7B)
+        read = rigsa.read_adapter(args.adapter) if args.adapter else None
+    except (ValueError, OSError) as e:
+        raise ValueError(f"--adapter: {e}") from None
     model, tok = qlora.load_model(str(path), str(device), dtype)   # model.load, or a bnb-4bit checkpoint
     if args.quantize and (acfg is None or not rigsa.METHODS[acfg.method]["nf4"]):  # a qlora adapter quantizes its base itself
         qlora.quantize_model(model)
     if args.adapter:
-        install_adapter(model, args.adapter, name, check)
+        install_adapter(model, args.adapter, name, check, read)
     quantize = "nf4" if qlora.is_quantized(model) else None   # --quantize, a QLoRA adapter or a 4-bit checkpoint
     info = run_info(args, model, tok, name, revision, quantize, device)
     info["dtype_choice"] = why

@@ -122,10 +122,6 @@ def set_trainable(model, layers, state):
         own[n].copy_(t)
 
 
-class Damaged(ValueError):
-    """An adapter file whose tensors are not the ones written with it: nothing else to say of it."""
-
-
 def checksum(tensors):
     """sha256 over the tensors in name order: each one's name, dtype, shape and bytes."""
     h = hashlib.sha256()
@@ -180,7 +176,7 @@ def read(spec, tensors=True):
     if meta.get("format") != "rigsa-adapter":
         raise ValueError(f"{p}: not a rigsa adapter file (no format=rigsa-adapter metadata)")
     if t is not None and "tensors_sha256" in meta and checksum(t) != meta["tensors_sha256"]:   # older files: none
-        raise Damaged(f"{p}: its tensors do not match the checksum written with them (changed since: a damaged "
+        raise ValueError(f"{p}: its tensors do not match the checksum written with them (changed since: a damaged "
                          f"copy or disk); copy it again from where its run wrote it, or train it again (an edit on purpose: "
                          f"save it with lib/adapter_files.write, which records its checksum)")
     try:

@@ -221,7 +221,7 @@ CASES = [
      "{w}/qlora/iter1-peft: the PEFT copy of {w}/qlora/iter1 (for peft and transformers); name the adapter itself"),
     ("evals", E("--task", "mnist", "--adapter", "{w}/halfdelta", "--model", "{m}"), 1, "up_proj.delta is float16, not float32"),
     ("evals", E("--task", "mnist", "--adapter", "{w}/flipped", "--model", "{m}"), 1,
-     "error: {w}/flipped.safetensors: its tensors do not match the checksum written with them (changed since"),
+     "error: --adapter: {w}/flipped.safetensors: its tensors do not match the checksum written with them (changed since"),
     ("rigsa", ["merge", "--adapter", "{w}/oddbase", "--out", "{w}/m8"], 1, "oddbase.safetensors: its metadata"),
     ("rigsa", ["merge", "--adapter", "{w}/run/iter2", "--out", "{w}/full/x"], 1, "--out {w}/full/x: is a file"),
     # 4. a flag means what it says: typed at its default is typed; one that cannot act is refused
@@ -613,7 +613,7 @@ def test_a_demo_stopped_by_a_signal_ends_as_a_training_does(tmp_path, monkeypatc
                                          ("dW0 of L does not regenerate identically on this platform", False)])
 def test_an_adapter_that_does_not_fit_its_own_base_is_called_what_it_is(monkeypatch, why, damaged):
     # on the base it was trained on, a file that does not fit is damaged, unless this platform draws dW0 otherwise
-    def load(model, spec):
+    def load(model, spec, read=None):
         raise ValueError(why)
     monkeypatch.setattr(cli, "load_adapter", load)
     with pytest.raises(ValueError) as e:

@@ -946,9 +946,15 @@ def run_steps(a, again):
             record_path(out).unlink(missing_ok=True)
         check_stop()
         if rc != 0:
+            say_older(older)   # they stay kept in OUT, and the run that continues will not find them new
             raise ValueError(f"step {i} of {len(steps)}: failed (exit {rc}); fix it, and continue with: {again}")
     check_stop()
     AT.update(done=len(steps), output=None)
+    say_older(older)
+
+
+def say_older(older):
+    """The note on kept outputs whose record names other code than this checkout's (code is no input)."""
     if older:
         print(f"note: {len(older)} of the outputs kept ({', '.join(older[:3])}{', ...' * (len(older) > 3)}) were made "
               f"by another version of rigsa's code than this checkout's ({util.code_version()}, the sha256 of its sources); "

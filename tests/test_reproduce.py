@@ -132,7 +132,7 @@ def test_main_skips_recorded_outputs_and_resumes(world, tmp_path, capsys):
     assert e.value.code == 2 and "--seeds" in capsys.readouterr().err
 
 
-def test_outputs_of_other_code_are_kept_and_said(world, tmp_path, capsys, no_plots):
+def test_outputs_of_other_code_are_kept_and_said(world, tmp_path, capsys, no_plots, monkeypatch):
     # code is no input (a git pull would otherwise redo days of work), but what other code made is never silent
     w, A, _ = world
     argv = quick(A, tmp_path, w / "data")
@@ -146,6 +146,12 @@ def test_outputs_of_other_code_are_kept_and_said(world, tmp_path, capsys, no_plo
     err = capsys.readouterr().err
     assert err.startswith(f"note: 1 of the outputs kept ({evals[0]}) were made by another version of rigsa's code than "
                           f"this checkout's ({util.code_version()}, the sha256 of its sources)"), err
+    monkeypatch.setattr(P, "run_step", lambda cmd, env: 1)   # a later step fails: the note is said all the same
+    with pytest.raises(SystemExit) as e:
+        P.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith(f"note: 1 of the outputs kept ({evals[0]})") \
+        and "error: step 4 of 46: failed (exit 1)" in err, err
     P.main(["--out", str(tmp_path), "--tables-only"])
     line = next(x for x in (tmp_path / "TABLES.md").read_text().splitlines() if x.startswith("- base-model"))
     assert line.startswith("- base-model evaluations: **mixed**: ") and "rigsa's code 0123456789ab;" in line \

@@ -670,6 +670,8 @@ def auto_dtype(name, device):
     (mixed precision: autocast, float32 master weights and optimizer state), else float32; any other
     name is itself, as asked."""
     if name not in (None, "auto"):
+        if name == "bfloat16" and torch.device(device).type == "cpu" and not native_bf16(device):
+            return torch.bfloat16, "as asked; emulated on this cpu (no AMX or AVX512-BF16): many times slower than float32"
         return getattr(torch, name), "as asked"
     why = native_bf16(device)
     return (torch.bfloat16, f"auto: {why}") if why else (torch.float32, f"auto: no native bfloat16 on this {torch.device(device).type}")

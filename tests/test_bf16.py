@@ -129,7 +129,7 @@ def test_every_method_trains_saves_and_evaluates_in_bfloat16(tiny_dir, tmp_path,
     R.main(["--task", "mnist", "--model", str(tiny_dir), "--adapter", str(tmp_path / "run" / last), "--data-dir",
             str(tmp_path), "--no-verify", "--offline", "--limit", "4", "--dtype", "bfloat16", "--output", str(out)])
     r = json.loads(out.read_text())
-    assert r["dtype"] == "bfloat16" and r["dtype_choice"] == "as asked" and 0 <= r["metrics"]["acc"] <= 1
+    assert r["dtype"] == "bfloat16" and r["dtype_choice"].startswith("as asked") and 0 <= r["metrics"]["acc"] <= 1
     if method in ("random-mask", "lt-sft"):
         merged, _ = M.load(cli.merge(tmp_path / "run" / last, tmp_path / "merged"))
         assert merged.lm_head.weight.dtype == torch.float32
@@ -140,8 +140,12 @@ def test_auto_is_bfloat16_only_where_the_cpu_computes_it(tiny_dir, tmp_path, mon
     for name in has:
         monkeypatch.setattr(torch.cpu, name, lambda name=name: has[name], raising=False)
     assert util.auto_dtype("auto", "cpu") == (torch.float32, "auto: no native bfloat16 on this cpu")
-    assert util.auto_dtype("bfloat16", "cpu") == (torch.bfloat16, "as asked")
+    # asked for on such a CPU: taken, and said (an AVX2 EPYC, 2026-12-05: 1.2 GFLOP/s against float32's 64)
+    assert util.auto_dtype("bfloat16", "cpu") == (torch.bfloat16, "as asked; emulated on this cpu (no AMX or "
+                                                  "AVX512-BF16): many times slower than float32")
+    assert util.auto_dtype("float32", "cpu") == (torch.float32, "as asked")
     has["_is_avx512_bf16_supported"] = True
+    assert util.auto_dtype("bfloat16", "cpu") == (torch.bfloat16, "as asked")
     assert util.auto_dtype("auto", "cpu") == (torch.bfloat16, "auto: AVX512-BF16")
     has["_is_amx_tile_supported"] = True
     assert util.auto_dtype("auto", "cpu") == (torch.bfloat16, "auto: AMX")

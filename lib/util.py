@@ -215,7 +215,8 @@ def lock_dir(path, what="rigsa.py"):
     kernel, not a read then a rename, decides between processes that race for it. A LOCK whose process
     runs (its flock held; or, where nothing holds one, its pid alive on this host, or any pid on
     another host, which cannot be checked) -> FileExistsError naming its pid; one whose process is
-    gone (a kill) is stale: taken over with one note line. Released (the file removed, if still ours)
+    gone (a kill) is stale: taken over with one note line. A LOCK that is not one (the user's own
+    file of that name) is refused, and left as it is. Released (the file removed, if still ours)
     on every way out, SIGTERM included (sigterm_cleanup)."""
     folder = os.path.abspath(path)
     lock = os.path.join(folder, "LOCK")
@@ -267,6 +268,11 @@ def lock_dir(path, what="rigsa.py"):
                 return None
             if held == () and time_since_change(lock) < 2:   # its maker, before its flock or its line: not stale
                 held = None
+            if held == () and os.fstat(fd).st_size:   # not what a maker killed before its line leaves (an empty
+                # file): a file of the user's, or one another program wrote; never rigsa's to take over or delete
+                raise FileExistsError(f"{lock}: not a lock file of rigsa's (it holds something other than 'pid host "
+                                      f"start'); move it away, since {what} keeps a file of that name in {path} "
+                                      f"while it writes there")
             if held:
                 pid, where, start = held
                 # no flock holds it, but its process may be writing: one on another host (which cannot be
@@ -287,7 +293,8 @@ def lock_dir(path, what="rigsa.py"):
         raise FileExistsError(f"{path}: could not take {lock} (other processes keep taking it); try again")
     f, stale = took
     if stale is not None:
-        print(f"note: {lock}: " + (f"stale lock of pid {stale[0]} (not running)" if stale else "unreadable lock")
+        print(f"note: {lock}: " + (f"stale lock of pid {stale[0]} (not running)" if stale else
+                                   "empty lock (its process was stopped before it wrote its line)")
               + "; taken over", file=sys.stderr)
     _HELD.add(folder)
     try:

@@ -116,6 +116,22 @@ def test_a_merge_that_cannot_be_written_as_asked_is_refused_before_the_load(worl
     assert tree(world) == before
 
 
+def test_a_file_of_the_users_named_lock_is_never_taken(world, tmp_path):
+    # rigsa keeps OUT/LOCK while it writes OUT; a LOCK of the user's (not 'pid host start'), however old, stays
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "LOCK").write_text("my notes\n")
+    os.utime(out / "LOCK", (time.time() - 3600,) * 2)
+    before = tree(tmp_path)
+    for extra in (["--resume"], ["--lr", "2e-2"]):
+        with pytest.raises(SystemExit) as e:
+            rigsa.main(["train", "--model", str(world / "model"), "--data-dir", str(world / "data"), "--no-verify",
+                        "--offline", "--device", "cpu", "--steps", "2", "--out", str(out), *extra])
+        assert e.value.code == f"error: {out / 'LOCK'}: not a lock file of rigsa's (it holds something other than " \
+            f"'pid host start'); move it away, since rigsa.py keeps a file of that name in {out} while it writes there"
+        assert tree(tmp_path) == before
+
+
 def test_a_damaged_adapter_is_refused_before_the_base_loads(world, tmp_path, monkeypatch):
     # its checksum is checked when its tensors are read, and that read comes before the base's (minutes at 1.7B)
     from safetensors import safe_open

@@ -160,7 +160,16 @@ def test_lock_dir_one_writer_stale_locks_taken_over(tmp_path, capsys):
             err = capsys.readouterr().err
             pid = content.split()[0] if content else None
             assert err == (f"note: {lock}: stale lock of pid {pid} (not running); taken over\n" if pid else
-                           f"note: {lock}: unreadable lock; taken over\n")
+                           f"note: {lock}: empty lock (its process was stopped before it wrote its line); taken over\n")
+        for content in ("my notes on locks\n", "x", f"{dead.pid}\n"):   # a file of the user's: refused, kept as it is
+            lock.write_text(content)
+            os.utime(lock, (time.time() - 3600,) * 2)
+            with pytest.raises(FileExistsError, match=f"^{lock}: not a lock file of rigsa's \\(it holds something "
+                                                      f"other than 'pid host start'\\); move it away"):
+                with util.lock_dir(tmp_path):
+                    pass
+            assert lock.read_text() == content
+        lock.unlink()
     finally:
         live.kill()
         live.wait()

@@ -437,12 +437,18 @@ def random_masks(layers, counts, seed):
 def random_mask_init(run):
     """--method random-mask's initial mask: --mask-like's per-layer counts, or --density's."""
     cfg, layers = run.cfg, run.layers
-    counts = (AF.mask_counts(cfg.mask_like) if cfg.mask_like else
-              {n: round(cfg.density * L.numel()) for n, L in layers.items()})
-    if set(counts) != set(layers):
+    if not cfg.mask_like:
+        return random_masks(layers, {n: round(cfg.density * L.numel()) for n, L in layers.items()}, cfg.seed)
+    like = AF.mask_counts(cfg.mask_like)   # name -> (free entries, mask bytes)
+    if set(like) != set(layers):
         raise ValueError(f"--mask-like {cfg.mask_like}: its layers are not this model's gated layers; pass a RIGSA "
                          f"adapter (RUN/iterK) trained on this base")
-    random_masks(layers, counts, cfg.seed)
+    for n, L in layers.items():   # a base of other shapes (--allow-other-base): its counts mean other densities
+        if like[n][1] != -(-L.numel() // 8) or like[n][0] > L.numel():
+            raise ValueError(f"--mask-like {cfg.mask_like}: its mask of {n} is for a layer of about {8 * like[n][1]:,} "
+                             f"entries, and this model's has {L.numel():,}; its per-layer counts cannot be copied: pass "
+                             f"an adapter made on a base of this model's shapes")
+    random_masks(layers, {n: free for n, (free, _) in like.items()}, cfg.seed)
 
 
 def density_report(layers):
@@ -550,7 +556,12 @@ def setup(cfg, resume=None, given=None):
     out = Path(cfg.out)
     lora = METHODS[cfg.method]["lora"]
     device = util.init_distributed(cfg.device)   # torchrun: rank 0 downloads, the others wait (rank_zero_first)
-    mask_like = read_adapter(cfg.mask_like, tensors=False)[1] if cfg.mask_like and resume is None else None
+    mask_like = None
+    if cfg.mask_like and resume is None:   # its base is checked in rundir.start, its shapes in random_mask_init
+        _, mask_like, like = read_adapter(cfg.mask_like, tensors=False)
+        if METHODS[like.method]["lora"]:
+            raise ValueError(f"--mask-like {cfg.mask_like}: a {like.method} adapter, which has no mask to copy; pass "
+                             f"one of a masked method's runs (RUN/iterK of --method rigsa or lt-sft)")
     # data (§4.2): encoded on the fly, 16 prompts per step cost nothing next to the model; read (and
     # fetched) before the base, whose download is gigabytes: a bad data file is said first
     data, hashes = util.rank_zero_first(lambda: mnist.run_splits(cfg))

@@ -191,9 +191,11 @@ def read(spec, tensors=True):
 
 
 def mask_counts(spec):
-    """Per-layer free-entry counts of a saved adapter, RUN/iterK (--mask-like)."""
+    """A saved adapter's (RUN/iterK: --mask-like) layers -> (free entries, the packed mask's bytes, which
+    are ceil(the layer's entries / 8): the shape it was made on, as far as the file tells)."""
     tensors = read(spec)[0]
-    return {k[:-len(".delta")]: v.numel() for k, v in tensors.items() if k.endswith(".delta")}
+    return {k[:-len(".delta")]: (v.numel(), tensors[k[:-len(".delta")] + ".mask"].numel())
+            for k, v in tensors.items() if k.endswith(".delta") and k[:-len(".delta")] + ".mask" in tensors}
 
 
 def same_base(recorded, have):

@@ -171,6 +171,12 @@ CASES = [
      1, "nope.safetensors: adapter file not found"),
     ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--method", "random-mask", "--mask-like",
                 "{w}/broken/x"), 1, "x.safetensors: not a readable safetensors file"),
+    ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--val-frac", "0.25", "--method", "random-mask",
+                "--mask-like", "{w}/qlora/iter1"), 1, "--mask-like {w}/qlora/iter1: a qlora adapter, which has no mask"),
+    ("rigsa", T("--model", "{mha}", "--data-dir", "{w}/data", "--val-frac", "0.25", "--method", "random-mask",
+                "--mask-like", "{w}/run/iter2", "--allow-other-base"), 1,
+     "--mask-like {w}/run/iter2: its mask of model.layers.0.self_attn.k_proj is for a layer of about 2,048 entries, and "
+     "this model's has 4,096; its per-layer counts cannot be copied"),
     # merge
     ("rigsa", ["merge", "--adapter", "{w}/nope", "--out", "{w}/m1"], 1, "nope.safetensors: adapter file not found"),
     ("rigsa", ["merge", "--adapter", "{w}/broken/x", "--out", "{w}/m2"], 1, "not a readable safetensors file"),

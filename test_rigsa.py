@@ -726,6 +726,11 @@ def test_moments_resume_in_any_placement():
     want = memory.dequantize_8bit(st["exp_avg_sq"], st["exp_avg_sq_absmax"], memory.CODES["exp_avg_sq"], torch.empty(300))
     assert fresh.state[p]["exp_avg_sq"].dtype == torch.float32 and torch.equal(fresh.state[p]["exp_avg_sq"], want)
     assert fresh.state[p]["exp_avg_sq"].max() < 100   # a code read as a value would be up to 255
+    assert all(fresh.state[q]["exp_avg"].shape == q.shape for g in fresh.param_groups for q in g["params"])   # a gate: ()
+    for o in (opt, fresh):   # and it steps as the 8-bit run would, but for the codes' rounding
+        o.param_groups[0]["params"][0].grad, o.param_groups[1]["params"][0].grad = torch.ones(300), torch.tensor(0.5)
+        memory.adamw_step(o)
+    assert (p - opt.param_groups[0]["params"][0]).abs().max() < 1e-4
     opt, fresh = saved_then_fresh("host", "8bit")
     st = fresh.state[fresh.param_groups[0]["params"][0]]
     assert st["exp_avg"].dtype == torch.uint8 and "exp_avg_absmax" in st
@@ -734,6 +739,21 @@ def test_moments_resume_in_any_placement():
     assert (back - want).abs().max() <= 0.05 * want.abs().max()
     fresh.param_groups[0]["params"][0].grad, fresh.param_groups[1]["params"][0].grad = torch.randn(300), torch.tensor(0.5)
     memory.adamw_step(fresh)   # and it steps
+
+
+@pytest.mark.parametrize("method", ["rigsa", "lora"])
+def test_a_resume_may_move_the_moments_and_the_run_records_each_placement(tiny_dir, tmp_path, capsys, method):
+    # a run halted with 8-bit moments continues with them on the device (decoded: a gate's () and LoRA's
+    # 2-D moments too), and config.json says that both placements made its numbers
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=24, n_test=4, size=8)
+    with one_thread():
+        assert rigsa.train(tiny_cfg(tiny_dir, tmp_path, method=method, moments="8bit", halt_after=2)) is None
+        assert json.loads((tmp_path / "run" / "config.json").read_text())["moments"] == ["8bit"]
+        capsys.readouterr()
+        log = rigsa.train(rigsa.Config(out=str(tmp_path / "run"), resume=True, moments="device"))
+    assert log and (tmp_path / "run" / f"iter{2 if method == 'rigsa' else 1}.safetensors").exists()
+    assert "note: --resume: AdamW's moments were 8bit until now and are device from here" in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["moments"] == ["8bit", "device"]
 
 
 def test_8bit_codes_round_trip_and_never_zero_a_positive_second_moment():

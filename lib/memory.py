@@ -117,7 +117,7 @@ def load_optimizer_state(opt, state):
                 new[k], new[k + "_absmax"] = v.to(p.device), absmax.to(p.device)
                 continue
             if absmax is not None:                                  # 8-bit codes -> float32 values
-                v = dequantize_8bit(v, absmax, CODES[k], torch.empty(v.shape, dtype=torch.float32))
+                v = dequantize_8bit(v, absmax, CODES[k], torch.empty(p.shape, dtype=torch.float32))   # flat codes: p.shape
             if opt.moments == "8bit":
                 new[k], new[k + "_absmax"] = quantize_8bit(v.to(p.device), CODES[k])
             elif opt.moments == "host":

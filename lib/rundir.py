@@ -246,9 +246,10 @@ def start(cfg, device, mask_like=None, resumes=False):
     else:   # config.json keeps where the run started (null: an older version's, not recorded); a resume
         started.update(here, threads=cfg.threads, git_commit=util.git_commit())   # without resume.pt starts it
         started.pop("resumed_on", None)                                            # again from its first step
+        started.pop("moments", None)
     util.say("config:", json.dumps(dataclasses.asdict(cfg)))
     util.say(f"dtype: {cfg.dtype} ({why.removeprefix('auto: ')})" + ("; a CPU without native bfloat16 emulates it, slowly"
-             if dtype == torch.bfloat16 and not util.native_bf16(device) else "; weights only: no autocast, no loss "
+             if dtype == torch.bfloat16 and not util.native_bf16(device) and "emulated" not in why else "; weights only: no autocast, no loss "
              "scaling" if dtype == torch.float16 else ""))
     return base, ident, dtype, started, checks
 
@@ -378,11 +379,19 @@ def begin(run, started, hashes, resume=None):
     (the ranks hold the same adapters): config.json with the run's config, the identity of the base
     it started on (and the base checks' verdicts: an --allow-other-base is recorded), its data files'
     sha256, the code (util.code_version, and the git commit), torch and machine it started on (and, as
-    resumed_on, each other one a resume ran on), and why the dtype is what it is (start()'s `started`);
+    resumed_on, each other one a resume ran on), why the dtype is what it is (start()'s `started`), and
+    where AdamW's moments lived (moments: each placement in the order used);
     metrics.jsonl holding what resume.pt holds (lines written after it are dropped). Then what is
     trained is said, and a resumed run (`resume`: resume.pt's content) takes up where it stopped."""
     cfg, out = run.cfg, Path(run.out)
     rank, ranks = util.world()
+    # where AdamW's moments lived, each placement once in the order used (8-bit codes give other numbers:
+    # docs/memory.md); --moments auto decides it per process, and a resume may convert them
+    used = [m for m in started.get("moments") or [] if isinstance(m, str)] if isinstance(started.get("moments"), list) else []
+    if resume is not None and used and used[-1] != run.moments:
+        util.say(f"note: --resume: AdamW's moments were {used[-1]} until now and are {run.moments} from here (converted; "
+                 f"config.json's moments records both)", file=sys.stderr)
+    started["moments"] = used + [run.moments] * (not used or used[-1] != run.moments)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         util.write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "base": started.get("base") or run.base,
@@ -391,6 +400,7 @@ def begin(run, started, hashes, resume=None):
                                               "git_commit": started.get("git_commit"),
                                               "torch": started.get("torch"), "machine": started.get("machine"),
                                               "python": sys.version.split()[0], "processes": started.get("processes"),
+                                              "moments": started["moments"],
                                               **{k: started[k] for k in ("threads", "resumed_on") if k in started}})
         log = resume["log"] if resume else []
         util.atomic_write(out / "metrics.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in log)))

@@ -180,7 +180,15 @@ def forward_saved(model, ids, amp, inside=None):
 
 def memory_plan(model, layers, device, amp, tokens):
     """What one training step needs on `device` for each placement of AdamW's moments, by part:
-    {moments: {part: bytes}}. make bench-memory compares it with measured peaks.
+    {moments: {part: bytes}}. make bench-memory compares it with measured peaks. Its forward passes
+    leave the run's random state as it was (LoRA's dropout draws from it, and their number depends on
+    --checkpoint-activations)."""
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        return _memory_plan(model, layers, device, amp, tokens)
+
+
+def _memory_plan(model, layers, device, amp, tokens):
+    """memory_plan's parts:
       base         every tensor of the model that does not train, as loaded (bfloat16, NF4, ...)
       adapters     per trainable entry its value and gradient (4 + 4 bytes) and AdamW's moments
                    (MOMENT_BYTES), plus the packed masks

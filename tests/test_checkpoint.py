@@ -130,3 +130,19 @@ def test_a_run_with_checkpointing_trains_the_same_adapters_and_may_resume_withou
     for k in (1, 2):
         a, b = (load_file(tmp_path / d / f"iter{k}.safetensors") for d in ("plain", "ckpt"))
         assert a.keys() == b.keys() and all(a[n].equal(b[n]) for n in a), k
+
+
+def test_lora_dropout_draws_the_same_masks_with_checkpointing(tiny_dir, tmp_path):
+    # the memory estimate's forward passes (more of them with checkpointing) leave the run's random
+    # state alone, so --lora-dropout's masks, and the adapters, are the plain run's
+    from lib import mnist
+    from conftest import one_thread
+    from test_rigsa import tiny_cfg
+    from safetensors.torch import load_file
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=24, n_test=4, size=8)
+    with one_thread():
+        for ckpt in (False, True):
+            rigsa.train(tiny_cfg(tiny_dir, tmp_path, out=str(tmp_path / str(ckpt)), method="lora", lora_dropout=0.3,
+                                 checkpoint_activations=ckpt))
+    a, b = (load_file(tmp_path / str(c) / "iter1.safetensors") for c in (False, True))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -739,8 +739,10 @@ def train(cfg, given=None):
                 save_iteration(run, it, res)
                 if it < n_iters(run.cfg):
                     prune_and_rewind(run, it)     # writes resume.pt for iteration it + 1
-                    if rundir.stop_signal(run.device):
-                        util.say(f"stopped after iteration {it}; continue with: {rundir.continue_command(run.out)}")
+                    sig = rundir.stop_signal(run.device)   # or --halt-after's count reached at the iteration's end
+                    if sig or run.cfg.halt_after and run.done_steps >= run.cfg.halt_after:
+                        util.say(f"{'stopped' if sig else 'halted'} after iteration {it} ({run.done_steps} steps); "
+                                 f"continue with: {rundir.continue_command(run.out)}")
                         return None
         if util.world()[0] == 0:
             (run.out / "resume.pt").unlink(missing_ok=True)   # complete: its adapters are the iterK files

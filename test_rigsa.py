@@ -267,6 +267,21 @@ def test_resume_gives_the_same_result(tiny_run):
     assert 0 < prune["density"] < 1 and 0 <= prune["sign_flip"] < 1 and len(prune["layer_density"]) == 14
 
 
+def test_a_halt_at_an_iterations_last_step_stops_there(tiny_dir, tiny_run, tmp_path, capsys):
+    # --halt-after 4 with 4 steps an iteration: 4 steps, iteration 1 evaluated, saved and pruned, then
+    # the halt (not one step of iteration 2); the resume ends as the uninterrupted run
+    tmp, full, _ = tiny_run
+    with one_thread():
+        assert rigsa.train(tiny_cfg(tiny_dir, tmp, out=str(tmp_path / "edge"), halt_after=4)) is None
+        assert "halted after iteration 1 (4 steps); continue with: " in capsys.readouterr().out
+        assert torch.load(tmp_path / "edge" / "resume.pt", weights_only=True)["iteration"] == 2
+        assert (tmp_path / "edge" / "iter1.safetensors").exists() and not (tmp_path / "edge" / "iter2.safetensors").exists()
+        resumed = rigsa.train(tiny_cfg(tiny_dir, tmp, out=str(tmp_path / "edge"), resume=True))
+    assert [r.get("loss") for r in resumed] == [r.get("loss") for r in full]
+    a, b = (rigsa.read_adapter(d / "iter2")[0] for d in (tmp / "run", tmp_path / "edge"))
+    assert all(a[n].equal(b[n]) for n in a)
+
+
 def test_a_run_resumes_on_the_thread_count_it_started_with(tmp_path, capsys, monkeypatch):
     # on the CPU a sum's last bits depend on how many threads split it: this model's adapters after
     # 4 steps at 1 thread and at 2 differ; so config.json saves the count, and --resume takes it again

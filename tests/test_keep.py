@@ -354,3 +354,10 @@ def test_outputs_have_the_modes_the_umask_says(world, tmp_path, mask):
     assert {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in made} == \
         {str(p.relative_to(tmp_path)): oct((0o777 if p.is_dir() else 0o666) & ~mask) for p in made}
     assert {p.name for p in (tmp_path / "merged").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+
+
+def test_an_empty_out_made_in_python_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # '' would be the current directory
+    with pytest.raises(ValueError, match="^--out: empty; name a folder$"):
+        rigsa.train(rigsa.Config(out=""))
+    assert os.listdir(tmp_path) == []

@@ -357,7 +357,11 @@ def test_outputs_have_the_modes_the_umask_says(world, tmp_path, mask):
 
 
 def test_an_empty_out_made_in_python_is_refused_before_anything_is_written(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)   # '' would be the current directory
+    monkeypatch.chdir(tmp_path)   # '' would be the current directory: not even its stale LOCK is touched
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "LOCK").write_text(f"{dead.pid} {os.uname().nodename} 1\n")
+    before = tree(tmp_path)
     with pytest.raises(ValueError, match="^--out: empty; name a folder$"):
         rigsa.train(rigsa.Config(out=""))
-    assert os.listdir(tmp_path) == []
+    assert tree(tmp_path) == before

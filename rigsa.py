@@ -165,7 +165,9 @@ class Config:
     resume: bool = _f(False, "continue the run in --out where it stopped (its saved config is used)",
                       resumable=True)
     allow_other_base: bool = _f(False, "accept a base model other than the one --mask-like's adapter, or the resumed "
-                                       "run, was made on (said, and recorded in config.json)", resumable=True)
+                                       "run, was made on (said, and recorded in config.json)", resumable=True,
+                                needs=(lambda c: c.resume or bool(c.mask_like), "--resume or --mask-like (a new run "
+                                       "compares its base with nothing else)"))
     offline: bool = _f(False, "never download (the MNIST files, the base model): a missing one is an error",
                        resumable=True)
     verify: bool = _f(True, "check the MNIST files' pinned sizes and md5s (--no-verify: stand-in data)",

@@ -82,7 +82,12 @@ def resumed(cfg, given, check=None):
     out = Path(cfg.out)
     if not cfg.resume:
         if (out / "config.json").exists():
-            raise FileExistsError(f"{out}: a run is already there; use --resume or another --out")
+            try:
+                ours = "config" in (d := json.loads((out / "config.json").read_text())) and isinstance(d, dict)
+            except (OSError, ValueError, TypeError):   # unreadable
+                ours = False
+            raise FileExistsError(f"{out}: a run is already there; use --resume or another --out" if ours else
+                                  f"{out}: holds a config.json that is not a run's (a model's folder?); choose another --out")
         held = sorted(p.name for p in out.glob("*") if re.fullmatch(r"metrics\.jsonl|resume\.pt|iter\d+(\.safetensors|-peft)",
                                                                     p.name)) if out.is_dir() else []
         if held:   # a run's files without its config: not this run's to replace (nor resumable)

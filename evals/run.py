@@ -417,7 +417,7 @@ def parse_args(argv):
     ap.add_argument("--batch-size", type=util.number(int, 1, auto=True), default="auto",
                     help="documents per batch, or 'auto' (default)")
     ap.add_argument("--num-fewshot", type=util.number(int, 0), default=None, help="default: gsm8k 5, others 0")
-    ap.add_argument("--softmax-dtype", default="float32", choices=["float32", "model"],
+    ap.add_argument("--softmax-dtype", default=None, choices=["float32", "model"],   # None: not typed (float32)
                     help="PIQA/HellaSwag: the log-softmax and the log-likelihood sums in float32 (default; lm-eval's "
                          "model_args softmax_dtype=float32), or in the logits' dtype as lm-eval's default does "
                          "(model). Equal in float32; in bfloat16, float32 is ~30x closer to the float32 numbers")
@@ -661,9 +661,10 @@ def evaluate(args):
     if args.seed is not None and not ("mnist" in tasks and shots_for("mnist", args)):   # a flag that would not act
         raise ValueError(f"--seed {args.seed}: only Textual MNIST's few-shot draw uses it (--task mnist with "
                          f"--num-fewshot 5; GSM8k's shots are lm-eval's own draw); drop it")
-    if args.softmax_dtype != "float32" and not {"piqa", "hellaswag"} & set(tasks):
+    if args.softmax_dtype is not None and not {"piqa", "hellaswag"} & set(tasks):   # typed, at its default or not
         raise ValueError(f"--softmax-dtype {args.softmax_dtype}: only PIQA's and HellaSwag's log-likelihoods use it, "
                          f"and --task {args.task} has neither; drop it")
+    args.softmax_dtype = args.softmax_dtype or "float32"
     if args.allow_other_base and not args.adapter:
         raise ValueError("--allow-other-base: lets an --adapter apply to another base, and there is no --adapter; "
                          "drop it")

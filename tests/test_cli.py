@@ -276,6 +276,8 @@ CASES = [
     ("evals", E("--task", "mnist", "--model", "{m}", "--seed", "3"), 1, "--seed 3: only Textual MNIST's few-shot draw"),
     ("evals", E("--task", "mnist", "--model", "{m}", "--softmax-dtype", "model"), 1,
      "--softmax-dtype model: only PIQA's and HellaSwag's log-likelihoods use it, and --task mnist has neither"),
+    ("evals", E("--task", "mnist", "--model", "{m}", "--softmax-dtype", "float32"), 1,   # typed at its default
+     "--softmax-dtype float32: only PIQA's and HellaSwag's log-likelihoods use it"),
     ("evals", E("--task", "mnist", "--model", "{m}", "--allow-other-base"), 1, "--allow-other-base: lets an --adapter"),
     ("evals", E("--task", "mnist", "--adapter", "{w}/nanadapter", "--model", "{m}"), 1, "logits are not finite"),
     ("reproduce", ["--limit", "-1", "--dry-run"], 2, "--limit"),

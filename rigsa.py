@@ -86,10 +86,8 @@ class Config:
                            "the commit it resolved to and resumes on it")
     method: str = _f("rigsa", " | ".join(METHODS) + " (§3.2, §4.4, §5.3; lt-sft: §6): the table METHODS",
                      choices=METHODS)
-    out: str = _f("runs/rigsa", "run directory: config.json, metrics.jsonl, iterK.safetensors", check=util.folder,
-                  resumable=True)
-    data_dir: str = _f("data", "data root: the four MNIST IDX files are in <root>/mnist/ (§4.2)", check=util.folder,
-                       resumable=True)
+    out: str = _f("runs/rigsa", "run directory: config.json, metrics.jsonl, iterK.safetensors", resumable=True)
+    data_dir: str = _f("data", "data root: the four MNIST IDX files are in <root>/mnist/ (§4.2)", resumable=True)
     seed: int = _f(1234, "seed of dW's init (per layer), of the random mask and of the data order",
                    check=util.number(int, 0, SEED_MAX))
     # the gated adapter (§3.2)
@@ -730,7 +728,9 @@ def train(cfg, given=None):
     is 5 trainings and 4 prunings. given: the flags the user typed (check_config). -> the metrics
     log, or None if halted (--halt-after)."""
     util.init_distributed(cfg.device)             # under torchrun: this rank's process group, first
-    flags.check(cfg)                              # a Config made in Python: as the parser would (--out '', ...)
+    for name in ("out", "data_dir"):              # '' is the current directory, unasked (an older run's saved '' stays readable)
+        if isinstance(getattr(cfg, name), str) and not getattr(cfg, name).strip():
+            raise ValueError(f"{flags.flag(name)}: empty; name a folder")
     with rundir.run_lock(cfg), rundir.own_threads():   # one writer per run directory, before resume.pt is read
         cfg, resume = rundir.resumed(cfg, given, flags.check)
         if cfg.resume and resume is None and (log := rundir.finished(cfg.out, n_iters(cfg))) is not None:

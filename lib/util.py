@@ -612,16 +612,6 @@ def number(kind=int, lo=None, hi=None, lo_open=False, hi_open=False, auto=False)
     return parse
 
 
-def folder(s):
-    """An argparse type: a folder's path, not empty ('' would be the current directory, unasked)."""
-    if not s.strip():
-        raise argparse.ArgumentTypeError("empty; name a folder")
-    return s
-
-
-folder.want = "a folder"   # what --help says of the flag's values
-
-
 def numbers(kind=int, lo=None, hi=None, lo_open=False, hi_open=False):
     """An argparse type for a number (as number()) or a comma-separated list of them: one value,
     or a tuple (a schedule). A tuple survives JSON as a list: configs turn lists back into tuples."""

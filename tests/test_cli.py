@@ -146,11 +146,11 @@ CASES = [
     ("rigsa", T("--warmup", "-5"), 2, "--warmup"),
     ("rigsa", T("--method", "foo"), 2, "--method"),
     ("rigsa", T("--moments", "4bit"), 2, "--moments"),
-    ("rigsa", T("--out", ""), 2, "argument --out: empty; name a folder"),   # else the current directory
+    ("rigsa", T("--out", ""), 1, "--out: empty; name a folder"),   # else the current directory
     ("rigsa", T("--allow-other-base"), 1, "--allow-other-base: acts only with --resume or --mask-like"),
     ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--out", "{m}"), 1,
      "{m}: holds a config.json that is not a run's (a model's folder?); choose another --out"),
-    ("rigsa", T("--data-dir", " "), 2, "argument --data-dir: empty; name a folder"),
+    ("rigsa", T("--data-dir", " "), 1, "--data-dir: empty; name a folder"),
     ("rigsa", T("--no-such-flag"), 2, "--no-such-flag"),
     ("rigsa", ["frobnicate"], 2, "frobnicate"),
     ("rigsa", ["show", "--index", "-1"], 2, "--index"),

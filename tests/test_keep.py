@@ -365,3 +365,12 @@ def test_an_empty_out_made_in_python_is_refused_before_anything_is_written(tmp_p
     with pytest.raises(ValueError, match="^--out: empty; name a folder$"):
         rigsa.train(rigsa.Config(out=""))
     assert tree(tmp_path) == before
+
+
+def test_an_adapter_whose_run_saved_an_empty_out_still_reads(world, tmp_path):
+    # earlier versions took --out '' (the current directory): what such a run saved stays readable
+    from lib import adapter_files as AF
+    t, meta, config = AF.read(world / "run" / "iter2")
+    AF.write(tmp_path / "old.safetensors", t, {**config, "out": "", "data_dir": ""},
+             {k: v for k, v in meta.items() if k not in ("format", "config", "tensors_sha256")})
+    assert rigsa.read_adapter(tmp_path / "old")[2].out == ""

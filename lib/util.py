@@ -188,8 +188,13 @@ def _lock_holder(lock):
             fields = f.read().split()
     except FileNotFoundError:
         return None
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return ()
+    return _lock_fields(fields)
+
+
+def _lock_fields(fields):
+    """A LOCK's words -> (pid, host, start time or None), or () if they are not a lock's line."""
     try:
         return int(fields[0]), fields[1], fields[2] if len(fields) > 2 else None
     except (IndexError, ValueError):
@@ -266,13 +271,20 @@ def lock_dir(path, what="rigsa.py"):
             held = None if new else _lock_holder(lock)
             if held is None and not new:   # removed between the open and the read
                 return None
+            if held == ():   # unreadable as a lock: only an empty file (what a maker killed before its line
+                f.seek(0)      # leaves) may be ours; anything else is the user's, however new or old
+                try:
+                    text = f.read()
+                except UnicodeDecodeError:   # bytes that are no text: not a lock's line either
+                    text = "?"
+                if text.strip():
+                    if _lock_fields(text.split()):   # its maker wrote its line meanwhile: read it again
+                        return None
+                    raise FileExistsError(f"{lock}: not a lock file of rigsa's (it holds something other than 'pid host "
+                                          f"start'); move it away, since {what} keeps a file of that name in {path} "
+                                          f"while it writes there")
             if held == () and time_since_change(lock) < 2:   # its maker, before its flock or its line: not stale
                 held = None
-            if held == () and os.fstat(fd).st_size:   # not what a maker killed before its line leaves (an empty
-                # file): a file of the user's, or one another program wrote; never rigsa's to take over or delete
-                raise FileExistsError(f"{lock}: not a lock file of rigsa's (it holds something other than 'pid host "
-                                      f"start'); move it away, since {what} keeps a file of that name in {path} "
-                                      f"while it writes there")
             if held:
                 pid, where, start = held
                 # no flock holds it, but its process may be writing: one on another host (which cannot be

@@ -161,14 +161,15 @@ def test_lock_dir_one_writer_stale_locks_taken_over(tmp_path, capsys):
             pid = content.split()[0] if content else None
             assert err == (f"note: {lock}: stale lock of pid {pid} (not running); taken over\n" if pid else
                            f"note: {lock}: empty lock (its process was stopped before it wrote its line); taken over\n")
-        for content in ("my notes on locks\n", "x", f"{dead.pid}\n"):   # a file of the user's: refused, kept as it is
-            lock.write_text(content)
-            os.utime(lock, (time.time() - 3600,) * 2)
+        for content, age in (("my notes on locks\n", 3600), ("x", 0), (f"{dead.pid}\n", -3600), (b"\xff\xfe", 3600)):
+            # a file of the user's, however new (or dated in the future): refused, kept as it is
+            (lock.write_bytes if isinstance(content, bytes) else lock.write_text)(content)
+            os.utime(lock, (time.time() - age,) * 2)
             with pytest.raises(FileExistsError, match=f"^{lock}: not a lock file of rigsa's \\(it holds something "
                                                       f"other than 'pid host start'\\); move it away"):
                 with util.lock_dir(tmp_path):
                     pass
-            assert lock.read_text() == content
+            assert (lock.read_bytes() if isinstance(content, bytes) else lock.read_text()) == content
         lock.unlink()
     finally:
         live.kill()

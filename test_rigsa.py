@@ -763,7 +763,10 @@ def test_a_resume_may_move_the_moments_and_the_run_records_each_placement(tiny_d
     mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=24, n_test=4, size=8)
     with one_thread():
         assert rigsa.train(tiny_cfg(tiny_dir, tmp_path, method=method, moments="8bit", halt_after=2)) is None
-        assert json.loads((tmp_path / "run" / "config.json").read_text())["moments"] == ["8bit"]
+        saved = json.loads((tmp_path / "run" / "config.json").read_text())
+        assert saved["moments"] == ["8bit"]
+        if method == "lora":   # as an older version wrote it: resume.pt's 8-bit codes tell
+            (tmp_path / "run" / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "moments"}))
         capsys.readouterr()
         log = rigsa.train(rigsa.Config(out=str(tmp_path / "run"), resume=True, moments="device"))
     assert log and (tmp_path / "run" / f"iter{2 if method == 'rigsa' else 1}.safetensors").exists()

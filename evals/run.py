@@ -727,6 +727,7 @@ def evaluate(args):
         qlora.quantize_model(model)
     if args.adapter:
         install_adapter(model, args.adapter, name, check, read)
+    read = None   # what the layers did not take (on CUDA, all of it: a host copy) is freed now, not at the end
     quantize = "nf4" if qlora.is_quantized(model) else None   # --quantize, a QLoRA adapter or a 4-bit checkpoint
     info = run_info(args, model, tok, name, revision, quantize, device)
     info["dtype_choice"] = why

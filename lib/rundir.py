@@ -84,8 +84,8 @@ def resumed(cfg, given, check=None):
         if (out / "config.json").exists():
             try:
                 ours = "config" in (d := json.loads((out / "config.json").read_text())) and isinstance(d, dict)
-            except (OSError, ValueError, TypeError):   # unreadable
-                ours = False
+            except (OSError, ValueError, TypeError):   # unreadable: a damaged run's (a model's is valid JSON)
+                ours = True
             raise FileExistsError(f"{out}: a run is already there; use --resume or another --out" if ours else
                                   f"{out}: holds a config.json that is not a run's (a model's folder?); choose another --out")
         held = sorted(p.name for p in out.glob("*") if re.fullmatch(r"metrics\.jsonl|resume\.pt|iter\d+(\.safetensors|-peft)",
@@ -393,6 +393,9 @@ def begin(run, started, hashes, resume=None):
     # where AdamW's moments lived, each placement once in the order used (8-bit codes give other numbers:
     # docs/memory.md); --moments auto decides it per process, and a resume may convert them
     used = [m for m in started.get("moments") or [] if isinstance(m, str)] if isinstance(started.get("moments"), list) else []
+    if resume is not None and not used and any(k.endswith("_absmax") for st in ((resume.get("optimizer") or {}).get(
+            "state") or {}).values() for k in st):   # an older version's run: its resume.pt holds 8-bit codes
+        used = ["8bit"]   # (device and host moments are the same numbers: only 8 bits needs telling apart)
     if resume is not None and used and used[-1] != run.moments:
         util.say(f"note: --resume: AdamW's moments were {used[-1]} until now and are {run.moments} from here (converted; "
                  f"config.json's moments records both)", file=sys.stderr)

@@ -171,6 +171,8 @@ CASES = [
     ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--out", "{w}/run"), 1, "a run is already there"),
     ("rigsa", T("--resume", "--out", "{w}/emptydata"), 1, "nothing to resume"),
     ("rigsa", T("--resume", "--out", "{w}/badconfig"), 1, "config.json: not a run's config"),
+    ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--out", "{w}/badconfig"), 1,
+     "{w}/badconfig: a run is already there"),   # a damaged run's config.json: a run's, not a model's
     ("rigsa", T("--resume", "--out", "{w}/run", "--lr", "0.5"), 1, "--lr 0.5 (saved: 0.02)"),
     ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--method", "random-mask", "--mask-like", "{w}/nope"),
      1, "nope.safetensors: adapter file not found"),

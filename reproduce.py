@@ -874,6 +874,15 @@ def script():
 
 
 def run_steps(a, again):
+    older = []   # outputs kept whose record names other code than this checkout's
+    try:
+        steps_of(a, again, older)
+    finally:   # said however the run ends (a later step refused, failed or stopped): they stay kept in OUT
+        say_older(older)
+
+
+def steps_of(a, again, older):
+    """run_steps' work; `older` collects the kept outputs of other code."""
     steps = plan(a)
     if not a.dry_run:
         fetch_data(a, steps)
@@ -881,7 +890,6 @@ def run_steps(a, again):
     env = {**os.environ, "RIGSA_QUIET_STOP": "1", **({"HF_HUB_OFFLINE": "1"} if a.offline else {})}  # offline:
     # also keeps huggingface-hub off the hub; quiet: a step stopped by a signal leaves the one line to reproduce.py
     AT["total"] = len(steps)
-    older = []   # outputs kept whose record names other code than this checkout's
     took = {}    # kind of step -> the seconds each such step took here (the ETA's)
     for i, (target, cmd) in enumerate(steps, 1):
         check_stop()
@@ -946,11 +954,9 @@ def run_steps(a, again):
             record_path(out).unlink(missing_ok=True)
         check_stop()
         if rc != 0:
-            say_older(older)   # they stay kept in OUT, and the run that continues will not find them new
             raise ValueError(f"step {i} of {len(steps)}: failed (exit {rc}); fix it, and continue with: {again}")
     check_stop()
     AT.update(done=len(steps), output=None)
-    say_older(older)
 
 
 def say_older(older):

@@ -152,6 +152,13 @@ def test_outputs_of_other_code_are_kept_and_said(world, tmp_path, capsys, no_plo
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.startswith(f"note: 1 of the outputs kept ({evals[0]})") \
         and "error: step 4 of 46: failed (exit 1)" in err, err
+    def stopped(cmd, env):   # or is stopped (SIGTERM, as on_signal leaves it)
+        P.SIG["sig"] = signal.SIGTERM
+        raise P.Stopped
+    monkeypatch.setattr(P, "run_step", stopped)
+    with pytest.raises(SystemExit) as e:
+        P.main(argv)
+    assert e.value.code == 143 and f"note: 1 of the outputs kept ({evals[0]})" in capsys.readouterr().err
     P.main(["--out", str(tmp_path), "--tables-only"])
     line = next(x for x in (tmp_path / "TABLES.md").read_text().splitlines() if x.startswith("- base-model"))
     assert line.startswith("- base-model evaluations: **mixed**: ") and "rigsa's code 0123456789ab;" in line \

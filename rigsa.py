@@ -441,16 +441,23 @@ def random_mask_init(run):
     cfg, layers = run.cfg, run.layers
     if not cfg.mask_like:
         return random_masks(layers, {n: round(cfg.density * L.numel()) for n, L in layers.items()}, cfg.seed)
-    like = AF.mask_counts(cfg.mask_like)   # name -> (free entries, mask bytes)
-    if set(like) != set(layers):
-        raise ValueError(f"--mask-like {cfg.mask_like}: its layers are not this model's gated layers; pass a RIGSA "
+    like = mask_like_counts(cfg.mask_like, {n: L.numel() for n, L in layers.items()})
+    random_masks(layers, like, cfg.seed)
+
+
+def mask_like_counts(spec, sizes):
+    """--mask-like's per-layer free counts, for layers of `sizes` ({name: entries}): refused unless its
+    masks are of exactly these layers (a base of other shapes, --allow-other-base: other densities)."""
+    like = AF.mask_counts(spec)   # name -> (free entries, mask bytes)
+    if set(like) != set(sizes):
+        raise ValueError(f"--mask-like {spec}: its layers are not this model's gated layers; pass a RIGSA "
                          f"adapter (RUN/iterK) trained on this base")
-    for n, L in layers.items():   # a base of other shapes (--allow-other-base): its counts mean other densities
-        if like[n][1] != -(-L.numel() // 8) or like[n][0] > L.numel():
-            raise ValueError(f"--mask-like {cfg.mask_like}: its mask of {n} is for a layer of about {8 * like[n][1]:,} "
-                             f"entries, and this model's has {L.numel():,}; its per-layer counts cannot be copied: pass "
+    for n, size in sizes.items():
+        if like[n][1] != -(-size // 8) or like[n][0] > size:
+            raise ValueError(f"--mask-like {spec}: its mask of {n} is for a layer of about {8 * like[n][1]:,} "
+                             f"entries, and this model's has {size:,}; its per-layer counts cannot be copied: pass "
                              f"an adapter made on a base of this model's shapes")
-    random_masks(layers, {n: free for n, (free, _) in like.items()}, cfg.seed)
+    return {n: free for n, (free, _) in like.items()}
 
 
 def density_report(layers):
@@ -570,6 +577,11 @@ def setup(cfg, resume=None, given=None):
     # the base's files (one hub commit, resumed on) and --dtype resolved (auto: bfloat16 where the device
     # computes it natively), checked against --resume's run and --mask-like's adapter: rundir.start
     base, ident, dtype, started, checks = rundir.start(cfg, device, mask_like, resumes=resume is not None)
+    if mask_like is not None:   # its masks against this base's shapes before the load (on the meta device: no memory)
+        with torch.device("meta"):
+            shapes = M.Model(M.SmolLM2Config.from_json(Path(base) / "config.json"))
+        mask_like_counts(cfg.mask_like, {n: m.weight.numel() for n, m in shapes.named_modules()
+                                         if isinstance(m, nn.Linear) and n != "lm_head"})   # install_adapters' layers
     torch.manual_seed(cfg.seed)
     if cfg.resume:   # the run continues on the data it started on (--data-dir may move, not change)
         rundir.check_data(out, mnist.mnist_dir(cfg.data_dir), started.get("data") or {}, hashes)

@@ -132,6 +132,19 @@ def test_a_file_of_the_users_named_lock_is_never_taken(world, tmp_path):
         assert tree(tmp_path) == before
 
 
+def test_a_mask_of_other_shapes_is_refused_before_the_base_loads(world, tmp_path, monkeypatch):
+    # --mask-like from a base of other layer shapes (--allow-other-base): its counts are other densities,
+    # said before the load (the shapes come from config.json, on the meta device)
+    other = tiny.write_tiny_checkpoint(tmp_path / "mha", shape="mha", seed=1)
+    def no(*a, **kw):
+        raise AssertionError("the base loaded before --mask-like's shapes were checked")
+    monkeypatch.setattr(rigsa.M, "load", no)
+    with pytest.raises(ValueError, match=r"^--mask-like \S+iter2: its mask of model.layers.0.self_attn.k_proj is for a "
+                                         r"layer of about 2,048 entries, and this model's has 4,096; "):
+        rigsa.train(rigsa.Config(out=str(tmp_path / "rm"), method="random-mask", mask_like=str(world / "run" / "iter2"),
+                                 allow_other_base=True, **base(other, world / "data")))
+
+
 def test_a_damaged_adapter_is_refused_before_the_base_loads(world, tmp_path, monkeypatch):
     # its checksum is checked when its tensors are read, and that read comes before the base's (minutes at 1.7B)
     from safetensors import safe_open

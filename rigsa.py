@@ -566,7 +566,7 @@ def setup(cfg, resume=None, given=None):
     lora = METHODS[cfg.method]["lora"]
     device = util.init_distributed(cfg.device)   # torchrun: rank 0 downloads, the others wait (rank_zero_first)
     mask_like = None
-    if cfg.mask_like and resume is None:   # its base is checked in rundir.start, its shapes in random_mask_init
+    if cfg.mask_like and resume is None:   # its base is checked in rundir.start, its shapes just after
         _, mask_like, like = read_adapter(cfg.mask_like, tensors=False)
         if METHODS[like.method]["lora"]:
             raise ValueError(f"--mask-like {cfg.mask_like}: a {like.method} adapter, which has no mask to copy; pass "
@@ -740,9 +740,6 @@ def train(cfg, given=None):
     is 5 trainings and 4 prunings. given: the flags the user typed (check_config). -> the metrics
     log, or None if halted (--halt-after)."""
     util.init_distributed(cfg.device)             # under torchrun: this rank's process group, first
-    for name in ("out", "data_dir"):              # '' is the current directory, unasked (an older run's saved '' stays readable)
-        if isinstance(getattr(cfg, name), str) and not getattr(cfg, name).strip():
-            raise ValueError(f"{flags.flag(name)}: empty; name a folder")
     with rundir.run_lock(cfg), rundir.own_threads():   # one writer per run directory, before resume.pt is read
         cfg, resume = rundir.resumed(cfg, given, flags.check)
         if cfg.resume and resume is None and (log := rundir.finished(cfg.out, n_iters(cfg))) is not None:

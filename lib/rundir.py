@@ -457,7 +457,12 @@ def run_lock(cfg):
     pid). Taken before anything of the run is read or written: for --resume before resume.pt is
     read (a missing folder: resumed() says there is nothing to resume); a new run's folder is made
     here, and removed again if the run ends with nothing written into it, so a refused run leaves
-    nothing. Under torchrun rank 0 holds it for every rank, and says to the others whether it could."""
+    nothing. Under torchrun rank 0 holds it for every rank, and says to the others whether it could.
+    An empty --out or --data-dir is refused first: '' is the current directory, unasked (checked here,
+    not by the fields' own checks, so that an older run that saved '' stays readable)."""
+    for name in ("out", "data_dir"):   # every rank the same
+        if isinstance(getattr(cfg, name), str) and not getattr(cfg, name).strip():
+            raise ValueError(f"{flags.flag(name)}: empty; name a folder")
     out = Path(cfg.out)
     rank, ranks = util.world()
     held = contextlib.ExitStack()

@@ -65,6 +65,8 @@ class SmolLM2Config:
             raise FileNotFoundError(f"{path}: config.json not found") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: a JSON {type(d).__name__}, not a model's config (a mapping); use the model's own config.json")
         arch = d.get("architectures") or []
         if d.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
             raise ValueError(f"{path}: not a Llama architecture (model_type={d.get('model_type')!r}, "
@@ -750,7 +752,8 @@ def load(name_or_path=DEFAULT_MODEL, device=None, dtype=None, revision=None, ver
 
 def quantization(path):
     """config.json's quantization_config ({} for unquantized weights); one that is not a mapping is one line."""
-    qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+    conf = json.loads((Path(path) / "config.json").read_text())
+    qc = (conf.get("quantization_config") if isinstance(conf, dict) else None) or {}   # not a mapping: load says it
     if not isinstance(qc, dict):
         raise ValueError(f"{Path(path) / 'config.json'}: quantization_config is a {type(qc).__name__}, not a mapping; "
                          f"the file is damaged or hand-edited: use the model's own config.json")

@@ -222,7 +222,8 @@ def run_dtype(cfg, device):
     if not cfg.resume:
         return util.auto_dtype(cfg.dtype, device)
     legacy = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return (legacy if cfg.dtype == "auto" else getattr(torch, cfg.dtype)), "as the run started"
+    dtype = legacy if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    return dtype, "as the run started" + util.emulated(dtype, device)
 
 
 def start(cfg, device, mask_like=None, resumes=False):
@@ -253,9 +254,8 @@ def start(cfg, device, mask_like=None, resumes=False):
         started.pop("resumed_on", None)                                            # again from its first step
         started.pop("moments", None)
     util.say("config:", json.dumps(dataclasses.asdict(cfg)))
-    util.say(f"dtype: {cfg.dtype} ({why.removeprefix('auto: ')})" + ("; a CPU without native bfloat16 emulates it, slowly"
-             if dtype == torch.bfloat16 and not util.native_bf16(device) and "emulated" not in why else "; weights only: no autocast, no loss "
-             "scaling" if dtype == torch.float16 else ""))
+    util.say(f"dtype: {cfg.dtype} ({why.removeprefix('auto: ')})"
+             + ("; weights only: no autocast, no loss scaling" if dtype == torch.float16 else ""))
     return base, ident, dtype, started, checks
 
 
@@ -392,7 +392,7 @@ def begin(run, started, hashes, resume=None):
     rank, ranks = util.world()
     # where AdamW's moments lived, each placement once in the order used (8-bit codes give other numbers:
     # docs/memory.md); --moments auto decides it per process, and a resume may convert them
-    used = [m for m in started.get("moments") or [] if isinstance(m, str)] if isinstance(started.get("moments"), list) else []
+    used = [m for m in started["moments"] if isinstance(m, str)] if isinstance(started.get("moments"), list) else []
     if resume is not None and not used and any(k.endswith("_absmax") for st in ((resume.get("optimizer") or {}).get(
             "state") or {}).values() for k in st):   # an older version's run: its resume.pt holds 8-bit codes
         used = ["8bit"]   # (device and host moments are the same numbers: only 8 bits needs telling apart)

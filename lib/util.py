@@ -684,14 +684,20 @@ def machine(device):
     return f"{device.type}: {name}" + (f" ({why})" if (why := native_bf16(device)) else "")
 
 
+def emulated(dtype, device):
+    """What to add to a dtype's reason where `device` is a CPU that computes bfloat16 without native
+    instructions ('' elsewhere): it is taken, as asked or as a run started, and said."""
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not native_bf16(device):
+        return "; emulated on this cpu (no AMX or AVX512-BF16): many times slower than float32"
+    return ""
+
+
 def auto_dtype(name, device):
     """A --dtype flag's value -> (torch dtype, why): auto is bfloat16 where `device` computes it natively
     (mixed precision: autocast, float32 master weights and optimizer state), else float32; any other
     name is itself, as asked."""
     if name not in (None, "auto"):
-        if name == "bfloat16" and torch.device(device).type == "cpu" and not native_bf16(device):
-            return torch.bfloat16, "as asked; emulated on this cpu (no AMX or AVX512-BF16): many times slower than float32"
-        return getattr(torch, name), "as asked"
+        return getattr(torch, name), "as asked" + emulated(getattr(torch, name), device)
     why = native_bf16(device)
     return (torch.bfloat16, f"auto: {why}") if why else (torch.float32, f"auto: no native bfloat16 on this {torch.device(device).type}")
 

@@ -45,6 +45,10 @@ def test_an_older_run_saved_as_auto_resumes_in_float32_even_on_a_bfloat16_cpu(mo
         monkeypatch.setattr(torch.cpu, name, lambda: True, raising=False)
     assert util.auto_dtype("auto", "cpu")[0] == torch.bfloat16                     # a new run: bfloat16
     assert rundir.run_dtype(rigsa.Config(dtype="auto", resume=True), "cpu") == (torch.float32, "as the run started")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)   # a resume on a CPU
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)      # without it: said
+    assert rundir.run_dtype(rigsa.Config(dtype="bfloat16", resume=True), "cpu") == (
+        torch.bfloat16, "as the run started; emulated on this cpu (no AMX or AVX512-BF16): many times slower than float32")
     assert rundir.run_dtype(rigsa.Config(dtype="float32", resume=True), "cpu")[0] == torch.float32
 
 

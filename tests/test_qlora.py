@@ -379,6 +379,10 @@ def test_prequantized_unsloth_layout(tiny, tiny_dir, tmp_path):
         for load in (M.load, Q.load_model):
             with pytest.raises(ValueError, match=rf"^\S+: {kind} checkpoint \(config.json's quantization_config\), and "):
                 load(str(tmp_path), device="cpu")
+    (tmp_path / "config.json").write_text("[1, 2]")   # the whole file not a mapping: one line too
+    for load in (M.load, Q.load_model):
+        with pytest.raises(ValueError, match=r"config.json: a JSON list, not a model's config \(a mapping\)"):
+            load(str(tmp_path), device="cpu")
     for qc in ("nf4", [4]):   # not a mapping: one line, not an AttributeError
         (tmp_path / "config.json").write_text(json.dumps({**c, "quantization_config": qc}))
         for load in (M.load, Q.load_model):

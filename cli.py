@@ -97,6 +97,7 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
         raise ValueError(f"--out {out}: cannot write in {parent} ({e.strerror}); choose another --out") from None
     ident = {"model": name, **M.base_identity(src)}
     verdict = AF.check_base(meta["base"], ident, f"--adapter {adapter}", allow_other_base)   # before the load
+    M.check_checkpoint(src)   # a quantized base or another model's tokenizer: said before the adapter's read
     read = rigsa.read_adapter(adapter)   # its tensors, checksum checked, before the load too
     model, _ = M.load(src, "cpu", torch.float32)   # merge in float32, then cast
     load_adapter(model, adapter, read=read)

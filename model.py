@@ -717,11 +717,7 @@ def load(name_or_path=DEFAULT_MODEL, device=None, dtype=None, revision=None, ver
     """-> (model, tokenizer). Default dtype: bfloat16 on CUDA, float32 on CPU. hub_commit(resolve(...))
     is the commit loaded; verify: see resolve."""
     path = resolve(name_or_path, revision, verify)
-    cfg = SmolLM2Config.from_json(path / "config.json")
-    if kind := quantized(path):   # else a shape error on its first packed tensor, or a dtype error
-        raise ValueError(f"{path}: {kind} checkpoint (config.json's quantization_config), and this needs "
-                         f"the unquantized weights; pass the checkpoint it was quantized from")
-    tok = check_vocab(cfg, load_tokenizer(path), path)   # before the weights: a mismatch costs no load
+    cfg, tok = check_checkpoint(path)
     device = util.pick_device(device)
     dtype = dtype or default_dtype(device)
     tensors = read_safetensors(path)
@@ -748,6 +744,16 @@ def load(name_or_path=DEFAULT_MODEL, device=None, dtype=None, revision=None, ver
     assert not cfg.tie_word_embeddings or model.lm_head.weight is model.model.embed_tokens.weight
     model.eval().requires_grad_(False)
     return model, tok
+
+
+def check_checkpoint(path):
+    """A checkpoint folder's config.json, quantization and tokenizer, checked before a weight is read (minutes
+    at 1.7B), so that a caller can also check them before its own long work. -> (config, tokenizer)."""
+    cfg = SmolLM2Config.from_json(Path(path) / "config.json")
+    if kind := quantized(path):   # else a shape error on its first packed tensor, or a dtype error
+        raise ValueError(f"{path}: {kind} checkpoint (config.json's quantization_config), and this needs "
+                         f"the unquantized weights; pass the checkpoint it was quantized from")
+    return cfg, check_vocab(cfg, load_tokenizer(path), path)   # a tokenizer of another model costs no load
 
 
 def quantization(path):

@@ -542,20 +542,28 @@ def load_prequantized(state_dict, model, compute_dtype=None, device=None):
     return model
 
 
+def check_model(path):
+    """What load_model refuses before it reads a weight, for a caller to check before its own long work.
+    -> (config, tokenizer, quantization_config)."""
+    try:
+        qc = M.quantization(path)
+    except (FileNotFoundError, json.JSONDecodeError):   # model.check_checkpoint says what is wrong with config.json
+        qc = {}
+    if not qc.get("load_in_4bit"):
+        return (*M.check_checkpoint(path), qc)
+    if qc.get("bnb_4bit_quant_type", "nf4") != "nf4":
+        raise ValueError(f"{path}: 4-bit quant type {qc.get('bnb_4bit_quant_type')!r} is not supported (only nf4)")
+    cfg = M.SmolLM2Config.from_json(Path(path) / "config.json")
+    return cfg, M.check_vocab(cfg, M.load_tokenizer(path), path), qc
+
+
 def load_model(name_or_path, device=None, dtype=None, revision=None):
     """model.load, plus bitsandbytes 4-bit checkpoints (config.json with quantization_config
     load_in_4bit, e.g. unsloth/SmolLM2-1.7B-Instruct-bnb-4bit). -> (model, tokenizer)."""
     path = M.resolve(name_or_path, revision)
-    try:
-        qc = M.quantization(path)
-    except (FileNotFoundError, json.JSONDecodeError):   # model.load says what is wrong with config.json
-        qc = {}
+    cfg, tok, qc = check_model(path)
     if not qc.get("load_in_4bit"):
         return M.load(path, device, dtype, revision=revision)
-    if qc.get("bnb_4bit_quant_type", "nf4") != "nf4":
-        raise ValueError(f"{path}: 4-bit quant type {qc.get('bnb_4bit_quant_type')!r} is not supported (only nf4)")
-    cfg = M.SmolLM2Config.from_json(path / "config.json")
-    tok = M.check_vocab(cfg, M.load_tokenizer(path), path)
     device = util.pick_device(device)
     dtype = dtype or _DTYPES.get(qc.get("bnb_4bit_compute_dtype"), torch.bfloat16)
     with torch.device("meta"):               # nothing allocated until the file's own tensors are assigned

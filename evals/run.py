@@ -718,6 +718,7 @@ def evaluate(args):
                 raise
             failed.append(data.pop("mnist") and "mnist")
             util.say(f"error: {task_error('mnist', e)}", file=sys.stderr)
+    qlora.check_model(path)   # what the base's load would refuse, said before the adapter's read
     try:   # the adapter's tensors, checksum checked, before the base loads (minutes at 1.7B)
         read = rigsa.read_adapter(args.adapter) if args.adapter else None
     except (ValueError, OSError) as e:

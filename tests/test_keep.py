@@ -165,6 +165,28 @@ def test_a_damaged_adapter_is_refused_before_the_base_loads(world, tmp_path, mon
     assert not (tmp_path / "merged").exists()
 
 
+def test_a_quantized_base_is_refused_before_the_adapter_is_read(world, tmp_path, monkeypatch):
+    # merge and evaluation read the adapter's tensors before the base (its checksum first); a base that the
+    # load refuses anyway (here 8-bit) is said before that read, which at 1.7B takes seconds
+    q = shutil.copytree(world / "model", tmp_path / "8bit")
+    c = json.loads((q / "config.json").read_text())
+    (q / "config.json").write_text(json.dumps({**c, "quantization_config": {"quant_method": "bitsandbytes",
+                                                                            "load_in_8bit": True}}))
+    read = rigsa.read_adapter
+    def header_only(spec, tensors=True):
+        assert not tensors, "the adapter's tensors were read before the base was checked"
+        return read(spec, tensors=False)
+    monkeypatch.setattr(rigsa, "read_adapter", header_only)
+    with pytest.raises(ValueError, match=r"8bit: a bitsandbytes 8-bit checkpoint \(config.json's quantization_config"):
+        cli.merge(world / "run" / "iter2", tmp_path / "merged", base=str(q), allow_other_base=True)
+    with pytest.raises(SystemExit) as e:
+        R.main(["--task", "mnist", "--data-dir", str(world / "data"), "--no-verify", "--offline", "--device", "cpu",
+                "--limit", "2", "--model", str(q), "--adapter", str(world / "run" / "iter2"), "--allow-other-base"])
+    assert re.fullmatch(r"error: \S+8bit: a bitsandbytes 8-bit checkpoint \(config.json's quantization_config\).*",
+                        e.value.code), e.value.code
+    assert not (tmp_path / "merged").exists()
+
+
 @pytest.mark.parametrize("flag", ["--output", "--output_path"])
 def test_an_empty_output_is_a_usage_error(flag, capsys):
     with pytest.raises(SystemExit) as e:   # it would run and write nothing

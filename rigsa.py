@@ -441,14 +441,15 @@ def random_mask_init(run):
     cfg, layers = run.cfg, run.layers
     if not cfg.mask_like:
         return random_masks(layers, {n: round(cfg.density * L.numel()) for n, L in layers.items()}, cfg.seed)
-    like = mask_like_counts(cfg.mask_like, {n: L.numel() for n, L in layers.items()})
+    like = mask_like_counts(cfg.mask_like, {n: L.numel() for n, L in layers.items()}, verify=False)   # setup read it
     random_masks(layers, like, cfg.seed)
 
 
-def mask_like_counts(spec, sizes):
+def mask_like_counts(spec, sizes, verify=True):
     """--mask-like's per-layer free counts, for layers of `sizes` ({name: entries}): refused unless its
-    masks are of exactly these layers (a base of other shapes, --allow-other-base: other densities)."""
-    like = AF.mask_counts(spec)   # name -> (free entries, mask bytes)
+    masks are of exactly these layers (a base of other shapes, --allow-other-base: other densities).
+    verify: its checksum is checked (setup does, before the base loads; the counts need only the header)."""
+    like = AF.mask_counts(spec, verify)   # name -> (free entries, mask bytes)
     if set(like) != set(sizes):
         raise ValueError(f"--mask-like {spec}: its layers are not this model's gated layers; pass a RIGSA "
                          f"adapter (RUN/iterK) trained on this base")

@@ -439,6 +439,7 @@ def test_adapter_roundtrip_merge_and_random_mask(tiny_run, tiny_dir, tmp_path, m
     assert list((tmp_path / "again").iterdir()) == []
     # random-mask: the per-layer counts of the RIGSA mask, at other positions; or a uniform density
     counts = {n: free for n, (free, _) in AF.mask_counts(tmp / "run" / "iter2").items()}
+    assert AF.mask_counts(tmp / "run" / "iter2", verify=False) == AF.mask_counts(tmp / "run" / "iter2")   # the header's shapes
     m2, _ = M.load(tiny_dir)
     layers = rigsa.install_adapters(m2, rigsa.Config(method="random-mask", density=0.25))
     rigsa.random_masks(layers, counts, seed=5)

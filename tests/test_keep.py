@@ -163,6 +163,11 @@ def test_a_damaged_adapter_is_refused_before_the_base_loads(world, tmp_path, mon
                 "--limit", "2", "--adapter", str(tmp_path / "damaged")])
     assert re.fullmatch(r"error: --adapter: \S+damaged.safetensors: its tensors do not match the checksum .*", e.value.code)
     assert not (tmp_path / "merged").exists()
+    monkeypatch.setattr(rigsa.M, "load", no)   # --mask-like's too (random-mask needs only its counts, read from the header)
+    with pytest.raises(ValueError, match=r"damaged.safetensors: its tensors do not match the checksum"):
+        rigsa.train(rigsa.Config(out=str(tmp_path / "rm"), method="random-mask", mask_like=str(tmp_path / "damaged"),
+                                 **base(world / "model", world / "data")))
+    assert not (tmp_path / "rm").exists()
 
 
 def test_a_quantized_base_is_refused_before_the_adapter_is_read(world, tmp_path, monkeypatch):

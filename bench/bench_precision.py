@@ -89,8 +89,15 @@ def make_step(variant, a):
 VARIANTS = ("rigsa float32", "rigsa bfloat16", "rigsa bf16 5-GEMM", "full bfloat16")
 
 
-def rate(f, reps=20):
+def rate(f, reps=20, budget=5.0):
+    """Mean seconds per call after a warm-up call; fewer than `reps` calls where the warm-up shows they
+    would take over `budget` seconds (a GEMM in bfloat16 emulated on a CPU without it takes up to minutes)."""
+    t = time.perf_counter()
     f()
+    first = time.perf_counter() - t
+    reps = min(reps, int(budget / max(first, 1e-9)))
+    if reps == 0:                  # one call takes more than the budget: its own time, warm-up and all
+        return first
     t = time.perf_counter()
     for _ in range(reps):
         f()
@@ -122,8 +129,8 @@ def gemm_part():
         for dt in (torch.float32, torch.bfloat16):
             a, b = torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)
             r[dt] = 2 * m * k * n / rate(lambda: a @ b) / 1e9
-        print(f"| {m}x{k} @ {k}x{n} | {r[torch.float32]:.0f} | {r[torch.bfloat16]:.0f} | "
-              f"{r[torch.bfloat16] / r[torch.float32]:.2f} |")
+        print(f"| {m}x{k} @ {k}x{n} | {r[torch.float32]:.3g} | {r[torch.bfloat16]:.3g} | "
+              f"{r[torch.bfloat16] / r[torch.float32]:.3g} |")
     x = torch.randn(850, 576)
     print("\n| density of m dW | dense bfloat16 ms | CSR float32 ms |\n|---:|---:|---:|")
     for d in (0.8, 0.25, 0.035):

@@ -78,6 +78,12 @@ class SmolLM2Config:
             theta = (d.get("rope_parameters") or {}).get("rope_theta")
         if theta is None:
             raise ValueError(f"{path}: missing field 'rope_theta' (neither top-level nor under 'rope_parameters')")
+
+        def number(name, v, kind):   # JSON's numbers only: a null, a string or 64.7 for an int is a damaged file
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or kind is int and not float(v).is_integer():
+                raise ValueError(f"{path}: field '{name}' is {v!r}, expected {'a whole number' if kind is int else 'a number'}; "
+                                 f"the file is damaged or hand-edited: use the model's own config.json")
+            return kind(v)
         scaling = d.get("rope_scaling") or (d.get("rope_parameters") or {}).get("rope_type", "default")
         if scaling not in (None, "default"):
             raise ValueError(f"{path}: RoPE scaling {scaling!r} is not supported (SmolLM2 has none)")
@@ -87,18 +93,22 @@ class SmolLM2Config:
         kw = {}
         for f in fields(cls):
             if f.name == "rope_theta":
-                kw[f.name] = float(theta)
-            elif f.name == "head_dim":  # written for 135M/360M, absent for 1.7B
-                kw[f.name] = d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"]
-            elif f.name in ("tie_word_embeddings",):
-                kw[f.name] = bool(d.get(f.name, True))
+                kw[f.name] = number(f.name, theta, float)
+            elif f.name == "head_dim":  # written for 135M/360M, absent for 1.7B: after the others, below
+                continue
+            elif f.name == "tie_word_embeddings":   # transformers' LlamaConfig reads a missing one as false
+                kw[f.name] = d.get(f.name, False)
+                if not isinstance(kw[f.name], bool):
+                    raise ValueError(f"{path}: field 'tie_word_embeddings' is {kw[f.name]!r}, expected true or false")
             elif f.name in ("bos_token_id", "eos_token_id", "pad_token_id"):
                 v = d.get(f.name)
                 kw[f.name] = v[0] if isinstance(v, list) else v
             elif f.name not in d:
                 raise ValueError(f"{path}: missing field '{f.name}'")
             else:
-                kw[f.name] = f.type(d[f.name]) if f.type in (int, float) else d[f.name]
+                kw[f.name] = number(f.name, d[f.name], f.type)
+        kw["head_dim"] = (number("head_dim", d["head_dim"], int) if d.get("head_dim") is not None
+                          else kw["hidden_size"] // max(kw["num_attention_heads"], 1))
         return cls(**kw)
 
 # numbers from the official config.json files (HuggingFaceTB/SmolLM2-*-Instruct on the Hub)
@@ -321,6 +331,9 @@ class Model(nn.Module):
         With a KVCache, every input token is real and is appended to the cache (KVCache.prepare)."""
         B, T = input_ids.shape
         dev = input_ids.device
+        if cache is None and T > self.config.max_position_embeddings:   # a KV cache checks its own slots
+            raise ValueError(f"a sequence of {T} tokens, more than the model's {self.config.max_position_embeddings} "
+                             f"positions (config.json's max_position_embeddings); shorten it, or use a model with more")
         if cache is not None:
             if (attention_mask is not None and not bool(attention_mask.bool().all())) or position_ids is not None:
                 raise ValueError("with a KV cache every input token must be real (no padding), at its slot's position")
@@ -385,6 +398,7 @@ class Tokenizer:
         self.pad_id = self._id(pad_token) if pad_token else self.eos_id
         self.system_prompt = system_prompt  # None: the template injects no system turn
         self.chat_template = None           # load_tokenizer: the checkpoint's own template, if any
+        self.template_unread = None         # load_tokenizer: why that template is not the ChatML chat() writes
 
     def _id(self, token):
         i = self.tok.token_to_id(token)
@@ -455,8 +469,10 @@ def load_tokenizer(path):
     if tc.exists():
         try:
             d = json.loads(tc.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{tc}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{tc}: a JSON {type(d).__name__}, not a tokenizer's config (a mapping); use the model's own")
         for k in ("eos_token", "bos_token", "pad_token"):
             v = d.get(k)
             kw[k] = v.get("content") if isinstance(v, dict) else v
@@ -464,15 +480,20 @@ def load_tokenizer(path):
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
     if (path / "chat_template.jinja").exists():
-        tc, template = path / "chat_template.jinja", (path / "chat_template.jinja").read_text()
+        try:
+            tc, template = path / "chat_template.jinja", (path / "chat_template.jinja").read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path / 'chat_template.jinja'}: not UTF-8 text ({e}); use the model's own") from None
+    unread = None
     if template:
         try:
             kw["system_prompt"] = template_system_prompt(template, **{k: v for k, v in kw.items() if v})
         except Exception as e:  # a template is code from the hub: any failure means "cannot tell"
-            util.say(f"warning: {tc}: chat_template not understood ({type(e).__name__}: {' '.join(str(e).split())}); "
-                  f"chat() writes ChatML with SmolLM2's default system prompt", file=sys.stderr)
+            unread = f"{tc}: chat_template not understood ({type(e).__name__}: {' '.join(str(e).split())})"
+            util.say(f"warning: {unread}; chat() writes ChatML with SmolLM2's default system prompt", file=sys.stderr)
     tok = Tokenizer(path / "tokenizer.json", **kw)
     tok.chat_template = template or None   # the checkpoint's own, if any (chat() writes ChatML either way)
+    tok.template_unread = unread           # why chat() is not what that template renders (evals --chat refuses it)
     return tok
 
 # -----------------------------------------------------------------------------
@@ -694,10 +715,17 @@ def read_safetensors(path):
     safetensors itself finds a truncated, extended or header-damaged file; a byte changed inside
     the tensor data loads silently (only resolve(..., verify=True) finds that)."""
     path = Path(path)
-    index = path / "model.safetensors.index.json"
+    index = path / "model.safetensors.index.json" if (path / "model.safetensors.index.json").exists() else None
+    if index and (path / "model.safetensors").exists():   # transformers reads the single file then
+        util.say(f"note: {path} holds both model.safetensors and the shards of model.safetensors.index.json; reading "
+                 f"model.safetensors, as transformers does (move the other layout away if it is the one you meant)",
+                 file=sys.stderr)
+        index = None
     try:
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    except (json.JSONDecodeError, KeyError, AttributeError) as e:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index else ["model.safetensors"]
+        if not all(isinstance(f, str) for f in files):
+            raise TypeError("a weight_map value is not a file name")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError) as e:
         raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e}); {_redownload(index)}") from None
     state = {}
     for f in files:
@@ -721,6 +749,7 @@ def load(name_or_path=DEFAULT_MODEL, device=None, dtype=None, revision=None, ver
     device = util.pick_device(device)
     dtype = dtype or default_dtype(device)
     tensors = read_safetensors(path)
+    check_tied_head(cfg, {k: t for k, (t, f) in tensors.items()}, path)
     tensors.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
     tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}  # old files
     with torch.device("meta"):
@@ -730,10 +759,15 @@ def load(name_or_path=DEFAULT_MODEL, device=None, dtype=None, revision=None, ver
         expected.pop("lm_head.weight")
     for k, shape in expected.items():
         if k not in tensors:
-            raise ValueError(f"{path}: tensor '{k}' missing from the checkpoint")
+            raise ValueError(f"{path}: tensor '{k}' missing from the checkpoint" + (
+                " (config.json's tie_word_embeddings is false, or absent, which transformers reads as false: "
+                "set it to true if the head is the embeddings)" if k == "lm_head.weight" else ""))
         t, f = tensors[k]
         if t.shape != shape:
             raise ValueError(f"{path / f}: tensor '{k}' has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if not t.is_floating_point():   # integer weights are a quantized file without its quantization_config
+            raise ValueError(f"{path / f}: tensor '{k}' is {str(t.dtype).replace('torch.', '')}, not a floating-point "
+                             f"weight (a quantized checkpoint?); pass the unquantized one")
     for k, (t, f) in tensors.items():
         if k not in expected:
             raise ValueError(f"{path / f}: unexpected tensor '{k}' (not a SmolLM2/Llama weight)")
@@ -744,6 +778,16 @@ def load(name_or_path=DEFAULT_MODEL, device=None, dtype=None, revision=None, ver
     assert not cfg.tie_word_embeddings or model.lm_head.weight is model.model.embed_tokens.weight
     model.eval().requires_grad_(False)
     return model, tok
+
+
+def check_tied_head(cfg, tensors, path):
+    """A tied config (tie_word_embeddings true) with a file that holds its own lm_head.weight, other than
+    the embeddings: transformers then keeps that head untied; refused here rather than dropped."""
+    head, emb = tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")
+    if cfg.tie_word_embeddings and head is not None and emb is not None and not torch.equal(head, emb):
+        raise ValueError(f"{path}: config.json ties lm_head to the embeddings (tie_word_embeddings true), and the "
+                         f"weights hold an lm_head.weight of their own, other than model.embed_tokens.weight; set "
+                         f"tie_word_embeddings to false if that head is the model's")
 
 
 def check_checkpoint(path):
@@ -808,7 +852,7 @@ def save_checkpoint(path, config, state_dict, dtype=torch.bfloat16):
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     util.write_json(path / "config.json", {**config, "torch_dtype": str(dtype).replace("torch.", "")})
-    tied = config.get("tie_word_embeddings", True)
+    tied = config.get("tie_word_embeddings", False)   # absent: untied, as transformers and load read it
     sd = {k: v.detach().to(dtype).contiguous() for k, v in state_dict.items() if not (tied and k == "lm_head.weight")}
     util.atomic_write(path / "model.safetensors", lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
     return path

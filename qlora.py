@@ -569,6 +569,7 @@ def load_model(name_or_path, device=None, dtype=None, revision=None):
     with torch.device("meta"):               # nothing allocated until the file's own tensors are assigned
         model = M.Model(cfg)
     sd = {k: v for k, (v, _) in M.read_safetensors(path).items()}
+    M.check_tied_head(cfg, sd, path)
     sd.pop("lm_head.weight", None) if cfg.tie_word_embeddings else None
     load_prequantized(sd, model, compute_dtype=dtype, device=device)
     return model, tok

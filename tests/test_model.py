@@ -2,6 +2,7 @@
 invariants, loader errors. CPU only, no network, tiny checkpoints written by the tests (conftest.py)."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -282,6 +283,17 @@ def _edit_tensors(fn):
     return edit
 
 
+def _edit_config(key, value):   # value None: the key removed, or written as null for a number
+    def edit(d):
+        c = json.loads((d / "config.json").read_text())
+        if value is None and key == "tie_word_embeddings":
+            c.pop(key)
+        else:
+            c[key] = value
+        (d / "config.json").write_text(json.dumps(c))
+    return edit
+
+
 @pytest.mark.parametrize("edit,msg", [
     (_edit_tensors(lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight")), "'model.layers.1.mlp.up_proj.weight' missing"),
     (_edit_tensors(lambda sd: sd.update(extra=torch.zeros(2))), "unexpected tensor 'extra'"),
@@ -296,6 +308,24 @@ def _edit_tensors(fn):
     # a changed byte in the header is safetensors' to find (one in the tensor data is not: test_hub.py, --verify-model)
     (lambda d: (d / "model.safetensors").write_bytes(_flip((d / "model.safetensors").read_bytes(), 10)),
      "model.safetensors: corrupt or truncated safetensors file .*; replace it with a good copy"),
+    # numbers that are not numbers: one line naming the field, not a TypeError (nor 64.7 read as 64)
+    *[(_edit_config(k, v), rf"config.json: field '{k}' is {re.escape(repr(v))}, expected a {w}")
+      for k, v, w in (("rms_norm_eps", None, "number"), ("max_position_embeddings", None, "whole number"),
+                      ("num_attention_heads", None, "whole number"), ("rope_theta", "abc", "number"),
+                      ("hidden_size", 64.7, "whole number"), ("vocab_size", "512", "whole number"),
+                      ("head_dim", [16], "whole number"), ("intermediate_size", True, "whole number"))],
+    (_edit_config("tie_word_embeddings", "false"), "field 'tie_word_embeddings' is 'false', expected true or false"),
+    # the head: absent key = untied (transformers' reading), so the file must hold one; a tied config with a head of its own
+    (_edit_config("tie_word_embeddings", None), r"tensor 'lm_head.weight' missing from the checkpoint \(config.json's "
+                                                 r"tie_word_embeddings is false, or absent"),
+    (_edit_tensors(lambda sd: sd.update({"lm_head.weight": sd["model.embed_tokens.weight"] + 1})),
+     "config.json ties lm_head to the embeddings .* hold an lm_head.weight of their own"),
+    (_edit_tensors(lambda sd: sd.update({"model.norm.weight": sd["model.norm.weight"].to(torch.int8)})),
+     "model.safetensors: tensor 'model.norm.weight' is int8, not a floating-point weight"),
+    (lambda d: (d / "tokenizer_config.json").write_text("[1, 2]"), "tokenizer_config.json: a JSON list, not a tokenizer's"),
+    (lambda d: (d / "chat_template.jinja").write_bytes(b"{{ \xff }}"), "chat_template.jinja: not UTF-8 text"),
+    (lambda d: [(d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": 5}})),
+                (d / "model.safetensors").rename(d / "one.safetensors")], "model.safetensors.index.json: not a safetensors index"),
 ])
 def test_loader_errors_name_the_thing(tiny_dir, tmp_path, edit, msg):
     d = broken_copy(tiny_dir, tmp_path / "ckpt", edit)
@@ -347,6 +377,51 @@ def test_sharded_checkpoint_loads_like_single(tiny_dir, tmp_path):
     b, _ = M.load(d)
     ids = torch.tensor([tok.encode("Question: 12")])
     assert torch.equal(a(ids), b(ids))
+
+
+def test_both_layouts_in_one_folder_read_the_single_file_as_transformers_does(tiny_dir, tmp_path, capsys):
+    # a re-save that left the shards beside model.safetensors: transformers reads model.safetensors, so does load, and says so
+    from safetensors.torch import load_file, save_file
+    d = broken_copy(tiny_dir, tmp_path / "both", lambda d: None)
+    sd = load_file(d / "model.safetensors")
+    save_file({k: v * 2 for k, v in sd.items()}, str(d / "model-00001-of-00001.safetensors"))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "model-00001-of-00001.safetensors"
+                                                                               for k in sd}}))
+    a, tok = M.load(tiny_dir)
+    capsys.readouterr()
+    b, _ = M.load(d)
+    ids = torch.tensor([tok.encode("Question: 12")])
+    assert torch.equal(a(ids), b(ids))
+    assert capsys.readouterr().err.startswith(f"note: {d} holds both model.safetensors and the shards")
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    torch.testing.assert_close(ref(ids).logits, b(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_an_untied_head_is_read_as_transformers_reads_it(tiny_dir, tmp_path):
+    # config.json without tie_word_embeddings (transformers: false) and a head of its own: that head, not the embeddings
+    from safetensors.torch import load_file, save_file
+    d = broken_copy(tiny_dir, tmp_path / "untied", _edit_config("tie_word_embeddings", None))
+    sd = load_file(d / "model.safetensors")
+    save_file({**sd, "lm_head.weight": torch.randn_like(sd["model.embed_tokens.weight"]) * 0.05}, str(d / "model.safetensors"))
+    m, tok = M.load(d)
+    assert m.lm_head.weight is not m.model.embed_tokens.weight
+    ids = torch.tensor([tok.encode("Question: 12")])
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    torch.testing.assert_close(ref(ids).logits, m(ids), rtol=1e-4, atol=1e-4)
+    # the same head as the embeddings under a tied config: dropped, as before (torch .bin files always hold both)
+    t = broken_copy(tiny_dir, tmp_path / "tied", _edit_tensors(lambda sd: sd.update({"lm_head.weight": sd["model.embed_tokens.weight"].clone()})))
+    assert torch.equal(M.load(t)[0](ids), M.load(tiny_dir)[0](ids))
+
+
+def test_no_sequence_runs_past_the_models_positions(tiny_dir):
+    # RoPE would go on past max_position_embeddings without a word; a KV cache checks its own slots
+    m, tok = M.load(tiny_dir)
+    P = m.config.max_position_embeddings
+    m(torch.zeros(1, P, dtype=torch.long))
+    with pytest.raises(ValueError, match=rf"a sequence of {P + 1} tokens, more than the model's {P} positions"):
+        m(torch.zeros(1, P + 1, dtype=torch.long))
 
 
 def test_the_base_fingerprint_covers_every_file_the_loaders_read(tmp_path, monkeypatch):

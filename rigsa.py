@@ -583,6 +583,13 @@ def setup(cfg, resume=None, given=None):
             shapes = M.Model(M.SmolLM2Config.from_json(Path(base) / "config.json"))
         mask_like_counts(cfg.mask_like, {n: m.weight.numel() for n, m in shapes.named_modules()
                                          if isinstance(m, nn.Linear) and n != "lm_head"})   # install_adapters' layers
+    # every example within the model's positions (a 28x28 digit is ~850 tokens): said before the load, as
+    # evals/run.py does, rather than trained past the positions the model knows
+    mcfg, tok = (qlora.check_model if METHODS[cfg.method]["nf4"] else M.check_checkpoint)(base)[:2]
+    longest = max(len(encode_example(tok, x[0], 0, digit_ids(tok), end_id(tok))[0]) for x, _ in data.values())
+    if longest > mcfg.max_position_embeddings:
+        raise ValueError(f"{cfg.model}: a Textual MNIST example (prompt and answer) is {longest} tokens, more than "
+                         f"the model's {mcfg.max_position_embeddings} positions; use a model with more, or smaller digits")
     torch.manual_seed(cfg.seed)
     if cfg.resume:   # the run continues on the data it started on (--data-dir may move, not change)
         rundir.check_data(out, mnist.mnist_dir(cfg.data_dir), started.get("data") or {}, hashes)
@@ -685,7 +692,8 @@ def save_resume(run, opt, it, step):
     """resume.pt: the trainable state, the optimizer, where the run is, the RNG and the log."""
     rundir.save_resume(run.out, {"iteration": it, "step": step, "optimizer": opt.state_dict() if opt is not None else None,
                                  "state": AF.tensors_of(adapters(run.model), qlora.lora_state_dict(run.model)),
-                                 "rng": rundir.rng_states(run.device), "log": run.log})
+                                 "rng": rundir.rng_states(run.device), "log": run.log,
+                                 "config": dataclasses.asdict(run.cfg)})   # --resume checks config.json against it
 
 
 def read_adapter(spec, tensors=True):

@@ -578,6 +578,8 @@ def load_data(task, args):
         folder = mnist.mnist_dir(args.data_dir)  # lib/mnist.py owns MNIST's files; rigsa.py its prompt and scoring (§4.2)
         test = mnist.load_mnist(folder, "test", **kw)
         pool = mnist.load_mnist(folder, "train", **kw) if k else None   # the shots come from the train split
+        if k:   # shots of another size than the test digits: other prompts, longer than mnist_fits measures
+            mnist.check_sizes(folder, pool[0], test[0])
         n_pool = len(pool[0]) if k else 0
         data = (test, pool)
         read = [folder / n for n in mnist.MNIST_FILES if k or n.startswith("t10k")]
@@ -701,6 +703,9 @@ def evaluate(args):
     if args.chat and tok0.chat_template is None:   # lm-eval's --apply_chat_template refuses it too
         raise ValueError(f"--chat: the model {name} has no chat template (tokenizer_config.json's chat_template, or "
                          f"chat_template.jinja), so its chat format is unknown; drop --chat (the paper's plain prompts)")
+    if args.chat and tok0.template_unread:   # lm-eval renders the model's own template; ours writes SmolLM2's ChatML
+        raise ValueError(f"--chat: {tok0.template_unread}, so the ChatML this code writes is not what lm-eval's "
+                         f"--apply_chat_template would score for this model; drop --chat (the paper's plain prompts)")
     dtype, why = util.auto_dtype(args.dtype, device)   # auto: bfloat16 where the device computes it natively
     merged = path / "rigsa-merge.json"
     if args.dtype == "auto" and dtype != torch.float32 and merged.is_file() and merge_record(merged).get(

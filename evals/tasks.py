@@ -84,7 +84,8 @@ SCHEMAS = {   # field: (check, what it must be); fields a task does not read are
 
 
 def _shown(v):
-    s = json.dumps(v, ensure_ascii=False)
+    # unprintable characters escaped: a byte-order mark or a zero-width space would show as nothing
+    s = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in json.dumps(v, ensure_ascii=False))
     return s if len(s) <= 40 else s[:37] + "..."
 
 

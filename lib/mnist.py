@@ -111,7 +111,17 @@ def load_mnist_splits(data_dir, splits, val_frac=0.01, seed=0, download=False, v
         for split in wanted:
             idx = (perm[:n_val] if split == "val" else perm[n_val:]).sort().values  # original order; training shuffles on its own
             out[split] = x[idx], y[idx]
+    if "test" in out and len(out) > 1:
+        check_sizes(data_dir, next(x for k, (x, _) in out.items() if k != "test"), out["test"][0])
     return {split: out[split] for split in splits}
+
+
+def check_sizes(data_dir, train, test):
+    """Training and test digits of one size (images (N, H, W)): a model trained, or shown shots, on one
+    size and tested on another is asked another task, whose prompts have other lengths."""
+    if train.shape[1:] != test.shape[1:]:
+        raise ValueError(f"{data_dir}: the training digits are {train.shape[1]} x {train.shape[2]} pixels and the test "
+                         f"digits {test.shape[1]} x {test.shape[2]}; use the four files of one dataset")
 
 
 def synthetic_digits(n, size=28, seed=0, noise=0.1, shift=True):

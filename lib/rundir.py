@@ -145,6 +145,16 @@ def resumed(cfg, given, check=None):
     if lacks:
         raise ValueError(f"{out / 'resume.pt'}: not a resume checkpoint of rigsa.py train (it lacks {', '.join(lacks)}); "
                          f"delete it, and --resume starts the run again from its first step")
+    made = state.get("config") if isinstance(state.get("config"), dict) else {}   # older versions' resume.pt: none
+    # resume.pt and config.json of one run: a config.json edited since, or another run's resume.pt copied in, would
+    # continue one run under the other's numbers (paths may move: the base's identity is checked on its own)
+    other = [f for f in saved if f not in resumable | {"model", "mask_like", "verify_model"} and f in made
+             and made[f] != getattr(cfg, f)]
+    if other:
+        raise ValueError(f"{out / 'resume.pt'}: written by a run with {', '.join(f'{f} {made[f]!r}' for f in other)}, "
+                         f"where {out / 'config.json'} has {', '.join(f'{getattr(cfg, f)!r}' for f in other)}: one of "
+                         f"them was edited or copied from another run; put the run's own back, or delete resume.pt and "
+                         f"--resume starts the run again from its first step")
     return cfg, state
 
 

@@ -603,6 +603,7 @@ _PIQA, _HS = {"goal": "g", "sol1": "a", "sol2": "b"}, {"activity_label": "A", "c
     ("piqa", "valid.jsonl", 3, json.dumps({**_PIQA, "goal": None}), '"goal" is null, expected a string'),
     ("piqa", "valid.jsonl", 2, json.dumps({**_PIQA, "sol1": 5}), '"sol1" is 5, expected a string'),
     ("piqa", "valid-labels.lst", 4, "2", 'label "2" is not 0 or 1'),
+    ("piqa", "valid-labels.lst", 1, "\ufeff0", 'label "\\ufeff0" is not 0 or 1'),   # a byte-order mark, shown
     ("piqa", "valid.jsonl", 4, b'{"goal": "caf\xe9", "sol1": "a", "sol2": "b"}', "byte 0xe9 is not UTF-8"),
     ("piqa", "valid-labels.lst", 2, b"\xff", "byte 0xff is not UTF-8"),
     ("piqa", "valid.jsonl", 1, "[1, 2]", "[1, 2] is not a JSON object"),
@@ -617,7 +618,7 @@ _PIQA, _HS = {"goal": "g", "sol1": "a", "sol2": "b"}, {"activity_label": "A", "c
     ("gsm8k", "test.jsonl", 1, json.dumps({"question": "q", "answer": "#### 18 apples"}), '"answer" is "#### 18 apples"'),
     ("gsm8k", "train.jsonl", 8, json.dumps({"question": "q", "answer": "x\n## 18"}), '"answer" is "x\\n## 18"'),
     ("gsm8k", "test.jsonl", 2, json.dumps({"answer": "x\n#### 1"}), '"question" is missing, expected a string'),
-], ids=["piqa-goal-null", "piqa-sol1-number", "piqa-label-2", "piqa-not-utf8", "piqa-labels-not-utf8",
+], ids=["piqa-goal-null", "piqa-sol1-number", "piqa-label-2", "piqa-label-bom", "piqa-not-utf8", "piqa-labels-not-utf8",
         "piqa-not-object", "hellaswag-endings-string", "hellaswag-3-endings", "hellaswag-ctx_b-null", "hellaswag-label-7",
         "hellaswag-label-bool", "hellaswag-malformed", "gsm8k-no-final", "gsm8k-final-not-number", "gsm8k-train-no-final",
         "gsm8k-missing-question"])

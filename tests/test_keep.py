@@ -192,6 +192,72 @@ def test_a_quantized_base_is_refused_before_the_adapter_is_read(world, tmp_path,
     assert not (tmp_path / "merged").exists()
 
 
+def test_prompts_past_the_models_positions_are_refused_before_the_base_loads(world, tmp_path, monkeypatch):
+    # train said nothing and trained past RoPE's range where evals/run.py refused the same model and files
+    short = shutil.copytree(world / "model", tmp_path / "short")
+    c = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**c, "max_position_embeddings": 64}))
+    def no(*a, **kw):
+        raise AssertionError("the base loaded before the prompts' length was checked")
+    monkeypatch.setattr(rigsa.M, "load", no)
+    with pytest.raises(ValueError, match=r"short: a Textual MNIST example \(prompt and answer\) is \d+ tokens, more than "
+                                         r"the model's 64 positions; "):
+        rigsa.train(rigsa.Config(out=str(tmp_path / "run"), **base(short, world / "data")))
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_and_test_digits_of_other_sizes_are_refused(world, tmp_path):
+    # a model trained (or shown shots) on 8x8 digits and tested on 28x28 ones was asked another task, without a word
+    mnist.write_synthetic_mnist(tmp_path / "big" / "mnist", n_train=8, n_test=4, size=12)
+    mix = tmp_path / "mix" / "mnist"
+    mix.mkdir(parents=True)
+    for f in mnist.MNIST_FILES:
+        shutil.copy((world / "data" / "mnist" if f.startswith("train") else tmp_path / "big" / "mnist") / f, mix / f)
+    said = r"mnist: the training digits are 8 x 8 pixels and the test digits 12 x 12; use the four files of one dataset"
+    with pytest.raises(ValueError, match=said):
+        rigsa.train(rigsa.Config(out=str(tmp_path / "run"), **base(world / "model", tmp_path / "mix")))
+    with pytest.raises(SystemExit) as e:
+        R.main(["--task", "mnist", "--num-fewshot", "1", "--data-dir", str(tmp_path / "mix"), "--no-verify", "--offline",
+                "--device", "cpu", "--limit", "2", "--model", str(world / "model")])
+    assert re.search(said, e.value.code), e.value.code
+    R.main(["--task", "mnist", "--data-dir", str(tmp_path / "mix"), "--no-verify", "--offline", "--device", "cpu",
+            "--limit", "2", "--model", str(world / "model")])   # 0-shot reads the test digits alone
+
+
+@pytest.mark.parametrize("other", ["an edited config.json", "another run's resume.pt"])
+def test_a_resume_pt_and_config_json_of_two_runs_are_refused(world, tmp_path, other):
+    # resume.pt holds the config it was written with: a config.json edited since, or a resume.pt copied from another
+    # run, would go on training one run with the other's numbers and record the mix as one run
+    kw = base(world / "model", world / "data", iters=2, halt_after=3)
+    with one_thread():
+        assert rigsa.train(rigsa.Config(out=str(tmp_path / "a"), lr=2e-2, **kw)) is None
+        if other == "another run's resume.pt":
+            assert rigsa.train(rigsa.Config(out=str(tmp_path / "b"), lr=5e-2, **kw)) is None
+            shutil.copy(tmp_path / "b" / "resume.pt", tmp_path / "a" / "resume.pt")
+        else:
+            c = json.loads((tmp_path / "a" / "config.json").read_text())
+            c["config"]["lr"] = 5e-2
+            (tmp_path / "a" / "config.json").write_text(json.dumps(c))
+    before = tree(tmp_path / "a")
+    with pytest.raises(SystemExit) as e:
+        rigsa.main(["train", "--resume", "--out", str(tmp_path / "a"), "--offline", "--no-verify"])
+    assert re.fullmatch(rf"error: \S+/a/resume.pt: written by a run with lr {0.05 if 'resume' in other else 0.02}, where "
+                        rf"\S+/a/config.json has {0.02 if 'resume' in other else 0.05}: one of them was edited or copied "
+                        rf"from another run; .*", e.value.code), e.value.code
+    assert tree(tmp_path / "a") == before
+
+
+def test_chat_with_a_template_that_is_not_chatml_is_refused(world, tmp_path, capsys):
+    # lm-eval's --apply_chat_template renders the model's own template; ours writes SmolLM2's ChatML, which this is not
+    m = shutil.copytree(world / "model", tmp_path / "inst")
+    (m / "chat_template.jinja").write_text("{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}")
+    with pytest.raises(SystemExit) as e:
+        R.main(["--task", "mnist", "--chat", "--data-dir", str(world / "data"), "--no-verify", "--offline", "--device",
+                "cpu", "--limit", "2", "--model", str(m)])
+    assert re.fullmatch(r"error: --chat: \S+chat_template.jinja: chat_template not understood .*; drop --chat \(the "
+                        r"paper's plain prompts\)", e.value.code), e.value.code
+
+
 @pytest.mark.parametrize("flag", ["--output", "--output_path"])
 def test_an_empty_output_is_a_usage_error(flag, capsys):
     with pytest.raises(SystemExit) as e:   # it would run and write nothing

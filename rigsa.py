@@ -699,6 +699,8 @@ def save_resume(run, opt, it, step):
 def read_adapter(spec, tensors=True):
     """-> (its tensors or None, its metadata, its Config) (adapter_files.read; a key this version lacks is said)."""
     t, meta, config = AF.read(spec, tensors)
+    if isinstance(config, dict) and "model" not in config and (meta.get("base") or {}).get("model"):
+        config = {**config, "model": meta["base"]["model"]}   # the base it records, not this version's default
     return t, meta, rundir.config_from(config, AF.adapter_path(spec), Config, flags.check)
 
 

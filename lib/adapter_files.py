@@ -133,11 +133,20 @@ def checksum(tensors):
     return h.hexdigest()
 
 
+# the config's fields that decide what the tensors compute once installed (LoRA's scale is lora_alpha / rank):
+# under a checksum of their own, since a user may edit the others (the base's path, after moving it)
+INSTALL = ("method", "rank", "lora_alpha")
+
+
+def install_checksum(config):
+    return hashlib.sha256(json.dumps({k: config.get(k) for k in INSTALL}, sort_keys=True).encode()).hexdigest()
+
+
 def write(path, tensors, config, extra=None):
-    """The adapter file: `tensors` (tensors_of), and as metadata the run's config (a dict), `extra`
-    and the tensors' checksum."""
+    """The adapter file: `tensors` (tensors_of), and as metadata the run's config (a dict), `extra`,
+    the tensors' checksum and that of the config's INSTALL fields."""
     meta = {"format": "rigsa-adapter", "config": json.dumps(config), **(extra or {}),
-            "tensors_sha256": checksum(tensors)}
+            "tensors_sha256": checksum(tensors), "install_sha256": install_checksum(config)}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
     util.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
@@ -188,6 +197,10 @@ def read(spec, tensors=True):
     except (KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"{p}: its metadata is not readable ({type(e).__name__}: {e}); it was not written "
                          f"by rigsa.py train, or was damaged") from None
+    if "install_sha256" in meta and isinstance(config, dict) and install_checksum(config) != meta["install_sha256"]:
+        raise ValueError(f"{p}: its config's {', '.join(INSTALL)} do not match the checksum written with them "
+                         f"(edited since: {', '.join(f'{k} {config.get(k)!r}' for k in INSTALL)}); they decide what "
+                         f"its tensors compute, so put back the values its run wrote, or train it again")
     return t, meta, config
 
 

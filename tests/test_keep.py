@@ -258,6 +258,42 @@ def test_chat_with_a_template_that_is_not_chatml_is_refused(world, tmp_path, cap
                         r"paper's plain prompts\)", e.value.code), e.value.code
 
 
+def test_a_lora_scale_edited_in_the_adapters_metadata_is_refused(world, tmp_path):
+    # LoRA's scale is lora_alpha / rank from the config in the file's metadata, outside the tensors' checksum: an edit
+    # changed every log-likelihood without a word; the base's path stays the user's to edit (after moving the base)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with one_thread():
+        rigsa.train(rigsa.Config(out=str(tmp_path / "lora"), method="lora", rank=2, lora_lr=1e-2,
+                                 **base(world / "model", world / "data")))
+    with safe_open(str(tmp_path / "lora" / "iter1.safetensors"), "pt") as f:
+        t, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    config = json.loads(meta["config"])
+    for name, edit in (("moved", {"model": str(tmp_path / "elsewhere")}), ("scaled", {"lora_alpha": 320.0})):
+        save_file(t, str(tmp_path / f"{name}.safetensors"), metadata={**meta, "config": json.dumps({**config, **edit})})
+    assert rigsa.read_adapter(tmp_path / "moved")[2].model == str(tmp_path / "elsewhere")
+    for tensors in (True, False):
+        with pytest.raises(ValueError, match=r"scaled.safetensors: its config's method, rank, lora_alpha do not match "
+                                             r"the checksum written with them \(edited since: method 'lora', rank 2, "
+                                             r"lora_alpha 320.0\); "):
+            rigsa.read_adapter(tmp_path / "scaled", tensors=tensors)
+
+
+def test_an_adapter_config_without_its_model_takes_the_base_it_records(world, tmp_path, capsys):
+    # this version's default (the 1.7B hub id) stood in, and the base check then called it a local folder
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(world / "run" / "iter2.safetensors"), "pt") as f:
+        t, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    config = {k: v for k, v in json.loads(meta["config"]).items() if k != "model"}
+    save_file(t, str(tmp_path / "iter2.safetensors"), metadata={**meta, "config": json.dumps(config)})
+    capsys.readouterr()
+    assert rigsa.read_adapter(tmp_path / "iter2")[2].model == str(world / "model")
+    assert "model=" not in capsys.readouterr().err
+    R.main(["--task", "mnist", "--data-dir", str(world / "data"), "--no-verify", "--offline", "--device", "cpu",
+            "--limit", "2", "--adapter", str(tmp_path / "iter2")])
+
+
 @pytest.mark.parametrize("flag", ["--output", "--output_path"])
 def test_an_empty_output_is_a_usage_error(flag, capsys):
     with pytest.raises(SystemExit) as e:   # it would run and write nothing

@@ -103,9 +103,10 @@ def test_gate_at_init(tiny_dir):
     assert len(layers) == 14 and "lm_head" not in layers and isinstance(m.lm_head, nn.Linear)
     n_train = sum(p.numel() for p in m.parameters() if p.requires_grad)
     assert n_train == sum(L.weight.numel() + 1 for L in layers.values())  # dW full-rank + one alpha each
+    for L in layers.values():   # nn.Linear's U(+-1/sqrt(fan_in)): k_proj, gate/up/down are not square
+        bound = 1 / math.sqrt(L.in_features)
+        assert L.delta.abs().max() <= bound and L.delta.abs().max() > 0.9 * bound and L.alpha.item() == pytest.approx(1e-6)
     L = layers["model.layers.0.self_attn.q_proj"]
-    bound = 1 / math.sqrt(L.in_features)
-    assert L.delta.abs().max() <= bound and L.delta.abs().max() > 0.9 * bound and L.alpha.item() == pytest.approx(1e-6)
     assert L.mask is None and L.delta.shape == (L.weight.numel(),)    # every entry free: no mask stored
     out = m(x)
     assert not out.equal(base) and (out - base).abs().max() < 1e-3   # only the alpha term differs

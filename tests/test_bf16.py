@@ -67,6 +67,23 @@ def test_gated_delta_in_bfloat16_is_within_bfloat16s_tolerance_of_the_exact_path
     assert (ga16 - ga32).abs() <= 2 ** -7 * (gw * exact.dense().detach()).abs().sum(), (ga16, ga32)
 
 
+@pytest.mark.parametrize("alpha", [0.5, 1e-6])
+def test_the_gates_gradient_in_bfloat16_where_its_terms_do_not_cancel(alpha):
+    # positive dW, inputs and output weights: sum(dL/dW * m dW) has no cancelling terms, so a few ulps bound it
+    # relatively (the test above bounds it against the terms' magnitudes only, loose enough to miss a factor)
+    exact, low = layer_pair(alpha)
+    for L in (exact, low):
+        L.delta.data.abs_()
+    x = torch.rand(2, 40, 96)
+    ga = []
+    for layer, xx, amp in ((exact, x, torch.autocast("cpu", enabled=False)),
+                           (low, x.to(torch.bfloat16), torch.autocast("cpu", torch.bfloat16))):
+        with amp:
+            layer(xx).float().sum().backward()
+        ga.append(layer.alpha.grad)
+    assert rel(ga[1], ga[0]) < 2e-2, ga
+
+
 def test_a_delta_under_half_an_ulp_of_w0_still_counts():
     # alpha m dW a quarter of an ulp of W0 at every entry, of one sign, on inputs of one sign (a coherent
     # update, as fine-tuning makes): one GEMM on W0 + alpha m dW rounded to bfloat16 is W0 itself and the

@@ -13,6 +13,7 @@ nkv key/value heads, hd head dim, V vocab.
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -79,10 +80,12 @@ class SmolLM2Config:
         if theta is None:
             raise ValueError(f"{path}: missing field 'rope_theta' (neither top-level nor under 'rope_parameters')")
 
-        def number(name, v, kind):   # JSON's numbers only: a null, a string or 64.7 for an int is a damaged file
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or kind is int and not float(v).is_integer():
-                raise ValueError(f"{path}: field '{name}' is {v!r}, expected {'a whole number' if kind is int else 'a number'}; "
-                                 f"the file is damaged or hand-edited: use the model's own config.json")
+        def number(name, v, kind):   # JSON's positive numbers only: null, "64", 64.7 for an int, 0 or NaN is a damaged file
+            if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
+                    or kind is int and not float(v).is_integer()):
+                raise ValueError(f"{path}: field '{name}' is {json.dumps(v)}, expected a positive "
+                                 f"{'whole number' if kind is int else 'number'}; the file is damaged or hand-edited: "
+                                 f"use the model's own config.json")
             return kind(v)
         scaling = d.get("rope_scaling") or (d.get("rope_parameters") or {}).get("rope_type", "default")
         if scaling not in (None, "default"):
@@ -99,7 +102,7 @@ class SmolLM2Config:
             elif f.name == "tie_word_embeddings":   # transformers' LlamaConfig reads a missing one as false
                 kw[f.name] = d.get(f.name, False)
                 if not isinstance(kw[f.name], bool):
-                    raise ValueError(f"{path}: field 'tie_word_embeddings' is {kw[f.name]!r}, expected true or false")
+                    raise ValueError(f"{path}: field 'tie_word_embeddings' is {json.dumps(kw[f.name])}, expected true or false")
             elif f.name in ("bos_token_id", "eos_token_id", "pad_token_id"):
                 v = d.get(f.name)
                 kw[f.name] = v[0] if isinstance(v, list) else v
@@ -108,7 +111,7 @@ class SmolLM2Config:
             else:
                 kw[f.name] = number(f.name, d[f.name], f.type)
         kw["head_dim"] = (number("head_dim", d["head_dim"], int) if d.get("head_dim") is not None
-                          else kw["hidden_size"] // max(kw["num_attention_heads"], 1))
+                          else kw["hidden_size"] // kw["num_attention_heads"])
         return cls(**kw)
 
 # numbers from the official config.json files (HuggingFaceTB/SmolLM2-*-Instruct on the Hub)
@@ -331,8 +334,11 @@ class Model(nn.Module):
         With a KVCache, every input token is real and is appended to the cache (KVCache.prepare)."""
         B, T = input_ids.shape
         dev = input_ids.device
-        if cache is None and T > self.config.max_position_embeddings:   # a KV cache checks its own slots
-            raise ValueError(f"a sequence of {T} tokens, more than the model's {self.config.max_position_embeddings} "
+        # no position past the model's (RoPE would run on without a word); packed rows restart their positions per
+        # segment, so theirs are what counts; with a KV cache, generate_ids keeps prompt and new tokens within them
+        last = T if cache is not None or position_ids is None else int(position_ids.max()) + 1
+        if cache is None and last > self.config.max_position_embeddings:
+            raise ValueError(f"a sequence of {last} tokens, more than the model's {self.config.max_position_embeddings} "
                              f"positions (config.json's max_position_embeddings); shorten it, or use a model with more")
         if cache is not None:
             if (attention_mask is not None and not bool(attention_mask.bool().all())) or position_ids is not None:
@@ -457,6 +463,9 @@ def template_system_prompt(template, **special_tokens):
     return m.group(1)
 
 
+_SAID = set()   # load_tokenizer's warnings said in this process
+
+
 def load_tokenizer(path):
     """Tokenizer from a checkpoint directory; special tokens come from tokenizer_config.json, and the
     default system prompt from rendering its chat_template (or chat_template.jinja, which
@@ -490,7 +499,9 @@ def load_tokenizer(path):
             kw["system_prompt"] = template_system_prompt(template, **{k: v for k, v in kw.items() if v})
         except Exception as e:  # a template is code from the hub: any failure means "cannot tell"
             unread = f"{tc}: chat_template not understood ({type(e).__name__}: {' '.join(str(e).split())})"
-            util.say(f"warning: {unread}; chat() writes ChatML with SmolLM2's default system prompt", file=sys.stderr)
+            if unread not in _SAID:   # once per process: the commands read a tokenizer before the load, then in it
+                _SAID.add(unread)
+                util.say(f"warning: {unread}; chat() writes ChatML with SmolLM2's default system prompt", file=sys.stderr)
     tok = Tokenizer(path / "tokenizer.json", **kw)
     tok.chat_template = template or None   # the checkpoint's own, if any (chat() writes ChatML either way)
     tok.template_unread = unread           # why chat() is not what that template renders (evals --chat refuses it)

@@ -81,7 +81,8 @@ CRITERIA = {}   # pruning criteria, name -> score(name, layer) (IMP section); fi
 @dataclasses.dataclass
 class Config:
     # what to train
-    model: str = _f(M.DEFAULT_MODEL, "base model: hub id or local directory (§4.1)")
+    model: str = _f(M.DEFAULT_MODEL, "base model: hub id or local directory (§4.1); --resume takes a new path "
+                                     "to the same base (its identity is checked)", resumable=True)
     revision: str = _f("", "hub revision of --model (commit, branch or tag; default: the latest); the run records "
                            "the commit it resolved to and resumes on it")
     method: str = _f("rigsa", " | ".join(METHODS) + " (§3.2, §4.4, §5.3; lt-sft: §6): the table METHODS",
@@ -584,7 +585,8 @@ def setup(cfg, resume=None, given=None):
         mask_like_counts(cfg.mask_like, {n: m.weight.numel() for n, m in shapes.named_modules()
                                          if isinstance(m, nn.Linear) and n != "lm_head"})   # install_adapters' layers
     # every example within the model's positions (a 28x28 digit is ~850 tokens): said before the load, as
-    # evals/run.py does, rather than trained past the positions the model knows
+    # evals/run.py does, rather than trained past the positions the model knows. One image per split: every
+    # prompt of a split has its length, since SmolLM2's tokenizer makes one token per pixel digit
     mcfg, tok = (qlora.check_model if METHODS[cfg.method]["nf4"] else M.check_checkpoint)(base)[:2]
     longest = max(len(encode_example(tok, x[0], 0, digit_ids(tok), end_id(tok))[0]) for x, _ in data.values())
     if longest > mcfg.max_position_embeddings:

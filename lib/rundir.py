@@ -147,8 +147,8 @@ def resumed(cfg, given, check=None):
                          f"delete it, and --resume starts the run again from its first step")
     made = state.get("config") if isinstance(state.get("config"), dict) else {}   # older versions' resume.pt: none
     # resume.pt and config.json of one run: a config.json edited since, or another run's resume.pt copied in, would
-    # continue one run under the other's numbers (paths may move: the base's identity is checked on its own)
-    other = [f for f in saved if f not in resumable | {"model", "mask_like", "verify_model"} and f in made
+    # continue one run under the other's numbers (--mask-like's path may move; verify_model changes no number)
+    other = [f for f in saved if f not in resumable | {"mask_like", "verify_model"} and f in made
              and made[f] != getattr(cfg, f)]
     if other:
         raise ValueError(f"{out / 'resume.pt'}: written by a run with {', '.join(f'{f} {made[f]!r}' for f in other)}, "

@@ -20,6 +20,7 @@ import cli
 import model as M
 import reproduce
 import rigsa
+from lib import adapter_files as AF
 from lib import flags
 from lib import mnist
 from lib import rundir
@@ -79,8 +80,9 @@ def world(tmp_path_factory, tiny_dir, tiny_mha_dir):
     with one_thread():   # a run halted early, then its data changes under --data-dir
         rigsa.train(rigsa.Config(out=str(w / "halted"), iters=2, lr=2e-2, halt_after=1, **{**cfg, "save_every": 1}))
     mnist.write_synthetic_mnist(w / "otherdata" / "mnist", n_train=24, n_test=4, size=8, seed=7)
-    save_file(t, w / "badmethod.safetensors",                               # a value this version cannot use
-              metadata={**meta, "config": json.dumps({**json.loads(meta["config"]), "method": "frobnicate"})})
+    future = {**json.loads(meta["config"]), "method": "frobnicate"}   # a value this version cannot use, as a later
+    save_file(t, w / "badmethod.safetensors",                          # version would write it: its checksums its own
+              metadata={**meta, "config": json.dumps(future), "install_sha256": AF.install_checksum(future)})
     n0 = "model.layers.0.mlp.up_proj"   # damaged adapters: a part missing, a mask of the wrong dtype, a base not an identity
     save({k: v for k, v in t.items() if k != n0 + ".delta"}, "nodelta.safetensors")
     save({**t, n0 + ".mask": t[n0 + ".mask"].float()}, "floatmask.safetensors")

@@ -247,6 +247,25 @@ def test_a_resume_pt_and_config_json_of_two_runs_are_refused(world, tmp_path, ot
     assert tree(tmp_path / "a") == before
 
 
+def test_a_resume_takes_a_moved_base_by_its_new_path(world, tmp_path):
+    # after moving the base the recorded path is gone: --resume --model NEW continues on the same base (its
+    # identity checked), and another base is still refused
+    shutil.copytree(world / "model", tmp_path / "old")
+    kw = base(tmp_path / "old", world / "data", iters=2, halt_after=3)
+    with one_thread():
+        assert rigsa.train(rigsa.Config(out=str(tmp_path / "run"), lr=2e-2, **kw)) is None
+    (tmp_path / "old").rename(tmp_path / "new")
+    other = tiny.write_tiny_checkpoint(tmp_path / "other", shape="gqa", seed=5)
+    args = ["train", "--resume", "--out", str(tmp_path / "run"), "--offline", "--no-verify", "--model"]
+    with pytest.raises(SystemExit) as e:
+        rigsa.main(args + [str(other)])
+    assert "--resume" in e.value.code and "other" in e.value.code and "\n" not in e.value.code, e.value.code
+    with one_thread():
+        rigsa.main(args + [str(tmp_path / "new")])
+    assert (tmp_path / "run" / "iter2.safetensors").exists()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["model"] == str(tmp_path / "new")
+
+
 def test_chat_with_a_template_that_is_not_chatml_is_refused(world, tmp_path, capsys):
     # lm-eval's --apply_chat_template renders the model's own template; ours writes SmolLM2's ChatML, which this is not
     m = shutil.copytree(world / "model", tmp_path / "inst")

@@ -239,7 +239,8 @@ def test_chat_equals_the_rendered_template(tiny_dir, tmp_path, capsys, template,
 ])
 def test_a_template_not_understood_warns_once_and_falls_back(tiny_dir, tmp_path, capsys, template):
     tok = M.load_tokenizer(tokenizer_dir(tiny_dir, tmp_path / "tok", template))
-    assert tok.system_prompt == M.DEFAULT_SYSTEM
+    assert tok.system_prompt == M.DEFAULT_SYSTEM and tok.template_unread
+    M.load_tokenizer(tmp_path / "tok")   # the commands read it before the load, then in it: said once
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(f"warning: {tmp_path / 'tok' / 'tokenizer_config.json'}: chat_template")
 
@@ -309,12 +310,14 @@ def _edit_config(key, value):   # value None: the key removed, or written as nul
     (lambda d: (d / "model.safetensors").write_bytes(_flip((d / "model.safetensors").read_bytes(), 10)),
      "model.safetensors: corrupt or truncated safetensors file .*; replace it with a good copy"),
     # numbers that are not numbers: one line naming the field, not a TypeError (nor 64.7 read as 64)
-    *[(_edit_config(k, v), rf"config.json: field '{k}' is {re.escape(repr(v))}, expected a {w}")
+    *[(_edit_config(k, v), rf"config.json: field '{k}' is {re.escape(json.dumps(v))}, expected a positive {w}")
       for k, v, w in (("rms_norm_eps", None, "number"), ("max_position_embeddings", None, "whole number"),
                       ("num_attention_heads", None, "whole number"), ("rope_theta", "abc", "number"),
                       ("hidden_size", 64.7, "whole number"), ("vocab_size", "512", "whole number"),
-                      ("head_dim", [16], "whole number"), ("intermediate_size", True, "whole number"))],
-    (_edit_config("tie_word_embeddings", "false"), "field 'tie_word_embeddings' is 'false', expected true or false"),
+                      ("head_dim", [16], "whole number"), ("intermediate_size", True, "whole number"),
+                      ("num_attention_heads", 0, "whole number"), ("vocab_size", -3, "whole number"),
+                      ("rms_norm_eps", float("nan"), "number"), ("max_position_embeddings", 0, "whole number"))],
+    (_edit_config("tie_word_embeddings", "false"), "field 'tie_word_embeddings' is \"false\", expected true or false"),
     # the head: absent key = untied (transformers' reading), so the file must hold one; a tied config with a head of its own
     (_edit_config("tie_word_embeddings", None), r"tensor 'lm_head.weight' missing from the checkpoint \(config.json's "
                                                  r"tie_word_embeddings is false, or absent"),
@@ -416,12 +419,18 @@ def test_an_untied_head_is_read_as_transformers_reads_it(tiny_dir, tmp_path):
 
 
 def test_no_sequence_runs_past_the_models_positions(tiny_dir):
-    # RoPE would go on past max_position_embeddings without a word; a KV cache checks its own slots
+    # RoPE would go on past max_position_embeddings without a word; a KV cache checks its own slots. Packed rows
+    # (evals' shared contexts, several documents a row) restart their positions: theirs count, not the row's length
     m, tok = M.load(tiny_dir)
     P = m.config.max_position_embeddings
     m(torch.zeros(1, P, dtype=torch.long))
     with pytest.raises(ValueError, match=rf"a sequence of {P + 1} tokens, more than the model's {P} positions"):
         m(torch.zeros(1, P + 1, dtype=torch.long))
+    two = torch.cat([torch.arange(P), torch.arange(8)])[None]           # two segments in one row of P + 8 tokens
+    mask = (two[0, :, None] >= two[0, None, :]) & (torch.arange(P + 8)[:, None] // P == torch.arange(P + 8)[None] // P)
+    m(torch.zeros(1, P + 8, dtype=torch.long), attention_mask=mask[None], position_ids=two)
+    with pytest.raises(ValueError, match=rf"a sequence of {P + 1} tokens"):
+        m(torch.zeros(1, P + 8, dtype=torch.long), attention_mask=mask[None], position_ids=two + 1)
 
 
 def test_the_base_fingerprint_covers_every_file_the_loaders_read(tmp_path, monkeypatch):

@@ -368,6 +368,11 @@ def test_prequantized_unsloth_layout(tiny, tiny_dir, tmp_path):
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert torch.equal(loaded(x), want)
     plain, _ = Q.load_model(str(tiny_dir), device="cpu")                  # no quantization_config: model.load
+    head = {**sd, "lm_head.weight": sd["model.embed_tokens.weight"] + 1}     # a tied config, a head of its own
+    save_file({k: v.contiguous() for k, v in head.items()}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"config.json ties lm_head to the embeddings .* an lm_head.weight of their own"):
+        Q.load_model(str(tmp_path), device="cpu")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     assert not Q._targets(plain, Q.Linear4bit)
     with pytest.raises(ValueError, match=r"^\S+: a bitsandbytes 4-bit checkpoint \(config.json's quantization_config\), "
                                          r"and this needs the unquantized weights; pass the checkpoint it was quantized from$"):

@@ -336,7 +336,7 @@ class Model(nn.Module):
         dev = input_ids.device
         # no position past the model's (RoPE would run on without a word); packed rows restart their positions per
         # segment, so theirs are what counts; with a KV cache, generate_ids keeps prompt and new tokens within them
-        last = T if cache is not None or position_ids is None else int(position_ids.max()) + 1
+        last = T if position_ids is None else int(position_ids.max()) + 1
         if cache is None and last > self.config.max_position_embeddings:
             raise ValueError(f"a sequence of {last} tokens, more than the model's {self.config.max_position_embeddings} "
                              f"positions (config.json's max_position_embeddings); shorten it, or use a model with more")

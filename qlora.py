@@ -542,13 +542,17 @@ def load_prequantized(state_dict, model, compute_dtype=None, device=None):
     return model
 
 
+def _quantization(path):
+    try:
+        return M.quantization(path)
+    except (FileNotFoundError, json.JSONDecodeError):   # model.check_checkpoint says what is wrong with config.json
+        return {}
+
+
 def check_model(path):
     """What load_model refuses before it reads a weight, for a caller to check before its own long work.
     -> (config, tokenizer, quantization_config)."""
-    try:
-        qc = M.quantization(path)
-    except (FileNotFoundError, json.JSONDecodeError):   # model.check_checkpoint says what is wrong with config.json
-        qc = {}
+    qc = _quantization(path)
     if not qc.get("load_in_4bit"):
         return (*M.check_checkpoint(path), qc)
     if qc.get("bnb_4bit_quant_type", "nf4") != "nf4":
@@ -561,9 +565,9 @@ def load_model(name_or_path, device=None, dtype=None, revision=None):
     """model.load, plus bitsandbytes 4-bit checkpoints (config.json with quantization_config
     load_in_4bit, e.g. unsloth/SmolLM2-1.7B-Instruct-bnb-4bit). -> (model, tokenizer)."""
     path = M.resolve(name_or_path, revision)
-    cfg, tok, qc = check_model(path)
-    if not qc.get("load_in_4bit"):
+    if not _quantization(path).get("load_in_4bit"):   # model.load checks the checkpoint itself
         return M.load(path, device, dtype, revision=revision)
+    cfg, tok, qc = check_model(path)
     device = util.pick_device(device)
     dtype = dtype or _DTYPES.get(qc.get("bnb_4bit_compute_dtype"), torch.bfloat16)
     with torch.device("meta"):               # nothing allocated until the file's own tensors are assigned

@@ -579,16 +579,18 @@ def setup(cfg, resume=None, given=None):
     # the base's files (one hub commit, resumed on) and --dtype resolved (auto: bfloat16 where the device
     # computes it natively), checked against --resume's run and --mask-like's adapter: rundir.start
     base, ident, dtype, started, checks = rundir.start(cfg, device, mask_like, resumes=resume is not None)
+    # the base's config and tokenizer, checked before its weights load
+    mcfg, tok = (qlora.check_model if METHODS[cfg.method]["nf4"] else M.check_checkpoint)(base)[:2]
     if mask_like is not None:   # its masks against this base's shapes before the load (on the meta device: no memory)
         with torch.device("meta"):
-            shapes = M.Model(M.SmolLM2Config.from_json(Path(base) / "config.json"))
+            shapes = M.Model(mcfg)
         mask_like_counts(cfg.mask_like, {n: m.weight.numel() for n, m in shapes.named_modules()
                                          if isinstance(m, nn.Linear) and n != "lm_head"})   # install_adapters' layers
     # every example within the model's positions (a 28x28 digit is ~850 tokens): said before the load, as
     # evals/run.py does, rather than trained past the positions the model knows. One image per split: every
     # prompt of a split has its length, since SmolLM2's tokenizer makes one token per pixel digit
-    mcfg, tok = (qlora.check_model if METHODS[cfg.method]["nf4"] else M.check_checkpoint)(base)[:2]
-    longest = max(len(encode_example(tok, x[0], 0, digit_ids(tok), end_id(tok))[0]) for x, _ in data.values())
+    digits, eos = digit_ids(tok), end_id(tok)
+    longest = max(len(encode_example(tok, x[0], 0, digits, eos)[0]) for x, _ in data.values())
     if longest > mcfg.max_position_embeddings:
         raise ValueError(f"{cfg.model}: a Textual MNIST example (prompt and answer) is {longest} tokens, more than "
                          f"the model's {mcfg.max_position_embeddings} positions; use a model with more, or smaller digits")

@@ -68,6 +68,7 @@ import model as M
 import rigsa
 from lib import adapter_files as AF
 from lib import mnist
+from lib import rundir
 from lib import util
 from evals import tasks as T
 
@@ -370,6 +371,9 @@ def run_metrics(run):
                              f"train it again (--rerun-changed after moving it), or mend the line")
         if r.get("event") == "iteration":
             rows[r["iter"]] = r
+    # its accuracies sit next to its iterK files' evaluations in the tables: the files must be its own
+    rundir.check_iterations(run, rows.values(), "put the run's own back, or move the run away and run reproduce.py "
+                                                "again to train it again")
     return rows
 
 
@@ -906,6 +910,8 @@ def steps_of(a, again, older):
                 if not a.rerun_changed:   # never tabulated as this step's
                     raise ValueError(f"{out}: {why}; move it away, or pass --rerun-changed to make it again")
             if rec and not why and (not train or target.exists()):
+                if train:   # its iterK files are the ones its log recorded, before their evaluations are taken or redone
+                    run_metrics(out)
                 if rec.get("status") != "done":   # it finished after its record was written
                     record(out, cmd, rec["inputs"], rec.get("model"), "done")
                 if recorded(out / "config.json" if train else out, "code") not in (None, util.code_version()):

@@ -709,23 +709,25 @@ def read_adapter(spec, tensors=True):
 
 
 def save_adapter(model, path, cfg, extra=None):
-    """Write the trained adapter, with its config and `extra` (adapter_files.write)."""
-    AF.write(path, AF.tensors_of(adapters(model), qlora.lora_state_dict(model)),
-                      dataclasses.asdict(cfg), extra)
+    """Write the trained adapter, with its config and `extra` (adapter_files.write). -> its tensors' checksum."""
+    return AF.write(path, AF.tensors_of(adapters(model), qlora.lora_state_dict(model)),
+                    dataclasses.asdict(cfg), extra)
 
 
 def save_iteration(run, it, res):
-    """Write iteration `it`'s adapter (and for LoRA its PEFT copy) and record its evaluation."""
+    """Write iteration `it`'s adapter (and for LoRA its PEFT copy), then record its evaluation with the
+    adapter's checksum (a resume and reproduce.py check the file against it: rundir.check_iterations)."""
     cfg = run.cfg
-    run.record(res)
     if util.world()[0] != 0:  # the adapters are the same on every rank: rank 0 writes them
-        return
+        return run.record(res)
     if METHODS[cfg.method]["lora"]:   # first: iterK.safetensors marks the iteration done (rundir.finished)
         qlora.save_peft(run.model, run.out / f"iter{it}-peft", cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.model,
                         cfg.revision or None)
-    save_adapter(run.model, run.out / f"iter{it}.safetensors", cfg,
-                 {"base": run.base, "base_check": run.checks,
-                  **{k: v for k, v in res.items() if k in ("iter", "val_acc", "test_acc", "density", "trainable")}})
+    res["adapter_sha256"] = save_adapter(run.model, run.out / f"iter{it}.safetensors", cfg,
+                                         {"base": run.base, "base_check": run.checks,
+                                          **{k: v for k, v in res.items()
+                                             if k in ("iter", "val_acc", "test_acc", "density", "trainable")}})
+    run.record(res)
     print(f"iter {it}:" + "".join(f" {k} {res[k + '_acc']:.4f}" for k in ("val", "test") if k + "_acc" in res)
           + (f" density {res['density']:.4%}" if run.layers else ""))
 

@@ -144,11 +144,12 @@ def install_checksum(config):
 
 def write(path, tensors, config, extra=None):
     """The adapter file: `tensors` (tensors_of), and as metadata the run's config (a dict), `extra`,
-    the tensors' checksum and that of the config's INSTALL fields."""
+    the tensors' checksum and that of the config's INSTALL fields. -> the tensors' checksum."""
     meta = {"format": "rigsa-adapter", "config": json.dumps(config), **(extra or {}),
             "tensors_sha256": checksum(tensors), "install_sha256": install_checksum(config)}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
     util.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return meta["tensors_sha256"]
 
 
 def adapter_path(spec):

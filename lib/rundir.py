@@ -7,6 +7,7 @@ state is a dict of tensors.
   config_from, resumed     a saved config read back (keys of another version named and dropped);
                            --resume: the flags the user typed against the saved ones, resume.pt
   finished, check_steps    --resume of a complete run; flags the run's length leaves idle
+  check_iterations         the iterK files are the ones the run's log recorded (not another run's)
   Run                      what a training run holds between its phases; record() appends to metrics.jsonl
   start                    before the data and model load: the base's files, --dtype resolved, the checks
   check_bases, run_dtype,  provenance: the base against --resume's run and --mask-like's adapter; --dtype
@@ -155,6 +156,8 @@ def resumed(cfg, given, check=None):
                          f"where {out / 'config.json'} has {', '.join(f'{getattr(cfg, f)!r}' for f in other)}: one of "
                          f"them was edited or copied from another run; put the run's own back, or delete resume.pt and "
                          f"--resume starts the run again from its first step")
+    check_iterations(out, state["log"] if isinstance(state["log"], list) else [],
+                     f"put the run's own back, or move it out of {out} to continue the run without it")
     return cfg, state
 
 
@@ -343,15 +346,32 @@ def finished(out, last):
         log = Path(out) / "metrics.jsonl"
         try:
             with open(log) as f:
-                return [json.loads(line) for line in f]
+                records = [json.loads(line) for line in f]
         except (OSError, ValueError) as e:   # ValueError: not JSON, not UTF-8
             raise ValueError(f"{log}: the complete run's log is not readable ({type(e).__name__}: "
                              f"{' '.join(str(e).split())[:200]}); its adapters are whole, but its report needs the log") from None
+        check_iterations(out, records, "put the run's own back (its report would be of other adapters)")
+        return records
     have = sorted((q.stem for q in Path(out).glob("iter*.safetensors")), key=lambda n: (len(n), n))
     util.say(f"note: {out} has no resume checkpoint" + (f" (it holds {', '.join(have)}, but not iter{last}, the last): "
              f"the run trains again from its first step, and writes them again" if have else
              " yet; the run starts again from its first step"), file=sys.stderr)
     return None
+
+
+def check_iterations(out, log, remedy):
+    """The adapters a run's log says its iterations saved are the files in its folder: each iteration
+    record names its file by the tensors' checksum (adapter_sha256; records from before 2026-12-05 hold
+    none, and are not checked). Another run's iterK.safetensors put there, or one changed since, would
+    be taken as this run's by --resume and by reproduce.py's tables, next to this run's accuracies.
+    A file that is not there is left to whoever reads it (one line when it is read). remedy: what to do."""
+    for r in log:
+        if isinstance(r, dict) and r.get("event") == "iteration" and isinstance(r.get("adapter_sha256"), str):
+            p = Path(out) / f"iter{r['iter']}.safetensors"
+            if p.exists() and AF.read(p, tensors=False)[1].get("tensors_sha256") != r["adapter_sha256"]:
+                raise ValueError(f"{p}: not the adapter this run's iteration {r['iter']} saved (its tensors' checksum "
+                                 f"is not the one the run's log recorded: another run's file, or changed since); "
+                                 f"{remedy}")
 
 
 def check_steps(cfg, given, steps, left):

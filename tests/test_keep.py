@@ -15,6 +15,7 @@ import pytest
 
 import cli
 import rigsa
+from lib import adapter_files as AF
 from lib import mnist
 from lib import interrupts
 from lib import tiny
@@ -245,6 +246,40 @@ def test_a_resume_pt_and_config_json_of_two_runs_are_refused(world, tmp_path, ot
                         rf"\S+/a/config.json has {0.02 if 'resume' in other else 0.05}: one of them was edited or copied "
                         rf"from another run; .*", e.value.code), e.value.code
     assert tree(tmp_path / "a") == before
+
+
+def test_an_iteration_file_that_is_not_the_runs_own_is_refused(world, tmp_path):
+    # each iteration record names its adapter by the tensors' checksum: another run's iterK.safetensors put in a
+    # run's folder (or one changed since) was kept by --resume and taken by reproduce.py's tables as this run's,
+    # next to this run's accuracies
+    import reproduce as P
+    kw = base(world / "model", world / "data", iters=2, lr=2e-2)
+    with one_thread():
+        assert rigsa.train(rigsa.Config(out=str(tmp_path / "a"), halt_after=3, **kw)) is None   # in iteration 2
+    it1 = tmp_path / "a" / "iter1.safetensors"
+    log = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["adapter_sha256"] for r in log if r.get("event") == "iteration"] == \
+        [AF.read(it1, tensors=False)[1]["tensors_sha256"]]
+    t, _, config = AF.read(it1)
+    AF.write(it1, {k: v + (k == min(t)) for k, v in t.items()}, config)   # a whole adapter file, of other tensors
+    before = tree(tmp_path / "a")
+    said = r"\S+/a/iter1.safetensors: not the adapter this run's iteration 1 saved \(its tensors' checksum is not the " \
+           r"one the run's log recorded: another run's file, or changed since\); put the run's own back"
+    with pytest.raises(SystemExit) as e:
+        rigsa.main(["train", "--resume", "--out", str(tmp_path / "a"), "--offline", "--no-verify"])
+    assert re.fullmatch(rf"error: {said}, or move it out of \S+/a to continue the run without it", e.value.code), \
+        e.value.code
+    assert tree(tmp_path / "a") == before
+    with pytest.raises(ValueError, match=said):
+        P.run_metrics(tmp_path / "a")
+    it1.rename(tmp_path / "elsewhere.safetensors")   # moved out: the run goes on without it
+    with one_thread():
+        log = rigsa.train(rigsa.Config(out=str(tmp_path / "a"), resume=True, **kw))
+    assert [r["iter"] for r in log if r.get("event") == "iteration"] == [1, 2] and len(P.run_metrics(tmp_path / "a")) == 2
+    t, _, config = AF.read(tmp_path / "a" / "iter2")   # a complete run's too
+    AF.write(tmp_path / "a" / "iter2.safetensors", {k: v * (1 + (k == max(t))) for k, v in t.items()}, config)
+    with pytest.raises(ValueError, match=said.replace("iter1", "iter2").replace("iteration 1", "iteration 2")):
+        rigsa.train(rigsa.Config(out=str(tmp_path / "a"), resume=True, **kw))
 
 
 def test_a_resume_takes_a_moved_base_by_its_new_path(world, tmp_path):

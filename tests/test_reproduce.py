@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import model as M
 import reproduce as P
+from lib import adapter_files as AF
 from lib import mnist
 from lib import tiny
 from lib import util
@@ -235,6 +237,10 @@ def mutate(out, data, name):
     elif name == "output cut":
         p = out / "evals" / "base-mnist-0shot.json"
         p.write_bytes(p.read_bytes()[:20])
+    elif name == "another run's adapter":   # a whole adapter file, but not the one the run's log recorded
+        AF.write(out / "rigsa" / "iter1.safetensors", {"x": torch.ones(2)}, {})
+        (out / "rigsa" / "metrics.jsonl").write_text(json.dumps({"event": "iteration", "iter": 1,
+                                                                 "adapter_sha256": "0" * 64}) + "\n")
     elif name.startswith("no record"):
         P.record_path(out / ("evals/base-mnist-0shot.json" if "evaluation" in name else "rigsa")).unlink()
 
@@ -249,12 +255,16 @@ CHANGES = [
     ("test digits", [], "{out}/evals/base-mnist-0shot.json: made from other inputs than this command's "
      "(mnist/t10k-images-idx3-ubyte.gz: sha256 "),
     ("adapter", [], "{out}/evals/rigsa-iter1-piqa.json: made from other inputs than this command's (--adapter: sha256 "),
+    ("another run's adapter", [], "{out}/rigsa/iter1.safetensors: not the adapter this run's iteration 1 saved "),
     ("output edited", [], "{out}/evals/base-mnist-0shot.json: changed after this step made it: sha256 "),
     ("output cut", [], "{out}/evals/base-mnist-0shot.json: changed after this step made it: sha256 "),
     ("no record: evaluation", [], "{out}/evals/base-mnist-0shot.json: no record of the inputs that made it "
      "(base-mnist-0shot.inputs.json is missing"),
     ("no record: run", [], "{out}/rigsa: no record of the inputs that made it (rigsa.inputs.json is missing"),
 ]
+
+
+ALWAYS = ("no record: run", "another run's adapter")   # refused with --rerun-changed too: not reproduce.py's to redo
 
 
 @pytest.mark.parametrize("name,change,text", CHANGES, ids=[c[0] for c in CHANGES])
@@ -274,12 +284,12 @@ def test_an_output_is_reused_only_if_made_from_the_same_inputs(world, tmp_path, 
             P.main(argv + again)
             raise SystemExit(0)
         o, err = capsys.readouterr()
-        if again and name != "no record: run":  # the changed steps would run again; a dry run changes nothing
+        if again and name not in ALWAYS:  # the changed steps would run again; a dry run changes nothing
             assert e.value.code == 0 and "--rerun-changed: it would be replaced" in o, err
         else:                                   # refused, in one line naming the first difference
             assert e.value.code == 1 and len(err.splitlines()) == 1, err
             assert err.startswith("error: " + text.format(out=out, A=A, B=B, **fp)), err
-            assert ("pass --rerun-changed" in err) == (name != "no record: run"), err
+            assert ("pass --rerun-changed" in err) == (name not in ALWAYS), err
         assert files(out) == before
 
 

@@ -103,13 +103,14 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
     load_adapter(model, adapter, read=read)
     lost, total = AF.merge_adapters(model, getattr(torch, dtype))
     frac = lost / max(total, 1e-30)
+    what = "scale*B@A" if rigsa.METHODS[read[2].method]["lora"] else "alpha*m*dW"   # the delta added to W0
     if frac > 0.01 and not allow_lossy:
-        raise ValueError(f"--dtype {dtype}: the cast loses {frac:.2%} of sum|alpha*m*dW| (more than 1%); merge in "
+        raise ValueError(f"--dtype {dtype}: the cast loses {frac:.2%} of sum|{what}| (more than 1%); merge in "
                          f"float32 (the default), or pass --allow-lossy to write it anyway")
     AF.write_merged(out, src, model, getattr(torch, dtype),
                     {"adapter": str(AF.adapter_path(adapter)), "base": ident,
                      "adapter_base": meta["base"], "base_check": verdict, "dtype": dtype})
-    print(f"merged {adapter} into {out} ({dtype}); the cast lost {frac:.2%} of sum|alpha*m*dW|")
+    print(f"merged {adapter} into {out} ({dtype}); the cast lost {frac:.2%} of sum|{what}|")
     return out
 
 # -----------------------------------------------------------------------------

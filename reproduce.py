@@ -481,10 +481,21 @@ def recorded(path, key="machine"):
     return " and ".join(dict.fromkeys(m for m in [d[key], *on] if isinstance(m, str) and m))
 
 
+def dtype_of(path):
+    """The dtype an output computed in, as recorded (--dtype auto resolved: bfloat16 on a GPU, float32 on
+    a CPU without native bfloat16): a run's config.json's config, an evaluation's JSON; None if unrecorded."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    d = d.get("config", d) if isinstance(d, dict) and path.name == "config.json" else d
+    return d["dtype"] if isinstance(d, dict) and isinstance(d.get("dtype"), str) and d["dtype"] else None
+
+
 def made_by(out):
     """TABLES.md's lines naming what made its numbers, from the outputs' records: per group of steps
-    the base model, its identity, --limit and --steps, the machine, the code (util.code_version), and the
-    outputs that have no record."""
+    the base model, its identity, --limit and --steps, the dtype, the machine, the code (util.code_version),
+    and the outputs that have no record."""
     out = Path(out)
     outputs = [("base-model evaluations" if p.name.startswith("base-") else "adapter evaluations", p)
                for p in sorted((out / "evals").glob("*.json")) if not p.name.endswith(".inputs.json")]
@@ -500,6 +511,7 @@ def made_by(out):
             + (f", --limit {i['--limit']}" if "--limit" in i else ", no --limit (all)") \
             + ((f", --steps {i['--steps']}" if "--steps" in i else ", no --steps (the paper's epochs)")
                if group == "trainings" else "") \
+            + (f", in {d}" if (d := dtype_of(p / "config.json" if group == "trainings" else p)) else "") \
             + (f", on {m}" if (m := recorded(p / "config.json" if group == "trainings" else p)) else "") \
             + (f", rigsa's code {c}" if (c := recorded(p / "config.json" if group == "trainings" else p, "code")) else "")
         groups.setdefault(group, {}).setdefault(what, 0)

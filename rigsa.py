@@ -180,6 +180,9 @@ def check_config(cfg, given=None):
     flags.check(cfg)
     flags.refuse_idle(cfg, flags.typed_by(cfg, given), lambda name: [m for m, d in METHODS.items() if name in d["flags"]],
                       cfg.method, "--method")
+    if cfg.method == "random-mask" and cfg.density == 0 and flags.typed_by(cfg, given)("density"):   # 0 = not given
+        raise ValueError("--density 0: a random mask with no free entry trains nothing; give a density > 0, or "
+                         "--mask-like RUN/iterK")
     if cfg.method == "random-mask" and bool(cfg.mask_like) == (cfg.density > 0):
         raise ValueError("--method random-mask: needs exactly one of --mask-like RUN/iterK or --density D")
     if cfg.val_frac == 0 and not cfg.eval_test:
@@ -622,7 +625,7 @@ def setup(cfg, resume=None, given=None):
     model.checkpoint_layers = cfg.checkpoint_activations   # model.py: per decoder layer; the estimate knows it
     tokens = cfg.micro_batch * len(encode_example(tok, data["train"][0][0], 0, run.digits, run.eos)[0])
     run.moments = memory.choose_moments(memory.memory_plan(model, layers, device, amp, tokens), device, cfg.moments,
-                                        cfg.checkpoint_activations)
+                                        cfg.checkpoint_activations, cfg.micro_batch)
     # the run directory is written once the data and the model have loaded, and the step fits; a
     # resumed run takes up its log, position and RNG
     rundir.begin(run, started, hashes, resume)
@@ -724,7 +727,7 @@ def save_iteration(run, it, res):
         qlora.save_peft(run.model, run.out / f"iter{it}-peft", cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.model,
                         cfg.revision or None)
     res["adapter_sha256"] = save_adapter(run.model, run.out / f"iter{it}.safetensors", cfg,
-                                         {"base": run.base, "base_check": run.checks,
+                                         {"base": run.base, "base_check": run.checks, "moments": run.placed,
                                           **{k: v for k, v in res.items()
                                              if k in ("iter", "val_acc", "test_acc", "density", "trainable")}})
     run.record(res)

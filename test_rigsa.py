@@ -505,7 +505,7 @@ def test_qlora_wiring(tiny_dir, tmp_path):
     assert isinstance(q, qlora.LoRALinear) and q.lora_B.weight.abs().sum() > 0       # trained B was loaded
 
 
-def test_lora_merge(tiny_dir, tmp_path):
+def test_lora_merge(tiny_dir, tmp_path, capsys):
     # --method lora (the unquantized baseline) merges like RIGSA: float32 merge, official layout
     mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=12, n_test=4, size=8)
     cfg = tiny_cfg(tiny_dir, tmp_path, method="lora", rank=2, steps=2, lora_lr=5e-2, warmup=1)
@@ -517,6 +517,7 @@ def test_lora_merge(tiny_dir, tmp_path):
     y = m(x)
     assert (y - M.load(tiny_dir)[0](x)).abs().max() > 1e-4          # the adapter does something
     out = cli.merge(tmp_path / "run" / "iter1", tmp_path / "merged", dtype="float32")
+    assert re.search(r"\(float32\); the cast lost 0\.\d\d% of sum\|scale\*B@A\|\n", capsys.readouterr().out)   # LoRA's delta
     torch.testing.assert_close(M.load(out)[0](x), y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(hf_model(out)(x).logits, y, rtol=1e-4, atol=1e-4)
     q = tmp_path / "q"
@@ -774,6 +775,7 @@ def test_a_resume_may_move_the_moments_and_the_run_records_each_placement(tiny_d
     assert log and (tmp_path / "run" / f"iter{2 if method == 'rigsa' else 1}.safetensors").exists()
     assert "note: --resume: AdamW's moments were 8bit until now and are device from here" in capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "config.json").read_text())["moments"] == ["8bit", "device"]
+    assert json.loads(rigsa.read_adapter(tmp_path / "run" / "iter1", tensors=False)[1]["moments"]) == ["8bit", "device"]
 
 
 def test_8bit_codes_round_trip_and_never_zero_a_positive_second_moment():
@@ -821,6 +823,22 @@ def test_the_memory_estimate_chooses_and_refuses_in_one_line(monkeypatch, capsys
     machine(12, 64)
     with pytest.raises(ValueError, match=r"which has 12.0 GB; try a smaller --micro-batch$"):
         memory.choose_moments(plan, cuda, "auto")
+    with pytest.raises(ValueError, match=r"which has 12.0 GB; no flag of this run makes it smaller: a device with more "
+                                         r"memory, or a smaller model$"):   # nothing left to offer
+        memory.choose_moments(plan, cuda, "auto", checkpointed=True, micro_batch=1)
+    machine(0.02098, 64)                                                     # a shortfall of 0.02 MB reads as one
+    small = {m: {k: v / 1000 for k, v in parts.items()} for m, parts in plan.items()}
+    with pytest.raises(ValueError, match=r"needs ~21.00 MB on cuda, which has 20.98 MB; try --moments host \(~13.0 MB\) "
+                                         r"or --moments 8bit \(~15.0 MB\) or --checkpoint-activations$"):
+        memory.choose_moments(small, cuda, "device", checkpointed=False, micro_batch=1)
+    cpu = torch.device("cpu")                     # on the CPU host moments take the device's room: auto is device
+    machine(20, 20)                               # or 8-bit, and host is neither chosen, offered nor undercounted
+    assert memory.choose_moments(plan, cpu, "auto") == "8bit"
+    with pytest.raises(ValueError, match=r"^memory: the run needs ~21.0 GB on cpu, which has 20.0 GB; try --moments "
+                                         r"8bit \(~15.0 GB\) or a smaller --micro-batch$"):
+        memory.choose_moments(plan, cpu, "host")
+    machine(22.5, 22.5)
+    assert memory.choose_moments(plan, cpu, "auto") == "device"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")                              # 8 processes pin 8 GB each
     machine(20, 64)
     assert memory.choose_moments(plan, cuda, "auto") == "8bit"

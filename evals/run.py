@@ -502,19 +502,6 @@ def ours(path):
                                     or bool(d) and all(result(r) for r in d.values()))
 
 
-def merge_record(path):
-    """rigsa-merge.json, the record rigsa.py merge leaves in a merged model's folder, as a dict."""
-    try:
-        d = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:   # ValueError: not JSON, not UTF-8
-        raise ValueError(f"{path}: not readable as rigsa.py merge's record ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:120]}); delete it, or merge again") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: not rigsa.py merge's record (a {type(d).__name__}, not a JSON object); "
-                         f"delete it, or merge again")
-    return d
-
-
 def check_output(flag, path, folder, inputs=()):
     """Before any work: the path is not of the wrong kind, it is none of the run's inputs (nor in the
     model directory), an existing file there is one this script wrote (results JSON: anything else is
@@ -707,10 +694,7 @@ def evaluate(args):
         raise ValueError(f"--chat: {tok0.template_unread}, so the ChatML this code writes is not what lm-eval's "
                          f"--apply_chat_template would score for this model; drop --chat (the paper's plain prompts)")
     dtype, why = util.auto_dtype(args.dtype, device)   # auto: bfloat16 where the device computes it natively
-    merged = path / "rigsa-merge.json"
-    if args.dtype == "auto" and dtype != torch.float32 and merged.is_file() and merge_record(merged).get(
-            "dtype") == "float32":   # rigsa.py merge kept float32: bfloat16 would round its deltas away (merge says how much)
-        dtype, why = torch.float32, "auto: a float32 merge of an adapter, whose small deltas bfloat16 would round away"
+    dtype, why = AF.merge_dtype(args.dtype, dtype, why, path)   # but a float32 merge stays float32
     base = {"model": name, **M.base_identity(path)}
     check = (AF.check_base(ameta["base"], base, f"--adapter {args.adapter}", args.allow_other_base)
              if args.adapter else None)   # before the model loads: an adapter applies to its own base
@@ -723,7 +707,9 @@ def evaluate(args):
                 raise
             failed.append(data.pop("mnist") and "mnist")
             util.say(f"error: {task_error('mnist', e)}", file=sys.stderr)
-    qlora.check_model(path)   # what the base's load would refuse, said before the adapter's read
+    if qlora.check_model(path)[2].get("load_in_4bit") and args.quantize:   # what the load refuses, said before
+        raise ValueError(f"--quantize {args.quantize}: {name} is a 4-bit checkpoint already (its config.json's "   # the
+                         f"quantization_config), so it would not act; drop it")                                  # adapter's read
     try:   # the adapter's tensors, checksum checked, before the base loads (minutes at 1.7B)
         read = rigsa.read_adapter(args.adapter) if args.adapter else None
     except (ValueError, OSError) as e:

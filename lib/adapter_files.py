@@ -305,6 +305,34 @@ def remove_killed_merges(out):
                      file=sys.stderr)
 
 
+def merge_record(path):
+    """rigsa-merge.json, the record write_merged leaves in a merged model's folder, as a dict."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:   # ValueError: not JSON, not UTF-8
+        raise ValueError(f"{path}: not readable as rigsa.py merge's record ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:120]}); delete it, or merge again") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: not rigsa.py merge's record (a {type(d).__name__}, not a JSON object); "
+                         f"delete it, or merge again")
+    return d
+
+
+def merge_dtype(flag, dtype, why, path):
+    """--dtype `flag`, resolved to (dtype, why) by util.auto_dtype, for the model folder `path`: a float32
+    merge (its rigsa-merge.json says so) holds deltas that bfloat16 would round away (rigsa.py merge
+    --dtype bfloat16 says how much), so auto keeps it in float32, for evaluation and for training on it
+    alike; bfloat16 typed is taken, as asked, with a note."""
+    merged = Path(path) / "rigsa-merge.json"
+    if dtype != torch.bfloat16 or not merged.is_file() or merge_record(merged).get("dtype") != "float32":
+        return dtype, why
+    if flag in (None, "auto"):
+        return torch.float32, "auto: a float32 merge of an adapter, whose small deltas bfloat16 would round away"
+    util.say(f"note: --dtype bfloat16: {path} is a float32 merge of an adapter, whose small deltas bfloat16 rounds "
+             f"away (rigsa.py merge --dtype bfloat16 says how much); --dtype auto keeps it in float32", file=sys.stderr)
+    return dtype, why
+
+
 def write_merged(out, src, model, dtype, record):
     """The merged model as a checkpoint in the official layout, at `out`, with the base's other files
     (tokenizer, configs) from `src` and `record` as rigsa-merge.json. Written into a sibling folder

@@ -218,36 +218,50 @@ def capacity(device):
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") + rss
 
 
-def choose_moments(plan, device, want, checkpointed=True):
+def choose_moments(plan, device, want, checkpointed=True, micro_batch=2):
     """--moments auto: on the device if the step fits there; else in host memory (exact, slower) if
     the host also has room for them (each process on this machine pins its own); else 8-bit. Prints
-    the estimate; a run that cannot fit is refused in one line, naming the placements that would
-    fit, not by an OOM. Under torchrun every rank decides on the smallest device and host among
-    them, so that all choose alike."""
+    the estimate; a run that cannot fit is refused in one line, naming the placements and the flags
+    that would help (checkpointed: --checkpoint-activations is on already; micro_batch: --micro-batch),
+    not by an OOM. On the CPU host memory is the device's: host moments take the room device moments
+    take (the plan counts them on a GPU's side), so auto is device, else 8-bit. Under torchrun every
+    rank decides on the smallest device and host among them, so that all choose alike."""
     cpu = torch.device("cpu")
     have = torch.tensor([capacity(device), capacity(cpu)], dtype=torch.float64)
     if util.world()[1] > 1:
         have = have.to(device) if dist.get_backend() == "nccl" else have
         dist.all_reduce(have, op=dist.ReduceOp.MIN)
     have, host_have = have.tolist()
+    gpu = device.type == "cuda"
+    plan = plan if gpu else {**plan, "host": plan["device"]}
     total = {m: sum(parts.values()) for m, parts in plan.items()}
     host_need = (plan["device"]["adapters"] - plan["host"]["adapters"]) * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    host_ok = device.type != "cuda" or host_need <= 0.9 * host_have      # on the CPU, host is the device
+    host_ok = not gpu or host_need <= 0.9 * host_have
     fits = {m: total[m] <= 0.95 * have and (m != "host" or host_ok) for m in total}
     if want != "auto":
         moments = want
     else:
-        moments = "device" if device.type != "cuda" or fits["device"] else "host" if fits["host"] else "8bit"
+        moments = "device" if fits["device"] else "host" if fits["host"] else "8bit"   # on the CPU: as device
     parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in plan[moments].items())
     util.say(f"memory: ~{total[moments] / GB:.1f} GB on {device} with AdamW's moments {moments} ({parts}); "
              f"{have / GB:.1f} GB available" + (f"; {host_need / GB:.1f} GB of host memory, {host_have / GB:.1f} "
-                                                f"available" if moments == "host" and device.type == "cuda" else ""))
-    places = [f"--moments {m} (~{total[m] / GB:.1f} GB)" for m in ("host", "8bit") if m != moments and fits[m]]
+                                                f"available" if moments == "host" and gpu else ""))
+    places = [f"--moments {m} (~{size(total[m])})" for m in ("host", "8bit") if m != moments and fits[m]]
     if total[moments] > have:   # activations shrink too: checkpointing, a smaller micro-batch
-        fix = places + ([] if checkpointed else ["--checkpoint-activations"]) + ["a smaller --micro-batch"]
-        raise ValueError(f"memory: the run needs ~{total[moments] / GB:.1f} GB on {device}, which has "
-                         f"{have / GB:.1f} GB; try {' or '.join(fix)}")
+        fix = places + ([] if checkpointed else ["--checkpoint-activations"]) + \
+            (["a smaller --micro-batch"] if micro_batch > 1 else [])
+        raise ValueError(f"memory: the run needs ~{size(total[moments], have)} on {device}, which has "
+                         f"{size(have, total[moments])}; " + (f"try {' or '.join(fix)}" if fix else
+                         "no flag of this run makes it smaller: a device with more memory, or a smaller model"))
     if moments == "host" and not host_ok:   # only another placement of the moments frees host memory
-        raise ValueError(f"memory: --moments host needs ~{host_need / GB:.1f} GB of host memory, which has "
-                         f"{host_have / GB:.1f} GB; try {' or '.join(places) or '--moments 8bit'}")
+        raise ValueError(f"memory: --moments host needs ~{size(host_need, host_have)} of host memory, which has "
+                         f"{size(host_have, host_need)}; try {' or '.join(places) or '--moments 8bit'}")
     return moments
+
+
+def size(n, other=None):
+    """Bytes as a refusal shows them: GB to 0.1, or MB below 1 GB, with more digits where `other` would
+    otherwise read the same (a shortfall of a few MB)."""
+    unit, div = ("GB", GB) if max(n, other or 0) >= GB else ("MB", 1e6)
+    digits = next((d for d in range(1, 7) if other is None or f"{n / div:.{d}f}" != f"{other / div:.{d}f}"), 6)
+    return f"{n / div:.{digits}f} {unit}"

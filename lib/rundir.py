@@ -191,6 +191,7 @@ class Run:
     resume: dict = None         # resume.pt's content, until the iteration it belongs to has started
     done_steps: int = 0         # optimizer steps taken by this process (--halt-after)
     comm_s: float = 0.0         # seconds in the gradients' all-reduce (torchrun), this process
+    placed: list = None         # each placement of the moments the run used, in order (config.json's moments)
 
     def log_step(self, it, step, loss, lr, tok_s):
         """A training step's metrics.jsonl line: loss, lr, tokens/s, the all-reduce's seconds under
@@ -248,12 +249,14 @@ def start(cfg, device, mask_like=None, resumes=False):
     where it runs against where it started said (said_where). -> (the base's folder, its
     identity, the dtype, config.json's content or {}, the checks' verdicts)."""
     dtype, why = run_dtype(cfg, device)
-    cfg.dtype = str(dtype).removeprefix("torch.")
     had = torch.get_num_threads()
     cfg.threads = cfg.threads or had   # saved resolved: a resumed run takes it again (resumed)
     if cfg.threads != had:
         torch.set_num_threads(cfg.threads)
     base = util.rank_zero_first(lambda: M.resolve(cfg.model, cfg.revision or None, cfg.verify_model, cfg.offline))
+    if not cfg.resume:   # a float32 merge stays float32 under auto, as evals/run.py evaluates it
+        dtype, why = AF.merge_dtype(cfg.dtype, dtype, why, base)
+    cfg.dtype = str(dtype).removeprefix("torch.")
     cfg.revision = M.hub_commit(base) or cfg.revision
     ident = {"model": cfg.model, **M.base_identity(base)}   # recorded in config.json and every adapter
     started, checks = check_bases(cfg, ident, mask_like)
@@ -429,7 +432,7 @@ def begin(run, started, hashes, resume=None):
     if resume is not None and used and used[-1] != run.moments:
         util.say(f"note: --resume: AdamW's moments were {used[-1]} until now and are {run.moments} from here (converted; "
                  f"config.json's moments records both)", file=sys.stderr)
-    started["moments"] = used + [run.moments] * (not used or used[-1] != run.moments)
+    started["moments"] = run.placed = used + [run.moments] * (not used or used[-1] != run.moments)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         util.write_json(out / "config.json", {"config": dataclasses.asdict(cfg), "base": started.get("base") or run.base,

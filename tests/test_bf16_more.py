@@ -113,8 +113,10 @@ def test_a_device_this_toolkit_does_not_run_on_is_one_line(device):
         util.pick_device(device)
 
 
-def test_auto_keeps_a_float32_merge_in_float32(tiny_dir, tmp_path, monkeypatch):
-    # a float32 merge holds deltas bfloat16 would round away: evaluation's auto keeps it float32, and says why
+def test_auto_keeps_a_float32_merge_in_float32(tiny_dir, tmp_path, monkeypatch, capsys):
+    # a float32 merge holds deltas bfloat16 would round away: evaluation's auto keeps it float32, and says why; so
+    # does a training on it (the forgetting set-up: a task merged, the next one trained on top), whose accuracies
+    # were computed on the base without the merge's deltas, and its adapter's evaluation on the merge
     import cli
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=8, size=8)
@@ -126,6 +128,14 @@ def test_auto_keeps_a_float32_merge_in_float32(tiny_dir, tmp_path, monkeypatch):
             "--offline", "--limit", "2", "--output", str(out)])
     r = json.loads(out.read_text())
     assert r["dtype"] == "float32" and r["dtype_choice"].startswith("auto: a float32 merge"), r["dtype_choice"]
+    on = dict(model=str(tmp_path / "merged"), iters=1, steps=1)
+    with one_thread():
+        rigsa.train(tiny_cfg(tiny_dir, tmp_path, out=str(tmp_path / "auto"), dtype="auto", **on))
+        rigsa.train(tiny_cfg(tiny_dir, tmp_path, out=str(tmp_path / "bf16"), dtype="bfloat16", **on))
+    c = json.loads((tmp_path / "auto" / "config.json").read_text())
+    assert c["config"]["dtype"] == "float32" and c["dtype_choice"].startswith("auto: a float32 merge"), c["dtype_choice"]
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["config"]["dtype"] == "bfloat16"   # as asked
+    assert f"note: --dtype bfloat16: {tmp_path / 'merged'} is a float32 merge of an adapter" in capsys.readouterr().err
 
 
 def bf16_cfg(tiny_dir, tmp, **kw):

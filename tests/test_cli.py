@@ -161,6 +161,8 @@ CASES = [
     ("rigsa", T("--method", "rigsa", "--rank", "4"), 1, "--rank 4: --method rigsa does not use it"),
     ("rigsa", T("--method", "dense", "--iters", "3"), 1, "--iters 3: --method dense does not use it"),
     ("rigsa", T("--method", "random-mask"), 1, "--mask-like"),
+    ("rigsa", T("--method", "random-mask", "--density", "0"), 1, "--density 0: a random mask with no free entry trains "
+     "nothing; give a density > 0, or --mask-like RUN/iterK"),
     ("rigsa", T("--device", "cuda"), 1, "--device cuda: CUDA is not available"),
     ("rigsa", T("--device", "gpu"), 1, "--device 'gpu'"),
     # files: the model, the data, the run directory, resume (exit 1)

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -367,6 +368,14 @@ def test_prequantized_unsloth_layout(tiny, tiny_dir, tmp_path):
     assert len(Q._targets(loaded, Q.Linear4bit)) == 7 * cfg.num_hidden_layers
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert torch.equal(loaded(x), want)
+    from evals import run as R   # --quantize nf4 on it would not act: refused before any work
+    from lib import mnist
+    mnist.write_synthetic_mnist(tmp_path / "data" / "mnist", n_train=4, n_test=2, size=8)
+    with pytest.raises(SystemExit) as e:
+        R.main(["--task", "mnist", "--model", str(tmp_path), "--quantize", "nf4", "--data-dir", str(tmp_path / "data"),
+                "--no-verify", "--offline", "--device", "cpu", "--limit", "1"])
+    assert re.fullmatch(r"error: --quantize nf4: \S+ is a 4-bit checkpoint already \(its config.json's "
+                        r"quantization_config\), so it would not act; drop it", e.value.code), e.value.code
     plain, _ = Q.load_model(str(tiny_dir), device="cpu")                  # no quantization_config: model.load
     head = {**sd, "lm_head.weight": sd["model.embed_tokens.weight"] + 1}     # a tied config, a head of its own
     save_file({k: v.contiguous() for k, v in head.items()}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})

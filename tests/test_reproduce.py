@@ -323,7 +323,7 @@ def test_another_model_is_refused_or_rerun(world, tmp_path, capsys, monkeypatch,
     P.main(["--out", str(out), "--tables-only"])
     text = (out / "TABLES.md").read_text()
     fa, fb = (M.base_identity(m)["fingerprint"] for m in (A, B))
-    assert f"- base-model evaluations: `{B}` (fingerprint {fb}), --limit 2, on {util.machine('cpu')}, rigsa's code {util.code_version()}\n" in text
+    assert f"- base-model evaluations: `{B}` (fingerprint {fb}), --limit 2, in float32, on {util.machine('cpu')}, rigsa's code {util.code_version()}\n" in text
     assert fa not in text
     cell = P.fmt(P.interval([(ev["metrics"]["acc"], ev["metrics"]["acc_stderr"])]))
     assert f"| Full Precision | {cell} | - |" in text
@@ -332,17 +332,21 @@ def test_another_model_is_refused_or_rerun(world, tmp_path, capsys, monkeypatch,
 def test_tables_name_the_machine_and_a_mix_of_machines(tmp_path):
     # each output records where it was made (its kernels set the last bits); outputs of two machines are said
     (tmp_path / "evals").mkdir()
-    for name, made_on in (("base-piqa", "cpu: A CPU (AMX)"), ("base-gsm8k", "cuda: A GPU"), ("base-hellaswag", None)):
+    # and the dtype each computed in (what --dtype auto resolved to there)
+    for name, made_on, dtype in (("base-piqa", "cpu: A CPU (AMX)", "bfloat16"), ("base-gsm8k", "cuda: A GPU", "float32"),
+                                 ("base-hellaswag", None, None)):
         out = tmp_path / "evals" / f"{name}.json"
-        out.write_text(json.dumps({"task": name[5:], **({"machine": made_on} if made_on else {})}))
+        out.write_text(json.dumps({"task": name[5:], **({"machine": made_on, "dtype": dtype} if made_on else {})}))
         P.write_record(out, ["python", "evals/run.py"], {"base model": {"fingerprint": "f1"}, "--limit": 2}, "M", "done")
     line = next(x for x in P.made_by(tmp_path) if x.startswith("- base-model evaluations"))
-    assert line == ("- base-model evaluations: **mixed**: 1 from `M` (fingerprint f1), --limit 2, on cuda: A GPU; "
-                    "1 from `M` (fingerprint f1), --limit 2; 1 from `M` (fingerprint f1), --limit 2, on cpu: A CPU (AMX)")
+    assert line == ("- base-model evaluations: **mixed**: 1 from `M` (fingerprint f1), --limit 2, in float32, on cuda: "
+                    "A GPU; 1 from `M` (fingerprint f1), --limit 2; 1 from `M` (fingerprint f1), --limit 2, in bfloat16, "
+                    "on cpu: A CPU (AMX)")
     # a training resumed on another machine is made on both: mixed with one that ran on the first alone
     for name, on in (("rigsa", [{"machine": "cuda: A GPU"}, {"machine": "cpu: A CPU (AMX)"}]), ("lora", [])):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text(json.dumps({"machine": "cpu: A CPU (AMX)", "resumed_on": on}))
+        (tmp_path / name / "config.json").write_text(json.dumps({"machine": "cpu: A CPU (AMX)", "resumed_on": on,
+                                                                 "config": {"dtype": "float32"}}))
         P.write_record(tmp_path / name, ["python", "rigsa.py"], {"base model": {"fingerprint": "f1"}, "--limit": 2},
                        "M", "done")
     line = next(x for x in P.made_by(tmp_path) if x.startswith("- trainings"))
@@ -350,7 +354,7 @@ def test_tables_name_the_machine_and_a_mix_of_machines(tmp_path):
                 {"machine": "cpu: A", "resumed_on": [{"machine": 3}, "x"]}):   # hand-edited: read what can be read
         (tmp_path / "odd.json").write_text(json.dumps(odd))
         assert P.recorded(tmp_path / "odd.json") == (None if "resumed_on" not in odd else "cpu: A")
-    assert line.endswith("on cpu: A CPU (AMX); 1 from `M` (fingerprint f1), --limit 2, no --steps (the paper's epochs), on cpu: A CPU (AMX) and cuda: A GPU") and line.startswith("- trainings: **mixed**: "), line
+    assert line.endswith("in float32, on cpu: A CPU (AMX); 1 from `M` (fingerprint f1), --limit 2, no --steps (the paper's epochs), in float32, on cpu: A CPU (AMX) and cuda: A GPU") and line.startswith("- trainings: **mixed**: "), line
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

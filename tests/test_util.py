@@ -208,6 +208,29 @@ print(both)
 """
 
 
+@pytest.mark.skipif(util.fcntl is None, reason="no flock on this platform")
+def test_a_lock_replaced_between_its_open_and_its_flock_is_not_held(tmp_path, monkeypatch):
+    # the holder before us removes LOCK as it ends, and a third process makes and flocks a new one, between our
+    # open and our flock: our flock then holds a file no longer in the folder, and only the inode check (the file
+    # in the folder against the one open) sends us round again, to find the third one's and be refused
+    lock, other, flock = tmp_path / "LOCK", [], util.fcntl.flock
+
+    def swapped(f, op):
+        if not other:   # once: the file we opened goes, and another process's LOCK takes its place, flocked
+            lock.unlink()
+            other.append(open(lock, "w"))
+            flock(other[0], util.fcntl.LOCK_EX)
+            other[0].write(f"{os.getppid()} {socket.gethostname()} -\n")
+            other[0].flush()
+        return flock(f, op)
+    monkeypatch.setattr(util.fcntl, "flock", swapped)
+    with pytest.raises(FileExistsError, match=rf"another rigsa.py \(pid {os.getppid()}\) is writing this run"):
+        with util.lock_dir(tmp_path):
+            pass
+    assert lock.read_text() == f"{os.getppid()} {socket.gethostname()} -\n"   # the other's, untouched
+    other[0].close()
+
+
 def test_lock_dir_stale_takeovers_racing_leave_one_writer(tmp_path):
     # four processes take one folder's lock in turn, and half of the holders "die" with it (their LOCK
     # names a dead pid), so the others race to take over stale locks: never two inside at once. (A

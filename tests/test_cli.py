@@ -455,16 +455,28 @@ def adapters_equal(a, b):
                for f in ("iter1.safetensors", "iter2.safetensors"))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL, "twice"])
-def test_a_signal_during_training_loses_nothing(world, tmp_path, sig):
+def signalled_args(world):
     w, m, _ = world
-    args = ["--model", m, "--data-dir", str(w / "data"), "--device", "cpu", "--dtype", "float32", "--offline", "--no-verify",
+    return ["--model", m, "--data-dir", str(w / "data"), "--device", "cpu", "--dtype", "float32", "--offline", "--no-verify",
             "--steps", "30",
             "--warmup", "2", "--lr", "2e-2", "--batch-size", "4", "--micro-batch", "2", "--iters", "2", "--limit", "2", "--val-frac", "0.25", "--epochs", "10",
             "--log-every", "1", "--save-every", "3"]
-    ref = tmp_path / "ref"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world, tmp_path_factory):
+    """The signalled run, trained once without a signal: what each signal's stopped and resumed run must
+    equal (the cases only read it)."""
+    ref = tmp_path_factory.mktemp("uninterrupted") / "ref"
     with one_thread():
-        rigsa.train(rigsa.Config(**vars(flags.add_flags(util.ArgumentParser(), rigsa.Config).parse_args(args + ["--out", str(ref)]))))
+        rigsa.train(rigsa.Config(**vars(flags.add_flags(util.ArgumentParser(), rigsa.Config).parse_args(
+            signalled_args(world) + ["--out", str(ref)]))))
+    return ref
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL, "twice"])
+def test_a_signal_during_training_loses_nothing(world, uninterrupted, tmp_path, sig):
+    args, ref = signalled_args(world), uninterrupted
     out = tmp_path / "run"
     proc = launch(args + ["--out", str(out)], tmp_path)
     wait_for_steps(out, 8, proc)
@@ -527,12 +539,20 @@ def test_a_signal_during_the_last_evaluation_lets_the_run_complete_and_says_so(w
     assert "the run completed" not in capsys.readouterr().out
 
 
+@pytest.fixture(scope="module")
+def many_digits(tmp_path_factory):
+    """3,000 test digits, more than an evaluation scores before its signal (3 s to write: once; the
+    cases only read them)."""
+    data = tmp_path_factory.mktemp("many_digits")
+    mnist.write_synthetic_mnist(data / "mnist", n_train=8, n_test=3000, size=28)
+    return data
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupted_evaluation_says_what_was_kept_in_one_line(tiny_dir, tmp_path, sig):
+def test_an_interrupted_evaluation_says_what_was_kept_in_one_line(tiny_dir, many_digits, tmp_path, sig):
     # rule 7: exit 130 / 143, one line with the command that runs it again, no traceback
-    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=8, n_test=3000, size=28)
     argv = ["--task", "mnist", "--model", str(tiny_dir), "--device", "cpu", "--offline", "--no-verify", "--data-dir",
-            str(tmp_path), "--batch-size", "1", "--output", str(tmp_path / "r.json")]
+            str(many_digits), "--batch-size", "1", "--output", str(tmp_path / "r.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "evals", "run.py"), *argv], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -545,7 +565,7 @@ def test_an_interrupted_evaluation_says_what_was_kept_in_one_line(tiny_dir, tmp_
     last = err.strip().splitlines()[-1]
     assert last == (f"{signal.Signals(sig).name}: stopped; nothing was written; run again with: "
                     f"{interrupts.python_cmd()} {REPO}/evals/run.py {' '.join(argv)}"), last
-    assert not (tmp_path / "r.json").exists() and not list(tmp_path.glob("*.tmp"))
+    assert not (tmp_path / "r.json").exists() and not [*tmp_path.glob("*.tmp"), *many_digits.glob("*.tmp")]
 
 
 def test_ctrl_c_before_the_run_exists_says_run_again_not_resume(world, tmp_path, capsys, monkeypatch):

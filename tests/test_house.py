@@ -60,19 +60,55 @@ def test_the_top_level_is_the_architecture():
 
 def test_the_benches_still_load(tmp_path):
     # the benches sit on top of everything and no other test runs them: each script's --help, run as
-    # `python bench/x.py --help` from another folder, so that a moved module, or a script that lost
-    # its path set-up, breaks this test rather than `make bench` (two at a time: ~1 s of imports each)
+    # `python bench/x.py --help` would from another folder, so that a moved module, or a script that
+    # lost its path set-up, breaks this test rather than `make bench`. One interpreter runs them all
+    # (torch's import, paid once, was most of 16 processes' time): before each script its sys.path is
+    # what `python bench/x.py` starts with (the script's folder, then the interpreter's own: no
+    # repository), the repository's modules are forgotten, so each is imported from its file again,
+    # and os.environ is the one it was given
+    import json
     import subprocess
     import sys
-    from concurrent.futures import ThreadPoolExecutor
     scripts = sorted(os.path.join(REPO, "bench", f) for f in os.listdir(os.path.join(REPO, "bench"))
                      if f.endswith(".py") and f != "dense_layer.py")
+    each = """import contextlib, io, json, os, runpy, sys, traceback
+repo, scripts = os.path.realpath(sys.argv[1]), sys.argv[2:]
+start, env, stdout = sys.path[1:], dict(os.environ), sys.stdout   # sys.path[0]: -c's own ''
+below = [os.path.realpath(p) + os.sep for p in start if p]        # site-packages and the like, wherever they are
 
-    def run(script):
-        p = subprocess.run([sys.executable, script, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-        return None if p.returncode == 0 and "usage:" in p.stdout else f"{script}: exit {p.returncode}: {p.stderr[-500:]}"
-    with ThreadPoolExecutor(2) as pool:
-        bad = [r for r in pool.map(run, scripts) if r]
+def ours(m):   # a module read from the repository's files (not from an interpreter's folder inside it)
+    own = getattr(m, "__dict__", {})   # not getattr(m, ...): some of torch's modules make up any attribute
+    files = [own.get("__file__"), *(own.get("__path__") or [])]
+    files = [os.path.realpath(f) for f in files if isinstance(f, str)]
+    return any(f.startswith(repo + os.sep) and not f.startswith(tuple(below)) for f in files)
+
+for script in scripts:
+    for name in [n for n, m in list(sys.modules.items()) if ours(m)]:
+        del sys.modules[name]
+    sys.path[:] = [os.path.dirname(script), *start]
+    sys.argv[:] = [script, "--help"]
+    os.environ.clear()
+    os.environ.update(env)
+    out, err = io.StringIO(), io.StringIO()
+    code = 0   # the exit status `python bench/x.py --help` would have
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=err)   # sys.exit("error: ...") says it on stderr, exit 1
+    except BaseException:
+        code = 1
+        err.write(traceback.format_exc())
+    print(json.dumps([script, code, out.getvalue(), err.getvalue()]), file=stdout)
+"""
+    p = subprocess.run([sys.executable, "-c", each, REPO, *scripts], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ran = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [s for s, *_ in ran] == scripts, p.stdout[-3000:]
+    bad = [f"{s}: exit {code}: {err[-500:]}" for s, code, out, err in ran if not (code == 0 and "usage:" in out)]
     assert not bad, "\n".join(bad)
     for sh in ("gpu.sh", "device.sh"):
         assert subprocess.run(["bash", "-n", os.path.join(REPO, "bench", sh)]).returncode == 0, sh

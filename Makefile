@@ -20,10 +20,13 @@ RUN      := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --sta
 help:            ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' Makefile | sed 's/:.*## /\t/'
 
-# the environment: .venv with the pinned runtime and test requirements (re-made when they change)
+# the environment: .venv with the pinned runtime and test requirements (re-made when they change); the
+# bytecode compiled on every core (pip's own pass uses one: a minute of the two on a 2-core machine), and as
+# pip does, a file this Python cannot compile is left (torch ships one written for Python 3.12)
 .venv/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --no-compile -r requirements.txt -r requirements-dev.txt
+	$(PY) -m compileall -q -j 0 .venv/lib >/dev/null || true
 	touch $@
 
 # the benchmark-only peers (lm-evaluation-harness) in an environment of their own: the tests' stays without them

@@ -39,8 +39,9 @@ help:            ## this list
 # matplotlib for the figures, outside .venv (the runtime needs it not; the tests put it on PYTHONPATH to
 # check the figures, and hide it to check the run without it); .venv's own numpy is the one used
 .plots/.installed: requirements-plots.txt | .venv/.installed
-	$(PY) -m pip install -q --target .plots -r requirements-plots.txt
+	$(PY) -m pip install -q --no-compile --target .plots -r requirements-plots.txt
 	rm -rf .plots/numpy .plots/numpy-* .plots/numpy.libs
+	$(PY) -m compileall -q -j 0 .plots >/dev/null || true
 	touch $@
 
 test: .venv/.installed .plots/.installed   ## create the environment if needed, run every test (CPU, offline; 2 workers)

@@ -483,13 +483,17 @@ def recorded(path, key="machine"):
 
 def dtype_of(path):
     """The dtype an output computed in, as recorded (--dtype auto resolved: bfloat16 on a GPU, float32 on
-    a CPU without native bfloat16): a run's config.json's config, an evaluation's JSON; None if unrecorded."""
+    a CPU without native bfloat16): a run's config.json's config, an evaluation's JSON; None if unrecorded.
+    A run an older version saved as "auto" ran bfloat16 on CUDA, float32 on the CPU (rundir.run_dtype)."""
     try:
         d = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-    d = d.get("config", d) if isinstance(d, dict) and path.name == "config.json" else d
-    return d["dtype"] if isinstance(d, dict) and isinstance(d.get("dtype"), str) and d["dtype"] else None
+    run = d.get("config") if isinstance(d, dict) and path.name == "config.json" else d
+    dtype = run.get("dtype") if isinstance(run, dict) else None
+    if dtype == "auto":
+        dtype = {"cuda": "bfloat16", "cpu": "float32"}.get(str(d.get("machine")).split(":")[0])
+    return dtype if isinstance(dtype, str) and dtype else None
 
 
 def made_by(out):

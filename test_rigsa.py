@@ -837,7 +837,7 @@ def test_the_memory_estimate_chooses_and_refuses_in_one_line(monkeypatch, capsys
     with pytest.raises(ValueError, match=r"^memory: the run needs ~21.0 GB on cpu, which has 20.0 GB; try --moments "
                                          r"8bit \(~15.0 GB\) or a smaller --micro-batch$"):
         memory.choose_moments(plan, cpu, "host")
-    machine(22.5, 22.5)
+    machine(21.5, 21.5)                           # within the GPU's 5% margin, but it fits: no 8-bit numbers
     assert memory.choose_moments(plan, cpu, "auto") == "device"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")                              # 8 processes pin 8 GB each
     machine(20, 64)

@@ -423,7 +423,7 @@ def parse_args(argv):
                          "(model). Equal in float32; in bfloat16, float32 is ~30x closer to the float32 numbers")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="the weights' dtype: auto (default) is bfloat16 where the device computes it natively (CUDA, "
-                         "a CPU with AMX or AVX512-BF16), else float32, the exact reference")
+                         "a CPU with AMX or AVX512-BF16), else, and for a float32 merge, float32, the exact reference")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--data-dir", default=os.path.join(REPO, "data"), help="holds <task>/ folders (default data/)")
     ap.add_argument("--output", default=None, help="write results JSON here")
@@ -707,9 +707,10 @@ def evaluate(args):
                 raise
             failed.append(data.pop("mnist") and "mnist")
             util.say(f"error: {task_error('mnist', e)}", file=sys.stderr)
-    if qlora.check_model(path)[2].get("load_in_4bit") and args.quantize:   # what the load refuses, said before
-        raise ValueError(f"--quantize {args.quantize}: {name} is a 4-bit checkpoint already (its config.json's "   # the
-                         f"quantization_config), so it would not act; drop it")                                  # adapter's read
+    # what the base's load would refuse, and a --quantize that would not act, said before the adapter's read
+    if qlora.check_model(path)[2].get("load_in_4bit") and args.quantize:
+        raise ValueError(f"--quantize {args.quantize}: {name} is a 4-bit checkpoint already (its config.json's "
+                         f"quantization_config), so it would not act; drop it")
     try:   # the adapter's tensors, checksum checked, before the base loads (minutes at 1.7B)
         read = rigsa.read_adapter(args.adapter) if args.adapter else None
     except (ValueError, OSError) as e:

@@ -144,12 +144,11 @@ def install_checksum(config):
 
 def write(path, tensors, config, extra=None):
     """The adapter file: `tensors` (tensors_of), and as metadata the run's config (a dict), `extra`,
-    the tensors' checksum and that of the config's INSTALL fields. -> the tensors' checksum."""
+    the tensors' checksum and that of the config's INSTALL fields."""
     meta = {"format": "rigsa-adapter", "config": json.dumps(config), **(extra or {}),
             "tensors_sha256": checksum(tensors), "install_sha256": install_checksum(config)}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
     util.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    return meta["tensors_sha256"]
 
 
 def adapter_path(spec):
@@ -306,15 +305,16 @@ def remove_killed_merges(out):
 
 
 def merge_record(path):
-    """rigsa-merge.json, the record write_merged leaves in a merged model's folder, as a dict."""
+    """rigsa-merge.json, the record write_merged leaves in a merged model's folder, as a dict. Not to be
+    deleted when damaged: without it a float32 merge is taken for any checkpoint (merge_dtype)."""
+    fix = "merge again, or pass --dtype float32 (or bfloat16) to choose the dtype yourself"
     try:
         d = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:   # ValueError: not JSON, not UTF-8
         raise ValueError(f"{path}: not readable as rigsa.py merge's record ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:120]}); delete it, or merge again") from None
+                         f"{' '.join(str(e).split())[:120]}); {fix}") from None
     if not isinstance(d, dict):
-        raise ValueError(f"{path}: not rigsa.py merge's record (a {type(d).__name__}, not a JSON object); "
-                         f"delete it, or merge again")
+        raise ValueError(f"{path}: not rigsa.py merge's record (a {type(d).__name__}, not a JSON object); {fix}")
     return d
 
 
@@ -322,11 +322,20 @@ def merge_dtype(flag, dtype, why, path):
     """--dtype `flag`, resolved to (dtype, why) by util.auto_dtype, for the model folder `path`: a float32
     merge (its rigsa-merge.json says so) holds deltas that bfloat16 would round away (rigsa.py merge
     --dtype bfloat16 says how much), so auto keeps it in float32, for evaluation and for training on it
-    alike; bfloat16 typed is taken, as asked, with a note."""
+    alike (a damaged record is refused: which it is cannot be told); bfloat16 typed is taken, as asked,
+    with a note."""
     merged = Path(path) / "rigsa-merge.json"
-    if dtype != torch.bfloat16 or not merged.is_file() or merge_record(merged).get("dtype") != "float32":
+    auto = flag in (None, "auto")
+    if dtype != torch.bfloat16 or not merged.is_file():
         return dtype, why
-    if flag in (None, "auto"):
+    try:
+        if merge_record(merged).get("dtype") != "float32":
+            return dtype, why
+    except ValueError:
+        if auto:
+            raise
+        return dtype, why   # bfloat16 as asked, whatever the merge was
+    if auto:
         return torch.float32, "auto: a float32 merge of an adapter, whose small deltas bfloat16 would round away"
     util.say(f"note: --dtype bfloat16: {path} is a float32 merge of an adapter, whose small deltas bfloat16 rounds "
              f"away (rigsa.py merge --dtype bfloat16 says how much); --dtype auto keeps it in float32", file=sys.stderr)

@@ -218,14 +218,16 @@ def capacity(device):
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") + rss
 
 
-def choose_moments(plan, device, want, checkpointed=True, micro_batch=2):
+def choose_moments(plan, device, want, checkpointed=True, micro_batch=None):
     """--moments auto: on the device if the step fits there; else in host memory (exact, slower) if
     the host also has room for them (each process on this machine pins its own); else 8-bit. Prints
     the estimate; a run that cannot fit is refused in one line, naming the placements and the flags
-    that would help (checkpointed: --checkpoint-activations is on already; micro_batch: --micro-batch),
-    not by an OOM. On the CPU host memory is the device's: host moments take the room device moments
-    take (the plan counts them on a GPU's side), so auto is device, else 8-bit. Under torchrun every
-    rank decides on the smallest device and host among them, so that all choose alike."""
+    that would help (checkpointed: --checkpoint-activations is on already; micro_batch: --micro-batch,
+    None: unknown), not by an OOM. On the CPU host memory is the device's: host moments take the room
+    device moments take (the plan counts them on a GPU's side), so auto is device, else 8-bit, and the
+    5% margin kept on a GPU is not kept there: a CPU run takes 8-bit moments, whose numbers differ,
+    only where device moments would not fit at all. Under
+    torchrun every rank decides on the smallest device and host among them, so that all choose alike."""
     cpu = torch.device("cpu")
     have = torch.tensor([capacity(device), capacity(cpu)], dtype=torch.float64)
     if util.world()[1] > 1:
@@ -237,7 +239,7 @@ def choose_moments(plan, device, want, checkpointed=True, micro_batch=2):
     total = {m: sum(parts.values()) for m, parts in plan.items()}
     host_need = (plan["device"]["adapters"] - plan["host"]["adapters"]) * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     host_ok = not gpu or host_need <= 0.9 * host_have
-    fits = {m: total[m] <= 0.95 * have and (m != "host" or host_ok) for m in total}
+    fits = {m: total[m] <= (0.95 if gpu else 1.0) * have and (m != "host" or host_ok) for m in total}
     if want != "auto":
         moments = want
     else:
@@ -248,8 +250,8 @@ def choose_moments(plan, device, want, checkpointed=True, micro_batch=2):
                                                 f"available" if moments == "host" and gpu else ""))
     places = [f"--moments {m} (~{size(total[m])})" for m in ("host", "8bit") if m != moments and fits[m]]
     if total[moments] > have:   # activations shrink too: checkpointing, a smaller micro-batch
-        fix = places + ([] if checkpointed else ["--checkpoint-activations"]) + \
-            (["a smaller --micro-batch"] if micro_batch > 1 else [])
+        fix = (places + ([] if checkpointed else ["--checkpoint-activations"])
+               + (["a smaller --micro-batch"] if micro_batch is None or micro_batch > 1 else []))
         raise ValueError(f"memory: the run needs ~{size(total[moments], have)} on {device}, which has "
                          f"{size(have, total[moments])}; " + (f"try {' or '.join(fix)}" if fix else
                          "no flag of this run makes it smaller: a device with more memory, or a smaller model"))

@@ -110,7 +110,11 @@ def resumed(cfg, given, check=None):
         cfg = dataclasses.replace(cfg, revision=saved["revision"])
     typed, shown = flags.typed_by(cfg, given), {}
     if typed("dtype") and cfg.dtype == "auto" and saved.get("dtype") != "auto":   # auto as it resolves here
-        resolved = str(util.auto_dtype("auto", util.pick_device(cfg.device))[0]).removeprefix("torch.")
+        resolved, why = util.auto_dtype("auto", util.pick_device(cfg.device))
+        model = cfg.model if typed("model") else saved.get("model")
+        if isinstance(model, str) and os.path.isdir(model):   # and for this base: a float32 merge stays float32
+            resolved, why = AF.merge_dtype("auto", resolved, why, model)
+        resolved = str(resolved).removeprefix("torch.")
         cfg = dataclasses.replace(cfg, dtype=saved["dtype"] if resolved == saved["dtype"] else resolved)
         shown["dtype"] = f"; 'auto' is {resolved} here"   # named as typed, and what it is
     same = lambda a, b: a == b or isinstance(a, str) and os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
@@ -369,9 +373,13 @@ def check_iterations(out, log, remedy):
     be taken as this run's by --resume and by reproduce.py's tables, next to this run's accuracies.
     A file that is not there is left to whoever reads it (one line when it is read). remedy: what to do."""
     for r in log:
-        if isinstance(r, dict) and r.get("event") == "iteration" and isinstance(r.get("adapter_sha256"), str):
-            p = Path(out) / f"iter{r['iter']}.safetensors"
-            if p.exists() and AF.read(p, tensors=False)[1].get("tensors_sha256") != r["adapter_sha256"]:
+        if (isinstance(r, dict) and r.get("event") == "iteration" and isinstance(r.get("iter"), int)
+                and isinstance(r.get("adapter_sha256"), str) and (p := Path(out) / f"iter{r['iter']}.safetensors").exists()):
+            try:
+                sha = AF.read(p, tensors=False)[1].get("tensors_sha256")
+            except ValueError as e:   # its own words end in an evaluation's remedy: this one is the run's
+                raise ValueError(f"{str(e).rsplit('; ', 1)[0]}; {remedy}") from None
+            if sha != r["adapter_sha256"]:
                 raise ValueError(f"{p}: not the adapter this run's iteration {r['iter']} saved (its tensors' checksum "
                                  f"is not the one the run's log recorded: another run's file, or changed since); "
                                  f"{remedy}")

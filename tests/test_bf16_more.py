@@ -136,6 +136,13 @@ def test_auto_keeps_a_float32_merge_in_float32(tiny_dir, tmp_path, monkeypatch, 
     assert c["config"]["dtype"] == "float32" and c["dtype_choice"].startswith("auto: a float32 merge"), c["dtype_choice"]
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["config"]["dtype"] == "bfloat16"   # as asked
     assert f"note: --dtype bfloat16: {tmp_path / 'merged'} is a float32 merge of an adapter" in capsys.readouterr().err
+    rigsa.main(["train", "--resume", "--out", str(tmp_path / "auto"), "--dtype", "auto", "--offline", "--no-verify"])
+    assert "the run is complete" in capsys.readouterr().out   # the auto it started with, typed again: taken
+    (tmp_path / "merged" / "rigsa-merge.json").write_text("{oops")   # which merge it is cannot be told: refused
+    with pytest.raises(SystemExit) as e:
+        R.main(["--task", "mnist", "--model", str(tmp_path / "merged"), "--data-dir", str(tmp_path), "--no-verify",
+                "--offline", "--limit", "2"])
+    assert "rigsa-merge.json: not readable as rigsa.py merge's record (JSONDecodeError" in e.value.code, e.value.code
 
 
 def bf16_cfg(tiny_dir, tmp, **kw):

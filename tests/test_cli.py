@@ -163,6 +163,8 @@ CASES = [
     ("rigsa", T("--method", "random-mask"), 1, "--mask-like"),
     ("rigsa", T("--method", "random-mask", "--density", "0"), 1, "--density 0: a random mask with no free entry trains "
      "nothing; give a density > 0, or --mask-like RUN/iterK"),
+    ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--method", "random-mask", "--density", "0", "--mask-like",
+                "{w}/nope"), 1, "{w}/nope.safetensors: adapter file not found"),   # 0 with --mask-like: not given
     ("rigsa", T("--device", "cuda"), 1, "--device cuda: CUDA is not available"),
     ("rigsa", T("--device", "gpu"), 1, "--device 'gpu'"),
     # files: the model, the data, the run directory, resume (exit 1)

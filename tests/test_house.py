@@ -65,7 +65,8 @@ def test_the_benches_still_load(tmp_path):
     # (torch's import, paid once, was most of 16 processes' time): before each script its sys.path is
     # what `python bench/x.py` starts with (the script's folder, then the interpreter's own: no
     # repository), the repository's modules are forgotten, so each is imported from its file again,
-    # and os.environ is the one it was given
+    # and os.environ is the one it was given (other process state an import leaves, such as a signal
+    # handler or torch's thread count, carries over: harmless to --help)
     import json
     import subprocess
     import sys

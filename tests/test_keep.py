@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -248,14 +249,22 @@ def test_a_resume_pt_and_config_json_of_two_runs_are_refused(world, tmp_path, ot
     assert tree(tmp_path / "a") == before
 
 
-def test_an_iteration_file_that_is_not_the_runs_own_is_refused(world, tmp_path):
+def test_an_iteration_file_that_is_not_the_runs_own_is_refused(world, tmp_path, monkeypatch):
     # each iteration record names its adapter by the tensors' checksum: another run's iterK.safetensors put in a
     # run's folder (or one changed since) was kept by --resume and taken by reproduce.py's tables as this run's,
     # next to this run's accuracies
     import reproduce as P
     kw = base(world / "model", world / "data", iters=2, lr=2e-2)
+    write = AF.write
+
+    def recorded_first(path, *a):   # the file marks the iteration done: a kill between the two leaves no record-less one
+        assert Path(path).stem in {f"iter{json.loads(x).get('iter')}" for x in open(Path(path).parent / "metrics.jsonl")
+                                   if json.loads(x).get("event") == "iteration"}, path
+        return write(path, *a)
+    monkeypatch.setattr(AF, "write", recorded_first)
     with one_thread():
         assert rigsa.train(rigsa.Config(out=str(tmp_path / "a"), halt_after=3, **kw)) is None   # in iteration 2
+    monkeypatch.setattr(AF, "write", write)
     it1 = tmp_path / "a" / "iter1.safetensors"
     log = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["adapter_sha256"] for r in log if r.get("event") == "iteration"] == \
@@ -279,6 +288,12 @@ def test_an_iteration_file_that_is_not_the_runs_own_is_refused(world, tmp_path):
     t, _, config = AF.read(tmp_path / "a" / "iter2")   # a complete run's too
     AF.write(tmp_path / "a" / "iter2.safetensors", {k: v * (1 + (k == max(t))) for k, v in t.items()}, config)
     with pytest.raises(ValueError, match=said.replace("iter1", "iter2").replace("iteration 1", "iteration 2")):
+        rigsa.train(rigsa.Config(out=str(tmp_path / "a"), resume=True, **kw))
+    (tmp_path / "a" / "iter2.safetensors").write_bytes(b"cut")   # unreadable: the run's remedy, not an --adapter's
+    with open(tmp_path / "a" / "metrics.jsonl", "a") as f:        # and a hand-edited record without its number: skipped
+        f.write(json.dumps({"event": "iteration", "adapter_sha256": "0" * 64}) + "\n")
+    with pytest.raises(ValueError, match=r"\S+/a/iter2.safetensors: not a readable safetensors file \(.*\): truncated or "
+                                         r"damaged, or not an adapter; put the run's own back \(its report"):
         rigsa.train(rigsa.Config(out=str(tmp_path / "a"), resume=True, **kw))
 
 
@@ -359,7 +374,8 @@ def test_an_empty_output_is_a_usage_error(flag, capsys):
 def test_a_damaged_merge_record_is_one_line_naming_it(tmp_path, content):
     p = tmp_path / "rigsa-merge.json"
     p.write_bytes(content if isinstance(content, bytes) else content.encode())
-    with pytest.raises(ValueError, match=f"^{re.escape(str(p))}: not (readable as )?rigsa.py merge's record .*; delete it"):
+    with pytest.raises(ValueError, match=f"^{re.escape(str(p))}: not (readable as )?rigsa.py merge's record .*; merge "
+                                         f"again, or pass --dtype float32 \\(or bfloat16\\) to choose the dtype yourself$"):
         AF.merge_record(p)
     p.write_text('{"dtype": "float32"}')
     assert AF.merge_record(p) == {"dtype": "float32"}

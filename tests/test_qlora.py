@@ -368,7 +368,7 @@ def test_prequantized_unsloth_layout(tiny, tiny_dir, tmp_path):
     assert len(Q._targets(loaded, Q.Linear4bit)) == 7 * cfg.num_hidden_layers
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert torch.equal(loaded(x), want)
-    from evals import run as R   # --quantize nf4 on it would not act: refused before any work
+    from evals import run as R   # --quantize nf4 on it would not act: refused before the model loads
     from lib import mnist
     mnist.write_synthetic_mnist(tmp_path / "data" / "mnist", n_train=4, n_test=2, size=8)
     with pytest.raises(SystemExit) as e:

@@ -224,11 +224,14 @@ def test_a_lock_replaced_between_its_open_and_its_flock_is_not_held(tmp_path, mo
             other[0].flush()
         return flock(f, op)
     monkeypatch.setattr(util.fcntl, "flock", swapped)
-    with pytest.raises(FileExistsError, match=rf"another rigsa.py \(pid {os.getppid()}\) is writing this run"):
-        with util.lock_dir(tmp_path):
-            pass
-    assert lock.read_text() == f"{os.getppid()} {socket.gethostname()} -\n"   # the other's, untouched
-    other[0].close()
+    try:
+        with pytest.raises(FileExistsError, match=rf"another rigsa.py \(pid {os.getppid()}\) is writing this run"):
+            with util.lock_dir(tmp_path):
+                pass
+        assert lock.read_text() == f"{os.getppid()} {socket.gethostname()} -\n"   # the other's, untouched
+    finally:
+        for f in other:
+            f.close()
 
 
 def test_lock_dir_stale_takeovers_racing_leave_one_writer(tmp_path):

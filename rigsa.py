@@ -582,6 +582,7 @@ def setup(cfg, resume=None, given=None):
     # the base's files (one hub commit, resumed on) and --dtype resolved (auto: bfloat16 where the device
     # computes it natively), checked against --resume's run and --mask-like's adapter: rundir.start
     base, ident, dtype, started, checks = rundir.start(cfg, device, mask_like, resumes=resume is not None)
+    util.same_on_every_rank({"data files": hashes, "base model": ident})   # config.json records rank 0's
     # the base's config and tokenizer, checked before its weights load
     mcfg, tok = (qlora.check_model if METHODS[cfg.method]["nf4"] else M.check_checkpoint)(base)[:2]
     if mask_like is not None:   # its masks against this base's shapes before the load (on the meta device: no memory)
@@ -761,7 +762,8 @@ def train(cfg, given=None):
     and saves its adapter, and all but the last prune, rewind to dW0 and reset the gate. `--iters 5`
     is 5 trainings and 4 prunings. given: the flags the user typed (check_config). -> the metrics
     log, or None if halted (--halt-after)."""
-    util.init_distributed(cfg.device)             # under torchrun: this rank's process group, first
+    util.init_distributed(cfg.device)             # under torchrun: this rank's process group, first,
+    util.same_on_every_rank({flags.flag(f): v for f, v in dataclasses.asdict(cfg).items()})   # and one command
     with rundir.run_lock(cfg), rundir.own_threads():   # one writer per run directory, before resume.pt is read
         cfg, resume = rundir.resumed(cfg, given, flags.check)
         if cfg.resume and resume is None and (log := rundir.finished(cfg.out, n_iters(cfg))) is not None:

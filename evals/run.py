@@ -663,6 +663,7 @@ def evaluate(args):
     if args.output_path:
         check_output("--output_path", args.output_path, folder=not args.output_path.endswith(".json"), inputs=inputs)
     device = util.init_distributed(args.device)   # torchrun: this rank's process group and device
+    util.same_on_every_rank({f"--{k.replace('_', '-')}": v for k, v in vars(args).items()})   # and one command
     try:
         _, ameta, acfg = rigsa.read_adapter(args.adapter, tensors=False) if args.adapter else (None, None, None)
     except (ValueError, OSError) as e:

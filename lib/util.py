@@ -798,6 +798,22 @@ def gather(part):
     return [x for p in parts for x in p]
 
 
+def same_on_every_rank(settings):
+    """Under torchrun every process runs one command: `settings` ({name: value}, as this process has
+    them) must be rank 0's. Nodes launched with another flag (a --limit, a --data-dir, an --lr) would
+    shard one run by another's numbers and print a wrong accuracy, or wait at a collective the others
+    never reach. -> None; else ValueError, on every rank, naming what differs."""
+    if world()[1] == 1:
+        return
+    every = [json.loads(s) for s in gather([json.dumps(settings, sort_keys=True, default=str)])]
+    differ = [(k, r) for k in sorted({k for d in every for k in d})
+              for r in [next((r for r, d in enumerate(every) if d.get(k) != every[0].get(k)), None)] if r is not None]
+    if differ:
+        raise ValueError("torchrun: the processes were not given the same " + "; ".join(
+            f"{k} ({every[0].get(k)!r} on rank 0, {every[r].get(k)!r} on rank {r})" for k, r in differ)
+            + "; every process must run the same command, on every node")
+
+
 def all_reduce_grads(params, loss, device):
     """The gradients of `params` and the float `loss` summed across ranks, after a whole accumulated
     batch: one all-reduce per tensor, without wrapping the model in DDP (a pruning replaces the

@@ -222,6 +222,39 @@ util.exit_distributed(3 if sys.argv[1] == "ok" else 0)
             assert "error: rank 1: another process stopped before the end" in err and "Traceback" not in err, err
 
 
+def test_processes_given_other_flags_are_refused_and_one_process_commands_say_so(tiny_dir, data, tmp_path,
+                                                                                  monkeypatch):
+    # each node of a multi-node job types its own command: a --limit of 40 on one and 200 on the other
+    # sharded one evaluation by the other's numbers (accuracy 0.50 printed, 0.95 true), another --iters left
+    # rank 0 waiting at a collective for 30 minutes. Two processes started by hand, as two nodes, with other
+    # flags: refused on each, naming the flag, before any model loads
+    import socket
+    ev = ["evals/run.py", "--task", "mnist", "--model", str(tiny_dir), "--data-dir", str(data), "--offline",
+          "--no-verify", "--device", "cpu", "--limit"]
+    tr = ["rigsa.py", "train", *args_for(tiny_dir, data, "rigsa", out=str(tmp_path / "run"))[1], "--iters"]
+    for argv, flag, said in ((ev, ["2", "4"], "--limit (2 on rank 0, 4 on rank 1)"),
+                             (tr, ["1", "3"], "--iters (1 on rank 0, 3 on rank 1)")):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+        ps = [subprocess.Popen([sys.executable, os.path.join(REPO, argv[0]), *argv[1:], flag[r]], cwd=tmp_path,
+                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+        errs = [p.communicate(timeout=120)[1] for p in ps]
+        assert [p.returncode for p in ps] == [1, 1] and all(
+            f"error: torchrun: the processes were not given the same {said}; every process must run the same command"
+            in e for e in errs), errs
+    assert not (tmp_path / "run").exists()
+    import cli   # the commands that run in one process say so, once, rather than race for one --out
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, code in (("0", "error: rigsa.py merge runs in one process; run it without torchrun"), ("1", 1)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            cli.main(["merge", "--adapter", str(tmp_path / "a" / "iter1"), "--out", str(tmp_path / "m")])
+        assert e.value.code == code
+
+
 def test_two_processes_in_bfloat16_follow_one(tiny_dir, data, tmp_path):
     # the low-precision path on torchrun: each rank's share of a batch in bfloat16, the float32 gradients
     # summed across ranks; the losses follow the single process's within bfloat16's rounding, and IMP

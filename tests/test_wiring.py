@@ -133,3 +133,22 @@ def test_eight_bit_moments_take_the_bytes_the_estimate_counts(tiny_dir):
                if torch.is_tensor(t) and k != "step")
     n = sum(p.numel() for p in params)
     assert held == pytest.approx(n * memory.MOMENT_BYTES["8bit"], rel=0.02), (held, n)
+
+
+def test_every_process_compares_its_flags_data_and_base(tiny_dir, tmp_path, monkeypatch):
+    # torchrun: what each process was given and read is compared with rank 0's before the run is written
+    # (tests/test_distributed.py launches two with other flags); here, that train hands over all of it
+    from lib import util
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=12, n_test=4, size=8)
+    seen, same = [], util.same_on_every_rank
+    monkeypatch.setattr(util, "same_on_every_rank", lambda settings: seen.append(settings) or same(settings))
+    with one_thread():
+        rigsa.train(tiny_cfg(tiny_dir, tmp_path, steps=1, iters=1))
+    assert seen[0]["--limit"] == 8 and seen[0]["--data-dir"] == str(tmp_path) and len(seen[0]) == len(vars(rigsa.Config()))
+    assert sorted(seen[1]) == ["base model", "data files"] and len(seen[1]["data files"]) == 4 \
+        and seen[1]["base model"]["fingerprint"] == M.base_identity(tiny_dir)["fingerprint"]
+    with pytest.raises(ValueError, match=r"^torchrun: the processes were not given the same --lr \(0.1 on rank 0, 0.2 on "
+                                         r"rank 1\); data files \(\{'a': 1\} on rank 0, \{'a': 2\} on rank 1\); every "):
+        monkeypatch.setattr(util, "world", lambda: (0, 2))
+        monkeypatch.setattr(util, "gather", lambda part: part + [part[0].replace("0.1", "0.2").replace("1}", "2}")])
+        same({"--lr": 0.1, "data files": {"a": 1}, "--seed": 3})

@@ -130,7 +130,8 @@ class Config:
     steps: int = _f(0, "cap on optimizer steps per iteration, for quick runs (0 = no cap)", check=INT0)
     grad_clip: float = _f(0.0, "max gradient norm (0 = off; silent in §4.4)", check=NONNEG)
     moments: str = _f("auto", "where AdamW's moments live: device | host (pinned, streamed per tensor: exact, slower) | "
-                              "8bit (approximate) | auto: device if the step fits, else host (a GPU's), else 8bit (docs/memory.md)",
+                              "8bit (approximate) | auto: device if the step fits, else host (a GPU's), else 8bit "
+                              "(docs/memory.md)",
                       choices=("auto", "device", "host", "8bit"), resumable=True)
     # LoRA / QLoRA baseline (§5.3, Table 4); used when --method lora or qlora
     rank: int = _f(TABLE4["ranks"][-1], "LoRA rank (Table 4: 1/4/8/16)", check=INT1)
@@ -153,8 +154,9 @@ class Config:
                          "resolved and kept by --resume: the last bits of a CPU run's numbers depend on it",
                       check=util.number(int, 0, 1024), resumable=True)
     dtype: str = _f("auto", "auto (bfloat16 where the device computes it natively: CUDA, a CPU with AMX or "
-                            "AVX512-BF16; else, and on a float32 merge, float32) | float32 (exact) | bfloat16 (weights and autocast; dW, LoRA "
-                            "and AdamW's state in float32) | float16 (weights only, no autocast); saved resolved",
+                            "AVX512-BF16; else, and on a float32 merge, float32) | float32 (exact) | bfloat16 "
+                            "(weights and autocast; dW, LoRA and AdamW's state in float32) | float16 (weights only, "
+                            "no autocast); saved resolved",
                     choices=("auto", "float32", "bfloat16", "float16"))
     log_every: int = _f(10, "optimizer steps between metrics.jsonl lines", check=INT1, resumable=True)
     save_every: int = _f(500, "optimizer steps between resume checkpoints (0 = only at iteration ends)", check=INT0,
@@ -178,9 +180,9 @@ def check_config(cfg, given=None):
     """What the flags' own checks cannot see: a Config made in Python, a flag that cannot act on this
     run, and combinations. given: the fields the user typed, else those not at their default."""
     flags.check(cfg)
-    flags.refuse_idle(cfg, flags.typed_by(cfg, given), lambda name: [m for m, d in METHODS.items() if name in d["flags"]],
-                      cfg.method, "--method")
-    if cfg.method == "random-mask" and cfg.density == 0 and not cfg.mask_like and flags.typed_by(cfg, given)("density"):
+    typed = flags.typed_by(cfg, given)
+    flags.refuse_idle(cfg, typed, lambda name: [m for m, d in METHODS.items() if name in d["flags"]], cfg.method, "--method")
+    if cfg.method == "random-mask" and cfg.density == 0 and not cfg.mask_like and typed("density"):   # 0: not given
         raise ValueError("--density 0: a random mask with no free entry trains nothing; give a density > 0, or "
                          "--mask-like RUN/iterK")
     if cfg.method == "random-mask" and bool(cfg.mask_like) == (cfg.density > 0):
@@ -712,10 +714,10 @@ def read_adapter(spec, tensors=True):
     return t, meta, rundir.config_from(config, AF.adapter_path(spec), Config, flags.check)
 
 
-def save_adapter(model, path, cfg, extra=None, tensors=None):
-    """Write the trained adapter (its `tensors`, if taken already), with its config and `extra` (adapter_files.write)."""
-    tensors = tensors or AF.tensors_of(adapters(model), qlora.lora_state_dict(model))
-    AF.write(path, tensors, dataclasses.asdict(cfg), extra)
+def save_adapter(model, path, cfg, extra=None):
+    """Write the trained adapter, with its config and `extra` (adapter_files.write)."""
+    AF.write(path, AF.tensors_of(adapters(model), qlora.lora_state_dict(model)),
+                      dataclasses.asdict(cfg), extra)
 
 
 def save_iteration(run, it, res):
@@ -730,10 +732,10 @@ def save_iteration(run, it, res):
     if METHODS[cfg.method]["lora"]:   # and the PEFT copy before it too
         qlora.save_peft(run.model, run.out / f"iter{it}-peft", cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.model,
                         cfg.revision or None)
-    save_adapter(run.model, run.out / f"iter{it}.safetensors", cfg,
-                 {"base": run.base, "base_check": run.checks, "moments": run.placed,
-                  **{k: v for k, v in res.items() if k in ("iter", "val_acc", "test_acc", "density", "trainable")}},
-                 tensors)
+    AF.write(run.out / f"iter{it}.safetensors", tensors, dataclasses.asdict(cfg),
+             {"base": run.base, "base_check": run.checks, "moments": run.placed,
+              **{k: v for k, v in res.items() if k in ("iter", "val_acc", "test_acc", "density", "trainable")}},
+             res["adapter_sha256"])   # hashed once (gigabytes at 1.7B)
     print(f"iter {it}:" + "".join(f" {k} {res[k + '_acc']:.4f}" for k in ("val", "test") if k + "_acc" in res)
           + (f" density {res['density']:.4%}" if run.layers else ""))
 

@@ -142,11 +142,12 @@ def install_checksum(config):
     return hashlib.sha256(json.dumps({k: config.get(k) for k in INSTALL}, sort_keys=True).encode()).hexdigest()
 
 
-def write(path, tensors, config, extra=None):
+def write(path, tensors, config, extra=None, tensors_sha256=None):
     """The adapter file: `tensors` (tensors_of), and as metadata the run's config (a dict), `extra`,
-    the tensors' checksum and that of the config's INSTALL fields."""
+    the tensors' checksum (tensors_sha256: checksum(tensors), if the caller took it) and that of the
+    config's INSTALL fields."""
     meta = {"format": "rigsa-adapter", "config": json.dumps(config), **(extra or {}),
-            "tensors_sha256": checksum(tensors), "install_sha256": install_checksum(config)}
+            "tensors_sha256": tensors_sha256 or checksum(tensors), "install_sha256": install_checksum(config)}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
     util.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 

@@ -226,8 +226,8 @@ def choose_moments(plan, device, want, checkpointed=True, micro_batch=None):
     None: unknown), not by an OOM. On the CPU host memory is the device's: host moments take the room
     device moments take (the plan counts them on a GPU's side), so auto is device, else 8-bit, and the
     5% margin kept on a GPU is not kept there: a CPU run takes 8-bit moments, whose numbers differ,
-    only where device moments would not fit at all. Under
-    torchrun every rank decides on the smallest device and host among them, so that all choose alike."""
+    only where device moments would not fit at all. Under torchrun every rank decides on the smallest
+    device and host among them, so that all choose alike."""
     cpu = torch.device("cpu")
     have = torch.tensor([capacity(device), capacity(cpu)], dtype=torch.float64)
     if util.world()[1] > 1:

@@ -373,8 +373,9 @@ def check_iterations(out, log, remedy):
     be taken as this run's by --resume and by reproduce.py's tables, next to this run's accuracies.
     A file that is not there is left to whoever reads it (one line when it is read). remedy: what to do."""
     for r in log:
-        if (isinstance(r, dict) and r.get("event") == "iteration" and isinstance(r.get("iter"), int)
-                and isinstance(r.get("adapter_sha256"), str) and (p := Path(out) / f"iter{r['iter']}.safetensors").exists()):
+        recorded = (isinstance(r, dict) and r.get("event") == "iteration" and isinstance(r.get("iter"), int)
+                    and isinstance(r.get("adapter_sha256"), str))
+        if recorded and (p := Path(out) / f"iter{r['iter']}.safetensors").exists():
             try:
                 sha = AF.read(p, tensors=False)[1].get("tensors_sha256")
             except ValueError as e:   # its own words end in an evaluation's remedy: this one is the run's

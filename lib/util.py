@@ -806,11 +806,14 @@ def same_on_every_rank(settings):
     if world()[1] == 1:
         return
     every = [json.loads(s) for s in gather([json.dumps(settings, sort_keys=True, default=str)])]
-    differ = [(k, r) for k in sorted({k for d in every for k in d})
-              for r in [next((r for r, d in enumerate(every) if d.get(k) != every[0].get(k)), None)] if r is not None]
+    differ = {}   # name -> the first rank whose value is not rank 0's
+    for r, d in enumerate(every[1:], 1):
+        for k in sorted(set(d) | set(every[0])):
+            if d.get(k) != every[0].get(k):
+                differ.setdefault(k, r)
     if differ:
         raise ValueError("torchrun: the processes were not given the same " + "; ".join(
-            f"{k} ({every[0].get(k)!r} on rank 0, {every[r].get(k)!r} on rank {r})" for k, r in differ)
+            f"{k} ({every[0].get(k)!r} on rank 0, {every[r].get(k)!r} on rank {r})" for k, r in sorted(differ.items()))
             + "; every process must run the same command, on every node")
 
 

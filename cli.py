@@ -13,6 +13,7 @@ against its base (evals/run.py and merge use it)
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import signal
@@ -54,6 +55,48 @@ def load_adapter(model, path, base=None, allow_other_base=False, read=None):
     return cfg, verdict
 
 
+def check_fits(spec, acfg, ameta, mcfg, path, base, four_bit=False):
+    """What load_adapter would refuse, said from the adapter's header before the base loads (minutes at
+    1.7B, and NF4 quantization): the adapter `spec` (its Config acfg, metadata ameta) on the base at
+    `path` (its config mcfg, identity base; four_bit: a 4-bit checkpoint). A method that adds to the
+    unquantized weights on a 4-bit checkpoint; tensors not of the base's layers or shapes; a base that is
+    a merge of this very adapter, on which --allow-other-base would add its delta twice."""
+    method, made_on = rigsa.METHODS[acfg.method], (ameta.get("base") or {}).get("model") or acfg.model
+    if four_bit and not method["nf4"]:
+        raise ValueError(f"--adapter {spec}: a {acfg.method} adapter adds to the unquantized weights, and {path} is a "
+                         f"4-bit checkpoint; pass the checkpoint it was quantized from ({made_on}, its run's)")
+    layers, have = rigsa.adapted_shapes(mcfg), AF.shapes(spec)
+    if method["lora"]:   # lora_A (r, in) and lora_B (out, r) of every adapted layer
+        have = {qlora.own_name(k): s for k, s in have.items()}
+        want = {f"{n}.lora_{ab}.weight": s for n, (o, i) in layers.items()
+                for ab, s in (("A", (acfg.rank, i)), ("B", (o, acfg.rank)))}
+    else:   # a mask of ceil(entries / 8) bytes for every adapted layer, whatever its density
+        have = {k: s for k, s in have.items() if k.endswith(".mask")}
+        want = {f"{n}.mask": (-(-o * i // 8),) for n, (o, i) in layers.items()}
+    odd = sorted(set(have) ^ set(want)) or [k for k in want if have[k] != want[k]]
+    if odd:
+        k = odd[0]
+        if k in have and k in want and not method["lora"]:   # the packed mask's bytes: ceil(entries / 8)
+            n = k.removesuffix(".mask")
+            why = f"its mask of {n} is for a layer of about {8 * have[k][0]:,} entries, and this base's has {math.prod(layers[n]):,}"
+        elif k in have and k in want:
+            why = f"{k} has shape {have[k]}, and this base's layer needs {want[k]}"
+        else:
+            why = f"{k} is {'not a layer of this base' if k in have else 'missing'}"
+        fix = ("the file is damaged or edited: use the one its run wrote" if AF.same_base(ameta.get("base") or {}, base)
+               else f"it was made on a model of other shapes: use it with its base, {made_on}")
+        raise ValueError(f"--adapter {spec}: does not fit the base model {base['model']} ({why}); {fix}")
+    try:
+        rec = AF.merge_record(Path(path) / "rigsa-merge.json") if (Path(path) / "rigsa-merge.json").is_file() else {}
+    except ValueError:   # a damaged record: merge_dtype says so where it matters
+        rec = {}
+    mine = str(AF.adapter_path(spec))
+    if rec.get("adapter_sha256") and rec["adapter_sha256"] == ameta.get("tensors_sha256") or \
+            os.path.isabs(rec.get("adapter") or "") and os.path.realpath(rec["adapter"]) == os.path.realpath(mine):
+        raise ValueError(f"--adapter {spec}: {path} is a merge of this very adapter (its rigsa-merge.json), so it "
+                         f"would add its delta twice; use the base it was made on, {made_on}")
+
+
 def check_recorded_base(cfg, base, adapter):
     """An adapter's recorded base (`cfg`: its run's config; `base`: its base record, whose commit is
     None for a local folder, a hub snapshot's sha else) is a hub id or a local folder as the run named
@@ -85,6 +128,7 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
         check_recorded_base(cfg, meta.get("base"), adapter)
     M.check_revision(name, revision)   # as train and evals/run.py refuse it
     src = M.resolve(name, revision or (cfg.revision if not base or base == cfg.model else None) or None)
+    AF.check_not_adapter(src, name)
     if os.path.realpath(out).startswith(os.path.realpath(src).rstrip(os.sep) + os.sep):   # a model's folder is its own
         raise ValueError(f"--out {out}: is in the base model's directory {src}, which this merge reads; choose "
                          f"another --out")
@@ -96,8 +140,9 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
     except OSError as e:
         raise ValueError(f"--out {out}: cannot write in {parent} ({e.strerror}); choose another --out") from None
     ident = {"model": name, **M.base_identity(src)}
+    mcfg = M.check_checkpoint(src)[0]   # a quantized base or another model's tokenizer: said before the adapter's read
+    check_fits(adapter, cfg, meta, mcfg, src, ident)   # its layers and shapes, from its header
     verdict = AF.check_base(meta["base"], ident, f"--adapter {adapter}", allow_other_base)   # before the load
-    M.check_checkpoint(src)   # a quantized base or another model's tokenizer: said before the adapter's read
     read = rigsa.read_adapter(adapter)   # its tensors, checksum checked, before the load too
     model, _ = M.load(src, "cpu", torch.float32)   # merge in float32, then cast
     load_adapter(model, adapter, read=read)
@@ -108,7 +153,7 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
         raise ValueError(f"--dtype {dtype}: the cast loses {frac:.2%} of sum|{what}| (more than 1%); merge in "
                          f"float32 (the default), or pass --allow-lossy to write it anyway")
     AF.write_merged(out, src, model, getattr(torch, dtype),
-                    {"adapter": str(AF.adapter_path(adapter)), "base": ident,
+                    {"adapter": str(AF.adapter_path(adapter)), "adapter_sha256": meta.get("tensors_sha256"), "base": ident,
                      "adapter_base": meta["base"], "base_check": verdict, "dtype": dtype})
     print(f"merged {adapter} into {out} ({dtype}); the cast lost {frac:.2%} of sum|{what}|")
     return out

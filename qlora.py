@@ -305,10 +305,7 @@ def apply_lora(model, rank, alpha, dropout=0.0):
     todo = _targets(model, (nn.Linear, Linear4bit))
     if not todo:
         raise ValueError(f"apply_lora: no {'/'.join(TARGETS)} layer found")
-    narrow = min(min(getattr(p, c).in_features, getattr(p, c).out_features) for p, c, _ in todo)
-    if rank > narrow:   # no more than min(m, n) can be reached: a typo, found otherwise by running out of memory
-        raise ValueError(f"--rank {rank}: above the narrowest adapted layer's width, {narrow}; the product B A of an m x n "
-                         f"layer has rank at most min(m, n), so use --rank {narrow} or less")
+    check_rank(rank, [(getattr(p, c).out_features, getattr(p, c).in_features) for p, c, _ in todo])
     model.requires_grad_(False)
     params = []
     for parent, child, _ in todo:
@@ -318,6 +315,15 @@ def apply_lora(model, rank, alpha, dropout=0.0):
     for p in params:
         p.requires_grad_(True)
     return params
+
+
+def check_rank(rank, shapes):
+    """--rank against the (out, in) shapes of the layers it adapts: rigsa.setup asks before the base loads
+    (and, for qlora, is quantized), apply_lora again."""
+    narrow = min(min(s) for s in shapes)
+    if rank > narrow:   # no more than min(m, n) can be reached: a typo, found otherwise by running out of memory
+        raise ValueError(f"--rank {rank}: above the narrowest adapted layer's width, {narrow}; the product B A of an m x n "
+                         f"layer has rank at most min(m, n), so use --rank {narrow} or less")
 
 
 def attach(model, quantize, seed, rank, alpha, dropout):
@@ -357,14 +363,17 @@ def lora_state_dict(model):
 PEFT_PREFIX = "base_model.model."
 
 
+def own_name(k):
+    """A LoRA tensor's name in lora_state_dict's spelling, from its own or PEFT's."""
+    k = k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k
+    return k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+
+
 def load_lora(model, tensors, rank, alpha, dropout=0.0):
     """Load adapter tensors (lora_state_dict names, or PEFT's with 'base_model.model.' and an optional
     '.default') into the model, applying LoRA first if it has none. Every adapter must be present
     with the right shape. Returns the LoRA parameters."""
-    norm = {}
-    for k, v in tensors.items():
-        k2 = k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k
-        norm[k2.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")] = v
+    norm = {own_name(k): v for k, v in tensors.items()}
     if not _targets(model, LoRALinear):
         apply_lora(model, rank, alpha, dropout)
     own = lora_state_dict(model)

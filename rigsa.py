@@ -356,6 +356,15 @@ def install_adapters(model, cfg):
     return layers
 
 
+def adapted_shapes(mcfg):
+    """The (out, in) of every layer install_adapters (and LoRA) adapts in the model `mcfg` configures,
+    built on the meta device (no memory): what a saved adapter or a flag is checked against before
+    the base's weights load (minutes at 1.7B)."""
+    with torch.device("meta"):
+        model = M.Model(mcfg)
+    return {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+
+
 def adapters(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, GatedSparseLinear)}
 
@@ -587,11 +596,11 @@ def setup(cfg, resume=None, given=None):
     util.same_on_every_rank({"data files": hashes, "base model": ident})   # config.json records rank 0's
     # the base's config and tokenizer, checked before its weights load
     mcfg, tok = (qlora.check_model if METHODS[cfg.method]["nf4"] else M.check_checkpoint)(base)[:2]
-    if mask_like is not None:   # its masks against this base's shapes before the load (on the meta device: no memory)
-        with torch.device("meta"):
-            shapes = M.Model(mcfg)
-        mask_like_counts(cfg.mask_like, {n: m.weight.numel() for n, m in shapes.named_modules()
-                                         if isinstance(m, nn.Linear) and n != "lm_head"})   # install_adapters' layers
+    shapes = adapted_shapes(mcfg)   # --mask-like's masks and --rank against this base's layers, before the load
+    if mask_like is not None:
+        mask_like_counts(cfg.mask_like, {n: o * i for n, (o, i) in shapes.items()})
+    if lora:
+        qlora.check_rank(cfg.rank, shapes.values())
     # every example within the model's positions (a 28x28 digit is ~850 tokens): said before the load, as
     # evals/run.py does, rather than trained past the positions the model knows. One image per split: every
     # prompt of a split has its length, since SmolLM2's tokenizer makes one token per pixel digit

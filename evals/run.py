@@ -687,6 +687,7 @@ def evaluate(args):
         raise ValueError("--task all: no task has its data (each said why above); fix those, then run again")
 
     path = util.rank_zero_first(lambda: M.resolve(name, revision, offline=args.offline))
+    AF.check_not_adapter(path, name)
     tok0 = M.load_tokenizer(path) if args.chat or "mnist" in data else None   # for the checks before the model loads
     if args.chat and tok0.chat_template is None:   # lm-eval's --apply_chat_template refuses it too
         raise ValueError(f"--chat: the model {name} has no chat template (tokenizer_config.json's chat_template, or "
@@ -697,6 +698,9 @@ def evaluate(args):
     dtype, why = util.auto_dtype(args.dtype, device)   # auto: bfloat16 where the device computes it natively
     dtype, why = AF.merge_dtype(args.dtype, dtype, why, path)   # but a float32 merge stays float32
     base = {"model": name, **M.base_identity(path)}
+    mcfg, _, qc = qlora.check_model(path)   # what the base's load would refuse, said before the adapter's read
+    if args.adapter:   # its layers and shapes, from its header: a base of other shapes is said before it loads
+        cli.check_fits(args.adapter, acfg, ameta, mcfg, path, base, qc.get("load_in_4bit"))
     check = (AF.check_base(ameta["base"], base, f"--adapter {args.adapter}", args.allow_other_base)
              if args.adapter else None)   # before the model loads: an adapter applies to its own base
     if "mnist" in data:   # a prompt past the model's positions is refused now, not after the other tasks ran
@@ -708,8 +712,7 @@ def evaluate(args):
                 raise
             failed.append(data.pop("mnist") and "mnist")
             util.say(f"error: {task_error('mnist', e)}", file=sys.stderr)
-    # what the base's load would refuse, and a --quantize that would not act, said before the adapter's read
-    if qlora.check_model(path)[2].get("load_in_4bit") and args.quantize:
+    if qc.get("load_in_4bit") and args.quantize:   # a --quantize that would not act
         raise ValueError(f"--quantize {args.quantize}: {name} is a 4-bit checkpoint already (its config.json's "
                          f"quantization_config), so it would not act; drop it")
     try:   # the adapter's tensors, checksum checked, before the base loads (minutes at 1.7B)

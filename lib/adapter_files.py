@@ -15,6 +15,7 @@ config (JSON), the base's identity (model.base_identity), the iteration's evalua
 tensors_sha256 (checksum): a byte changed inside the tensor data, which safetensors cannot see,
 is found when the file is read.
 """
+import errno
 import hashlib
 import json
 import math
@@ -173,6 +174,13 @@ def adapter_path(spec):
     return p
 
 
+def check_not_adapter(path, name):
+    """--model `name`, resolved to `path`, is a model's folder, not a PEFT adapter's (a LoRA run's iterK-peft/)."""
+    if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
+        raise ValueError(f"--model {name}: a PEFT adapter's folder (adapter_config.json), not a model; pass the base "
+                         f"model as --model (and to evaluate a run's adapter, --adapter RUN/iterK)")
+
+
 def read(spec, tensors=True):
     """-> (its tensors, or None if not asked for: the metadata alone is read; the metadata, with
     "base" parsed; the run's config, a dict)."""
@@ -205,6 +213,14 @@ def read(spec, tensors=True):
     return t, meta, config
 
 
+def shapes(spec):
+    """A saved adapter's tensors' shapes, from its header alone (its metadata checked by read): what
+    it fits, known before a base loads. -> {name: shape tuple}."""
+    read(spec, tensors=False)   # a rigsa adapter, its metadata readable
+    with safe_open(str(adapter_path(spec)), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
 def mask_counts(spec, verify=True):
     """A saved adapter's (RUN/iterK: --mask-like) layers -> (free entries, the packed mask's bytes, which
     are ceil(the layer's entries / 8): the shape it was made on, as far as the file tells). verify: its
@@ -212,9 +228,7 @@ def mask_counts(spec, verify=True):
     if verify:
         sizes = {k: v.numel() for k, v in read(spec)[0].items()}
     else:
-        read(spec, tensors=False)   # a rigsa adapter, its metadata readable
-        with safe_open(str(adapter_path(spec)), "pt") as f:
-            sizes = {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}
+        sizes = {k: math.prod(s) for k, s in shapes(spec).items()}
     return {k[:-len(".delta")]: (n, sizes[k[:-len(".delta")] + ".mask"])
             for k, n in sizes.items() if k.endswith(".delta") and k[:-len(".delta")] + ".mask" in sizes}
 
@@ -259,15 +273,18 @@ def merge_adapters(model, dtype=None):
     float32, cast to `dtype` (default: the weight's own), as plain nn.Linear layers. A 4-bit base
     is refused: merging into it would re-quantize it (lossy). -> (sum |what the cast lost|,
     sum |delta|), to report how much of the adapter survived the cast."""
-    todo = [(parent, cname, child) for _, parent in list(model.named_modules())
+    todo = [(f"{pname}.{cname}".lstrip("."), parent, cname, child) for pname, parent in list(model.named_modules())
             for cname, child in list(parent.named_children())
             if hasattr(child, "delta_weight")]            # the gated sparse layers and LoRA
-    if any(getattr(child, "quantized", False) for _, _, child in todo):
+    if any(getattr(child, "quantized", False) for *_, child in todo):
         raise ValueError("the base is 4-bit (QLoRA): merging would re-quantize it; merge only adapters on an "
                          "unquantized base, or use the adapter unmerged")
     lost, total = 0.0, 0.0
-    for parent, cname, child in util.progress(todo, desc="merge", unit="layer"):   # 168 of them at 1.7B
+    for name, parent, cname, child in util.progress(todo, desc="merge", unit="layer"):   # 168 of them at 1.7B
         d = child.delta_weight()                               # (out, in) float32
+        if not torch.isfinite(d).all():   # training saves none such: an edited, damaged or foreign file
+            raise ValueError(f"the adapter's delta of {name} is not finite (NaN or inf), so the merged model would "
+                             f"not be either; nothing was written: pass an adapter its run wrote")
         w0 = child.weight.float()
         w = (w0 + d).to(dtype or child.weight.dtype)
         lost += ((w.float() - w0) - d).abs().sum().item()
@@ -362,10 +379,16 @@ def write_merged(out, src, model, dtype, record):
                     shutil.copyfile(src / f, tmp / f)   # a new file (umask), not the source's mode (a read-only cache's)
             M.save_checkpoint(tmp, conf, model.state_dict(), dtype)
             util.write_json(tmp / "rigsa-merge.json", record)
-            if out.exists():
-                out.rmdir()           # empty (checked before)
             (tmp / MERGE_MARK).unlink()
-            os.replace(tmp, out)
+            try:
+                if out.exists():
+                    out.rmdir()           # empty (checked before)
+                os.replace(tmp, out)
+            except OSError as e:   # ENOTEMPTY, EEXIST: another process wrote it since the check
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                raise FileExistsError(f"--out {out}: another process wrote it during this merge; it holds that "
+                                      f"process's files and none of this merge's; name a new folder") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

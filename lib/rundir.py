@@ -258,6 +258,7 @@ def start(cfg, device, mask_like=None, resumes=False):
     if cfg.threads != had:
         torch.set_num_threads(cfg.threads)
     base = util.rank_zero_first(lambda: M.resolve(cfg.model, cfg.revision or None, cfg.verify_model, cfg.offline))
+    AF.check_not_adapter(base, cfg.model)
     if not cfg.resume:   # a float32 merge stays float32 under auto, as evals/run.py evaluates it
         dtype, why = AF.merge_dtype(cfg.dtype, dtype, why, base)
     cfg.dtype = str(dtype).removeprefix("torch.")

@@ -194,6 +194,128 @@ def test_a_quantized_base_is_refused_before_the_adapter_is_read(world, tmp_path,
     assert not (tmp_path / "merged").exists()
 
 
+def no_load(*a, **kw):
+    raise AssertionError("the base loaded before what refuses it was checked")
+
+
+def evals(world, *flags):
+    """evals/run.py on the world's MNIST stand-in, -> the one line it exits with."""
+    with pytest.raises(SystemExit) as e:
+        R.main(["--task", "mnist", "--data-dir", str(world / "data"), "--no-verify", "--offline", "--device", "cpu",
+                "--limit", "2", *map(str, flags)])
+    return e.value.code
+
+
+def lora_adapter(model, path, rank=2):
+    """An untrained LoRA adapter file of `model` (B = 0: the shapes are what count here)."""
+    net, _ = cli.M.load(str(model))
+    cli.qlora.apply_lora(net, rank, 8)
+    rigsa.save_adapter(net, str(path), rigsa.Config(method="lora", model=str(model), rank=rank, lora_alpha=8))
+    return path.with_suffix("")
+
+
+@pytest.mark.parametrize("method", ["rigsa", "lora"])
+def test_an_adapter_of_other_shapes_is_refused_before_the_base_loads(world, tmp_path, monkeypatch, method):
+    # with --allow-other-base (or an adapter that records no base) the layers' shapes were compared only once
+    # the base had loaded (and, for QLoRA, been quantized): minutes at 1.7B. The adapter's header and the
+    # base's config.json tell them before
+    other = tiny.write_tiny_checkpoint(tmp_path / "mha", shape="mha", seed=1)
+    adapter = world / "run" / "iter2" if method == "rigsa" else lora_adapter(world / "model", tmp_path / "l.safetensors")
+    monkeypatch.setattr(cli.M, "load", no_load)   # evals' qlora.load_model goes through it too
+    why = ("its mask of model.layers.0.self_attn.k_proj is for a layer of about 2,048 entries, and this base's has 4,096"
+           if method == "rigsa" else "model.layers.0.self_attn.k_proj.lora_B.weight has shape (32, 2), and this base's "
+                                     "layer needs (64, 2)")
+    want = re.escape(f"--adapter {adapter}: does not fit the base model {other} ({why}); it was made on a model of "
+                     f"other shapes: use it with its base, {world / 'model'}")
+    with pytest.raises(ValueError) as e:
+        cli.merge(adapter, tmp_path / "merged", base=str(other), allow_other_base=True)
+    assert re.fullmatch(want, str(e.value)), e.value
+    assert re.fullmatch("error: " + want, evals(world, "--model", other, "--adapter", adapter, "--allow-other-base"))
+    assert not (tmp_path / "merged").exists()
+
+
+def test_a_rank_above_a_layers_width_is_refused_before_the_base_loads(world, tmp_path, monkeypatch):
+    monkeypatch.setattr(rigsa.M, "load", no_load)
+    monkeypatch.setattr(rigsa.qlora, "load_model", no_load)
+    for method in ("lora", "qlora"):
+        with pytest.raises(ValueError, match=r"^--rank 1000: above the narrowest adapted layer's width, 32; "):
+            rigsa.train(rigsa.Config(out=str(tmp_path / method), method=method, rank=1000, **base(world / "model",
+                                                                                                   world / "data")))
+        assert not (tmp_path / method).exists()
+
+
+def test_an_adapter_of_unquantized_weights_on_a_4bit_checkpoint_is_refused_before_the_load(world, tmp_path, monkeypatch,
+                                                                                             capsys):
+    # evals/run.py told it to "drop --quantize", a flag never typed, after the 4-bit load; merge warned
+    # "applied anyway" (--allow-other-base) just before it refused the checkpoint
+    q = shutil.copytree(world / "model", tmp_path / "4bit")
+    c = json.loads((q / "config.json").read_text())
+    (q / "config.json").write_text(json.dumps({**c, "quantization_config": {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}}))
+    monkeypatch.setattr(cli.M, "load", no_load)
+    monkeypatch.setattr(R.qlora, "load_model", no_load)
+    adapter = world / "run" / "iter2"
+    assert evals(world, "--model", q, "--adapter", adapter, "--allow-other-base") == (
+        f"error: --adapter {adapter}: a rigsa adapter adds to the unquantized weights, and {q} is a 4-bit checkpoint; "
+        f"pass the checkpoint it was quantized from ({world / 'model'}, its run's)")
+    with pytest.raises(ValueError, match=r"4bit: a bitsandbytes 4-bit checkpoint"):
+        cli.merge(adapter, tmp_path / "merged", base=str(q), allow_other_base=True)
+    assert "applied anyway" not in capsys.readouterr().err
+
+
+def test_a_merge_of_a_non_finite_adapter_writes_nothing(world, tmp_path):
+    # training never saves one; an edited or foreign file did reach merge, which wrote a NaN model and said "lost nan%"
+    t, meta, config = AF.read(world / "run" / "iter2")
+    k = next(k for k in sorted(t) if k.endswith(".delta"))
+    t[k][0] = float("nan")
+    AF.write(tmp_path / "nan.safetensors", t, config, {"base": meta["base"]})
+    with pytest.raises(ValueError, match=rf"^the adapter's delta of {re.escape(k[:-6])} is not finite \(NaN or inf\)"):
+        cli.merge(tmp_path / "nan", tmp_path / "merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"]   # no temporary folder either
+
+
+def test_an_adapter_on_its_own_merge_is_refused(world, tmp_path, capsys):
+    # --allow-other-base ("it is the same base") on a merge of this very adapter would add its delta twice
+    merged = cli.merge(world / "run" / "iter2", tmp_path / "merged")
+    shutil.copy(world / "run" / "iter2.safetensors", tmp_path / "copy.safetensors")
+    for adapter in (tmp_path / "copy", world / "run" / "iter2"):   # its checksum; then, in a record from before
+        if adapter == world / "run" / "iter2":                       # adapter_sha256, its path (absolute)
+            rec = json.loads((merged / "rigsa-merge.json").read_text())
+            (merged / "rigsa-merge.json").write_text(json.dumps({**rec, "adapter_sha256": None}))
+        want = (f"--adapter {adapter}: {merged} is a merge of this very adapter (its rigsa-merge.json), so it would "
+                f"add its delta twice; use the base it was made on, {world / 'model'}")
+        with pytest.raises(ValueError) as e:
+            cli.merge(adapter, tmp_path / "twice", base=str(merged), allow_other_base=True)
+        assert str(e.value) == want
+        assert evals(world, "--model", merged, "--adapter", adapter, "--allow-other-base") == "error: " + want
+    assert not (tmp_path / "twice").exists()
+
+
+def test_a_merge_whose_out_another_process_wrote_meanwhile_keeps_nothing(world, tmp_path, monkeypatch):
+    out, save = tmp_path / "merged", AF.M.save_checkpoint
+    def and_another(*a, **kw):   # a second merge into --out finishes while this one writes
+        save(*a, **kw)
+        out.mkdir()
+        (out / "theirs").write_text("x")
+    monkeypatch.setattr(AF.M, "save_checkpoint", and_another)
+    with pytest.raises(FileExistsError, match=rf"^--out {re.escape(str(out))}: another process wrote it during this "
+                                              r"merge; it holds that process's files and none of this merge's"):
+        cli.merge(world / "run" / "iter2", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"] and os.listdir(out) == ["theirs"]
+
+
+def test_a_peft_folder_as_the_model_is_said_to_be_one(world, tmp_path):
+    peft = tmp_path / "iter1-peft"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text("{}")
+    want = f"--model {peft}: a PEFT adapter's folder (adapter_config.json), not a model; pass the base model as --model"
+    assert evals(world, "--model", peft).startswith("error: " + want)
+    with pytest.raises(ValueError, match=re.escape(want)):
+        cli.merge(world / "run" / "iter2", tmp_path / "merged", base=str(peft), allow_other_base=True)
+    with pytest.raises(ValueError, match=re.escape(want)):
+        rigsa.train(rigsa.Config(out=str(tmp_path / "run"), **base(peft, world / "data")))
+
+
 def test_prompts_past_the_models_positions_are_refused_before_the_base_loads(world, tmp_path, monkeypatch):
     # train said nothing and trained past RoPE's range where evals/run.py refused the same model and files
     short = shutil.copytree(world / "model", tmp_path / "short")

@@ -78,7 +78,8 @@ def check_fits(spec, acfg, ameta, mcfg, path, base, four_bit=False):
         k = odd[0]
         if k in have and k in want and not method["lora"]:   # the packed mask's bytes: ceil(entries / 8)
             n = k.removesuffix(".mask")
-            why = f"its mask of {n} is for a layer of about {8 * have[k][0]:,} entries, and this base's has {math.prod(layers[n]):,}"
+            why = (f"its mask of {n} is for a layer of about {8 * have[k][0]:,} entries, and this base's has "
+                   f"{math.prod(layers[n]):,}")
         elif k in have and k in want:
             why = f"{k} has shape {have[k]}, and this base's layer needs {want[k]}"
         else:

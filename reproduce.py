@@ -977,6 +977,9 @@ def steps_of(a, again, older):
         check_stop()
         if rc != 0:
             raise ValueError(f"step {i} of {len(steps)}: failed (exit {rc}); fix it, and continue with: {again}")
+        if not target.exists():   # it said it finished, yet its output is not there: nothing is taken as done
+            raise ValueError(f"step {i} of {len(steps)}: exited 0 without writing {target}; run its command (above) "
+                             f"to see why, then continue with: {again}")
     check_stop()
     AT.update(done=len(steps), output=None)
 

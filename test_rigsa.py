@@ -283,6 +283,30 @@ def test_a_halt_at_an_iterations_last_step_stops_there(tiny_dir, tiny_run, tmp_p
     assert all(a[n].equal(b[n]) for n in a)
 
 
+def test_a_halt_or_save_that_would_never_act_is_refused():
+    # --halt-after at or past the steps left never halts (the run ends first), --save-every of an iteration or
+    # more never saves between the saves at each iteration's end: a flag typed for nothing is said, not ignored
+    for halt in (5, 6):
+        with pytest.raises(ValueError) as e:
+            rundir.check_steps(rigsa.Config(halt_after=halt), None, steps=10, left=5)
+        assert str(e.value) == f"--halt-after {halt}: the run has 5 steps left, so it would not act; drop it"
+    for every in (10, 11):
+        with pytest.raises(ValueError) as e:
+            rundir.check_steps(rigsa.Config(save_every=every), None, steps=10, left=5)
+        assert str(e.value) == (f"--save-every {every}: an iteration is 10 steps, and its end always saves, so it would "
+                                f"not act; drop it")
+    rundir.check_steps(rigsa.Config(halt_after=4, save_every=9), None, steps=10, left=5)
+
+
+def test_a_batch_the_processes_cannot_share_is_refused(monkeypatch):
+    # torchrun: each process takes its share of a batch's sequences; a batch smaller than the processes leaves some none
+    monkeypatch.setattr(util, "world", lambda: (0, 2))
+    with pytest.raises(ValueError) as e:
+        rundir.check_steps(rigsa.Config(batch_size=1, micro_batch=1), None, steps=10, left=10)
+    assert str(e.value) == "--batch-size 1: fewer sequences than the 2 processes; use at least one per process"
+    rundir.check_steps(rigsa.Config(batch_size=2, micro_batch=1), None, steps=10, left=10)
+
+
 def test_a_run_resumes_on_the_thread_count_it_started_with(tmp_path, capsys, monkeypatch):
     # on the CPU a sum's last bits depend on how many threads split it: this model's adapters after
     # 4 steps at 1 thread and at 2 differ; so config.json saves the count, and --resume takes it again
@@ -854,6 +878,19 @@ def test_resume_takes_a_branch_name_as_the_recorded_commit(tmp_path):
     assert cfg.revision == sha and state is None
     with pytest.raises(ValueError, match="--revision 'b{40}' \\(saved: 'a{40}'\\)"):
         rundir.resumed(rigsa.Config(model="org/name", revision="b" * 40, out=str(tmp_path), resume=True), None)
+
+
+def test_a_resume_removes_only_the_runs_own_temporary_files(tmp_path):
+    # what a kill during a save leaves is the run's to remove; a .tmp file of the user's in its folder is not
+    (tmp_path / "config.json").write_text(json.dumps({"config": dataclasses.asdict(rigsa.Config(out=str(tmp_path)))}))
+    (tmp_path / "iter1-peft").mkdir()
+    theirs = ["notes.tmp", ".notes.abcd1234.tmp", "iter1.tmp", "resume.tmp"]
+    ours = [".resume.pt.abcd1234.tmp", "iter1.safetensors.tmp", ".config.json.0a1b2c3d.tmp", "metrics.jsonl.tmp",
+            "iter1-peft/adapter_model.safetensors.tmp"]
+    for name in theirs + ours:
+        (tmp_path / name).write_text("partial")
+    rundir.resumed(rigsa.Config(out=str(tmp_path), resume=True), None)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.tmp")) == sorted(theirs)
 
 
 def test_init_check_is_dw0s_first_values_and_guards_loading(tiny_dir):

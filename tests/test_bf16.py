@@ -177,6 +177,7 @@ def test_auto_is_bfloat16_only_where_the_cpu_computes_it(tiny_dir, tmp_path, mon
     has.update({k: False for k in has})   # the same run resumed where bfloat16 is not native: still bfloat16
     assert rundir.run_dtype(rigsa.Config(dtype="bfloat16", resume=True), "cpu")[0] == torch.bfloat16
     assert rundir.run_dtype(rigsa.Config(dtype="auto", resume=True), "cpu")[0] == torch.float32   # an older run's auto
+    assert rundir.run_dtype(rigsa.Config(dtype="auto", resume=True), "cuda")[0] == torch.bfloat16   # as it ran there
 
 
 def test_evaluation_in_bfloat16_is_near_float32s(tiny_dir, tmp_path):

@@ -62,6 +62,25 @@ def test_padded_row_equals_row_alone(tiny_dir):
         assert (m(ids_r, am_r)[0, :len(a)] - alone[0]).abs().max() < 1e-5
 
 
+def test_a_left_padded_batch_is_exact_where_a_query_seeing_no_key_gives_nan(tiny_dir, monkeypatch):
+    # this CPU's kernel gives 0 for a query row masked whole; others give NaN, which a pad position's value would
+    # carry into every real token through 0 * NaN in the next layer: so a pad query always sees itself
+    sdpa = M.F.scaled_dot_product_attention
+
+    def nan_kernel(q, k, v, attn_mask=None, **kw):
+        y = sdpa(q, k, v, attn_mask=attn_mask, **kw)
+        if attn_mask is not None:
+            y = y.masked_fill(~attn_mask.any(-1, keepdim=True), float("nan"))
+        return y
+    monkeypatch.setattr(M.F, "scaled_dot_product_attention", nan_kernel)
+    m, tok = M.load(tiny_dir)
+    a, b = tok.encode("the of and to 5"), tok.encode("Question: How do I 1 2 3 4 5 6 7")
+    with torch.no_grad():
+        batch = m(*left_pad([a, b], tok.pad_id))
+        alone = m(torch.tensor([a]))
+    assert (batch[0, -len(a):] - alone[0]).abs().max() < 1e-5
+
+
 def test_cached_greedy_equals_full_forward(tiny_dir):
     m, tok = M.load(tiny_dir)
     prompts = [tok.encode("The digit is"), tok.encode("Question: How do I 3 4")]
@@ -197,6 +216,15 @@ REAL_NEWLINES = tiny.CHAT_TEMPLATE.replace("\\n", "\n")  # what the official tok
 OTHER_SYSTEM = REAL_NEWLINES.replace(M.DEFAULT_SYSTEM, "You are terse.\nAnswer in one word.")
 NO_SYSTEM = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
              "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+INDENTED = ("{% for message in messages %}\n"   # a hub template's layout: blocks on lines of their own, indented
+            "    {% if loop.first and messages[0]['role'] != 'system' %}\n"
+            "{{ '<|im_start|>system\nYou are terse.<|im_end|>\n' -}}\n"
+            "    {% endif %}\n"
+            "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}\n"
+            "{% endfor %}\n"
+            "{% if add_generation_prompt %}\n"
+            "{{ '<|im_start|>assistant\n' -}}\n"
+            "{% endif %}")
 CONVERSATIONS = [[{"role": "user", "content": "Hello"}],
                  [{"role": "system", "content": "SYS"}, {"role": "user", "content": "Hello"}],
                  [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
@@ -217,7 +245,8 @@ def tokenizer_dir(tiny_dir, path, template=None, jinja_file=None):
 
 
 @pytest.mark.parametrize("template,system", [(ESCAPED, M.DEFAULT_SYSTEM), (REAL_NEWLINES, M.DEFAULT_SYSTEM),
-                                             (OTHER_SYSTEM, "You are terse.\nAnswer in one word."), (NO_SYSTEM, None)])
+                                             (OTHER_SYSTEM, "You are terse.\nAnswer in one word."), (NO_SYSTEM, None),
+                                             (INDENTED, "You are terse.")])   # its indentation stripped, as transformers does
 def test_chat_equals_the_rendered_template(tiny_dir, tmp_path, capsys, template, system):
     assert ("\n" in template) != ("\\n" in template)  # one spelling or the other
     tok = M.load_tokenizer(tokenizer_dir(tiny_dir, tmp_path / "tok", template))
@@ -250,6 +279,23 @@ def test_template_sources(tiny_dir, tmp_path, capsys):
     assert M.load_tokenizer(tokenizer_dir(tiny_dir, tmp_path / "none")).system_prompt == M.DEFAULT_SYSTEM
     tok = M.load_tokenizer(tokenizer_dir(tiny_dir, tmp_path / "jinja", ESCAPED, jinja_file=OTHER_SYSTEM))
     assert tok.system_prompt == "You are terse.\nAnswer in one word." and capsys.readouterr().err == ""
+    # a list of named templates (tool use beside the default, as some hub models have): the one named "default"
+    named = [{"name": "tool_use", "template": NO_SYSTEM}, {"name": "default", "template": OTHER_SYSTEM}]
+    tok = M.load_tokenizer(tokenizer_dir(tiny_dir, tmp_path / "named", named))
+    assert tok.system_prompt == "You are terse.\nAnswer in one word." and tok.chat_template == OTHER_SYSTEM
+    assert capsys.readouterr().err == ""
+
+
+def test_the_pad_token_is_the_tokenizer_configs(tiny_dir, tmp_path):
+    # evaluations record the pad token: a model whose pad is not its eos must be described as it is (pad = eos only
+    # when tokenizer_config.json names none)
+    d = tokenizer_dir(tiny_dir, tmp_path / "tok")
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    for pad in ("<|endoftext|>", {"content": "<|endoftext|>", "special": True}, None):
+        (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "pad_token": pad}))
+        tok = M.load_tokenizer(d)
+        assert tok.pad_id == (tok.tok.token_to_id("<|endoftext|>") if pad else tok.eos_id), pad
+    assert tok.tok.token_to_id("<|endoftext|>") != tok.eos_id   # the premise: another token than eos
 
 
 def test_config_rope_theta_locations(tiny_dir, tmp_path):
@@ -267,6 +313,11 @@ def test_presets_count_parameters():
         n = {k: sum(p.numel() for p in M.Model(c).parameters()) for k, c in M.PRESETS.items()}
     assert n == {"SmolLM2-135M-Instruct": 134_515_008, "SmolLM2-360M-Instruct": 361_821_120,
                  "SmolLM2-1.7B-Instruct": 1_711_376_384}
+    # and the numbers no count sees, as the official config.json files hold them (tiny checkpoints carry their own)
+    keys = ("rope_theta", "rms_norm_eps", "num_key_value_heads", "tie_word_embeddings", "max_position_embeddings")
+    assert {k: tuple(getattr(c, f) for f in keys) for k, c in M.PRESETS.items()} == {
+        "SmolLM2-135M-Instruct": (100000.0, 1e-5, 3, True, 8192), "SmolLM2-360M-Instruct": (100000.0, 1e-5, 5, True, 8192),
+        "SmolLM2-1.7B-Instruct": (130000.0, 1e-5, 32, True, 8192)}
 
 
 def broken_copy(src, dst, edit):
@@ -376,6 +427,19 @@ def test_sharded_checkpoint_loads_like_single(tiny_dir, tmp_path):
         save_file({k: sd[k] for k in ks}, str(d / f))
     (d / "model.safetensors").unlink()
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    a, tok = M.load(tiny_dir)
+    b, _ = M.load(d)
+    ids = torch.tensor([tok.encode("Question: 12")])
+    assert torch.equal(a(ids), b(ids))
+
+
+def test_an_older_checkpoints_rotary_buffers_are_dropped(tiny_dir, tmp_path):
+    # transformers once saved each layer's rotary_emb.inv_freq: a buffer computed from the config, not a weight;
+    # such a checkpoint loads, with the frequencies computed (not refused as an unexpected tensor, nor read)
+    cfg = M.SmolLM2Config.from_json(tiny_dir / "config.json")
+    d = broken_copy(tiny_dir, tmp_path / "old", _edit_tensors(lambda sd: sd.update(
+        {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(cfg.head_dim // 2)
+         for i in range(cfg.num_hidden_layers)})))
     a, tok = M.load(tiny_dir)
     b, _ = M.load(d)
     ids = torch.tensor([tok.encode("Question: 12")])

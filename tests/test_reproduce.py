@@ -10,6 +10,7 @@ import shlex
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ import torch
 
 import model as M
 import reproduce as P
+import rigsa
 from lib import adapter_files as AF
 from lib import mnist
 from lib import tiny
@@ -94,11 +96,11 @@ def quick(model, out, data, *more):
             "--dtype", "float32", "--offline", "--no-verify", *more]
 
 
-def fake(argv, upto):
-    """Steps 1..upto of a reproduction as if reproduce.py had run them: their outputs, and their records."""
+def fake(argv, upto, first=1):
+    """Steps first..upto of a reproduction as if reproduce.py had run them: their outputs, and their records."""
     a = P.parse_args(argv)
     inputs = P.Inputs(a)
-    for target, cmd in P.plan(a)[:upto]:
+    for target, cmd in P.plan(a)[first - 1:upto]:
         out = P.output_of(target, cmd)
         if P.is_training(cmd):
             out.mkdir(parents=True)
@@ -167,6 +169,27 @@ def test_outputs_of_other_code_are_kept_and_said(world, tmp_path, capsys, no_plo
         and f"rigsa's code {util.code_version()}" in line, line
 
 
+def test_a_step_that_exits_0_without_its_output_stops_the_reproduction(world, tmp_path, capsys, monkeypatch):
+    # it was recorded "done" and said "done in", and its table cell came out blank; nothing says it finished but its file
+    w, A, _ = world
+    argv = quick(A, tmp_path, w / "data")
+    plan = P.plan(P.parse_args(argv))
+    first = next(i for i, (_, c) in enumerate(plan, 1) if P.is_training(c))
+    monkeypatch.setattr(P, "run_step", lambda cmd, env: 0)
+    for i in (4, first):   # an evaluation, then a training
+        fake(argv, i - 1)
+        with pytest.raises(SystemExit) as e:
+            P.main(argv)
+        target, cmd = plan[i - 1]
+        said = capsys.readouterr()
+        assert e.value.code == 1 and said.err.startswith(f"error: step {i} of {len(plan)}: exited 0 without writing "
+                                                         f"{target}; run its command (above) to see why, then continue "
+                                                         f"with: "), said.err
+        assert " done in " not in said.out
+        rec = P.record_path(P.output_of(target, cmd))
+        assert (json.loads(rec.read_text())["status"] == "started") if P.is_training(cmd) else not rec.exists()
+
+
 def test_the_eta_comes_from_the_steps_of_each_kind_run_here(tmp_path):
     # reproduce.py runs for days: after each step, how long the rest should take (its steps' own bars restart)
     steps = [c for _, c in P.plan(P.parse_args(["--out", str(tmp_path / "qlora-study")]))]   # OUT's name: no kind
@@ -181,7 +204,9 @@ def test_the_eta_comes_from_the_steps_of_each_kind_run_here(tmp_path):
     assert P.eta(took, steps) == 450 + 200 and P.eta(took, []) == 0
     del took[("eval", "gsm8k", None, None, True)]
     assert P.eta(took, steps) is None and P.eta(took, steps[:1]) == 10
-    assert [P.duration(x) for x in (0.4, 59, 61, 7500, 90000)] == ["0 s", "59 s", "1 min 01 s", "2 h 05 min", "1 d 1 h"]
+    assert [P.duration(x) for x in (0.4, 59, 60, 61, 3599, 3600, 7500, 86399, 86400, 90000)] == [
+        "0 s", "59 s", "1 min 00 s", "1 min 01 s", "59 min 59 s", "1 h 00 min", "2 h 05 min", "23 h 59 min", "1 d 0 h",
+        "1 d 1 h"]   # each unit from its first second: never "60 min 00 s"
 
 
 def test_rerun_changed_never_deletes_through_a_link(world, tmp_path, capsys):
@@ -204,6 +229,75 @@ def test_rerun_changed_never_deletes_through_a_link(world, tmp_path, capsys):
         assert (out / "rigsa").is_symlink() and files(tmp_path / "elsewhere") == before
 
 
+def test_rerun_changed_never_deletes_a_run_being_trained(world, tmp_path, capsys, monkeypatch):
+    # a rigsa.py train writing the run (started by hand meanwhile): deleted under it, both would lose their work
+    w, A, _ = world
+    monkeypatch.setattr(P, "run_step", lambda cmd, env: pytest.fail("a step ran"))
+    out = tmp_path / "out"
+    fake(quick(A, out, w / "data"), 12)
+    argv = quick(A, out, w / "data", "--rerun-changed")
+    argv[argv.index("--steps") + 1] = "3"
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])   # a live process's LOCK in the run
+    try:
+        (out / "rigsa" / "LOCK").write_text(f"{p.pid} {socket.gethostname()} {util._start_time(p.pid)}\n")
+        before = files(out)
+        with pytest.raises(SystemExit) as e:
+            P.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and f"another rigsa.py (pid {p.pid}) is writing this run" in err, err
+        assert files(out) == before
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_a_kept_output_recorded_as_started_is_recorded_done(world, tmp_path, capsys):
+    # reproduce.py stopped between a step's end and its record: the output is kept, and its record completed, with
+    # an evaluation's sha256, without which a later edit of that file would never be caught
+    w, A, _ = world
+    argv = quick(A, tmp_path, w / "data")
+    a = fake(argv, 11)   # the base model's ten evaluations and RIGSA's training
+    inputs = P.Inputs(a)
+    (ev, ev_cmd), (run, run_cmd) = P.plan(a)[0], P.plan(a)[10]
+    for target, cmd in ((ev, ev_cmd), (run.parent, run_cmd)):
+        P.write_record(target, cmd, inputs.of(cmd), A, "started")
+    assert "sha256" not in json.loads(P.record_path(ev).read_text())
+    P.main(argv + ["--dry-run"])
+    assert "--resume" not in capsys.readouterr().out   # its last iteration file is there: finished
+    rec = json.loads(P.record_path(ev).read_text())
+    assert rec["status"] == "done" and rec["sha256"] == util.file_hash(ev, "sha256"), rec
+    assert json.loads(P.record_path(run.parent).read_text())["status"] == "done"
+
+
+def test_a_training_records_every_mnist_file_it_reads(tiny_dir, tmp_path):
+    # a training reads MNIST's train and test files: one reused after its training digits changed would not be
+    # of this data; an evaluation reads the test files, and the training files too for its shots
+    a = P.parse_args(["--model", str(tiny_dir), "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path)])
+    inputs = P.Inputs(a)
+    cmds = {str(t.relative_to(tmp_path / "out")): c for t, c in P.plan(a)}
+    read = lambda step: {k for k in inputs.of(cmds[step]) if k.startswith("mnist/")}
+    every = {f"mnist/{n}" for n in mnist.MNIST_FILES}
+    assert read("rigsa/iter5.safetensors") == read("evals/base-mnist-5shot.json") == every and len(every) == 4
+    assert read("evals/base-mnist-0shot.json") == {"mnist/t10k-images-idx3-ubyte.gz", "mnist/t10k-labels-idx1-ubyte.gz"}
+
+
+def test_the_default_seeds_runs_count_beside_other_seeds(tmp_path, no_plots):
+    # rigsa/ is the default seed's run (the one-seed layout): beside rigsa-seed1/ it is a seed of the means too
+    for name, acc in (("rigsa", 0.5), ("rigsa-seed1", 0.7)):
+        write_run(tmp_path, name, [{"iter": 1, "test_acc": acc, "test_images": 100}])
+    assert P.seeds_found(tmp_path) == sorted([1, P.DEFAULT_SEED])
+    assert f"**n = 2 seeds** (1, {P.DEFAULT_SEED})" in P.tables(tmp_path)
+
+
+def test_seeds_are_rigsa_trains_whole_range():
+    # --seeds takes every seed rigsa.py train takes, and refuses the others before any step
+    assert P.parse_seeds(f"0,{rigsa.SEED_MAX}") == [0, rigsa.SEED_MAX]
+    for bad in (-1, rigsa.SEED_MAX + 1):
+        with pytest.raises(ValueError) as e:
+            P.parse_seeds(f"1,{bad}")
+        assert str(e.value) == f"--seeds 1,{bad}: {bad} is outside rigsa.py train's --seed range, 0 to {rigsa.SEED_MAX}"
+
+
 def test_each_step_says_its_time_and_then_the_rests(world, tmp_path, capsys, monkeypatch, no_plots):
     w, A, _ = world
 
@@ -218,12 +312,17 @@ def test_each_step_says_its_time_and_then_the_rests(world, tmp_path, capsys, mon
             write_eval(Path(f["--output"]), "acc", 0.5, 0.01)
         return 0
     monkeypatch.setattr(P, "run_step", step)
-    P.main(quick(A, tmp_path / "out", w / "data"))
+    argv = quick(A, tmp_path / "out", w / "data")
+    a = fake(argv, 43, first=43)   # QLoRA rank 16's training, made already (as step() makes it): skipped, so not left
+    assert P.plan(a)[42][0] == tmp_path / "out" / "qlora-r16" / "iter1.safetensors"
+    P.main(argv)
     done = [x for x in capsys.readouterr().out.splitlines() if " done in " in x]
-    assert len(done) == 46 and done[0] == "[1/46] done in 0 s", done
+    assert len(done) == 45 and done[0] == "[1/46] done in 0 s", done
     first = next(i for i, x in enumerate(done) if "left" in x)   # once a step of each kind has run: the QLoRA adapter's
-    assert first == 33 and re.fullmatch(r"\[34/46\] done in 0 s; the 12 steps left: about 0 s", done[first]), done
+    assert first == 33 and re.fullmatch(r"\[34/46\] done in 0 s; the 11 steps left: about 0 s", done[first]), done
     assert all("left" in x for x in done[first:-1]) and "left" not in done[-1]
+    left = {int(m[1]): int(m[2]) for x in done if (m := re.fullmatch(r"\[(\d+)/46\] done in 0 s; the (\d+) steps left: .*", x))}
+    assert left == {i: 46 - i - (i < 43) for i in range(34, 46) if i != 43}, left
 
 
 def mutate(out, data, name):
@@ -252,6 +351,8 @@ CHANGES = [
     ("limit", ["--limit", "3"], "{out}/evals/base-mnist-0shot.json: made from other inputs than this command's "
      "(--limit: 2 then, 3 now)"),
     ("steps", ["--steps", "3"], "{out}/rigsa: made from other inputs than this command's (--steps: 2 then, 3 now)"),
+    ("dtype", ["--dtype", "bfloat16"], "{out}/evals/base-mnist-0shot.json: made from other inputs than this command's "
+     "(--dtype: float32 then, bfloat16 now)"),   # other numbers in the last bits
     ("test digits", [], "{out}/evals/base-mnist-0shot.json: made from other inputs than this command's "
      "(mnist/t10k-images-idx3-ubyte.gz: sha256 "),
     ("adapter", [], "{out}/evals/rigsa-iter1-piqa.json: made from other inputs than this command's (--adapter: sha256 "),
@@ -311,6 +412,8 @@ def test_another_model_is_refused_or_rerun(world, tmp_path, capsys, monkeypatch,
         return o, err.strip().splitlines()[-1]
     o, err = run(A)
     assert "[1/46]" in o and err.startswith("error: step 2 of 46: failed (exit 1)"), err
+    # a failed evaluation keeps nothing partial, nor its record (a "started" one would name inputs of nothing there)
+    assert not (out / "evals" / "base-mnist-5shot.inputs.json").exists()
     assert re.search(r"^\[1/46\] done in \d+ s$", o, re.M), o   # no ETA until a step of each kind has run
     assert json.loads((out / "evals" / "base-mnist-0shot.json").read_text())["model"] == A
     before = files(out)
@@ -355,6 +458,12 @@ def test_tables_name_the_machine_and_a_mix_of_machines(tmp_path):
         (tmp_path / "odd.json").write_text(json.dumps(odd))
         assert P.recorded(tmp_path / "odd.json") == (None if "resumed_on" not in odd else "cpu: A")
     assert line.endswith("in float32, on cpu: A CPU (AMX); 1 from `M` (fingerprint f1), --limit 2, no --steps (the paper's epochs), in float32, on cpu: A CPU (AMX) and cuda: A GPU") and line.startswith("- trainings: **mixed**: "), line
+    # a run an older version saved as "auto" ran in what auto resolved to on its machine (rundir.run_dtype)
+    (tmp_path / "old").mkdir()
+    for machine, dtype in (("cuda: A GPU", "bfloat16"), ("cpu: A CPU", "float32"), (None, None)):
+        (tmp_path / "old" / "config.json").write_text(json.dumps({"config": {"dtype": "auto"},
+                                                                  **({"machine": machine} if machine else {})}))
+        assert P.dtype_of(tmp_path / "old" / "config.json") == dtype, machine
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -508,7 +617,12 @@ def test_tables_one_seed(tmp_path, no_plots):
     write_run(tmp_path, "rigsa", [{"iter": 1, "test_acc": 0.9, "test_images": 101, "density": 1.0,
                                    "trainable": 1234567}])
     write_run(tmp_path, "random-mask", [{"iter": 1, "test_acc": 0.8}])   # before test_images: its test file, not there
+    write_run(tmp_path, "qlora-r1", [{"iter": 1, "test_acc": 0.0, "test_images": 100}])   # a result, though 0
     text = P.tables(tmp_path)
+    assert "| 1 | 0.00 ± 0.00 |" in text, text   # not "-" (no result)
+    # outputs made by hand are tabulated, but never without a word
+    assert "- without a record (by hand, or an older reproduce.py): evals/base-nf4-gsm8k.json, evals/base-piqa.json, " \
+           "qlora-r1, random-mask, rigsa\n" in text, text
     assert "| Random mask | - | 80.00 |" in text, text   # no N: the value alone, not an interval for 10,000 images
     assert "| PIQA | 75.40 ± 1.96 | - |" in text and "| GSM8k (5-shot) | - | 19.90 ± 2.16 |" in text
     assert "| RIGSA iteration 1 | 100.00% | 90.00 ± 5.88 |" in text  # sqrt(.9 * .1 / 100) over the run's 101 images
@@ -716,4 +830,8 @@ def test_an_older_runs_test_count_is_read_only_from_its_own_file(tmp_path, monke
     for data, want in (({"t10k-labels-idx1-ubyte.gz": sha}, 4), ({}, 4), ({"t10k-labels-idx1-ubyte.gz": "0" * 64}, None)):
         (run / "config.json").write_text(json.dumps({"config": {"data_dir": "d", "limit": 0}, "data": data}))
         assert P.test_images(run) == want, data   # another file there now: no interval, not one for its N
+    for cfg, want in (({"limit": 2}, 2), ({"limit": 9}, 4), ({"eval_max": 3}, 3), ({"eval_max": 0}, 4)):
+        # its --limit (eval_max: the flag's name before its rename) capped the images it was tested on
+        (run / "config.json").write_text(json.dumps({"config": {"data_dir": "d", **cfg}, "data": {}}))
+        assert P.test_images(run) == want, cfg
     assert P.test_images(run, {"test_images": 8}) == 8

@@ -141,6 +141,7 @@ def test_lock_dir_one_writer_stale_locks_taken_over(tmp_path, capsys):
                                  (f"{live.pid} elsewhere -\n", f"pid {live.pid} on host elsewhere"),  # cannot be checked
                                  (f"{dead.pid} {socket.gethostname()} 1\n", None),
                                  (f"{live.pid} {socket.gethostname()} 1\n", None),   # the pid, reused by another process
+                                 (f"{os.getpid()} {socket.gethostname()} -\n", None),   # reused by this one (containers)
                                  ("", None)):                                          # a holder killed before it wrote
             lock.write_text(content)
             os.utime(lock, (time.time() - 10,) * 2)
@@ -161,6 +162,11 @@ def test_lock_dir_one_writer_stale_locks_taken_over(tmp_path, capsys):
             pid = content.split()[0] if content else None
             assert err == (f"note: {lock}: stale lock of pid {pid} (not running); taken over\n" if pid else
                            f"note: {lock}: empty lock (its process was stopped before it wrote its line); taken over\n")
+        lock.write_text("")   # a fresh empty LOCK: its maker, before its line; taken, but it is not a stale one's
+        capsys.readouterr()
+        with util.lock_dir(tmp_path):
+            pass
+        assert capsys.readouterr().err == "" and os.listdir(tmp_path) == []
         for content, age in (("my notes on locks\n", 3600), ("x", 0), (f"{dead.pid}\n", -3600), (b"\xff\xfe", 3600)):
             # a file of the user's, however new (or dated in the future): refused, kept as it is
             (lock.write_bytes if isinstance(content, bytes) else lock.write_text)(content)
@@ -262,6 +268,8 @@ def test_progress_bar_in_a_log_one_line_per_interval(monkeypatch, capsys):
     assert len(lines) == 1 and "docs" in lines[0] and "3/3" in lines[0] and "doc/s" in lines[0] and "<" in lines[0]
     bar = util.progress(total=4, desc="gen", unit="seq")
     bar.update(1)
+    bar.last_print_t = time.time() - 15   # 15 s ago: within the interval, no line
+    bar.update(0)
     bar.last_print_t = 0.0   # as if 30 s had passed
     bar.update(1)
     bar.set_postfix(loss=1.5, refresh=False)

@@ -2,6 +2,7 @@
 flags that are off by default (--grad-clip, --lora-dropout), the supervised tokens, the statistics a
 pruning records, the checksum's header. Each test here was written against a mutant that every other
 test let through (the code broken on purpose: a default, a swapped flag, a dropped term)."""
+import json
 import math
 
 import pytest
@@ -152,3 +153,9 @@ def test_every_process_compares_its_flags_data_and_base(tiny_dir, tmp_path, monk
         monkeypatch.setattr(util, "world", lambda: (0, 2))
         monkeypatch.setattr(util, "gather", lambda part: part + [part[0].replace("0.1", "0.2").replace("1}", "2}")])
         same({"--lr": 0.1, "data files": {"a": 1}, "--seed": 3})
+    # a setting that rank 0 has and another lacks (nodes on two versions of the code): said as well
+    monkeypatch.setattr(util, "gather", lambda part: part + [json.dumps({"--lr": 0.1})])
+    with pytest.raises(ValueError) as e:
+        same({"--lr": 0.1, "--seed": 3})
+    assert str(e.value) == ("torchrun: the processes were not given the same --seed (3 on rank 0, None on rank 1); "
+                            "every process must run the same command, on every node")

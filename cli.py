@@ -64,7 +64,7 @@ def check_fits(spec, acfg, ameta, mcfg, path, base, four_bit=False):
     method, made_on = rigsa.METHODS[acfg.method], (ameta.get("base") or {}).get("model") or acfg.model
     if four_bit and not method["nf4"]:
         raise ValueError(f"--adapter {spec}: a {acfg.method} adapter adds to the unquantized weights, and {path} is a "
-                         f"4-bit checkpoint; pass the checkpoint it was quantized from ({made_on}, its run's)")
+                         f"4-bit checkpoint; pass an unquantized base: the one it was trained on, {made_on}")
     layers, have = rigsa.adapted_shapes(mcfg), AF.shapes(spec)
     if method["lora"]:   # lora_A (r, in) and lora_B (out, r) of every adapted layer
         have = {qlora.own_name(k): s for k, s in have.items()}
@@ -73,27 +73,38 @@ def check_fits(spec, acfg, ameta, mcfg, path, base, four_bit=False):
     else:   # a mask of ceil(entries / 8) bytes for every adapted layer, whatever its density
         have = {k: s for k, s in have.items() if k.endswith(".mask")}
         want = {f"{n}.mask": (-(-o * i // 8),) for n, (o, i) in layers.items()}
-    odd = sorted(set(have) ^ set(want)) or [k for k in want if have[k] != want[k]]
+    # a shape that differs says most (a model of other widths); else a layer one side lacks (other depths)
+    odd = [k for k in want if k in have and have[k] != want[k]] or sorted(set(have) ^ set(want))
     if odd:
         k = odd[0]
+        n = k.removesuffix(".mask").removesuffix(".weight").removesuffix(".lora_A").removesuffix(".lora_B")
         if k in have and k in want and not method["lora"]:   # the packed mask's bytes: ceil(entries / 8)
-            n = k.removesuffix(".mask")
             why = (f"its mask of {n} is for a layer of about {8 * have[k][0]:,} entries, and this base's has "
                    f"{math.prod(layers[n]):,}")
         elif k in have and k in want:
             why = f"{k} has shape {have[k]}, and this base's layer needs {want[k]}"
         else:
-            why = f"{k} is {'not a layer of this base' if k in have else 'missing'}"
-        fix = ("the file is damaged or edited: use the one its run wrote" if AF.same_base(ameta.get("base") or {}, base)
-               else f"it was made on a model of other shapes: use it with its base, {made_on}")
+            why = (f"it adapts a layer {n} this base lacks" if k in have else
+                   f"it has no adapter for this base's layer {n}")
+        if AF.same_base(ameta.get("base") or {}, base):
+            fix = "the file is damaged or edited: use the one its run wrote"
+        elif made_on == base["model"]:   # an older file, which records no base: which one it is cannot be told
+            fix = "the file is damaged or edited, or was made on a model of other shapes"
+        else:
+            fix = f"it was made on a model of other shapes: use it with its base, {made_on}"
         raise ValueError(f"--adapter {spec}: does not fit the base model {base['model']} ({why}); {fix}")
     try:
         rec = AF.merge_record(Path(path) / "rigsa-merge.json") if (Path(path) / "rigsa-merge.json").is_file() else {}
     except ValueError:   # a damaged record: merge_dtype says so where it matters
         rec = {}
-    mine = str(AF.adapter_path(spec))
-    if rec.get("adapter_sha256") and rec["adapter_sha256"] == ameta.get("tensors_sha256") or \
-            os.path.isabs(rec.get("adapter") or "") and os.path.realpath(rec["adapter"]) == os.path.realpath(mine):
+    # the merge's record names the adapter by its checksum; one written before it did, by its absolute path
+    sha, where = rec.get("adapter_sha256"), rec.get("adapter")
+    if sha:
+        twice = sha == ameta.get("tensors_sha256")
+    else:
+        twice = (isinstance(where, str) and os.path.isabs(where)
+                 and os.path.realpath(where) == os.path.realpath(AF.adapter_path(spec)))
+    if twice:
         raise ValueError(f"--adapter {spec}: {path} is a merge of this very adapter (its rigsa-merge.json), so it "
                          f"would add its delta twice; use the base it was made on, {made_on}")
 
@@ -154,8 +165,8 @@ def merge(adapter, out, base=None, dtype="float32", revision=None, allow_lossy=F
         raise ValueError(f"--dtype {dtype}: the cast loses {frac:.2%} of sum|{what}| (more than 1%); merge in "
                          f"float32 (the default), or pass --allow-lossy to write it anyway")
     AF.write_merged(out, src, model, getattr(torch, dtype),
-                    {"adapter": str(AF.adapter_path(adapter)), "adapter_sha256": meta.get("tensors_sha256"), "base": ident,
-                     "adapter_base": meta["base"], "base_check": verdict, "dtype": dtype})
+                    {"adapter": str(AF.adapter_path(adapter)), "adapter_sha256": meta.get("tensors_sha256"),
+                     "base": ident, "adapter_base": meta["base"], "base_check": verdict, "dtype": dtype})
     print(f"merged {adapter} into {out} ({dtype}); the cast lost {frac:.2%} of sum|{what}|")
     return out
 

@@ -699,7 +699,8 @@ def evaluate(run, it):
         part = util.shard(len(x))
         _, preds = mnist_accuracy(model, run.tok, x[part], y[part], batch_size=cfg.eval_batch)
         preds = torch.tensor(util.gather(preds.tolist()), dtype=torch.long)
-        res[f"{split}_acc"] = (preds == y.long()).float().mean().item() if len(preds) else float("nan")
+        # exact (correct / images, as evals/run.py writes it), not a float32 mean's 0.7200000286
+        res[f"{split}_acc"] = (preds == y.long()).sum().item() / len(preds) if len(preds) else float("nan")
         res[f"{split}_images"] = len(y)   # what the accuracy is over: its interval's N (reproduce.py)
     if layers:
         res["density"], res["layer_density"] = density_report(layers)

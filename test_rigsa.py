@@ -43,6 +43,39 @@ def tiny_cfg(tiny_dir, tmp, **kw):
     return rigsa.Config(**base)
 
 
+def test_an_iteration_no_longer_than_its_warmup_is_said(tiny_dir, tmp_path, capsys):
+    # get_lr's warmup step w - 1 trains at the peak: an iteration of w steps reaches it and does not decay, a shorter
+    # one never reaches it; each is said once, as it is, and a longer one says nothing
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=12, n_test=4, size=8)
+    for steps, note in ((2, "= warmup 2: the lr reaches its peak only at the last step and does not decay"),
+                        (1, "< warmup 2: the lr never reaches its peak and does not decay"), (3, None)):
+        with one_thread():
+            rigsa.train(tiny_cfg(tiny_dir, tmp_path, out=str(tmp_path / f"r{steps}"), steps=steps, warmup=2, iters=1))
+        err = capsys.readouterr().err
+        assert [x for x in err.splitlines() if "per iteration" in x] == ([f"note: {steps} steps per iteration {note}"]
+                                                                          if note else []), err
+
+
+def test_steps_past_an_iteration_are_said(capsys):
+    # --steps only shortens an iteration: one longer than its epochs' steps trains those, while config.json
+    # (and reproduce.py's "Made by") record the number typed
+    rundir.check_steps(rigsa.Config(steps=1000), None, steps=25, left=25)
+    assert capsys.readouterr().err == ("note: --steps 1000: an iteration (its epochs of the training split) is 25 steps, "
+                                       "which it trains; --steps only shortens one\n")
+    for n in (25, 0):   # one that acts, or none given
+        rundir.check_steps(rigsa.Config(steps=n), None, steps=25, left=25)
+    assert capsys.readouterr().err == ""
+
+
+def test_an_iterations_accuracy_is_logged_exactly(monkeypatch):
+    # 2 of 5 right is 0.4, as evals/run.py writes it, not a float32 mean's 0.4000000059604645
+    monkeypatch.setattr(rigsa, "mnist_accuracy", lambda model, tok, x, y, batch_size: (None, torch.tensor([1, 2, 0, 0, 0])))
+    run = type("Run", (), dict(cfg=rigsa.Config(), model=nn.Linear(2, 2), layers={}, tok=None,
+                               data={"test": (torch.zeros(5, 8, 8), torch.tensor([1, 2, 3, 4, 5]))}))
+    res = rigsa.evaluate(run, 1)
+    assert res["test_acc"] == 0.4 and res["test_images"] == 5, res
+
+
 def test_get_lr_endpoints():
     lr = lambda s: rigsa.get_lr(s, 100, 10, 2e-3)
     assert lr(0) == pytest.approx(2e-4) and lr(9) == pytest.approx(2e-3) and lr(10) == pytest.approx(2e-3)

@@ -408,7 +408,8 @@ def parse_args(argv):
                     help=f"hub id or local directory (default: the adapter's recorded base, else {M.DEFAULT_MODEL})")
     ap.add_argument("--revision", default=None,
                     help="hub revision of --model (default: the adapter's recorded one for its base, else the latest)")
-    ap.add_argument("--adapter", default=None, help="an adapter rigsa.py train wrote (RUN/iterK, any method), installed in memory")
+    ap.add_argument("--adapter", default=None,
+                    help="an adapter rigsa.py train wrote (RUN/iterK, any method), installed in memory")
     ap.add_argument("--quantize", default=None, choices=["nf4"], help="NF4 base weights (the QLoRA baseline)")
     ap.add_argument("--allow-other-base", action="store_true",
                     help="apply --adapter to a base other than the one it was trained on (said, and recorded in "

@@ -1,8 +1,8 @@
 """
 lib/: the machinery that serves rigsa.py, one job per module. With model.py and qlora.py it forms the
 layer below the method: none of them imports rigsa.py, cli.py, reproduce.py or evals/ (tests/test_house.py);
-within the layer, model.py uses util and interrupts, qlora.py model.py and util, and the modules that need the base
-model or the 4-bit layers use model.py and qlora.py.
+within the layer, model.py uses util and interrupts; qlora.py uses model.py and util; the modules that need
+the base model or the 4-bit layers use model.py and qlora.py.
 
   sparse          the arithmetic of dW held at its free entries (positions, m * dW, W0 + alpha m dW) and
                   the gated layer's product from that storage (GatedDelta)

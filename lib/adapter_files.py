@@ -198,6 +198,10 @@ def read(spec, tensors=True):
         raise ValueError(f"{p}: its tensors do not match the checksum written with them (changed since: a damaged "
                          f"copy or disk); copy it again from where its run wrote it, or train it again (an edit on purpose: "
                          f"save it with lib/adapter_files.write, which records its checksum)")
+    bad = next((k for k, v in (t or {}).items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:   # before any long work: merge would write a model of NaNs, evaluation score nothing
+        raise ValueError(f"{p}: its tensor {bad} is not finite (NaN or inf: a diverged training, or a damaged file); "
+                         f"use an earlier iteration's adapter, or train it again")
     try:
         config = json.loads(meta["config"])
         meta = {**meta, "base": json.loads(meta["base"]) if "base" in meta else None}
@@ -249,8 +253,8 @@ def check_base(recorded, have, what, allow=False):
     allow (--allow-other-base), which is said. -> what the outputs record: "same", "other (allowed)"
     or "unrecorded" (a file from an older version, said)."""
     if not recorded or not recorded.get("fingerprint"):
-        util.say(f"warning: {what}: records no base identity (an older version wrote it), so whether it fits "
-                 f"{have['model']} is not checked", file=sys.stderr)
+        util.say(f"warning: {what}: records no base identity (an older version wrote it), so whether it was made "
+                 f"on {have['model']} is not checked", file=sys.stderr)
         return "unrecorded"
     if same_base(recorded, have):
         return "same"
@@ -282,9 +286,9 @@ def merge_adapters(model, dtype=None):
     lost, total = 0.0, 0.0
     for name, parent, cname, child in util.progress(todo, desc="merge", unit="layer"):   # 168 of them at 1.7B
         d = child.delta_weight()                               # (out, in) float32
-        if not torch.isfinite(d).all():   # training saves none such: an edited, damaged or foreign file
+        if not torch.isfinite(d).all():   # finite tensors (read checks them) whose product overflows float32
             raise ValueError(f"the adapter's delta of {name} is not finite (NaN or inf), so the merged model would "
-                             f"not be either; nothing was written: pass an adapter its run wrote")
+                             f"not be either; nothing was written")
         w0 = child.weight.float()
         w = (w0 + d).to(dtype or child.weight.dtype)
         lost += ((w.float() - w0) - d).abs().sum().item()
@@ -384,11 +388,12 @@ def write_merged(out, src, model, dtype, record):
                 if out.exists():
                     out.rmdir()           # empty (checked before)
                 os.replace(tmp, out)
-            except OSError as e:   # ENOTEMPTY, EEXIST: another process wrote it since the check
-                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            except OSError as e:   # another process made it since the check: a folder with files, a file or a link
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
                     raise
-                raise FileExistsError(f"--out {out}: another process wrote it during this merge; it holds that "
-                                      f"process's files and none of this merge's; name a new folder") from None
+                raise FileExistsError(f"--out {out}: another process wrote it during this merge; what is there is "
+                                      f"that process's, and nothing of this merge's was kept; name a new "
+                                      f"folder") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -399,6 +399,9 @@ def check_steps(cfg, given, steps, left):
     if cfg.batch_size < util.world()[1]:
         raise ValueError(f"--batch-size {cfg.batch_size}: fewer sequences than the {util.world()[1]} processes; "
                          f"use at least one per process")
+    if cfg.steps > steps:   # it only shortens an iteration: what config.json records is not what ran, so say it
+        util.say(f"note: --steps {cfg.steps}: an iteration (its epochs of the training split) is {steps} steps, "
+                 f"which it trains; --steps only shortens one", file=sys.stderr)
 
 
 def continue_command(out):
@@ -459,10 +462,12 @@ def begin(run, started, hashes, resume=None):
     util.say(f"{cfg.method}: {len(run.layers) or 'LoRA on the'} adapted layers, {n_trainable:,} trainable tensor "
              f"entries" + (f"; {ranks} processes, {cfg.batch_size // ranks}-{-(-cfg.batch_size // ranks)} sequences "
                            f"each a step" if ranks > 1 else ""))
-    if run.steps <= cfg.warmup:   # get_lr: the warmup's last step, warmup - 1, is the one at the peak
-        util.say(f"note: {run.steps} steps per iteration {'=' if run.steps == cfg.warmup else '<'} warmup {cfg.warmup}: "
-                 f"the lr {'reaches its peak only at the last step' if run.steps == cfg.warmup else 'never reaches its peak'}"
-                 f" and does not decay", file=sys.stderr)
+    if run.steps == cfg.warmup:   # get_lr: the warmup's last step, warmup - 1, is the one at the peak
+        util.say(f"note: {run.steps} steps per iteration = warmup {cfg.warmup}: the lr reaches its peak only at the "
+                 f"last step and does not decay", file=sys.stderr)
+    elif run.steps < cfg.warmup:
+        util.say(f"note: {run.steps} steps per iteration < warmup {cfg.warmup}: the lr never reaches its peak and "
+                 f"does not decay", file=sys.stderr)
     if resume is not None:
         run.start_iter, run.start_step, run.log, run.resume = resume["iteration"], resume["step"], resume["log"], resume
         set_rng_states(resume["rng"], run.device)

@@ -2,6 +2,7 @@
 not one of our results) is refused; a command deletes only what it wrote itself; one process writes
 a run directory at a time; temporary files go on every way out, SIGTERM included; new files and
 folders get the modes the user's umask says."""
+import dataclasses
 import json
 import os
 import re
@@ -206,21 +207,27 @@ def evals(world, *flags):
     return e.value.code
 
 
-def lora_adapter(model, path, rank=2):
-    """An untrained LoRA adapter file of `model` (B = 0: the shapes are what count here)."""
+def lora_adapter(model, path, rank=2, peft=False):
+    """An untrained LoRA adapter file of `model` (B = 0: the shapes are what count here); peft: its tensors
+    named as PEFT names them ('base_model.model.' and '.default')."""
     net, _ = cli.M.load(str(model))
     cli.qlora.apply_lora(net, rank, 8)
-    rigsa.save_adapter(net, str(path), rigsa.Config(method="lora", model=str(model), rank=rank, lora_alpha=8))
+    t = cli.qlora.lora_state_dict(net)
+    if peft:
+        t = {cli.qlora.PEFT_PREFIX + k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+             for k, v in t.items()}
+    AF.write(path, t, dataclasses.asdict(rigsa.Config(method="lora", model=str(model), rank=rank, lora_alpha=8)))
     return path.with_suffix("")
 
 
-@pytest.mark.parametrize("method", ["rigsa", "lora"])
+@pytest.mark.parametrize("method", ["rigsa", "lora", "lora, PEFT's names"])
 def test_an_adapter_of_other_shapes_is_refused_before_the_base_loads(world, tmp_path, monkeypatch, method):
     # with --allow-other-base (or an adapter that records no base) the layers' shapes were compared only once
     # the base had loaded (and, for QLoRA, been quantized): minutes at 1.7B. The adapter's header and the
     # base's config.json tell them before
     other = tiny.write_tiny_checkpoint(tmp_path / "mha", shape="mha", seed=1)
-    adapter = world / "run" / "iter2" if method == "rigsa" else lora_adapter(world / "model", tmp_path / "l.safetensors")
+    adapter = (world / "run" / "iter2" if method == "rigsa" else
+               lora_adapter(world / "model", tmp_path / "l.safetensors", peft="PEFT" in method))
     monkeypatch.setattr(cli.M, "load", no_load)   # evals' qlora.load_model goes through it too
     why = ("its mask of model.layers.0.self_attn.k_proj is for a layer of about 2,048 entries, and this base's has 4,096"
            if method == "rigsa" else "model.layers.0.self_attn.k_proj.lora_B.weight has shape (32, 2), and this base's "
@@ -232,6 +239,29 @@ def test_an_adapter_of_other_shapes_is_refused_before_the_base_loads(world, tmp_
     assert re.fullmatch(want, str(e.value)), e.value
     assert re.fullmatch("error: " + want, evals(world, "--model", other, "--adapter", adapter, "--allow-other-base"))
     assert not (tmp_path / "merged").exists()
+    if method != "rigsa":   # and on its own base, the PEFT names are read as lora_state_dict's: it fits
+        _, meta, cfg = rigsa.read_adapter(adapter, tensors=False)
+        mcfg = cli.M.check_checkpoint(world / "model")[0]
+        cli.check_fits(adapter, cfg, meta, mcfg, world / "model", {"model": str(world / "model")})
+
+
+def test_an_adapter_that_does_not_fit_its_own_base_is_said_to_be_damaged(world, tmp_path, monkeypatch):
+    # the shapes differ on the very base it records: not a model of other shapes, but a damaged or edited file
+    t, meta, config = AF.read(world / "run" / "iter2")
+    n = "model.layers.1.mlp.down_proj"
+    t[n + ".mask"] = t[n + ".mask"][:-1]
+    monkeypatch.setattr(cli.M, "load", no_load)
+    for name, extra in (("edited", {"base": meta["base"]}), ("older", {})):   # older: it records no base
+        AF.write(tmp_path / f"{name}.safetensors", t, config, extra)
+        fix = ("the file is damaged or edited: use the one its run wrote" if name == "edited" else
+               "the file is damaged or edited, or was made on a model of other shapes")
+        assert evals(world, "--adapter", tmp_path / name) == (
+            f"error: --adapter {tmp_path / name}: does not fit the base model {world / 'model'} (its mask of {n} is "
+            f"for a layer of about 8,184 entries, and this base's has 8,192); {fix}")
+    del t[n + ".mask"], t[n + ".delta"], t[n + ".alpha"]
+    AF.write(tmp_path / "fewer.safetensors", t, config, {"base": meta["base"]})
+    with pytest.raises(ValueError, match=re.escape(f"(it has no adapter for this base's layer {n}); the file is damaged")):
+        cli.merge(tmp_path / "fewer", tmp_path / "merged")
 
 
 def test_a_rank_above_a_layers_width_is_refused_before_the_base_loads(world, tmp_path, monkeypatch):
@@ -257,30 +287,49 @@ def test_an_adapter_of_unquantized_weights_on_a_4bit_checkpoint_is_refused_befor
     adapter = world / "run" / "iter2"
     assert evals(world, "--model", q, "--adapter", adapter, "--allow-other-base") == (
         f"error: --adapter {adapter}: a rigsa adapter adds to the unquantized weights, and {q} is a 4-bit checkpoint; "
-        f"pass the checkpoint it was quantized from ({world / 'model'}, its run's)")
+        f"pass an unquantized base: the one it was trained on, {world / 'model'}")
     with pytest.raises(ValueError, match=r"4bit: a bitsandbytes 4-bit checkpoint"):
         cli.merge(adapter, tmp_path / "merged", base=str(q), allow_other_base=True)
     assert "applied anyway" not in capsys.readouterr().err
 
 
-def test_a_merge_of_a_non_finite_adapter_writes_nothing(world, tmp_path):
-    # training never saves one; an edited or foreign file did reach merge, which wrote a NaN model and said "lost nan%"
+def test_a_non_finite_adapter_is_refused_before_the_base_loads(world, tmp_path, monkeypatch):
+    # merge wrote a model of NaNs and said "the cast lost nan%"; evaluation refused only after the load and a forward
     t, meta, config = AF.read(world / "run" / "iter2")
     k = next(k for k in sorted(t) if k.endswith(".delta"))
     t[k][0] = float("nan")
     AF.write(tmp_path / "nan.safetensors", t, config, {"base": meta["base"]})
-    with pytest.raises(ValueError, match=rf"^the adapter's delta of {re.escape(k[:-6])} is not finite \(NaN or inf\)"):
+    monkeypatch.setattr(cli.M, "load", no_load)
+    want = (f"{tmp_path / 'nan.safetensors'}: its tensor {k} is not finite (NaN or inf: a diverged training, or a "
+            f"damaged file); use an earlier iteration's adapter, or train it again")
+    with pytest.raises(ValueError) as e:
         cli.merge(tmp_path / "nan", tmp_path / "merged")
+    assert str(e.value) == want
+    assert evals(world, "--adapter", tmp_path / "nan") == "error: --adapter: " + want
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"]   # no temporary folder either
+    monkeypatch.undo()   # finite tensors whose delta overflows float32: the merge itself refuses it
+    net, _ = cli.M.load(str(world / "model"))
+    L = rigsa.install_adapters(net, rigsa.Config())["model.layers.0.mlp.up_proj"]
+    L.alpha.data.fill_(3e38)
+    L.delta.data.fill_(10.0)
+    with pytest.raises(ValueError, match=r"^the adapter's delta of model.layers.0.mlp.up_proj is not finite"):
+        AF.merge_adapters(net)
 
 
 def test_an_adapter_on_its_own_merge_is_refused(world, tmp_path, capsys):
     # --allow-other-base ("it is the same base") on a merge of this very adapter would add its delta twice
     merged = cli.merge(world / "run" / "iter2", tmp_path / "merged")
     shutil.copy(world / "run" / "iter2.safetensors", tmp_path / "copy.safetensors")
+    rec = json.loads((merged / "rigsa-merge.json").read_text())
+    # another adapter since written at its path (a run trained again) is not it: the checksum decides
+    t, meta, config = AF.read(world / "run" / "iter2")
+    AF.write(tmp_path / "again.safetensors", {k: v * 2 if k.endswith(".delta") else v for k, v in t.items()}, config,
+             {"base": meta["base"]})
+    (merged / "rigsa-merge.json").write_text(json.dumps({**rec, "adapter": str(tmp_path / "again.safetensors")}))
+    _, ameta, acfg = rigsa.read_adapter(tmp_path / "again", tensors=False)
+    cli.check_fits(tmp_path / "again", acfg, ameta, cli.M.check_checkpoint(merged)[0], merged, {"model": str(merged)})
     for adapter in (tmp_path / "copy", world / "run" / "iter2"):   # its checksum; then, in a record from before
         if adapter == world / "run" / "iter2":                       # adapter_sha256, its path (absolute)
-            rec = json.loads((merged / "rigsa-merge.json").read_text())
             (merged / "rigsa-merge.json").write_text(json.dumps({**rec, "adapter_sha256": None}))
         want = (f"--adapter {adapter}: {merged} is a merge of this very adapter (its rigsa-merge.json), so it would "
                 f"add its delta twice; use the base it was made on, {world / 'model'}")
@@ -298,8 +347,18 @@ def test_a_merge_whose_out_another_process_wrote_meanwhile_keeps_nothing(world, 
         out.mkdir()
         (out / "theirs").write_text("x")
     monkeypatch.setattr(AF.M, "save_checkpoint", and_another)
+    def a_file(*a, **kw):   # or makes it a file
+        save(*a, **kw)
+        out.write_text("theirs")
+    monkeypatch.setattr(AF.M, "save_checkpoint", a_file)
+    with pytest.raises(FileExistsError, match="another process wrote it"):
+        cli.merge(world / "run" / "iter2", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"] and out.read_text() == "theirs"
+    out.unlink()
+    monkeypatch.setattr(AF.M, "save_checkpoint", and_another)
     with pytest.raises(FileExistsError, match=rf"^--out {re.escape(str(out))}: another process wrote it during this "
-                                              r"merge; it holds that process's files and none of this merge's"):
+                                              r"merge; what is there is that process's, and nothing of this "
+                                              r"merge's was kept"):
         cli.merge(world / "run" / "iter2", out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"] and os.listdir(out) == ["theirs"]
 

@@ -77,7 +77,7 @@ def check_fits(spec, acfg, ameta, mcfg, path, base, four_bit=False):
     odd = [k for k in want if k in have and have[k] != want[k]] or sorted(set(have) ^ set(want))
     if odd:
         k = odd[0]
-        n = k.removesuffix(".mask").removesuffix(".weight").removesuffix(".lora_A").removesuffix(".lora_B")
+        n = k.rsplit(".", 2 if method["lora"] else 1)[0]   # the layer: without .lora_A.weight, or .mask
         if k in have and k in want and not method["lora"]:   # the packed mask's bytes: ceil(entries / 8)
             why = (f"its mask of {n} is for a layer of about {8 * have[k][0]:,} entries, and this base's has "
                    f"{math.prod(layers[n]):,}")

@@ -726,8 +726,7 @@ def read_adapter(spec, tensors=True):
 
 def save_adapter(model, path, cfg, extra=None):
     """Write the trained adapter, with its config and `extra` (adapter_files.write)."""
-    AF.write(path, AF.tensors_of(adapters(model), qlora.lora_state_dict(model)),
-                      dataclasses.asdict(cfg), extra)
+    AF.write(path, AF.tensors_of(adapters(model), qlora.lora_state_dict(model)), dataclasses.asdict(cfg), extra)
 
 
 def save_iteration(run, it, res):

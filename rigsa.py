@@ -590,6 +590,13 @@ def setup(cfg, resume=None, given=None):
     # data (§4.2): encoded on the fly, 16 prompts per step cost nothing next to the model; read (and
     # fetched) before the base, whose download is gigabytes: a bad data file is said first
     data, hashes = util.rank_zero_first(lambda: mnist.run_splits(cfg))
+    # the schedule's length (§4.4: epochs of the training split, or --steps), and the flags it would leave idle,
+    # said before the base's download
+    epochs = cfg.lora_epochs if lora else cfg.epochs
+    steps = math.ceil(len(data["train"][0]) * epochs / cfg.batch_size)
+    steps = min(steps, cfg.steps) if cfg.steps else steps
+    left = (n_iters(cfg) - (resume or {}).get("iteration", 1) + 1) * steps - (resume or {}).get("step", 0)
+    rundir.check_steps(cfg, given, steps, left)
     # the base's files (one hub commit, resumed on) and --dtype resolved (auto: bfloat16 where the device
     # computes it natively), checked against --resume's run and --mask-like's adapter: rundir.start
     base, ident, dtype, started, checks = rundir.start(cfg, device, mask_like, resumes=resume is not None)
@@ -613,12 +620,6 @@ def setup(cfg, resume=None, given=None):
     if cfg.resume:   # the run continues on the data it started on (--data-dir may move, not change)
         rundir.check_data(out, mnist.mnist_dir(cfg.data_dir), started.get("data") or {}, hashes)
 
-    # the schedule's length (§4.4: epochs of the training split, or --steps)
-    epochs = cfg.lora_epochs if lora else cfg.epochs
-    steps = math.ceil(len(data["train"][0]) * epochs / cfg.batch_size)
-    steps = min(steps, cfg.steps) if cfg.steps else steps
-    left = (n_iters(cfg) - (resume or {}).get("iteration", 1) + 1) * steps - (resume or {}).get("step", 0)
-    rundir.check_steps(cfg, given, steps, left)
     # qlora.load_model also reads pre-quantized bnb-4bit checkpoints (§5.3: Unsloth's)
     model, tok = (qlora.load_model if METHODS[cfg.method]["nf4"] else M.load)(base, device, dtype)
     # mixed precision, one recipe on CUDA and the CPU: bfloat16 weights and autocast, float32 master dW

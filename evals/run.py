@@ -217,19 +217,22 @@ def eval_mnist(data, model, tok, args, k):
     return {"acc": T.mean(accs), "acc_stderr": T.mean_stderr(accs)}, samples, bs, logged, 0
 
 
+def n_docs(task, data):
+    """The documents of the split --limit takes its first N of (load_data's layout)."""
+    return len(data) if task in ("piqa", "hellaswag") else len(data[1]) if task == "gsm8k" else len(data[0][1])
+
+
 def run_task(task, data, model, tok, args, info):
     """-> (the --output result, what lm-eval's files need: its metrics, document count and samples)."""
     k = shots_for(task, args)
     t0 = time.time()
     if task in ("piqa", "hellaswag"):
         metrics, samples, bs, logged, cut = eval_mc(task, data, model, tok, args)
-        n_all = len(data)
     elif task == "gsm8k":
         metrics, samples, bs, logged, cut = eval_gsm8k(data, model, tok, args, k)
-        n_all = len(data[1])
     else:
         metrics, samples, bs, logged, cut = eval_mnist(data, model, tok, args, k)
-        n_all = len(data[0][1])
+    n_all = n_docs(task, data)
     dt = time.time() - t0
     fewshot_seed = None if not k else T.GSM8K_SEED if task == "gsm8k" else SHOT_SEED if args.seed is None else args.seed
     result = {"task": task, "model": info["model"], "adapter": args.adapter, "dtype": info["dtype"],
@@ -414,7 +417,7 @@ def parse_args(argv):
     ap.add_argument("--allow-other-base", action="store_true",
                     help="apply --adapter to a base other than the one it was trained on (said, and recorded in "
                          "the results as base_check)")
-    ap.add_argument("--limit", type=util.number(int, 0), default=None, help="first N documents, as lm-eval --limit N (0: all)")
+    ap.add_argument("--limit", type=util.number(int, 0), default=None, help="first N documents, as lm-eval --limit N (0: all; more than a split has: all, with a note)")
     ap.add_argument("--batch-size", type=util.number(int, 1, auto=True), default="auto",
                     help="documents per batch, or 'auto' (default)")
     ap.add_argument("--num-fewshot", type=util.number(int, 0), default=None, help="default: gsm8k 5, others 0")
@@ -686,6 +689,10 @@ def evaluate(args):
             util.say(f"error: {task_error(t, e)}", file=sys.stderr)   # --task all: said now, the others still run
     if not data:
         raise ValueError("--task all: no task has its data (each said why above); fix those, then run again")
+    for t in data:   # lm-eval takes a --limit past a split's end as the whole split without a word; said here
+        if args.limit and args.limit > n_docs(t, data[t]):
+            util.say(f"note: --limit {args.limit}: {t} has {n_docs(t, data[t])} documents, so all of them are "
+                     f"evaluated (the results' \"docs\" says how many)", file=sys.stderr)
 
     path = util.rank_zero_first(lambda: M.resolve(name, revision, offline=args.offline))
     AF.check_not_adapter(path, name)

@@ -252,6 +252,8 @@ CASES = [
     ("rigsa", T("--val-frac", "0", "--no-eval-test"), 1, "--val-frac 0 with --no-eval-test"),
     ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--val-frac", "0.25", "--halt-after", "1000"), 1,
      "--halt-after 1000: the run has"),
+    ("rigsa", T("--model", "{w}/nomodel", "--data-dir", "{w}/data", "--val-frac", "0.25", "--halt-after", "1000"), 1,
+     "--halt-after 1000: the run has"),   # said before the base is looked for (at 1.7B, a download of gigabytes)
     ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--val-frac", "0.25", "--save-every", "500"), 1,
      "--save-every 500: an iteration is"),
     ("rigsa", T("--resume", "--out", "{w}/run", "--lr", "2e-3"), 1, "--lr 0.002 (saved: 0.02)"),

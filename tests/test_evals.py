@@ -578,13 +578,25 @@ def test_text_model_trainer(tmp_path):
     assert tok.decode(tok.encode("Question: 12")) == "Question: 12"
 
 
-def test_limit_0_is_every_document(tiny_dir, tmp_path):
+def test_limit_0_is_every_document_and_a_limit_past_the_end_is_said(tiny_dir, tmp_path, capsys):
     _write_data(tmp_path)
     out = tmp_path / "o.json"
-    R.main(["--task", "piqa", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-verify", "--offline",
-            "--limit", "0", "--output", str(out)])
+    n = len(T.load_piqa(T.ensure_files("piqa", tmp_path, download=False, verify=False)))
+    run = ["--task", "piqa", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-verify", "--offline",
+           "--output", str(out)]
+    R.main(run + ["--limit", "0"])
     r = json.loads(out.read_text())
-    assert r["limit"] is None and r["docs"] == len(T.load_piqa(T.ensure_files("piqa", tmp_path, download=False, verify=False)))
+    assert r["limit"] is None and r["docs"] == n
+    assert "note: --limit" not in capsys.readouterr().err
+    R.main(run + ["--limit", str(n + 1)])   # the whole split, as lm-eval does, and said before the model loads
+    r = json.loads(out.read_text())
+    assert r["limit"] == n + 1 and r["docs"] == n
+    err = capsys.readouterr().err
+    note = (f"note: --limit {n + 1}: piqa has {n} documents, so all of them are evaluated (the results' \"docs\" "
+            f"says how many)")
+    assert note in err and err.index(note) < err.index("model ")
+    R.main(run + ["--limit", str(n)])   # exactly the split: nothing to say
+    assert "note: --limit" not in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- data checked before it is scored

@@ -116,6 +116,45 @@ def test_quantizer_idx_and_split(tmp_path):
         mnist.load_mnist(tmp_path / "empty", "train", download=False)
 
 
+def test_idx_files_and_splits_are_checked_and_reproducible(tmp_path):
+    d = mnist.write_synthetic_mnist(tmp_path / "m", n_train=10, n_test=4, size=8)
+    for n in mnist.MNIST_FILES:   # no time in the gzip header: the same digits, the same bytes
+        assert (d / n).read_bytes()[4:8] == b"\0\0\0\0"
+    train = mnist.read_idx(d / "train-images-idx3-ubyte.gz", 2051)
+    with pytest.raises(ValueError, match=r"bad magic number \(expected 2049, an IDX label file\)"):
+        mnist.read_idx(d / "train-images-idx3-ubyte.gz", 2049)
+    e = mnist.write_synthetic_mnist(tmp_path / "e", n_train=4, n_test=4, size=8)   # test digits are other digits
+    assert not np.array_equal(mnist.read_idx(e / "t10k-images-idx3-ubyte.gz", 2051),
+                              mnist.read_idx(e / "train-images-idx3-ubyte.gz", 2051))
+    x, _ = mnist.load_mnist(d, "train", val_frac=0.5, verify=False)   # in the files' order
+    rows = [next(i for i in range(10) if np.array_equal(train[i], r.numpy())) for r in x]
+    assert rows == sorted(rows) and len(rows) == 5
+    mnist.write_idx(d / "t10k-images-idx3-ubyte.gz", np.zeros((4, 9, 9), np.uint8))
+    with pytest.raises(ValueError, match=r"the training digits are 8 x 8 pixels and the test digits 9 x 9"):
+        mnist.load_mnist_splits(d, ("train", "test"), verify=False)
+    mnist.write_idx(d / "t10k-images-idx3-ubyte.gz", np.zeros((3, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte.gz: \(3, 8, 8\) images do not match \(4,\) labels"):
+        mnist.load_mnist(d, "test", verify=False)
+    mnist.write_idx(d / "t10k-images-idx3-ubyte.gz", np.zeros((4, 8, 8), np.uint8))
+    mnist.write_idx(d / "t10k-labels-idx1-ubyte.gz", np.array([0, 9, 10, 1], np.uint8))
+    with pytest.raises(ValueError, match=r"t10k-labels-idx1-ubyte.gz: label 10 is not a digit"):
+        mnist.load_mnist(d, "test", verify=False)
+
+
+def test_a_test_split_alone_needs_only_the_test_files(tmp_path):
+    d = mnist.write_synthetic_mnist(tmp_path / "data" / "mnist", n_train=10, n_test=4, size=8)
+    for n in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (d / n).rename(tmp_path / n)
+    assert mnist.load_mnist(d, "test", verify=False)[0].shape == (4, 8, 8)
+    for n in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):   # and a run without the test split
+        (tmp_path / n).rename(d / n)                                          # hashes the files it has
+    for n in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (d / n).unlink()
+    data, hashes = mnist.run_splits(rigsa.Config(data_dir=str(tmp_path / "data"), eval_test=False, val_frac=0.5,
+                                                 verify=False, offline=True))
+    assert sorted(data) == ["train", "val"] and sorted(hashes) == ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+
+
 def test_digit_after_prefix_is_one_token(tiny_dir):
     _, tok = M.load(tiny_dir)
     ids = rigsa.digit_ids(tok)

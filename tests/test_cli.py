@@ -1,6 +1,7 @@
 """The command lines' bad-input matrix: every foreseeable fault gives one line that
 names the thing, `error: ...`, exit 1 (2 for usage), no traceback and no new file; Ctrl-C, SIGTERM
 and SIGKILL during training lose nothing. evals/run.py's own matrix is in tests/test_evals.py."""
+import dataclasses
 import json
 import os
 import shutil
@@ -202,6 +203,8 @@ CASES = [
     ("rigsa", ["merge", "--adapter", "{w}/run/iter2", "--out", "{w}/m5", "--model", "{mha}", "--allow-other-base"],
      1, "it was made on a model of other shapes"),
     ("rigsa", ["show", "--index", "999", "--data-dir", "{w}/data", "--no-verify"], 1, "--index 999"),
+    ("rigsa", ["show", "--index", "4", "--split", "test", "--data-dir", "{w}/data", "--no-verify"], 1,
+     "--index 4: outside the test split (0..3)"),   # one past the last image; the range it has
     ("rigsa", ["show", "--data-dir", "{w}/emptydata", "--offline"], 1, "MNIST: missing data files"),
     ("rigsa", ["demo", "--out", "{w}/notademo"], 1, "not a demo directory"),
     # model.py, reproduce.py
@@ -328,6 +331,25 @@ def test_bad_input_one_line_no_traceback_no_new_file(world, tool, argv, code, te
 
 def test_the_matrix_covers_sixty_cases():
     assert len(CASES) >= 60
+
+
+def test_a_config_made_in_python_is_checked_as_its_flags_are():
+    for kw, said in ((dict(offline="yes"), "--offline 'yes': not a bool"), (dict(model=3), "--model 3: not a str"),
+                     (dict(steps=True), "--steps True: not an int"), (dict(lr=True), "--lr True: not a float"),
+                     (dict(lr=-1.0), "--lr: -1.0 is out of range: expected a number > 0"),
+                     (dict(method="lora", keep=0.5), "--keep 0.5: --method lora does not use it (only rigsa, lt-sft do); "
+                                                     "drop it")):
+        with pytest.raises(ValueError) as e:
+            rigsa.check_config(rigsa.Config(**kw))
+        assert str(e.value) == said
+
+
+def test_a_flag_annotated_as_a_string_bool_is_a_switch():
+    @dataclasses.dataclass
+    class C:
+        on: "bool" = flags.field(False, "a switch")
+    ap = flags.add_flags(util.ArgumentParser(), C)
+    assert ap.parse_args(["--on"]).on is True and ap.parse_args(["--no-on"]).on is False
 
 
 def run_main(main, argv, capsys):
@@ -655,6 +677,18 @@ def test_a_demo_stopped_by_a_signal_ends_as_a_training_does(tmp_path, monkeypatc
     code, out, err = run_main(rigsa.main, ["demo", "--out", str(tmp_path / "d")], capsys)
     assert code == 143 and "demo done" not in out and not (tmp_path / "d" / "LOCK").exists()
 
+
+
+def test_a_second_sigterm_during_training_ends_as_sigterm(tmp_path, monkeypatch, capsys):
+    # training's own handler records both signals (rundir.STOP), and the second raises KeyboardInterrupt: the
+    # line and the exit code name the signal, not Ctrl-C's
+    def twice(cfg, given=None):
+        rundir.STOP.extend([signal.SIGTERM, signal.SIGTERM])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(rundir, "STOP", [])
+    monkeypatch.setattr(rigsa, "train", twice)
+    code, out, err = run_main(rigsa.main, ["train", "--device", "cpu", "--out", str(tmp_path / "r")], capsys)
+    assert code == 143 and err.startswith("SIGTERM: stopped; nothing was kept"), err
 
 @pytest.mark.parametrize("why,damaged", [("layer L has 5 dW values for a mask of 6 free entries", True),
                                          ("dW0 of L does not regenerate identically on this platform", False)])

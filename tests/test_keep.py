@@ -19,6 +19,7 @@ import cli
 import rigsa
 from lib import adapter_files as AF
 from lib import mnist
+from lib import util
 from lib import interrupts
 from lib import tiny
 from conftest import one_thread
@@ -262,6 +263,71 @@ def test_an_adapter_that_does_not_fit_its_own_base_is_said_to_be_damaged(world, 
     AF.write(tmp_path / "fewer.safetensors", t, config, {"base": meta["base"]})
     with pytest.raises(ValueError, match=re.escape(f"(it has no adapter for this base's layer {n}); the file is damaged")):
         cli.merge(tmp_path / "fewer", tmp_path / "merged")
+
+
+ODD = dict(vocab_size=32, hidden_size=36, num_attention_heads=2, num_key_value_heads=1, head_dim=18)   # odd widths
+
+
+def test_check_fits_judges_from_the_header_what_load_adapter_would(tmp_path, monkeypatch):
+    # a layer of 61 x 36 = 2,196 entries packs into ceil(2,196 / 8) = 275 bytes: a fit, not a layer of other size
+    mcfg = cli.M.SmolLM2Config(intermediate_size=61, num_hidden_layers=2, **ODD)
+    net = cli.M.Model(mcfg)
+    cfg = rigsa.Config(model="org/odd")
+    rigsa.install_adapters(net, cfg)
+    rigsa.save_adapter(net, tmp_path / "a.safetensors", cfg)
+    _, meta, acfg = rigsa.read_adapter(tmp_path / "a", tensors=False)
+    assert AF.shapes(tmp_path / "a")["model.layers.0.mlp.up_proj.mask"] == (275,)
+    (tmp_path / "merged").mkdir()
+    cli.check_fits(tmp_path / "a", acfg, meta, mcfg, tmp_path / "merged", {"model": "org/odd"})
+    # a damaged merge record says nothing here (merge_dtype says it where it matters); nor does an older record's
+    # relative path, which named a file from the folder the merge ran in, not from this one
+    (tmp_path / "merged" / "rigsa-merge.json").write_text("{oops")
+    cli.check_fits(tmp_path / "a", acfg, meta, mcfg, tmp_path / "merged", {"model": "org/odd"})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "merged" / "rigsa-merge.json").write_text(json.dumps({"adapter": "a.safetensors"}))
+    cli.check_fits(tmp_path / "a", acfg, meta, mcfg, tmp_path / "merged", {"model": "org/odd"})
+    # the base is named as the user did (a hub id), not by its snapshot's folder; the layer without .lora_A.weight
+    wide = cli.M.SmolLM2Config(intermediate_size=62, num_hidden_layers=2, **ODD)
+    with pytest.raises(ValueError, match=r"^--adapter \S+: does not fit the base model org/wide \(its mask of "
+                                         r"model.layers.0.mlp.gate_proj is for a layer of about 2,200 entries, and this base.s has 2,232\)"):
+        cli.check_fits(tmp_path / "a", acfg, meta, wide, tmp_path / "merged", {"model": "org/wide"})
+    one = cli.M.SmolLM2Config(intermediate_size=61, num_hidden_layers=1, **ODD)
+    net = cli.M.Model(mcfg)
+    cli.qlora.apply_lora(net, 2, 8)
+    AF.write(tmp_path / "l.safetensors", cli.qlora.lora_state_dict(net),
+             dataclasses.asdict(rigsa.Config(method="lora", model="org/odd", rank=2, lora_alpha=8)))
+    _, lmeta, lcfg = rigsa.read_adapter(tmp_path / "l", tensors=False)
+    with pytest.raises(ValueError, match=r"\(it adapts a layer model.layers.1.mlp.down_proj this base lacks\); it was "
+                                         r"made on a model of other shapes: use it with its base, org/odd$"):
+        cli.check_fits(tmp_path / "l", lcfg, lmeta, one, tmp_path / "merged", {"model": "org/one"})
+    # a record from before chat_template.jinja was fingerprinted, at the base's hub commit: the same base, so the
+    # file is what is wrong
+    old = {"model": "org/odd", "commit": "c" * 40, "fingerprint": "f" * 16}
+    have = {"model": "org/odd", "commit": "c" * 40, "fingerprint": "e" * 16, "without_template": "f" * 16}
+    with pytest.raises(ValueError, match=r"; the file is damaged or edited: use the one its run wrote$"):
+        cli.check_fits(tmp_path / "a", acfg, {**meta, "base": old}, wide, tmp_path / "merged", have)
+
+
+def test_an_adapter_of_unquantized_weights_into_a_4bit_model_is_refused(world, monkeypatch):
+    # what check_fits says from the header, load_adapter says again on a model quantized in this process
+    net, _ = cli.M.load(str(world / "model"))
+    monkeypatch.setattr(cli.qlora, "is_quantized", lambda m: True)
+    with pytest.raises(ValueError, match=r"iter2: a rigsa adapter adds to the unquantized weights, and this base is "
+                                         r"4-bit \(NF4\); drop --quantize$"):
+        cli.load_adapter(net, world / "run" / "iter2")
+
+def test_merge_out_a_link_and_a_sibling_of_the_base(world, tmp_path, monkeypatch):
+    # a link to an empty folder is refused (the merge would write through it); a folder whose name merely
+    # begins with the base's is not inside it
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    monkeypatch.setattr(cli.M, "load", no_load)
+    with pytest.raises(FileExistsError, match=r"^--out \S+link: is a link; name a new folder"):
+        cli.merge(world / "run" / "iter2", tmp_path / "link")
+    monkeypatch.undo()
+    src = shutil.copytree(world / "model", tmp_path / "m")
+    out = cli.merge(world / "run" / "iter2", tmp_path / "m-merged", base=str(src))
+    assert (out / "rigsa-merge.json").is_file() and not list(tmp_path.glob("empty/*"))
 
 
 def test_a_rank_above_a_layers_width_is_refused_before_the_base_loads(world, tmp_path, monkeypatch):
@@ -594,6 +660,24 @@ def test_demo_deletes_only_its_own_entries(tmp_path, monkeypatch, capsys):
     empty.mkdir()
     cli.demo(str(empty))
     assert sorted(os.listdir(empty)) == ["DEMO", "mnist", "tiny-model"]
+
+
+def test_demo_unlinks_a_linked_entry_and_waits_for_a_run_that_writes(tmp_path, monkeypatch):
+    out, mine = tmp_path / "demo", tmp_path / "mine"
+    out.mkdir()
+    (out / "DEMO").write_text("written by rigsa.py demo\n")
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    (out / "run").symlink_to(mine)
+    monkeypatch.setattr(rigsa, "train", lambda cfg: None)   # stopped: the demo ends there
+    assert cli.demo(str(out)) is None
+    assert not (out / "run").exists() and (mine / "notes.txt").read_text() == "the user's"
+    (out / "run").mkdir()
+    (out / "run" / "x").write_text("a run's")
+    with util.lock_dir(out / "run"):   # a run writing there (here, this process) is not the demo's to delete
+        with pytest.raises(FileExistsError, match="run"):
+            cli.demo(str(out))
+    assert (out / "run" / "x").read_text() == "a run's"
 
 # ---- one process writes a run directory at a time ----
 

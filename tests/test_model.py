@@ -560,3 +560,16 @@ def test_chat_prints_what_generate_gives_with_a_bar_over_its_tokens(tiny_dir, ca
     assert out == want + "\n" and stats["new_tokens"] > 0
     assert "generate: 100%" in err and f"{stats['new_tokens']}/{stats['new_tokens']}" in err and "tok" in err, err
     assert err.splitlines()[-1].startswith(f"[{stats['new_tokens']} tokens, ") and err.endswith(" tokens/s]\n"), err
+
+
+def test_tiny_checkpoints_are_seeded_with_unit_norms_and_head_dim_as_smollm2_writes_it(tmp_path):
+    cfg = M.SmolLM2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    a = tiny.random_state_dict(cfg, seed=3)
+    torch.rand(3)
+    b, c = tiny.random_state_dict(cfg, seed=3), tiny.random_state_dict(cfg, seed=4)
+    assert all(a[k].equal(b[k]) for k in a) and not a["model.embed_tokens.weight"].equal(c["model.embed_tokens.weight"])
+    assert all(v.eq(1).all() for k, v in a.items() if k.endswith("norm.weight"))
+    for shape, has in (("gqa", True), ("mha", False)):   # 135M/360M write head_dim; 1.7B does not
+        d = tiny.write_tiny_checkpoint(tmp_path / shape, shape=shape)
+        assert ("head_dim" in json.loads((d / "config.json").read_text())) == has

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lib import interrupts
 from lib import util
 
 
@@ -521,3 +522,28 @@ def test_the_code_version_moves_with_the_sources_only(tmp_path):
     assert util.code_hash(tree) == util.code_version()
     (tree / "lib" / "util.py").write_text((tree / "lib" / "util.py").read_text() + "\n# an edit\n")
     assert util.code_hash(tree) != util.code_version()
+
+
+@pytest.fixture
+def handlers():
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    interrupts.stop_as_interrupt(False)
+    for s, h in before.items():
+        signal.signal(s, h)
+
+
+def test_stop_as_interrupt_puts_back_what_it_found(handlers):
+    mine = lambda s, f: None  # noqa: E731
+    signal.signal(signal.SIGTERM, mine)
+    interrupts.stop_as_interrupt()
+    interrupts.stop_as_interrupt()   # twice: what it found the first time goes back, not its own handler
+    interrupts.stop_as_interrupt(False)
+    assert signal.getsignal(signal.SIGTERM) is mine
+    interrupts.early()   # early()'s line says "nothing was kept": once the work is done, the default instead
+    interrupts.stop_as_interrupt()
+    interrupts.stop_as_interrupt(False)
+    assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    interrupts.SIGNALS.append(signal.SIGTERM)   # an earlier command's signal is not this one's
+    interrupts.stop_as_interrupt()
+    assert interrupts.interrupted() == 0

@@ -97,6 +97,12 @@ def resumed(cfg, given, check=None):
         return cfg, None
     try:
         raw = json.loads((out / "config.json").read_text())
+        unknown = sorted(set(raw["config"]) - {f.name for f in dataclasses.fields(cfg)}) if isinstance(
+            raw["config"], dict) else []
+        if unknown:   # dropped, the run would go on under this version's defaults and config.json lose them
+            raise ValueError(f"{out / 'config.json'}: the run started with config keys this version of rigsa does "
+                             f"not know: {', '.join(unknown)} (another version's, or a field renamed since), which a "
+                             f"resume would drop and go on without; resume it with the code that started it")
         saved = dataclasses.asdict(config_from(raw["config"], out / "config.json", type(cfg), check))
     except FileNotFoundError:
         raise FileNotFoundError(f"{out / 'config.json'}: nothing to resume; drop --resume to start a run") from None

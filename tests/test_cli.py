@@ -98,6 +98,10 @@ def world(tmp_path_factory, tiny_dir, tiny_mha_dir):
     mnist.write_idx(w / "noimages" / "mnist" / "t10k-labels-idx1-ubyte.gz", np.zeros((0,), np.uint8))
     shutil.copytree(w / "run", w / "emptyresume")   # a resume.pt that torch reads, but not a run's
     torch.save({}, w / "emptyresume" / "resume.pt")
+    shutil.copytree(w / "halted", w / "renamedkey")   # started by a version whose Config named a field otherwise
+    c = json.loads((w / "renamedkey" / "config.json").read_text())
+    c["config"]["keep_frac"] = c["config"].pop("keep")
+    (w / "renamedkey" / "config.json").write_text(json.dumps(c))
     shutil.copytree(w / "run", w / "badlog")     # a complete run whose log was damaged
     (w / "badlog" / "metrics.jsonl").write_text("{oops\n")
     (w / "orphan").mkdir()                       # a run's files without its config.json: not a new run's to replace
@@ -272,6 +276,10 @@ CASES = [
     ("rigsa", T("--model", "{m}", "--data-dir", "{w}/data", "--val-frac", "0.01"), 1,
      "--val-frac 0.01 leaves the val split"),
     ("rigsa", T("--resume", "--out", "{w}/emptyresume"), 1, "resume.pt: not a resume checkpoint of rigsa.py train (it lacks"),
+    ("rigsa", T("--resume", "--out", "{w}/renamedkey"), 1,
+     "{w}/renamedkey/config.json: the run started with config keys this version of rigsa does not know: keep_frac "
+     "(another version's, or a field renamed since), which a resume would drop and go on without; resume it with the "
+     "code that started it"),
     ("rigsa", T("--resume", "--out", "{w}/badlog"), 1, "metrics.jsonl: the complete run's log is not readable"),
     ("rigsa", ["show", "--split", "val", "--data-dir", "{w}/data", "--no-verify"], 1, "outside the val split (it holds no images)"),
     ("rigsa", T("--lr", "inf"), 2, "--lr"),

@@ -244,7 +244,7 @@ def run_task(task, data, model, tok, args, info):
               "truncated": cut,   # documents longer than the model, left-truncated as lm-eval does
               "chat": args.chat, "quantize": info["quantize"], "device": str(next(model.parameters()).device),
               "machine": util.machine(next(model.parameters()).device), "torch": torch.__version__,   # the last bits'
-              "code": util.code_version(),   # rigsa's sources' sha256 (util.CODE): results of other code told apart
+              "code": util.code_version(),   # rigsa's sources' sha256 (util.code_files): results of other code told apart
               "protocol": "lm-evaluation-harness 0.4.x, " + ("--apply_chat_template" if args.chat else "plain text")}
     return result, {"task": task, "k": k, "n_all": n_all, "samples": logged, "batch_size": bs,
                     "results": {"name": task, "alias": task, "sample_len": len(samples), **lm_metrics(metrics)}}

@@ -886,14 +886,31 @@ def git_commit():
         return "unknown"
 
 
-CODE = ("rigsa.py", "model.py", "qlora.py", "cli.py", "lib/*.py", "evals/*.py")   # every source a number passes through
+# what is not code a number passes through: the tests, the benchmarks, the docs, downloads and runs, and
+# reproduce.py, which only orders the commands (a run records their code); hidden folders and environments
+NOT_CODE_DIRS = {"tests", "bench", "docs", "data", "runs", "__pycache__"}
+NOT_CODE_FILES = {"reproduce.py", "conftest.py"}
+
+
+def code_files(root):
+    """Every .py file under `root` a number may pass through: rigsa.py, model.py, qlora.py, cli.py,
+    lib/ and evals/, and a module a researcher adds beside them or in a folder of their own (a helper
+    rigsa.py imports changes the numbers as an edit of rigsa.py does), but not NOT_CODE_*, test_*.py,
+    or a folder that is hidden or a virtual environment."""
+    root, found = Path(root), []
+    for here, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not (d.startswith(".") or d in NOT_CODE_DIRS and Path(here) == root
+                                           or d == "__pycache__" or os.path.exists(os.path.join(here, d, "pyvenv.cfg")))]
+        found += [Path(here) / f for f in files if f.endswith(".py") and not f.startswith("test_")
+                  and not (f in NOT_CODE_FILES and Path(here) == root)]
+    return sorted(found)
 
 
 def code_hash(root):
-    """The sources under `root` that compute a number (CODE), as the first 12 hex digits of one sha256
-    over their paths and bytes."""
+    """The sources under `root` that compute a number (code_files), as the first 12 hex digits of one
+    sha256 over their paths and bytes."""
     h = hashlib.sha256()
-    for p in sorted(q for pattern in CODE for q in Path(root).glob(pattern)):
+    for p in code_files(root):
         h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:12]
 

@@ -513,12 +513,24 @@ def test_the_code_version_moves_with_the_sources_only(tmp_path):
     # recorded with every run and evaluation: a source edit is another version, a README's is not
     repo = Path(util.__file__).resolve().parent.parent
     tree = tmp_path / "tree"
-    for pattern in util.CODE + ("README.md",):
-        for p in repo.glob(pattern):
-            (tree / p.relative_to(repo)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(p, tree / p.relative_to(repo))
+    files = util.code_files(repo)
+    assert {p.relative_to(repo).as_posix() for p in files} >= {"rigsa.py", "model.py", "qlora.py", "cli.py",
+                                                               "lib/util.py", "evals/run.py", "evals/tasks.py"}
+    for p in files + [repo / "README.md"]:
+        (tree / p.relative_to(repo)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, tree / p.relative_to(repo))
     assert util.code_hash(tree) == util.code_version()   # as imported: this checkout's sources
     (tree / "README.md").write_text("edited")
+    for other in ("reproduce.py", "conftest.py", "test_mine.py", "lib/test_mine.py", "tests/x.py", "bench/x.py",
+                  "docs/x.py", "data/x.py", "runs/x/x.py", ".hidden/x.py", "venv/lib/x.py", "venv/pyvenv.cfg"):
+        (tree / other).parent.mkdir(parents=True, exist_ok=True)   # what no number passes through
+        (tree / other).write_text("x = 1\n")
+    assert util.code_hash(tree) == util.code_version()
+    for helper in ("criteria.py", "lib/ext/criteria.py", "mine/tests/x.py"):   # what rigsa.py may import
+        (tree / helper).parent.mkdir(parents=True, exist_ok=True)
+        (tree / helper).write_text("x = 1\n")
+        assert util.code_hash(tree) != util.code_version(), helper
+        (tree / helper).unlink()
     assert util.code_hash(tree) == util.code_version()
     (tree / "lib" / "util.py").write_text((tree / "lib" / "util.py").read_text() + "\n# an edit\n")
     assert util.code_hash(tree) != util.code_version()

@@ -25,8 +25,10 @@ with `rigsa.py train --resume`. Relative paths are the caller's; the steps run i
 TABLES.md's header says what made its numbers: per group of steps the base model, --limit, --steps,
 the machine (torch's kernels there set the last bits) and the version of rigsa's code (its sources'
 sha256) each output records, **mixed** where they differ. The code is no input: outputs of another
-version (made before a git pull) are kept when their inputs match, and said in a note. Before the first step, every data file the steps read is checked (its checksum, and its format as
-the step reads it) and a missing one downloaded (with --offline, every missing one is named in one
+version (made before a git pull) are kept when their inputs match, and said in a note; but a training
+whose config.json differs from this code's rigsa.Config in a setting its command does not type (an
+edited default) is made from other inputs (config_drift). Before the first step, every data file the
+steps read is checked (its checksum, and its format as the step reads it) and a missing one downloaded (with --offline, every missing one is named in one
 line), not found hours in by the step reading it.
 
 Seeds. The paper ran every training once and names that as its limitation (§5.2, §6). With
@@ -48,6 +50,7 @@ Written to OUT/ (the interval of each cell is defined in TABLES.md's header):
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -67,6 +70,7 @@ if __name__ == "__main__":   # a signal while torch loads (a second or two): one
 import model as M
 import rigsa
 from lib import adapter_files as AF
+from lib import flags as flags_mod
 from lib import mnist
 from lib import rundir
 from lib import util
@@ -271,6 +275,27 @@ def show(key, value, model):
     if key == "base model":
         return f"{model} (" + ", ".join(f"{k} {v}" for k, v in value.items() if v) + ")"
     return f"sha256 {value[:12]}" if "/" in key or key in ADAPTER_FLAGS else str(value)
+
+
+# a training's settings that change how it runs, not its numbers (or are checked as inputs already: the base, the dtype)
+RUN_ONLY = flags_mod.resumable(rigsa.Config) | {"verify_model", "revision", "dtype"}
+
+
+def config_drift(out, cmd):
+    """A kept training against this version of rigsa.Config, for each setting its command does not type
+    (a default edited since, or another version's): the first whose value in the run's config.json
+    differs, said with both; None if none (a key its config.json lacks: another version's run, noted as
+    that). The command's own flags are inputs already (Inputs.of)."""
+    try:
+        saved = json.loads((out / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None   # unreadable: the training step says so when it resumes
+    typed = {k.lstrip("-").replace("-", "_").removeprefix("no_") for k in flags(cmd)}
+    for f in dataclasses.fields(rigsa.Config):
+        now = json.loads(json.dumps(f.default))   # as config.json holds it (a tuple as a list)
+        if f.name not in typed | RUN_ONLY and f.name in saved and saved[f.name] != now:
+            return f"{f.name} (no flag of this command): {saved[f.name]!r} in its config.json, {now!r} in this code's Config"
+    return None
 
 
 def difference(rec, now, model, older=None):
@@ -921,6 +946,7 @@ def steps_of(a, again, older):
         if made:
             rec = read_record(out)
             why = difference(rec, inputs.of(cmd), a.model, inputs.older) if rec else None
+            why = why or (config_drift(out, cmd) if rec and train else None)   # seeds of other settings are not pooled
             if rec and not why and not train and rec.get("sha256") not in (None, util.file_hash(out, "sha256")):
                 why = (f"changed after this step made it: sha256 {str(rec['sha256'])[:12]}... then, "
                        f"{util.file_hash(out, 'sha256')[:12]}... now (edited, replaced or cut)")

@@ -331,6 +331,10 @@ def mutate(out, data, name):
         mnist.write_synthetic_mnist(data / "mnist", n_train=60, n_test=4, size=8, seed=1)
     elif name == "adapter":
         (out / "rigsa" / "iter1.safetensors").write_bytes(b"another adapter")
+    elif name == "a config default edited":   # trained when rigsa.Config's split_seed was 3: not to be pooled with
+        # this code's runs; what its command types (--steps: an input already) or what only changes how it runs, is no
+        (out / "rigsa" / "config.json").write_text(json.dumps({"config": {"steps": 7, "moments": "8bit", "split_seed": 3,
+                                                                          "device": "cuda"}}))
     elif name == "output edited":   # another task's result written over it by hand, or a file cut short
         write_eval(out / "evals" / "base-mnist-0shot.json", "acc", 0.9, 0.01)
     elif name == "output cut":
@@ -356,6 +360,8 @@ CHANGES = [
     ("test digits", [], "{out}/evals/base-mnist-0shot.json: made from other inputs than this command's "
      "(mnist/t10k-images-idx3-ubyte.gz: sha256 "),
     ("adapter", [], "{out}/evals/rigsa-iter1-piqa.json: made from other inputs than this command's (--adapter: sha256 "),
+    ("a config default edited", [], "{out}/rigsa: made from other inputs than this command's (split_seed (no flag of "
+     "this command): 3 in its config.json, 0 in this code's Config); use another --out, or pass --rerun-changed"),
     ("another run's adapter", [], "{out}/rigsa/iter1.safetensors: not the adapter this run's iteration 1 saved "),
     ("output edited", [], "{out}/evals/base-mnist-0shot.json: changed after this step made it: sha256 "),
     ("output cut", [], "{out}/evals/base-mnist-0shot.json: changed after this step made it: sha256 "),

@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -63,18 +64,37 @@ def main(argv=None):
     ap.add_argument("--data-dir", default=os.path.join(REPO, "data"), help="holds gsm8k/train.jsonl")
     ap.add_argument("--out", required=True, help="the checkpoint directory to write")
     ap.add_argument("--no-verify", action="store_true", help="skip the GSM8k files' checksums")
-    for k, v in asdict(TextModelConfig()).items():
-        ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    for k, v in asdict(TextModelConfig()).items():   # sizes and steps from 1; the seed, warmup and decay from 0
+        lo = 0 if k in ("seed", "warmup", "weight_decay") or type(v) is float else 1
+        ap.add_argument("--" + k.replace("_", "-"), type=util.number(type(v), lo, lo_open=k == "lr"), default=v)
     a = ap.parse_args(argv)
+    out = os.path.abspath(a.out)   # a new model's folder: another's is never written over, nor half-written
+    if os.path.lexists(out) and (os.path.islink(out) or not os.path.isdir(out) or os.listdir(out)):
+        sys.exit(f"error: --out {a.out}: {'is a file' if not os.path.isdir(out) or os.path.islink(out) else 'holds files'}"
+                 f"; this script writes a new model's folder: choose another --out, or move that one away")
     c = TextModelConfig(**{k: getattr(a, k) for k in asdict(TextModelConfig())})
     print(json.dumps(asdict(c)))
     torch.manual_seed(c.seed)
     train, test = T.load_gsm8k(T.ensure_files("gsm8k", a.data_dir, verify=not a.no_verify))
+    tmp = f"{out}.partial-{os.getpid()}"   # renamed to --out when complete; removed if the run stops before
+    try:
+        train_into(tmp, c, train, test)
+        os.replace(tmp, out)   # onto nothing, or onto the empty folder it was
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    # a look at what the written checkpoint generates: the first test question with lm-eval's 5 shots
+    model, tok = M.load(out, device="cpu", dtype=torch.float32)
+    shots = T.gsm8k_fewshot_indices(1, len(train))[0]
+    gen = M.generate(model, tok, [T.gsm8k_prompt(train, test[0], shots)], stop=T.GSM8K_UNTIL, progress_bar=False)[0]
+    print(f"test document 0 generates {gen!r}")
 
+
+def train_into(folder, c, train, test):
+    """The tokenizer, the model trained, its checkpoint and train_config.json, written into `folder`."""
     # the tokenizer: SmolLM2's pipeline (digits split, byte-level), trained on GSM8k's text
-    os.makedirs(a.out, exist_ok=True)
-    tiny.write_tokenizer(a.out, c.vocab_size, [d["question"] + "\n" + d["answer"] for d in train + test])
-    tok = M.load_tokenizer(a.out)
+    os.makedirs(folder)
+    tiny.write_tokenizer(folder, c.vocab_size, [d["question"] + "\n" + d["answer"] for d in train + test])
+    tok = M.load_tokenizer(folder)
     # the training text in lm-eval's few-shot format, shots joined by "\n\n" (evals/tasks.py)
     text = "".join(f"Question: {d['question']}\nAnswer: {d['answer']}\n\n" for d in train)
     ids = torch.tensor(tok.encode(text), dtype=torch.long)
@@ -107,14 +127,10 @@ def main(argv=None):
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         bar.update()
     bar.close()
-    M.save_checkpoint(a.out, M.hf_config(cfg), model.state_dict())   # bfloat16, as SmolLM2's own checkpoints
-    util.write_json(os.path.join(a.out, "train_config.json"),
+    M.save_checkpoint(folder, M.hf_config(cfg), model.state_dict())   # bfloat16, as SmolLM2's own checkpoints
+    util.write_json(os.path.join(folder, "train_config.json"),
                     {**asdict(c), "first_loss": losses[0], "final_loss": losses[-1], "seconds": round(time.time() - t0, 1)})
-    # a look at what the written checkpoint generates: the first test question with lm-eval's 5 shots
-    model, tok = M.load(a.out, device="cpu", dtype=torch.float32)
-    shots = T.gsm8k_fewshot_indices(1, len(train))[0]
-    out = M.generate(model, tok, [T.gsm8k_prompt(train, test[0], shots)], stop=T.GSM8K_UNTIL, progress_bar=False)[0]
-    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; test document 0 generates {out!r}")
+    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import random
 import re
 import shutil
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -567,15 +568,36 @@ def test_text_model_trainer(tmp_path):
     for name in ("train.jsonl", "test.jsonl"):
         (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "lm"
-    train_text_model.main(["--data-dir", str(tmp_path), "--out", str(out), "--no-verify", "--steps", "40",
-                           "--vocab-size", "300", "--hidden-size", "32", "--intermediate-size", "64",
-                           "--num-hidden-layers", "1", "--num-attention-heads", "2", "--num-key-value-heads", "1",
-                           "--batch-size", "4", "--seq-len", "64", "--warmup", "2", "--lr", "1e-2"])
+    out.mkdir()   # an empty folder is taken; one with files is not
+    argv = ["--data-dir", str(tmp_path), "--out", str(out), "--no-verify", "--steps", "40",
+            "--vocab-size", "300", "--hidden-size", "32", "--intermediate-size", "64",
+            "--num-hidden-layers", "1", "--num-attention-heads", "2", "--num-key-value-heads", "1",
+            "--batch-size", "4", "--seq-len", "64", "--warmup", "2", "--lr", "1e-2"]
+    train_text_model.main(argv)
     run = json.loads((out / "train_config.json").read_text())
     assert run["final_loss"] < run["first_loss"] - 2.0, run
     model, tok = M.load(str(out))
     assert model.config.hidden_size == 32 and model.config.num_key_value_heads == 1
     assert tok.decode(tok.encode("Question: 12")) == "Question: 12"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gsm8k", "lm"]   # nothing partial left beside it
+    before = {p: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit) as e:   # another model's folder (or this one) is never written over
+        train_text_model.main(argv)
+    assert e.value.code == (f"error: --out {out}: holds files; this script writes a new model's folder: choose "
+                            f"another --out, or move that one away")
+    assert {p: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(SystemExit) as e:
+        train_text_model.main(argv[:3] + [str(out / "config.json")] + argv[4:])
+    assert e.value.code.startswith(f"error: --out {out / 'config.json'}: is a file;")
+
+    def stop(*a, **k):   # a run stopped while it trains leaves no folder, half-written or not
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), mock.patch.object(train_text_model.torch.nn.utils, "clip_grad_norm_", stop):
+        train_text_model.main(argv[:3] + [str(tmp_path / "lm2")] + argv[4:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gsm8k", "lm"]
+    with pytest.raises(SystemExit) as e:
+        train_text_model.main(argv + ["--steps", "0"])
+    assert e.value.code == 2
 
 
 def test_limit_0_is_every_document_and_a_limit_past_the_end_is_said(tiny_dir, tmp_path, capsys):

@@ -11,7 +11,10 @@ ADAPTER  ?=
 OUT      ?= runs/rigsa
 PAPER    ?= runs/paper
 NPROC    ?= 1
-RUN      := $(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run --standalone --nproc-per-node=$(NPROC))
+# torchrun for NPROC > 1; a NPROC that is no count is said in one line by the targets that use it
+RUN       = $(if $(shell echo '$(NPROC)' | grep -Ex '[1-9][0-9]*'),,$(error NPROC=$(NPROC): the processes per machine, \
+            a whole number from 1 (1: no torchrun)))$(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run \
+            --standalone --nproc-per-node=$(NPROC))
 
 .PHONY: help test demo docs train eval paper plots chat bench bench-model bench-train bench-memory bench-layer bench-distributed device-check \
         bench-precision bench-checkpoint bench-evals-bf16 \
@@ -56,8 +59,9 @@ docs: .venv/.installed          ## docs/cli.md from every command's --help (a te
 train: .venv/.installed         ## the paper's run: RIGSA, ITERS IMP iterations on MODEL, into OUT (NPROC processes)
 	$(RUN) rigsa.py train --model $(MODEL) --iters $(ITERS) --out $(OUT)
 
-eval: .venv/.installed          ## evaluate MODEL (with ADAPTER if set) on TASK, lm-eval's protocol (NPROC processes)
-	$(RUN) evals/run.py --task $(TASK) --model $(MODEL) $(if $(ADAPTER),--adapter $(ADAPTER))
+eval: .venv/.installed          ## evaluate MODEL, or ADAPTER on its own base (on MODEL if given), on TASK, lm-eval's protocol (NPROC processes)
+	$(RUN) evals/run.py --task $(TASK) $(if $(and $(ADAPTER),$(filter file,$(origin MODEL))),,--model $(MODEL)) \
+	    $(if $(ADAPTER),--adapter $(ADAPTER))
 
 paper: .venv/.installed         ## from a fresh clone to the paper's tables and figures (PAPER/TABLES.md; days on one GPU)
 	PYTHONPATH=$(if $(wildcard .plots/.installed),.plots,) $(PY) reproduce.py --model $(MODEL) --out $(PAPER) --nproc $(NPROC)

@@ -113,3 +113,23 @@ for script in scripts:
     assert not bad, "\n".join(bad)
     for sh in ("gpu.sh", "device.sh"):
         assert subprocess.run(["bash", "-n", os.path.join(REPO, "bench", sh)]).returncode == 0, sh
+
+
+def test_make_eval_takes_the_adapters_own_base_and_a_bad_nproc_is_one_line():
+    # make's variables as a user types them (make -n: the commands, not run; -o: the environment taken as made)
+    import subprocess
+
+    def make(*args):
+        r = subprocess.run(["make", "-s", "-n", "-o", ".venv/.installed", *args], cwd=REPO, capture_output=True,
+                           text=True, timeout=60)
+        return r.returncode, " ".join(r.stdout.replace("\\\n", " ").split()), r.stderr.strip()
+    assert make("eval", "ADAPTER=runs/x/iter2")[1] == ".venv/bin/python evals/run.py --task all --adapter runs/x/iter2"
+    assert make("eval", "ADAPTER=runs/x/iter2", "MODEL=m")[1] == \
+        ".venv/bin/python evals/run.py --task all --model m --adapter runs/x/iter2"
+    assert make("eval")[1] == ".venv/bin/python evals/run.py --task all --model HuggingFaceTB/SmolLM2-1.7B-Instruct"
+    assert make("train", "NPROC=2")[1].startswith(".venv/bin/python -m torch.distributed.run --standalone "
+                                                  "--nproc-per-node=2 rigsa.py train")
+    for bad in ("0", "abc", ""):
+        code, out, err = make("eval", f"NPROC={bad}")
+        assert code != 0 and not out and err.endswith(f"NPROC={bad}: the processes per machine, a whole number from 1 "
+                                                      f"(1: no torchrun).  Stop."), err

@@ -4,6 +4,7 @@ help, its valid values and what it needs, so that one line is at once the flag, 
 its help text, the refusal of a value out of range and the record in config.json.
 
   field        a dataclass field with help, check (a util.number range), choices, needs = (when, why), resumable
+  fields       dataclasses.fields, each checked to be a `field`
   typed_by     which fields the user gave: typed on the command line, or (in Python) not at their default
   check        each field's own check on a config made in Python or read from a file (ValueError)
   refuse_idle  a flag the user typed that cannot act on this config (another method's; `needs` not met)
@@ -21,6 +22,17 @@ def field(default, help, check=None, choices=None, needs=None, resumable=False):
     runs, not what it computes)."""
     return dataclasses.field(default=default, metadata={"help": help, "check": check, "choices": choices,
                                                         "needs": needs, "resumable": resumable})
+
+
+def fields(cls):
+    """dataclasses.fields(cls), each made by `field`: a plain one (a researcher's new `x: float = 0.0`)
+    has no help, check or flag, and is said in one line naming it, not as a KeyError."""
+    fs = dataclasses.fields(cls)
+    for f in fs:
+        if "help" not in f.metadata:
+            raise TypeError(f"{cls.__name__}.{f.name}: a plain dataclass field; declare it with flags.field(default, "
+                            f"help) (rigsa.py's _f), which gives it its flag, help, check and record in config.json")
+    return fs
 
 
 def resumable(cls):
@@ -41,7 +53,7 @@ def flag(name):
 
 def check(cfg):
     """Each field's own check (its type, choices and range), as its flag's parser would. ValueError."""
-    for f in dataclasses.fields(cfg):
+    for f in fields(type(cfg)):
         v = getattr(cfg, f.name)
         if f.metadata["choices"] and v not in f.metadata["choices"]:
             raise ValueError(f"{flag(f.name)} {v!r}: not one of {', '.join(f.metadata['choices'])}")
@@ -58,7 +70,7 @@ def check(cfg):
 def refuse_idle(cfg, typed, users, method, method_flag):
     """A flag the user typed (typed(name)) that cannot act is refused: one that users(name), the
     methods using it ([] = every one), says `method` does not use, or whose `needs` do not hold."""
-    for f in dataclasses.fields(cfg):
+    for f in fields(type(cfg)):
         if not typed(f.name):
             continue
         v = getattr(cfg, f.name)
@@ -72,7 +84,7 @@ def refuse_idle(cfg, typed, users, method, method_flag):
 
 def add_flags(ap, cls):
     """One flag per field of dataclass `cls`, checked as it is parsed (its range or choices)."""
-    for f in dataclasses.fields(cls):
+    for f in fields(cls):
         check = f.metadata["check"]
         h = f"{f.metadata['help']} [default: {f.default}" + (f"; {check.want}]" if check else "]")
         if f.type in (bool, "bool"):

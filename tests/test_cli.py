@@ -360,6 +360,21 @@ def test_a_flag_annotated_as_a_string_bool_is_a_switch():
     assert ap.parse_args(["--on"]).on is True and ap.parse_args(["--no-on"]).on is False
 
 
+def test_a_plain_dataclass_field_is_named_not_a_key_error():
+    # a researcher's new `x: float = 0.0` beside the _f ones: every command said a bare KeyError: 'check'
+    @dataclasses.dataclass
+    class C:
+        on: bool = flags.field(False, "a switch")
+        smoothing: float = 0.0
+    said = ("C.smoothing: a plain dataclass field; declare it with flags.field(default, help) (rigsa.py's _f), which "
+            "gives it its flag, help, check and record in config.json")
+    for use in (lambda: flags.add_flags(util.ArgumentParser(), C), lambda: flags.check(C()),
+                lambda: flags.refuse_idle(C(), lambda f: True, lambda f: [], "rigsa", "--method")):
+        with pytest.raises(TypeError) as e:
+            use()
+        assert str(e.value) == said
+
+
 def run_main(main, argv, capsys):
     """-> (exit code, stdout, stderr) of a CLI main."""
     code = 0

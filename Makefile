@@ -50,8 +50,9 @@ help:            ## this list
 test: .venv/.installed .plots/.installed   ## create the environment if needed, run every test (CPU, offline; 2 workers)
 	PYTHONPATH=.plots $(PY) -m pytest -q -n 2
 
-demo: .venv/.installed          ## the whole RIGSA pipeline on a tiny model, offline, under a minute on a CPU
-	$(PY) rigsa.py demo
+# demo: OUT only where given (the default OUT is train's); chat: an ADAPTER is said, not dropped
+demo: .venv/.installed          ## the whole RIGSA pipeline on a tiny model, offline, into runs/demo (or OUT), under a minute on a CPU
+	$(PY) rigsa.py demo $(if $(filter-out file,$(origin OUT)),--out $(OUT))
 
 docs: .venv/.installed          ## docs/cli.md from every command's --help (a test keeps them equal)
 	$(PY) docs/make_cli.py
@@ -70,6 +71,8 @@ plots: .venv/.installed .plots/.installed  ## TABLES.md and Figures 2-4 (PNG) fr
 	PYTHONPATH=.plots $(PY) reproduce.py --tables-only --out $(PAPER)
 
 chat: .venv/.installed          ## one chat message to MODEL (the paper's Figure 6)
+	$(if $(ADAPTER),$(error ADAPTER=$(ADAPTER): make chat talks to MODEL alone; merge the adapter first \
+	    (rigsa.py merge --adapter $(ADAPTER) --out DIR), then make chat MODEL=DIR))
 	$(PY) model.py --model $(MODEL) --prompt "What is the capital of France?"
 
 bench: bench-model bench-train bench-memory bench-layer bench-distributed bench-evals bench-generate bench-attention bench-qlora bench-precision bench-checkpoint bench-evals-bf16  ## every benchmark, side by side with the peers

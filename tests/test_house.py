@@ -129,6 +129,10 @@ def test_make_eval_takes_the_adapters_own_base_and_a_bad_nproc_is_one_line():
     assert make("eval")[1] == ".venv/bin/python evals/run.py --task all --model HuggingFaceTB/SmolLM2-1.7B-Instruct"
     assert make("train", "NPROC=2")[1].startswith(".venv/bin/python -m torch.distributed.run --standalone "
                                                   "--nproc-per-node=2 rigsa.py train")
+    assert make("demo")[1] == ".venv/bin/python rigsa.py demo" and make("demo", "OUT=d")[1].endswith("demo --out d")
+    code, out, err = make("chat", "ADAPTER=runs/x/iter2")   # the adapter said, not dropped
+    assert code != 0 and err.endswith("ADAPTER=runs/x/iter2: make chat talks to MODEL alone; merge the adapter first "
+                                      "(rigsa.py merge --adapter runs/x/iter2 --out DIR), then make chat MODEL=DIR.  Stop.")
     for bad in ("0", "abc", ""):
         code, out, err = make("eval", f"NPROC={bad}")
         assert code != 0 and not out and err.endswith(f"NPROC={bad}: the processes per machine, a whole number from 1 "

@@ -81,6 +81,8 @@ def world(tmp_path_factory, tiny_dir, tiny_mha_dir):
     with one_thread():   # a run halted early, then its data changes under --data-dir
         rigsa.train(rigsa.Config(out=str(w / "halted"), iters=2, lr=2e-2, halt_after=1, **{**cfg, "save_every": 1}))
     mnist.write_synthetic_mnist(w / "otherdata" / "mnist", n_train=24, n_test=4, size=8, seed=7)
+    mine = {**json.loads(meta["config"]), "criterion": "movement"}   # pruned by a criterion a script registered
+    save_file(t, w / "mycriterion.safetensors", metadata={**meta, "config": json.dumps(mine)})
     future = {**json.loads(meta["config"]), "method": "frobnicate"}   # a value this version cannot use, as a later
     save_file(t, w / "badmethod.safetensors",                          # version would write it: its checksums its own
               metadata={**meta, "config": json.dumps(future), "install_sha256": AF.install_checksum(future)})
@@ -358,6 +360,14 @@ def test_a_flag_annotated_as_a_string_bool_is_a_switch():
         on: "bool" = flags.field(False, "a switch")
     ap = flags.add_flags(util.ArgumentParser(), C)
     assert ap.parse_args(["--on"]).on is True and ap.parse_args(["--no-on"]).on is False
+
+
+def test_an_adapter_pruned_by_a_criterion_registered_elsewhere_is_read(world):
+    # the criterion chose the mask, which the file holds: evaluating or merging it needs no such function here
+    w = world[0]
+    assert rigsa.read_adapter(w / "mycriterion", tensors=False)[2].criterion == "movement"
+    with pytest.raises(ValueError, match="a saved value this version cannot use, --method 'frobnicate'"):
+        rigsa.read_adapter(w / "badmethod", tensors=False)   # what decides how it installs is still checked
 
 
 def test_a_plain_dataclass_field_is_named_not_a_key_error():

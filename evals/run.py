@@ -604,8 +604,9 @@ def install_adapter(model, spec, base, check=None, read=None):
         cli.load_adapter(model, spec, read=read)  # in memory only: nothing is merged on disk (the base was checked before)
     except (ValueError, RuntimeError) as e:  # another base's adapter: layer names, shapes or dW0 differ
         why = " ".join(str(e).split())
-        if check == "same" and "regenerate identically" not in why:   # its own base: the file is damaged or edited
-            # (dW0 that this platform's generator draws otherwise is no fault of the file: said as it is)
+        if "does not regenerate" in why:   # dW0 drawn otherwise here: no fault of the file, nor of the base
+            raise ValueError(f"--adapter {spec}: {why}; use the code (and platform) that trained it") from None
+        if check == "same":   # its own base: the file is damaged or edited
             raise ValueError(f"--adapter {spec}: does not fit the base model {base}, the very one it was trained on "
                              f"({why}); the file is damaged or edited: use the one its run wrote") from None
         raise ValueError(f"--adapter {spec}: does not fit the base model {base} ({why}); evaluate it on the model "

@@ -99,7 +99,8 @@ def set_adapter_tensors(layers, tensors, source):
             raise ValueError(f"{source}: layer {n}'s tensors are not an adapter's ({', '.join(odd) or 'shapes'}); "
                              f"pass a file written by rigsa.py train")
         if f"{n}.init_check" in tensors and not torch.equal(tensors[f"{n}.init_check"], L.init_check):
-            raise ValueError(f"{source}: dW0 of {n} does not regenerate identically on this platform")
+            raise ValueError(f"{source}: dW0 of {n} does not regenerate as when the adapter was made (this platform's "
+                             f"generator, or rigsa's init code, init_delta or layer_seed, differs from what trained it)")
         m, d = tensors[f"{n}.mask"], tensors[f"{n}.delta"]
         if m.numel() == -(-L.numel() // 8) and L.numel() % 8:   # the last byte's padding bits are 0
             m = m.clone()

@@ -1,7 +1,8 @@
 # rigsa: the index of entry points. `make help` lists them.
 # Variables: MODEL (hub id or local directory), ITERS (IMP iterations), TASK (eval task),
 #            ADAPTER (RUN/iterK to evaluate), OUT (run directory), PAPER (reproduce.py's directory),
-#            NPROC (processes per machine for torchrun; 1 = no torchrun).
+#            NPROC (processes per machine for torchrun; 1 = no torchrun), ARGS (more flags for demo, train, eval,
+#            paper and chat, as their --help gives them: ARGS='--no-verify --resume'). Values are quoted: spaces stay.
 PY       := .venv/bin/python
 BENCH_PY := .venv-bench/bin/python
 MODEL    ?= HuggingFaceTB/SmolLM2-1.7B-Instruct
@@ -11,6 +12,7 @@ ADAPTER  ?=
 OUT      ?= runs/rigsa
 PAPER    ?= runs/paper
 NPROC    ?= 1
+ARGS     ?=
 # torchrun for NPROC > 1; a NPROC that is no count is said in one line by the targets that use it
 RUN       = $(if $(shell echo '$(NPROC)' | grep -Ex '[1-9][0-9]*'),,$(error NPROC=$(NPROC): the processes per machine, \
             a whole number from 1 (1: no torchrun)))$(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run \
@@ -52,28 +54,28 @@ test: .venv/.installed .plots/.installed   ## create the environment if needed, 
 
 # demo: OUT only where given (the default OUT is train's); chat: an ADAPTER is said, not dropped
 demo: .venv/.installed          ## the whole RIGSA pipeline on a tiny model, offline, into runs/demo (or OUT), under a minute on a CPU
-	$(PY) rigsa.py demo $(if $(filter-out file,$(origin OUT)),--out $(OUT))
+	$(PY) rigsa.py demo $(if $(filter-out file,$(origin OUT)),--out '$(OUT)') $(ARGS)
 
 docs: .venv/.installed          ## docs/cli.md from every command's --help (a test keeps them equal)
 	$(PY) docs/make_cli.py
 
 train: .venv/.installed         ## the paper's run: RIGSA, ITERS IMP iterations on MODEL, into OUT (NPROC processes)
-	$(RUN) rigsa.py train --model $(MODEL) --iters $(ITERS) --out $(OUT)
+	$(RUN) rigsa.py train --model '$(MODEL)' --iters '$(ITERS)' --out '$(OUT)' $(ARGS)
 
 eval: .venv/.installed          ## evaluate MODEL, or ADAPTER on its own base (on MODEL if given), on TASK, lm-eval's protocol (NPROC processes)
-	$(RUN) evals/run.py --task $(TASK) $(if $(and $(ADAPTER),$(filter file,$(origin MODEL))),,--model $(MODEL)) \
-	    $(if $(ADAPTER),--adapter $(ADAPTER))
+	$(RUN) evals/run.py --task '$(TASK)' $(if $(and $(ADAPTER),$(filter file,$(origin MODEL))),,--model '$(MODEL)') \
+	    $(if $(ADAPTER),--adapter '$(ADAPTER)') $(ARGS)
 
 paper: .venv/.installed         ## from a fresh clone to the paper's tables and figures (PAPER/TABLES.md; days on one GPU)
-	PYTHONPATH=$(if $(wildcard .plots/.installed),.plots,) $(PY) reproduce.py --model $(MODEL) --out $(PAPER) --nproc $(NPROC)
+	PYTHONPATH=$(if $(wildcard .plots/.installed),.plots,) $(PY) reproduce.py --model '$(MODEL)' --out '$(PAPER)' --nproc '$(NPROC)' $(ARGS)
 
 plots: .venv/.installed .plots/.installed  ## TABLES.md and Figures 2-4 (PNG) from what PAPER holds
-	PYTHONPATH=.plots $(PY) reproduce.py --tables-only --out $(PAPER)
+	PYTHONPATH=.plots $(PY) reproduce.py --tables-only --out '$(PAPER)'
 
 chat: .venv/.installed          ## one chat message to MODEL (the paper's Figure 6)
 	$(if $(ADAPTER),$(error ADAPTER=$(ADAPTER): make chat talks to MODEL alone; merge the adapter first \
 	    (rigsa.py merge --adapter $(ADAPTER) --out DIR), then make chat MODEL=DIR))
-	$(PY) model.py --model $(MODEL) --prompt "What is the capital of France?"
+	$(PY) model.py --model '$(MODEL)' --prompt "What is the capital of France?" $(ARGS)
 
 bench: bench-model bench-train bench-memory bench-layer bench-distributed bench-evals bench-generate bench-attention bench-qlora bench-precision bench-checkpoint bench-evals-bf16  ## every benchmark, side by side with the peers
 

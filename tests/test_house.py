@@ -123,13 +123,16 @@ def test_make_eval_takes_the_adapters_own_base_and_a_bad_nproc_is_one_line():
         r = subprocess.run(["make", "-s", "-n", "-o", ".venv/.installed", *args], cwd=REPO, capture_output=True,
                            text=True, timeout=60)
         return r.returncode, " ".join(r.stdout.replace("\\\n", " ").split()), r.stderr.strip()
-    assert make("eval", "ADAPTER=runs/x/iter2")[1] == ".venv/bin/python evals/run.py --task all --adapter runs/x/iter2"
+    assert make("eval", "ADAPTER=runs/x/iter2")[1] == ".venv/bin/python evals/run.py --task 'all' --adapter 'runs/x/iter2'"
     assert make("eval", "ADAPTER=runs/x/iter2", "MODEL=m")[1] == \
-        ".venv/bin/python evals/run.py --task all --model m --adapter runs/x/iter2"
-    assert make("eval")[1] == ".venv/bin/python evals/run.py --task all --model HuggingFaceTB/SmolLM2-1.7B-Instruct"
+        ".venv/bin/python evals/run.py --task 'all' --model 'm' --adapter 'runs/x/iter2'"
+    assert make("eval")[1] == ".venv/bin/python evals/run.py --task 'all' --model 'HuggingFaceTB/SmolLM2-1.7B-Instruct'"
+    assert make("train", "OUT=a b", "ARGS=--resume --no-verify")[1] == (   # a space stays in its value; ARGS are flags
+        ".venv/bin/python rigsa.py train --model 'HuggingFaceTB/SmolLM2-1.7B-Instruct' --iters '5' --out 'a b' --resume "
+        "--no-verify")
     assert make("train", "NPROC=2")[1].startswith(".venv/bin/python -m torch.distributed.run --standalone "
                                                   "--nproc-per-node=2 rigsa.py train")
-    assert make("demo")[1] == ".venv/bin/python rigsa.py demo" and make("demo", "OUT=d")[1].endswith("demo --out d")
+    assert make("demo")[1] == ".venv/bin/python rigsa.py demo" and make("demo", "OUT=d")[1].endswith("demo --out 'd'")
     code, out, err = make("chat", "ADAPTER=runs/x/iter2")   # the adapter said, not dropped
     assert code != 0 and err.endswith("ADAPTER=runs/x/iter2: make chat talks to MODEL alone; merge the adapter first "
                                       "(rigsa.py merge --adapter runs/x/iter2 --out DIR), then make chat MODEL=DIR.  Stop.")

@@ -1024,6 +1024,7 @@ def main(argv=None):
 
 def chat(a):
     """model.py's one message: load, clamp --max-new-tokens to the model's positions, generate."""
+    check_revision(a.model, a.revision)   # as train, merge and evals/run.py: a local folder has no revisions
     device = util.pick_device(a.device)
     model, tok = load(a.model, device, util.auto_dtype(a.dtype, device)[0], a.revision, a.verify_model)
     msgs = ([{"role": "system", "content": a.system}] if a.system is not None else []) + [{"role": "user", "content": a.prompt}]
@@ -1047,6 +1048,7 @@ def chat(a):
     bar.close()
     print(tok.decode(ids, skip_special_tokens=True).split("<|im_end|>")[0])
     print(f"[{len(ids)} tokens, {len(ids) / max(time.time() - t0, 1e-9):.1f} tokens/s]", file=sys.stderr)
+
 
 if __name__ == "__main__":
     main()

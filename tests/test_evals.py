@@ -734,6 +734,9 @@ def test_limits_are_the_models(case, tiny_dir, tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit) as e:
             M.main(["--model", str(short), "--prompt", "the of and " * 200, "--device", "cpu"])
         assert str(e.value.code).startswith("error: --prompt: ") and "320 positions" in str(e.value.code)
+        with pytest.raises(SystemExit) as e:   # a local folder has no revisions: refused, as by the other commands
+            M.main(["--model", str(short), "--prompt", "hi", "--revision", "main", "--device", "cpu"])
+        assert str(e.value.code).startswith(f"error: --revision main: the model {short} is a local directory")
     else:
         mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=120, n_test=5)
         monkeypatch.setattr(rigsa, "mnist_accuracy", lambda *a, **k: pytest.fail("scored a prompt beyond the model"))

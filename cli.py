@@ -223,7 +223,10 @@ def parser():
     sub = ap.add_subparsers(dest="cmd", required=True)
     train_ap = flags.add_flags(sub.add_parser("train", help="train adapters with IMP (§3.2, §4.4)"), rigsa.Config)
     p = sub.add_parser("show", help="print one image as Textual MNIST (§4.2, Figure 1)")
-    p.add_argument("--index", type=rigsa.INT0, default=0, help="image index [default: 0]")
+    p.add_argument("--index", type=rigsa.INT0, default=0,
+                   help=f"the image's index within --split, split as train's defaults split it: val, the images "
+                        f"--val-frac {rigsa.Config.val_frac} and --split-seed {rigsa.Config.split_seed} draw from "
+                        f"the training file; train, the rest in the file's order; test, the test file [default: 0]")
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="[default: train]")
     p.add_argument("--data-dir", default="data", help="data root, MNIST in <root>/mnist/ [default: data]")
     p.add_argument("--offline", action="store_true", help="never download: a missing MNIST file is an error")

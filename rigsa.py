@@ -750,7 +750,7 @@ def save_iteration(run, it, res):
         qlora.save_peft(run.model, run.out / f"iter{it}-peft", cfg.rank, cfg.lora_alpha, cfg.lora_dropout, cfg.model,
                         cfg.revision or None)
     AF.write(run.out / f"iter{it}.safetensors", tensors, dataclasses.asdict(cfg),
-             {"base": run.base, "base_check": run.checks, "moments": run.placed,
+             {"base": run.base, "base_check": run.checks, "moments": run.placed, "code": util.code_version(),
               **{k: v for k, v in res.items() if k in ("iter", "val_acc", "test_acc", "density", "trainable")}},
              res["adapter_sha256"])   # hashed once (gigabytes at 1.7B)
     print(f"iter {it}:" + "".join(f" {k} {res[k + '_acc']:.4f}" for k in ("val", "test") if k + "_acc" in res)

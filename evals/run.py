@@ -245,6 +245,7 @@ def run_task(task, data, model, tok, args, info):
               "chat": args.chat, "quantize": info["quantize"], "device": str(next(model.parameters()).device),
               "machine": util.machine(next(model.parameters()).device), "torch": torch.__version__,   # the last bits'
               "code": util.code_version(),   # rigsa's sources' sha256 (util.code_files): results of other code told apart
+              "adapter_code": info.get("adapter_code"),   # and the code that trained the adapter, as its file records
               "protocol": "lm-evaluation-harness 0.4.x, " + ("--apply_chat_template" if args.chat else "plain text")}
     return result, {"task": task, "k": k, "n_all": n_all, "samples": logged, "batch_size": bs,
                     "results": {"name": task, "alias": task, "sample_len": len(samples), **lm_metrics(metrics)}}
@@ -737,6 +738,11 @@ def evaluate(args):
     quantize = "nf4" if qlora.is_quantized(model) else None   # --quantize, a QLoRA adapter or a 4-bit checkpoint
     info = run_info(args, model, tok, name, revision, quantize, device)
     info["dtype_choice"] = why
+    info["adapter_code"] = (ameta or {}).get("code")   # the code that trained it (None: an older file's)
+    if info["adapter_code"] not in (None, util.code_version()):   # its prompt (§4.2) is this code's, not its own
+        util.say(f"note: --adapter {args.adapter} was trained by another version of rigsa's code "
+                 f"({info['adapter_code']}) than this evaluation runs ({util.code_version()}): its Textual MNIST "
+                 f"prompts are this version's", file=sys.stderr)
     util.say(f"model {name} adapter {args.adapter} dtype {info['dtype']} ({why.removeprefix('auto: ')}) device {model.lm_head.weight.device} "
              f"chat {args.chat} quantize {quantize}" + (f" processes {util.world()[1]}" if util.world()[1] > 1 else ""),
              file=sys.stderr)

@@ -410,6 +410,17 @@ def test_an_adapter_on_another_base_only_when_asked_and_recorded(world, tmp_path
     same, other = (json.loads((tmp_path / f).read_text()) for f in ("same.json", "other.json"))
     assert same["base_check"] == "same" and other["base_check"] == "other (allowed)"
     assert other["base"]["fingerprint"] != same["base"]["fingerprint"]
+    assert same["adapter_code"] == same["code"] == util.code_version() and "another version" not in err
+    with safe_open(str(w / "run" / "iter2.safetensors"), "pt") as f:   # trained by other code: said and recorded
+        t, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(t, tmp_path / "older.safetensors", metadata={**meta, "code": "0123456789ab"})
+    with one_thread():
+        code, _, err = run_main(evals_run.main, ev[:-1] + [str(tmp_path / "older"), "--output", str(tmp_path / "o.json")],
+                                capsys)
+    assert code == 0 and (f"note: --adapter {tmp_path / 'older'} was trained by another version of rigsa's code "
+                          f"(0123456789ab) than this evaluation runs ({util.code_version()}): its Textual MNIST prompts "
+                          f"are this version's") in err, err
+    assert json.loads((tmp_path / "o.json").read_text())["adapter_code"] == "0123456789ab"
     with one_thread():
         code, _, err = run_main(rigsa.main, ["merge", "--adapter", str(w / "run" / "iter2"), "--out", str(tmp_path / "m"),
                                              "--model", str(w / "other"), "--allow-other-base"], capsys)

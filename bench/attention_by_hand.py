@@ -7,10 +7,15 @@ mask added, the softmax in float32, then the GEMM with V; autograd for the backw
     .venv/bin/python bench/attention_by_hand.py --tokens 850 --repeats 8
 """
 import argparse
+import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lib import util  # noqa: E402  (the flags' ranges)
 
 H, KV, D = 9, 3, 64   # SmolLM2-135M
 
@@ -28,9 +33,9 @@ def by_hand(q, k, v, mask):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=850)
-    ap.add_argument("--repeats", type=int, default=8, help="the median of this many forward + backward passes")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=util.number(int, 1), default=850)
+    ap.add_argument("--repeats", type=util.number(int, 1), default=8, help="the median of this many forward + backward passes")
+    ap.add_argument("--threads", type=util.number(int, 1), default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     T = a.tokens

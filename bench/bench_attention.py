@@ -68,12 +68,12 @@ def exact_residual():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="SmolLM2-135M-Instruct", choices=list(M.PRESETS))
-    ap.add_argument("--rows", type=int, default=128, help="decode batch (evals' CPU default for GSM8k)")
+    ap.add_argument("--rows", type=util.number(int, 1), default=128, help="decode batch (evals' CPU default for GSM8k)")
     ap.add_argument("--lengths", default="839,1548",
                     help="LO,HI filled slots, spread evenly over the rows (default: the first 128 GSM8k 5-shot "
                          "prompts, 711-1420 tokens with bench_generate's tokenizer, 128 tokens into their generation)")
     ap.add_argument("--threads", default="2,1", help="thread counts for part 2")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=util.number(int, 1), default=3)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights, cache and queries")
     a = ap.parse_args()
     try:

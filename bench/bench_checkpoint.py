@@ -107,6 +107,10 @@ def main():
     ap.add_argument("--steps", type=util.number(int, 1), default=3, help="timed steps per case, after a warm-up [default: 3]")
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
+    try:   # a typo, or cuda without CUDA: one line now, not torch's traceback after the first model is built
+        a.device = str(util.pick_device(a.device))   # "auto" resolved: the rest reads a device name
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     util.keep_freed_memory()
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {a.device}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")

@@ -25,6 +25,7 @@ import model as M  # noqa: E402
 import rigsa  # noqa: E402
 from lib import mnist  # noqa: E402
 from lib import tiny  # noqa: E402
+from lib import util  # noqa: E402
 
 
 def run(n, script, args, cwd):
@@ -40,9 +41,9 @@ def run(n, script, args, cwd):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=4, help="decoder layers of the 135M shape [default: 4]")
-    ap.add_argument("--steps", type=int, default=6, help="optimizer steps (batch 4, micro-batch 1) [default: 6]")
-    ap.add_argument("--docs", type=int, default=40, help="PIQA-shaped documents evaluated [default: 40]")
+    ap.add_argument("--layers", type=util.number(int, 1), default=4, help="decoder layers of the 135M shape [default: 4]")
+    ap.add_argument("--steps", type=util.number(int, 1), default=6, help="optimizer steps (batch 4, micro-batch 1) [default: 6]")
+    ap.add_argument("--docs", type=util.number(int, 1), default=40, help="PIQA-shaped documents evaluated [default: 40]")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"], help="rigsa.py's and evals/run.py's --dtype [default: float32, as the "
                     "recorded tables; auto: bfloat16 on a CPU that computes it]")
     a = ap.parse_args()

@@ -127,13 +127,34 @@ def check_requests(tmp, tok, train, test, piqa, hs):
     return ok
 
 
+TASKS = ("piqa", "hellaswag", "gsm8k")
+
+
+def task_list(s):
+    """--tasks: a comma-separated list of TASKS, spaces around them dropped -> the same list, cleaned; an
+    unknown task is named before the data and the model are read."""
+    got = [t.strip() for t in s.split(",") if t.strip()]
+    bad = [t for t in got if t not in TASKS]
+    if bad or not got:
+        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, bad)) or repr(s)}: not a task here; the tasks are "
+                                         f"{', '.join(TASKS)} (comma-separated)")
+    return ",".join(got)
+
+
+def lm_eval_batch(s):
+    """--lm-eval-batch-size: what lm-eval's HFLM takes, a count from 1, auto or auto:N; kept a string."""
+    if s != "auto":
+        util.number(int, 1)(s.removeprefix("auto:"))   # not a count: its ArgumentTypeError, one line
+    return s
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-dir", default=os.path.join(REPO, "data"))
-    ap.add_argument("--limit-piqa", type=int, default=200, help="0: every document")
-    ap.add_argument("--limit-hellaswag", type=int, default=20, help="0: every document")
-    ap.add_argument("--limit-gsm8k", type=int, default=128, help="0: every document (128: one full batch on CPU)")
-    ap.add_argument("--limit-gsm8k-lm-eval", type=int, default=8,
+    ap.add_argument("--limit-piqa", type=util.number(int, 0), default=200, help="0: every document")
+    ap.add_argument("--limit-hellaswag", type=util.number(int, 0), default=20, help="0: every document")
+    ap.add_argument("--limit-gsm8k", type=util.number(int, 0), default=128, help="0: every document (128: one full batch on CPU)")
+    ap.add_argument("--limit-gsm8k-lm-eval", type=util.number(int, 0), default=8,
                     help="lm-eval on only the first M of those docs (0: all): at batch 1 it handles "
                          "documents one by one, so its docs/s does not depend on how many it gets")
     ap.add_argument("--preset", default="SmolLM2-135M-Instruct", choices=list(M.PRESETS), help="model shape")
@@ -147,18 +168,22 @@ def main():
                          "both bfloat16 sides' predictions and log-likelihoods with it (with --dtype bfloat16)")
     ap.add_argument("--ours-only", action="store_true",
                     help="time evals/ alone (no lm-eval), e.g. the full three-task run on a GPU")
-    ap.add_argument("--batch-size", default="auto", help="ours")
-    ap.add_argument("--lm-eval-batch-size", default="1", help="lm-eval's (its default is 1)")
-    ap.add_argument("--tasks", default="piqa,hellaswag,gsm8k")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads for both sides")
-    ap.add_argument("--repeats", type=int, default=3, help="alternating runs per side; the fastest counts")
-    ap.add_argument("--repeats-gsm8k", type=int, default=1, help="the same for gsm8k (minutes per run)")
+    ap.add_argument("--batch-size", type=util.number(int, 1, auto=True), default="auto", help="ours")   # as evals/run.py's
+    ap.add_argument("--lm-eval-batch-size", type=lm_eval_batch, default="1", help="lm-eval's (its default is 1)")
+    ap.add_argument("--tasks", type=task_list, default="piqa,hellaswag,gsm8k")
+    ap.add_argument("--threads", type=util.number(int, 1), default=None, help="torch threads for both sides")
+    ap.add_argument("--repeats", type=util.number(int, 1), default=3, help="alternating runs per side; the fastest counts")
+    ap.add_argument("--repeats-gsm8k", type=util.number(int, 1), default=1, help="the same for gsm8k (minutes per run)")
     ap.add_argument("--output", default=None, help="write the numbers as JSON")
     ap.add_argument("--no-verify", action="store_true",
                     help="accept data files whose checksum differs from the pin (a partial copy); marked in the header")
     ap.add_argument("--check-requests", action="store_true",
                     help="only compare every document's requests with lm-eval's own (no model runs)")
     a = ap.parse_args()
+    try:   # a typo, or cuda without CUDA: one line now, not torch's traceback after the data and the model
+        a.device = str(util.pick_device(a.device))   # "auto" resolved: the rest reads a device name
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     util.keep_freed_memory()  # both sides: they share this process
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -176,12 +201,15 @@ def main():
     try:
         # ---- data: local json for both sides
         vf = not a.no_verify
-        train, test = T.load_gsm8k(T.ensure_files("gsm8k", a.data_dir, verify=vf))
-        piqa = T.load_piqa(T.ensure_files("piqa", a.data_dir, verify=vf))
-        hs_path = os.path.join(a.data_dir, "hellaswag", "hellaswag_val.jsonl")
-        hs_real = os.path.exists(hs_path)
-        hs = T.load_hellaswag(T.ensure_files("hellaswag", a.data_dir, verify=vf)) if hs_real \
-            else synth_hellaswag(test, a.limit_hellaswag or 10042)   # the real file's 10042 documents
+        try:   # no data/ (MissingData), a damaged file: one line, as the commands say it, not a traceback
+            train, test = T.load_gsm8k(T.ensure_files("gsm8k", a.data_dir, verify=vf))
+            piqa = T.load_piqa(T.ensure_files("piqa", a.data_dir, verify=vf))
+            hs_path = os.path.join(a.data_dir, "hellaswag", "hellaswag_val.jsonl")
+            hs_real = os.path.exists(hs_path)
+            hs = T.load_hellaswag(T.ensure_files("hellaswag", a.data_dir, verify=vf)) if hs_real \
+                else synth_hellaswag(test, a.limit_hellaswag or 10042)   # the real file's 10042 documents
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: {' '.join(str(e).split())}")
         ddir = os.path.join(tmp, "data")
         for t in ("piqa", "hellaswag", "gsm8k"):
             os.makedirs(os.path.join(ddir, t))

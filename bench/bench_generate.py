@@ -33,7 +33,7 @@ def main():
     ap.add_argument("--data-dir", default="data", help="holds gsm8k/train.jsonl and gsm8k/test.jsonl")
     ap.add_argument("--no-verify", action="store_true", help="skip the GSM8k files' checksums")
     ap.add_argument("--preset", default="SmolLM2-135M-Instruct", choices=list(M.PRESETS))
-    ap.add_argument("--docs", type=int, default=64, help="the first N test documents, one batch")
+    ap.add_argument("--docs", type=util.number(int, 1), default=64, help="the first N test documents, one batch")
     ap.add_argument("--stop-after", default=None, help="LO,HI: each row stops after U[LO, HI] new tokens")
     a = ap.parse_args()
     stop = None
@@ -46,7 +46,10 @@ def main():
             raise SystemExit(f"--stop-after {a.stop_after!r}: expected LO,HI, two integers with 1 <= LO <= HI")
         rnd = random.Random(0)
         stop = [rnd.randint(lo, hi) for _ in range(a.docs)]
-    train, test = T.load_gsm8k(T.ensure_files("gsm8k", a.data_dir, download=False, verify=not a.no_verify))
+    try:   # no data/ (MissingData), a damaged file: one line, as the commands say it, not a traceback
+        train, test = T.load_gsm8k(T.ensure_files("gsm8k", a.data_dir, download=False, verify=not a.no_verify))
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {' '.join(str(e).split())}")
     util.keep_freed_memory()
     with tempfile.TemporaryDirectory() as mdir:
         cfg = M.PRESETS[a.preset]

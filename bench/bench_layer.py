@@ -51,11 +51,12 @@ def split(f, repeats):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=int, default=1536, help="out features [default: 1536, 135M's MLP]")
-    ap.add_argument("--in", dest="inp", type=int, default=576, help="in features [default: 576]")
-    ap.add_argument("--tokens", type=int, default=850)
-    ap.add_argument("--density", type=float, default=0.52)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--out", type=util.number(int, 1), default=1536, help="out features [default: 1536, 135M's MLP]")
+    ap.add_argument("--in", dest="inp", type=util.number(int, 1), default=576, help="in features [default: 576]")
+    ap.add_argument("--tokens", type=util.number(int, 1), default=850)
+    ap.add_argument("--density", type=util.number(float, 0, 1, lo_open=True), default=0.52,
+                    help="the share of free entries, in (0, 1] [default: 0.52]")
+    ap.add_argument("--repeats", type=util.number(int, 1), default=20)
     a = ap.parse_args()
     util.keep_freed_memory()   # as the training CLI does: freed blocks reused, not page-faulted afresh
     torch.manual_seed(0)

@@ -404,21 +404,41 @@ def gpu(a):
         del model, layers, opt
 
 
+def known_parts(s):
+    """--part: the digits of the parts wanted ("123", "1,3", "2"), commas and spaces dropped; a digit that
+    is no part is named (it would otherwise run nothing and exit 0)."""
+    got = s.replace(",", "").replace(" ", "")
+    bad = sorted(set(got) - set("123"))
+    if bad or not got:
+        raise argparse.ArgumentTypeError(f"{s!r}: the parts are 1, 2 and 3 (e.g. 1, 23 or 1,3); "
+                                         + (f"no part {', '.join(bad)}" if bad else "none given"))
+    return got
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default=None, choices=list(M.PRESETS), help="[default: 135M for the CPU tables, 1.7B for --gpu]")
-    ap.add_argument("--tokens", type=int, default=850, help="tokens per sequence (a Textual MNIST prompt) [default: 850]")
-    ap.add_argument("--short", type=int, default=64, help="part 2: the shorter of the two measured lengths [default: 64]")
-    ap.add_argument("--repeats", type=int, default=3, help="timed steps per case, after a warm-up [default: 3]")
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--part", default="123", help="which parts, e.g. 1, 23 [default: 123]")
+    # a sequence is a prompt token and the two supervised ones at least (batch(): labels at T-2, T-1)
+    ap.add_argument("--tokens", type=util.number(int, 3), default=850,
+                    help="tokens per sequence (a Textual MNIST prompt) [default: 850]")
+    ap.add_argument("--short", type=util.number(int, 3), default=64,
+                    help="part 2: the shorter of the two measured lengths [default: 64]")
+    ap.add_argument("--repeats", type=util.number(int, 1), default=3, help="timed steps per case, after a warm-up [default: 3]")
+    ap.add_argument("--threads", type=util.number(int, 1), default=torch.get_num_threads())
+    ap.add_argument("--part", type=known_parts, default="123", help="which parts, e.g. 1, 23 [default: 123]")
     ap.add_argument("--json", default="", help="also write the measurements here")
     ap.add_argument("--gpu", action="store_true", help="bench/gpu.sh's measurement (CUDA; on the CPU it only checks itself)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--layers", type=int, default=0, help="fewer layers than the preset's (a quick look, a CPU dry run of --gpu)")
-    ap.add_argument("--steps", type=int, default=3, help="--gpu: optimizer steps per case [default: 3]")
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="--gpu: the device's dense bf16 peak for MFU [H200: 989]")
+    ap.add_argument("--layers", type=util.number(int, 0), default=0,
+                    help="fewer layers than the preset's (a quick look, a CPU dry run of --gpu)")
+    ap.add_argument("--steps", type=util.number(int, 1), default=3, help="--gpu: optimizer steps per case [default: 3]")
+    ap.add_argument("--peak-tflops", type=util.number(float, 0, lo_open=True), default=989.0,
+                    help="--gpu: the device's dense bf16 peak for MFU [H200: 989]")
     a = ap.parse_args()
+    try:   # a typo, or cuda without CUDA: one line now, not torch's traceback after the tables began
+        util.pick_device(a.device)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     util.keep_freed_memory()
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "

@@ -38,10 +38,14 @@ def main():
     ap.add_argument("--preset", default="SmolLM2-135M-Instruct", choices=list(M.PRESETS))
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--prompt-len", type=int, default=850)
-    ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--prompt-len", type=util.number(int, 1), default=850)
+    ap.add_argument("--new-tokens", type=util.number(int, 1), default=256)
+    ap.add_argument("--batches", type=util.numbers(int, 1), default="1,8", help="decode batch sizes, comma-separated")
     a = ap.parse_args()
+    try:   # a typo, or cuda without CUDA: one line now, not torch's traceback after the models are built
+        a.device = str(util.pick_device(a.device))   # "auto" resolved: the rest reads a device name
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     util.keep_freed_memory()  # both sides: they share this process
     from transformers import LlamaForCausalLM
     dtype, dev = getattr(torch, a.dtype), torch.device(a.device)
@@ -59,7 +63,7 @@ def main():
         t_ours = timeit(lambda: ours(ids), 3)
         t_ref = timeit(lambda: ref(input_ids=ids, logits_to_keep=0), 3)
     rows.append(("prefill, 1 x %d tokens" % a.prompt_len, a.prompt_len / t_ours, a.prompt_len / t_ref))
-    for B in map(int, a.batches.split(",")):
+    for B in a.batches if isinstance(a.batches, tuple) else (a.batches,):   # util.numbers: one, or a tuple
         prompts = [torch.randint(3, cfg.vocab_size, (64 + 8 * i,), generator=g).tolist() for i in range(B)]
         N = a.new_tokens
 

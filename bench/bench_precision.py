@@ -214,16 +214,32 @@ def loop_part(a):
                   f"  <!-- whole run {time.perf_counter() - t:.0f} s -->", flush=True)
 
 
+PARTS = ("step", "dx", "gemm", "profile", "attention", "loop")
+
+
+def known_parts(s):
+    """--part: a comma-separated list of PARTS, spaces around them dropped -> the same list, cleaned; a
+    name that is no part is named (it would otherwise run nothing and exit 0)."""
+    got = [p.strip() for p in s.split(",") if p.strip()]
+    bad = [p for p in got if p not in PARTS]
+    if bad or not got:
+        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, bad)) or repr(s)}: not a table; the tables are "
+                                         f"{', '.join(PARTS)} (comma-separated)")
+    return ",".join(got)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="SmolLM2-135M-Instruct", choices=list(M.PRESETS))
-    ap.add_argument("--layers", type=int, default=0, help="keep only the first N decoder layers (0: all)")
-    ap.add_argument("--tokens", type=int, default=850)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--part", default="step,dx,gemm", help="which tables: step, dx, gemm, profile, attention, "
+    ap.add_argument("--layers", type=util.number(int, 0), default=0, help="keep only the first N decoder layers (0: all)")
+    # a prompt token and the two supervised ones at least (make_step: labels at T-2, T-1)
+    ap.add_argument("--tokens", type=util.number(int, 3), default=850)
+    ap.add_argument("--steps", type=util.number(int, 1), default=5)
+    ap.add_argument("--part", type=known_parts, default="step,dx,gemm", help="which tables: step, dx, gemm, profile, attention, "
                     "loop [default: step,dx,gemm]")
-    ap.add_argument("--loop-steps", type=int, default=3, help="--part loop: optimizer steps per run")
-    ap.add_argument("--micro-batch", type=int, default=1, help="--part loop: rigsa.py's --micro-batch")
+    ap.add_argument("--loop-steps", type=util.number(int, 1), default=3, help="--part loop: optimizer steps per run")
+    # at most rigsa.py's --batch-size, 16, which --part loop keeps
+    ap.add_argument("--micro-batch", type=util.number(int, 1, 16), default=1, help="--part loop: rigsa.py's --micro-batch")
     a = ap.parse_args()
     util.keep_freed_memory()
     parts = a.part.split(",")

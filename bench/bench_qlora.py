@@ -69,13 +69,17 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="dtype of the base weights, hence the NF4 compute dtype (default float32 on CPU)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--alpha", type=float, default=32.0)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--batch", type=util.number(int, 1), default=2)
+    ap.add_argument("--seq", type=util.number(int, 1), default=128)
+    ap.add_argument("--rank", type=util.number(int, 1), default=16)   # apply_lora's own floor, said before the model
+    ap.add_argument("--alpha", type=util.number(float), default=32.0)   # any finite scale
+    ap.add_argument("--repeats", type=util.number(int, 1), default=3)
+    ap.add_argument("--threads", type=util.number(int, 0), default=0, help="torch CPU threads (default: torch's choice)")
     a = ap.parse_args()
+    try:   # a typo, or cuda without CUDA: one line now, not torch's traceback after the first table
+        a.device = str(util.pick_device(a.device))   # "auto" resolved: the rest reads a device name
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     util.keep_freed_memory()
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -103,10 +103,15 @@ def main():
     ap.add_argument("--preset", default="SmolLM2-135M-Instruct", choices=list(M.PRESETS))
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--tokens", type=int, default=850)
-    ap.add_argument("--steps", type=int, default=3)
+    # a prompt token and the two supervised ones at least (make_step: labels at T-2, T-1)
+    ap.add_argument("--tokens", type=util.number(int, 3), default=850)
+    ap.add_argument("--steps", type=util.number(int, 1), default=3)
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: one variant per process
     a = ap.parse_args()
+    try:   # a typo, or cuda without CUDA: one line now, not torch's traceback after three memory runs
+        a.device = str(util.pick_device(a.device))   # "auto" resolved: the rest reads a device name
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     util.keep_freed_memory()  # both sides: they share this process
     if a.variant:
         return run_memory(a)

@@ -173,12 +173,34 @@ def compare(task, res, samples, lres, lsamples, missing):
     return bad
 
 
+def count(s):
+    """--limit: a whole number from 1 (lib.util.number's words; lib/ is imported only after lm-eval is)."""
+    try:
+        n = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer >= 1") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{s} is out of range: expected an integer >= 1")
+    return n
+
+
+def task_list(s):
+    """--tasks: a comma-separated list of TASKS, spaces around them dropped -> the same list, cleaned; an
+    unknown task is named before anything runs."""
+    got = [t.strip() for t in s.split(",") if t.strip()]
+    bad = [t for t in got if t not in TASKS]
+    if bad or not got:
+        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, bad)) or repr(s)}: not a task here; the tasks are "
+                                         f"{', '.join(TASKS)} (comma-separated)")
+    return ",".join(got)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint directory or hub id (default: a tiny random one)")
     ap.add_argument("--data-dir", default=None, help="data root with <task>/ files (default: tiny files written here)")
-    ap.add_argument("--limit", type=int, default=4, help="documents per task (default 4)")
-    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--limit", type=count, default=4, help="documents per task (default 4)")
+    ap.add_argument("--tasks", type=task_list, default=",".join(TASKS))
     ap.add_argument("--python", default=sys.executable, help="the interpreter that runs evals/run.py")
     a = ap.parse_args(argv)
     tmp = tempfile.mkdtemp(prefix="check-lm-eval-")

@@ -123,17 +123,27 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--preset", default="SmolLM2-1.7B-Instruct", choices=list(M.PRESETS))
-    ap.add_argument("--layers", type=int, default=0, help="keep only the first N decoder layers (0: all)")
-    ap.add_argument("--steps", type=int, default=3, help="optimizer steps per IMP iteration (two iterations)")
-    ap.add_argument("--halt-after", type=int, default=4, help="halt after this many steps (default: in iteration 2)")
-    ap.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step (the paper's 16)")
-    ap.add_argument("--dtype", default="auto", help="rigsa.py's --dtype (auto: bfloat16 on CUDA)")
+    ap.add_argument("--layers", type=util.number(int, 0), default=0, help="keep only the first N decoder layers (0: all)")
+    ap.add_argument("--steps", type=util.number(int, 1), default=3, help="optimizer steps per IMP iteration (two iterations)")
+    ap.add_argument("--halt-after", type=util.number(int, 1), default=4,
+                    help="halt after this many steps (default: in iteration 2)")
+    ap.add_argument("--batch-size", type=util.number(int, 1), default=16, help="sequences per optimizer step (the paper's 16)")
+    # rigsa.py train's choices: a typo is said here, not by the reference run after the checkpoint is written
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                    help="rigsa.py's --dtype (auto: bfloat16 on CUDA)")
     ap.add_argument("--work", default=None, help="folder for the checkpoint, data and runs [default: a temporary one]")
     a = ap.parse_args()
     if not 0 < a.halt_after < 2 * a.steps:
         raise SystemExit(f"--halt-after {a.halt_after}: must fall inside the {2 * a.steps} steps of the two iterations")
+    try:   # a typo, or the default cuda without CUDA: one line now, not after the work folder and the model's shape
+        util.pick_device(a.device)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if a.work:
-        os.makedirs(a.work, exist_ok=True)
+        try:
+            os.makedirs(a.work, exist_ok=True)
+        except OSError as e:   # a file there, no permission: one line
+            sys.exit(f"error: --work {a.work}: {e.strerror or e}; choose another folder")
     work = a.work or tempfile.mkdtemp(prefix="halt_resume_")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a time limit's SIGTERM still cleans up below
     try:

@@ -140,3 +140,98 @@ def test_make_eval_takes_the_adapters_own_base_and_a_bad_nproc_is_one_line():
         code, out, err = make("eval", f"NPROC={bad}")
         assert code != 0 and not out and err.endswith(f"NPROC={bad}: the processes per machine, a whole number from 1 "
                                                       f"(1: no torchrun).  Stop."), err
+
+
+BAD_BENCH_FLAGS = [   # (script, argv, exit status, what the last line names); {w}: an empty folder
+    ("bench_memory.py", ["--part", "9"], 2, "--part: '9'"),                  # ran nothing, exit 0
+    ("bench_memory.py", ["--tokens", "-1"], 2, "--tokens: -1 is out of range"),
+    ("bench_precision.py", ["--part", "step, dx,bogus"], 2, "--part: 'bogus'"),
+    ("bench_model.py", ["--batches", "0,abc"], 2, "--batches: 0 is out of range"),
+    ("bench_model.py", ["--device", "bogus"], 1, "--device 'bogus'"),        # torch's traceback
+    ("bench_train.py", ["--steps", "-1"], 2, "--steps: -1 is out of range"),  # three memory runs first
+    ("bench_layer.py", ["--density", "1.5"], 2, "--density: 1.5 is out of range"),
+    ("bench_qlora.py", ["--rank", "0"], 2, "--rank: 0 is out of range"),
+    ("attention_by_hand.py", ["--tokens", "-1"], 2, "--tokens: -1 is out of range"),
+    ("bench_distributed.py", ["--steps", "0"], 2, "argument --steps: 0"),    # blamed --log-every
+    ("bench_generate.py", ["--data-dir", "{w}/none"], 1, "missing data files"),   # MissingData's traceback
+    ("bench_evals.py", ["--tasks", "piqa,mnist"], 2, "--tasks: 'mnist'"),
+    ("bench_checkpoint.py", ["--device", "gpu"], 1, "--device 'gpu'"),
+    ("bench_attention.py", ["--rows", "0"], 2, "--rows: 0 is out of range"),
+    ("halt_resume.py", ["--device", "cpu", "--batch-size", "0"], 2, "--batch-size: 0 is out of range"),
+    ("check_lm_eval.py", ["--limit", "0"], 2, "--limit: 0 is out of range"),
+]
+
+
+def test_a_bench_refuses_a_bad_flag_in_one_line_before_any_work(tmp_path):
+    # each bench script as `python bench/x.py ARGV` runs it, all in one interpreter (torch imported once),
+    # as test_the_benches_still_load does: its sys.path, the repository's modules forgotten, the
+    # environment restored. The work's start is caught, not waited for: once parse_args returns, a script
+    # has 20 s to refuse (its own checks: the device, the data folder), else it is stopped and fails here
+    import json
+    import subprocess
+    import sys
+    each = """import argparse, contextlib, io, json, os, runpy, signal, sys, traceback
+repo, cases = os.path.realpath(sys.argv[1]), json.loads(sys.argv[2])
+start, env, stdout = sys.path[1:], dict(os.environ), sys.stdout
+below = [os.path.realpath(p) + os.sep for p in start if p]
+
+def ours(m):
+    own = getattr(m, "__dict__", {})
+    files = [os.path.realpath(f) for f in [own.get("__file__"), *(own.get("__path__") or [])] if isinstance(f, str)]
+    return any(f.startswith(repo + os.sep) and not f.startswith(tuple(below)) for f in files)
+
+class Worked(BaseException):
+    pass
+
+def late(*_):
+    raise Worked()
+
+signal.signal(signal.SIGALRM, late)
+parse = argparse.ArgumentParser.parse_args
+
+def timed_parse(self, *args, **kw):   # the flags read: the work may start now
+    got = parse(self, *args, **kw)
+    signal.setitimer(signal.ITIMER_REAL, 20)
+    return got
+argparse.ArgumentParser.parse_args = timed_parse
+
+for script, argv in cases:
+    for name in [n for n, m in list(sys.modules.items()) if ours(m)]:
+        del sys.modules[name]
+    sys.path[:] = [os.path.dirname(script), *start]
+    sys.argv[:] = [script, *argv]
+    os.environ.clear()
+    os.environ.update(env)
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, int) and e.code is not None:
+            print(e.code, file=err)
+    except Worked:
+        code = "still working 20 s after its flags were read"
+    except BaseException:
+        code = 1
+        err.write(traceback.format_exc())
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    print(json.dumps([script, code, out.getvalue(), err.getvalue()]), file=stdout)
+"""
+    cases = [(os.path.join(REPO, "bench", s), [x.format(w=tmp_path) for x in argv]) for s, argv, *_ in BAD_BENCH_FLAGS]
+    p = subprocess.run([sys.executable, "-c", each, REPO, json.dumps(cases)], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ran = [json.loads(line) for line in p.stdout.splitlines()]
+    assert len(ran) == len(cases), p.stdout[-3000:]
+    bad = []
+    for (name, argv, want, says), (_, code, out, err) in zip(BAD_BENCH_FLAGS, ran):
+        lines = err.strip().splitlines()
+        # sys.exit("error: ..."): that line alone; argparse: its usage, then the line
+        one = lines[-1:] == lines if want == 1 else lines[:1] and lines[0].startswith("usage:")
+        if code != want or out or not one or "error: " not in (lines or [""])[-1] or says not in lines[-1]:
+            bad.append(f"{name} {' '.join(argv)}: exit {code} (wanted {want}, one line naming {says!r}), "
+                       f"stdout {out[-300:]!r}, stderr {err[-600:]!r}")
+    assert not bad, "\n".join(bad)

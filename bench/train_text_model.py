@@ -75,7 +75,10 @@ def main(argv=None):
     c = TextModelConfig(**{k: getattr(a, k) for k in asdict(TextModelConfig())})
     print(json.dumps(asdict(c)))
     torch.manual_seed(c.seed)
-    train, test = T.load_gsm8k(T.ensure_files("gsm8k", a.data_dir, verify=not a.no_verify))
+    try:   # no data/ (MissingData), a damaged file: one line, as the commands say it
+        train, test = T.load_gsm8k(T.ensure_files("gsm8k", a.data_dir, verify=not a.no_verify))
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {' '.join(str(e).split())}")
     tmp = f"{out}.partial-{os.getpid()}"   # renamed to --out when complete; removed if the run stops before
     try:
         train_into(tmp, c, train, test)

@@ -598,6 +598,13 @@ def test_text_model_trainer(tmp_path):
     with pytest.raises(SystemExit) as e:
         train_text_model.main(argv + ["--steps", "0"])
     assert e.value.code == 2
+    (tmp_path / "bad" / "gsm8k").mkdir(parents=True)   # a damaged GSM8k file: one line, no traceback, nothing written
+    for name in ("train.jsonl", "test.jsonl"):
+        (tmp_path / "bad" / "gsm8k" / name).write_text("{oops\n")
+    with pytest.raises(SystemExit) as e:
+        train_text_model.main(["--data-dir", str(tmp_path / "bad"), "--out", str(tmp_path / "lm3"), "--no-verify"])
+    assert str(e.value.code).startswith("error: ") and "train.jsonl" in str(e.value.code), e.value.code
+    assert not (tmp_path / "lm3").exists()
 
 
 def test_limit_0_is_every_document_and_a_limit_past_the_end_is_said(tiny_dir, tmp_path, capsys):

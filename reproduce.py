@@ -284,18 +284,27 @@ RUN_ONLY = flags_mod.resumable(rigsa.Config) | {"verify_model", "revision", "dty
 
 def config_drift(out, cmd):
     """A kept training against this version of rigsa.Config, for each setting its command does not type
-    (a default edited since, or another version's): the first whose value in the run's config.json
-    differs, said with both; None if none (a key its config.json lacks: another version's run, noted as
-    that). The command's own flags are inputs already (Inputs.of)."""
+    (a default edited since, or another version's) and that acts on its run (its method uses it, and
+    what it needs holds): the first whose value in the run's config.json differs, said with both; None if
+    none (a key its config.json lacks: another version's run, noted as that). The command's own flags are
+    inputs already (Inputs.of)."""
     try:
-        saved = json.loads((out / "config.json").read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
+        saved = rundir.renamed(json.loads((out / "config.json").read_text())["config"])
+        names = {f.name for f in dataclasses.fields(rigsa.Config)}
+        run = rigsa.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None   # unreadable: the training step says so when it resumes
     typed = {k.lstrip("-").replace("-", "_").removeprefix("no_") for k in flags(cmd)}
     for f in dataclasses.fields(rigsa.Config):
+        users = [m for m, d in rigsa.METHODS.items() if f.name in d["flags"]]
+        needs = f.metadata.get("needs")
+        if (f.name in typed | RUN_ONLY or f.name not in saved or users and run.method not in users
+                or needs and not needs[0](run)):   # typed, how it runs, or a setting that did not act on this run
+            continue
         now = json.loads(json.dumps(f.default))   # as config.json holds it (a tuple as a list)
-        if f.name not in typed | RUN_ONLY and f.name in saved and saved[f.name] != now:
-            return f"{f.name} (no flag of this command): {saved[f.name]!r} in its config.json, {now!r} in this code's Config"
+        if saved[f.name] != now:
+            return (f"{flags_mod.flag(f.name)} (not typed by this command): {saved[f.name]!r} in its config.json, "
+                    f"{now!r} in this code's rigsa.Config")
     return None
 
 

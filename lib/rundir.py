@@ -45,6 +45,21 @@ from lib import util
 _WARNED = set()
 
 
+# config keys renamed since runs were saved with them: old name -> (new name, the value's translation)
+RENAMED = {"eval_max": ("limit", lambda v: v), "download": ("offline", lambda v: not v)}
+
+
+def renamed(saved):
+    """A saved config with the keys renamed since under their names now (a dict; anything else as it is)."""
+    if not isinstance(saved, dict):
+        return saved
+    out = dict(saved)
+    for old, (new, f) in RENAMED.items():
+        if old in out and new not in out:
+            out[new] = f(out.pop(old))
+    return out
+
+
 def config_from(saved, source, cls, check=None):
     """A config of dataclass `cls` (rigsa.Config) from a saved one (config.json, an adapter's
     metadata), possibly written by another version of rigsa: keys this version does not know are
@@ -53,6 +68,7 @@ def config_from(saved, source, cls, check=None):
     if not isinstance(saved, dict):
         raise ValueError(f"{source}: holds no rigsa config (a {type(saved).__name__}, not a dict); it was not "
                          f"written by rigsa.py train")
+    saved = renamed(saved)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(saved) - known)
     if unknown and (str(source), *unknown) not in _WARNED:   # once per file, however often it is read
@@ -97,7 +113,7 @@ def resumed(cfg, given, check=None):
         return cfg, None
     try:
         raw = json.loads((out / "config.json").read_text())
-        unknown = sorted(set(raw["config"]) - {f.name for f in dataclasses.fields(cfg)}) if isinstance(
+        unknown = sorted(set(renamed(raw["config"])) - {f.name for f in dataclasses.fields(cfg)}) if isinstance(
             raw["config"], dict) else []
         if unknown:   # dropped, the run would go on under this version's defaults and config.json lose them
             raise ValueError(f"{out / 'config.json'}: the run started with config keys this version of rigsa does "

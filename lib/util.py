@@ -886,23 +886,32 @@ def git_commit():
         return "unknown"
 
 
-# what is not code a number passes through: the tests, the benchmarks, the docs, downloads and runs, and
-# reproduce.py, which only orders the commands (a run records their code); hidden folders and environments
-NOT_CODE_DIRS = {"tests", "bench", "docs", "data", "runs", "__pycache__"}
-NOT_CODE_FILES = {"reproduce.py", "conftest.py"}
+# the folders whose sources compute numbers, beside the top level's own .py files; a folder of one's own
+# counts too where it is a package (its __init__.py): an environment, a build or a copy of the checkout is not
+CODE_DIRS = ("lib", "evals")
+NOT_CODE_FILES = {"reproduce.py", "conftest.py"}   # reproduce.py only orders the commands (a run records their code)
 
 
 def code_files(root):
-    """Every .py file under `root` a number may pass through: rigsa.py, model.py, qlora.py, cli.py,
-    lib/ and evals/, and a module a researcher adds beside them or in a folder of their own (a helper
-    rigsa.py imports changes the numbers as an edit of rigsa.py does), but not NOT_CODE_*, test_*.py,
-    or a folder that is hidden or a virtual environment."""
-    root, found = Path(root), []
-    for here, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not (d.startswith(".") or d in NOT_CODE_DIRS and Path(here) == root
-                                           or d == "__pycache__" or os.path.exists(os.path.join(here, d, "pyvenv.cfg")))]
-        found += [Path(here) / f for f in files if f.endswith(".py") and not f.startswith("test_")
-                  and not (f in NOT_CODE_FILES and Path(here) == root)]
+    """Every .py file a number may pass through: rigsa.py, model.py, qlora.py, cli.py and any module a
+    researcher adds beside them (a helper rigsa.py imports changes the numbers as an edit of rigsa.py
+    does), and lib/, evals/ and any package folder at the top, with their subfolders; not tests/, bench/,
+    docs/, data/, runs/, NOT_CODE_FILES, test_*.py, hidden files and folders, links to nothing, or a
+    folder with a pyvenv.cfg (an environment)."""
+    root = Path(root)
+
+    def wanted(folder, f):
+        return (f.endswith(".py") and not f.startswith((".", "test_")) and os.path.isfile(os.path.join(folder, f))
+                and not (f in NOT_CODE_FILES and folder == str(root)))
+    found = [root / f for f in os.listdir(root) if wanted(str(root), f)]
+    tops = [d for d in sorted(os.listdir(root)) if not d.startswith(".") and os.path.isdir(root / d)
+            and not os.path.islink(root / d) and (d in CODE_DIRS or os.path.isfile(root / d / "__init__.py"))
+            and d not in ("tests", "bench", "docs", "data", "runs")]
+    for top in tops:
+        for here, dirs, files in os.walk(root / top):
+            dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"
+                       and not os.path.exists(os.path.join(here, d, "pyvenv.cfg"))]
+            found += [Path(here) / f for f in files if wanted(here, f)]
     return sorted(found)
 
 

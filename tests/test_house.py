@@ -120,8 +120,10 @@ def test_make_eval_takes_the_adapters_own_base_and_a_bad_nproc_is_one_line():
     import subprocess
 
     def make(*args):
-        r = subprocess.run(["make", "-s", "-n", "-o", ".venv/.installed", *args], cwd=REPO, capture_output=True,
-                           text=True, timeout=60)
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MODEL", "ITERS",
+                                                                  "TASK", "ADAPTER", "OUT", "PAPER", "NPROC", "ARGS")}
+        r = subprocess.run(["make", "-s", "-n", "--no-print-directory", "-o", ".venv/.installed", *args], cwd=REPO,
+                           capture_output=True, text=True, timeout=60, env=env)   # as typed, not as this shell has it
         return r.returncode, " ".join(r.stdout.replace("\\\n", " ").split()), r.stderr.strip()
     assert make("eval", "ADAPTER=runs/x/iter2")[1] == ".venv/bin/python evals/run.py --task 'all' --adapter 'runs/x/iter2'"
     assert make("eval", "ADAPTER=runs/x/iter2", "MODEL=m")[1] == \

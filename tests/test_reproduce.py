@@ -360,8 +360,8 @@ CHANGES = [
     ("test digits", [], "{out}/evals/base-mnist-0shot.json: made from other inputs than this command's "
      "(mnist/t10k-images-idx3-ubyte.gz: sha256 "),
     ("adapter", [], "{out}/evals/rigsa-iter1-piqa.json: made from other inputs than this command's (--adapter: sha256 "),
-    ("a config default edited", [], "{out}/rigsa: made from other inputs than this command's (split_seed (no flag of "
-     "this command): 3 in its config.json, 0 in this code's Config); use another --out, or pass --rerun-changed"),
+    ("a config default edited", [], "{out}/rigsa: made from other inputs than this command's (--split-seed (not typed "
+     "by this command): 3 in its config.json, 0 in this code's rigsa.Config); use another --out, or pass --rerun-changed"),
     ("another run's adapter", [], "{out}/rigsa/iter1.safetensors: not the adapter this run's iteration 1 saved "),
     ("output edited", [], "{out}/evals/base-mnist-0shot.json: changed after this step made it: sha256 "),
     ("output cut", [], "{out}/evals/base-mnist-0shot.json: changed after this step made it: sha256 "),
@@ -841,3 +841,18 @@ def test_an_older_runs_test_count_is_read_only_from_its_own_file(tmp_path, monke
         (run / "config.json").write_text(json.dumps({"config": {"data_dir": "d", **cfg}, "data": {}}))
         assert P.test_images(run) == want, cfg
     assert P.test_images(run, {"test_images": 8}) == 8
+
+
+def test_a_kept_trainings_settings_count_only_where_they_act(tmp_path):
+    # config_drift: a setting its method does not use, or whose needs fail, or renamed since, is no difference
+    def drift(method, **saved):
+        (tmp_path / "config.json").write_text(json.dumps({"config": {"method": method, **saved}}))
+        return P.config_drift(tmp_path, [".venv/bin/python", "rigsa.py", "train", "--method", method, "--steps", "2"])
+    assert drift("qlora", keep=0.5) is None and drift("rigsa", rank=4) is None   # another method's setting
+    assert drift("rigsa", keep=0.5) == ("--keep (not typed by this command): 0.5 in its config.json, 0.8 in this "
+                                        "code's rigsa.Config")
+    assert drift("rigsa", init_std=0.1) is None   # --init-std acts only with --init normal
+    assert drift("rigsa", init="normal", init_std=0.1).startswith("--init (not typed")
+    assert drift("rigsa", steps=9, moments="8bit", threads=1) is None   # typed, or how it runs
+    assert drift("rigsa", eval_max=0, download=True) is None   # renamed since: --limit 0, not --offline
+    assert drift("rigsa", eval_max=7).startswith("--limit (not typed by this command): 7 in")

@@ -522,11 +522,14 @@ def test_the_code_version_moves_with_the_sources_only(tmp_path):
     assert util.code_hash(tree) == util.code_version()   # as imported: this checkout's sources
     (tree / "README.md").write_text("edited")
     for other in ("reproduce.py", "conftest.py", "test_mine.py", "lib/test_mine.py", "tests/x.py", "bench/x.py",
-                  "docs/x.py", "data/x.py", "runs/x/x.py", ".hidden/x.py", "venv/lib/x.py", "venv/pyvenv.cfg"):
+                  "docs/x.py", "data/x.py", "runs/x/x.py", ".hidden/x.py", "lib/env/lib/x.py", "lib/env/pyvenv.cfg",
+                  "conda/lib/python3.11/site-packages/pkg/__init__.py", "build/lib/rigsa.py", ".x.py", "lib/.x.py"):
         (tree / other).parent.mkdir(parents=True, exist_ok=True)   # what no number passes through
         (tree / other).write_text("x = 1\n")
+    os.symlink(tree / "gone", tree / ".#rigsa.py")   # an editor's lock: a link to nothing
+    os.symlink(tree / "gone", tree / "lib" / "dangling.py")
     assert util.code_hash(tree) == util.code_version()
-    for helper in ("criteria.py", "lib/ext/criteria.py", "mine/tests/x.py"):   # what rigsa.py may import
+    for helper in ("criteria.py", "lib/ext/criteria.py", "mine/__init__.py"):   # what rigsa.py may import
         (tree / helper).parent.mkdir(parents=True, exist_ok=True)
         (tree / helper).write_text("x = 1\n")
         assert util.code_hash(tree) != util.code_version(), helper

@@ -296,8 +296,7 @@ def config_drift(out, cmd):
         return None   # unreadable: the training step says so when it resumes
     typed = {k.lstrip("-").replace("-", "_").removeprefix("no_") for k in flags(cmd)}
     for f in dataclasses.fields(rigsa.Config):
-        users = [m for m, d in rigsa.METHODS.items() if f.name in d["flags"]]
-        needs = f.metadata.get("needs")
+        users, needs = rigsa.flag_users(f.name), f.metadata.get("needs")
         if (f.name in typed | RUN_ONLY or f.name not in saved or users and run.method not in users
                 or needs and not needs[0](run)):   # typed, how it runs, or a setting that did not act on this run
             continue

@@ -176,12 +176,17 @@ class Config:
     verify_model: bool = _f(False, "hash the base model's cached hub files against the hub's checksums (slow at 1.7B)")
 
 
+def flag_users(name):
+    """The methods that use the setting `name` ([]: every one)."""
+    return [m for m, d in METHODS.items() if name in d["flags"]]
+
+
 def check_config(cfg, given=None):
     """What the flags' own checks cannot see: a Config made in Python, a flag that cannot act on this
     run, and combinations. given: the fields the user typed, else those not at their default."""
     flags.check(cfg)
     typed = flags.typed_by(cfg, given)
-    flags.refuse_idle(cfg, typed, lambda name: [m for m, d in METHODS.items() if name in d["flags"]], cfg.method, "--method")
+    flags.refuse_idle(cfg, typed, flag_users, cfg.method, "--method")
     if cfg.method == "random-mask" and cfg.density == 0 and not cfg.mask_like and typed("density"):   # 0: not given
         raise ValueError("--density 0: a random mask with no free entry trains nothing; give a density > 0, or "
                          "--mask-like RUN/iterK")

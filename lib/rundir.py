@@ -60,10 +60,10 @@ def renamed(saved):
     return out
 
 
-def config_from(saved, source, cls, check=None):
+def config_from(saved, source, cls, check=None, strict=False):
     """A config of dataclass `cls` (rigsa.Config) from a saved one (config.json, an adapter's
     metadata), possibly written by another version of rigsa: keys this version does not know are
-    dropped with one warning line naming them; a missing or malformed config, or a value `check`
+    dropped with one warning line naming them (strict, a resume's: refused); a missing or malformed config, or a value `check`
     refuses, is a ValueError naming `source`."""
     if not isinstance(saved, dict):
         raise ValueError(f"{source}: holds no rigsa config (a {type(saved).__name__}, not a dict); it was not "
@@ -71,6 +71,10 @@ def config_from(saved, source, cls, check=None):
     saved = renamed(saved)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(saved) - known)
+    if unknown and strict:   # a resume: dropped, the run would go on under this version's defaults, and lose them
+        raise ValueError(f"{source}: the run started with config keys this version of rigsa does not know: "
+                         f"{', '.join(unknown)} (another version's, or a field renamed since), which a resume would "
+                         f"drop and go on without; resume it with the code that started it")
     if unknown and (str(source), *unknown) not in _WARNED:   # once per file, however often it is read
         _WARNED.add((str(source), *unknown))
         util.say(f"warning: {source}: ignoring config keys this version of rigsa does not know: {', '.join(unknown)} "
@@ -113,13 +117,7 @@ def resumed(cfg, given, check=None):
         return cfg, None
     try:
         raw = json.loads((out / "config.json").read_text())
-        unknown = sorted(set(renamed(raw["config"])) - {f.name for f in dataclasses.fields(cfg)}) if isinstance(
-            raw["config"], dict) else []
-        if unknown:   # dropped, the run would go on under this version's defaults and config.json lose them
-            raise ValueError(f"{out / 'config.json'}: the run started with config keys this version of rigsa does "
-                             f"not know: {', '.join(unknown)} (another version's, or a field renamed since), which a "
-                             f"resume would drop and go on without; resume it with the code that started it")
-        saved = dataclasses.asdict(config_from(raw["config"], out / "config.json", type(cfg), check))
+        saved = dataclasses.asdict(config_from(raw["config"], out / "config.json", type(cfg), check, strict=True))
     except FileNotFoundError:
         raise FileNotFoundError(f"{out / 'config.json'}: nothing to resume; drop --resume to start a run") from None
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:

@@ -188,7 +188,10 @@ def demo(out="runs/demo", dtype="float32"):
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "DEMO").is_file())):
         raise FileExistsError(f"{out}: exists and is not a demo directory (no DEMO file in it); "
                               f"choose another --out, or an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
+    try:   # an unwritable working directory (the default --out is relative) or a file on the path: said as --out
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot make it ({e.strerror}); choose another --out") from None
     with util.lock_dir(out, "rigsa.py demo"):   # one demo per folder; and its run is not another's to delete
         with util.lock_dir(out / "run") if (out / "run").is_dir() else contextlib.nullcontext():
             for name in DEMO_ENTRIES:   # what an earlier demo wrote; anything else there is the user's, and stays

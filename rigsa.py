@@ -644,6 +644,8 @@ def setup(cfg, resume=None, given=None):
     tokens = cfg.micro_batch * len(encode_example(tok, data["train"][0][0], 0, run.digits, run.eos)[0])
     run.moments = memory.choose_moments(memory.memory_plan(model, layers, device, amp, tokens), device, cfg.moments,
                                         cfg.checkpoint_activations, cfg.micro_batch)
+    if resume is not None and resume["optimizer"] is not None:   # AdamW's state fits this code's, before the run dir is touched
+        memory.check_optimizer_state(make_optimizer(model, cfg, run.moments), resume["optimizer"])
     # the run directory is written once the data and the model have loaded, and the step fits; a
     # resumed run takes up its log, position and RNG
     rundir.begin(run, started, hashes, resume)

@@ -4,6 +4,7 @@ memory.py: where AdamW's moments live and what a training step needs on the devi
   adamw_step                 torch's AdamW step, with the two moments on the device, in host memory
                              (streamed per tensor: the same numbers) or as 8-bit codes (approximate)
   load_optimizer_state       resume.pt's AdamW state, placed (and converted) as --moments wants it
+  check_optimizer_state      ... refused in one line where it does not fit this code's optimizer
   memory_plan, choose_moments   the estimate printed before training, and --moments auto's choice;
                              a run that cannot fit is refused in one line
 Why each part costs what it does: docs/memory.md.
@@ -98,17 +99,36 @@ def _staging(opt, p):
     return opt.staging[0, :p.numel()].view_as(p), opt.staging[1, :p.numel()].view_as(p)
 
 
+def check_optimizer_state(opt, state):
+    """Refuse, in one line, resume.pt's AdamW state where it does not fit opt: another grouping or order
+    of the tensors (make_optimizer edited since the save), which would put moments on the wrong tensors
+    or give torch's raw error. Called before the run directory is touched, and by the load."""
+    saved = [len(g["params"]) for g in state["param_groups"]]
+    ours = [len(g["params"]) for g in opt.param_groups]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    what = None if saved == ours else f"tensors per group {saved}, this optimizer's {ours}"
+    for i, st in state["state"].items():   # 8-bit codes are flat, one per entry: compare entry counts
+        n = next((v.numel() for k, v in st.items() if k in CODES), None)
+        if what is None and n is not None and n != params[i].numel():
+            what = f"its tensor {i} has {n} entries, this optimizer's {params[i].numel()}"
+    if what:
+        raise ValueError(f"resume.pt: its AdamW state does not fit the optimizer this code makes ({what}): "
+                         f"make_optimizer changed since the run was saved; resume with the code that saved it, "
+                         f"or train the run again")
+
+
 def load_optimizer_state(opt, state):
     """opt.load_state_dict(state), with the moments placed, and converted, as opt.moments wants them
     whichever placement wrote them (a run may resume with another --moments): torch's own load would
     copy every moment to the device first, which host moments exist to avoid, and would read 8-bit
     codes as float values."""
+    check_optimizer_state(opt, state)
+    params = [p for g in opt.param_groups for p in g["params"]]
     coded = any(k + "_absmax" in st for st in state["state"].values() for k in CODES)
     if opt.moments == "device" and not coded:
         return opt.load_state_dict(state)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    for g, saved in zip(opt.param_groups, state["param_groups"]):
-        g.update({k: v for k, v in saved.items() if k != "params"})
+    for g, sg in zip(opt.param_groups, state["param_groups"]):
+        g.update({k: v for k, v in sg.items() if k != "params"})
     for i, st in state["state"].items():
         p, new = params[i], {"step": st["step"]}
         for k in CODES:

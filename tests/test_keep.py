@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import cli
 import rigsa
@@ -496,6 +497,37 @@ def test_a_resume_pt_and_config_json_of_two_runs_are_refused(world, tmp_path, ot
     assert tree(tmp_path / "a") == before
 
 
+@pytest.mark.parametrize("moments", ["device", "host"])
+@pytest.mark.parametrize("edit", ["one group", "gates first"])
+def test_a_resume_after_make_optimizer_was_edited_is_refused_in_one_line(world, tmp_path, monkeypatch, moments, edit):
+    # resume.pt's AdamW state is the tensors' of make_optimizer's groups in their order: an edit of it between the
+    # save and the resume gave torch's raw error with device moments, and with host moments put each moment on
+    # whatever tensor had its index (zip and an index, unchecked). Now one line, before the run directory is touched
+    kw = base(world / "model", world / "data", iters=2, halt_after=3, moments=moments)
+    with one_thread():
+        assert rigsa.train(rigsa.Config(out=str(tmp_path / "a"), lr=2e-2, **kw)) is None
+    make = rigsa.make_optimizer
+
+    def edited(model, cfg, moments="device"):
+        opt = make(model, cfg, moments)
+        deltas, gates = opt.param_groups
+        groups = ([{**deltas, "params": deltas["params"] + gates["params"]}] if edit == "one group" else
+                  [{**gates}, {**deltas}])
+        edited_opt = torch.optim.AdamW(groups, lr=0.0, foreach=False)
+        edited_opt.moments = moments
+        return edited_opt
+    monkeypatch.setattr(rigsa, "make_optimizer", edited)
+    before = tree(tmp_path / "a")
+    with pytest.raises(SystemExit) as e:
+        rigsa.main(["train", "--resume", "--out", str(tmp_path / "a"), "--offline", "--no-verify"])
+    what = r"tensors per group \[\d+, \d+\], this optimizer's \[\d+\]" if edit == "one group" else \
+        r"its tensor 0 has \d+ entries, this optimizer's 1"
+    assert re.fullmatch(rf"error: resume.pt: its AdamW state does not fit the optimizer this code makes \({what}\): "
+                        r"make_optimizer changed since the run was saved; resume with the code that saved it, or train "
+                        r"the run again", e.value.code), e.value.code
+    assert tree(tmp_path / "a") == before
+
+
 def test_an_iteration_file_that_is_not_the_runs_own_is_refused(world, tmp_path, monkeypatch):
     # each iteration record names its adapter by the tensors' checksum: another run's iterK.safetensors put in a
     # run's folder (or one changed since) was kept by --resume and taken by reproduce.py's tables as this run's,
@@ -660,6 +692,17 @@ def test_demo_deletes_only_its_own_entries(tmp_path, monkeypatch, capsys):
     empty.mkdir()
     cli.demo(str(empty))
     assert sorted(os.listdir(empty)) == ["DEMO", "mnist", "tiny-model"]
+
+
+def test_a_demo_out_that_cannot_be_made_is_named_as_out(tmp_path, monkeypatch):
+    # the default --out is relative: in a working directory the user cannot write (or under a file) the demo said
+    # only errno's text and the path, not which flag moves it
+    (tmp_path / "file").write_text("the user's")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        rigsa.main(["demo", "--out", "file/demo"])
+    assert e.value.code == "error: --out file/demo: cannot make it (Not a directory); choose another --out"
+    assert (tmp_path / "file").read_text() == "the user's"
 
 
 def test_demo_unlinks_a_linked_entry_and_waits_for_a_run_that_writes(tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 # Variables: MODEL (hub id or local directory), ITERS (IMP iterations), TASK (eval task),
 #            ADAPTER (RUN/iterK to evaluate), OUT (run directory), PAPER (reproduce.py's directory),
 #            NPROC (processes per machine for torchrun; 1 = no torchrun), ARGS (more flags for demo, train, eval,
-#            paper and chat, as their --help gives them: ARGS='--no-verify --resume'). Values are quoted: spaces stay.
+#            paper and chat, as their --help gives them: ARGS='--no-verify --resume'). Values are quoted: spaces and quotes stay.
 PY       := .venv/bin/python
 BENCH_PY := .venv-bench/bin/python
 MODEL    ?= HuggingFaceTB/SmolLM2-1.7B-Instruct
@@ -13,8 +13,10 @@ OUT      ?= runs/rigsa
 PAPER    ?= runs/paper
 NPROC    ?= 1
 ARGS     ?=
+# a value for the shell, single-quoted, a ' in it written '\'' (a space or a quote stays in its value)
+q         = '$(subst ','\'',$(1))'
 # torchrun for NPROC > 1; a NPROC that is no count is said in one line by the targets that use it
-RUN       = $(if $(shell echo '$(NPROC)' | grep -Ex '[1-9][0-9]*'),,$(error NPROC=$(NPROC): the processes per machine, \
+RUN       = $(if $(shell echo $(call q,$(NPROC)) | grep -Ex '[1-9][0-9]*'),,$(error NPROC=$(NPROC): the processes per machine, \
             a whole number from 1 (1: no torchrun)))$(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run \
             --standalone --nproc-per-node=$(NPROC))
 
@@ -54,30 +56,30 @@ test: .venv/.installed .plots/.installed   ## create the environment if needed, 
 
 # demo: OUT only where given (the default OUT is train's); chat: an ADAPTER is said, not dropped
 demo: .venv/.installed          ## the whole RIGSA pipeline on a tiny model, offline, into runs/demo (or OUT), under a minute on a CPU
-	$(PY) rigsa.py demo $(if $(filter-out file,$(origin OUT)),--out '$(OUT)') $(ARGS)
+	$(PY) rigsa.py demo $(if $(filter-out file,$(origin OUT)),--out $(call q,$(OUT))) $(ARGS)
 
 docs: .venv/.installed          ## docs/cli.md from every command's --help (a test keeps them equal)
 	$(PY) docs/make_cli.py
 
 train: .venv/.installed         ## the paper's run: RIGSA, ITERS IMP iterations on MODEL, into OUT (NPROC processes)
-	$(RUN) rigsa.py train --model '$(MODEL)' --iters '$(ITERS)' --out '$(OUT)' $(ARGS)
+	$(RUN) rigsa.py train --model $(call q,$(MODEL)) --iters $(call q,$(ITERS)) --out $(call q,$(OUT)) $(ARGS)
 
 eval: .venv/.installed          ## evaluate MODEL, or ADAPTER on its own base (on MODEL if given), on TASK, lm-eval's protocol (NPROC processes)
-	$(RUN) evals/run.py --task '$(TASK)' $(if $(and $(ADAPTER),$(filter file,$(origin MODEL))),,--model '$(MODEL)') \
-	    $(if $(ADAPTER),--adapter '$(ADAPTER)') $(ARGS)
+	$(RUN) evals/run.py --task $(call q,$(TASK)) $(if $(and $(ADAPTER),$(filter file,$(origin MODEL))),,--model $(call q,$(MODEL))) \
+	    $(if $(ADAPTER),--adapter $(call q,$(ADAPTER))) $(ARGS)
 
 paper: .venv/.installed         ## from a fresh clone to the paper's tables and figures (PAPER/TABLES.md; days on one GPU)
-	PYTHONPATH=$(if $(wildcard .plots/.installed),.plots,) $(PY) reproduce.py --model '$(MODEL)' --out '$(PAPER)' --nproc '$(NPROC)' $(ARGS)
+	PYTHONPATH=$(if $(wildcard .plots/.installed),.plots,) $(PY) reproduce.py --model $(call q,$(MODEL)) --out $(call q,$(PAPER)) --nproc $(call q,$(NPROC)) $(ARGS)
 
 plots: .venv/.installed .plots/.installed  ## TABLES.md and Figures 2-4 (PNG) from what PAPER holds
-	PYTHONPATH=.plots $(PY) reproduce.py --tables-only --out '$(PAPER)'
+	PYTHONPATH=.plots $(PY) reproduce.py --tables-only --out $(call q,$(PAPER))
 
 chat: .venv/.installed          ## one chat message to MODEL (the paper's Figure 6)
 	$(if $(ADAPTER),$(error ADAPTER=$(ADAPTER): make chat talks to MODEL alone; merge the adapter first \
 	    (rigsa.py merge --adapter $(ADAPTER) --out DIR), then make chat MODEL=DIR))
-	$(PY) model.py --model '$(MODEL)' --prompt "What is the capital of France?" $(ARGS)
+	$(PY) model.py --model $(call q,$(MODEL)) --prompt "What is the capital of France?" $(ARGS)
 
-bench: bench-model bench-train bench-memory bench-layer bench-distributed bench-evals bench-generate bench-attention bench-qlora bench-precision bench-checkpoint bench-evals-bf16  ## every benchmark, side by side with the peers
+bench: bench-model bench-train bench-memory bench-layer bench-distributed bench-evals bench-generate bench-attention bench-qlora bench-precision bench-checkpoint bench-evals-bf16  ## every benchmark, side by side with the peers (not parity-gsm8k: a 35-minute training first; check-lm-eval and device-check are checks, not timings)
 
 bench-model: .venv/.installed   ## prefill and batched decode against transformers (135M shape, CPU)
 	$(PY) bench/bench_model.py

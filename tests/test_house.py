@@ -115,6 +115,18 @@ for script in scripts:
         assert subprocess.run(["bash", "-n", os.path.join(REPO, "bench", sh)]).returncode == 0, sh
 
 
+def test_the_device_script_refuses_missing_data_before_it_writes_anything(tmp_path):
+    # make device-check without data/: one line, and no empty log folder left behind (it was made first)
+    import subprocess
+    import sys
+    env = {**os.environ, "SMALL": "1", "DATA": str(tmp_path / "none"), "LOG": str(tmp_path / "log"), "PY": sys.executable}
+    p = subprocess.run(["bash", os.path.join(REPO, "bench", "device.sh")], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert p.returncode == 1 and p.stdout.splitlines()[-1] == (
+        f"error: {tmp_path}/none/piqa: not there; the evals part needs PIQA's and GSM8k's files (DATA=folder)"), p.stdout
+    assert not (tmp_path / "log").exists()
+
+
 def test_make_eval_takes_the_adapters_own_base_and_a_bad_nproc_is_one_line():
     # make's variables as a user types them (make -n: the commands, not run; -o: the environment taken as made)
     import subprocess
@@ -132,6 +144,8 @@ def test_make_eval_takes_the_adapters_own_base_and_a_bad_nproc_is_one_line():
     assert make("train", "OUT=a b", "ARGS=--resume --no-verify")[1] == (   # a space stays in its value; ARGS are flags
         ".venv/bin/python rigsa.py train --model 'HuggingFaceTB/SmolLM2-1.7B-Instruct' --iters '5' --out 'a b' --resume "
         "--no-verify")
+    assert make("train", "OUT=bob's run", "MODEL=m")[1] == (   # a quote too (it ended the quoted value: a shell error)
+        ".venv/bin/python rigsa.py train --model 'm' --iters '5' --out 'bob'\\''s run'")
     assert make("train", "NPROC=2")[1].startswith(".venv/bin/python -m torch.distributed.run --standalone "
                                                   "--nproc-per-node=2 rigsa.py train")
     assert make("demo")[1] == ".venv/bin/python rigsa.py demo" and make("demo", "OUT=d")[1].endswith("demo --out 'd'")

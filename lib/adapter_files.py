@@ -176,10 +176,20 @@ def adapter_path(spec):
 
 
 def check_not_adapter(path, name):
-    """--model `name`, resolved to `path`, is a model's folder, not a PEFT adapter's (a LoRA run's iterK-peft/)."""
+    """--model `name`, resolved to `path`, is a model's folder, not a PEFT adapter's (a LoRA run's iterK-peft/)
+    nor a run directory (whose config.json is the run's record: the loaders said three other things)."""
     if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
         raise ValueError(f"--model {name}: a PEFT adapter's folder (adapter_config.json), not a model; pass the base "
                          f"model as --model (and to evaluate a run's adapter, --adapter RUN/iterK)")
+    try:
+        run = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):   # none, or unreadable: the model's loader says so
+        return
+    if isinstance(run, dict) and isinstance(run.get("config"), dict) and "base" in run:
+        base = run["base"].get("model") if isinstance(run["base"], dict) else None
+        raise ValueError(f"--model {name}: a rigsa run directory (its config.json is the run's record), not a model; "
+                         f"pass its base as --model" + (f" ({base})" if base else "") + ", and its adapter as "
+                         f"--adapter {name.rstrip('/')}/iterK (evals/run.py, rigsa.py merge)")
 
 
 def read(spec, tensors=True):

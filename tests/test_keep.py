@@ -442,6 +442,20 @@ def test_a_peft_folder_as_the_model_is_said_to_be_one(world, tmp_path):
         rigsa.train(rigsa.Config(out=str(tmp_path / "run"), **base(peft, world / "data")))
 
 
+def test_a_run_directory_as_the_model_is_said_to_be_one(world, tmp_path):
+    # a run's folder as --model got three other messages (train and merge: "not a Llama architecture"; evals/run.py:
+    # "tokenizer file not found"), none naming the run's base or where its adapter is
+    run = world / "run"
+    want = (f"--model {run}: a rigsa run directory (its config.json is the run's record), not a model; pass its base "
+            f"as --model ({world / 'model'}), and its adapter as --adapter {run}/iterK (evals/run.py, rigsa.py merge)")
+    assert evals(world, "--model", run) == "error: " + want
+    with pytest.raises(ValueError, match=re.escape(want)):
+        cli.merge(run / "iter2", tmp_path / "merged", base=str(run), allow_other_base=True)
+    with pytest.raises(ValueError, match=re.escape(want)):
+        rigsa.train(rigsa.Config(out=str(tmp_path / "run"), **base(run, world / "data")))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "merged").exists()
+
+
 def test_prompts_past_the_models_positions_are_refused_before_the_base_loads(world, tmp_path, monkeypatch):
     # train said nothing and trained past RoPE's range where evals/run.py refused the same model and files
     short = shutil.copytree(world / "model", tmp_path / "short")

@@ -6,7 +6,8 @@ scripts can call early() before torch loads.
   early                  from the scripts' first lines: a signal while the imports run (a second or two)
   stop_as_interrupt      from main(): both signals raise KeyboardInterrupt, so that cleanups run
   interrupted            the signal that stopped this process (an error after it is not a broken file)
-  command, exit_interrupted   the pasteable command line, and the one line at the end
+  command, exit_interrupted   the pasteable command line (torchrun's where it ran on it), and the one line at
+                         the end (rank 0's alone: speaks)
 """
 import os
 import shlex
@@ -54,25 +55,49 @@ def python_cmd():
     return "python" if w and os.path.abspath(w) == os.path.abspath(sys.executable) else sys.executable
 
 
+def launcher():
+    """How this process was launched, after the interpreter: nothing in one process; on torchrun
+    (WORLD_SIZE > 1) torchrun with as many processes per machine, so that the line continues the run
+    as it ran (another count is taken, but the last bits differ) and says so on each machine."""
+    n, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if n <= 1:
+        return []
+    nodes = ["--standalone"] if n == local else [f"--nnodes={n // max(local, 1)}"]   # more machines: their rendezvous too
+    return ["-m", "torch.distributed.run", *nodes, f"--nproc-per-node={local}"]
+
+
+def speaks():
+    """Whether this process prints the stopping lines: one process, or torchrun's rank 0 (from the
+    environment: a signal handler makes no collective call)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def command(script, argv):
-    """`python <script> <argv>` as a shell line to paste in the current directory."""
+    """`python <script> <argv>` (on torchrun: `python -m torch.distributed.run ... <script> <argv>`) as a
+    shell line to paste in the current directory."""
     rel = os.path.relpath(script)
-    return shlex.join([python_cmd(), os.path.abspath(script) if rel.startswith("..") else rel, *map(str, argv)])
+    return _line([os.path.abspath(script) if rel.startswith("..") else rel, *map(str, argv)])
+
+
+def _line(words):
+    n, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return shlex.join([python_cmd(), *launcher(), *words]) + \
+        (" (on each machine, with the rendezvous flags it started with)" if n > local else "")
 
 
 def exit_interrupted(what):
     """The CLIs' end on Ctrl-C or SIGTERM: one line (the signal, then `what`: what was kept and the
     command that continues), exit 128 + the signal (130, 143), no traceback."""
     sig = interrupted() or signal.SIGINT
-    if not os.environ.get("RIGSA_QUIET_STOP"):   # reproduce.py's steps: it says what to do, once
+    if not os.environ.get("RIGSA_QUIET_STOP") and speaks():   # reproduce.py's steps: it says what to do, once
         print(f"{signal.Signals(sig).name}: stopped; {what}", file=sys.stderr)
     sys.exit(128 + sig)
 
 
 def _early(signum, frame):
-    if not os.environ.get("RIGSA_QUIET_STOP"):
+    if not os.environ.get("RIGSA_QUIET_STOP") and speaks():
         print(f"{signal.Signals(signum).name}: stopped; nothing was kept; run again with: "
-              f"{shlex.join([python_cmd(), *sys.argv])}", file=sys.stderr)
+              f"{_line(sys.argv)}", file=sys.stderr)
     sys.exit(128 + signum)
 
 

@@ -580,9 +580,10 @@ def _on_signal(signum, frame):
         STOP.append(signum)
         raise KeyboardInterrupt
     STOP.append(signum)
-    print(f"\n{signal.Signals(signum).name}: finishing this optimizer step (or this iteration's evaluation and save), "
-          f"then writing a resume checkpoint and stopping; a run in its last step or evaluation completes instead (send "
-          f"it again to stop at once, losing the steps since the last checkpoint)", file=sys.stderr)
+    if interrupts.speaks():   # on torchrun every rank gets the signal; rank 0 says it
+        print(f"\n{signal.Signals(signum).name}: finishing this optimizer step (or this iteration's evaluation and save), "
+              f"then writing a resume checkpoint and stopping; a run in its last step or evaluation completes instead "
+              f"(send it again to stop at once, losing the steps since the last checkpoint)", file=sys.stderr)
 
 
 def stop_signal(device):

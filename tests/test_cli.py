@@ -664,6 +664,37 @@ def test_ctrl_c_before_the_run_exists_says_run_again_not_resume(world, tmp_path,
     assert not (tmp_path / "r").exists()
 
 
+def test_on_torchrun_rank_0_alone_says_a_stop_and_the_line_that_continues_is_torchruns(monkeypatch, capsys):
+    # every rank gets Ctrl-C: each printed the notice and "stopped; ..." (twice on 2 processes), and the line that
+    # continues named python alone, which resumes on one process, whose last bits differ from the run's
+    py, here = interrupts.python_cmd(), os.path.relpath(os.path.join(REPO, "rigsa.py"))
+    here = os.path.abspath(here) if here.startswith("..") else here
+    for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert rundir.continue_command("r") == f"{py} {here} train --resume --out r"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert rundir.continue_command("r") == \
+        f"{py} -m torch.distributed.run --standalone --nproc-per-node=2 {here} train --resume --out r"
+    monkeypatch.setenv("WORLD_SIZE", "8")   # two machines of 4: their rendezvous is theirs to give
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert rundir.continue_command("r") == (f"{py} -m torch.distributed.run --nnodes=2 --nproc-per-node=4 {here} "
+                                            f"train --resume --out r (on each machine, with the rendezvous flags it "
+                                            f"started with)")
+    monkeypatch.setattr(rundir, "STOP", [])
+    for rank, says in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        rundir.STOP.clear()
+        rundir._on_signal(signal.SIGINT, None)
+        interrupts.SIGNALS[:] = [signal.SIGINT]
+        with pytest.raises(SystemExit) as e:
+            interrupts.exit_interrupted("kept")
+        err = capsys.readouterr().err
+        assert e.value.code == 130 and ("SIGINT: finishing this optimizer step" in err) == says and \
+            ("SIGINT: stopped; kept" in err) == says, (rank, err)
+    interrupts.SIGNALS.clear()
+
+
 @pytest.mark.parametrize("tool", ["model", "evals", "rigsa"])
 def test_an_interrupt_while_the_model_loads_blames_no_file(world, tmp_path, capsys, monkeypatch, tool):
     # rule 7: a safetensors read cut short by a signal is the interrupt (exit 130, one line), never "corrupt ...;

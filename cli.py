@@ -94,7 +94,7 @@ def check_fits(spec, acfg, ameta, mcfg, path, base, four_bit=False):
             fix = f"it was made on a model of other shapes: use it with its base, {made_on}"
         raise ValueError(f"--adapter {spec}: does not fit the base model {base['model']} ({why}); {fix}")
     try:
-        rec = AF.merge_record(Path(path) / "rigsa-merge.json") if (Path(path) / "rigsa-merge.json").is_file() else {}
+        rec = util.merge_record(Path(path) / "rigsa-merge.json") if (Path(path) / "rigsa-merge.json").is_file() else {}
     except ValueError:   # a damaged record: merge_dtype says so where it matters
         rec = {}
     # the merge's record names the adapter by its checksum; one written before it did, by its absolute path

@@ -1004,7 +1004,7 @@ def main(argv=None):
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="auto (default): bfloat16 where the device computes it natively (CUDA, a CPU with AMX or "
-                         "AVX512-BF16), else float32")
+                         "AVX512-BF16), else float32, and float32 for a float32 merge (rigsa.py merge)")
     ap.add_argument("--revision", default=None, help="pin a hub revision: commit, branch or tag (default: the latest, main)")
     ap.add_argument("--verify-model", action="store_true",
                     help="hash the cached files against the hub's checksums (finds a corrupted byte; slow for 1.7B)")
@@ -1026,7 +1026,11 @@ def chat(a):
     """model.py's one message: load, clamp --max-new-tokens to the model's positions, generate."""
     check_revision(a.model, a.revision)   # as train, merge and evals/run.py: a local folder has no revisions
     device = util.pick_device(a.device)
-    model, tok = load(a.model, device, util.auto_dtype(a.dtype, device)[0], a.revision, a.verify_model)
+    path = resolve(a.model, a.revision, a.verify_model)
+    # auto as train and evals/run.py take it: bfloat16 where native, but a float32 merge stays float32
+    dtype, why = util.merge_dtype(a.dtype, *util.auto_dtype(a.dtype, device), path)
+    print(f"dtype: {str(dtype).removeprefix('torch.')} ({why.removeprefix('auto: ')})", file=sys.stderr)
+    model, tok = load(path, device, dtype)
     msgs = ([{"role": "system", "content": a.system}] if a.system is not None else []) + [{"role": "user", "content": a.prompt}]
     text, P = tok.chat(msgs), model.config.max_position_embeddings
     n = len(tok.encode(text))

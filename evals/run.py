@@ -706,7 +706,7 @@ def evaluate(args):
         raise ValueError(f"--chat: {tok0.template_unread}, so the ChatML this code writes is not what lm-eval's "
                          f"--apply_chat_template would score for this model; drop --chat (the paper's plain prompts)")
     dtype, why = util.auto_dtype(args.dtype, device)   # auto: bfloat16 where the device computes it natively
-    dtype, why = AF.merge_dtype(args.dtype, dtype, why, path)   # but a float32 merge stays float32
+    dtype, why = util.merge_dtype(args.dtype, dtype, why, path)   # but a float32 merge stays float32
     base = {"model": name, **M.base_identity(path)}
     mcfg, _, qc = qlora.check_model(path)   # what the base's load would refuse, said before the adapter's read
     if args.adapter:   # its layers and shapes, from its header: a base of other shapes is said before it loads

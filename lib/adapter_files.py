@@ -337,44 +337,6 @@ def remove_killed_merges(out):
                      file=sys.stderr)
 
 
-def merge_record(path):
-    """rigsa-merge.json, the record write_merged leaves in a merged model's folder, as a dict. Not to be
-    deleted when damaged: without it a float32 merge is taken for any checkpoint (merge_dtype)."""
-    fix = "merge again, or pass --dtype float32 (or bfloat16) to choose the dtype yourself"
-    try:
-        d = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:   # ValueError: not JSON, not UTF-8
-        raise ValueError(f"{path}: not readable as rigsa.py merge's record ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:120]}); {fix}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: not rigsa.py merge's record (a {type(d).__name__}, not a JSON object); {fix}")
-    return d
-
-
-def merge_dtype(flag, dtype, why, path):
-    """--dtype `flag`, resolved to (dtype, why) by util.auto_dtype, for the model folder `path`: a float32
-    merge (its rigsa-merge.json says so) holds deltas that bfloat16 would round away (rigsa.py merge
-    --dtype bfloat16 says how much), so auto keeps it in float32, for evaluation and for training on it
-    alike (a damaged record is refused: which it is cannot be told); bfloat16 typed is taken, as asked,
-    with a note."""
-    merged = Path(path) / "rigsa-merge.json"
-    auto = flag in (None, "auto")
-    if dtype != torch.bfloat16 or not merged.is_file():
-        return dtype, why
-    try:
-        if merge_record(merged).get("dtype") != "float32":
-            return dtype, why
-    except ValueError:
-        if auto:
-            raise
-        return dtype, why   # bfloat16 as asked, whatever the merge was
-    if auto:
-        return torch.float32, "auto: a float32 merge of an adapter, whose small deltas bfloat16 would round away"
-    util.say(f"note: --dtype bfloat16: {path} is a float32 merge of an adapter, whose small deltas bfloat16 rounds "
-             f"away (rigsa.py merge --dtype bfloat16 says how much); --dtype auto keeps it in float32", file=sys.stderr)
-    return dtype, why
-
-
 def write_merged(out, src, model, dtype, record):
     """The merged model as a checkpoint in the official layout, at `out`, with the base's other files
     (tokenizer, configs) from `src` and `record` as rigsa-merge.json. Written into a sibling folder

@@ -133,7 +133,7 @@ def resumed(cfg, given, check=None):
         resolved, why = util.auto_dtype("auto", util.pick_device(cfg.device))
         model = cfg.model if typed("model") else saved.get("model")
         if isinstance(model, str) and os.path.isdir(model):   # and for this base: a float32 merge stays float32
-            resolved, why = AF.merge_dtype("auto", resolved, why, model)
+            resolved, why = util.merge_dtype("auto", resolved, why, model)
         resolved = str(resolved).removeprefix("torch.")
         cfg = dataclasses.replace(cfg, dtype=saved["dtype"] if resolved == saved["dtype"] else resolved)
         shown["dtype"] = f"; 'auto' is {resolved} here"   # named as typed, and what it is
@@ -280,7 +280,7 @@ def start(cfg, device, mask_like=None, resumes=False):
     base = util.rank_zero_first(lambda: M.resolve(cfg.model, cfg.revision or None, cfg.verify_model, cfg.offline))
     AF.check_not_adapter(base, cfg.model)
     if not cfg.resume:   # a float32 merge stays float32 under auto, as evals/run.py evaluates it
-        dtype, why = AF.merge_dtype(cfg.dtype, dtype, why, base)
+        dtype, why = util.merge_dtype(cfg.dtype, dtype, why, base)
     cfg.dtype = str(dtype).removeprefix("torch.")
     cfg.revision = M.hub_commit(base) or cfg.revision
     ident = {"model": cfg.model, **M.base_identity(base)}   # recorded in config.json and every adapter

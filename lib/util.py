@@ -12,6 +12,7 @@ tasks or the method; model.py, qlora.py, rigsa.py, evals/ and the scripts import
   ArgumentParser, number     one-line usage errors; numeric flags checked where they are parsed
   pick_device, on_device     "auto" -> cuda if available ("cuda" without CUDA is an error); constants per device
   native_bf16, auto_dtype    --dtype auto: bfloat16 where the device computes it natively (CUDA, AMX, AVX512-BF16)
+  merge_record, merge_dtype  ... but a float32 merge (its rigsa-merge.json says so) stays float32
   init_distributed, world    torchrun: one process per GPU (gloo processes on the CPU); say: rank 0 prints
   exit_distributed           torchrun: all ranks done, then the process group left and the process ended
   keep_freed_memory          CPU runs: glibc keeps freed blocks for reuse
@@ -685,10 +686,15 @@ def machine(device):
 
 
 def emulated(dtype, device):
-    """What to add to a dtype's reason where `device` is a CPU that computes bfloat16 without native
-    instructions ('' elsewhere): it is taken, as asked or as a run started, and said."""
-    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not native_bf16(device):
+    """What to add to a dtype's reason where `device` is a CPU that computes it without native
+    instructions ('' elsewhere): it is taken, as asked or as a run started, and said. float16 on a
+    CPU without AMX-FP16 is converted around float32 kernels: 2-4x slower than float32 (AVX512-BF16 EPYC)."""
+    if torch.device(device).type != "cpu":
+        return ""
+    if dtype == torch.bfloat16 and not native_bf16(device):
         return "; emulated on this cpu (no AMX or AVX512-BF16): many times slower than float32"
+    if dtype == torch.float16 and not getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)():
+        return "; emulated on this cpu (no AMX-FP16): slower than float32"
     return ""
 
 
@@ -700,6 +706,44 @@ def auto_dtype(name, device):
         return getattr(torch, name), "as asked" + emulated(getattr(torch, name), device)
     why = native_bf16(device)
     return (torch.bfloat16, f"auto: {why}") if why else (torch.float32, f"auto: no native bfloat16 on this {torch.device(device).type}")
+
+
+def merge_record(path):
+    """rigsa-merge.json, the record write_merged leaves in a merged model's folder, as a dict. Not to be
+    deleted when damaged: without it a float32 merge is taken for any checkpoint (merge_dtype)."""
+    fix = "merge again, or pass --dtype float32 (or bfloat16) to choose the dtype yourself"
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:   # ValueError: not JSON, not UTF-8
+        raise ValueError(f"{path}: not readable as rigsa.py merge's record ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:120]}); {fix}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: not rigsa.py merge's record (a {type(d).__name__}, not a JSON object); {fix}")
+    return d
+
+
+def merge_dtype(flag, dtype, why, path):
+    """--dtype `flag`, resolved to (dtype, why) by auto_dtype, for the model folder `path`: a float32
+    merge (its rigsa-merge.json says so) holds deltas that bfloat16 would round away (rigsa.py merge
+    --dtype bfloat16 says how much), so auto keeps it in float32, for evaluation and for training on it
+    alike (a damaged record is refused: which it is cannot be told); bfloat16 typed is taken, as asked,
+    with a note."""
+    merged = Path(path) / "rigsa-merge.json"
+    auto = flag in (None, "auto")
+    if dtype != torch.bfloat16 or not merged.is_file():
+        return dtype, why
+    try:
+        if merge_record(merged).get("dtype") != "float32":
+            return dtype, why
+    except ValueError:
+        if auto:
+            raise
+        return dtype, why   # bfloat16 as asked, whatever the merge was
+    if auto:
+        return torch.float32, "auto: a float32 merge of an adapter, whose small deltas bfloat16 would round away"
+    say(f"note: --dtype bfloat16: {path} is a float32 merge of an adapter, whose small deltas bfloat16 rounds "
+             f"away (rigsa.py merge --dtype bfloat16 says how much); --dtype auto keeps it in float32", file=sys.stderr)
+    return dtype, why
 
 
 # -----------------------------------------------------------------------------

@@ -128,6 +128,18 @@ def test_auto_keeps_a_float32_merge_in_float32(tiny_dir, tmp_path, monkeypatch, 
             "--offline", "--limit", "2", "--output", str(out)])
     r = json.loads(out.read_text())
     assert r["dtype"] == "float32" and r["dtype_choice"].startswith("auto: a float32 merge"), r["dtype_choice"]
+    loaded = []   # model.py's chat too: it took auto as bfloat16 here, without a word (the native-bfloat16 tester's M2)
+    monkeypatch.setattr(M, "load", lambda path, device, dtype, *a: loaded.append(dtype) or (_ for _ in ()).throw(
+        KeyboardInterrupt))
+    for typed in ("auto", "bfloat16"):
+        with pytest.raises(SystemExit):
+            M.main(["--model", str(tmp_path / "merged"), "--prompt", "hi", "--dtype", typed])
+    assert loaded == [torch.float32, torch.bfloat16], loaded
+    err = capsys.readouterr().err
+    assert "dtype: float32 (a float32 merge of an adapter, whose small deltas bfloat16 would round away)" in err
+    assert f"note: --dtype bfloat16: {tmp_path / 'merged'} is a float32 merge" in err and "dtype: bfloat16 (as asked)" in err
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     on = dict(model=str(tmp_path / "merged"), iters=1, steps=1)
     with one_thread():
         rigsa.train(tiny_cfg(tiny_dir, tmp_path, out=str(tmp_path / "auto"), dtype="auto", **on))

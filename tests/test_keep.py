@@ -669,9 +669,9 @@ def test_a_damaged_merge_record_is_one_line_naming_it(tmp_path, content):
     p.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(ValueError, match=f"^{re.escape(str(p))}: not (readable as )?rigsa.py merge's record .*; merge "
                                          f"again, or pass --dtype float32 \\(or bfloat16\\) to choose the dtype yourself$"):
-        AF.merge_record(p)
+        util.merge_record(p)
     p.write_text('{"dtype": "float32"}')
-    assert AF.merge_record(p) == {"dtype": "float32"}
+    assert util.merge_record(p) == {"dtype": "float32"}
 
 
 def test_a_previous_result_is_replaced(world, tmp_path):

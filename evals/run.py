@@ -246,6 +246,7 @@ def run_task(task, data, model, tok, args, info):
               "machine": util.machine(next(model.parameters()).device), "torch": torch.__version__,   # the last bits'
               "code": util.code_version(),   # rigsa's sources' sha256 (util.code_files): results of other code told apart
               "adapter_code": info.get("adapter_code"),   # and the code that trained the adapter, as its file records
+              "adapter_dtype": info.get("adapter_dtype"),  # and the dtype it trained in (its file's config)
               "protocol": "lm-evaluation-harness 0.4.x, " + ("--apply_chat_template" if args.chat else "plain text")}
     return result, {"task": task, "k": k, "n_all": n_all, "samples": logged, "batch_size": bs,
                     "results": {"name": task, "alias": task, "sample_len": len(samples), **lm_metrics(metrics)}}
@@ -739,6 +740,7 @@ def evaluate(args):
     info = run_info(args, model, tok, name, revision, quantize, device)
     info["dtype_choice"] = why
     info["adapter_code"] = (ameta or {}).get("code")   # the code that trained it (None: an older file's)
+    info["adapter_dtype"] = acfg.dtype if acfg is not None else None   # and the dtype it trained in, beside this one's
     if info["adapter_code"] not in (None, util.code_version()):   # its prompt (§4.2) is this code's, not its own
         util.say(f"note: --adapter {args.adapter} was trained by another version of rigsa's code "
                  f"({info['adapter_code']}) than this evaluation runs ({util.code_version()}): its Textual MNIST "

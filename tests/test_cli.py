@@ -419,6 +419,7 @@ def test_an_adapter_on_another_base_only_when_asked_and_recorded(world, tmp_path
     assert same["base_check"] == "same" and other["base_check"] == "other (allowed)"
     assert other["base"]["fingerprint"] != same["base"]["fingerprint"]
     assert same["adapter_code"] == same["code"] == util.code_version() and "another version" not in err
+    assert same["adapter_dtype"] == json.loads((w / "run" / "config.json").read_text())["config"]["dtype"]
     with safe_open(str(w / "run" / "iter2.safetensors"), "pt") as f:   # trained by other code: said and recorded
         t, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     save_file(t, tmp_path / "older.safetensors", metadata={**meta, "code": "0123456789ab"})

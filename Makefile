@@ -14,7 +14,7 @@ PAPER    ?= runs/paper
 NPROC    ?= 1
 ARGS     ?=
 # a value for the shell, single-quoted, a ' in it written '\'' (a space or a quote stays in its value)
-q         = '$(subst ','\'',$(1))'
+override q = '$(subst ','\'',$(1))'
 # torchrun for NPROC > 1; a NPROC that is no count is said in one line by the targets that use it
 RUN       = $(if $(shell echo $(call q,$(NPROC)) | grep -Ex '[1-9][0-9]*'),,$(error NPROC=$(NPROC): the processes per machine, \
             a whole number from 1 (1: no torchrun)))$(if $(filter 1,$(NPROC)),$(PY),$(PY) -m torch.distributed.run \

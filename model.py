@@ -70,6 +70,9 @@ class SmolLM2Config:
             raise ValueError(f"{path}: a JSON {type(d).__name__}, not a model's config (a mapping); use the model's own config.json")
         arch = d.get("architectures") or []
         if d.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
+            if isinstance(d.get("config"), dict) and "base" in d:   # a training run's folder (rigsa.py train --out)
+                raise ValueError(f"{path}: a training run's record, not a model's config; pass the model it names "
+                                 f"under \"base\", or a merge of its adapter (rigsa.py merge)")
             raise ValueError(f"{path}: not a Llama architecture (model_type={d.get('model_type')!r}, "
                              f"architectures={arch}); this loader only reads Llama-style SmolLM2 checkpoints")
         # rope_theta is top-level in the official files (transformers 4.4x) and under

@@ -645,7 +645,8 @@ def setup(cfg, resume=None, given=None):
     run.moments = memory.choose_moments(memory.memory_plan(model, layers, device, amp, tokens), device, cfg.moments,
                                         cfg.checkpoint_activations, cfg.micro_batch)
     if resume is not None and resume["optimizer"] is not None:   # AdamW's state fits this code's, before the run dir is touched
-        memory.check_optimizer_state(make_optimizer(model, cfg, run.moments), resume["optimizer"])
+        memory.check_optimizer_state(make_optimizer(model, cfg, run.moments), resume["optimizer"],
+                                     resume.get("optimizer_names"), model)
     # the run directory is written once the data and the model have loaded, and the step fits; a
     # resumed run takes up its log, position and RNG
     rundir.begin(run, started, hashes, resume)
@@ -719,6 +720,7 @@ def evaluate(run, it):
 def save_resume(run, opt, it, step):
     """resume.pt: the trainable state, the optimizer, where the run is, the RNG and the log."""
     rundir.save_resume(run.out, {"iteration": it, "step": step, "optimizer": opt.state_dict() if opt is not None else None,
+                                 "optimizer_names": memory.group_names(run.model, opt) if opt is not None else None,
                                  "state": AF.tensors_of(adapters(run.model), qlora.lora_state_dict(run.model)),
                                  "rng": rundir.rng_states(run.device), "log": run.log,
                                  "config": dataclasses.asdict(run.cfg)})   # --resume checks config.json against it

@@ -54,7 +54,7 @@ fi
 for t in piqa gsm8k; do
     [ -d "$DATA/$t" ] || { echo "error: $DATA/$t: not there; the evals part needs PIQA's and GSM8k's files (DATA=folder)"; exit 1; }
 done
-mkdir -p "$LOG"   # after the checks: a refusal leaves no empty log folder behind
+mkdir -p "$LOG" || exit 1   # after the checks: a refusal leaves no empty log folder behind
 part gpu "${T_GPU:-240}" bash bench/gpu.sh "${G[@]}"
 part halt_resume "${T_HALT:-210}" "$PY" bench/halt_resume.py "${H[@]}"
 part evals "${T_EVALS:-100}" "$PY" bench/bench_evals.py --ours-only --data-dir "$DATA" "${E[@]}"

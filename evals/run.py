@@ -740,7 +740,10 @@ def evaluate(args):
     info = run_info(args, model, tok, name, revision, quantize, device)
     info["dtype_choice"] = why
     info["adapter_code"] = (ameta or {}).get("code")   # the code that trained it (None: an older file's)
-    info["adapter_dtype"] = acfg.dtype if acfg is not None else None   # and the dtype it trained in, beside this one's
+    # and the dtype it last trained in, as its file's own config says (not a default standing in for a missing key)
+    saved = json.loads(ameta["config"]) if ameta and isinstance(ameta.get("config"), str) else {}
+    saved = saved.get("dtype") if isinstance(saved, dict) else None
+    info["adapter_dtype"] = saved if saved in ("float32", "bfloat16", "float16") else None
     if info["adapter_code"] not in (None, util.code_version()):   # its prompt (§4.2) is this code's, not its own
         util.say(f"note: --adapter {args.adapter} was trained by another version of rigsa's code "
                  f"({info['adapter_code']}) than this evaluation runs ({util.code_version()}): its Textual MNIST "

@@ -188,8 +188,9 @@ def check_not_adapter(path, name):
     if isinstance(run, dict) and isinstance(run.get("config"), dict) and "base" in run:
         base = run["base"].get("model") if isinstance(run["base"], dict) else None
         raise ValueError(f"--model {name}: a rigsa run directory (its config.json is the run's record), not a model; "
-                         f"pass its base as --model" + (f" ({base})" if base else "") + ", and its adapter as "
-                         f"--adapter {name.rstrip('/')}/iterK (evals/run.py, rigsa.py merge)")
+                         f"pass its base as --model" + (f" ({base}, as its training named it)" if base else "") +
+                         f"; its adapter {name.rstrip('/')}/iterK is evals/run.py's --adapter, or a model to train "
+                         f"on once merged (rigsa.py merge --adapter {name.rstrip('/')}/iterK --out DIR, then --model DIR)")
 
 
 def read(spec, tensors=True):

@@ -59,7 +59,8 @@ def launcher():
     """How this process was launched, after the interpreter: nothing in one process; on torchrun
     (WORLD_SIZE > 1) torchrun with as many processes per machine, so that the line continues the run
     as it ran (another count is taken, but the last bits differ) and says so on each machine."""
-    n, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", n))
     if n <= 1:
         return []
     nodes = ["--standalone"] if n == local else [f"--nnodes={n // max(local, 1)}"]   # more machines: their rendezvous too
@@ -69,7 +70,7 @@ def launcher():
 def speaks():
     """Whether this process prints the stopping lines: one process, or torchrun's rank 0 (from the
     environment: a signal handler makes no collective call)."""
-    return os.environ.get("RANK", "0") == "0"
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("RANK", "0") == "0"
 
 
 def command(script, argv):
@@ -80,9 +81,10 @@ def command(script, argv):
 
 
 def _line(words):
-    n, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return shlex.join([python_cmd(), *launcher(), *words]) + \
-        (" (on each machine, with the rendezvous flags it started with)" if n > local else "")
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    several = n > int(os.environ.get("LOCAL_WORLD_SIZE", n))   # machines: each types it, with its rendezvous flags
+    return ("on each machine, with the rendezvous flags it started with: " if several else "") + \
+        shlex.join([python_cmd(), *launcher(), *words])
 
 
 def exit_interrupted(what):

@@ -4,6 +4,7 @@ memory.py: where AdamW's moments live and what a training step needs on the devi
   adamw_step                 torch's AdamW step, with the two moments on the device, in host memory
                              (streamed per tensor: the same numbers) or as 8-bit codes (approximate)
   load_optimizer_state       resume.pt's AdamW state, placed (and converted) as --moments wants it
+  group_names                the optimizer's tensors by name, saved beside its state in resume.pt
   check_optimizer_state      ... refused in one line where it does not fit this code's optimizer
   memory_plan, choose_moments   the estimate printed before training, and --moments auto's choice;
                              a run that cannot fit is refused in one line
@@ -99,14 +100,28 @@ def _staging(opt, p):
     return opt.staging[0, :p.numel()].view_as(p), opt.staging[1, :p.numel()].view_as(p)
 
 
-def check_optimizer_state(opt, state):
+def group_names(model, opt):
+    """The names of opt's tensors in the model, group by group, in their order: what resume.pt records
+    beside the optimizer's state, whose moments are known by position only."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names.get(id(p), "?") for p in g["params"]] for g in opt.param_groups]
+
+
+def check_optimizer_state(opt, state, names=None, model=None):
     """Refuse, in one line, resume.pt's AdamW state where it does not fit opt: another grouping or order
     of the tensors (make_optimizer edited since the save), which would put moments on the wrong tensors
-    or give torch's raw error. Called before the run directory is touched, and by the load."""
+    or give torch's raw error. With the names resume.pt recorded (group_names) every tensor is compared
+    by name; a resume.pt without them (an older version's) by the tensors' count per group and sizes.
+    Called before the run directory is touched, and by the load."""
     saved = [len(g["params"]) for g in state["param_groups"]]
     ours = [len(g["params"]) for g in opt.param_groups]
     params = [p for g in opt.param_groups for p in g["params"]]
     what = None if saved == ours else f"tensors per group {saved}, this optimizer's {ours}"
+    if what is None and names is not None and model is not None:
+        now = group_names(model, opt)
+        g, i = next(((g, i) for g, (a, b) in enumerate(zip(names, now)) for i, (x, y) in enumerate(zip(a, b))
+                     if x != y), (None, None))
+        what = None if g is None else f"group {g}'s tensor {i} was {names[g][i]}, here {now[g][i]}"
     for i, st in state["state"].items():   # 8-bit codes are flat, one per entry: compare entry counts
         n = next((v.numel() for k, v in st.items() if k in CODES), None)
         if what is None and n is not None and n != params[i].numel():

@@ -1,6 +1,8 @@
 """
 util.py: the chores every entry point shares, each written once. It knows nothing of models,
-tasks or the method; model.py, qlora.py, rigsa.py, evals/ and the scripts import it.
+tasks or the method (of a checkpoint folder only the dtype record a merge leaves in it, which
+--dtype auto honours everywhere, model.py's chat included); model.py, qlora.py, rigsa.py, evals/
+and the scripts import it.
 
   atomic_write, write_json   a file appears whole or not at all (write a temporary, then rename)
   umask, file_mode           new files and folders get the modes the user's umask says

@@ -679,21 +679,29 @@ def test_on_torchrun_rank_0_alone_says_a_stop_and_the_line_that_continues_is_tor
         f"{py} -m torch.distributed.run --standalone --nproc-per-node=2 {here} train --resume --out r"
     monkeypatch.setenv("WORLD_SIZE", "8")   # two machines of 4: their rendezvous is theirs to give
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert rundir.continue_command("r") == (f"{py} -m torch.distributed.run --nnodes=2 --nproc-per-node=4 {here} "
-                                            f"train --resume --out r (on each machine, with the rendezvous flags it "
-                                            f"started with)")
+    assert rundir.continue_command("r") == (f"on each machine, with the rendezvous flags it started with: {py} -m "
+                                            f"torch.distributed.run --nnodes=2 --nproc-per-node=4 {here} train "
+                                            f"--resume --out r")   # the command itself pasteable after the colon
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(rundir, "STOP", [])
-    for rank, says in (("1", False), ("0", True)):
+    monkeypatch.setattr(interrupts, "SIGNALS", [])
+    monkeypatch.setattr(sys, "argv", ["evals/run.py", "--task", "piqa"])
+    for size, rank, says in (("2", "1", False), ("2", "0", True), ("1", "1", True)):   # RANK alone: one process
+        monkeypatch.setenv("WORLD_SIZE", size)
         monkeypatch.setenv("RANK", rank)
         rundir.STOP.clear()
         rundir._on_signal(signal.SIGINT, None)
         interrupts.SIGNALS[:] = [signal.SIGINT]
         with pytest.raises(SystemExit) as e:
             interrupts.exit_interrupted("kept")
+        with pytest.raises(SystemExit) as early:   # a signal while the imports run
+            interrupts._early(signal.SIGTERM, None)
         err = capsys.readouterr().err
-        assert e.value.code == 130 and ("SIGINT: finishing this optimizer step" in err) == says and \
-            ("SIGINT: stopped; kept" in err) == says, (rank, err)
-    interrupts.SIGNALS.clear()
+        assert e.value.code == 130 and early.value.code == 143 and \
+            ("SIGINT: finishing this optimizer step" in err) == says and ("SIGINT: stopped; kept" in err) == says and \
+            (f"SIGTERM: stopped; nothing was kept; run again with: {py} "
+             + ("-m torch.distributed.run --standalone --nproc-per-node=2 " if size == "2" else "")
+             + "evals/run.py --task piqa" in err) == says, (size, rank, err)
 
 
 @pytest.mark.parametrize("tool", ["model", "evals", "rigsa"])

@@ -146,6 +146,7 @@ def test_make_eval_takes_the_adapters_own_base_and_a_bad_nproc_is_one_line():
         "--no-verify")
     assert make("train", "OUT=bob's run", "MODEL=m")[1] == (   # a quote too (it ended the quoted value: a shell error)
         ".venv/bin/python rigsa.py train --model 'm' --iters '5' --out 'bob'\\''s run'")
+    assert make("train", "MODEL=m", "q=1")[1].startswith(".venv/bin/python rigsa.py train --model 'm'")   # q is make's
     assert make("train", "NPROC=2")[1].startswith(".venv/bin/python -m torch.distributed.run --standalone "
                                                   "--nproc-per-node=2 rigsa.py train")
     assert make("demo")[1] == ".venv/bin/python rigsa.py demo" and make("demo", "OUT=d")[1].endswith("demo --out 'd'")

@@ -352,7 +352,7 @@ def test_cli_hub_errors(hub, tmp_path, capsys):
     assert str(e.value.code).startswith(f"error: {REPO}: revision 'v9' not found")
     capsys.readouterr()
     M.main(["--model", REPO, "--prompt", "hi", "--revision", SHA, "--max-new-tokens", "3"])
-    assert re.fullmatch(r"\[[0-3] tokens, .* tokens/s\]\n", capsys.readouterr().err)
+    assert re.fullmatch(r"dtype: \w+ \(.*\)\n\[[0-3] tokens, .* tokens/s\]\n", capsys.readouterr().err)
 
 
 def test_hub_commit_reads_the_cache_layout(tmp_path):

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import cli
+import model as M
 import rigsa
 from lib import adapter_files as AF
 from lib import mnist
@@ -447,13 +448,19 @@ def test_a_run_directory_as_the_model_is_said_to_be_one(world, tmp_path):
     # "tokenizer file not found"), none naming the run's base or where its adapter is
     run = world / "run"
     want = (f"--model {run}: a rigsa run directory (its config.json is the run's record), not a model; pass its base "
-            f"as --model ({world / 'model'}), and its adapter as --adapter {run}/iterK (evals/run.py, rigsa.py merge)")
+            f"as --model ({world / 'model'}, as its training named it); its adapter {run}/iterK is evals/run.py's "
+            f"--adapter, or a model to train on once merged (rigsa.py merge --adapter {run}/iterK --out DIR, then "
+            f"--model DIR)")
     assert evals(world, "--model", run) == "error: " + want
     with pytest.raises(ValueError, match=re.escape(want)):
         cli.merge(run / "iter2", tmp_path / "merged", base=str(run), allow_other_base=True)
     with pytest.raises(ValueError, match=re.escape(want)):
         rigsa.train(rigsa.Config(out=str(tmp_path / "run"), **base(run, world / "data")))
     assert not (tmp_path / "run").exists() and not (tmp_path / "merged").exists()
+    with pytest.raises(SystemExit) as e:   # model.py knows nothing of runs, but says what the file is
+        M.main(["--model", str(run), "--prompt", "hi"])
+    assert e.value.code == (f"error: {run}/config.json: a training run's record, not a model's config; pass the model "
+                            f"it names under \"base\", or a merge of its adapter (rigsa.py merge)")
 
 
 def test_prompts_past_the_models_positions_are_refused_before_the_base_loads(world, tmp_path, monkeypatch):
@@ -512,7 +519,7 @@ def test_a_resume_pt_and_config_json_of_two_runs_are_refused(world, tmp_path, ot
 
 
 @pytest.mark.parametrize("moments", ["device", "host"])
-@pytest.mark.parametrize("edit", ["one group", "gates first"])
+@pytest.mark.parametrize("edit", ["one group", "gates first", "gates reversed", "gates first, an older resume.pt"])
 def test_a_resume_after_make_optimizer_was_edited_is_refused_in_one_line(world, tmp_path, monkeypatch, moments, edit):
     # resume.pt's AdamW state is the tensors' of make_optimizer's groups in their order: an edit of it between the
     # save and the resume gave torch's raw error with device moments, and with host moments put each moment on
@@ -526,16 +533,23 @@ def test_a_resume_after_make_optimizer_was_edited_is_refused_in_one_line(world, 
         opt = make(model, cfg, moments)
         deltas, gates = opt.param_groups
         groups = ([{**deltas, "params": deltas["params"] + gates["params"]}] if edit == "one group" else
-                  [{**gates}, {**deltas}])
+                  [{**gates}, {**deltas}] if edit.startswith("gates first") else
+                  [{**deltas}, {**gates, "params": gates["params"][::-1]}])   # the same counts and sizes: names tell
         edited_opt = torch.optim.AdamW(groups, lr=0.0, foreach=False)
         edited_opt.moments = moments
         return edited_opt
     monkeypatch.setattr(rigsa, "make_optimizer", edited)
+    if edit.endswith("older resume.pt"):   # without the tensors' names: their counts and sizes are compared
+        r = torch.load(tmp_path / "a" / "resume.pt", weights_only=False)
+        del r["optimizer_names"]
+        torch.save(r, tmp_path / "a" / "resume.pt")
     before = tree(tmp_path / "a")
     with pytest.raises(SystemExit) as e:
         rigsa.main(["train", "--resume", "--out", str(tmp_path / "a"), "--offline", "--no-verify"])
-    what = r"tensors per group \[\d+, \d+\], this optimizer's \[\d+\]" if edit == "one group" else \
-        r"its tensor 0 has \d+ entries, this optimizer's 1"
+    what = {"one group": r"tensors per group \[\d+, \d+\], this optimizer's \[\d+\]",
+            "gates first": r"group 0's tensor 0 was \S+\.delta, here \S+\.alpha",
+            "gates reversed": r"group 1's tensor 0 was model\.layers\.0\.\S+\.alpha, here model\.layers\.\d+\.\S+\.alpha",
+            "gates first, an older resume.pt": r"its tensor 0 has \d+ entries, this optimizer's 1"}[edit]
     assert re.fullmatch(rf"error: resume.pt: its AdamW state does not fit the optimizer this code makes \({what}\): "
                         r"make_optimizer changed since the run was saved; resume with the code that saved it, or train "
                         r"the run again", e.value.code), e.value.code

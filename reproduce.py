@@ -921,6 +921,21 @@ def eta(took, left):
     return None
 
 
+def will_run(a, inputs, target, cmd):
+    """Whether a step still to come will run, for the ETA: its output is missing, or it was made from
+    other inputs and --rerun-changed redoes it (steps_of's own test, without its refusals and records)."""
+    if not target.exists():
+        return True
+    if not a.rerun_changed:
+        return False   # kept, or refused when it is reached
+    cmd = [x for x in cmd if x != "--resume"]
+    out, train = output_of(target, cmd), is_training(cmd)
+    rec = read_record(out)
+    if rec is None or difference(rec, inputs.of(cmd), a.model, inputs.older) or (train and config_drift(out, cmd)):
+        return True
+    return not train and rec.get("sha256") not in (None, util.file_hash(out, "sha256"))
+
+
 def script():
     """This file as the caller typed it, or else its shorter spelling from the caller's directory."""
     if sys.argv[0] and os.path.exists(sys.argv[0]) and os.path.samefile(sys.argv[0], __file__):
@@ -1003,7 +1018,7 @@ def steps_of(a, again, older):
             record(out, cmd, inputs.of(cmd), a.model, "done")
             AT.update(done=i, output=None)
             took.setdefault(kind(cmd), []).append(time.time() - t0)
-            todo = [c for t, c in steps[i:] if not t.exists()]   # those done already are skipped
+            todo = [c for t, c in steps[i:] if will_run(a, inputs, t, c)]   # those kept are skipped
             left = eta(took, todo)
             print(f"[{i}/{len(steps)}] done in {duration(took[kind(cmd)][-1])}"
                   + (f"; the {len(todo)} steps left: about {duration(left)}" if todo and left is not None else ""),

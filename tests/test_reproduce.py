@@ -117,6 +117,21 @@ def files(folder):
     return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def test_the_eta_counts_the_kept_steps_that_rerun_changed_redoes(world, tmp_path):
+    # the ETA left out every step whose output was there, although --rerun-changed redoes those made from other
+    # inputs: days of GPU time unsaid on a change of base model
+    w, A, B = world
+    a = fake(quick(A, tmp_path, w / "data"), 3)   # the base model's first three evaluations, made on A
+    steps = P.plan(a)
+    runs = lambda argv: [P.will_run(x, P.Inputs(x), t, c) for x in [P.parse_args(argv)] for t, c in steps[:4]]  # noqa: E731
+    assert runs(quick(A, tmp_path, w / "data")) == [False, False, False, True]    # kept (or refused when reached)
+    assert runs(quick(B, tmp_path, w / "data")) == [False, False, False, True]    # refused when reached, not redone
+    assert runs(quick(A, tmp_path, w / "data", "--rerun-changed")) == [False, False, False, True]
+    assert runs(quick(B, tmp_path, w / "data", "--rerun-changed")) == [True, True, True, True]   # another base
+    write_eval(steps[1][0], "acc", 0.7, 0.01)   # an output changed since its step made it
+    assert runs(quick(A, tmp_path, w / "data", "--rerun-changed")) == [False, True, False, True]
+
+
 def test_main_skips_recorded_outputs_and_resumes(world, tmp_path, capsys):
     w, A, _ = world
     argv = quick(A, tmp_path, w / "data", "--seeds", "0,1")

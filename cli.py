@@ -231,13 +231,14 @@ def parser():
                         f"--val-frac {rigsa.Config.val_frac} and --split-seed {rigsa.Config.split_seed} draw from "
                         f"the training file; train, the rest in the file's order; test, the test file [default: 0]")
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="[default: train]")
-    p.add_argument("--data-dir", default="data", help="data root, MNIST in <root>/mnist/ [default: data]")
+    p.add_argument("--data-dir", default="data", type=util.nonempty("a folder"), help="data root, MNIST in <root>/mnist/ [default: data]")
     p.add_argument("--offline", action="store_true", help="never download: a missing MNIST file is an error")
     p.add_argument("--no-verify", action="store_true", help="skip the MNIST checksums (stand-in data)")
     p = sub.add_parser("merge", help="merge an adapter into its base model, official layout")
-    p.add_argument("--adapter", required=True, help="RUN/iterK")
-    p.add_argument("--out", required=True, help="output directory (new, or empty)")
-    p.add_argument("--model", default=None, help="base model [default: the one the adapter was trained on]")
+    p.add_argument("--adapter", required=True, type=util.nonempty("an adapter (RUN/iterK)"), help="RUN/iterK")
+    p.add_argument("--out", required=True, type=util.nonempty("a folder"), help="output directory (new, or empty)")
+    p.add_argument("--model", default=None, type=util.nonempty("a hub id or a model folder, or drop the flag"),
+                   help="base model [default: the one the adapter was trained on]")
     p.add_argument("--revision", default=None, help="hub revision of --model [default: the adapter's recorded one]")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="of the merged weights [default: float32: bfloat16 rounds away small deltas, so a "
@@ -246,7 +247,7 @@ def parser():
     p.add_argument("--allow-other-base", action="store_true",
                    help="merge into a base other than the one the adapter was trained on (recorded in rigsa-merge.json)")
     p = sub.add_parser("demo", help="the whole pipeline offline on a tiny model (under a minute on 2 CPU cores)")
-    p.add_argument("--out", default="runs/demo", help="[default: runs/demo]")
+    p.add_argument("--out", default="runs/demo", type=util.nonempty("a folder"), help="[default: runs/demo]")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="float32 (default: the exact path, what the README shows) or bfloat16 (weights and autocast, "
                         "dW and AdamW in float32) to compare")

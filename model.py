@@ -999,7 +999,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, stop=(), batch_size=
 
 def main(argv=None):
     ap = util.ArgumentParser(prog="model.py", description="Chat with a SmolLM2 checkpoint (one user message, greedy).")
-    ap.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local directory (default {DEFAULT_MODEL})")
+    ap.add_argument("--model", default=DEFAULT_MODEL, type=util.nonempty("a hub id or a model folder"), help=f"hub id or local directory (default {DEFAULT_MODEL})")
     ap.add_argument("--prompt", required=True, help="the user message")
     ap.add_argument("--system", default=None, help="system prompt (default: the model's own default; \"\" an empty one)")
     ap.add_argument("--max-new-tokens", type=util.number(int, 1), default=256,

@@ -1048,7 +1048,8 @@ def parse_args(argv):
     """The command line -> its namespace, seeds parsed, the caller's relative paths made absolute
     (the steps run in the repository root)."""
     ap = util.ArgumentParser(prog="reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="HuggingFaceTB/SmolLM2-1.7B-Instruct", help="base model [default: the paper's]")
+    ap.add_argument("--model", default="HuggingFaceTB/SmolLM2-1.7B-Instruct", type=util.nonempty("a hub id or a model folder"),
+                    help="base model [default: the paper's]")
     ap.add_argument("--revision", default="", help="hub revision of --model, passed to every step [default: the latest]")
     ap.add_argument("--out", default="runs/paper", help="where runs, evals/*.json and TABLES.md go [default: runs/paper]")
     ap.add_argument("--seeds", default="", help="training seeds, comma-separated (e.g. 0,1,2): each training runs once "

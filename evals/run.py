@@ -409,11 +409,11 @@ def write_outputs(args, results, done, info):
 def parse_args(argv):
     ap = util.ArgumentParser(prog="evals/run.py", description="PIQA / HellaSwag / GSM8k (lm-eval protocol) and Textual MNIST.")
     ap.add_argument("--task", required=True, choices=TASKS + ["all"])
-    ap.add_argument("--model", default=None,
+    ap.add_argument("--model", default=None, type=util.nonempty("a hub id or a model folder, or drop the flag"),
                     help=f"hub id or local directory (default: the adapter's recorded base, else {M.DEFAULT_MODEL})")
     ap.add_argument("--revision", default=None,
                     help="hub revision of --model (default: the adapter's recorded one for its base, else the latest)")
-    ap.add_argument("--adapter", default=None,
+    ap.add_argument("--adapter", default=None, type=util.nonempty("an adapter (RUN/iterK), or drop the flag"),
                     help="an adapter rigsa.py train wrote (RUN/iterK, any method), installed in memory")
     ap.add_argument("--quantize", default=None, choices=["nf4"], help="NF4 base weights (the QLoRA baseline)")
     ap.add_argument("--allow-other-base", action="store_true",
@@ -431,7 +431,7 @@ def parse_args(argv):
                     help="the weights' dtype: auto (default) is bfloat16 where the device computes it natively (CUDA, "
                          "a CPU with AMX or AVX512-BF16), else, and for a float32 merge, float32, the exact reference")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    ap.add_argument("--data-dir", default=os.path.join(REPO, "data"), help="holds <task>/ folders (default data/)")
+    ap.add_argument("--data-dir", default=os.path.join(REPO, "data"), type=util.nonempty("a folder"), help="holds <task>/ folders (default data/)")
     ap.add_argument("--output", default=None, help="write results JSON here")
     ap.add_argument("--output_path", "--output-path", dest="output_path", default=None,
                     help="lm-eval's layout: DIR/<model>/results_<date>.json (and samples with --log_samples)")

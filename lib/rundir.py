@@ -527,11 +527,11 @@ def run_lock(cfg):
     read (a missing folder: resumed() says there is nothing to resume); a new run's folder is made
     here, and removed again if the run ends with nothing written into it, so a refused run leaves
     nothing. Under torchrun rank 0 holds it for every rank, and says to the others whether it could.
-    An empty --out or --data-dir is refused first: '' is the current directory, unasked (checked here,
+    An empty --out, --data-dir or --model is refused first: '' is the current directory, unasked (checked here,
     not by the fields' own checks, so that an older run that saved '' stays readable)."""
-    for name in ("out", "data_dir"):   # every rank the same
-        if isinstance(getattr(cfg, name), str) and not getattr(cfg, name).strip():
-            raise ValueError(f"{flags.flag(name)}: empty; name a folder")
+    for name, what in (("out", "a folder"), ("data_dir", "a folder"), ("model", "a hub id or a model folder")):
+        if isinstance(getattr(cfg, name), str) and not getattr(cfg, name).strip():   # every rank the same
+            raise ValueError(f"{flags.flag(name)}: empty; name {what}")
     out = Path(cfg.out)
     rank, ranks = util.world()
     held = contextlib.ExitStack()

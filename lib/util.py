@@ -11,7 +11,7 @@ and the scripts import it.
   download                   a data file: streamed, resumable, checked, renamed; RIGSA_DATA_MIRROR
   ensure_files, file_hash    pinned data files: there and right, or fetched; md5 / sha256 / git blob id
   progress                   tqdm with a rate and ETA; in a log file one line per interval
-  ArgumentParser, number     one-line usage errors; numeric flags checked where they are parsed
+  ArgumentParser, number     one-line usage errors; numeric flags checked where they are parsed (nonempty: paths)
   pick_device, on_device     "auto" -> cuda if available ("cuda" without CUDA is an error); constants per device
   native_bf16, auto_dtype    --dtype auto: bfloat16 where the device computes it natively (CUDA, AMX, AVX512-BF16)
   merge_record, merge_dtype  ... but a float32 merge (its rigsa-merge.json says so) stays float32
@@ -624,6 +624,16 @@ def number(kind=int, lo=None, hi=None, lo_open=False, hi_open=False, auto=False)
             raise argparse.ArgumentTypeError(f"{s} is out of range: expected {want}")
         return x
     parse.want = want   # for --help
+    return parse
+
+
+def nonempty(what):
+    """An argparse type: the string as typed, refused when empty (an empty path is the current directory,
+    an empty --model or --adapter the default or none: each unasked); `what` says what to name instead."""
+    def parse(s):
+        if not s.strip():
+            raise argparse.ArgumentTypeError(f"empty; name {what}")
+        return s
     return parse
 
 

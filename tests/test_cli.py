@@ -404,6 +404,30 @@ def run_main(main, argv, capsys):
     return code, out, err
 
 
+EMPTY = [   # (main, argv, the one line): an empty value was the default or the current directory, unasked
+    (evals_run.main, ["--task", "mnist", "--adapter", ""],   # the base evaluated as if no adapter had been named
+     "argument --adapter: empty; name an adapter (RUN/iterK), or drop the flag"),
+    (evals_run.main, ["--task", "mnist", "--model", ""],     # the 1.7B default, downloaded and evaluated
+     "argument --model: empty; name a hub id or a model folder, or drop the flag"),
+    (evals_run.main, ["--task", "mnist", "--data-dir", ""], "argument --data-dir: empty; name a folder"),
+    (rigsa.main, ["merge", "--adapter", "r/iter1", "--out", ""], "argument --out: empty; name a folder"),   # [Errno 22]
+    (rigsa.main, ["merge", "--adapter", "", "--out", "m"], "argument --adapter: empty; name an adapter (RUN/iterK)"),
+    (rigsa.main, ["show", "--data-dir", ""], "argument --data-dir: empty; name a folder"),
+    (rigsa.main, ["train", "--model", ""], "--model: empty; name a hub id or a model folder"),   # ": no such model"
+    (M.main, ["--model", "", "--prompt", "hi"], "argument --model: empty; name a hub id or a model folder"),
+    (reproduce.main, ["--model", "", "--dry-run"], "argument --model: empty; name a hub id or a model folder"),
+]
+
+
+@pytest.mark.parametrize("main,argv,said", EMPTY)
+def test_an_empty_path_or_model_is_refused_naming_its_flag(main, argv, said, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:   # argparse's exit 2 with its line on stderr, or sys.exit("error: ...")
+        main(argv)
+    err = capsys.readouterr().err + (e.value.code if isinstance(e.value.code, str) else "")
+    assert e.value.code in (2, f"error: {said}") and f"error: {said}" in err and not os.listdir(tmp_path), err
+
+
 def test_an_adapter_on_another_base_only_when_asked_and_recorded(world, tmp_path, capsys):
     # rule 1: --allow-other-base applies it, says so in one line, and the output records it
     w, m, _ = world

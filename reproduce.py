@@ -37,7 +37,10 @@ Seeds. The paper ran every training once and names that as its limitation (§5.2
 is evaluated; the base model's evaluations are deterministic and run once. The runs of rigsa.py's
 default seed keep the single-seed names (OUT/rigsa, OUT/qlora-r16, ...), seed S goes in
 OUT/<name>-seed<S>: an earlier single-seed reproduction stays valid, and is one seed of a later
-one. The tables use the seeds of --seeds, or without it every seed whose runs are in OUT.
+one. The tables use the seeds of --seeds, or without it every seed whose runs are in OUT; the seeds of
+one cell were made from one setting (the same flags, data and base but the seed), or the command refuses
+(check_pooling): before any step, a plan whose seeds differ from OUT's others; when tabulating, an OUT
+that holds such a mix.
 
 Written to OUT/ (the interval of each cell is defined in TABLES.md's header):
   TABLES.md     Table 2   Textual MNIST 0-/5-shot accuracy, full precision and 4-bit (paper §4.2)
@@ -133,6 +136,7 @@ def plan(a):
 
 NOT_INPUTS = {"--out", "--output", "--resume", "--offline", "--no-verify", "--revision", "--model", "--data-dir"}
 ADAPTER_FLAGS = ("--adapter", "--mask-like")  # RUN/iterK: an input by its file's content
+SEEDED = ("--seed",) + ADAPTER_FLAGS   # what the seeds of one cell differ in by design: their seed, its adapters
 MNIST_TEST = [n for n in mnist.MNIST_FILES if n.startswith("t10k")]
 
 
@@ -211,11 +215,13 @@ class Inputs:
             folder, names = root / task, [f[0] for f in T.FILES[task]]
         return {f"{folder.name}/{n}": self.sha(folder / n) for n in names}
 
-    def of(self, cmd):
+    def of(self, cmd, seeded=True):
+        """The step's inputs; seeded=False: without those the seeds of one cell differ in (SEEDED), whose
+        adapters are not hashed (check_pooling)."""
         f = flags(cmd)
         got = {"base model": self.identity()}
         for k, v in f.items():
-            if k not in NOT_INPUTS:
+            if k not in NOT_INPUTS and (seeded or k not in SEEDED):
                 got[k] = self.sha(v + ".safetensors") if k in ADAPTER_FLAGS else v
         shots = f.get("--num-fewshot", "0") != "0"
         got.update(self.data(None if is_training(cmd) else f["--task"], shots))
@@ -330,6 +336,58 @@ T95 = [12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.
        2.228139, 2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922,   # df 10..18
        2.093024, 2.085963, 2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831,   # df 19..27
        2.048407, 2.045230, 2.042272]   # df 28..30; to 6 decimals, so that a half-width's last printed digit is exact
+
+
+def seed_of(name):
+    """(its seed, its cell) of a run folder's or an evaluation's name: rigsa-seed0-iter1-piqa is seed 0's
+    output of the cell rigsa-iter1-piqa, rigsa-iter1-piqa the default seed's; the base model's
+    evaluations are no seed's (None)."""
+    base, sep, rest = name.partition("-seed")
+    num, _, tail = rest.lstrip("-").partition("-")
+    if sep and base in RUNS and num.isdigit():
+        return (-1 if rest.startswith("-") else 1) * int(num), base + ("-" + tail if tail else "")
+    return (DEFAULT_SEED if name.split("-iter")[0] in RUNS else None), name
+
+
+def pool_difference(a, b):
+    """The first input two seeds' outputs of one cell differ in, their seed and its adapters aside:
+    (key, a's value, b's value), or None. One base is one base by its fingerprint, or (a record from
+    before chat_template.jinja counted) by its hub commit."""
+    for k in dict.fromkeys([*a, *b]):
+        x, y = a.get(k), b.get(k)
+        if k in SEEDED or x == y or k == "base model" and isinstance(x, dict) and isinstance(y, dict) and (
+                x.get("fingerprint") and x.get("fingerprint") == y.get("fingerprint")
+                or x.get("commit") and x.get("commit") == y.get("commit")):
+            continue
+        return k, x, y
+    return None
+
+
+def check_pooling(out, seeds=None, planned=(), model=None):
+    """Every cell of the tables pools seeds made from one setting: a run or evaluation of one seed made
+    with other flags, data or base than another's of the same cell (a --seeds added later with another
+    --steps or --limit) is refused in one line, not averaged into one interval. seeds: those tabulated
+    (None: all); planned: [(seed, cell, inputs)] of the steps this command is about to run, checked
+    against OUT's outputs of the other seeds before any runs."""
+    out = Path(out)
+    kept = [p.parent for p in out.glob("*/config.json")] + \
+        [p for p in (out / "evals").glob("*.json") if not p.name.endswith(".inputs.json")]
+    ours, entries = {s for s, _, _ in planned}, []
+    for p in sorted(kept):   # the other seeds' outputs (this command's own are its steps' to keep or redo)
+        seed, cell = seed_of(p.stem if p.suffix == ".json" else p.name)
+        rec = read_record(p)
+        if seed is not None and seed not in ours and (seeds is None or seed in seeds) and rec is not None:
+            entries.append((seed, cell, rec["inputs"], "was made", rec.get("model")))
+    entries += [(s, c, i, "is to be made", model) for s, c, i in planned]
+    seen = {}
+    for s, c, i, how, m in entries:
+        first = seen.setdefault(c, (s, i, how, m))
+        if (d := pool_difference(first[1], i)) is not None:
+            k, x, y = d
+            raise ValueError(f"{out}: TABLES.md's cell {c} would pool two settings: seed {first[0]}'s output "
+                             f"{first[2]} with {k} {show(k, x, first[3])}, seed {s}'s {how} with {show(k, y, m)}; "
+                             f"reproduce each setting into its own --out (move the other's runs and evaluations "
+                             f"away), or tabulate one of them with --tables-only --seeds")
 
 
 def t95(df):
@@ -799,7 +857,9 @@ def tables(out, seeds=None):
     out = Path(out)
     check_tables(out)
     out.mkdir(parents=True, exist_ok=True)
-    R = results(out, seeds or seeds_found(out))
+    seeds = seeds or seeds_found(out)
+    check_pooling(out, seeds)   # a cell's seeds of two settings (a hand-assembled OUT, or an older reproduce.py's)
+    R = results(out, seeds)
     drawn = figures(out, R)
     if stale := [n for n in FIGURES if n not in drawn and (out / n).exists()]:   # drawn from earlier numbers
         for n in stale:
@@ -957,6 +1017,13 @@ def steps_of(a, again, older):
     if not a.dry_run:
         fetch_data(a, steps)
     inputs = Inputs(a)
+    planned = []   # the seeds' steps against OUT's other seeds: one setting per cell, said before any step runs
+    for target, cmd in steps:
+        o = output_of(target, cmd)
+        seed, cell = seed_of(o.stem if o.suffix == ".json" else o.name)
+        if seed is not None:
+            planned.append((seed, cell, inputs.of(cmd, seeded=False)))
+    check_pooling(a.out, planned=planned, model=a.model)
     env = {**os.environ, "RIGSA_QUIET_STOP": "1", **({"HF_HUB_OFFLINE": "1"} if a.offline else {})}  # offline:
     # also keeps huggingface-hub off the hub; quiet: a step stopped by a signal leaves the one line to reproduce.py
     AT["total"] = len(steps)

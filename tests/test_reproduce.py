@@ -132,6 +132,33 @@ def test_the_eta_counts_the_kept_steps_that_rerun_changed_redoes(world, tmp_path
     assert runs(quick(A, tmp_path, w / "data", "--rerun-changed")) == [False, True, False, True]
 
 
+def test_seeds_of_two_settings_are_never_pooled_in_one_cell(world, tmp_path, capsys):
+    # seed 0 reproduced with --steps 2, seed 1 added later with --steps 3: nothing compared them (seed 0's outputs
+    # are not in seed 1's plan), and the tables averaged both into one interval (70.00 +- 127.06, "n = 2 seeds")
+    w, A, _ = world
+    argv = quick(A, tmp_path, w / "data")
+    fake(argv + ["--seeds", "0"], 46)                  # the base model's evaluations and all of seed 0's steps
+    said = (rf"error: {tmp_path}: TABLES.md's cell rigsa would pool two settings: seed 0's output was made with "
+            r"--steps 2, seed 1's is to be made with 3; reproduce each setting into its own --out \(move the other's "
+            r"runs and evaluations away\), or tabulate one of them with --tables-only --seeds")
+    for more in (["--dry-run"], ["--dry-run", "--rerun-changed"]):   # before any step, and whatever redoes seed 1's
+        with pytest.raises(SystemExit) as e:
+            P.main(argv + ["--seeds", "1", "--steps", "3", *more])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 1 and re.fullmatch(said, err), err
+    P.main(argv + ["--seeds", "1", "--dry-run"])       # the same setting: planned without a word
+    assert "would pool" not in capsys.readouterr().err
+    fake(argv + ["--seeds", "1", "--steps", "3"], 46, first=11)   # assembled by hand (or by an older reproduce.py)
+    with pytest.raises(ValueError, match=r"cell \S+ would pool two settings: seed 0's output was made with --steps "
+                                         r"2, seed 1's was made with 3"):
+        P.tables(tmp_path)
+    P.tables(tmp_path, [1])                             # one setting's seeds: tabulated
+    assert "n = 2" not in (tmp_path / "TABLES.md").read_text()
+    assert P.seed_of("rigsa-seed0-iter1-piqa") == (0, "rigsa-iter1-piqa") and P.seed_of("qlora-r4-seed-3") == \
+        (-3, "qlora-r4") and P.seed_of("rigsa-iter2-gsm8k") == (P.DEFAULT_SEED, "rigsa-iter2-gsm8k") and \
+        P.seed_of("base-nf4-piqa") == (None, "base-nf4-piqa")
+
+
 def test_main_skips_recorded_outputs_and_resumes(world, tmp_path, capsys):
     w, A, _ = world
     argv = quick(A, tmp_path, w / "data", "--seeds", "0,1")

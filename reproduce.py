@@ -424,11 +424,16 @@ def binomial_stderr(p, n):
 # reading what the steps wrote
 
 
-def read(path, key):
+def read(path, key, slot=None):
     """(value, stderr or None) of one metric in an evals JSON file; None if there is no such file, or it
-    has no such metric. A file that is not an evaluation's results (cut, edited) is a ValueError naming it."""
+    has no such metric. A file that is not an evaluation's results (cut, edited, a value not finite), one
+    of another evaluation than its name says (slot: {field: value} its task, shots, quantization and
+    adapter RUN/iterK; a field an older file lacks is not checked), or one changed since its step made it
+    (its record's sha256) is a ValueError naming it: --tables-only reads OUT as it finds it."""
+    fix = "delete it, and run reproduce.py again to make it"
     try:
-        m = json.loads(Path(path).read_text())["metrics"]
+        d = json.loads(Path(path).read_text())
+        m = d["metrics"]
         if not isinstance(m, dict):
             raise TypeError(f"its metrics are a {type(m).__name__}")
         if key not in m:
@@ -438,10 +443,20 @@ def read(path, key):
         return None
     except (ValueError, TypeError, KeyError, AttributeError) as e:   # ValueError: not JSON, not UTF-8; TypeError: not an object
         raise ValueError(f"{path}: not evals/run.py's results ({type(e).__name__}: {' '.join(str(e).split())[:100]}); "
-                         f"delete it, and run reproduce.py again to make it") from None
-    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
+                         f"{fix}") from None
+    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)   # noqa: E731
     if not num(v) or not (se is None or num(se)):
-        raise ValueError(f"{path}: its {key} is {v!r}, not a number; delete it, and run reproduce.py again to make it")
+        raise ValueError(f"{path}: its {key} is {v!r}" + (f" ± {se!r}" if num(v) else "") + f", not a finite number; {fix}")
+    for field, want in (slot or {}).items():
+        have = d.get(field, want)
+        have = "/".join(Path(have).parts[-2:]) if field == "adapter" and isinstance(have, str) else have
+        if have != want:
+            raise ValueError(f"{path}: holds the results of {field} {have!r}, where its name says {want!r} (another "
+                             f"evaluation's file put here); {fix}")
+    rec = read_record(path)
+    if rec and rec.get("sha256") not in (None, util.file_hash(path, "sha256")):
+        raise ValueError(f"{path}: changed after its step made it (its record's sha256 differs: edited, replaced or "
+                         f"cut); {fix}")
     return v, se
 
 
@@ -531,7 +546,10 @@ def results(out, seeds):
     base = {}
     for tag in ("base", "base-nf4"):
         for col in ["mnist-0shot", "mnist-5shot"] + SOURCE_TASKS:
-            r = read(ev / f"{tag}-{col}.json", SRC_METRIC.get(col, "acc"))
+            task, _, shots = col.partition("-")   # mnist-0shot: Textual MNIST, 0 shots
+            r = read(ev / f"{tag}-{col}.json", SRC_METRIC.get(col, "acc"),
+                     {"task": task, "quantize": "nf4" if tag == "base-nf4" else None, "adapter": None,
+                      **({"num_fewshot": int(shots[0])} if shots else {})})
             base[tag, col] = interval([r] if r else [])
     rows = [("rigsa", k, f"RIGSA iteration {k}") for k in range(1, IMP_ITERS + 1)] + [("random-mask", 1, "Random mask")]
     rows += [(f"qlora-r{r}", 1, f"QLoRA rank {r}") for r in QLORA_RANKS]
@@ -547,7 +565,7 @@ def results(out, seeds):
                 if m.get(c) is not None:
                     per[c].append(m[c])
             for t in SOURCE_TASKS:
-                r = read(ev / f"{run.name}-iter{k}-{t}.json", SRC_METRIC[t])
+                r = read(ev / f"{run.name}-iter{k}-{t}.json", SRC_METRIC[t], {"task": t, "adapter": f"{run.name}/iter{k}"})
                 if r:
                     per[t].append(r)
         row = {"name": name, "k": k, "label": label, "rank": int(name[7:]) if name.startswith("qlora") else None}

@@ -734,6 +734,40 @@ def test_a_damaged_evaluation_is_never_a_blank_cell(tmp_path, content):
     assert P.read(p, "acc") == (0.5, 0.1) and P.read(p, "acc_norm") is None and P.read(tmp_path / "none", "acc") is None
 
 
+def test_an_evaluation_of_another_slot_a_changed_one_or_a_non_finite_value_is_refused(tmp_path):
+    # --tables-only read each evals JSON by its name alone: HellaSwag's results saved as PIQA's, a 5-shot file over
+    # the 0-shot one or a 4-bit base's in the full-precision slot were tabulated and drawn; so were a file changed
+    # since its step made it (which the full run refuses) and a NaN (the figure dropped the point without a word)
+    p, cmd = tmp_path / "base-piqa.json", ["evals/run.py", "--task", "piqa", "--output", str(tmp_path / "base-piqa.json")]
+    slot = {"task": "piqa", "quantize": None, "adapter": None}
+
+    def put(**fields):
+        p.write_text(json.dumps({"task": "piqa", "quantize": None, "adapter": None, "num_fewshot": 0,
+                                 "metrics": {"acc": 0.5, "acc_stderr": 0.1}, **fields}))
+    put()
+    assert P.read(p, "acc", slot) == (0.5, 0.1)
+    for fields, said in (({"task": "hellaswag"}, "task 'hellaswag', where its name says 'piqa'"),
+                         ({"quantize": "nf4"}, "quantize 'nf4', where its name says None"),
+                         ({"adapter": "runs/x/rigsa/iter2"}, "adapter 'rigsa/iter2', where its name says None")):
+        put(**fields)
+        with pytest.raises(ValueError, match=re.escape(f"{p}: holds the results of {said} (another evaluation's file")):
+            P.read(p, "acc", slot)
+    put(num_fewshot=5)
+    with pytest.raises(ValueError, match="num_fewshot 5, where its name says 0"):
+        P.read(p, "acc", {**slot, "num_fewshot": 0})
+    p.write_text('{"metrics": {"acc": 0.5}}')   # an older file, without the fields: read as it is
+    assert P.read(p, "acc", slot) == (0.5, None)
+    P.write_record(p, cmd, {}, "m", "done")      # its sha256 recorded: then edited
+    p.write_text('{"metrics": {"acc": 0.9}}')
+    with pytest.raises(ValueError, match=re.escape(f"{p}: changed after its step made it")):
+        P.read(p, "acc", slot)
+    for bad in ("NaN", "Infinity"):
+        p.write_text('{"metrics": {"acc": %s}}' % bad)
+        P.write_record(p, cmd, {}, "m", "done")
+        with pytest.raises(ValueError, match="not a finite number"):
+            P.read(p, "acc", slot)
+
+
 @pytest.mark.parametrize("theirs", ["TABLES.md", "figure2.png"])
 def test_a_users_tables_or_figures_are_never_replaced(tmp_path, theirs, capsys, monkeypatch):
     # --tables-only --out . in a folder of one's own replaced its TABLES.md and figure2.png; a full run or a dry

@@ -714,12 +714,19 @@ PANELS = [("mnist", "a. Textual MNIST (target task; baseline 0-shot)", "test acc
           ("hellaswag", "c. HellaSwag 0-shot", "accuracy (%)"), ("piqa", "d. PIQA 0-shot", "accuracy (%)")]
 
 
-def _series(ax, xs, cells, **kw):
-    """Means with their 95% intervals as error bars, points without a value left out -> the points."""
+def _series(ax, xs, cells, n_seeds=1, **kw):
+    """Means with their 95% intervals as error bars, points without a value left out -> the points. A
+    point of fewer seeds than the figure's n (a seed stopped early) says n=k beside it, as its table cell
+    does (with one, its bar is ± 1.96 stderr, not a t interval), and the caption says so (ax.fewer)."""
     pts = [(x, 100 * c[0], 0 if c[1] is None else 100 * c[1]) for x, c in zip(xs, cells) if c is not None]
     if pts:
         x, y, e = zip(*pts)
         ax.errorbar(x, y, yerr=e, marker="o", capsize=3, **kw)
+    for x, c in zip(xs, cells):
+        if c is not None and c[2] < n_seeds:
+            ax.annotate(f"n={c[2]}", (x, 100 * c[0]), xytext=(4, 4), textcoords="offset points", fontsize=7,
+                        color=kw.get("color"))
+            ax.fewer = True
     return pts
 
 
@@ -760,6 +767,8 @@ def _save(fig, axes, out, name, title, seeds):
     how = (f"n = {len(seeds)} seeds ({s}): means, error bars the 95% t interval over seeds" if len(seeds) > 1
            else f"one seed ({s}): error bars the 95% interval ± 1.96 stderr")
     bands = "; shaded: the horizontal lines' 95% intervals" if any(ax.patches for ax in axes) else ""
+    if any(getattr(ax, "fewer", False) for ax in axes):   # as TABLES.md's (n=k) cells
+        bands += "; n=k: a point of k seeds (k = 1: ± 1.96 stderr)"
     fig.suptitle(f"{title}\n{how}{bands}", fontsize=10)
     handles = {}
     for ax in axes:
@@ -795,7 +804,7 @@ def figures(out, R):
     # Figure 2 (§5.1-5.2): RIGSA against the IMP iteration; the random mask and the base model as levels
     fig, axes = plt.subplots(**grid)
     for ax, (c, title, ylabel) in zip(axes.flat, PANELS):
-        pts = _series(ax, [r["k"] for r in rig], [r[c] for r in rig], label="RIGSA", color="C0")
+        pts = _series(ax, [r["k"] for r in rig], [r[c] for r in rig], len(seeds), label="RIGSA", color="C0")
         notes = [_level(ax, mask[c], f"Random mask (iteration {IMP_ITERS}'s density)", pts, color="C1", ls="--"),
                  _level(ax, base("base", c), "Baseline (base model)", pts, color="0.4")]
         ax.set_xticks([r["k"] for r in rig], [f"{r['k']}\n" + ("" if r["density"] is None else f"{100 * r['density']:.1f}%")
@@ -807,7 +816,7 @@ def figures(out, R):
     # Figure 3 (§5.3): QLoRA against the rank, on a log-2 axis; the 4-bit base model as a level
     fig, axes = plt.subplots(**grid)
     for ax, (c, title, ylabel) in zip(axes.flat, PANELS):
-        pts = _series(ax, [r["rank"] for r in ql], [r[c] for r in ql], label="QLoRA", color="C2")
+        pts = _series(ax, [r["rank"] for r in ql], [r[c] for r in ql], len(seeds), label="QLoRA", color="C2")
         note = _level(ax, base("base-nf4", c), "4-bit baseline (NF4 base model)", pts, color="0.4")
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_locator(FixedLocator(QLORA_RANKS))
@@ -825,7 +834,8 @@ def figures(out, R):
                                        ([mask], "Random mask", "C1", lambda r: "mask", -5),  # left: it 5 is right
                                        (ql, "QLoRA (ranks, 4-bit base)", "C2", lambda r: f"r {r['rank']}", 5)):
         sel = [r for r in sel if r["trainable"] and r["mnist"]]
-        pts += _series(ax, [r["trainable"] for r in sel], [r["mnist"] for r in sel], label=label, color=color)
+        pts += _series(ax, [r["trainable"] for r in sel], [r["mnist"] for r in sel], len(seeds), label=label,
+                       color=color)
         for r in sel:
             ax.annotate(tag(r), (r["trainable"], 100 * r["mnist"][0]), textcoords="offset points", xytext=(dx, 4),
                         ha="left" if dx > 0 else "right", fontsize=8, color=color, bbox=dict(fc="white", ec="none", alpha=0.8, pad=0.5))

@@ -716,6 +716,29 @@ def test_figures_written(tmp_path):
         assert f"![Figure {k}](figure{k}.png)" in text
 
 
+def test_a_point_of_fewer_seeds_says_so_in_the_figure(tmp_path, monkeypatch):
+    # a seed stopped after iteration 4: its table cells say (n=1), but the figure drew the point among the others
+    # under "n = 2 seeds ... t interval over seeds", its bar being 1.96 stderr
+    pytest.importorskip("matplotlib")
+    for s in (0, 1):
+        write_run(tmp_path, f"rigsa-seed{s}", [{"iter": k, "test_acc": 0.9 + k / 100 + s / 200, "test_images": 100,
+                                                "density": 0.8 ** (k - 1), "trainable": 10**9 * 0.8 ** (k - 1)}
+                                               for k in range(1, 6 - s)])
+    saved, save = {}, P._save
+
+    def seen(fig, axes, out, name, *a):   # each figure's annotations and caption, as drawn
+        axes = list(axes)
+        done = save(fig, axes, out, name, *a)
+        saved[name] = [t.get_text() for ax in axes for t in ax.texts], fig._suptitle.get_text()
+        return done
+    monkeypatch.setattr(P, "_save", seen)
+    assert "(n=1)" in P.tables(tmp_path)
+    notes, title = saved["figure2.png"]
+    assert notes.count("n=1") == 1 and "n = 2 seeds" in title and "n=k: a point of k seeds (k = 1: ± 1.96 stderr)" in title
+    notes, title = saved["figure4.png"]
+    assert notes.count("n=1") == 1 and "n=k" in title
+
+
 def test_plan_on_torchrun(tmp_path):
     cmds = [c for _, c in P.plan(args(tmp_path, [P.DEFAULT_SEED], nproc=2))]
     assert all(c[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"] for c in cmds)

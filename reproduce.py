@@ -807,7 +807,7 @@ def figures(out, R):
         pts = _series(ax, [r["k"] for r in rig], [r[c] for r in rig], len(seeds), label="RIGSA", color="C0")
         notes = [_level(ax, mask[c], f"Random mask (iteration {IMP_ITERS}'s density)", pts, color="C1", ls="--"),
                  _level(ax, base("base", c), "Baseline (base model)", pts, color="0.4")]
-        ax.set_xticks([r["k"] for r in rig], [f"{r['k']}\n" + ("" if r["density"] is None else f"{100 * r['density']:.1f}%")
+        ax.set_xticks([r["k"] for r in rig], [f"{r['k']}\n" + ("" if r["density"] is None else f"{100 * r['density']:.3g}%")
                                                for r in rig])
         _panel(ax, title, ylabel, "IMP iteration (density)", notes)
     written.append(_save(fig, axes.flat, out, "figure2.png",

@@ -82,6 +82,7 @@ from evals import tasks as T
 REPO = Path(__file__).resolve().parent
 SOURCE_TASKS = ["piqa", "hellaswag", "gsm8k"]      # paper §4.3
 SRC_METRIC = {"piqa": "acc", "hellaswag": "acc", "gsm8k": "exact_match_strict"}
+SHOTS = {"piqa": 0, "hellaswag": 0, "gsm8k": T.GSM8K_SHOTS}   # evals/run.py's defaults, which the steps take
 QLORA_RANKS = list(rigsa.TABLE4["ranks"])           # paper Table 4
 IMP_ITERS = rigsa.Config.iters                      # paper §4.4
 DEFAULT_SEED = 1234   # rigsa.Config.seed's default: its runs keep the single-seed names. A number of its own, so
@@ -288,28 +289,44 @@ def show(key, value, model):
 RUN_ONLY = flags_mod.resumable(rigsa.Config) | {"verify_model", "revision", "dtype"}
 
 
-def config_drift(out, cmd):
-    """A kept training against this version of rigsa.Config, for each setting its command does not type
-    (a default edited since, or another version's) and that acts on its run (its method uses it, and
-    what it needs holds): the first whose value in the run's config.json differs, said with both; None if
-    none (a key its config.json lacks: another version's run, noted as that). The command's own flags are
-    inputs already (Inputs.of)."""
-    try:
-        saved = rundir.renamed(json.loads((out / "config.json").read_text())["config"])
-        names = {f.name for f in dataclasses.fields(rigsa.Config)}
-        run = rigsa.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None   # unreadable: the training step says so when it resumes
+def untyped(saved, cmd):
+    """The settings of a training's config (`saved`, as config.json holds it) that its command does not
+    type and that act on its run (its method uses them, and what they need holds): {flag: value}. The
+    command's own flags are inputs already (Inputs.of); these are the defaults it trained under."""
+    saved = rundir.renamed(saved)
+    names = {f.name for f in dataclasses.fields(rigsa.Config)}
+    run = rigsa.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names})
     typed = {k.lstrip("-").replace("-", "_").removeprefix("no_") for k in flags(cmd)}
+    got = {}
     for f in dataclasses.fields(rigsa.Config):
         users, needs = rigsa.flag_users(f.name), f.metadata.get("needs")
         if (f.name in typed | RUN_ONLY or f.name not in saved or users and run.method not in users
                 or needs and not needs[0](run)):   # typed, how it runs, or a setting that did not act on this run
             continue
-        now = json.loads(json.dumps(f.default))   # as config.json holds it (a tuple as a list)
-        if saved[f.name] != now:
-            return (f"{flags_mod.flag(f.name)} (not typed by this command): {saved[f.name]!r} in its config.json, "
-                    f"{now!r} in this code's rigsa.Config")
+        got[flags_mod.flag(f.name)] = saved[f.name]
+    return got
+
+
+def code_defaults(cmd):
+    """untyped() of a training this code is about to run: rigsa.Config's defaults (as config.json holds
+    them), its method as typed."""
+    cfg = json.loads(json.dumps(dataclasses.asdict(rigsa.Config())))
+    return untyped({**cfg, "method": flags(cmd).get("--method", cfg["method"])}, cmd)
+
+
+def config_drift(out, cmd):
+    """A kept training against this version of rigsa.Config, for each setting its command does not type
+    (a default edited since, or another version's) and that acts on its run: the first whose value in the
+    run's config.json differs, said with both; None if none (a key its config.json lacks: another
+    version's run, noted as that)."""
+    try:
+        saved = untyped(json.loads((out / "config.json").read_text())["config"], cmd)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None   # unreadable: the training step says so when it resumes
+    now = {flags_mod.flag(k): v for k, v in json.loads(json.dumps(dataclasses.asdict(rigsa.Config()))).items()}
+    for flag, v in saved.items():
+        if v != now[flag]:
+            return f"{flag} (not typed by this command): {v!r} in its config.json, {now[flag]!r} in this code's rigsa.Config"
     return None
 
 
@@ -355,6 +372,10 @@ def pool_difference(a, b):
     before chat_template.jinja counted) by its hub commit."""
     for k in dict.fromkeys([*a, *b]):
         x, y = a.get(k), b.get(k)
+        if k == "--dtype":   # not typed is each step's own default, auto
+            x, y = x or "auto", y or "auto"
+        if k.endswith(" (not typed)") and (k not in a or k not in b):   # a config.json that lacks it: unknown
+            continue
         if k in SEEDED or x == y or k == "base model" and isinstance(x, dict) and isinstance(y, dict) and (
                 x.get("fingerprint") and x.get("fingerprint") == y.get("fingerprint")
                 or x.get("commit") and x.get("commit") == y.get("commit")):
@@ -377,7 +398,12 @@ def check_pooling(out, seeds=None, planned=(), model=None):
         seed, cell = seed_of(p.stem if p.suffix == ".json" else p.name)
         rec = read_record(p)
         if seed is not None and seed not in ours and (seeds is None or seed in seeds) and rec is not None:
-            entries.append((seed, cell, rec["inputs"], "was made", rec.get("model")))
+            try:   # a training's untyped settings too, as its config.json holds them (an edited default)
+                extra = untyped(json.loads((p / "config.json").read_text())["config"], rec["argv"]) if p.is_dir() else {}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                extra = {}
+            entries.append((seed, cell, {**rec["inputs"], **{f"{k} (not typed)": v for k, v in extra.items()}},
+                            "was made", rec.get("model")))
     entries += [(s, c, i, "is to be made", model) for s, c, i in planned]
     seen = {}
     for s, c, i, how, m in entries:
@@ -549,7 +575,7 @@ def results(out, seeds):
             task, _, shots = col.partition("-")   # mnist-0shot: Textual MNIST, 0 shots
             r = read(ev / f"{tag}-{col}.json", SRC_METRIC.get(col, "acc"),
                      {"task": task, "quantize": "nf4" if tag == "base-nf4" else None, "adapter": None,
-                      **({"num_fewshot": int(shots[0])} if shots else {})})
+                      "num_fewshot": int(shots[0]) if shots else SHOTS[task]})
             base[tag, col] = interval([r] if r else [])
     rows = [("rigsa", k, f"RIGSA iteration {k}") for k in range(1, IMP_ITERS + 1)] + [("random-mask", 1, "Random mask")]
     rows += [(f"qlora-r{r}", 1, f"QLoRA rank {r}") for r in QLORA_RANKS]
@@ -565,7 +591,8 @@ def results(out, seeds):
                 if m.get(c) is not None:
                     per[c].append(m[c])
             for t in SOURCE_TASKS:
-                r = read(ev / f"{run.name}-iter{k}-{t}.json", SRC_METRIC[t], {"task": t, "adapter": f"{run.name}/iter{k}"})
+                r = read(ev / f"{run.name}-iter{k}-{t}.json", SRC_METRIC[t],
+                         {"task": t, "num_fewshot": SHOTS[t], "adapter": f"{run.name}/iter{k}"})
                 if r:
                     per[t].append(r)
         row = {"name": name, "k": k, "label": label, "rank": int(name[7:]) if name.startswith("qlora") else None}
@@ -724,7 +751,7 @@ def _series(ax, xs, cells, n_seeds=1, **kw):
         ax.errorbar(x, y, yerr=e, marker="o", capsize=3, **kw)
     for x, c in zip(xs, cells):
         if c is not None and c[2] < n_seeds:
-            ax.annotate(f"n={c[2]}", (x, 100 * c[0]), xytext=(4, 4), textcoords="offset points", fontsize=7,
+            ax.annotate(f"n={c[2]}", (x, 100 * c[0]), xytext=(4, -10), textcoords="offset points", fontsize=7,
                         color=kw.get("color"))
             ax.fewer = True
     return pts
@@ -1049,9 +1076,11 @@ def steps_of(a, again, older):
     for target, cmd in steps:
         o = output_of(target, cmd)
         seed, cell = seed_of(o.stem if o.suffix == ".json" else o.name)
-        if seed is not None:
-            planned.append((seed, cell, inputs.of(cmd, seeded=False)))
-    check_pooling(a.out, planned=planned, model=a.model)
+        if seed is not None:   # a training's untyped settings: this code's defaults
+            extra = code_defaults(cmd) if is_training(cmd) else {}
+            planned.append((seed, cell, {**inputs.of(cmd, seeded=False),
+                                         **{f"{k} (not typed)": v for k, v in extra.items()}}))
+    check_pooling(a.out, None, planned, a.model)   # every seed OUT holds: make plots pools them all
     env = {**os.environ, "RIGSA_QUIET_STOP": "1", **({"HF_HUB_OFFLINE": "1"} if a.offline else {})}  # offline:
     # also keeps huggingface-hub off the hub; quiet: a step stopped by a signal leaves the one line to reproduce.py
     AT["total"] = len(steps)

@@ -3,6 +3,7 @@ writes from the steps' outputs (mostly written by hand, with the records reprodu
 and, on a tiny model, that a step's output is reused only if made from the same inputs and that an
 interrupted reproduction continues where it stopped."""
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -148,6 +149,14 @@ def test_seeds_of_two_settings_are_never_pooled_in_one_cell(world, tmp_path, cap
         assert e.value.code == 1 and re.fullmatch(said, err), err
     P.main(argv + ["--seeds", "1", "--dry-run"])       # the same setting: planned without a word
     assert "would pool" not in capsys.readouterr().err
+    # a default edited between the seeds (keep 0.8 -> 0.7): seed 0's config.json holds it, untyped by its command
+    cfg = json.loads(json.dumps(dataclasses.asdict(rigsa.Config(keep=0.7))))
+    (tmp_path / "rigsa-seed0" / "config.json").write_text(json.dumps({"config": cfg}))
+    with pytest.raises(SystemExit):
+        P.main(argv + ["--seeds", "1", "--dry-run"])
+    assert re.search(r"cell rigsa would pool two settings: seed 0's output was made with --keep \(not typed\) 0\.7, "
+                     r"seed 1's is to be made with 0\.8;", capsys.readouterr().err)
+    (tmp_path / "rigsa-seed0" / "config.json").write_text("{}")
     fake(argv + ["--seeds", "1", "--steps", "3"], 46, first=11)   # assembled by hand (or by an older reproduce.py)
     with pytest.raises(ValueError, match=r"cell \S+ would pool two settings: seed 0's output was made with --steps "
                                          r"2, seed 1's was made with 3"):
@@ -157,6 +166,9 @@ def test_seeds_of_two_settings_are_never_pooled_in_one_cell(world, tmp_path, cap
     assert P.seed_of("rigsa-seed0-iter1-piqa") == (0, "rigsa-iter1-piqa") and P.seed_of("qlora-r4-seed-3") == \
         (-3, "qlora-r4") and P.seed_of("rigsa-iter2-gsm8k") == (P.DEFAULT_SEED, "rigsa-iter2-gsm8k") and \
         P.seed_of("base-nf4-piqa") == (None, "base-nf4-piqa")
+    assert P.pool_difference({"--dtype": "auto"}, {}) is None and P.pool_difference({"--dtype": "float32"}, {}) == \
+        ("--dtype", "float32", "auto")   # not typed is each step's default, auto
+    assert P.pool_difference({"--keep (not typed)": 0.7}, {}) is None   # a config.json without it: not compared
 
 
 def test_main_skips_recorded_outputs_and_resumes(world, tmp_path, capsys):

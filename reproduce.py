@@ -368,8 +368,10 @@ def seed_of(name):
 
 def pool_difference(a, b):
     """The first input two seeds' outputs of one cell differ in, their seed and its adapters aside:
-    (key, a's value, b's value), or None. One base is one base by its fingerprint, or (a record from
-    before chat_template.jinja counted) by its hub commit."""
+    (key, a's value, b's value), or None. One base is one hub commit (its bytes, whichever fingerprint
+    format a record holds: before chat_template.jinja counted, or after), or, for a local folder, one
+    fingerprint; another commit is another base, as for a step's own output (difference: the
+    fingerprint samples the weights, a commit pins them)."""
     for k in dict.fromkeys([*a, *b]):
         x, y = a.get(k), b.get(k)
         if k == "--dtype":   # not typed is each step's own default, auto
@@ -377,8 +379,8 @@ def pool_difference(a, b):
         if k.endswith(" (not typed)") and (k not in a or k not in b):   # a config.json that lacks it: unknown
             continue
         if k in SEEDED or x == y or k == "base model" and isinstance(x, dict) and isinstance(y, dict) and (
-                x.get("fingerprint") and x.get("fingerprint") == y.get("fingerprint")
-                or x.get("commit") and x.get("commit") == y.get("commit")):
+                x.get("commit") and x.get("commit") == y.get("commit")
+                or not x.get("commit") and not y.get("commit") and x.get("fingerprint") == y.get("fingerprint")):
             continue
         return k, x, y
     return None

@@ -169,6 +169,11 @@ def test_seeds_of_two_settings_are_never_pooled_in_one_cell(world, tmp_path, cap
     assert P.pool_difference({"--dtype": "auto"}, {}) is None and P.pool_difference({"--dtype": "float32"}, {}) == \
         ("--dtype", "float32", "auto")   # not typed is each step's default, auto
     assert P.pool_difference({"--keep (not typed)": 0.7}, {}) is None   # a config.json without it: not compared
+    one, two = {"commit": "a" * 40, "fingerprint": "f"}, {"commit": "b" * 40, "fingerprint": "f"}
+    assert P.pool_difference({"base model": one}, {"base model": {**one, "fingerprint": "older"}}) is None   # a commit
+    assert P.pool_difference({"base model": one}, {"base model": two})[0] == "base model"   # sampled weights: commits
+    assert P.pool_difference({"base model": {"commit": None, "fingerprint": "f"}},
+                             {"base model": {"commit": None, "fingerprint": "g"}})[0] == "base model"
 
 
 def test_main_skips_recorded_outputs_and_resumes(world, tmp_path, capsys):

@@ -751,6 +751,8 @@ def _series(ax, xs, cells, n_seeds=1, **kw):
     if pts:
         x, y, e = zip(*pts)
         ax.errorbar(x, y, yerr=e, marker="o", capsize=3, **kw)
+        if any(y - e < 0 or y + e > 100 for _, y, e in pts):   # _panel keeps the axis within 0-100%: said
+            ax.clipped = True
     for x, c in zip(xs, cells):
         if c is not None and c[2] < n_seeds:
             ax.annotate(f"n={c[2]}", (x, 100 * c[0]), xytext=(4, -10), textcoords="offset points", fontsize=7,
@@ -798,6 +800,8 @@ def _save(fig, axes, out, name, title, seeds):
     bands = "; shaded: the horizontal lines' 95% intervals" if any(ax.patches for ax in axes) else ""
     if any(getattr(ax, "fewer", False) for ax in axes):   # as TABLES.md's (n=k) cells
         bands += "; n=k: a point of k seeds (k = 1: ± 1.96 stderr)"
+    if any(getattr(ax, "clipped", False) for ax in axes):   # TABLES.md has the whole interval
+        bands += "; bars cut at 0% or 100% (TABLES.md: whole)"
     fig.suptitle(f"{title}\n{how}{bands}", fontsize=10)
     handles = {}
     for ax in axes:

@@ -753,7 +753,12 @@ def test_a_point_of_fewer_seeds_says_so_in_the_figure(tmp_path, monkeypatch):
     notes, title = saved["figure2.png"]
     assert notes.count("n=1") == 1 and "n = 2 seeds" in title and "n=k: a point of k seeds (k = 1: ± 1.96 stderr)" in title
     notes, title = saved["figure4.png"]
-    assert notes.count("n=1") == 1 and "n=k" in title
+    assert notes.count("n=1") == 1 and "n=k" in title and "bars cut" not in title
+    shutil.rmtree(tmp_path / "rigsa-seed1")   # two seeds 1 point apart at 95% and 96%: 95.50 +- 6.35 runs past 100%
+    write_run(tmp_path, "rigsa-seed1", [{"iter": k, "test_acc": 0.9 + k / 100 + 0.01, "test_images": 100,
+                                         "density": 0.8 ** (k - 1), "trainable": 10**9 * 0.8 ** (k - 1)} for k in range(1, 6)])
+    assert "95.50 ± 6.35" in P.tables(tmp_path)
+    assert "bars cut at 0% or 100% (TABLES.md: whole)" in saved["figure2.png"][1]
 
 
 def test_plan_on_torchrun(tmp_path):

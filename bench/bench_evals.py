@@ -130,17 +130,6 @@ def check_requests(tmp, tok, train, test, piqa, hs):
 TASKS = ("piqa", "hellaswag", "gsm8k")
 
 
-def task_list(s):
-    """--tasks: a comma-separated list of TASKS, spaces around them dropped -> the same list, cleaned; an
-    unknown task is named before the data and the model are read."""
-    got = [t.strip() for t in s.split(",") if t.strip()]
-    bad = [t for t in got if t not in TASKS]
-    if bad or not got:
-        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, bad)) or repr(s)}: not a task here; the tasks are "
-                                         f"{', '.join(TASKS)} (comma-separated)")
-    return ",".join(got)
-
-
 def lm_eval_batch(s):
     """--lm-eval-batch-size: what lm-eval's HFLM takes, a count from 1, auto or auto:N; kept a string."""
     if s != "auto":
@@ -170,7 +159,7 @@ def main():
                     help="time evals/ alone (no lm-eval), e.g. the full three-task run on a GPU")
     ap.add_argument("--batch-size", type=util.number(int, 1, auto=True), default="auto", help="ours")   # as evals/run.py's
     ap.add_argument("--lm-eval-batch-size", type=lm_eval_batch, default="1", help="lm-eval's (its default is 1)")
-    ap.add_argument("--tasks", type=task_list, default="piqa,hellaswag,gsm8k")
+    ap.add_argument("--tasks", type=util.comma_list(TASKS, "task"), default="piqa,hellaswag,gsm8k")
     ap.add_argument("--threads", type=util.number(int, 1), default=None, help="torch threads for both sides")
     ap.add_argument("--repeats", type=util.number(int, 1), default=3, help="alternating runs per side; the fastest counts")
     ap.add_argument("--repeats-gsm8k", type=util.number(int, 1), default=1, help="the same for gsm8k (minutes per run)")

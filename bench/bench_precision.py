@@ -217,17 +217,6 @@ def loop_part(a):
 PARTS = ("step", "dx", "gemm", "profile", "attention", "loop")
 
 
-def known_parts(s):
-    """--part: a comma-separated list of PARTS, spaces around them dropped -> the same list, cleaned; a
-    name that is no part is named (it would otherwise run nothing and exit 0)."""
-    got = [p.strip() for p in s.split(",") if p.strip()]
-    bad = [p for p in got if p not in PARTS]
-    if bad or not got:
-        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, bad)) or repr(s)}: not a table; the tables are "
-                                         f"{', '.join(PARTS)} (comma-separated)")
-    return ",".join(got)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="SmolLM2-135M-Instruct", choices=list(M.PRESETS))
@@ -235,7 +224,7 @@ def main():
     # a prompt token and the two supervised ones at least (make_step: labels at T-2, T-1)
     ap.add_argument("--tokens", type=util.number(int, 3), default=850)
     ap.add_argument("--steps", type=util.number(int, 1), default=5)
-    ap.add_argument("--part", type=known_parts, default="step,dx,gemm", help="which tables: step, dx, gemm, profile, attention, "
+    ap.add_argument("--part", type=util.comma_list(PARTS, "table"), default="step,dx,gemm", help="which tables: step, dx, gemm, profile, attention, "
                     "loop [default: step,dx,gemm]")
     ap.add_argument("--loop-steps", type=util.number(int, 1), default=3, help="--part loop: optimizer steps per run")
     # at most rigsa.py's --batch-size, 16, which --part loop keeps

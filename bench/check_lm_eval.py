@@ -186,11 +186,11 @@ def count(s):
 
 def task_list(s):
     """--tasks: a comma-separated list of TASKS, spaces around them dropped -> the same list, cleaned; an
-    unknown task is named before anything runs."""
+    unknown task is named before anything runs (lib.util.comma_list's words, for the reason count gives)."""
     got = [t.strip() for t in s.split(",") if t.strip()]
     bad = [t for t in got if t not in TASKS]
     if bad or not got:
-        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, bad)) or repr(s)}: not a task here; the tasks are "
+        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, bad)) or repr(s)}: not a task; the tasks are "
                                          f"{', '.join(TASKS)} (comma-separated)")
     return ",".join(got)
 

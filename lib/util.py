@@ -11,7 +11,8 @@ and the scripts import it.
   download                   a data file: streamed, resumable, checked, renamed; RIGSA_DATA_MIRROR
   ensure_files, file_hash    pinned data files: there and right, or fetched; md5 / sha256 / git blob id
   progress                   tqdm with a rate and ETA; in a log file one line per interval
-  ArgumentParser, number     one-line usage errors; numeric flags checked where they are parsed (nonempty: paths)
+  ArgumentParser, number     one-line usage errors; numeric flags checked where they are parsed (nonempty: paths;
+                             comma_list: names)
   pick_device, on_device     "auto" -> cuda if available ("cuda" without CUDA is an error); constants per device
   native_bf16, auto_dtype    --dtype auto: bfloat16 where the device computes it natively (CUDA, AMX, AVX512-BF16)
   merge_record, merge_dtype  ... but a float32 merge (its rigsa-merge.json says so) stays float32
@@ -624,6 +625,20 @@ def number(kind=int, lo=None, hi=None, lo_open=False, hi_open=False, auto=False)
             raise argparse.ArgumentTypeError(f"{s} is out of range: expected {want}")
         return x
     parse.want = want   # for --help
+    return parse
+
+
+def comma_list(choices, noun):
+    """An argparse type: a comma-separated list of `choices`, spaces around them dropped -> the same list,
+    cleaned; a name that is none of them (a `noun`) is named before anything runs, rather than running
+    nothing and exiting 0."""
+    def parse(s):
+        got = [x.strip() for x in s.split(",") if x.strip()]
+        bad = [x for x in got if x not in choices]
+        if bad or not got:
+            raise argparse.ArgumentTypeError(f"{', '.join(map(repr, bad)) or repr(s)}: not a {noun}; the {noun}s are "
+                                             f"{', '.join(choices)} (comma-separated)")
+        return ",".join(got)
     return parse
 
 

@@ -58,40 +58,40 @@ def test_the_top_level_is_the_architecture():
     assert TOP == {"rigsa", "cli", "model", "qlora", "reproduce", "conftest"}, TOP
 
 
-def test_the_benches_still_load(tmp_path):
-    # the benches sit on top of everything and no other test runs them: each script's --help, run as
-    # `python bench/x.py --help` would from another folder, so that a moved module, or a script that
-    # lost its path set-up, breaks this test rather than `make bench`. One interpreter runs them all
-    # (torch's import, paid once, was most of 16 processes' time): before each script its sys.path is
-    # what `python bench/x.py` starts with (the script's folder, then the interpreter's own: no
-    # repository), the repository's modules are forgotten, so each is imported from its file again,
-    # and os.environ is the one it was given (other process state an import leaves, such as a signal
-    # handler or torch's thread count, carries over: harmless to --help)
-    import json
-    import subprocess
-    import sys
-    scripts = sorted(os.path.join(REPO, "bench", f) for f in os.listdir(os.path.join(REPO, "bench"))
-                     if f.endswith(".py") and f != "dense_layer.py")
-    each = """import contextlib, io, json, os, runpy, sys, traceback
-repo, scripts = os.path.realpath(sys.argv[1]), sys.argv[2:]
+BENCH_RUNNER = """import argparse, contextlib, io, json, os, runpy, signal, sys, traceback
+repo, cases = os.path.realpath(sys.argv[1]), json.loads(sys.argv[2])
 start, env, stdout = sys.path[1:], dict(os.environ), sys.stdout   # sys.path[0]: -c's own ''
 below = [os.path.realpath(p) + os.sep for p in start if p]        # site-packages and the like, wherever they are
 
 def ours(m):   # a module read from the repository's files (not from an interpreter's folder inside it)
     own = getattr(m, "__dict__", {})   # not getattr(m, ...): some of torch's modules make up any attribute
-    files = [own.get("__file__"), *(own.get("__path__") or [])]
-    files = [os.path.realpath(f) for f in files if isinstance(f, str)]
+    files = [os.path.realpath(f) for f in [own.get("__file__"), *(own.get("__path__") or [])] if isinstance(f, str)]
     return any(f.startswith(repo + os.sep) and not f.startswith(tuple(below)) for f in files)
 
-for script in scripts:
+class Worked(BaseException):
+    pass
+
+def late(*_):
+    raise Worked()
+
+signal.signal(signal.SIGALRM, late)
+parse = argparse.ArgumentParser.parse_args
+
+def timed_parse(self, *args, **kw):   # the flags read: the work may start now
+    got = parse(self, *args, **kw)
+    signal.setitimer(signal.ITIMER_REAL, 20)
+    return got
+argparse.ArgumentParser.parse_args = timed_parse
+
+for script, argv in cases:
     for name in [n for n, m in list(sys.modules.items()) if ours(m)]:
         del sys.modules[name]
     sys.path[:] = [os.path.dirname(script), *start]
-    sys.argv[:] = [script, "--help"]
+    sys.argv[:] = [script, *argv]
     os.environ.clear()
     os.environ.update(env)
     out, err = io.StringIO(), io.StringIO()
-    code = 0   # the exit status `python bench/x.py --help` would have
+    code = 0   # the exit status `python bench/x.py ARGV` would have
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             runpy.run_path(script, run_name="__main__")
@@ -99,16 +99,44 @@ for script in scripts:
         code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
         if not isinstance(e.code, int) and e.code is not None:
             print(e.code, file=err)   # sys.exit("error: ...") says it on stderr, exit 1
+    except Worked:
+        code = "still working 20 s after its flags were read"
     except BaseException:
         code = 1
         err.write(traceback.format_exc())
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
     print(json.dumps([script, code, out.getvalue(), err.getvalue()]), file=stdout)
 """
-    p = subprocess.run([sys.executable, "-c", each, REPO, *scripts], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=600)
+
+
+def run_benches(cases, cwd):
+    """Each bench script of cases [(path, argv)] as `python bench/x.py ARGV` runs it, all in one interpreter
+    (torch's import, paid once, was most of 16 processes' time): before each script its sys.path is what
+    `python bench/x.py` starts with (the script's folder, then the interpreter's own: no repository), the
+    repository's modules are forgotten, so each is imported from its file again, and os.environ is the one
+    it was given (other process state an import leaves, such as a signal handler or torch's thread count,
+    carries over: harmless here). Once parse_args returns, a script has 20 s to end (its own checks: the
+    device, the data folder), else it is stopped. -> [(script, exit status, stdout, stderr)]."""
+    import json
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", BENCH_RUNNER, REPO, json.dumps(cases)], cwd=cwd, capture_output=True,
+                       text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     ran = [json.loads(line) for line in p.stdout.splitlines()]
-    assert [s for s, *_ in ran] == scripts, p.stdout[-3000:]
+    assert [s for s, *_ in ran] == [s for s, _ in cases], p.stdout[-3000:]
+    return ran
+
+
+def test_the_benches_still_load(tmp_path):
+    # the benches sit on top of everything and no other test runs them: each script's --help, run as
+    # `python bench/x.py --help` would from another folder (run_benches), so that a moved module, or a
+    # script that lost its path set-up, breaks this test rather than `make bench`
+    import subprocess
+    scripts = sorted(os.path.join(REPO, "bench", f) for f in os.listdir(os.path.join(REPO, "bench"))
+                     if f.endswith(".py") and f != "dense_layer.py")
+    ran = run_benches([(s, ["--help"]) for s in scripts], tmp_path)
     bad = [f"{s}: exit {code}: {err[-500:]}" for s, code, out, err in ran if not (code == 0 and "usage:" in out)]
     assert not bad, "\n".join(bad)
     for sh in ("gpu.sh", "device.sh"):
@@ -180,69 +208,11 @@ BAD_BENCH_FLAGS = [   # (script, argv, exit status, what the last line names); {
 
 
 def test_a_bench_refuses_a_bad_flag_in_one_line_before_any_work(tmp_path):
-    # each bench script as `python bench/x.py ARGV` runs it, all in one interpreter (torch imported once),
-    # as test_the_benches_still_load does: its sys.path, the repository's modules forgotten, the
-    # environment restored. The work's start is caught, not waited for: once parse_args returns, a script
-    # has 20 s to refuse (its own checks: the device, the data folder), else it is stopped and fails here
-    import json
-    import subprocess
-    import sys
-    each = """import argparse, contextlib, io, json, os, runpy, signal, sys, traceback
-repo, cases = os.path.realpath(sys.argv[1]), json.loads(sys.argv[2])
-start, env, stdout = sys.path[1:], dict(os.environ), sys.stdout
-below = [os.path.realpath(p) + os.sep for p in start if p]
-
-def ours(m):
-    own = getattr(m, "__dict__", {})
-    files = [os.path.realpath(f) for f in [own.get("__file__"), *(own.get("__path__") or [])] if isinstance(f, str)]
-    return any(f.startswith(repo + os.sep) and not f.startswith(tuple(below)) for f in files)
-
-class Worked(BaseException):
-    pass
-
-def late(*_):
-    raise Worked()
-
-signal.signal(signal.SIGALRM, late)
-parse = argparse.ArgumentParser.parse_args
-
-def timed_parse(self, *args, **kw):   # the flags read: the work may start now
-    got = parse(self, *args, **kw)
-    signal.setitimer(signal.ITIMER_REAL, 20)
-    return got
-argparse.ArgumentParser.parse_args = timed_parse
-
-for script, argv in cases:
-    for name in [n for n, m in list(sys.modules.items()) if ours(m)]:
-        del sys.modules[name]
-    sys.path[:] = [os.path.dirname(script), *start]
-    sys.argv[:] = [script, *argv]
-    os.environ.clear()
-    os.environ.update(env)
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            runpy.run_path(script, run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-        if not isinstance(e.code, int) and e.code is not None:
-            print(e.code, file=err)
-    except Worked:
-        code = "still working 20 s after its flags were read"
-    except BaseException:
-        code = 1
-        err.write(traceback.format_exc())
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-    print(json.dumps([script, code, out.getvalue(), err.getvalue()]), file=stdout)
-"""
+    # each bench script as `python bench/x.py ARGV` runs it, all in one interpreter (run_benches). The work's
+    # start is caught, not waited for: once parse_args returns, a script has 20 s to refuse (its own checks:
+    # the device, the data folder), else it is stopped and fails here
     cases = [(os.path.join(REPO, "bench", s), [x.format(w=tmp_path) for x in argv]) for s, argv, *_ in BAD_BENCH_FLAGS]
-    p = subprocess.run([sys.executable, "-c", each, REPO, json.dumps(cases)], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    ran = [json.loads(line) for line in p.stdout.splitlines()]
-    assert len(ran) == len(cases), p.stdout[-3000:]
+    ran = run_benches(cases, tmp_path)
     bad = []
     for (name, argv, want, says), (_, code, out, err) in zip(BAD_BENCH_FLAGS, ran):
         lines = err.strip().splitlines()

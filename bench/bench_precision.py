@@ -4,6 +4,7 @@ machine: what --dtype auto buys where the hardware computes bfloat16 natively.
 
     python bench/bench_precision.py [--preset SmolLM2-135M-Instruct] [--tokens 850] [--steps 5] [--part step,dx,gemm]
     python bench/bench_precision.py --part profile,attention     # where a step's time goes
+    python bench/bench_precision.py --part step --keep 0.8       # the same after one pruning (masked layers)
 
 One step = one 850-token sequence (a Textual MNIST prompt), its 2 supervised tokens, forward,
 backward and AdamW, as rigsa.batch_loss and train_step do; random weights. Variants, their steps
@@ -67,6 +68,8 @@ def make_step(variant, a):
         params = list(m.parameters())
     else:
         layers = rigsa.install_adapters(m, rigsa.Config())
+        if a.keep:   # a later IMP iteration's layers: masked, rebuilt from their free entries in each pass
+            rigsa.prune(layers, keep=a.keep)
         params = [p for L in layers.values() for p in (L.delta, L.alpha)]
     amp = torch.autocast("cpu", torch.bfloat16) if dtype == torch.bfloat16 else torch.autocast("cpu", enabled=False)
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1.0, foreach=False)
@@ -224,6 +227,9 @@ def main():
     # a prompt token and the two supervised ones at least (make_step: labels at T-2, T-1)
     ap.add_argument("--tokens", type=util.number(int, 3), default=850)
     ap.add_argument("--steps", type=util.number(int, 1), default=5)
+    ap.add_argument("--keep", type=util.number(float, 0, 1, lo_open=True), default=None,
+                    help="--part step, profile: prune the adapters once at this keep first (0.8: IMP's second "
+                         "iteration) [default: dense, the first]")
     ap.add_argument("--part", type=util.comma_list(PARTS, "table"), default="step,dx,gemm", help="which tables: step, dx, gemm, profile, attention, "
                     "loop [default: step,dx,gemm]")
     ap.add_argument("--loop-steps", type=util.number(int, 1), default=3, help="--part loop: optimizer steps per run")
@@ -260,7 +266,8 @@ def main():
     sparse.GatedDelta.backward = real
     med = {v: statistics.median(t) for v, t in ts.items()}
     cfg = M.PRESETS[a.preset]
-    print(f"\n{a.preset} shape ({cfg.num_hidden_layers} layers), one {a.tokens}-token sequence per step, CPU, "
+    print(f"\n{a.preset} shape ({cfg.num_hidden_layers} layers), one {a.tokens}-token sequence per step"
+          + (f", adapters pruned once at keep {a.keep}" if a.keep else "") + ", CPU, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
           f" (native bfloat16: {util.native_bf16('cpu') or 'no'}), load avg {os.getloadavg()[0]:.1f}\n")
     print("| training step | s/step | tokens/s | x rigsa float32 |\n|---|---:|---:|---:|")

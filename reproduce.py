@@ -307,10 +307,14 @@ def untyped(saved, cmd):
     return got
 
 
+def defaults():
+    """This code's rigsa.Config, as a config.json holds it (tuples as lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(rigsa.Config())))
+
+
 def code_defaults(cmd):
-    """untyped() of a training this code is about to run: rigsa.Config's defaults (as config.json holds
-    them), its method as typed."""
-    cfg = json.loads(json.dumps(dataclasses.asdict(rigsa.Config())))
+    """untyped() of a training this code is about to run: rigsa.Config's defaults, its method as typed."""
+    cfg = defaults()
     return untyped({**cfg, "method": flags(cmd).get("--method", cfg["method"])}, cmd)
 
 
@@ -323,7 +327,7 @@ def config_drift(out, cmd):
         saved = untyped(json.loads((out / "config.json").read_text())["config"], cmd)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None   # unreadable: the training step says so when it resumes
-    now = {flags_mod.flag(k): v for k, v in json.loads(json.dumps(dataclasses.asdict(rigsa.Config()))).items()}
+    now = {flags_mod.flag(k): v for k, v in defaults().items()}
     for flag, v in saved.items():
         if v != now[flag]:
             return f"{flag} (not typed by this command): {v!r} in its config.json, {now[flag]!r} in this code's rigsa.Config"
@@ -355,10 +359,12 @@ T95 = [12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.
        2.048407, 2.045230, 2.042272]   # df 28..30; to 6 decimals, so that a half-width's last printed digit is exact
 
 
-def seed_of(name):
-    """(its seed, its cell) of a run folder's or an evaluation's name: rigsa-seed0-iter1-piqa is seed 0's
-    output of the cell rigsa-iter1-piqa, rigsa-iter1-piqa the default seed's; the base model's
+def seed_of(output):
+    """(its seed, its cell) of a run folder or an evaluation's file: rigsa-seed0-iter1-piqa.json is seed 0's
+    output of the cell rigsa-iter1-piqa, rigsa-iter1-piqa.json the default seed's; the base model's
     evaluations are no seed's (None)."""
+    output = Path(output)
+    name = output.stem if output.suffix == ".json" else output.name
     base, sep, rest = name.partition("-seed")
     num, _, tail = rest.lstrip("-").partition("-")
     if sep and base in RUNS and num.isdigit():
@@ -397,7 +403,7 @@ def check_pooling(out, seeds=None, planned=(), model=None):
         [p for p in (out / "evals").glob("*.json") if not p.name.endswith(".inputs.json")]
     ours, entries = {s for s, _, _ in planned}, []
     for p in sorted(kept):   # the other seeds' outputs (this command's own are its steps' to keep or redo)
-        seed, cell = seed_of(p.stem if p.suffix == ".json" else p.name)
+        seed, cell = seed_of(p)
         rec = read_record(p)
         if seed is not None and seed not in ours and (seeds is None or seed in seeds) and rec is not None:
             try:   # a training's untyped settings too, as its config.json holds them (an edited default)
@@ -1080,8 +1086,7 @@ def steps_of(a, again, older):
     inputs = Inputs(a)
     planned = []   # the seeds' steps against OUT's other seeds: one setting per cell, said before any step runs
     for target, cmd in steps:
-        o = output_of(target, cmd)
-        seed, cell = seed_of(o.stem if o.suffix == ".json" else o.name)
+        seed, cell = seed_of(output_of(target, cmd))
         if seed is not None:   # a training's untyped settings: this code's defaults
             extra = code_defaults(cmd) if is_training(cmd) else {}
             planned.append((seed, cell, {**inputs.of(cmd, seeded=False),

@@ -741,9 +741,9 @@ def evaluate(args):
     info["dtype_choice"] = why
     info["adapter_code"] = (ameta or {}).get("code")   # the code that trained it (None: an older file's)
     # and the dtype it last trained in, as its file's own config says (not a default standing in for a missing key)
-    saved = json.loads(ameta["config"]) if ameta and isinstance(ameta.get("config"), str) else {}
-    saved = saved.get("dtype") if isinstance(saved, dict) else None
-    info["adapter_dtype"] = saved if saved in ("float32", "bfloat16", "float16") else None
+    trained = json.loads(ameta["config"]) if ameta and isinstance(ameta.get("config"), str) else {}
+    trained = trained.get("dtype") if isinstance(trained, dict) else None
+    info["adapter_dtype"] = trained if trained in ("float32", "bfloat16", "float16") else None
     if info["adapter_code"] not in (None, util.code_version()):   # its prompt (§4.2) is this code's, not its own
         util.say(f"note: --adapter {args.adapter} was trained by another version of rigsa's code "
                  f"({info['adapter_code']}) than this evaluation runs ({util.code_version()}): its Textual MNIST "

@@ -112,7 +112,7 @@ def check_optimizer_state(opt, state, names=None, model=None):
     of the tensors (make_optimizer edited since the save), which would put moments on the wrong tensors
     or give torch's raw error. With the names resume.pt recorded (group_names) every tensor is compared
     by name; a resume.pt without them (an older version's) by the tensors' count per group and sizes.
-    Called before the run directory is touched, and by the load."""
+    rigsa.setup calls it, before the run directory is touched; load_optimizer_state trusts it."""
     saved = [len(g["params"]) for g in state["param_groups"]]
     ours = [len(g["params"]) for g in opt.param_groups]
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -136,8 +136,7 @@ def load_optimizer_state(opt, state):
     """opt.load_state_dict(state), with the moments placed, and converted, as opt.moments wants them
     whichever placement wrote them (a run may resume with another --moments): torch's own load would
     copy every moment to the device first, which host moments exist to avoid, and would read 8-bit
-    codes as float values."""
-    check_optimizer_state(opt, state)
+    codes as float values. That the state fits opt is check_optimizer_state's, called before."""
     params = [p for g in opt.param_groups for p in g["params"]]
     coded = any(k + "_absmax" in st for st in state["state"].values() for k in CODES)
     if opt.moments == "device" and not coded:

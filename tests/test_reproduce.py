@@ -163,9 +163,9 @@ def test_seeds_of_two_settings_are_never_pooled_in_one_cell(world, tmp_path, cap
         P.tables(tmp_path)
     P.tables(tmp_path, [1])                             # one setting's seeds: tabulated
     assert "n = 2" not in (tmp_path / "TABLES.md").read_text()
-    assert P.seed_of("rigsa-seed0-iter1-piqa") == (0, "rigsa-iter1-piqa") and P.seed_of("qlora-r4-seed-3") == \
-        (-3, "qlora-r4") and P.seed_of("rigsa-iter2-gsm8k") == (P.DEFAULT_SEED, "rigsa-iter2-gsm8k") and \
-        P.seed_of("base-nf4-piqa") == (None, "base-nf4-piqa")
+    assert P.seed_of("e/rigsa-seed0-iter1-piqa.json") == (0, "rigsa-iter1-piqa") and P.seed_of("o/qlora-r4-seed-3") == \
+        (-3, "qlora-r4") and P.seed_of("rigsa-iter2-gsm8k.json") == (P.DEFAULT_SEED, "rigsa-iter2-gsm8k") and \
+        P.seed_of("base-nf4-piqa.json") == (None, "base-nf4-piqa")
     assert P.pool_difference({"--dtype": "auto"}, {}) is None and P.pool_difference({"--dtype": "float32"}, {}) == \
         ("--dtype", "float32", "auto")   # not typed is each step's default, auto
     assert P.pool_difference({"--keep (not typed)": 0.7}, {}) is None   # a config.json without it: not compared

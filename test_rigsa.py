@@ -443,6 +443,12 @@ def test_a_resume_on_another_machine_or_torch_is_said_and_recorded(tiny_dir, tmp
     mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=8, size=8)
     here = util.machine("cpu")
     assert here.startswith("cpu: ") and len(here) > 5 and (util.native_bf16("cpu") or "") in here
+    cap = torch.backends.cpu.get_cpu_capability()   # torch's vector kernels: AVX2, AVX512 round a softmax apart
+    assert f"({cap}" in here
+    with monkeypatch.context() as m:   # so one model name ("Intel(R) Xeon(R) Processor") on two kernel sets is two machines
+        other = "AVX512" if cap == "AVX2" else "AVX2"
+        m.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
+        assert util.machine("cpu") == here.replace(f"({cap}", f"({other}", 1) != here
     with one_thread():
         assert rigsa.train(tiny_cfg(tiny_dir, tmp_path, steps=6, iters=1, halt_after=2)) is None
         assert rigsa.train(rigsa.Config(out=str(tmp_path / "run"), resume=True, halt_after=2)) is None

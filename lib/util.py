@@ -699,8 +699,10 @@ def native_bf16(device):
 
 
 def machine(device):
-    """What, beyond torch's version, a run's last bits depend on: the device's kind and model (a CPU's
-    kernels differ with its instructions: AMX, AVX512-BF16). "cpu: AMD EPYC (AVX512-BF16)", "cuda: NVIDIA H200"."""
+    """What, beyond torch's version, a run's last bits depend on: the device's kind and model, and on a
+    CPU the instructions its kernels use: torch's vector kernels (AVX2 and AVX512 round a softmax
+    differently) and AMX or AVX512-BF16. A cloud VM's model name alone ("Intel(R) Xeon(R) Processor")
+    can stand for CPUs with and without AVX-512. "cpu: AMD EPYC (AVX512, AVX512-BF16)", "cuda: NVIDIA H200"."""
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
@@ -709,7 +711,8 @@ def machine(device):
             name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         name = platform.processor() or platform.machine()
-    return f"{device.type}: {name}" + (f" ({why})" if (why := native_bf16(device)) else "")
+    has = [getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")(), native_bf16(device)]
+    return f"{device.type}: {name}" + (f" ({', '.join(h for h in has if h)})" if any(has) else "")
 
 
 def emulated(dtype, device):

@@ -335,8 +335,8 @@ def config_drift(out, cmd):
 
 
 def difference(rec, now, model, older=None):
-    """The first input that differs between a record and now, said with both values; None if none.
-    older: the base's fingerprint without chat_template.jinja, which a record made before that file was
+    """The first input that differs between a record and now, said with both values (and, for another
+    hub commit of the same model id, the --revision that takes the record's); None if none. older: the base's fingerprint without chat_template.jinja, which a record made before that file was
     covered holds: the same base at one hub commit (adapter_files.same_base)."""
     old = rec["inputs"]
     for k in list(now) + [k for k in old if k not in now]:
@@ -345,7 +345,10 @@ def difference(rec, now, model, older=None):
                 and AF.same_base(a, {**b, "without_template": older}):
             continue
         if a != b:
-            return f"{k}: {show(k, old.get(k), rec.get('model'))} then, {show(k, now.get(k), model)} now"
+            moved = k == "base model" and rec.get("model") == model and isinstance(a, dict) and isinstance(b, dict) \
+                and a.get("commit") and b.get("commit")   # the hub's latest moved on: a README edit moves it too
+            return f"{k}: {show(k, old.get(k), rec.get('model'))} then, {show(k, now.get(k), model)} now" \
+                + (f"; --revision {a['commit']} takes the commit they were made from" if moved else "")
     return None
 
 # -----------------------------------------------------------------------------
@@ -418,10 +421,14 @@ def check_pooling(out, seeds=None, planned=(), model=None):
         first = seen.setdefault(c, (s, i, how, m))
         if (d := pool_difference(first[1], i)) is not None:
             k, x, y = d
+            moved = k == "base model" and how != first[2] and first[3] == m and isinstance(x, dict) \
+                and isinstance(y, dict) and x.get("commit") and y.get("commit")   # the hub's latest moved on
             raise ValueError(f"{out}: TABLES.md's cell {c} would pool two settings: seed {first[0]}'s output "
                              f"{first[2]} with {k} {show(k, x, first[3])}, seed {s}'s {how} with {show(k, y, m)}; "
-                             f"reproduce each setting into its own --out (move the other's runs and evaluations "
-                             f"away), or tabulate one of them with --tables-only --seeds")
+                             + (f"--revision {x['commit']} makes it from the commit the other was made from, or "
+                                if moved else "")
+                             + "reproduce each setting into its own --out (move the other's runs and evaluations "
+                             "away), or tabulate one of them with --tables-only --seeds")
 
 
 def t95(df):

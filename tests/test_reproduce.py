@@ -174,6 +174,17 @@ def test_seeds_of_two_settings_are_never_pooled_in_one_cell(world, tmp_path, cap
     assert P.pool_difference({"base model": one}, {"base model": two})[0] == "base model"   # sampled weights: commits
     assert P.pool_difference({"base model": {"commit": None, "fingerprint": "f"}},
                              {"base model": {"commit": None, "fingerprint": "g"}})[0] == "base model"
+    # the hub's latest moved on between seed 0 and seed 1 (a README edit is enough): --revision makes seed 1 from
+    # seed 0's commit; another model id's is not offered
+    (tmp_path / "hub" / "evals").mkdir(parents=True)
+    P.write_record(tmp_path / "hub" / "evals" / "rigsa-seed0-iter1-piqa.json", [], {"base model": one}, "M", "done")
+    (tmp_path / "hub" / "evals" / "rigsa-seed0-iter1-piqa.json").write_text("{}")
+    for model, hint in (("M", f"--revision {'a' * 40} makes it from the commit the other was made from, or "), ("N", "")):
+        with pytest.raises(ValueError) as e:
+            P.check_pooling(tmp_path / "hub", None, [(1, "rigsa-iter1-piqa", {"base model": two})], model)
+        assert str(e.value).endswith(f"seed 1's is to be made with {model} (commit {'b' * 40}, fingerprint f); {hint}"
+                                     f"reproduce each setting into its own --out (move the other's runs and "
+                                     f"evaluations away), or tabulate one of them with --tables-only --seeds"), e.value
 
 
 def test_main_skips_recorded_outputs_and_resumes(world, tmp_path, capsys):
@@ -945,6 +956,14 @@ def test_a_record_from_before_the_template_was_fingerprinted_is_the_same_base(ti
     for base in ({"commit": None, "fingerprint": inputs.older}, {**hub, "fingerprint": "0" * 16}):
         assert P.difference(rec(base), {"base model": {**hub, "fingerprint": "f"}}, "t", inputs.older).startswith(
             "base model: ")
+    # the hub's latest commit moved on since (a README edit is enough): the one line names the --revision that
+    # takes the commit the outputs were made from, where --rerun-changed would redo them all
+    assert P.difference(rec({**hub, "fingerprint": "f"}), {"base model": {"commit": "b" * 40, "fingerprint": "f"}},
+                        "t", inputs.older) == (f"base model: t (commit {'a' * 40}, fingerprint f) then, t (commit "
+                                               f"{'b' * 40}, fingerprint f) now; --revision {'a' * 40} takes the "
+                                               f"commit they were made from")
+    assert "--revision" not in P.difference(rec({**hub, "fingerprint": "f"}), {"base model": {
+        "commit": "b" * 40, "fingerprint": "f"}}, "u", inputs.older)   # another model: not its revision
 
 
 def test_an_older_runs_test_count_is_read_only_from_its_own_file(tmp_path, monkeypatch):

@@ -1032,8 +1032,8 @@ def chat(a):
     path = resolve(a.model, a.revision, a.verify_model)
     # auto as train and evals/run.py take it: bfloat16 where native, but a float32 merge stays float32
     dtype, why = util.merge_dtype(a.dtype, *util.auto_dtype(a.dtype, device), path)
+    model, tok = load(path, device, dtype)   # a checkpoint it cannot load is the one line said, nothing before it
     print(f"dtype: {str(dtype).removeprefix('torch.')} ({why.removeprefix('auto: ')})", file=sys.stderr)
-    model, tok = load(path, device, dtype)
     msgs = ([{"role": "system", "content": a.system}] if a.system is not None else []) + [{"role": "user", "content": a.prompt}]
     text, P = tok.chat(msgs), model.config.max_position_embeddings
     n = len(tok.encode(text))

@@ -6,6 +6,7 @@ float32 on any CPU, evaluation in bfloat16 applies the adapter and takes its log
 unless asked otherwise, the demo trains in float32, and a run that does not fit names
 --checkpoint-activations as a fix (unless it is on). CPU only, tiny checkpoints written by the tests."""
 import json
+import types
 
 import pytest
 import torch
@@ -129,8 +130,8 @@ def test_auto_keeps_a_float32_merge_in_float32(tiny_dir, tmp_path, monkeypatch, 
     r = json.loads(out.read_text())
     assert r["dtype"] == "float32" and r["dtype_choice"].startswith("auto: a float32 merge"), r["dtype_choice"]
     loaded = []   # model.py's chat too: it took auto as bfloat16 here, without a word (the native-bfloat16 tester's M2)
-    monkeypatch.setattr(M, "load", lambda path, device, dtype, *a: loaded.append(dtype) or (_ for _ in ()).throw(
-        KeyboardInterrupt))
+    stop = types.SimpleNamespace(chat=lambda msgs: (_ for _ in ()).throw(KeyboardInterrupt))   # after the dtype line
+    monkeypatch.setattr(M, "load", lambda path, device, dtype, *a: loaded.append(dtype) or (None, stop))
     for typed in ("auto", "bfloat16"):
         with pytest.raises(SystemExit):
             M.main(["--model", str(tmp_path / "merged"), "--prompt", "hi", "--dtype", typed])

@@ -412,6 +412,7 @@ def test_cli_errors_are_one_line(tiny_dir, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             M.main(["--model", str(model), "--prompt", "hi"])
         assert e.value.code.startswith(f"error: {model}") and msg in e.value.code and "\n" not in e.value.code
+        assert capsys.readouterr().err == ""   # the one line alone: no dtype line for a model it cannot load
     with pytest.raises(SystemExit) as e:  # a usage error: argparse's exit 2
         M.main(["--model", str(tiny_dir), "--prompt", "hi", "--max-new-tokens", "0"])
     assert e.value.code == 2 and "--max-new-tokens: 0 is out of range: expected an integer >= 1" in capsys.readouterr().err

@@ -399,8 +399,10 @@ def check_pooling(out, seeds=None, planned=(), model=None):
     """Every cell of the tables pools seeds made from one setting: a run or evaluation of one seed made
     with other flags, data or base than another's of the same cell (a --seeds added later with another
     --steps or --limit) is refused in one line, not averaged into one interval. seeds: those tabulated
-    (None: all); planned: [(seed, cell, inputs)] of the steps this command is about to run, checked
-    against OUT's outputs of the other seeds before any runs."""
+    (None: all); planned: [(seed, cell, inputs, or a function that gives them)] of the steps this command
+    is about to run, checked against OUT's outputs of the other seeds before any runs: only in a cell that
+    holds one (one command's seeds share their setting), so that a fresh OUT's --dry-run asks for no base
+    (its inputs' identity: a download of the 1.7B model, or a refusal offline)."""
     out = Path(out)
     kept = [p.parent for p in out.glob("*/config.json")] + \
         [p for p in (out / "evals").glob("*.json") if not p.name.endswith(".inputs.json")]
@@ -415,7 +417,8 @@ def check_pooling(out, seeds=None, planned=(), model=None):
                 extra = {}
             entries.append((seed, cell, {**rec["inputs"], **{f"{k} (not typed)": v for k, v in extra.items()}},
                             "was made", rec.get("model")))
-    entries += [(s, c, i, "is to be made", model) for s, c, i in planned]
+    made = {c for _, c, _, _, _ in entries}
+    entries += [(s, c, i() if callable(i) else i, "is to be made", model) for s, c, i in planned if c in made]
     seen = {}
     for s, c, i, how, m in entries:
         first = seen.setdefault(c, (s, i, how, m))
@@ -1096,8 +1099,8 @@ def steps_of(a, again, older):
         seed, cell = seed_of(output_of(target, cmd))
         if seed is not None:   # a training's untyped settings: this code's defaults
             extra = code_defaults(cmd) if is_training(cmd) else {}
-            planned.append((seed, cell, {**inputs.of(cmd, seeded=False),
-                                         **{f"{k} (not typed)": v for k, v in extra.items()}}))
+            planned.append((seed, cell, lambda cmd=cmd, extra=extra: {   # asked only where compared (the base)
+                **inputs.of(cmd, seeded=False), **{f"{k} (not typed)": v for k, v in extra.items()}}))
     check_pooling(a.out, None, planned, a.model)   # every seed OUT holds: make plots pools them all
     env = {**os.environ, "RIGSA_QUIET_STOP": "1", **({"HF_HUB_OFFLINE": "1"} if a.offline else {})}  # offline:
     # also keeps huggingface-hub off the hub; quiet: a step stopped by a signal leaves the one line to reproduce.py

@@ -187,6 +187,22 @@ def test_seeds_of_two_settings_are_never_pooled_in_one_cell(world, tmp_path, cap
                                      f"evaluations away), or tabulate one of them with --tables-only --seeds"), e.value
 
 
+def test_a_dry_run_into_a_fresh_out_asks_for_no_base(world, tmp_path, capsys, monkeypatch):
+    # the pooling check asked every planned step's inputs, the base's identity among them: --dry-run resolved the
+    # base (a 1.7B download with the network; offline, a refusal), where it printed the commands without
+    w, A, _ = world
+    argv = quick(A, tmp_path / "out", w / "data", "--seeds", "0,1")
+    asked = lambda self: pytest.fail("--dry-run asked for the base")   # noqa: E731
+    monkeypatch.setattr(P.Inputs, "identity", asked)
+    P.main(argv + ["--dry-run"])
+    assert capsys.readouterr().out.count("[82/82] ") == 1   # 10 + 36 a seed
+    monkeypatch.undo()
+    fake(quick(A, tmp_path / "out", w / "data", "--seeds", "0"), 46)   # seed 0 is made: seed 1's cells compare bases
+    monkeypatch.setattr(P.Inputs, "identity", asked)
+    with pytest.raises(pytest.fail.Exception, match="asked for the base"):
+        P.main(quick(A, tmp_path / "out", w / "data", "--seeds", "1", "--dry-run"))
+
+
 def test_main_skips_recorded_outputs_and_resumes(world, tmp_path, capsys):
     w, A, _ = world
     argv = quick(A, tmp_path, w / "data", "--seeds", "0,1")

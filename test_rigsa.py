@@ -449,6 +449,9 @@ def test_a_resume_on_another_machine_or_torch_is_said_and_recorded(tiny_dir, tmp
         other = "AVX512" if cap == "AVX2" else "AVX2"
         m.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
         assert util.machine("cpu") == here.replace(f"({cap}", f"({other}", 1) != here
+    with monkeypatch.context() as m:   # MKL told to take other kernels (AVX2's moved an adapter by 1e-4 here), unseen
+        m.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+        assert util.machine("cpu") == here[:-1] + "; MKL_ENABLE_INSTRUCTIONS=AVX2)"
     with one_thread():
         assert rigsa.train(tiny_cfg(tiny_dir, tmp_path, steps=6, iters=1, halt_after=2)) is None
         assert rigsa.train(rigsa.Config(out=str(tmp_path / "run"), resume=True, halt_after=2)) is None

@@ -16,6 +16,7 @@ and the scripts import it.
   pick_device, on_device     "auto" -> cuda if available ("cuda" without CUDA is an error); constants per device
   native_bf16, auto_dtype    --dtype auto: bfloat16 where the device computes it natively (CUDA, AMX, AVX512-BF16)
   merge_record, merge_dtype  ... but a float32 merge (its rigsa-merge.json says so) stays float32
+  machine, KERNEL_VARS       what a run's last bits depend on beyond torch: device, CPU kernels, math-library variables
   init_distributed, world    torchrun: one process per GPU (gloo processes on the CPU); say: rank 0 prints
   exit_distributed           torchrun: all ranks done, then the process group left and the process ended
   keep_freed_memory          CPU runs: glibc keeps freed blocks for reuse
@@ -698,21 +699,34 @@ def native_bf16(device):
     return None
 
 
+# environment variables that make a math library take other kernels than its own choice (MKL's and
+# oneDNN's instruction sets and reproducibility modes, cuBLAS's TF32 for float32): other last bits
+KERNEL_VARS = ("MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "MKL_DEBUG_CPU_TYPE", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
+               "ONEDNN_DEFAULT_FPMATH_MODE", "DNNL_DEFAULT_FPMATH_MODE", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",
+               "NVIDIA_TF32_OVERRIDE")
+
+
 def machine(device):
     """What, beyond torch's version, a run's last bits depend on: the device's kind and model, and on a
     CPU the instructions its kernels use: torch's vector kernels (AVX2 and AVX512 round a softmax
     differently) and AMX or AVX512-BF16. A cloud VM's model name alone ("Intel(R) Xeon(R) Processor")
-    can stand for CPUs with and without AVX-512. "cpu: AMD EPYC (AVX512, AVX512-BF16)", "cuda: NVIDIA H200"."""
+    can stand for CPUs with and without AVX-512. Then any KERNEL_VARS set, and float32 matmuls allowed
+    below full precision (torch.set_float32_matmul_precision): MKL_ENABLE_INSTRUCTIONS=AVX2 moves a
+    trained adapter by 1e-4 while the CPU reads the same. "cpu: AMD EPYC (AVX512, AVX512-BF16)",
+    "cpu: Intel(R) Xeon(R) Processor (AVX512; MKL_CBWR=COMPATIBLE)", "cuda: NVIDIA H200"."""
     device = torch.device(device)
+    env = [f"{k}={os.environ[k]}" for k in KERNEL_VARS if os.environ.get(k)]
+    env += [f"float32 matmul precision {p}"] if (p := torch.get_float32_matmul_precision()) != "highest" else []
     if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
+        return f"cuda: {torch.cuda.get_device_name(device)}" + (f" ({'; '.join(env)})" if env else "")
     try:
         with open("/proc/cpuinfo") as f:
             name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         name = platform.processor() or platform.machine()
-    has = [getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")(), native_bf16(device)]
-    return f"{device.type}: {name}" + (f" ({', '.join(h for h in has if h)})" if any(has) else "")
+    has = ", ".join(h for h in (getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")(), native_bf16(device)) if h)
+    said = "; ".join(([has] if has else []) + env)
+    return f"{device.type}: {name}" + (f" ({said})" if said else "")
 
 
 def emulated(dtype, device):

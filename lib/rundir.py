@@ -230,8 +230,7 @@ class Run:
     def record(self, r):
         self.log.append(r)
         if util.world()[0] == 0:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(r) + "\n")
+            util.append_line(self.out / "metrics.jsonl", json.dumps(r))   # whole, or an error naming it
 
 
 # -----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ tasks or the method (of a checkpoint folder only the dtype record a merge leaves
 and the scripts import it.
 
   atomic_write, write_json   a file appears whole or not at all (write a temporary, then rename)
+  append_line, disk_full     a log's line likewise; a full disk said as one, whatever the writer's words
   umask, file_mode           new files and folders get the modes the user's umask says
   sigterm_cleanup            while active, SIGTERM runs the `finally:` blocks (temporaries removed), exit 143
   lock_dir                   one process writes a run directory at a time (<dir>/LOCK: pid, host; stale ones taken over)
@@ -31,6 +32,7 @@ import http.client
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -95,13 +97,13 @@ def atomic_write(path, write):
     if os.path.islink(path):
         path = os.path.realpath(path)
     tmp = None
+    folder, name = os.path.split(os.path.abspath(path))
     with sigterm_cleanup(f"stopped while writing {path}; no temporary file is left, and no half file"):
         try:
             try:
                 mode = os.stat(path).st_mode & 0o7777
             except OSError:
                 mode = file_mode()
-            folder, name = os.path.split(os.path.abspath(path))
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
             os.close(fd)
             write(tmp)
@@ -113,11 +115,15 @@ def atomic_write(path, write):
                 os.close(fd)
             os.replace(tmp, path)
         except BaseException as e:
+            full = isinstance(e, Exception) and disk_full(folder)   # before the temporary's bytes are freed
             if tmp is not None and os.path.lexists(tmp):
                 with contextlib.suppress(OSError):
                     os.remove(tmp)
             if isinstance(e, OSError) and e.errno is not None:   # a full disk, a read-only folder, ...
                 raise OSError(f"{path}: cannot write ({e.strerror}); free space or choose another path") from None
+            if full:   # safetensors' and torch.save's writers say it in their own words, or not at all
+                raise OSError(f"{path}: cannot write (no space left on its disk: {' '.join(str(e).split())[:100]}); "
+                              f"free space or choose another path") from None
             raise
     try:   # the rename itself (best effort: some file systems cannot fsync a folder)
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
@@ -128,6 +134,32 @@ def atomic_write(path, write):
     except OSError:
         pass
     return path
+
+
+def disk_full(folder):
+    """Whether the disk that holds `folder` has under 1 MiB left: what makes a writer fail that names no
+    errno (safetensors' SafetensorError, torch.save's "unexpected pos")."""
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+def append_line(path, line):
+    """One line appended to a log whole, or not at all: a write that fails (a full disk) cuts the file back
+    to where it was and is one OSError naming it."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)   # the umask's mode, as open(path, "a")
+    try:
+        at, rest = os.lseek(fd, 0, os.SEEK_END), memoryview((line + "\n").encode())
+        try:
+            while rest:   # a write may take part of it, the next one fail
+                rest = rest[os.write(fd, rest):]
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, at)
+            raise OSError(f"{path}: cannot write ({e.strerror or e}); free space or choose another path") from None
+    finally:
+        os.close(fd)
 
 
 def write_json(path, obj, indent=2):

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,41 @@ def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path):
     with pytest.raises(OSError, match=f"{p}: cannot write \\(No space left on device\\); free space"):
         util.atomic_write(p, full)
     assert os.listdir(tmp_path) == ["f.json"]
+
+
+def test_a_full_disk_is_said_as_one_whatever_the_writer_says(tmp_path, monkeypatch):
+    # safetensors' SafetensorError and torch.save's RuntimeError ("unexpected pos") name no errno: a traceback,
+    # or a line naming neither the file nor the disk (the environment tester, on a full tmpfs)
+    p = tmp_path / "iter1.safetensors"
+
+    def torn(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 534848 vs 534740")
+    free = []
+    monkeypatch.setattr(util.shutil, "disk_usage", lambda folder: free.append(os.listdir(folder)) or
+                        types.SimpleNamespace(free=4096))   # what the temporary left free
+    with pytest.raises(OSError, match=re.escape(f"{p}: cannot write (no space left on its disk: [enforce fail at "
+                                                f"inline_container.cc:672] . unexpected pos 534848 vs 534740); free")):
+        util.atomic_write(p, torn)
+    assert len(free[0]) == 1 and os.listdir(tmp_path) == []   # asked while the temporary was there; none left
+    monkeypatch.setattr(util.shutil, "disk_usage", lambda folder: types.SimpleNamespace(free=10 ** 9))
+    with pytest.raises(RuntimeError, match="unexpected pos"):   # room left: the writer's own error, as it was
+        util.atomic_write(p, torn)
+    # a log's line: whole or not at all, even when a write takes part of it and the next fails
+    log = tmp_path / "metrics.jsonl"
+    util.append_line(log, '{"step": 1}')
+    calls, write = [], os.write
+
+    def short(fd, data):
+        calls.append(len(data))
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(fd, bytes(data[:5]))
+    monkeypatch.setattr(util.os, "write", short)
+    with pytest.raises(OSError, match=re.escape(f"{log}: cannot write (No space left on device); free space")):
+        util.append_line(log, '{"step": 2, "loss": 1.25}')
+    assert log.read_text() == '{"step": 1}\n' and calls == [26, 21]
 
 
 def test_atomic_write_syncs_the_content_before_the_rename(tmp_path, monkeypatch):

@@ -262,9 +262,13 @@ def main(argv=None):
     interrupts.stop_as_interrupt()   # SIGTERM as Ctrl-C: cleanup runs, one line, exit 143 (training: resume.pt first)
     here = rigsa.__file__            # the continue commands name rigsa.py, as typed
     # under torchrun only train shares its work: two merges raced to write one --out (said by rank 0 alone)
-    if a.cmd != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.exit(f"error: rigsa.py {a.cmd} runs in one process; run it without torchrun"
-                 if os.environ.get("RANK", "0") == "0" else 1)
+    try:
+        several = interrupts.env_count("WORLD_SIZE", 1) > 1
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if a.cmd != "train" and several:   # torchrun's other ranks exit without a word: rank 0 says it
+        sys.exit(f"error: rigsa.py {a.cmd} runs in one process; run it without torchrun (or WORLD_SIZE unset)"
+                 if interrupts.speaks() else 1)
     try:
         if a.cmd == "train":
             given = flags.typed(train_ap, argv[argv.index("train") + 1:], rigsa.Config)

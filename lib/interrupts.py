@@ -55,12 +55,31 @@ def python_cmd():
     return "python" if w and os.path.abspath(w) == os.path.abspath(sys.executable) else sys.executable
 
 
+def env_count(name, default):
+    """A count a launcher puts in the environment (WORLD_SIZE, LOCAL_WORLD_SIZE, LOCAL_RANK) as an int;
+    one that is no whole number is a ValueError naming the variable, not int()'s words."""
+    value = os.environ.get(name, "")
+    if value.strip() == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} in the environment: not a whole number (torchrun sets it for each process "
+                         f"it starts); unset it to run one process") from None
+
+
+def torchrun():
+    """Whether torchrun started this process (it sets TORCHELASTIC_RUN_ID), rather than variables such as
+    WORLD_SIZE and RANK left in the shell, or another launcher's."""
+    return bool(os.environ.get("TORCHELASTIC_RUN_ID"))
+
+
 def launcher():
     """How this process was launched, after the interpreter: nothing in one process; on torchrun
     (WORLD_SIZE > 1) torchrun with as many processes per machine, so that the line continues the run
     as it ran (another count is taken, but the last bits differ) and says so on each machine."""
-    n = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", n))
+    n = env_count("WORLD_SIZE", 1)
+    local = env_count("LOCAL_WORLD_SIZE", n)
     if n <= 1:
         return []
     nodes = ["--standalone"] if n == local else [f"--nnodes={n // max(local, 1)}"]   # more machines: their rendezvous too
@@ -69,8 +88,9 @@ def launcher():
 
 def speaks():
     """Whether this process prints the stopping lines: one process, or torchrun's rank 0 (from the
-    environment: a signal handler makes no collective call)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or os.environ.get("RANK", "0") == "0"
+    environment: a signal handler makes no collective call); each process where torchrun did not start
+    them (a RANK left in the shell stays silent no more)."""
+    return env_count("WORLD_SIZE", 1) <= 1 or os.environ.get("RANK", "0") == "0" or not torchrun()
 
 
 def command(script, argv):
@@ -81,8 +101,8 @@ def command(script, argv):
 
 
 def _line(words):
-    n = int(os.environ.get("WORLD_SIZE", "1"))
-    several = n > int(os.environ.get("LOCAL_WORLD_SIZE", n))   # machines: each types it, with its rendezvous flags
+    n = env_count("WORLD_SIZE", 1)
+    several = n > env_count("LOCAL_WORLD_SIZE", n)   # machines: each types it, with its rendezvous flags
     return ("on each machine, with the rendezvous flags it started with: " if several else "") + \
         shlex.join([python_cmd(), *launcher(), *words])
 

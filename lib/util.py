@@ -53,6 +53,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from lib import interrupts
+
 # -----------------------------------------------------------------------------
 # files: written whole or not at all
 
@@ -827,13 +829,27 @@ def merge_dtype(flag, dtype, why, path):
 
 def init_distributed(device=None):
     """Under torchrun (WORLD_SIZE > 1), join the process group once: NCCL when the device is CUDA
-    (this rank's own GPU, LOCAL_RANK), gloo on the CPU. -> this process's device."""
+    (this rank's own GPU, LOCAL_RANK), gloo on the CPU. -> this process's device. Where torchrun did not
+    start the process (WORLD_SIZE, RANK, MASTER_ADDR left in the shell, or another launcher), the wait
+    for the others is said first; and in any case Ctrl-C and SIGTERM end the wait at once (their
+    default: the handshake's C++ wait never runs a Python handler, and nothing is written yet)."""
     dev = pick_device(device)
     if dev.type == "cuda" and os.environ.get("LOCAL_RANK") is not None:
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        dev = torch.device("cuda", interrupts.env_count("LOCAL_RANK", 0))
         torch.cuda.set_device(dev)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if (n := interrupts.env_count("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        main = threading.current_thread() is threading.main_thread()   # signal.signal's only thread
+        handlers = {s: signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM) if main}
+        try:
+            if not interrupts.torchrun():
+                where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+                print(f"note: WORLD_SIZE={n} and RANK={os.environ.get('RANK', '?')} in the environment (not torchrun): "
+                      f"waiting at {where} for {n - 1} other process{'es' * (n > 2)}; Ctrl-C stops, and unsetting "
+                      f"WORLD_SIZE runs one process", file=sys.stderr, flush=True)
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
     return dev
 
 

@@ -710,9 +710,12 @@ def test_on_torchrun_rank_0_alone_says_a_stop_and_the_line_that_continues_is_tor
     monkeypatch.setattr(rundir, "STOP", [])
     monkeypatch.setattr(interrupts, "SIGNALS", [])
     monkeypatch.setattr(sys, "argv", ["evals/run.py", "--task", "piqa"])
-    for size, rank, says in (("2", "1", False), ("2", "0", True), ("1", "1", True)):   # RANK alone: one process
+    # RANK alone: one process; WORLD_SIZE and RANK left in a shell, not torchrun's (TORCHELASTIC_RUN_ID): each speaks
+    for size, rank, run_id, says in (("2", "1", "1", False), ("2", "0", "1", True), ("1", "1", "1", True),
+                                     ("2", "1", "", True)):
         monkeypatch.setenv("WORLD_SIZE", size)
         monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", run_id)
         rundir.STOP.clear()
         rundir._on_signal(signal.SIGINT, None)
         interrupts.SIGNALS[:] = [signal.SIGINT]

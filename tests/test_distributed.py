@@ -3,8 +3,10 @@ the single-process run's adapters (masks identical, values within float32 reduct
 and its evaluation (the same predictions, generations and answers; log-likelihoods within 1e-4)."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -247,12 +249,47 @@ def test_processes_given_other_flags_are_refused_and_one_process_commands_say_so
             in e for e in errs), errs
     assert not (tmp_path / "run").exists()
     import cli   # the commands that run in one process say so, once, rather than race for one --out
+    said = "error: rigsa.py merge runs in one process; run it without torchrun (or WORLD_SIZE unset)"
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for rank, code in (("0", "error: rigsa.py merge runs in one process; run it without torchrun"), ("1", 1)):
+    # torchrun's rank 1 leaves the line to rank 0; a RANK=1 left in the shell (no torchrun) exited 1 without a word
+    for rank, run_id, code in (("0", "1", said), ("1", "1", 1), ("1", "", said), ("0", "", said)):
         monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", run_id)
         with pytest.raises(SystemExit) as e:
             cli.main(["merge", "--adapter", str(tmp_path / "a" / "iter1"), "--out", str(tmp_path / "m")])
         assert e.value.code == code
+    monkeypatch.setenv("WORLD_SIZE", "abc")   # int()'s words, and a traceback in rigsa.py
+    with pytest.raises(SystemExit) as e:
+        cli.main(["merge", "--adapter", str(tmp_path / "a" / "iter1"), "--out", str(tmp_path / "m")])
+    assert e.value.code == ("error: WORLD_SIZE='abc' in the environment: not a whole number (torchrun sets it for "
+                            "each process it starts); unset it to run one process")
+    assert not (tmp_path / "m").exists()
+
+
+def test_torchrun_variables_left_in_the_shell_are_said_and_a_signal_ends_the_wait(tiny_dir, data, tmp_path):
+    # WORLD_SIZE=2 RANK=0 MASTER_ADDR/PORT left in the shell, no torchrun: train waited for a rank 1 that never came,
+    # without a word, and SIGTERM and Ctrl-C did nothing (gloo's C++ wait runs no Python handler): only SIGKILL
+    # ended it, after 10 minutes. Now the wait is said, and a signal ends it; nothing is written
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": "0",
+           "OMP_NUM_THREADS": "1"}
+    env.pop("TORCHELASTIC_RUN_ID", None)
+    p = subprocess.Popen([sys.executable, os.path.join(REPO, "rigsa.py"), "train", "--model", str(tiny_dir),
+                          "--data-dir", str(data), "--offline", "--no-verify", "--out", str(tmp_path / "run")],
+                         cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stderr.readline()
+        assert line == (f"note: WORLD_SIZE=2 and RANK=0 in the environment (not torchrun): waiting at 127.0.0.1:{port} "
+                        f"for 1 other process; Ctrl-C stops, and unsetting WORLD_SIZE runs one process\n"), line
+        time.sleep(0.5)   # inside the handshake's wait
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=20) == -signal.SIGINT and not (tmp_path / "run").exists()
+    finally:   # a wait that ignores the signal is the bug: not left behind
+        p.kill()
+        p.stderr.close()
 
 
 def test_two_processes_in_bfloat16_follow_one(tiny_dir, data, tmp_path):

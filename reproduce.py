@@ -62,6 +62,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -818,7 +819,8 @@ def _save(fig, axes, out, name, title, seeds):
         bands += "; n=k: a point of k seeds (k = 1: ± 1.96 stderr)"
     if any(getattr(ax, "clipped", False) for ax in axes):   # TABLES.md has the whole interval
         bands += "; bars cut at 0% or 100% (TABLES.md: whole)"
-    fig.suptitle(f"{title}\n{how}{bands}", fontsize=10)
+    # the caption wrapped to the figure's width (10 pt: ~12 characters an inch), its clauses never cut at an edge
+    fig.suptitle("\n".join([title, *textwrap.wrap(how + bands, int(fig.get_figwidth() * 12))]), fontsize=10)
     handles = {}
     for ax in axes:
         for h, label in zip(*ax.get_legend_handles_labels()):

@@ -773,7 +773,9 @@ def test_a_point_of_fewer_seeds_says_so_in_the_figure(tmp_path, monkeypatch):
     def seen(fig, axes, out, name, *a):   # each figure's annotations and caption, as drawn
         axes = list(axes)
         done = save(fig, axes, out, name, *a)
-        saved[name] = [t.get_text() for ax in axes for t in ax.texts], fig._suptitle.get_text()
+        saved[name] = [t.get_text() for ax in axes for t in ax.texts], " ".join(fig._suptitle.get_text().split())
+        box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())   # the caption within the PNG's edges
+        assert 0 <= box.x0 and box.x1 <= fig.bbox.x1, (name, box, fig.bbox)
         return done
     monkeypatch.setattr(P, "_save", seen)
     assert "(n=1)" in P.tables(tmp_path)
@@ -786,6 +788,15 @@ def test_a_point_of_fewer_seeds_says_so_in_the_figure(tmp_path, monkeypatch):
                                          "density": 0.8 ** (k - 1), "trainable": 10**9 * 0.8 ** (k - 1)} for k in range(1, 6)])
     assert "95.50 ± 6.35" in P.tables(tmp_path)
     assert "bars cut at 0% or 100% (TABLES.md: whole)" in saved["figure2.png"][1]
+    import matplotlib.pyplot as plt   # the longest caption, every clause, on both figure widths: within the PNG
+    for size in ((10, 8), (8, 5.5)):  # (it ran past both edges, seeds and cut bars lost, as one line)
+        fig, axes = plt.subplots(2, 2, figsize=size, layout="constrained")
+        for ax in axes.flat:
+            ax.fewer = ax.clipped = True
+            ax.axhspan(0, 1)
+        seen(fig, axes.flat, tmp_path, "long.png", "Figure 2: RIGSA at each IMP iteration, a random mask and the base "
+             "model", list(range(10, 20)))
+        plt.close(fig)
 
 
 def test_plan_on_torchrun(tmp_path):

@@ -182,7 +182,7 @@ def demo(out="runs/demo", dtype="float32"):
     the weight decay lower than the paper's (§4.4): 2 x 300 steps instead of 2 x 3,713. float32 by
     default: the exact path, so that what it prints is what the README says (--dtype bfloat16: the
     low-precision path on the same run, for comparison)."""
-    t0 = time.time()
+    t0 = time.perf_counter()
     torch.set_num_threads(1)  # a tiny model is all per-op overhead: threads only add to it
     out = Path(out)
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "DEMO").is_file())):
@@ -213,7 +213,7 @@ def demo(out="runs/demo", dtype="float32"):
         x, y = mnist.load_mnist(out / "mnist", "test", verify=False)
         base_acc, _ = rigsa.mnist_accuracy(model, tok, x, y, progress=False)
         print(f"base model (no adapter) test acc {base_acc:.1%}; chance is 10%")
-        print(f"demo done in {time.time() - t0:.0f} s; adapters in {cfg.out}/iterK.safetensors")
+        print(f"demo done in {time.perf_counter() - t0:.0f} s; adapters in {cfg.out}/iterK.safetensors")
         return cfg.out
 
 # -----------------------------------------------------------------------------

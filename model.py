@@ -968,7 +968,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, stop=(), batch_size=
     each prompt's last N tokens (lm-eval's generate_until: max_length - max_gen_toks)."""
     enc = [tokenizer.encode(p)[-left_truncate:] if left_truncate else tokenizer.encode(p) for p in prompts]
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
-    texts, n_new, t0 = [None] * len(enc), 0, time.time()
+    texts, n_new, t0 = [None] * len(enc), 0, time.perf_counter()
     bar = util.progress(total=len(enc), desc="generate", unit="seq", enabled=progress_bar)
 
     def cut(s):
@@ -988,11 +988,11 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, stop=(), batch_size=
         for i, o in zip(idx, outs):
             texts[i] = cut(tokenizer.decode(o, skip_special_tokens=True))
             n_new += len(o)
-        bar.set_postfix(tok_s=n_new / (time.time() - t0), refresh=False)
+        bar.set_postfix(tok_s=n_new / (time.perf_counter() - t0), refresh=False)
         bar.update(len(idx))
     bar.close()
     if stats is not None:
-        stats.update(new_tokens=n_new, seconds=time.time() - t0, tokens_per_s=n_new / max(time.time() - t0, 1e-9))
+        stats.update(new_tokens=n_new, seconds=time.perf_counter() - t0, tokens_per_s=n_new / max(time.perf_counter() - t0, 1e-9))
     return texts
 
 # -----------------------------------------------------------------------------
@@ -1044,7 +1044,7 @@ def chat(a):
     if new < a.max_new_tokens:
         print(f"note: --max-new-tokens {a.max_new_tokens}: the prompt's {n} tokens leave room for {new} in the model's "
               f"{P} positions; generating at most {new}", file=sys.stderr)
-    t0, bar = time.time(), util.progress(total=new, desc="generate", unit="tok")   # 256 tokens at 1.7B on a CPU: a minute
+    t0, bar = time.perf_counter(), util.progress(total=new, desc="generate", unit="tok")   # 256 tokens at 1.7B on a CPU: a minute
 
     def stop_fn(i, ids):   # generate()'s stop on "<|im_end|>", and the bar over the reply's tokens
         bar.update(len(ids) - bar.n)
@@ -1054,7 +1054,7 @@ def chat(a):
     bar.total = bar.n   # the reply ended before the cap: a full bar, not one cut short
     bar.close()
     print(tok.decode(ids, skip_special_tokens=True).split("<|im_end|>")[0])
-    print(f"[{len(ids)} tokens, {len(ids) / max(time.time() - t0, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    print(f"[{len(ids)} tokens, {len(ids) / max(time.perf_counter() - t0, 1e-9):.1f} tokens/s]", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1159,12 +1159,12 @@ def steps_of(a, again, older):
         record(out, cmd, inputs.of(cmd), a.model, "started")
         check_stop()
         AT.update(output=out, train=train)
-        t0 = time.time()
+        t0 = time.perf_counter()
         rc = run_step(cmd, env)
         if rc == 0 and target.exists():
             record(out, cmd, inputs.of(cmd), a.model, "done")
             AT.update(done=i, output=None)
-            took.setdefault(kind(cmd), []).append(time.time() - t0)
+            took.setdefault(kind(cmd), []).append(time.perf_counter() - t0)
             todo = [c for t, c in steps[i:] if will_run(a, inputs, t, c)]   # those kept are skipped
             left = eta(took, todo)
             print(f"[{i}/{len(steps)}] done in {duration(took[kind(cmd)][-1])}"

@@ -672,7 +672,7 @@ def train_iteration(run, it):
     order = torch.cat([torch.randperm(len(x), generator=g) for _ in range(max(n_orders, 1))])
     bar = util.progress(total=run.steps, desc=f"iter {it}/{n_iters(cfg)}", unit="step")
     bar.update(step)
-    t0, tokens = time.time(), 0
+    t0, tokens = time.perf_counter(), 0
     while step < run.steps:
         lr = get_lr(step, run.steps, cfg.warmup, run.lr)
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size].tolist()
@@ -681,10 +681,10 @@ def train_iteration(run, it):
         step += 1
         run.done_steps += 1
         tokens += sum(len(r) for r, _ in rows)
-        bar.set_postfix(loss=loss, lr=lr, tok_s=tokens / (time.time() - t0), refresh=False)
+        bar.set_postfix(loss=loss, lr=lr, tok_s=tokens / (time.perf_counter() - t0), refresh=False)
         bar.update(1)
         if step % cfg.log_every == 0 or step == run.steps:
-            run.log_step(it, step, loss, lr, tokens / (time.time() - t0))   # metrics.jsonl, with the gates' range
+            run.log_step(it, step, loss, lr, tokens / (time.perf_counter() - t0))   # metrics.jsonl, with the gates' range
         stop = rundir.checkpoint(run, it, step, lambda: save_resume(run, opt, it, step))   # --save-every, --halt-after, signals
         if stop:
             bar.close()

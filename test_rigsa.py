@@ -9,6 +9,7 @@ import json
 import math
 import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -41,6 +42,16 @@ def tiny_cfg(tiny_dir, tmp, **kw):
     base.update({} if rigsa.METHODS[method]["lora"] else {"lr": 2e-2})
     base.update(kw)
     return rigsa.Config(**base)
+
+
+def test_rates_and_durations_ignore_the_wall_clock(tiny_dir, tmp_path, monkeypatch):
+    # tokens/s came from time.time(): a clock stepped back (NTP) logged a negative rate, a frozen one divided by zero
+    # (a traceback); durations now come from time.perf_counter, which neither moves
+    mnist.write_synthetic_mnist(tmp_path / "mnist", n_train=40, n_test=8, size=8)
+    monkeypatch.setattr(time, "time", lambda: 1.8e9)
+    with one_thread():
+        log = rigsa.train(tiny_cfg(tiny_dir, tmp_path, iters=1))
+    assert all(r["tok_s"] > 0 for r in log if "tok_s" in r) and any("tok_s" in r for r in log)
 
 
 def test_an_iteration_no_longer_than_its_warmup_is_said(tiny_dir, tmp_path, capsys):

@@ -225,7 +225,7 @@ def n_docs(task, data):
 def run_task(task, data, model, tok, args, info):
     """-> (the --output result, what lm-eval's files need: its metrics, document count and samples)."""
     k = shots_for(task, args)
-    t0 = time.time()
+    t0 = time.perf_counter()
     if task in ("piqa", "hellaswag"):
         metrics, samples, bs, logged, cut = eval_mc(task, data, model, tok, args)
     elif task == "gsm8k":
@@ -233,7 +233,7 @@ def run_task(task, data, model, tok, args, info):
     else:
         metrics, samples, bs, logged, cut = eval_mnist(data, model, tok, args, k)
     n_all = n_docs(task, data)
-    dt = time.time() - t0
+    dt = time.perf_counter() - t0
     fewshot_seed = None if not k else T.GSM8K_SEED if task == "gsm8k" else SHOT_SEED if args.seed is None else args.seed
     result = {"task": task, "model": info["model"], "adapter": args.adapter, "dtype": info["dtype"],
               "dtype_choice": info.get("dtype_choice"),   # why: as asked, or --dtype auto's reason
@@ -345,7 +345,7 @@ def lm_eval_results(done, info, args):
         "model_source": "rigsa", "model_name": name, "model_name_sanitized": sanitized,
         "system_instruction": None, "system_instruction_sha": None, "fewshot_as_multiturn": args.chat,
         "chat_template": None, "chat_template_sha": None,
-        "total_evaluation_time_seconds": str(time.time() - info["start"]),
+        "total_evaluation_time_seconds": str(time.perf_counter() - info["clock"]),
     }
 
 
@@ -359,6 +359,7 @@ def run_info(args, model, tok, name, revision, quantize, device):
     tokens = {f"tokenizer_{w}_token": [tok.decode([i]), str(i)]
               for w, i in (("pad", tok.pad_id), ("eos", tok.eos_id), ("bos", tok.bos_id))}
     return {"model": name, "dtype": dtype, "quantize": quantize, "start": time.time(), "git_hash": util.git_commit(),
+            "clock": time.perf_counter(),   # durations from a clock that NTP or a user cannot step back
             "date_id": datetime.datetime.now().isoformat().replace(":", "-"),   # EvaluationTracker's file stamp
             "tokenizer": {**tokens, "eot_token_id": tok.eos_id, "max_length": model.config.max_position_embeddings},
             "config": {"model": name, "model_args": model_args, "adapter": args.adapter, "quantize": quantize,

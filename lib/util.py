@@ -1011,12 +1011,14 @@ def keep_freed_memory():
 
 
 def git_commit():
-    """The commit of this checkout (-dirty with uncommitted changes), for the runs' provenance."""
+    """The commit of this checkout (-dirty with uncommitted changes), for the runs' provenance: git asked
+    from here, whatever GIT_DIR or GIT_WORK_TREE a git hook or `rebase -x` exports (another repository's)."""
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        env = {k: v for k, v in os.environ.items() if k not in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE")}
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, env=env)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
+                               capture_output=True, text=True, timeout=10, env=env)
         return (sha.stdout.strip() or "none") + ("-dirty" if dirty.stdout.strip() else "")
     except Exception:
         return "unknown"

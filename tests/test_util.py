@@ -545,6 +545,18 @@ def test_ensure_files_fetches_checks_and_names_what_is_missing(server, tmp_path,
         util.ensure_files("toy", "toy", tmp_path / "toy", missing[:1])
 
 
+def test_git_commit_is_this_checkouts_whatever_git_dir_says(tmp_path, monkeypatch):
+    # a git hook or `rebase -x` exports GIT_DIR: the run recorded that repository's commit as its own
+    here = util.git_commit()
+    other = tmp_path / "other"
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    subprocess.run(["git", "-C", str(other), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "x"], check=True)
+    theirs = subprocess.run(["git", "-C", str(other), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    monkeypatch.setenv("GIT_DIR", str(other / ".git"))
+    assert util.git_commit() == here and not here.startswith(theirs)
+
+
 def test_the_code_version_moves_with_the_sources_only(tmp_path):
     # recorded with every run and evaluation: a source edit is another version, a README's is not
     repo = Path(util.__file__).resolve().parent.parent

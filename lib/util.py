@@ -791,7 +791,7 @@ def merge_record(path):
     deleted when damaged: without it a float32 merge is taken for any checkpoint (merge_dtype)."""
     fix = "merge again, or pass --dtype float32 (or bfloat16) to choose the dtype yourself"
     try:
-        d = json.loads(Path(path).read_text())
+        d = json.loads(Path(path).read_bytes())
     except (OSError, ValueError) as e:   # ValueError: not JSON, not UTF-8
         raise ValueError(f"{path}: not readable as rigsa.py merge's record ({type(e).__name__}: "
                          f"{' '.join(str(e).split())[:120]}); {fix}") from None

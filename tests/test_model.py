@@ -4,6 +4,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -284,6 +286,22 @@ def test_template_sources(tiny_dir, tmp_path, capsys):
     tok = M.load_tokenizer(tokenizer_dir(tiny_dir, tmp_path / "named", named))
     assert tok.system_prompt == "You are terse.\nAnswer in one word." and tok.chat_template == OTHER_SYSTEM
     assert capsys.readouterr().err == ""
+
+
+def test_json_files_are_read_as_utf8_whatever_the_locale(tiny_dir, tmp_path):
+    # a hub model's JSON read in the locale's encoding: under an ASCII locale (PYTHONUTF8=0, LC_ALL=C) a valid
+    # UTF-8 tokenizer_config.json was refused as "not valid JSON"; under Latin-1 its template would read garbled
+    system = "Tu es SmolLM — réponds en français."
+    template = OTHER_SYSTEM.replace("You are terse.\nAnswer in one word.", system)
+    d = tokenizer_dir(tiny_dir, tmp_path / "tok")
+    cfg = json.loads((d / "tokenizer_config.json").read_bytes())
+    (d / "tokenizer_config.json").write_bytes(json.dumps({**cfg, "chat_template": template}, ensure_ascii=False).encode())
+    env = {**os.environ, "PYTHONUTF8": "0", "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONIOENCODING": "utf-8"}
+    r = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {os.path.dirname(M.__file__)!r}); import locale, model; "
+                        f"print(locale.getpreferredencoding(False)); print(model.load_tokenizer({str(d)!r}).system_prompt)"],
+                       capture_output=True, text=True, encoding="utf-8", env=env)
+    assert r.returncode == 0 and r.stdout.split("\n", 1)[1] == system + "\n", r.stdout + r.stderr
+    assert r.stdout.split("\n")[0] in ("ANSI_X3.4-1968", "ascii", "US-ASCII"), r.stdout   # the premise
 
 
 def test_the_pad_token_is_the_tokenizer_configs(tiny_dir, tmp_path):

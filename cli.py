@@ -256,7 +256,7 @@ def parser():
 
 def main(argv=None):
     ap, train_ap = parser()
-    argv = sys.argv[1:] if argv is None else argv
+    shell, argv = argv is None, sys.argv[1:] if argv is None else argv   # shell: the process is this command's
     a = ap.parse_args(argv)
     util.keep_freed_memory()
     interrupts.stop_as_interrupt()   # SIGTERM as Ctrl-C: cleanup runs, one line, exit 143 (training: resume.pt first)
@@ -308,3 +308,5 @@ def main(argv=None):
         interrupts.exit_interrupted(what)
     finally:
         interrupts.stop_as_interrupt(False)
+    if a.cmd != "train" and shell:   # merge, show, demo done, the process about to end (called from Python: its
+        interrupts.finished()        # caller's signals stay its own); train has its word for a signal in its last step

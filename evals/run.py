@@ -644,6 +644,8 @@ def main(argv=None):
         interrupts.exit_interrupted(f"{kept}; run again with: {interrupts.command(__file__, sys.argv[1:] if argv is None else argv)}")
     finally:
         interrupts.stop_as_interrupt(False)
+    if argv is None and util.world()[1] == 1:   # its files written, the process about to end: a signal changes nothing
+        interrupts.finished()
     util.exit_distributed()
     return result
 

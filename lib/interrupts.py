@@ -6,6 +6,7 @@ scripts can call early() before torch loads.
   early                  from the scripts' first lines: a signal while the imports run (a second or two)
   stop_as_interrupt      from main(): both signals raise KeyboardInterrupt, so that cleanups run
   interrupted            the signal that stopped this process (an error after it is not a broken file)
+  finished               the work done and whole: a signal until the exit is ignored (not a 143 for a complete merge)
   command, exit_interrupted   the pasteable command line (torchrun's where it ran on it), and the one line at
                          the end (rank 0's alone: speaks)
 """
@@ -41,6 +42,17 @@ def stop_as_interrupt(on_=True):
             _BEFORE.setdefault(s, signal.getsignal(s))
             signal.signal(s, on)
     except ValueError:   # not the main thread: signals stay as they are
+        pass
+
+
+def finished():
+    """The command's work is done and whole (a merge renamed into place, the demo's table printed): a
+    signal from here to the process's end changes nothing, so it is ignored, rather than ending a
+    complete command with 130 / 143, which a script reads as a failure, and without a word."""
+    try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+    except ValueError:   # not the main thread
         pass
 
 

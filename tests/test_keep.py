@@ -859,6 +859,31 @@ def test_sigterm_during_merge_leaves_no_temporary_folder(world, tmp_path):
                    f"{world / 'run' / 'iter2'} --out {out}\n")
     assert sorted(os.listdir(tmp_path)) == ["ready"]
 
+def test_a_signal_after_a_complete_merge_or_evaluation_changes_nothing(world, tmp_path):
+    # between the merge's rename and the process's end (the interpreter's teardown, stretched here): SIGTERM ended a
+    # complete merge with 143 and no word, which a script reads as a failure, and its --out refuses a second try
+    out, ready = tmp_path / "merged", tmp_path / "ready"
+    evals = ["evals/run.py", "--task", "mnist", "--model", str(world / "model"), "--data-dir", str(world / "data"),
+             "--no-verify", "--offline", "--limit", "2", "--output", str(tmp_path / "r.json")]
+    for main, argv, made in (("rigsa.main", ["rigsa.py", "merge", "--adapter", str(world / "run" / "iter2"), "--out",
+                                             str(out)], out / "model.safetensors"),
+                             ("R.main", evals, tmp_path / "r.json")):   # and an evaluation's results
+        proc = launch(["-c", f"""if 1:
+            import sys, time
+            sys.path.insert(0, {REPO!r})
+            import rigsa
+            from evals import run as R
+            sys.argv = {argv!r}
+            {main}()   # as from the shell
+            open({str(ready)!r}, "w").close()
+            time.sleep(1)"""], tmp_path)
+        until(ready.exists, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "SIGTERM" not in err and made.exists(), (main, proc.returncode, err)
+        ready.unlink()
+
+
 def test_a_killed_merges_folder_goes_with_the_next_merge_and_a_live_ones_stays(world, tmp_path, capsys):
     out, ready = tmp_path / "merged", tmp_path / "ready"
     proc = launch(["-c", held_merge(world, out, ready)], tmp_path)

@@ -11,6 +11,7 @@ nothing of adapters, tasks or benchmarks. Shapes: B batch, T time, C hidden, nh 
 nkv key/value heads, hd head dim, V vocab.
 """
 import copy
+import errno
 import hashlib
 import json
 import math
@@ -701,6 +702,10 @@ def _said(e):
         return said
 
 
+# a failure of this machine's files (a cache folder that is a file, unwritable, full), which running again repeats
+LOCAL_ERRNOS = {errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EEXIST}
+
+
 def _hub_error(repo, revision, e, timeout, file=None):
     """One line for a hub failure: what went wrong, in the hub's (or the network's) own words, and what to do."""
     from huggingface_hub import constants, errors
@@ -718,6 +723,9 @@ def _hub_error(repo, revision, e, timeout, file=None):
         return (f"{repo}: no answer from the hub at {constants.ENDPOINT}{during} within {timeout:g} s ({said}) and "
                 f"nothing is cached; try again, raise HF_HUB_ETAG_TIMEOUT (HF_HUB_DOWNLOAD_TIMEOUT for files), "
                 f"or {LOCAL_DIR}")
+    if isinstance(cause, OSError) and cause.errno in LOCAL_ERRNOS:   # this machine's files, not the hub: again fails
+        return (f"{repo}: huggingface_hub cannot use its files on this machine{during} ({said}); check HF_HOME and "
+                f"HF_HUB_CACHE (the cache: {constants.HF_HUB_CACHE}), or {LOCAL_DIR}")
     if "Connect" in type(cause).__name__ or isinstance(cause, errors.OfflineModeIsEnabled):
         return (f"{repo}: cannot connect to the hub at {constants.ENDPOINT}{during} ({said}): offline, and nothing "
                 f"is cached; check the network (or HF_ENDPOINT), or {LOCAL_DIR}")

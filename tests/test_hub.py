@@ -8,6 +8,7 @@ What model.resolve asks for (read from huggingface_hub 2.4: hf_api.model_info, f
   HEAD /<repo>/resolve/<sha>/<file>  (twice if not cached) X-Repo-Commit, ETag (X-Linked-Etag/-Size for LFS)
   GET  /<repo>/resolve/<sha>/<file>                     the bytes (Range: resume after a dropped connection)
 """
+import errno
 import hashlib
 import http.server
 import json
@@ -236,6 +237,16 @@ def test_hub_errors_are_one_line(hub, mode, expect):
     msg = one_line(e)
     for x in expect + ([s.url] if mode in ("404", "500", "never", "stall", "revision") else []):
         assert x in msg, (x, msg)
+
+
+def test_a_cache_this_machine_cannot_use_is_said_as_such(tmp_path):
+    # HF_HOME a file (or a cache that is read-only, full): "asking the hub failed (...); run again", which repeats it
+    e = NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(tmp_path / "hffile" / "token"))
+    msg = M._hub_error(REPO, None, e, 10)
+    assert msg.startswith(f"{REPO}: huggingface_hub cannot use its files on this machine (NotADirectoryError: [Errno 20] "
+                          f"Not a directory: '{tmp_path / 'hffile' / 'token'}'); check HF_HOME and HF_HUB_CACHE") \
+        and "run again" not in msg, msg
+    assert "run again" in M._hub_error(REPO, None, OSError(errno.EPIPE, "broken pipe"), 10)   # the network's: again
 
 
 @pytest.mark.parametrize("mode", ["500", "never", "refused", "offline"])

@@ -15,6 +15,7 @@ Everything that can be wrong with the flags, the output paths, the adapter file,
 the data files is found before the model loads, and said in one line:
 `error: <thing>: <what is wrong>; <what to do>` (exit 1; argparse's usage errors exit 2).
 """
+import contextlib
 import datetime
 import hashlib
 import json
@@ -372,14 +373,23 @@ def run_info(args, model, tok, name, revision, quantize, device):
 
 
 def write_file(flag, path, write):
-    """Atomic (util.atomic_write: no half file, no .tmp left), and a failure named as the flag's."""
+    """Atomic (util.atomic_write: no half file, no .tmp left), and a failure named as the flag's; the
+    folders it made for the file go again with a file that could not be written (a full disk)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    made, up = [], folder   # the folders this write makes, deepest first
+    while not os.path.exists(up):
+        made.append(up)
+        up = os.path.dirname(up)
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise OSError(f"{flag} {path}: cannot create its folder ({e.strerror or e}); choose another path") from None
     try:
         util.atomic_write(path, write)
     except OSError as e:   # atomic_write's message already names the path and what to do
+        for d in made:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
         raise OSError(f"{flag} {e}") from None
 
 

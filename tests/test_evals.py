@@ -497,6 +497,10 @@ def test_cli_adapter_of_another_model_and_unwritable_output(tiny_dir, tiny_mha_d
                 "--limit", "1", "--output", str(tmp_path / "o.json")])
     assert str(e.value.code).count("cannot write") == 1, e.value.code   # said once, not wrapped twice
     assert _tree(tmp_path) == before
+    with pytest.raises(SystemExit, match=r"error: --output_path .*: cannot write \(No space left on device\)"):
+        R.main(["--task", "piqa", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-verify", "--offline",
+                "--limit", "1", "--output_path", str(tmp_path / "lm" / "out")])
+    assert _tree(tmp_path) == before   # the folders lm-eval's layout made for the file went with it
 
 
 def test_cli_adapter_base_revision_and_quantize(tiny_dir, tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ class SmolLM2Config:
         """Read a Hugging Face config.json strictly: a missing number is an error, never a default."""
         path = Path(path)
         try:
-            d = json.loads(path.read_bytes())
+            d = util.read_json(path)
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: config.json not found") from None
         except json.JSONDecodeError as e:
@@ -481,7 +481,7 @@ def load_tokenizer(path):
     kw, template, tc = {}, None, path / "tokenizer_config.json"
     if tc.exists():
         try:
-            d = json.loads(tc.read_bytes())
+            d = util.read_json(tc)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{tc}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
@@ -638,7 +638,7 @@ def _cached(repo, revision):
     try:
         path = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES, local_files_only=True))
         index = path / "model.safetensors.index.json"
-        need = set(json.loads(index.read_bytes())["weight_map"].values()) if index.exists() else {"model.safetensors"}
+        need = set(util.read_json(index)["weight_map"].values()) if index.exists() else {"model.safetensors"}
     except Exception:  # not cached, partly cached, or an unreadable index: the hub is needed
         return None
     return path if all((path / f).exists() for f in need | {"config.json", "tokenizer.json"}) else None
@@ -744,7 +744,7 @@ def read_safetensors(path):
                  file=sys.stderr)
         index = None
     try:
-        files = sorted(set(json.loads(index.read_bytes())["weight_map"].values())) if index else ["model.safetensors"]
+        files = sorted(set(util.read_json(index)["weight_map"].values())) if index else ["model.safetensors"]
         if not all(isinstance(f, str) for f in files):
             raise TypeError("a weight_map value is not a file name")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError) as e:
@@ -824,7 +824,7 @@ def check_checkpoint(path):
 
 def quantization(path):
     """config.json's quantization_config ({} for unquantized weights); one that is not a mapping is one line."""
-    conf = json.loads((Path(path) / "config.json").read_bytes())
+    conf = util.read_json(Path(path) / "config.json")
     qc = (conf.get("quantization_config") if isinstance(conf, dict) else None) or {}   # not a mapping: load says it
     if not isinstance(qc, dict):
         raise ValueError(f"{Path(path) / 'config.json'}: quantization_config is a {type(qc).__name__}, not a mapping; "

@@ -433,7 +433,7 @@ def read_peft(adapter_dir):
     Pass them to load_lora(model, tensors, config['r'], config['lora_alpha'])."""
     d = Path(adapter_dir)
     try:
-        cfg = json.loads((d / "adapter_config.json").read_bytes())
+        cfg = util.read_json(d / "adapter_config.json")
     except FileNotFoundError:
         raise FileNotFoundError(f"{d / 'adapter_config.json'}: not found") from None
     except json.JSONDecodeError as e:

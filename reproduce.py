@@ -159,7 +159,7 @@ def record_path(output):
 
 def read_record(output):
     try:
-        rec = json.loads(record_path(output).read_bytes())
+        rec = util.read_json(record_path(output))
         return rec if isinstance(rec, dict) and isinstance(rec.get("inputs"), dict) else None
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
@@ -325,7 +325,7 @@ def config_drift(out, cmd):
     run's config.json differs, said with both; None if none (a key its config.json lacks: another
     version's run, noted as that)."""
     try:
-        saved = untyped(json.loads((out / "config.json").read_bytes())["config"], cmd)
+        saved = untyped(util.read_json(out / "config.json")["config"], cmd)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None   # unreadable: the training step says so when it resumes
     now = {flags_mod.flag(k): v for k, v in defaults().items()}
@@ -413,7 +413,7 @@ def check_pooling(out, seeds=None, planned=(), model=None):
         rec = read_record(p)
         if seed is not None and seed not in ours and (seeds is None or seed in seeds) and rec is not None:
             try:   # a training's untyped settings too, as its config.json holds them (an edited default)
-                extra = untyped(json.loads((p / "config.json").read_bytes())["config"], rec["argv"]) if p.is_dir() else {}
+                extra = untyped(util.read_json(p / "config.json")["config"], rec["argv"]) if p.is_dir() else {}
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 extra = {}
             entries.append((seed, cell, {**rec["inputs"], **{f"{k} (not typed)": v for k, v in extra.items()}},
@@ -477,7 +477,7 @@ def read(path, key, slot=None):
     (its record's sha256) is a ValueError naming it: --tables-only reads OUT as it finds it."""
     fix = "delete it, and run reproduce.py again to make it"
     try:
-        d = json.loads(Path(path).read_bytes())
+        d = util.read_json(Path(path))
         m = d["metrics"]
         if not isinstance(m, dict):
             raise TypeError(f"its metrics are a {type(m).__name__}")
@@ -539,7 +539,7 @@ def test_images(run, m=None):
     if isinstance((m or {}).get("test_images"), int) and not isinstance(m["test_images"], bool):
         return m["test_images"]
     try:
-        raw = json.loads((Path(run) / "config.json").read_bytes())
+        raw = util.read_json(Path(run) / "config.json")
         cfg, data = raw["config"], raw.get("data") or {}
     except (FileNotFoundError, KeyError, TypeError, ValueError, AttributeError):   # not JSON, not an object
         cfg, data = {}, {}
@@ -629,7 +629,7 @@ def recorded(path, key="machine"):
     version of rigsa's code (util.code_version), as recorded: a run's config.json (and each other one a
     resume ran on), an evaluation's JSON; None for an older version's."""
     try:
-        d = json.loads(Path(path).read_bytes())
+        d = util.read_json(Path(path))
     except (OSError, ValueError):
         return None
     if not isinstance(d, dict) or not isinstance(d.get(key), str) or not d[key]:   # unrecorded
@@ -643,7 +643,7 @@ def dtype_of(path):
     a CPU without native bfloat16): a run's config.json's config, an evaluation's JSON; None if unrecorded.
     A run an older version saved as "auto" ran bfloat16 on CUDA, float32 on the CPU (rundir.run_dtype)."""
     try:
-        d = json.loads(Path(path).read_bytes())
+        d = util.read_json(Path(path))
     except (OSError, ValueError):
         return None
     run = d.get("config") if isinstance(d, dict) and path.name == "config.json" else d

@@ -182,7 +182,7 @@ def check_not_adapter(path, name):
         raise ValueError(f"--model {name}: a PEFT adapter's folder (adapter_config.json), not a model; pass the base "
                          f"model as --model (and to evaluate a run's adapter, --adapter RUN/iterK)")
     try:
-        run = json.loads((Path(path) / "config.json").read_bytes())
+        run = util.read_json(Path(path) / "config.json")
     except (OSError, ValueError):   # none, or unreadable: the model's loader says so
         return
     if isinstance(run, dict) and isinstance(run.get("config"), dict) and "base" in run:
@@ -343,7 +343,7 @@ def write_merged(out, src, model, dtype, record):
     (tokenizer, configs) from `src` and `record` as rigsa-merge.json. Written into a sibling folder
     renamed to `out` at the end: a failure (a full disk, Ctrl-C, SIGTERM) leaves no half checkpoint,
     and the folder is removed; the folder a kill (SIGKILL) left, the next merge into `out` removes."""
-    conf = json.loads((src / "config.json").read_bytes())
+    conf = util.read_json(src / "config.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     with util.sigterm_cleanup(f"stopped; --out {out} not written, and its temporary folder removed"):
         remove_killed_merges(out)

@@ -104,7 +104,7 @@ def resumed(cfg, given, check=None):
     if not cfg.resume:
         if (out / "config.json").exists():
             try:
-                ours = "config" in (d := json.loads((out / "config.json").read_bytes())) and isinstance(d, dict)
+                ours = "config" in (d := util.read_json(out / "config.json")) and isinstance(d, dict)
             except (OSError, ValueError, TypeError):   # unreadable: a damaged run's (a model's is valid JSON)
                 ours = True
             raise FileExistsError(f"{out}: a run is already there; use --resume or another --out" if ours else
@@ -116,7 +116,7 @@ def resumed(cfg, given, check=None):
                                   f"writes, but no config.json; move them, or choose another --out")
         return cfg, None
     try:
-        raw = json.loads((out / "config.json").read_bytes())
+        raw = util.read_json(out / "config.json")
         saved = dataclasses.asdict(config_from(raw["config"], out / "config.json", type(cfg), check, strict=True))
     except FileNotFoundError:
         raise FileNotFoundError(f"{out / 'config.json'}: nothing to resume; drop --resume to start a run") from None
@@ -242,7 +242,7 @@ def check_bases(cfg, ident, mask_like=None):
     adapter (its metadata, mask_like) was trained on it. -> (config.json's content, {} for a new run;
     the checks' verdicts, kept with the run and its adapters). adapter_files.check_base refuses."""
     out = Path(cfg.out)
-    started = json.loads((out / "config.json").read_bytes()) if cfg.resume else {}
+    started = util.read_json(out / "config.json") if cfg.resume else {}
     checks = dict(started.get("base_check") or {})
     if cfg.resume:
         checks["resume"] = AF.check_base(started.get("base"), ident, f"--resume {out}", cfg.allow_other_base)

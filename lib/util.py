@@ -4,7 +4,7 @@ tasks or the method (of a checkpoint folder only the dtype record a merge leaves
 --dtype auto honours everywhere, model.py's chat included); model.py, qlora.py, rigsa.py, evals/
 and the scripts import it.
 
-  atomic_write, write_json   a file appears whole or not at all (write a temporary, then rename)
+  atomic_write, write_json   a file appears whole or not at all (write a temporary, then rename); read_json: UTF-8
   append_line, disk_full     a log's line likewise; a full disk said as one, whatever the writer's words
   umask, file_mode           new files and folders get the modes the user's umask says
   sigterm_cleanup            while active, SIGTERM runs the `finally:` blocks (temporaries removed), exit 143
@@ -162,6 +162,13 @@ def append_line(path, line):
             raise OSError(f"{path}: cannot write ({e.strerror or e}); free space or choose another path") from None
     finally:
         os.close(fd)
+
+
+def read_json(path):
+    """A JSON file as UTF-8, as RFC 8259 has it (a BOM allowed), whatever the locale's encoding: a hub
+    model's tokenizer_config.json beyond ASCII was refused under an ASCII locale, and read garbled under
+    Latin-1. Its errors are read_text()'s and json.loads()'s: ValueError (UnicodeDecodeError, JSONDecodeError)."""
+    return json.loads(Path(path).read_bytes().decode("utf-8-sig"))
 
 
 def write_json(path, obj, indent=2):
@@ -791,7 +798,7 @@ def merge_record(path):
     deleted when damaged: without it a float32 merge is taken for any checkpoint (merge_dtype)."""
     fix = "merge again, or pass --dtype float32 (or bfloat16) to choose the dtype yourself"
     try:
-        d = json.loads(Path(path).read_bytes())
+        d = read_json(Path(path))
     except (OSError, ValueError) as e:   # ValueError: not JSON, not UTF-8
         raise ValueError(f"{path}: not readable as rigsa.py merge's record ({type(e).__name__}: "
                          f"{' '.join(str(e).split())[:120]}); {fix}") from None

@@ -375,6 +375,9 @@ def _edit_config(key, value):   # value None: the key removed, or written as nul
      "not a Llama architecture"),
     (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json: tokenizer file not found"),
     (lambda d: (d / "tokenizer_config.json").write_text("{"), "tokenizer_config.json: not valid JSON"),
+    # what a crash can leave: zeros (json.loads of the bytes took them for UTF-32, the codec's words, no file named)
+    (lambda d: (d / "config.json").write_bytes(bytes(4097)), "config.json: not valid JSON"),
+    (lambda d: (d / "tokenizer_config.json").write_bytes(bytes(4097)), "tokenizer_config.json: not valid JSON"),
     # a changed byte in the header is safetensors' to find (one in the tensor data is not: test_hub.py, --verify-model)
     (lambda d: (d / "model.safetensors").write_bytes(_flip((d / "model.safetensors").read_bytes(), 10)),
      "model.safetensors: corrupt or truncated safetensors file .*; replace it with a good copy"),

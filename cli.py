@@ -254,9 +254,10 @@ def parser():
     return ap, train_ap
 
 
-def main(argv=None):
+def main(argv=None, shell=False):
+    """shell: rigsa.py runs as a script, the process is this command's (a Python caller's signals stay its own)."""
     ap, train_ap = parser()
-    shell, argv = argv is None, sys.argv[1:] if argv is None else argv   # shell: the process is this command's
+    argv = sys.argv[1:] if argv is None else argv
     a = ap.parse_args(argv)
     util.keep_freed_memory()
     interrupts.stop_as_interrupt()   # SIGTERM as Ctrl-C: cleanup runs, one line, exit 143 (training: resume.pt first)
@@ -274,8 +275,10 @@ def main(argv=None):
             given = flags.typed(train_ap, argv[argv.index("train") + 1:], rigsa.Config)
             done = rigsa.train(rigsa.Config(**{f.name: getattr(a, f.name) for f in dataclasses.fields(rigsa.Config)}),
                                given)
-            interrupts.stop_as_interrupt(False)   # its files are written: a signal from here on needs no word
             code = 128 + rundir.STOP[0] if done is None and rundir.STOP else 0   # interrupted by a signal: saved, and the shell sees why
+            if shell and not code and util.world()[1] == 1:   # complete, and written: a signal until the exit is ignored
+                interrupts.finished()
+            interrupts.stop_as_interrupt(False)   # its files are written: a signal from here on needs no word
             if done is not None and rundir.STOP:   # it came during the last step or evaluation: nothing left to stop
                 util.say(f"{signal.Signals(rundir.STOP[0]).name} came during the run's last step or evaluation: the "
                          f"run completed")
@@ -293,6 +296,8 @@ def main(argv=None):
             merge(a.adapter, a.out, a.model, a.dtype, a.revision, a.allow_lossy, a.allow_other_base)
         elif a.cmd == "demo" and demo(a.out, a.dtype) is None and rundir.STOP:   # stopped: as train, 128 + the signal
             sys.exit(128 + rundir.STOP[0])
+        if a.cmd != "train" and shell:   # done and written: a signal until the exit is ignored, not a silent 143
+            interrupts.finished()
     except (OSError, ValueError, RuntimeError) as e:   # OSError: FileNotFoundError, FileExistsError, a full disk
         util.abandon_distributed()
         sys.exit(f"error: {' '.join(str(e).split())}")
@@ -307,6 +312,4 @@ def main(argv=None):
             what = f"nothing was kept; run again with: {interrupts.command(here, argv)}"
         interrupts.exit_interrupted(what)
     finally:
-        interrupts.stop_as_interrupt(False)
-    if a.cmd != "train" and shell:   # merge, show, demo done, the process about to end (called from Python: its
-        interrupts.finished()        # caller's signals stay its own); train has its word for a signal in its last step
+        interrupts.stop_as_interrupt(False)   # the handlers as they were, or after finished() ignored

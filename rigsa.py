@@ -819,13 +819,13 @@ def train(cfg, given=None):
 # -----------------------------------------------------------------------------
 # the command line
 
-def main(argv=None):
+def main(argv=None, shell=False):
     """python rigsa.py train | show | merge | demo (cli.py: their flags, merge, the demo, and what an
     error or a signal prints)."""
     import cli   # sits on top of this file
-    cli.main(argv)
+    cli.main(argv, shell)
 
 
 if __name__ == "__main__":
     sys.modules["rigsa"] = sys.modules["__main__"]   # cli's `import rigsa` is this module, not a second copy
-    main()
+    main(shell=True)

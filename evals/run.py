@@ -631,13 +631,16 @@ def task_error(task, e):
     return msg if msg.startswith(task + ":") else f"{task}: {msg}"
 
 
-def main(argv=None):
+def main(argv=None, shell=False):
+    """shell: run as a script, the process is this evaluation's (a Python caller's signals stay its own)."""
     args = parse_args(argv)
     util.keep_freed_memory()
     interrupts.stop_as_interrupt()
     FINISHED.clear()
     try:
         result = evaluate(args)
+        if shell and util.world()[1] == 1:   # its files written: a signal until the exit is ignored, not a silent 143
+            interrupts.finished()
     except (ValueError, RuntimeError, OSError) as e:   # OSError includes FileNotFoundError
         util.abandon_distributed()
         sys.exit(f"error: {' '.join(str(e).split())}")   # one line
@@ -654,8 +657,6 @@ def main(argv=None):
         interrupts.exit_interrupted(f"{kept}; run again with: {interrupts.command(__file__, sys.argv[1:] if argv is None else argv)}")
     finally:
         interrupts.stop_as_interrupt(False)
-    if argv is None and util.world()[1] == 1:   # its files written, the process about to end: a signal changes nothing
-        interrupts.finished()
     util.exit_distributed()
     return result
 
@@ -791,4 +792,4 @@ def evaluate(args):
 
 
 if __name__ == "__main__":
-    main()
+    main(shell=True)

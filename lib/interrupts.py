@@ -34,7 +34,8 @@ def stop_as_interrupt(on_=True):
     try:
         if not on_:
             for s, h in _BEFORE.items():   # early()'s line says "nothing was kept": not once the work is done
-                signal.signal(s, signal.SIG_DFL if h is _early else h)
+                if signal.getsignal(s) is not signal.SIG_IGN:   # finished(): ignored until the exit
+                    signal.signal(s, signal.SIG_DFL if h is _early else h)
             _BEFORE.clear()
             return
         SIGNALS.clear()
@@ -48,7 +49,9 @@ def stop_as_interrupt(on_=True):
 def finished():
     """The command's work is done and whole (a merge renamed into place, the demo's table printed): a
     signal from here to the process's end changes nothing, so it is ignored, rather than ending a
-    complete command with 130 / 143, which a script reads as a failure, and without a word."""
+    complete command with 130 / 143, which a script reads as a failure, and without a word. Only where
+    the process is the command's (run as a script), from inside its handlers' span, so that there is no
+    moment between them and this with the default's 143."""
     try:
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_IGN)

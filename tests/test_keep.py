@@ -859,29 +859,37 @@ def test_sigterm_during_merge_leaves_no_temporary_folder(world, tmp_path):
                    f"{world / 'run' / 'iter2'} --out {out}\n")
     assert sorted(os.listdir(tmp_path)) == ["ready"]
 
-def test_a_signal_after_a_complete_merge_or_evaluation_changes_nothing(world, tmp_path):
+def test_a_signal_after_a_complete_merge_or_evaluation_changes_nothing(world, tmp_path, monkeypatch):
     # between the merge's rename and the process's end (the interpreter's teardown, stretched here): SIGTERM ended a
     # complete merge with 143 and no word, which a script reads as a failure, and its --out refuses a second try
     out, ready = tmp_path / "merged", tmp_path / "ready"
-    evals = ["evals/run.py", "--task", "mnist", "--model", str(world / "model"), "--data-dir", str(world / "data"),
-             "--no-verify", "--offline", "--limit", "2", "--output", str(tmp_path / "r.json")]
-    for main, argv, made in (("rigsa.main", ["rigsa.py", "merge", "--adapter", str(world / "run" / "iter2"), "--out",
-                                             str(out)], out / "model.safetensors"),
-                             ("R.main", evals, tmp_path / "r.json")):   # and an evaluation's results
+    evals = ["--task", "mnist", "--model", str(world / "model"), "--data-dir", str(world / "data"), "--no-verify",
+             "--offline", "--limit", "2", "--output", str(tmp_path / "r.json")]
+    for script, argv, made in (("rigsa.py", ["merge", "--adapter", str(world / "run" / "iter2"), "--out", str(out)],
+                                out / "model.safetensors"),
+                               ("evals/run.py", evals, tmp_path / "r.json"),    # and an evaluation's results
+                               ("rigsa.py", ["train", "--model", str(world / "model"), "--data-dir", str(world / "data"),
+                                             "--out", str(tmp_path / "t"), "--steps", "2", "--warmup", "1", "--iters",
+                                             "1", "--batch-size", "2", "--micro-batch", "2", "--limit", "2", "--offline",
+                                             "--no-verify", "--dtype", "float32", "--device", "cpu"],
+                                tmp_path / "t" / "iter1.safetensors")):      # and a training's
         proc = launch(["-c", f"""if 1:
-            import sys, time
-            sys.path.insert(0, {REPO!r})
-            import rigsa
-            from evals import run as R
-            sys.argv = {argv!r}
-            {main}()   # as from the shell
-            open({str(ready)!r}, "w").close()
-            time.sleep(1)"""], tmp_path)
+            import atexit, os, runpy, sys, time
+            sys.argv, sys.path[0] = [{script!r}, *{argv!r}], {REPO!r}   # as `python {script}` sets them
+            atexit.register(time.sleep, 1)   # the teardown, stretched: the signal comes in it
+            atexit.register(lambda: open({str(ready)!r}, "w").close())
+            runpy.run_path(os.path.join({REPO!r}, {script!r}), run_name="__main__")   # as from the shell"""], tmp_path)
         until(ready.exists, proc)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0 and "SIGTERM" not in err and made.exists(), (main, proc.returncode, err)
+        assert proc.returncode == 0 and "SIGTERM" not in err and made.exists(), (script, proc.returncode, err)
         ready.unlink()
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]   # a Python caller's: its own after,
+    monkeypatch.setattr(sys, "argv", ["rigsa.py", "merge", "--adapter", str(world / "run" / "iter2"), "--out",
+                                      str(tmp_path / "m2")])   # its sys.argv the command's or not (they were ignored)
+    with one_thread():
+        rigsa.main()
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before
 
 
 def test_a_killed_merges_folder_goes_with_the_next_merge_and_a_live_ones_stays(world, tmp_path, capsys):

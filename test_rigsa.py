@@ -462,7 +462,15 @@ def test_a_resume_on_another_machine_or_torch_is_said_and_recorded(tiny_dir, tmp
         assert util.machine("cpu") == here.replace(f"({cap}", f"({other}", 1) != here
     with monkeypatch.context() as m:   # MKL told to take other kernels (AVX2's moved an adapter by 1e-4 here), unseen
         m.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+        m.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")   # cuBLAS's: not a CPU run's
         assert util.machine("cpu") == here[:-1] + "; MKL_ENABLE_INSTRUCTIONS=AVX2)"
+        was = torch.backends.mkldnn.matmul.fp32_precision
+        try:   # float32 matmuls in bfloat16 (torch's per-backend API): named, and no RuntimeError from the legacy getter
+            torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+            assert util.machine("cpu") == here[:-1] + "; MKL_ENABLE_INSTRUCTIONS=AVX2; float32 matmuls in bf16)"
+        finally:
+            torch.backends.mkldnn.matmul.fp32_precision = was
+    assert util.machine("cpu") == here
     with one_thread():
         assert rigsa.train(tiny_cfg(tiny_dir, tmp_path, steps=6, iters=1, halt_after=2)) is None
         assert rigsa.train(rigsa.Config(out=str(tmp_path / "run"), resume=True, halt_after=2)) is None

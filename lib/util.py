@@ -740,24 +740,40 @@ def native_bf16(device):
     return None
 
 
-# environment variables that make a math library take other kernels than its own choice (MKL's and
-# oneDNN's instruction sets and reproducibility modes, cuBLAS's TF32 for float32): other last bits
-KERNEL_VARS = ("MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "MKL_DEBUG_CPU_TYPE", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
-               "ONEDNN_DEFAULT_FPMATH_MODE", "DNNL_DEFAULT_FPMATH_MODE", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",
-               "NVIDIA_TF32_OVERRIDE")
+# environment variables that make a math library take other kernels than its own choice, per device: MKL's
+# and oneDNN's instruction sets and reproducibility modes on the CPU, cuBLAS's TF32 for float32 on CUDA
+KERNEL_VARS = {"cpu": ("MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "MKL_DEBUG_CPU_TYPE", "ONEDNN_MAX_CPU_ISA",
+                       "DNNL_MAX_CPU_ISA", "ONEDNN_DEFAULT_FPMATH_MODE", "DNNL_DEFAULT_FPMATH_MODE"),
+               "cuda": ("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "NVIDIA_TF32_OVERRIDE")}
+
+
+def fp32_matmuls(device):
+    """How the device's float32 matmuls are allowed to compute, if below full precision: "bf16" or
+    "tf32" (torch.backends.{mkldnn,cuda}.matmul.fp32_precision, which set_float32_matmul_precision also
+    sets), else None. The legacy getter raises once the per-backend API has been used."""
+    backend = {"cpu": "mkldnn", "cuda": "cuda"}.get(torch.device(device).type)
+    try:
+        p = getattr(torch.backends, backend).matmul.fp32_precision
+    except (AttributeError, TypeError):   # a torch without the per-backend API
+        try:
+            p = {"highest": None}.get(torch.get_float32_matmul_precision(), "below float32")
+        except RuntimeError:
+            p = None
+    return None if p in (None, "none", "ieee") else p
 
 
 def machine(device):
     """What, beyond torch's version, a run's last bits depend on: the device's kind and model, and on a
     CPU the instructions its kernels use: torch's vector kernels (AVX2 and AVX512 round a softmax
     differently) and AMX or AVX512-BF16. A cloud VM's model name alone ("Intel(R) Xeon(R) Processor")
-    can stand for CPUs with and without AVX-512. Then any KERNEL_VARS set, and float32 matmuls allowed
-    below full precision (torch.set_float32_matmul_precision): MKL_ENABLE_INSTRUCTIONS=AVX2 moves a
-    trained adapter by 1e-4 while the CPU reads the same. "cpu: AMD EPYC (AVX512, AVX512-BF16)",
-    "cpu: Intel(R) Xeon(R) Processor (AVX512; MKL_CBWR=COMPATIBLE)", "cuda: NVIDIA H200"."""
+    can stand for CPUs with and without AVX-512. Then the device's KERNEL_VARS that are set and float32
+    matmuls allowed below full precision (fp32_matmuls): MKL_ENABLE_INSTRUCTIONS=AVX2 moves a trained
+    adapter by 1e-4 while the CPU reads the same. "cpu: AMD EPYC (AVX512, AVX512-BF16)",
+    "cpu: Intel(R) Xeon(R) Processor (AVX512; MKL_CBWR=COMPATIBLE)", "cuda: NVIDIA H200". Records made
+    before 2026-12-06 lack the kernel level ("cpu: AMD EPYC (AVX512-BF16)")."""
     device = torch.device(device)
-    env = [f"{k}={os.environ[k]}" for k in KERNEL_VARS if os.environ.get(k)]
-    env += [f"float32 matmul precision {p}"] if (p := torch.get_float32_matmul_precision()) != "highest" else []
+    env = [f"{k}={os.environ[k]}" for k in KERNEL_VARS.get(device.type, ()) if os.environ.get(k)]
+    env += [f"float32 matmuls in {p}"] if (p := fp32_matmuls(device)) else []
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}" + (f" ({'; '.join(env)})" if env else "")
     try:

@@ -335,6 +335,13 @@ def config_drift(out, cmd):
     return None
 
 
+def hub_moved(then, now):
+    """Whether two base identities of one model id are two hub commits: the hub's latest moved on between
+    them (a README edit moves it too), and --revision takes the earlier one back."""
+    return isinstance(then, dict) and isinstance(now, dict) and bool(then.get("commit")) and \
+        bool(now.get("commit")) and then["commit"] != now["commit"]
+
+
 def difference(rec, now, model, older=None):
     """The first input that differs between a record and now, said with both values (and, for another
     hub commit of the same model id, the --revision that takes the record's); None if none. older: the base's fingerprint without chat_template.jinja, which a record made before that file was
@@ -346,8 +353,7 @@ def difference(rec, now, model, older=None):
                 and AF.same_base(a, {**b, "without_template": older}):
             continue
         if a != b:
-            moved = k == "base model" and rec.get("model") == model and isinstance(a, dict) and isinstance(b, dict) \
-                and a.get("commit") and b.get("commit")   # the hub's latest moved on: a README edit moves it too
+            moved = k == "base model" and rec.get("model") == model and hub_moved(a, b)
             return f"{k}: {show(k, old.get(k), rec.get('model'))} then, {show(k, now.get(k), model)} now" \
                 + (f"; --revision {a['commit']} takes the commit they were made from" if moved else "")
     return None
@@ -425,8 +431,7 @@ def check_pooling(out, seeds=None, planned=(), model=None):
         first = seen.setdefault(c, (s, i, how, m))
         if (d := pool_difference(first[1], i)) is not None:
             k, x, y = d
-            moved = k == "base model" and how != first[2] and first[3] == m and isinstance(x, dict) \
-                and isinstance(y, dict) and x.get("commit") and y.get("commit")   # the hub's latest moved on
+            moved = k == "base model" and how != first[2] and first[3] == m and hub_moved(x, y)
             raise ValueError(f"{out}: TABLES.md's cell {c} would pool two settings: seed {first[0]}'s output "
                              f"{first[2]} with {k} {show(k, x, first[3])}, seed {s}'s {how} with {show(k, y, m)}; "
                              + (f"--revision {x['commit']} makes it from the commit the other was made from, or "
@@ -819,7 +824,7 @@ def _save(fig, axes, out, name, title, seeds):
         bands += "; n=k: a point of k seeds (k = 1: ± 1.96 stderr)"
     if any(getattr(ax, "clipped", False) for ax in axes):   # TABLES.md has the whole interval
         bands += "; bars cut at 0% or 100% (TABLES.md: whole)"
-    # the caption wrapped to the figure's width (10 pt: ~12 characters an inch), its clauses never cut at an edge
+    # the caption wrapped to the figure's width (10 pt: ~12 characters an inch): never clipped at the PNG's edges
     fig.suptitle("\n".join([title, *textwrap.wrap(how + bands, int(fig.get_figwidth() * 12))]), fontsize=10)
     handles = {}
     for ax in axes:

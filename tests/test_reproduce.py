@@ -991,6 +991,8 @@ def test_a_record_from_before_the_template_was_fingerprinted_is_the_same_base(ti
                                                f"commit they were made from")
     assert "--revision" not in P.difference(rec({**hub, "fingerprint": "f"}), {"base model": {
         "commit": "b" * 40, "fingerprint": "f"}}, "u", inputs.older)   # another model: not its revision
+    assert "--revision" not in P.difference(rec({**hub, "fingerprint": "0" * 16}), {"base model": {
+        **hub, "fingerprint": "f"}}, "t", inputs.older)   # one commit, other bytes: no revision takes them back
 
 
 def test_an_older_runs_test_count_is_read_only_from_its_own_file(tmp_path, monkeypatch):

@@ -268,7 +268,8 @@ def main(argv=None, shell=False):
     except ValueError as e:
         sys.exit(f"error: {e}")
     if a.cmd != "train" and several:   # torchrun's other ranks exit without a word: rank 0 says it
-        sys.exit(f"error: rigsa.py {a.cmd} runs in one process; run it without torchrun (or WORLD_SIZE unset)"
+        sys.exit((f"error: rigsa.py {a.cmd} runs in one process; run it without torchrun" if interrupts.torchrun() else
+                  f"error: rigsa.py {a.cmd} runs in one process; unset WORLD_SIZE (in the environment, not torchrun's)")
                  if interrupts.speaks() else 1)
     try:
         if a.cmd == "train":

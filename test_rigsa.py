@@ -963,8 +963,10 @@ def test_the_memory_estimate_chooses_and_refuses_in_one_line(monkeypatch, capsys
         memory.choose_moments(plan, cpu, "host")
     machine(21.5, 21.5)                           # within the GPU's 5% margin, but it fits: no 8-bit numbers
     assert memory.choose_moments(plan, cpu, "auto") == "device"
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")                              # 8 processes pin 8 GB each
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")                              # alone: a variable left in a shell
     machine(20, 64)
+    assert memory.choose_moments(plan, cuda, "auto") == "host"
+    monkeypatch.setenv("WORLD_SIZE", "8")                                    # 8 processes pin 8 GB each
     assert memory.choose_moments(plan, cuda, "auto") == "8bit"
 
 

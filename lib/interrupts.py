@@ -7,6 +7,7 @@ scripts can call early() before torch loads.
   stop_as_interrupt      from main(): both signals raise KeyboardInterrupt, so that cleanups run
   interrupted            the signal that stopped this process (an error after it is not a broken file)
   finished               the work done and whole: a signal until the exit is ignored (not a 143 for a complete merge)
+  env_count, torchrun    the launcher's counts (WORLD_SIZE, ...) read or refused by name; whether torchrun started us
   command, exit_interrupted   the pasteable command line (torchrun's where it ran on it), and the one line at
                          the end (rank 0's alone: speaks)
 """
@@ -70,15 +71,21 @@ def python_cmd():
     return "python" if w and os.path.abspath(w) == os.path.abspath(sys.executable) else sys.executable
 
 
-def env_count(name, default):
-    """A count a launcher puts in the environment (WORLD_SIZE, LOCAL_WORLD_SIZE, LOCAL_RANK) as an int;
-    one that is no whole number is a ValueError naming the variable, not int()'s words."""
+COUNTS = ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK")   # what a launcher puts in the environment
+
+
+def env_count(name, default, strict=True):
+    """A count a launcher puts in the environment (COUNTS) as an int; one that is no whole number is a
+    ValueError naming the variable, not int()'s words (strict=False: the default, for the signal
+    handlers, which must not raise; init_distributed has refused such a value before any work)."""
     value = os.environ.get(name, "")
     if value.strip() == "":
         return default
     try:
         return int(value)
     except ValueError:
+        if not strict:
+            return default
         raise ValueError(f"{name}={value!r} in the environment: not a whole number (torchrun sets it for each process "
                          f"it starts); unset it to run one process") from None
 
@@ -93,8 +100,8 @@ def launcher():
     """How this process was launched, after the interpreter: nothing in one process; on torchrun
     (WORLD_SIZE > 1) torchrun with as many processes per machine, so that the line continues the run
     as it ran (another count is taken, but the last bits differ) and says so on each machine."""
-    n = env_count("WORLD_SIZE", 1)
-    local = env_count("LOCAL_WORLD_SIZE", n)
+    n = env_count("WORLD_SIZE", 1, strict=False)
+    local = env_count("LOCAL_WORLD_SIZE", n, strict=False)
     if n <= 1:
         return []
     nodes = ["--standalone"] if n == local else [f"--nnodes={n // max(local, 1)}"]   # more machines: their rendezvous too
@@ -105,7 +112,7 @@ def speaks():
     """Whether this process prints the stopping lines: one process, or torchrun's rank 0 (from the
     environment: a signal handler makes no collective call); each process where torchrun did not start
     them (a RANK left in the shell stays silent no more)."""
-    return env_count("WORLD_SIZE", 1) <= 1 or os.environ.get("RANK", "0") == "0" or not torchrun()
+    return env_count("WORLD_SIZE", 1, strict=False) <= 1 or os.environ.get("RANK", "0") == "0" or not torchrun()
 
 
 def command(script, argv):
@@ -116,8 +123,8 @@ def command(script, argv):
 
 
 def _line(words):
-    n = env_count("WORLD_SIZE", 1)
-    several = n > env_count("LOCAL_WORLD_SIZE", n)   # machines: each types it, with its rendezvous flags
+    n = env_count("WORLD_SIZE", 1, strict=False)
+    several = n > env_count("LOCAL_WORLD_SIZE", n, strict=False)   # machines: each types it, with its rendezvous flags
     return ("on each machine, with the rendezvous flags it started with: " if several else "") + \
         shlex.join([python_cmd(), *launcher(), *words])
 

@@ -249,10 +249,11 @@ def test_processes_given_other_flags_are_refused_and_one_process_commands_say_so
             in e for e in errs), errs
     assert not (tmp_path / "run").exists()
     import cli   # the commands that run in one process say so, once, rather than race for one --out
-    said = "error: rigsa.py merge runs in one process; run it without torchrun (or WORLD_SIZE unset)"
+    said = "error: rigsa.py merge runs in one process; run it without torchrun"
+    shell = "error: rigsa.py merge runs in one process; unset WORLD_SIZE (in the environment, not torchrun's)"
     monkeypatch.setenv("WORLD_SIZE", "2")
     # torchrun's rank 1 leaves the line to rank 0; a RANK=1 left in the shell (no torchrun) exited 1 without a word
-    for rank, run_id, code in (("0", "1", said), ("1", "1", 1), ("1", "", said), ("0", "", said)):
+    for rank, run_id, code in (("0", "1", said), ("1", "1", 1), ("1", "", shell), ("0", "", shell)):
         monkeypatch.setenv("RANK", rank)
         monkeypatch.setenv("TORCHELASTIC_RUN_ID", run_id)
         with pytest.raises(SystemExit) as e:
@@ -269,28 +270,35 @@ def test_processes_given_other_flags_are_refused_and_one_process_commands_say_so
 def test_torchrun_variables_left_in_the_shell_are_said_and_a_signal_ends_the_wait(tiny_dir, data, tmp_path):
     # WORLD_SIZE=2 RANK=0 MASTER_ADDR/PORT left in the shell, no torchrun: train waited for a rank 1 that never came,
     # without a word, and SIGTERM and Ctrl-C did nothing (gloo's C++ wait runs no Python handler): only SIGKILL
-    # ended it, after 10 minutes. Now the wait is said, and a signal ends it; nothing is written
+    # ended it, after 10 minutes. Now the wait is said, and either signal ends it; nothing is written
+    import select
     import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": "0",
-           "OMP_NUM_THREADS": "1"}
-    env.pop("TORCHELASTIC_RUN_ID", None)
-    p = subprocess.Popen([sys.executable, os.path.join(REPO, "rigsa.py"), "train", "--model", str(tiny_dir),
-                          "--data-dir", str(data), "--offline", "--no-verify", "--out", str(tmp_path / "run")],
-                         cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        line = p.stderr.readline()
-        assert line == (f"note: WORLD_SIZE=2 and RANK=0 in the environment (not torchrun): waiting at 127.0.0.1:{port} "
-                        f"for 1 other process; Ctrl-C stops, and unsetting WORLD_SIZE runs one process\n"), line
-        time.sleep(0.5)   # inside the handshake's wait
-        p.send_signal(signal.SIGINT)
-        assert p.wait(timeout=20) == -signal.SIGINT and not (tmp_path / "run").exists()
-    finally:   # a wait that ignores the signal is the bug: not left behind
-        p.kill()
-        p.stderr.close()
-
+    argv = [sys.executable, os.path.join(REPO, "rigsa.py"), "train", "--model", str(tiny_dir), "--data-dir", str(data),
+            "--offline", "--no-verify", "--out", str(tmp_path / "run")]
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": "0",
+               "OMP_NUM_THREADS": "1"}
+        env.pop("TORCHELASTIC_RUN_ID", None)
+        p = subprocess.Popen(argv, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            assert select.select([p.stderr], [], [], 60)[0], "nothing said within 60 s"   # fails, not hangs, without it
+            line = p.stderr.readline()
+            assert line == (f"note: WORLD_SIZE=2 and RANK=0 in the environment (not torchrun): waiting at 127.0.0.1:"
+                            f"{port} for 1 other process; Ctrl-C stops, and unsetting WORLD_SIZE runs one process\n"), line
+            time.sleep(0.5)   # inside the handshake's wait
+            p.send_signal(sig)
+            assert p.wait(timeout=20) == -sig and not (tmp_path / "run").exists()
+        finally:   # a wait that ignores the signal is the bug: not left behind
+            p.kill()
+            p.stderr.close()
+    env.pop("MASTER_ADDR")   # nothing to wait at: one line, no wait, no torch words
+    r = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr == ("error: WORLD_SIZE=2 in the environment without MASTER_ADDR: not "
+                                              "torchrun's processes (its variables left in the shell?); unset WORLD_SIZE "
+                                              "to run one process, or start them with torchrun\n"), r.stderr
 
 def test_two_processes_in_bfloat16_follow_one(tiny_dir, data, tmp_path):
     # the low-precision path on torchrun: each rank's share of a batch in bfloat16, the float32 gradients

@@ -1000,7 +1000,8 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, stop=(), batch_size=
         bar.update(len(idx))
     bar.close()
     if stats is not None:
-        stats.update(new_tokens=n_new, seconds=time.perf_counter() - t0, tokens_per_s=n_new / max(time.perf_counter() - t0, 1e-9))
+        dt = time.perf_counter() - t0   # one reading: the rate is the seconds' own
+        stats.update(new_tokens=n_new, seconds=dt, tokens_per_s=n_new / max(dt, 1e-9))
     return texts
 
 # -----------------------------------------------------------------------------

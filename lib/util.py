@@ -117,7 +117,9 @@ def atomic_write(path, write):
                 os.close(fd)
             os.replace(tmp, path)
         except BaseException as e:
-            full = isinstance(e, Exception) and disk_full(folder)   # before the temporary's bytes are freed
+            # a writer's own failure (safetensors', torch.save's), not a bug of ours, on a disk with nothing left,
+            # asked before the temporary's bytes are freed
+            full = (isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError") and disk_full(folder)
             if tmp is not None and os.path.lexists(tmp):
                 with contextlib.suppress(OSError):
                     os.remove(tmp)
@@ -156,10 +158,12 @@ def append_line(path, line):
         try:
             while rest:   # a write may take part of it, the next one fail
                 rest = rest[os.write(fd, rest):]
-        except OSError as e:
+        except BaseException as e:   # a full disk, or a signal between two parts: cut back all the same
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, at)
-            raise OSError(f"{path}: cannot write ({e.strerror or e}); free space or choose another path") from None
+            if isinstance(e, OSError):
+                raise OSError(f"{path}: cannot write ({e.strerror or e}); free space or choose another path") from None
+            raise
     finally:
         os.close(fd)
 
@@ -1041,10 +1045,10 @@ def keep_freed_memory():
 
 def git_commit():
     """The commit of this checkout (-dirty with uncommitted changes), for the runs' provenance: git asked
-    from here, whatever GIT_DIR or GIT_WORK_TREE a git hook or `rebase -x` exports (another repository's)."""
+    from here, whatever GIT_* variables a git hook or `rebase -x` exports (another repository's)."""
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        env = {k: v for k, v in os.environ.items() if k not in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}   # GIT_DIR, GIT_COMMON_DIR, ...
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, env=env)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=10, env=env)

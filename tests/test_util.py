@@ -60,6 +60,11 @@ def test_a_full_disk_is_said_as_one_whatever_the_writer_says(tmp_path, monkeypat
                                                 f"inline_container.cc:672] . unexpected pos 534848 vs 534740); free")):
         util.atomic_write(p, torn)
     assert len(free[0]) == 1 and os.listdir(tmp_path) == []   # asked while the temporary was there; none left
+
+    def bug(tmp):
+        raise TypeError("Object of type set is not JSON serializable")
+    with pytest.raises(TypeError, match="not JSON serializable"):   # a bug of ours is not a full disk, even on one
+        util.atomic_write(p, bug)
     monkeypatch.setattr(util.shutil, "disk_usage", lambda folder: types.SimpleNamespace(free=10 ** 9))
     with pytest.raises(RuntimeError, match="unexpected pos"):   # room left: the writer's own error, as it was
         util.atomic_write(p, torn)
@@ -77,6 +82,15 @@ def test_a_full_disk_is_said_as_one_whatever_the_writer_says(tmp_path, monkeypat
     with pytest.raises(OSError, match=re.escape(f"{log}: cannot write (No space left on device); free space")):
         util.append_line(log, '{"step": 2, "loss": 1.25}')
     assert log.read_text() == '{"step": 1}\n' and calls == [26, 21]
+
+    def interrupted(fd, data):   # a signal (KeyboardInterrupt) between two parts of the line
+        if calls.append(len(data)) or len(calls) > 3:
+            raise KeyboardInterrupt
+        return write(fd, bytes(data[:5]))
+    monkeypatch.setattr(util.os, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        util.append_line(log, '{"step": 2, "loss": 1.25}')
+    assert log.read_text() == '{"step": 1}\n'
 
 
 def test_atomic_write_syncs_the_content_before_the_rename(tmp_path, monkeypatch):
@@ -553,8 +567,10 @@ def test_git_commit_is_this_checkouts_whatever_git_dir_says(tmp_path, monkeypatc
     subprocess.run(["git", "-C", str(other), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
                     "--allow-empty", "-m", "x"], check=True)
     theirs = subprocess.run(["git", "-C", str(other), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    monkeypatch.setenv("GIT_DIR", str(other / ".git"))
-    assert util.git_commit() == here and not here.startswith(theirs)
+    for var in ("GIT_DIR", "GIT_COMMON_DIR"):   # a hook's quarantine exports the latter
+        with monkeypatch.context() as m:
+            m.setenv(var, str(other / ".git"))
+            assert util.git_commit() == here and not here.startswith(theirs), var
 
 
 def test_the_code_version_moves_with_the_sources_only(tmp_path):

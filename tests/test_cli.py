@@ -67,7 +67,7 @@ def world(tmp_path_factory, tiny_dir, tiny_mha_dir):
                                  **{**cfg, "model": str(w / "moved"), "save_every": 1}))
     shutil.copy(w / "other" / "model.safetensors", w / "moved" / "model.safetensors")
     t, meta = load_file(w / "run" / "iter2.safetensors"), safe_open_meta(w / "run" / "iter2.safetensors")
-    from lib import adapter_files as AF   # files made wrong, not damaged since: their checksum is their tensors'
+    # files made wrong, not damaged since: their checksum is their tensors'
     save = lambda d, name: save_file(d, w / name, metadata={**meta, "tensors_sha256": AF.checksum(d)})
     save({**t, "model.layers.9.mlp.up_proj.mask": t["model.layers.0.mlp.up_proj.mask"].clone()},
          "extralayer.safetensors")                                           # a layer this model lacks
@@ -484,7 +484,6 @@ def test_files_of_another_version_load_with_one_warning(world, tmp_path, capsys)
 
 def test_a_record_from_before_the_template_was_fingerprinted_is_named(tmp_path):
     # a base with chat_template.jinja got a new fingerprint; what an older version recorded on it is not "another base"
-    from lib import adapter_files as AF
     d = tiny.write_tiny_checkpoint(tmp_path / "m", seed=0)
     shutil.copytree(d, tmp_path / "t")
     (tmp_path / "t" / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")

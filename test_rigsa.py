@@ -10,6 +10,7 @@ import math
 import re
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +43,28 @@ def tiny_cfg(tiny_dir, tmp, **kw):
     base.update({} if rigsa.METHODS[method]["lora"] else {"lr": 2e-2})
     base.update(kw)
     return rigsa.Config(**base)
+
+
+def test_a_resume_from_another_folder_names_its_relative_paths(tiny_dir, tmp_path, monkeypatch, capsys):
+    # --model and --data-dir are saved as typed: a resume from another folder said "MNIST: missing data files"
+    # or "no such model directory" of files that are there, relative to where the run started
+    start = tmp_path / "start"
+    mnist.write_synthetic_mnist(start / "data" / "mnist", n_train=40, n_test=8, size=8)
+    shutil.copytree(tiny_dir, start / "tiny")
+    monkeypatch.chdir(start)
+    with one_thread():
+        assert rigsa.train(tiny_cfg(Path("tiny"), Path("."), data_dir="data", iters=1, halt_after=2)) is None
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(FileNotFoundError):
+            rigsa.train(rigsa.Config(out="start/run", resume=True))
+    err = capsys.readouterr().err
+    for f, v in (("data_dir", "data"), ("model", "tiny")):
+        assert (f"note: --resume: config.json's {f} {v!r} is a path relative to the folder the run started in, and "
+                f"{tmp_path} has none; pass --{f.replace('_', '-')} with its path from here") in err, err
+    monkeypatch.chdir(start)   # from there: nothing to say
+    with one_thread():
+        rigsa.train(rigsa.Config(out="run", resume=True))
+    assert "relative to the folder" not in capsys.readouterr().err
 
 
 def test_rates_and_durations_ignore_the_wall_clock(tiny_dir, tmp_path, monkeypatch):

@@ -152,6 +152,12 @@ def resumed(cfg, given, check=None):
                                   or str(raw.get("machine")).startswith("cuda")):
         keep["threads"] = 0
     cfg = type(cfg)(**{**saved, **keep, "resume": True, "halt_after": cfg.halt_after})   # a halt is this process's
+    for f in ("data_dir", "model"):   # saved as typed: a relative path is the folder the run started in's
+        v = getattr(cfg, f)
+        if (not typed(f) and isinstance(v, str) and v and not os.path.isabs(v) and not os.path.exists(v)
+                and (f == "data_dir" or v.startswith(".") or v.count("/") != 1)):   # a hub id "org/name" is none
+            util.say(f"note: --resume: config.json's {f} {v!r} is a path relative to the folder the run started in, "
+                     f"and {os.getcwd()} has none; pass --{f.replace('_', '-')} with its path from here", file=sys.stderr)
     # what a kill during a save leaves: util.atomic_write's .NAME.XXXXXXXX.tmp (NAME.tmp from older versions)
     ours = r"(config\.json|metrics\.jsonl|resume\.pt|iter\d+\.safetensors)\.tmp|\.(config\.json|metrics\.jsonl|" \
            r"resume\.pt|iter\d+\.safetensors)\.\w{8}\.tmp"

@@ -860,13 +860,13 @@ def init_distributed(device=None):
     start the process (WORLD_SIZE, RANK, MASTER_ADDR left in the shell, or another launcher), the wait
     for the others is said first; and in any case Ctrl-C and SIGTERM end the wait at once (their
     default: the handshake's C++ wait never runs a Python handler, and nothing is written yet)."""
-    for name in interrupts.COUNTS:   # each a number, before any work (the signal handlers read them leniently)
-        interrupts.env_count(name, 0)
     dev = pick_device(device)
     if dev.type == "cuda" and os.environ.get("LOCAL_RANK") is not None:
         dev = torch.device("cuda", interrupts.env_count("LOCAL_RANK", 0))
         torch.cuda.set_device(dev)
     if (n := interrupts.env_count("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        for name in interrupts.COUNTS:   # each a number, before any work (the signal handlers read them leniently)
+            interrupts.env_count(name, 0)
         if lack := [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]:
             raise ValueError(f"WORLD_SIZE={n} in the environment without {', '.join(lack)}: not torchrun's processes "
                              f"(its variables left in the shell?); unset WORLD_SIZE to run one process, or start "

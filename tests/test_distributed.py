@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import rigsa
 from lib import mnist
+from lib import util
 from conftest import one_thread
 from evals import run as R
 
@@ -196,9 +197,13 @@ def test_the_end_of_a_run_waits_for_every_rank_and_exits_with_its_code(tmp_path)
     import socket
     script = tmp_path / "end.py"
     script.write_text(f"""import sys; sys.path.insert(0, {REPO!r})
+import signal
 import torch.distributed as dist
 from lib import util
-util.init_distributed("cpu")
+mine = lambda *a: None
+signal.signal(signal.SIGINT, mine)
+util.init_distributed("cpu")   # the handshake takes the default handlers: the process's own again after it
+assert signal.getsignal(signal.SIGINT) is mine, signal.getsignal(signal.SIGINT)
 dist.barrier()   # the last collective: both joined (a rank gone during the other's join is gloo's own error)
 if sys.argv[1] == "fail" and dist.get_rank() == 0:
     util.abandon_distributed()
@@ -259,6 +264,14 @@ def test_processes_given_other_flags_are_refused_and_one_process_commands_say_so
         with pytest.raises(SystemExit) as e:
             cli.main(["merge", "--adapter", str(tmp_path / "a" / "iter1"), "--out", str(tmp_path / "m")])
         assert e.value.code == code
+    from lib import interrupts
+    for name in ("LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK"):   # each launcher count, before any wait or work
+        with monkeypatch.context() as m:
+            m.setenv("TORCHELASTIC_RUN_ID", "1")
+            m.setenv(name, "abc")
+            with pytest.raises(ValueError, match=f"^{name}='abc' in the environment: not a whole number"):
+                util.init_distributed("cpu")
+            assert interrupts.speaks() in (True, False) and interrupts.launcher()   # the handlers' reads never raise
     monkeypatch.setenv("WORLD_SIZE", "abc")   # int()'s words, and a traceback in rigsa.py
     with pytest.raises(SystemExit) as e:
         cli.main(["merge", "--adapter", str(tmp_path / "a" / "iter1"), "--out", str(tmp_path / "m")])

@@ -321,12 +321,14 @@ def test_cli_end_to_end(task, tiny_dir, tmp_path, monkeypatch):
     task = task[:5] if task == "mnist5" else task
     prompts, real = [], rigsa.prompt
     monkeypatch.setattr(rigsa, "prompt", lambda *a: prompts.append(real(*a)) or prompts[-1])
+    monkeypatch.setattr(R.time, "time", lambda: 1.8e9)   # the wall clock frozen: durations are perf_counter's
     R.main(["--task", task, "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-verify", "--offline",
             "--limit", "4", "--batch-size", "4" if task == "gsm8k" else "3", "--output", str(out),
             "--output_path", str(lm), "--log_samples", "--dtype", "float32"] + shots)
     r = json.loads(out.read_text())
     assert {"task", "model", "adapter", "dtype", "num_fewshot", "limit", "seconds", "metrics", "samples"} <= set(r)
     assert r["task"] == task and r["dtype"] == "float32" and r["limit"] == 4 and r["adapter"] is None
+    assert 0 < r["seconds"] < 600 and r["docs_per_s"] > 0
     assert r["code"] == util.code_version() and r["machine"] == util.machine("cpu")   # what made it, and from
     folder = {"mnist": "mnist"}.get(task, task)                                        # which files, unchecked here
     read = {"piqa": ["valid.jsonl", "valid-labels.lst"], "hellaswag": ["hellaswag_val.jsonl"],

@@ -884,12 +884,27 @@ def test_a_signal_after_a_complete_merge_or_evaluation_changes_nothing(world, tm
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0 and "SIGTERM" not in err and made.exists(), (script, proc.returncode, err)
         ready.unlink()
-    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]   # a Python caller's: its own after,
+    handlers = lambda: [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]   # noqa: E731
+    before = handlers()   # a Python caller's: its own after, its sys.argv the command's or not (they were ignored)
     monkeypatch.setattr(sys, "argv", ["rigsa.py", "merge", "--adapter", str(world / "run" / "iter2"), "--out",
-                                      str(tmp_path / "m2")])   # its sys.argv the command's or not (they were ignored)
+                                      str(tmp_path / "m2")])
     with one_thread():
         rigsa.main()
-    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before
+        assert handlers() == before
+        R.main([a.replace("r.json", "r2.json") for a in evals])
+        assert handlers() == before
+        rigsa.main([x.replace(str(tmp_path / "t"), str(tmp_path / "t2")) for x in argv])   # the training, last in the loop
+        assert handlers() == before
+    # torchrun's ranks of a complete training still wait at the last barrier: stoppable there, not ignoring signals
+    monkeypatch.setattr(util, "world", lambda: (0, 2))
+    monkeypatch.setattr(util, "exit_distributed", lambda code=0: None)
+    monkeypatch.setattr(rigsa, "train", lambda cfg, given=None: [])
+    try:
+        cli.main(argv, shell=True)
+        assert signal.SIG_IGN not in handlers()
+    finally:
+        for sig, h in zip((signal.SIGINT, signal.SIGTERM), before):
+            signal.signal(sig, h)
 
 
 def test_a_killed_merges_folder_goes_with_the_next_merge_and_a_live_ones_stays(world, tmp_path, capsys):

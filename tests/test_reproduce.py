@@ -185,6 +185,11 @@ def test_seeds_of_two_settings_are_never_pooled_in_one_cell(world, tmp_path, cap
         assert str(e.value).endswith(f"seed 1's is to be made with {model} (commit {'b' * 40}, fingerprint f); {hint}"
                                      f"reproduce each setting into its own --out (move the other's runs and "
                                      f"evaluations away), or tabulate one of them with --tables-only --seeds"), e.value
+    P.write_record(tmp_path / "hub" / "evals" / "rigsa-seed1-iter1-piqa.json", [], {"base model": two}, "M", "done")
+    (tmp_path / "hub" / "evals" / "rigsa-seed1-iter1-piqa.json").write_text("{}")
+    with pytest.raises(ValueError, match="would pool two settings") as e:   # both made: nothing to make from a commit
+        P.check_pooling(tmp_path / "hub", None, [], "M")
+    assert "--revision" not in str(e.value) and "seed 1's was made with" in str(e.value), e.value
 
 
 def test_a_dry_run_into_a_fresh_out_asks_for_no_base(world, tmp_path, capsys, monkeypatch):

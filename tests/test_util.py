@@ -61,6 +61,10 @@ def test_a_full_disk_is_said_as_one_whatever_the_writer_says(tmp_path, monkeypat
         util.atomic_write(p, torn)
     assert len(free[0]) == 1 and os.listdir(tmp_path) == []   # asked while the temporary was there; none left
 
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + '{"a": "é"}'.encode())   # a BOM, as Windows editors write
+    assert util.read_json(tmp_path / "bom.json") == {"a": "é"}
+    (tmp_path / "bom.json").unlink()
+
     def bug(tmp):
         raise TypeError("Object of type set is not JSON serializable")
     with pytest.raises(TypeError, match="not JSON serializable"):   # a bug of ours is not a full disk, even on one
@@ -68,6 +72,10 @@ def test_a_full_disk_is_said_as_one_whatever_the_writer_says(tmp_path, monkeypat
     monkeypatch.setattr(util.shutil, "disk_usage", lambda folder: types.SimpleNamespace(free=10 ** 9))
     with pytest.raises(RuntimeError, match="unexpected pos"):   # room left: the writer's own error, as it was
         util.atomic_write(p, torn)
+    from safetensors import SafetensorError   # safetensors' own words, on a full disk: a traceback before
+    monkeypatch.setattr(util.shutil, "disk_usage", lambda folder: types.SimpleNamespace(free=0))
+    with pytest.raises(OSError, match=re.escape(f"{p}: cannot write (no space left on its disk: Error while serializing")):
+        util.atomic_write(p, lambda tmp: (_ for _ in ()).throw(SafetensorError("Error while serializing: I/O error")))
     # a log's line: whole or not at all, even when a write takes part of it and the next fails
     log = tmp_path / "metrics.jsonl"
     util.append_line(log, '{"step": 1}')
@@ -564,8 +572,10 @@ def test_git_commit_is_this_checkouts_whatever_git_dir_says(tmp_path, monkeypatc
     here = util.git_commit()
     other = tmp_path / "other"
     subprocess.run(["git", "init", "-q", str(other)], check=True)
-    subprocess.run(["git", "-C", str(other), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
-                    "--allow-empty", "-m", "x"], check=True)
+    (other / "f.txt").write_text("theirs")   # a tracked file: asked about the other repository, this checkout is dirty
+    subprocess.run(["git", "-C", str(other), "add", "f.txt"], check=True)
+    subprocess.run(["git", "-C", str(other), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "x"],
+                   check=True)
     theirs = subprocess.run(["git", "-C", str(other), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     for var in ("GIT_DIR", "GIT_COMMON_DIR"):   # a hook's quarantine exports the latter
         with monkeypatch.context() as m:

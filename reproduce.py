@@ -344,8 +344,9 @@ def hub_moved(then, now):
 
 def difference(rec, now, model, older=None):
     """The first input that differs between a record and now, said with both values (and, for another
-    hub commit of the same model id, the --revision that takes the record's); None if none. older: the base's fingerprint without chat_template.jinja, which a record made before that file was
-    covered holds: the same base at one hub commit (adapter_files.same_base)."""
+    hub commit of the same model id, the --revision that takes the record's); None if none. older: the
+    base's fingerprint without chat_template.jinja, which a record made before that file was covered
+    holds: the same base at one hub commit (adapter_files.same_base)."""
     old = rec["inputs"]
     for k in list(now) + [k for k in old if k not in now]:
         a, b = old.get(k), now.get(k)

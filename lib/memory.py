@@ -272,7 +272,8 @@ def choose_moments(plan, device, want, checkpointed=True, micro_batch=None):
     gpu = device.type == "cuda"
     plan = plan if gpu else {**plan, "host": plan["device"]}
     total = {m: sum(parts.values()) for m, parts in plan.items()}
-    host_need = (plan["device"]["adapters"] - plan["host"]["adapters"]) * (interrupts.env_count("LOCAL_WORLD_SIZE", 1) if interrupts.env_count("WORLD_SIZE", 1) > 1 else 1)
+    pinning = interrupts.env_count("LOCAL_WORLD_SIZE", 1) if interrupts.env_count("WORLD_SIZE", 1) > 1 else 1
+    host_need = (plan["device"]["adapters"] - plan["host"]["adapters"]) * pinning   # each process on this machine
     host_ok = not gpu or host_need <= 0.9 * host_have
     fits = {m: total[m] <= (0.95 if gpu else 1.0) * have and (m != "host" or host_ok) for m in total}
     if want != "auto":
